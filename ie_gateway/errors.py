@@ -1,0 +1,74 @@
+"""The exception tree of ie_gateway.
+
+GatewayError
+├── ConfigError            a config or rules file does not validate (carries file:line: key: why)
+├── StoreError             the spool or its index could not take or give data
+│   └── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
+├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
+├── ModelError             a model package is missing, altered, or fails to load
+│   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
+│   └── VersionImmutable   different bytes offered under an existing version
+├── InferenceError         inference failed or ran past its time limit
+├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
+├── DeliveryError          a C-STORE to a destination failed (peer status kept)
+└── SyncError              anonymisation, upload or model download failed
+
+Each module raises the most specific class; only the worker loop catches broadly, and parks the
+job with the message as its reason, so messages are written for the admin who reads `status`.
+"""
+
+
+class GatewayError(Exception):
+    """Base of every error ie_gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A configuration or rules file does not validate; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class StoreError(GatewayError):
+    """The spool or its index could not store or return data."""
+
+
+class UnsafeUIDError(StoreError):
+    """A UID is not digits and dots of at most 64 characters, so it must not name a file."""
+
+
+class VolumeRefused(GatewayError):
+    """A series cannot be turned into a trustworthy volume; the message says why."""
+
+
+class ModelError(GatewayError):
+    """A model package is missing, malformed, or fails to load."""
+
+
+class ChecksumMismatch(ModelError):
+    """A fold file's sha256 differs from its manifest."""
+
+
+class VersionImmutable(ModelError):
+    """Different bytes were offered under a model version that already exists."""
+
+
+class InferenceError(GatewayError):
+    """Inference failed or exceeded its time limit."""
+
+
+class WriteError(GatewayError):
+    """An output object could not be written or failed validation."""
+
+
+class DeliveryError(GatewayError):
+    """A C-STORE to a destination did not succeed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class SyncError(GatewayError):
+    """Anonymisation, upload or a model download failed."""

@@ -1,0 +1,196 @@
+"""The validated settings of a node: `gateway.yaml`, loaded once and passed in explicitly.
+
+Relative paths resolve against the folder of the YAML file, so a config folder can be moved
+as a whole. Secrets (Azure credentials, the anonymisation key) never live here: they come from
+the environment or systemd credentials.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from ie_gateway.errors import ConfigError
+from ie_gateway.yamlfile import load_model
+
+AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    if not AE_TITLE.match(value):
+        raise ValueError(f"{value!r} is not an AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+class Caller(_Strict):
+    """A peer allowed to associate: its calling AE title and, optionally, its address."""
+
+    ae_title: str
+    host: str | None = None
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
+        return value
+
+
+class Node(_Strict):
+    """The DICOM listener."""
+
+    ae_title: str = "IE_GATEWAY"
+    bind: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_callers: list[Caller] = []
+    max_associations: int = Field(8, ge=1, description="concurrent associations before refusal")
+    network_timeout_s: float = Field(60, gt=0)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Storage(_Strict):
+    """Where the spool, the index and the results live."""
+
+    root: Path
+
+
+class SeriesSettings(_Strict):
+    """When a series counts as complete."""
+
+    stable_after_s: float = Field(10, gt=0)
+    sweep_every_s: float = Field(1.0, gt=0)
+
+
+class VolumeSettings(_Strict):
+    """Geometry checks a series must pass before it reaches a model."""
+
+    spacing_tolerance_mm: float = Field(0.05, gt=0)
+    min_slices: int = Field(20, ge=1)
+    max_tilt_deg: float = Field(0.5, ge=0)
+
+
+class InferenceSettings(_Strict):
+    """Where and how long inference may run."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = Field(900, gt=0)
+
+
+class Destination(_Strict):
+    """A peer results are sent to (a TPS, a PACS)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class DeliverySettings(_Strict):
+    """Retry policy of the outbox: exponential backoff with jitter, then dead-letter."""
+
+    base_s: float = Field(5, gt=0)
+    cap_s: float = Field(600, gt=0)
+    max_attempts: int = Field(20, ge=1)
+    max_age_s: float = Field(2 * 24 * 3600, gt=0)
+    calling_ae: str = "IE_GATEWAY"
+    every_s: float = Field(2.0, gt=0, description="how often the outbox looks for due rows")
+
+
+class RetentionSettings(_Strict):
+    """How long finished work stays in the spool."""
+
+    unrouted_days: float = Field(7, ge=0)
+    finished_days: float = Field(30, ge=0)
+
+
+class SyncSettings(_Strict):
+    """The Azure loop; credentials come from the environment, never from here."""
+
+    enabled: bool = False
+    account_url: str | None = None
+    authority_host: str | None = None
+    container: str = "ie-gateway"
+    cases_cron: str = "0 2 * * *"
+    models_cron: str = "15 * * * *"
+    date_shift: Literal["shift", "remove"] = "shift"
+    activation: dict[str, Literal["manual", "auto"]] = {}
+
+
+class GatewayConfig(_Strict):
+    """The whole of `gateway.yaml`."""
+
+    node: Node = Node()
+    storage: Storage
+    series: SeriesSettings = SeriesSettings()
+    routing_file: Path
+    models_dir: Path
+    destinations: dict[str, Destination] = {}
+    volume: VolumeSettings = VolumeSettings()
+    inference: InferenceSettings = InferenceSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    retention: RetentionSettings = RetentionSettings()
+    sync: SyncSettings = SyncSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    source: Path = Field(Path("gateway.yaml"), exclude=True)
+
+    @field_validator("storage", "routing_file", "models_dir", mode="before")
+    @classmethod
+    def _relative_to_file(cls, value: object, info: ValidationInfo) -> object:
+        base = (info.context or {}).get("base")
+        if base is None:
+            return value
+        if info.field_name == "storage" and isinstance(value, dict) and "root" in value:
+            return {**value, "root": str(base / Path(str(value["root"])))}
+        if isinstance(value, str):
+            return str(base / Path(value))
+        return value
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> GatewayConfig:
+        titles = [c.ae_title for c in self.node.allowed_callers]
+        dupes = sorted({t for t in titles if titles.count(t) > 1 and not _distinct_hosts(self, t)})
+        if dupes:
+            raise ValueError(f"allowed_callers lists {', '.join(dupes)} twice with the same host")
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.root / "spool"
+
+    @property
+    def index_path(self) -> Path:
+        return self.storage.root / "index.sqlite3"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.storage.root / "results"
+
+
+def _distinct_hosts(cfg: GatewayConfig, title: str) -> bool:
+    hosts = [c.host for c in cfg.node.allowed_callers if c.ae_title == title]
+    return len(set(hosts)) == len(hosts)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Load and validate `gateway.yaml`; raise ConfigError with `file:line: key: why` lines."""
+    path = path.resolve()
+    cfg = load_model(path, GatewayConfig, context={"base": path.parent})
+    cfg = cfg.model_copy(update={"source": path})
+    missing = [f"{path}: routing_file: {cfg.routing_file} does not exist"] if not cfg.routing_file.is_file() else []
+    if not cfg.models_dir.is_dir():
+        missing.append(f"{path}: models_dir: {cfg.models_dir} is not a folder")
+    if missing:
+        raise ConfigError(missing)
+    return cfg

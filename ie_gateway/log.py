@@ -1,0 +1,94 @@
+"""Structured JSON logs without patient data.
+
+Every line is one JSON object (journald keeps it as is). A last-line-of-defence processor drops
+values of patient-identifying keys and replaces anything shaped like a DICOM UID with a short
+hash, so a careless `log.info(..., uid=ds.SOPInstanceUID)` cannot leak a UID in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Four or more dots: a UID, not an IPv4 address. Standard UIDs (transfer syntaxes, SOP classes)
+# identify nobody and stay readable.
+UID_IN_TEXT = re.compile(r"\b\d+(?:\.\d+){4,}\b")
+STANDARD_UID_ROOT = "1.2.840.10008."
+IDENTIFYING_KEYS = frozenset(
+    {
+        "patientname", "patient_name", "patientid", "patient_id", "patientbirthdate",
+        "patient_birth_date", "birthdate", "accessionnumber", "accession_number",
+        "institutionname", "referringphysicianname", "otherpatientids",
+    }
+)
+
+
+def uid_hash(uid: str) -> str:
+    """A short, stable, non-reversible tag for a UID, fit for logs."""
+    return "uid:" + hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def _hash_match(match: re.Match[str]) -> str:
+    uid = match.group(0)
+    return uid if uid.startswith(STANDARD_UID_ROOT) else uid_hash(uid)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return UID_IN_TEXT.sub(_hash_match, value)
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {k: ("[removed]" if k.lower() in IDENTIFYING_KEYS else _scrub(v)) for k, v in value.items()}
+    return value
+
+
+def drop_patient_data(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: remove identifying keys, hash UID-shaped values."""
+    for key in list(event):
+        if key.lower() in IDENTIFYING_KEYS:
+            event[key] = "[removed]"
+        else:
+            event[key] = _scrub(event[key])
+    return event
+
+
+def configure(level: str = "info", stream: Any = None) -> None:
+    """Set up JSON logging for the process (call once, at start); stdlib loggers go through it too."""
+    numeric = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        drop_patient_data,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
+    # pynetdicom logs dataset summaries (patient names among them) below warning level.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise

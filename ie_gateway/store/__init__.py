@@ -1,0 +1,173 @@
+"""The spool: instance files plus their SQLite index, and the job state machine.
+
+Receiving writes here; every later stage reads its input from here and writes its output here
+before the next stage may see it (DESIGN.md: durable hand-offs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+
+from ie_gateway.store.index import Index, Job, TransitionError
+from ie_gateway.store.spool import Spool, check_uid
+from ie_gateway.store.states import UNFINISHED, JobState
+
+__all__ = ["Arrival", "Index", "Job", "JobState", "Spool", "Store", "TransitionError", "check_uid",
+           "header_values"]
+
+log = structlog.get_logger(__name__)
+
+SKIPPED_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"})
+
+
+def header_values(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Top-level, non-binary header values by keyword: what routing rules may match on."""
+    out: dict[str, Any] = {}
+    for elem in ds:
+        if elem.tag.group >= 0x7FE0 or elem.tag.is_private or elem.VR in SKIPPED_VRS or not elem.keyword:
+            continue
+        out[elem.keyword] = _jsonable(elem.value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, pydicom.multival.MultiValue)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if isinstance(value, float) else int(value)
+    if value is None:
+        return None
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What the receiver knows of one instance before it is stored."""
+
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+
+
+class Store:
+    """Accepts instances durably and hands series jobs from stage to stage."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.spool = Spool(root / "spool")
+        self.index = Index(root / "index.sqlite3")
+        self.results = root / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+
+    def accept(self, arrival: Arrival, chunks: Iterable[bytes | memoryview],
+               header: Callable[[], dict[str, Any]]) -> tuple[int, bool, bool]:
+        """Store one instance durably, then index it.
+
+        Returns (job id, duplicate, late). A duplicate SOP Instance is not written again.
+        ``header`` is called only for the first instance of a series. Raises OSError or
+        StoreError on failure, leaving nothing half-written visible.
+        """
+        if self.index.has_instance(arrival.sop_uid):
+            return 0, True, False
+        final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
+        size = self.spool.write(final, chunks)
+        first = not self.index.query("SELECT 1 FROM series WHERE series_uid = ?", (arrival.series_uid,))
+        job_id, late = self.index.add_instance(
+            sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
+            transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
+            series_uid=arrival.series_uid, path=str(final.relative_to(self.spool.root)), size=size,
+            calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
+            header=header() if first else None,
+        )
+        return job_id, False, late
+
+    def instance_files(self, job: Job) -> list[Path]:
+        """Absolute paths of every present instance of the job's series."""
+        return [self.spool.root / p for p in self.index.instance_paths(job.series_id)]
+
+    def job_dir(self, job_id: int) -> Path:
+        """The folder for a job's intermediate and result files."""
+        folder = self.results / f"job-{job_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def complete_quiet(self, stable_after_s: float, now: float | None = None) -> list[int]:
+        """Mark receiving jobs complete after the quiet period, or at once when the series'
+        ImagesInAcquisition says every instance is here. Returns the completed job ids."""
+        now = now if now is not None else time.time()
+        done = []
+        for job in self.index.jobs([JobState.RECEIVING]):
+            expected = job.header.get("ImagesInAcquisition")
+            quiet = now - job.last_instance_at >= stable_after_s
+            if quiet or (isinstance(expected, int) and expected > 0 and job.instances >= expected):
+                try:
+                    self.index.transition(job.id, JobState.COMPLETE, completed_at=now)
+                except TransitionError:
+                    continue  # another sweep got there first
+                done.append(job.id)
+                log.info("series complete", job=job.id, instances=job.instances,
+                         quiet_s=round(now - job.last_instance_at, 2),
+                         trigger="quiet" if quiet else "expected_count")
+        return done
+
+    def recover(self) -> dict[str, int]:
+        """Reconcile files and index after a restart; resume unfinished jobs.
+
+        Temp files are removed; a file without a row is indexed (its C-STORE may have been
+        answered just before the crash); a row without a file is flagged missing and its job
+        notes it; a job caught mid-inference goes back to `routed` so it runs again.
+        """
+        removed = self.spool.clear_tmp()
+        indexed = self.index.all_instance_paths()
+        on_disk = {str(p.relative_to(self.spool.root)): p for p in self.spool.iter_instances()}
+        adopted = 0
+        for rel, path in on_disk.items():
+            if rel not in indexed:
+                adopted += self._adopt(path)
+        missing = [rel for rel in indexed if rel not in on_disk]
+        for job_id in self.index.mark_missing(missing):
+            self.index.update_detail(job_id, missing_instances=True)
+        resumed = 0
+        for job in self.index.jobs([JobState.INFERRING]):
+            self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
+            resumed += 1
+        unfinished = len(self.index.jobs(sorted(UNFINISHED, key=lambda s: s.value)))
+        summary = {"temp_removed": removed, "adopted": adopted, "missing": len(missing),
+                   "rerun": resumed, "unfinished": unfinished}
+        log.info("spool recovered", **summary)
+        return summary
+
+    def _adopt(self, path: Path) -> int:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            arrival = Arrival(
+                sop_uid=check_uid(ds.SOPInstanceUID, "SOPInstanceUID"),
+                sop_class=str(ds.SOPClassUID),
+                study_uid=check_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
+                series_uid=check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                calling_ae="", called_ae="",
+            )
+        except (pydicom.errors.InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+            log.warning("unreadable file left in spool", file=path.name, error=type(exc).__name__)
+            return 0
+        first = not self.index.query("SELECT 1 FROM series WHERE series_uid = ?", (arrival.series_uid,))
+        self.index.add_instance(
+            sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
+            transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
+            series_uid=arrival.series_uid, path=str(path.relative_to(self.spool.root)),
+            size=path.stat().st_size, calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
+            header=header_values(ds) if first else None,
+        )
+        return 1

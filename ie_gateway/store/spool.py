@@ -1,0 +1,111 @@
+"""Instance files on disk: validated names, atomic durable writes.
+
+A file becomes visible under its final name only after its bytes are fsynced; the rename is then
+made durable by fsyncing the folder. A crash leaves at most a temp file, which start-up removes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from ie_gateway.errors import StoreError, UnsafeUIDError
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+TMP_DIR = ".tmp"
+SUFFIX = ".dcm"
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return ``value`` as a UID safe to use as a file name, or raise UnsafeUIDError."""
+    text = str(value or "").rstrip("\x00 ")
+    if not text or len(text) > 64 or not UID_RE.match(text):
+        raise UnsafeUIDError(f"{what} is not a valid UID (digits and dots, at most 64 characters)")
+    return text
+
+
+class Spool:
+    """The folder tree `<root>/<study uid>/<series uid>/<sop uid>.dcm` and its temp area."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP_DIR
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / study_uid / series_uid
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(study_uid, series_uid) / (sop_uid + SUFFIX)
+
+    def write(self, final: Path, chunks: Iterable[bytes | memoryview]) -> int:
+        """Write ``chunks`` durably to ``final``; return the byte count. Raises OSError."""
+        tmp = self.tmp / (uuid.uuid4().hex + ".part")
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            created = self._ensure_dir(final.parent)
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        if created:
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(final.parent.parent.parent)
+        return size
+
+    def _ensure_dir(self, folder: Path) -> bool:
+        if folder.is_dir():
+            return False
+        folder.mkdir(parents=True, exist_ok=True)
+        return True
+
+    def clear_tmp(self) -> int:
+        """Remove temp files a crash left behind; return how many."""
+        count = 0
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def iter_instances(self) -> Iterable[Path]:
+        """Every instance file in the spool (used to reconcile with the index at start-up)."""
+        for study in _subdirs(self.root):
+            if study.name == TMP_DIR:
+                continue
+            for series in _subdirs(study):
+                for entry in os.scandir(series):
+                    if entry.name.endswith(SUFFIX) and entry.is_file():
+                        yield Path(entry.path)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if e.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StoreError(f"cannot open spool folder to sync it: {exc.strerror}") from exc
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

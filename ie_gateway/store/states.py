@@ -1,0 +1,36 @@
+"""The life of a series job, and the moves between states that the node allows."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    """States of a series job, as `ie-gateway status` shows them."""
+
+    RECEIVING = "receiving"   # instances arriving; not yet quiet for stable_after_s
+    COMPLETE = "complete"     # quiet period passed; waiting for routing
+    ROUTED = "routed"         # a rule chose a model; waiting for the worker
+    REFUSED = "refused"       # the series cannot be processed (geometry, modality); see reason
+    UNROUTED = "unrouted"     # no rule matched; kept until retention
+    INFERRING = "inferring"   # the worker is running the model
+    INFERRED = "inferred"     # label map stored; outputs being written
+    SENDING = "sending"       # results in the outbox
+    DELIVERED = "delivered"   # every destination has every result
+    FAILED = "failed"         # gave up; see reason (dead-lettered deliveries, inference errors)
+
+
+S = JobState
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    S.RECEIVING: frozenset({S.COMPLETE}),
+    S.COMPLETE: frozenset({S.ROUTED, S.UNROUTED, S.REFUSED, S.FAILED}),
+    S.ROUTED: frozenset({S.INFERRING, S.REFUSED, S.FAILED}),
+    S.INFERRING: frozenset({S.INFERRED, S.ROUTED, S.REFUSED, S.FAILED}),
+    S.INFERRED: frozenset({S.SENDING, S.FAILED}),
+    S.SENDING: frozenset({S.DELIVERED, S.FAILED}),
+    S.DELIVERED: frozenset(),
+    S.FAILED: frozenset({S.SENDING, S.ROUTED}),  # an admin's replay (`ie-gateway send --retry`)
+    S.REFUSED: frozenset(),
+    S.UNROUTED: frozenset({S.ROUTED}),  # re-evaluated after the rules changed, by an admin
+}
+UNFINISHED = frozenset({S.RECEIVING, S.COMPLETE, S.ROUTED, S.INFERRING, S.INFERRED, S.SENDING})

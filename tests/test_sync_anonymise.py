@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sync_samples import (
+from tests.sync_samples import (
     NESTED_NAME,
     PLANTED,
     PRIVATE_VALUE,

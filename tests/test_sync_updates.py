@@ -1,0 +1,159 @@
+"""Model updates pulled from a real blob service (Azurite): verified, imported, listed;
+tampered or half-published versions are refused or left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from azure.storage.blob import ContainerClient
+
+from ie_gateway.infer.registry import Registry
+from ie_gateway.sync.blob import container_client
+from ie_gateway.sync.updates import (
+    SIDECAR_NAME,
+    PullStatus,
+    publish_version,
+    pull_updates,
+)
+from tests.azurite import azurite_blob  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.peer
+
+NAME = "tiny-thorax"
+
+
+class _Logits(torch.nn.Module):
+    """Three output channels (background + two structures) from a 1x1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _package(root: Path, version: str) -> Path:
+    folder = root / NAME / version
+    folder.mkdir(parents=True)
+    torch.manual_seed(int(version))
+    torch.jit.script(_Logits().eval()).save(str(folder / "fold0.pt"))
+    manifest = {
+        "name": NAME,
+        "version": version,
+        "structures": [
+            {"label": 1, "name": "External", "color": [0, 200, 0], "interpreted_type": "EXTERNAL"},
+            {"label": 2, "name": "Heart", "color": [200, 0, 0]},
+        ],
+        "input": {"spacing_mm": [2.0, 2.0, 2.5], "intensity": {"window": [-1000, 1000]},
+                  "patch_size": [8, 8, 8]},
+        "folds": [{"file": "fold0.pt",
+                   "sha256": hashlib.sha256((folder / "fold0.pt").read_bytes()).hexdigest()}],
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture()
+def container(azurite_blob: str) -> Iterator[ContainerClient]:  # noqa: F811
+    client = container_client(azurite_blob, None, f"m{uuid.uuid4().hex[:12]}")
+    client.create_container()
+    yield client
+    client.delete_container()
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "models", tmp_path / "state.json")
+
+
+def _known(registry: Registry) -> set[tuple[str, str]]:
+    return {(row.name, row.version) for row in registry.list()}
+
+
+def test_published_version_is_pulled_verified_and_listed_inactive(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "1"))
+    staging = tmp_path / "staging"
+    results = pull_updates(container, staging, registry, _known(registry))
+    assert [(r.name, r.version, r.status) for r in results] == [(NAME, "1", PullStatus.AVAILABLE)]
+    assert results[0].bytes > 0
+    (row,) = registry.list()
+    assert (row.name, row.version, row.verified, row.active) == (NAME, "1", True, False)
+    assert not any(staging.rglob("*.pt"))
+    assert pull_updates(container, staging, registry, _known(registry)) == []
+
+
+def test_auto_policy_activates_after_import(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "2"))
+    (result,) = pull_updates(container, tmp_path / "staging", registry, set(), {NAME: "auto"})
+    assert result.status is PullStatus.ACTIVE
+    assert registry.active(NAME) == "2"
+
+
+def test_tampered_fold_is_refused_reported_and_unstaged(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "3"))
+    container.upload_blob(f"models/{NAME}/3/fold0.pt", b"not the published model", overwrite=True)
+    staging = tmp_path / "staging"
+    (result,) = pull_updates(container, staging, registry, set())
+    assert result.status is PullStatus.REFUSED
+    assert "fold0.pt" in (result.reason or "") and "sha256" in (result.reason or "")
+    assert registry.list() == []
+    assert not (staging / NAME / "3.partial").exists()
+
+
+def test_manifest_not_matching_its_sidecar_is_refused(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    package = _package(tmp_path / "publish", "4")
+    publish_version(container, package)
+    edited = (package / "model.yaml").read_text().replace("Heart", "Hearts")
+    container.upload_blob(f"models/{NAME}/4/model.yaml", edited.encode(), overwrite=True)
+    (result,) = pull_updates(container, tmp_path / "staging", registry, set())
+    assert result.status is PullStatus.REFUSED
+    assert "model.yaml" in (result.reason or "")
+    assert registry.list() == []
+
+
+def test_version_without_sidecar_is_left_until_published(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "5"))
+    container.delete_blob(f"models/{NAME}/5/{SIDECAR_NAME}")
+    assert pull_updates(container, tmp_path / "staging", registry, set()) == []
+    assert registry.list() == []
+
+
+def test_interrupted_pull_resumes_without_downloading_complete_files(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    package = _package(tmp_path / "publish", "6")
+    publish_version(container, package)
+    partial = tmp_path / "staging" / NAME / "6.partial"
+    partial.mkdir(parents=True)
+    (partial / "fold0.pt").write_bytes((package / "fold0.pt").read_bytes())
+    # the fold is no longer downloadable: the pull can only succeed by keeping the staged copy
+    container.delete_blob(f"models/{NAME}/6/fold0.pt")
+    (result,) = pull_updates(container, tmp_path / "staging", registry, set())
+    assert result.status is PullStatus.AVAILABLE
+    assert result.bytes == (package / "model.yaml").stat().st_size
+    assert [(r.name, r.version, r.verified) for r in registry.list()] == [(NAME, "6", True)]
+
+
+def test_known_versions_are_not_downloaded(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "7"))
+    assert pull_updates(container, tmp_path / "staging", registry, {(NAME, "7")}) == []
+    assert not (tmp_path / "staging").exists()

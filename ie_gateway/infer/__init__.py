@@ -1,0 +1,1 @@
+"""Model packages and inference: manifest, registry (versions, activation), ensemble, runner."""

@@ -1,0 +1,322 @@
+"""Run a model version's folds over a CT: resample, sliding window, fold averaging, back to the CT.
+
+Steps of :meth:`Ensemble.segment`:
+
+1. resample the CT (linear) onto an axial, identity-direction grid at the manifest's spacing that
+   covers every CT voxel centre; window the HU and scale to [0, 1];
+2. slide patches over it with the manifest's overlap, batched; each patch's probability is the
+   mean of the folds' softmax, weighted by a Gaussian importance map (as nnU-Net does) so patch
+   borders count less;
+3. resample the averaged probabilities (linear, a slab of CT slices at a time to bound memory)
+   onto the CT grid and take the arg-max there, which keeps sub-voxel boundaries of small
+   structures; the label map has exactly the CT's size, origin, spacing and direction;
+4. post-process each structure (:mod:`ie_gateway.infer.postprocess`) and measure volumes.
+
+Folds are loaded once per :class:`Ensemble` and stay resident across calls. The model must come
+from ``Registry.resolve`` (verified); the Ensemble does not re-check checksums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import structlog
+import torch
+from scipy import ndimage
+
+from ie_gateway.errors import InferenceError
+from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
+from ie_gateway.infer.registry import ModelVersion
+
+log = structlog.get_logger(__name__)
+
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# CT slices resampled back per step: C float32 slabs of this many 512² slices stay ~50 MiB.
+_BACK_SLAB = 16
+
+Box = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A label map on the CT grid (uint8, 0 = background, labels as the manifest) and its figures.
+
+    ``timings_s`` has ``resample``, ``windows`` (the whole sliding-window loop), ``forward`` (time
+    inside the folds; CPU only, since CUDA runs asynchronously), ``resample_back``,
+    ``postprocess`` and ``total``.
+    """
+
+    labels: sitk.Image
+    volumes_cc: dict[str, float]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    windows: int = 0
+    folds: int = 0
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """The axial grid the model sees: LPS origin of voxel (0, 0, 0), spacing and size (x, y, z)."""
+
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelGrid:
+    """The identity-direction grid at ``spacing`` whose voxel centres cover all of ``image``'s."""
+    n = image.GetSize()
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(ix, n)])
+            for ix in itertools.product((0, 1), repeat=3)
+        ]
+    )
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    size = tuple(int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing))
+    return ModelGrid(tuple(map(float, low)), spacing, size)  # type: ignore[arg-type]
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spread patch starts along one axis, neighbours overlapping by at least ``overlap``."""
+    if size <= patch:
+        return [0]
+    step = max(patch * (1.0 - overlap), 1.0)
+    count = math.ceil((size - patch) / step) + 1
+    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+
+
+def gaussian_importance(patch: tuple[int, int, int]) -> np.ndarray:
+    """nnU-Net's patch weighting: a Gaussian with sigma = patch/8, max 1, no zeros."""
+    centre = np.zeros(patch, dtype=np.float32)
+    centre[tuple(p // 2 for p in patch)] = 1.0
+    weights = ndimage.gaussian_filter(centre, sigma=[p / 8 for p in patch], mode="constant")
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return weights
+
+
+class Ensemble:
+    """A model version's folds, loaded on ``device`` (CUDA when available, else CPU)."""
+
+    def __init__(
+        self,
+        model: ModelVersion,
+        device: str | torch.device | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        self._folds = [
+            torch.jit.load(str(path), map_location=self.device).eval()
+            for path in model.fold_paths()
+        ]
+        patch = model.manifest.input.patch_size
+        self._importance = torch.from_numpy(gaussian_importance(patch)).to(self.device)
+        self._amp = (
+            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else torch.float16
+        )
+
+    def segment(self, image: sitk.Image) -> Segmentation:
+        """Contour ``image`` (a 3D CT in HU); see the module doc for the steps."""
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InferenceError(
+                f"expected a 3D single-channel CT, got {image.GetDimension()}D with "
+                f"{image.GetNumberOfComponentsPerPixel()} components"
+            )
+        manifest = self.model.manifest
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        grid = model_grid(image, manifest.input.spacing_mm)
+        volume = self._resample_normalised(image, grid)
+        timings["resample"] = time.perf_counter() - start
+
+        mark = time.perf_counter()
+        probs, windows, forward_s = self._probabilities(volume)
+        del volume
+        timings["windows"] = time.perf_counter() - mark
+        if self.device.type == "cpu":
+            timings["forward"] = forward_s
+
+        mark = time.perf_counter()
+        labels = argmax_on_grid(probs.numpy(), grid, image)
+        del probs
+        timings["resample_back"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
+        postprocess_labels(labels, manifest.structures, voxel_cc)
+        volumes = label_volumes_cc(labels, manifest.structures, voxel_cc)
+        timings["postprocess"] = time.perf_counter() - mark
+
+        out = sitk.GetImageFromArray(labels)
+        del labels
+        out.CopyInformation(image)
+        timings["total"] = time.perf_counter() - start
+        log.info(
+            "segmented",
+            model=self.model.spec,
+            device=self.device.type,
+            windows=windows,
+            folds=len(self._folds),
+            **{f"{k}_s": round(v, 3) for k, v in timings.items()},
+        )
+        return Segmentation(out, volumes, timings, windows, len(self._folds))
+
+    def _resample_normalised(self, image: sitk.Image, grid: ModelGrid) -> np.ndarray:
+        low, high = self.model.manifest.input.intensity.window
+        resampled = sitk.Resample(
+            image,
+            grid.size,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            grid.origin,
+            grid.spacing,
+            _IDENTITY,
+            float(low),
+            sitk.sitkFloat32,
+        )
+        volume = np.clip(sitk.GetArrayViewFromImage(resampled), low, high)
+        del resampled
+        volume -= low
+        volume /= high - low
+        return volume
+
+    def probabilities(self, volume: np.ndarray) -> torch.Tensor:
+        """Fold-averaged, window-blended probabilities (C, z, y, x) on the CPU for ``volume``.
+
+        ``volume`` is already on the model grid and scaled to [0, 1] (float32, z, y, x).
+        """
+        return self._probabilities(volume)[0]
+
+    @torch.inference_mode()
+    def _probabilities(self, volume: np.ndarray) -> tuple[torch.Tensor, int, float]:
+        patch = self.model.manifest.input.patch_size
+        shape = tuple(volume.shape)
+        padded = _pad_to(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), patch)
+        full = tuple(padded.shape)
+        channels = self.model.manifest.channels
+        acc = torch.zeros((channels, *full), dtype=torch.float32, device=self.device)
+        weight = torch.zeros(full, dtype=torch.float32, device=self.device)
+        overlap = self.model.manifest.input.overlap
+        boxes: list[Box] = list(
+            itertools.product(*(window_starts(s, p, overlap) for s, p in zip(full, patch)))
+        )
+        forward_s = 0.0
+        for batch in _batches(boxes, self.model.manifest.input.batch_size):
+            x = torch.stack([padded[_window(b, patch)] for b in batch]).unsqueeze(1)
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            mark = time.perf_counter()
+            probs = self._mean_fold_probabilities(x)
+            forward_s += time.perf_counter() - mark
+            probs *= self._importance
+            for box, p in zip(batch, probs):
+                acc[(slice(None), *_window(box, patch))] += p
+                weight[_window(box, patch)] += self._importance
+        acc /= weight
+        result = acc[:, : shape[0], : shape[1], : shape[2]].to("cpu").contiguous()
+        return result, len(boxes), forward_s
+
+    def _mean_fold_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for index, fold in enumerate(self._folds):
+            with self._autocast():
+                logits = fold(x)
+            if logits.shape[1] != self.model.manifest.channels:
+                raise InferenceError(
+                    f"{self.model.spec}: fold {index} returned {logits.shape[1]} channels, "
+                    f"expected {self.model.manifest.channels}"
+                )
+            probs = torch.softmax(logits.float(), dim=1)
+            total = probs if total is None else total.add_(probs)
+        assert total is not None  # a manifest has at least one fold
+        return total.div_(len(self._folds))
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=self._amp)
+        return contextlib.nullcontext()
+
+
+def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:
+    """Resample ``probs`` (C, z, y, x on ``grid``) linearly onto ``image``'s grid; arg-max there.
+
+    Works a slab of CT slices at a time and crops the model slices each slab needs, so no
+    full-size float copy of the CT is ever made. Returns uint8 (z, y, x) of ``image``'s size.
+    """
+    nx, ny, nz = image.GetSize()
+    labels = np.empty((nz, ny, nx), dtype=np.uint8)
+    for z0 in range(0, nz, _BACK_SLAB):
+        z1 = min(nz, z0 + _BACK_SLAB)
+        m0, m1 = _model_slices(image, grid, z0, z1, probs.shape[1])
+        origin = image.TransformIndexToPhysicalPoint((0, 0, z0))
+        best: np.ndarray | None = None
+        slab = labels[z0:z1]
+        for channel in range(probs.shape[0]):
+            source = sitk.GetImageFromArray(probs[channel, m0:m1])
+            source.SetOrigin((grid.origin[0], grid.origin[1], grid.origin[2] + m0 * grid.spacing[2]))
+            source.SetSpacing(grid.spacing)
+            resampled = sitk.Resample(
+                source,
+                (nx, ny, z1 - z0),
+                sitk.Transform(),
+                sitk.sitkLinear,
+                origin,
+                image.GetSpacing(),
+                image.GetDirection(),
+                1.0 if channel == 0 else 0.0,
+                sitk.sitkFloat32,
+            )
+            p = sitk.GetArrayFromImage(resampled)
+            if best is None:
+                best = p
+                slab[...] = 0
+                continue
+            higher = p > best
+            best[higher] = p[higher]
+            slab[higher] = channel
+    return labels
+
+
+def _model_slices(image: sitk.Image, grid: ModelGrid, z0: int, z1: int, depth: int) -> tuple[int, int]:
+    """The model-grid slice range that linear interpolation needs for CT slices z0..z1-1."""
+    nx, ny, _ = image.GetSize()
+    zs = [
+        image.TransformContinuousIndexToPhysicalPoint((x, y, z))[2]
+        for x, y, z in itertools.product((0, nx - 1), (0, ny - 1), (z0, z1 - 1))
+    ]
+    low = (min(zs) - grid.origin[2]) / grid.spacing[2]
+    high = (max(zs) - grid.origin[2]) / grid.spacing[2]
+    return max(0, math.floor(low) - 1), min(depth, math.ceil(high) + 2)
+
+
+def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """Zero-pad (air after windowing) at the far end of each axis up to at least the patch."""
+    pad = [max(0, p - s) for s, p in zip(volume.shape, patch)]
+    if not any(pad):
+        return volume
+    return torch.nn.functional.pad(volume, (0, pad[2], 0, pad[1], 0, pad[0]))
+
+
+def _window(box: Box, patch: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    return tuple(slice(b, b + p) for b, p in zip(box, patch))  # type: ignore[return-value]
+
+
+def _batches(boxes: list[Box], size: int) -> Iterator[list[Box]]:
+    for i in range(0, len(boxes), size):
+        yield boxes[i : i + size]

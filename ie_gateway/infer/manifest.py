@@ -1,0 +1,167 @@
+"""The ``model.yaml`` of a model package: structures, input contract and fold files.
+
+A package is ``<models_dir>/<name>/<version>/model.yaml`` plus the TorchScript fold files it
+names. Output channel ``c`` of every fold is the probability logit of label ``c`` (0 = background),
+so the structures' labels must be exactly ``1..N``. Validation errors name the file, line and key.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ie_gateway.errors import ConfigError, ModelError
+from ie_gateway.yamlfile import load_model
+
+MANIFEST_NAME = "model.yaml"
+
+# Package names and versions become folder names: keep them to safe characters.
+_SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+Byte = Annotated[int, Field(ge=0, le=255)]
+PositiveMm = Annotated[float, Field(gt=0)]
+PositiveVoxels = Annotated[int, Field(gt=0)]
+
+
+class ManifestInvalid(ModelError):
+    """``model.yaml`` is missing or does not validate; ``errors`` holds ``file:line: key: why``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class InterpretedType(enum.StrEnum):
+    """RT ROI Interpreted Type (3006,00A4) defined terms, carried into the RT-STRUCT."""
+
+    EXTERNAL = "EXTERNAL"
+    PTV = "PTV"
+    CTV = "CTV"
+    GTV = "GTV"
+    TREATED_VOLUME = "TREATED_VOLUME"
+    IRRAD_VOLUME = "IRRAD_VOLUME"
+    BOLUS = "BOLUS"
+    AVOIDANCE = "AVOIDANCE"
+    ORGAN = "ORGAN"
+    MARKER = "MARKER"
+    REGISTRATION = "REGISTRATION"
+    ISOCENTER = "ISOCENTER"
+    CONTRAST_AGENT = "CONTRAST_AGENT"
+    CAVITY = "CAVITY"
+    BRACHY_CHANNEL = "BRACHY_CHANNEL"
+    BRACHY_ACCESSORY = "BRACHY_ACCESSORY"
+    BRACHY_SRC_APP = "BRACHY_SRC_APP"
+    BRACHY_CHNL_SHLD = "BRACHY_CHNL_SHLD"
+    SUPPORT = "SUPPORT"
+    FIXATION = "FIXATION"
+    DOSE_REGION = "DOSE_REGION"
+    CONTROL = "CONTROL"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostProcess(_Strict):
+    """Clean-up applied to one structure's mask on the CT grid, in this order."""
+
+    largest_component: bool = False
+    fill_holes: bool = False
+    min_volume_cc: float = Field(default=0.0, ge=0)
+
+
+class Structure(_Strict):
+    label: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1, max_length=64)
+    color: tuple[Byte, Byte, Byte]
+    interpreted_type: InterpretedType = InterpretedType.ORGAN
+    postprocess: PostProcess = PostProcess()
+
+
+class Intensity(_Strict):
+    window: tuple[float, float]
+
+    @field_validator("window")
+    @classmethod
+    def _ordered(cls, window: tuple[float, float]) -> tuple[float, float]:
+        if window[0] >= window[1]:
+            raise ValueError(f"window low {window[0]} must be below high {window[1]}")
+        return window
+
+
+class InputContract(_Strict):
+    spacing_mm: tuple[PositiveMm, PositiveMm, PositiveMm]  # x, y, z
+    orientation: Literal["LPS"] = "LPS"
+    intensity: Intensity
+    patch_size: tuple[PositiveVoxels, PositiveVoxels, PositiveVoxels]  # z, y, x
+    overlap: float = Field(default=0.5, ge=0, lt=1)
+    batch_size: PositiveVoxels = 1
+
+
+class Fold(_Strict):
+    file: str = Field(pattern=_SAFE_NAME)
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex64(cls, sha256: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"must be 64 lowercase hex digits (sha256sum output), got {sha256!r}")
+        return sha256
+
+
+class Manifest(_Strict):
+    """The validated ``model.yaml``; ``structures`` are kept sorted by label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    name: str = Field(pattern=_SAFE_NAME)
+    version: str = Field(pattern=_SAFE_NAME)
+    description: str = ""
+    structures: tuple[Structure, ...]
+    input: InputContract
+    folds: tuple[Fold, ...]
+
+    @field_validator("structures")
+    @classmethod
+    def _labels_contiguous(cls, structures: tuple[Structure, ...]) -> tuple[Structure, ...]:
+        if not structures:
+            raise ValueError("at least one structure is required")
+        labels = sorted(s.label for s in structures)
+        if labels != list(range(1, len(structures) + 1)):
+            raise ValueError(
+                f"labels must be 1..{len(structures)}, each once (output channel = label); "
+                f"got {labels}"
+            )
+        names = [s.name for s in structures]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"structure names must be unique; repeated: {', '.join(duplicates)}")
+        return tuple(sorted(structures, key=lambda s: s.label))
+
+    @field_validator("folds")
+    @classmethod
+    def _files_unique(cls, folds: tuple[Fold, ...]) -> tuple[Fold, ...]:
+        if not folds:
+            raise ValueError("at least one fold file is required")
+        files = [f.file for f in folds]
+        if len(set(files)) != len(files) or MANIFEST_NAME in files:
+            raise ValueError(f"fold files must be distinct and not {MANIFEST_NAME}; got {files}")
+        return folds
+
+    @property
+    def channels(self) -> int:
+        """Channels every fold must output: background plus one per structure."""
+        return 1 + len(self.structures)
+
+
+def load_manifest(package_dir: Path) -> Manifest:
+    """Read and validate ``package_dir/model.yaml``; raise ManifestInvalid naming file:line: key."""
+    try:
+        return load_model(package_dir / MANIFEST_NAME, Manifest)
+    except ConfigError as exc:
+        raise ManifestInvalid(exc.errors) from exc

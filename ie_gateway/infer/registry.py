@@ -1,0 +1,387 @@
+"""Installed model packages: versions, checksums, activation.
+
+Layout: ``<models_dir>/<name>/<version>/`` holds ``model.yaml`` and the fold files it names
+(other files there are ignored). A version is immutable once installed: importing different bytes
+under it raises VersionImmutable, importing the same bytes again does nothing.
+
+Activation state lives in one JSON file (``state_file``), rewritten atomically (temp file, fsync,
+rename) under an exclusive ``flock`` on ``<state_file>.lock``, because the CLI and the worker are
+separate processes::
+
+    {"active":   {"<name>": "<version>"},
+     "imported": {"<name>@<version>": "<UTC ISO time>"},
+     "log":      [{"name", "version", "previous", "at", "by"}, ...]}   # every activation, in order
+
+``resolve("name")`` returns the active version. When a name was never activated and exactly one
+version is installed, that version is used (a fresh install with one shipped model works without a
+manual step); with several versions and no activation it refuses, because picking one would be a
+guess. ``resolve("name@version")`` pins a version. Nothing is returned that fails verification:
+every fold's sha256 must match ``model.yaml`` and every fold must load and map a patch to
+``1 + len(structures)`` channels. Verification results are cached per process by each file's
+(size, mtime, inode), so a job does not re-hash unchanged files, but any rewrite is re-checked.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
+from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
+
+log = structlog.get_logger(__name__)
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_STAGING_PREFIX = ".staging-"
+
+FileSignature = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One installed (or offered) package; ``path`` is its folder."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def fold_paths(self) -> list[Path]:
+        return [self.path / fold.file for fold in self.manifest.folds]
+
+    def package_files(self) -> list[Path]:
+        """The files that make up the package: ``model.yaml`` and the folds."""
+        return [self.path / MANIFEST_NAME, *self.fold_paths()]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A row of ``models list``; ``problem`` says why a version does not verify."""
+
+    name: str
+    version: str
+    active: bool
+    verified: bool
+    imported_at: str | None
+    problem: str | None
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One entry of the activation log."""
+
+    name: str
+    version: str
+    previous: str | None
+    at: str
+    by: str | None
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``name`` or ``name@version``; refuse anything that could not name a folder."""
+    name, _, version = spec.partition("@")
+    for part in (name, version) if version else (name,):
+        if not _SAFE.fullmatch(part):
+            raise ModelError(
+                f"model {spec!r}: expected NAME or NAME@VERSION of letters, digits, '.', '_', '-'"
+            )
+    return name, version or None
+
+
+def check_package(model: ModelVersion) -> None:
+    """Full verification: checksums first (cheap, catches tampering), then load and run each fold."""
+    for fold, path in zip(model.manifest.folds, model.fold_paths(), strict=True):
+        if not path.is_file():
+            raise ModelError(f"{model.spec}: fold file {fold.file} is missing from {model.path}")
+        actual = sha256_file(path)
+        if actual != fold.sha256:
+            raise ChecksumMismatch(
+                f"{model.spec}: {fold.file} has sha256 {actual[:16]}…, model.yaml says "
+                f"{fold.sha256[:16]}…; the file was altered or damaged: re-import the package"
+            )
+    for path in model.fold_paths():
+        _check_fold(model, path)
+
+
+def _check_fold(model: ModelVersion, path: Path) -> None:
+    patch = model.manifest.input.patch_size
+    expected = (1, model.manifest.channels, *patch)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+        with torch.inference_mode():
+            out = module.eval()(torch.zeros((1, 1, *patch)))
+    except (RuntimeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{model.spec}: {path.name} does not load or run as TorchScript: {first_line}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"{model.spec}: {path.name} maps a patch {tuple(patch)} to {got}; expected {expected} "
+            f"(background + {len(model.manifest.structures)} structures)"
+        )
+
+
+def _signature(files: list[Path]) -> FileSignature:
+    out = []
+    for path in files:
+        st = path.stat()
+        out.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    """Model versions under ``models_dir`` and their activation state in ``state_file``."""
+
+    def __init__(self, models_dir: Path, state_file: Path) -> None:
+        self.models_dir = models_dir
+        self.state_file = state_file
+        self._verified: dict[Path, FileSignature] = {}
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def versions(self, name: str) -> builtins.list[str]:
+        """Installed versions of ``name`` (folders with a model.yaml), sorted."""
+        folder = self.models_dir / name
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        )
+
+    def list(self) -> builtins.list[VersionInfo]:
+        """Every installed version with its state; each is verified (cached) to fill ``verified``."""
+        state = self._read_state()
+        rows = []
+        names = (
+            sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name))
+            if self.models_dir.is_dir()
+            else []
+        )
+        for name in names:
+            for version in self.versions(name):
+                problem = None
+                try:
+                    self._verified_version(name, version)
+                except ModelError as exc:
+                    problem = str(exc)
+                rows.append(
+                    VersionInfo(
+                        name=name,
+                        version=version,
+                        active=state["active"].get(name) == version,
+                        verified=problem is None,
+                        imported_at=state["imported"].get(f"{name}@{version}"),
+                        problem=problem,
+                    )
+                )
+        return rows
+
+    def history(self, name: str | None = None) -> builtins.list[Activation]:
+        """The activation log, oldest first, optionally for one model."""
+        entries = [Activation(**e) for e in self._read_state()["log"]]
+        return [e for e in entries if name is None or e.name == name]
+
+    def active(self, name: str) -> str | None:
+        return self._read_state()["active"].get(name)  # type: ignore[no-any-return]
+
+    # -- verification and resolution ----------------------------------------------------------
+
+    def verify(self, name: str, version: str) -> ModelVersion:
+        """Fully verify an installed version now (no cache); raise ChecksumMismatch / ModelError."""
+        model = self._load(name, version)
+        self._verified.pop(model.path, None)
+        return self._verify_cached(model)
+
+    def resolve(self, spec: str) -> ModelVersion:
+        """``name`` → the active version (see module doc for the fallback); ``name@version`` → it.
+
+        Raises ModelError when nothing suitable is installed or the files do not verify.
+        """
+        name, version = parse_spec(spec)
+        if version is None:
+            version = self._default_version(name)
+        return self._verified_version(name, version)
+
+    def _default_version(self, name: str) -> str:
+        active = self.active(name)
+        if active is not None:
+            return active
+        installed = self.versions(name)
+        if len(installed) == 1:
+            return installed[0]
+        if not installed:
+            raise ModelError(f"model {name!r} is not installed in {self.models_dir}")
+        raise ModelError(
+            f"model {name!r} has versions {', '.join(installed)} and none is active: "
+            f"activate one (ie-gateway models activate) or pin NAME@VERSION in the rule"
+        )
+
+    def _verified_version(self, name: str, version: str) -> ModelVersion:
+        return self._verify_cached(self._load(name, version))
+
+    def _verify_cached(self, model: ModelVersion) -> ModelVersion:
+        try:
+            signature = _signature(model.package_files())
+        except FileNotFoundError as exc:
+            raise ModelError(f"{model.spec}: file {exc.filename} is missing") from exc
+        if self._verified.get(model.path) != signature:
+            try:
+                check_package(model)
+            except ModelError as exc:
+                self._verified.pop(model.path, None)
+                log.warning("model_verification_failed", model=model.spec, reason=str(exc))
+                raise
+            self._verified[model.path] = signature
+        return model
+
+    def _load(self, name: str, version: str) -> ModelVersion:
+        parse_spec(f"{name}@{version}")
+        path = self.models_dir / name / version
+        if not (path / MANIFEST_NAME).is_file():
+            installed = ", ".join(self.versions(name)) or "none"
+            raise ModelError(
+                f"model {name}@{version} is not installed in {self.models_dir} "
+                f"(installed versions of {name}: {installed})"
+            )
+        manifest = load_manifest(path)
+        if (manifest.name, manifest.version) != (name, version):
+            raise ModelError(
+                f"{path / MANIFEST_NAME} declares {manifest.name}@{manifest.version} but lies in "
+                f"the folder for {name}@{version}"
+            )
+        return ModelVersion(name, version, path, manifest)
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def import_version(self, src_dir: Path) -> ModelVersion:
+        """Verify the package in ``src_dir`` and install it as ``<name>/<version>`` atomically.
+
+        Identical bytes already installed: a no-op returning the installed version. Different
+        bytes under an installed version: VersionImmutable.
+        """
+        manifest = load_manifest(src_dir)
+        offered = ModelVersion(manifest.name, manifest.version, src_dir, manifest)
+        check_package(offered)
+        dest = self.models_dir / manifest.name / manifest.version
+        if (dest / MANIFEST_NAME).is_file():
+            return self._same_or_refuse(offered, dest)
+        stage = dest.parent / f"{_STAGING_PREFIX}{manifest.version}-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        try:
+            for src in offered.package_files():
+                _copy_durably(src, stage / src.name)
+            check_package(ModelVersion(manifest.name, manifest.version, stage, manifest))
+            try:
+                stage.rename(dest)
+            except OSError as exc:  # another import won the race: compare with its bytes
+                if not (dest / MANIFEST_NAME).is_file():
+                    raise ModelError(f"cannot install {offered.spec} into {dest}: {exc}") from exc
+                return self._same_or_refuse(offered, dest)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage)
+        _fsync_dir(dest.parent)
+        with self._state() as state:
+            state["imported"][offered.spec] = _now()
+        log.info("model_imported", model=offered.spec, folds=len(manifest.folds))
+        return self._verified_version(manifest.name, manifest.version)
+
+    def _same_or_refuse(self, offered: ModelVersion, dest: Path) -> ModelVersion:
+        for src in offered.package_files():
+            there = dest / src.name
+            if not there.is_file() or sha256_file(there) != sha256_file(src):
+                raise VersionImmutable(
+                    f"{offered.spec} is already installed with different content ({src.name} "
+                    f"differs); versions are immutable: publish it under a new version"
+                )
+        log.info("model_import_unchanged", model=offered.spec)
+        return self._verified_version(offered.name, offered.version)
+
+    def activate(self, name: str, version: str, by: str | None = None) -> Activation:
+        """Verify ``name@version`` and make it the active version; the change is logged."""
+        self.verify(name, version)
+        with self._state() as state:
+            entry = Activation(
+                name=name, version=version, previous=state["active"].get(name), at=_now(), by=by
+            )
+            state["active"][name] = version
+            state["log"].append(entry.__dict__)
+        log.info("model_activated", model=f"{name}@{version}", previous=entry.previous)
+        return entry
+
+    # -- state file ---------------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model state file {self.state_file} is unreadable: {exc}") from exc
+        for key, empty in (("active", {}), ("imported", {}), ("log", [])):
+            data.setdefault(key, empty)
+        return data
+
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the state under an exclusive lock; written only if the body succeeds."""
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.state_file.with_name(self.state_file.name + ".lock")
+        with lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read_state()
+            yield state
+            tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
+            with tmp.open("w", encoding="utf-8") as fh:
+                json.dump(state, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self.state_file)
+            _fsync_dir(self.state_file.parent)
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with dst.open("rb") as fh:
+        os.fsync(fh.fileno())
+    dst.chmod(0o444)

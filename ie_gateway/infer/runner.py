@@ -1,0 +1,216 @@
+"""Inference with a time limit, in a persistent child process that keeps models resident.
+
+A torch call cannot be interrupted from another thread, so the ensemble runs in a child process
+(multiprocessing "spawn": no forked CUDA or lock state). The parent sends one job at a time over
+a pipe and waits up to ``timeout_s``; past that it kills the child, starts a fresh one, and
+raises InferenceError. A crash of the child (out of memory, a segfault in a library) also becomes
+an InferenceError with the reason, and the next job gets a fresh child. The time limit covers
+loading the model when the child does not hold it yet (the first job, or after a restart).
+
+The child reads the CT from a file the caller wrote (any format SimpleITK reads; ``.mha`` is
+simplest) and writes the label map to ``labels_path`` atomically (temp file in the same folder,
+fsync, rename), compressed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import OrderedDict
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import SimpleITK as sitk
+import structlog
+
+from ie_gateway.errors import GatewayError, InferenceError, ModelError
+from ie_gateway.infer.ensemble import Ensemble
+from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.log import configure as configure_logging
+
+log = structlog.get_logger(__name__)
+
+_CLOSE_GRACE_S = 5.0
+
+
+class InferenceRunner:
+    """One child process that runs jobs in order; not safe to call from several threads at once.
+
+    ``device``: "cuda", "cpu" or None (CUDA when available). ``max_resident``: how many model
+    versions the child keeps loaded (least recently used is dropped). ``log_level``: the child
+    configures ``ie_gateway.log`` at this level (None leaves logging unconfigured).
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        device: str | None = None,
+        max_resident: int = 2,
+        log_level: str | None = "info",
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self._options = (device, max_resident, log_level)
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._start()
+
+    def run(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> dict[str, Any]:
+        """Segment the CT at ``ct_path`` with ``model``; write the label map to ``labels_path``.
+
+        Returns ``{"volumes_cc": {name: cc}, "timings_s": {stage: s}, "windows": n, "folds": n}``.
+        Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
+        """
+        if self._process is None or not self._process.is_alive():
+            self._restart("child was not running")
+        assert self._conn is not None
+        self._conn.send(("segment", model, str(ct_path), str(labels_path)))
+        ready = wait([self._conn, self._process.sentinel], timeout=self.timeout_s)
+        if not ready:
+            self._restart("time limit")
+            _remove_partial(labels_path)
+            raise InferenceError(f"inference exceeded {self.timeout_s:g} s")
+        if self._conn not in ready:
+            raise InferenceError(self._crashed(labels_path))
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            raise InferenceError(self._crashed(labels_path)) from None
+        if status == "ok":
+            return payload  # type: ignore[no-any-return]
+        kind, message = payload
+        raise (ModelError if kind == "model" else InferenceError)(message)
+
+    def close(self) -> None:
+        """Ask the child to exit; kill it if it does not within a few seconds."""
+        if self._process is None:
+            return
+        if self._process.is_alive() and self._conn is not None:
+            try:
+                self._conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass  # the child is already gone; join below reaps it
+            self._process.join(_CLOSE_GRACE_S)
+        self._stop()
+
+    def __enter__(self) -> InferenceRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        self._process = self._context.Process(
+            target=_serve, args=(child, *self._options), name="ie-gateway-infer", daemon=True
+        )
+        self._process.start()
+        child.close()
+        self._conn = parent
+        log.info("inference_child_started", pid=self._process.pid)
+
+    def _stop(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn = None, None
+
+    def _restart(self, why: str) -> None:
+        log.warning("inference_child_restart", reason=why)
+        if self._process is not None:
+            self._stop()
+        self._start()
+
+    def _crashed(self, labels_path: Path) -> str:
+        self._process.join(_CLOSE_GRACE_S)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            reason = f"killed by {signal.Signals(-code).name}"
+            if -code == signal.SIGKILL:
+                reason += " (out of memory?)"
+        else:
+            reason = f"exit code {code}"
+        self._restart("crash")
+        _remove_partial(labels_path)
+        return f"inference process died ({reason})"
+
+
+def _serve(conn: Connection, device: str | None, max_resident: int, log_level: str | None) -> None:
+    """The child's loop: one job per message until "close" or the parent goes away."""
+    if log_level is not None:
+        configure_logging(log_level)
+    resident: OrderedDict[tuple[str, str, str], Ensemble] = OrderedDict()
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "close":
+            return
+        _, model, ct_path, labels_path = message
+        try:
+            ensemble = _resident(resident, model, device, max_resident)
+            reply: tuple[str, Any] = ("ok", _segment(ensemble, Path(ct_path), Path(labels_path)))
+        except GatewayError as exc:
+            reply = ("error", ("model" if isinstance(exc, ModelError) else "inference", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
+            # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
+            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+            reply = ("error", ("inference", f"{type(exc).__name__}: {first_line}"))
+        conn.send(reply)
+
+
+def _resident(
+    resident: OrderedDict[tuple[str, str, str], Ensemble],
+    model: ModelVersion,
+    device: str | None,
+    max_resident: int,
+) -> Ensemble:
+    """The loaded ensemble for ``model``, loading it (and dropping the least recent) if needed."""
+    key = (model.name, model.version, str(model.path))
+    if key in resident:
+        resident.move_to_end(key)
+        return resident[key]
+    while len(resident) >= max_resident:
+        resident.popitem(last=False)
+    resident[key] = Ensemble(model, device)
+    return resident[key]
+
+
+def _temp_path(labels_path: Path, pid: int | str) -> Path:
+    """Where the child writes before the rename; SimpleITK picks the format by the suffix."""
+    return labels_path.with_name(f".{labels_path.stem}.{pid}.tmp{labels_path.suffix}")
+
+
+def _remove_partial(labels_path: Path) -> None:
+    """Delete what a killed child left half-written beside ``labels_path``."""
+    for path in labels_path.parent.glob(_temp_path(labels_path, "*").name):
+        path.unlink(missing_ok=True)
+
+
+def _segment(ensemble: Ensemble, ct_path: Path, labels_path: Path) -> dict[str, Any]:
+    segmentation = ensemble.segment(sitk.ReadImage(str(ct_path)))
+    tmp = _temp_path(labels_path, os.getpid())
+    sitk.WriteImage(segmentation.labels, str(tmp), useCompression=True)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(labels_path)
+    return {
+        "volumes_cc": segmentation.volumes_cc,
+        "timings_s": segmentation.timings_s,
+        "windows": segmentation.windows,
+        "folds": segmentation.folds,
+    }

@@ -1,0 +1,174 @@
+"""Model registry: checksums, immutable versions, activation log, resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.infer_packages import Pointwise, threshold_model, write_package
+
+from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
+from ie_gateway.infer.registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "models", tmp_path / "state" / "models.json")
+
+
+def source(tmp_path: Path, version: str = "1", level: float = 0.5, name: str = "toy") -> Path:
+    return write_package(
+        tmp_path / f"src-{name}-{version}-{level}", [threshold_model(3, level)], name=name, version=version
+    )
+
+
+def corrupt(path: Path) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_import_installs_a_verified_copy(tmp_path: Path, registry: Registry) -> None:
+    model = registry.import_version(source(tmp_path))
+    assert model.path == tmp_path / "models" / "toy" / "1"
+    assert sorted(p.name for p in model.path.iterdir()) == ["fold0.pt", "model.yaml"]
+    assert not any(p.name.startswith(".") for p in model.path.parent.iterdir())
+    [row] = registry.list()
+    assert (row.name, row.version, row.verified, row.active) == ("toy", "1", True, False)
+    assert row.imported_at is not None
+
+
+def test_import_of_a_package_with_a_wrong_checksum_is_refused(tmp_path: Path, registry: Registry) -> None:
+    src = source(tmp_path)
+    corrupt(src / "fold0.pt")
+    with pytest.raises(ChecksumMismatch, match="fold0.pt has sha256"):
+        registry.import_version(src)
+    assert registry.versions("toy") == []
+
+
+def test_altered_installed_fold_fails_verify_and_resolve(tmp_path: Path, registry: Registry) -> None:
+    model = registry.import_version(source(tmp_path))
+    registry.resolve("toy@1")
+    corrupt(model.path / "fold0.pt")
+    with pytest.raises(ChecksumMismatch):
+        registry.verify("toy", "1")
+    with pytest.raises(ChecksumMismatch):
+        registry.resolve("toy@1")
+    [row] = registry.list()
+    assert not row.verified and "sha256" in (row.problem or "")
+
+
+def test_resolve_rechecks_a_fold_rewritten_after_a_successful_check(
+    tmp_path: Path, registry: Registry
+) -> None:
+    model = registry.import_version(source(tmp_path))
+    registry.resolve("toy")
+    fold = model.path / "fold0.pt"
+    stat = fold.stat()
+    corrupt(fold)
+    os.utime(fold, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(ChecksumMismatch):
+        registry.resolve("toy")
+
+
+def test_reimporting_identical_bytes_is_a_no_op(tmp_path: Path, registry: Registry) -> None:
+    src = source(tmp_path)
+    first = registry.import_version(src)
+    before = (first.path / "fold0.pt").stat().st_mtime_ns
+    again = registry.import_version(shutil.copytree(src, tmp_path / "copy"))
+    assert again == first
+    assert (first.path / "fold0.pt").stat().st_mtime_ns == before
+
+
+def test_importing_different_bytes_under_an_existing_version_is_refused(
+    tmp_path: Path, registry: Registry
+) -> None:
+    registry.import_version(source(tmp_path, level=0.5))
+    with pytest.raises(VersionImmutable, match="toy@1 is already installed with different content"):
+        registry.import_version(source(tmp_path, level=0.7))
+    registry.import_version(source(tmp_path, version="2", level=0.7))
+    assert registry.versions("toy") == ["1", "2"]
+
+
+def test_activation_records_time_user_and_previous_version(tmp_path: Path, registry: Registry) -> None:
+    registry.import_version(source(tmp_path, version="1"))
+    registry.import_version(source(tmp_path, version="2", level=0.6))
+    first = registry.activate("toy", "1", by="alice")
+    second = registry.activate("toy", "2", by="bob")
+    assert first.previous is None and second.previous == "1"
+    assert registry.history("toy") == [first, second]
+    state = json.loads((tmp_path / "state" / "models.json").read_text())
+    assert state["active"] == {"toy": "2"}
+    assert [(e["version"], e["previous"], e["by"]) for e in state["log"]] == [
+        ("1", None, "alice"),
+        ("2", "1", "bob"),
+    ]
+    assert [r.active for r in registry.list()] == [False, True]
+
+
+def test_activation_of_a_version_that_fails_verification_is_refused(
+    tmp_path: Path, registry: Registry
+) -> None:
+    model = registry.import_version(source(tmp_path))
+    corrupt(model.path / "fold0.pt")
+    with pytest.raises(ChecksumMismatch):
+        registry.activate("toy", "1")
+    assert registry.active("toy") is None and registry.history() == []
+
+
+def test_resolve_name_gives_the_active_version_and_name_at_version_pins(
+    tmp_path: Path, registry: Registry
+) -> None:
+    registry.import_version(source(tmp_path, version="1"))
+    registry.import_version(source(tmp_path, version="2", level=0.6))
+    registry.activate("toy", "2")
+    assert registry.resolve("toy").version == "2"
+    assert registry.resolve("toy@1").version == "1"
+    registry.activate("toy", "1")
+    assert registry.resolve("toy").version == "1"
+
+
+def test_resolve_name_without_activation(tmp_path: Path, registry: Registry) -> None:
+    registry.import_version(source(tmp_path, version="1"))
+    assert registry.resolve("toy").version == "1"  # the only version is used
+    registry.import_version(source(tmp_path, version="2", level=0.6))
+    with pytest.raises(ModelError, match="versions 1, 2 and none is active"):
+        registry.resolve("toy")
+
+
+@pytest.mark.parametrize("spec", ["absent", "toy@9", "../toy", "toy@1/../2", ""])
+def test_resolve_refuses_unknown_or_unsafe_specs(tmp_path: Path, registry: Registry, spec: str) -> None:
+    registry.import_version(source(tmp_path))
+    with pytest.raises(ModelError):
+        registry.resolve(spec)
+
+
+def test_verify_detects_a_wrong_channel_count(tmp_path: Path, registry: Registry) -> None:
+    src = write_package(tmp_path / "src", [Pointwise([1.0, 1.0], [0.0, 0.0])], structures=2)
+    with pytest.raises(ModelError, match=r"expected \(1, 3, 8, 8, 8\)"):
+        registry.import_version(src)
+
+
+def test_verify_detects_a_file_that_is_not_torchscript(tmp_path: Path, registry: Registry) -> None:
+    src = source(tmp_path)
+    fold = src / "fold0.pt"
+    fold.write_bytes(b"not a model")
+    manifest = yaml.safe_load((src / "model.yaml").read_text())
+    manifest["folds"][0]["sha256"] = hashlib.sha256(b"not a model").hexdigest()
+    (src / "model.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ModelError, match="does not load or run as TorchScript"):
+        registry.import_version(src)
+
+
+def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Registry) -> None:
+    model = registry.import_version(source(tmp_path))
+    moved = model.path.parent / "7"
+    model.path.rename(moved)
+    with pytest.raises(ModelError, match="declares toy@1 but lies in the folder for toy@7"):
+        registry.resolve("toy@7")

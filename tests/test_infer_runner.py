@@ -1,0 +1,91 @@
+"""Inference in a child process: results on disk, a real time limit, survival after failures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ie_gateway.errors import InferenceError
+from ie_gateway.infer.manifest import load_manifest
+from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.synthetic import make_phantom
+from tests.infer_packages import Spin, threshold_model, write_package
+
+pytestmark = pytest.mark.slow  # each runner spawns a Python with torch (seconds here)
+
+TIMEOUT_S = 20.0
+
+
+def package(root: Path, folds: list, name: str) -> ModelVersion:
+    folder = write_package(root, folds, name=name, structures=1, patch=(16, 32, 32))
+    manifest = load_manifest(folder)
+    return ModelVersion(manifest.name, manifest.version, folder, manifest)
+
+
+@pytest.fixture
+def ct_path(tmp_path: Path) -> Path:
+    phantom = make_phantom(5, slices=16, size=64, pixel_mm=6.0, slice_mm=5.0)
+    image = sitk.GetImageFromArray(phantom.hu)
+    image.SetSpacing((phantom.pixel_mm, phantom.pixel_mm, phantom.slice_mm))
+    image.SetOrigin(phantom.origin)
+    path = tmp_path / "ct.mha"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def runner() -> Iterator[InferenceRunner]:
+    with InferenceRunner(TIMEOUT_S, device="cpu", log_level=None) as runner:
+        yield runner
+
+
+def check_labels(labels_path: Path, ct_path: Path, result: dict) -> None:
+    ct = sitk.ReadImage(str(ct_path))
+    labels = sitk.ReadImage(str(labels_path))
+    assert labels.GetSize() == ct.GetSize() and labels.GetOrigin() == ct.GetOrigin()
+    body = sitk.GetArrayFromImage(labels) == 1
+    assert body.sum() > 0
+    voxel_cc = np.prod(ct.GetSpacing()) / 1000
+    assert result["volumes_cc"]["External"] == pytest.approx(body.sum() * voxel_cc)
+    assert [p.name for p in labels_path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_runner_writes_the_label_map_and_returns_volumes(
+    tmp_path: Path, ct_path: Path, runner: InferenceRunner
+) -> None:
+    model = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    labels_path = tmp_path / "labels.mha"
+    result = runner.run(model, ct_path, labels_path)
+    check_labels(labels_path, ct_path, result)
+    assert result["folds"] == 1 and "total" in result["timings_s"]
+
+
+def test_a_job_past_the_time_limit_fails_and_the_next_job_completes(
+    tmp_path: Path, ct_path: Path
+) -> None:
+    slow = package(tmp_path / "models", [Spin(2, iterations=10**12)], "slow")
+    quick = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    with InferenceRunner(TIMEOUT_S, device="cpu", log_level=None) as runner:
+        runner.run(quick, ct_path, tmp_path / "warm.mha")  # child up: the limit then hits the model
+        runner.timeout_s = 3.0
+        with pytest.raises(InferenceError, match="inference exceeded 3 s"):
+            runner.run(slow, ct_path, tmp_path / "slow.mha")
+        assert not (tmp_path / "slow.mha").exists()
+        runner.timeout_s = TIMEOUT_S  # the fresh child must import torch and reload the model
+        result = runner.run(quick, ct_path, tmp_path / "labels.mha")
+    check_labels(tmp_path / "labels.mha", ct_path, result)
+
+
+def test_a_failing_job_reports_why_and_the_runner_serves_on(
+    tmp_path: Path, ct_path: Path, runner: InferenceRunner
+) -> None:
+    model = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    with pytest.raises(InferenceError, match="RuntimeError"):
+        runner.run(model, tmp_path / "missing.mha", tmp_path / "never.mha")
+    result = runner.run(model, ct_path, tmp_path / "labels.mha")
+    check_labels(tmp_path / "labels.mha", ct_path, result)

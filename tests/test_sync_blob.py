@@ -16,7 +16,7 @@ from tests.sync_samples import PRIVATE_VALUE, make_rtstruct
 
 from ie_gateway.errors import SyncError
 from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser
-from ie_gateway.sync.blob import container_client, upload_case
+from ie_gateway.sync.blob import container_client, load_connection_string, upload_case
 from ie_gateway.synthetic import make_phantom, write_ct_series
 
 pytestmark = pytest.mark.peer
@@ -187,3 +187,17 @@ def test_unsafe_case_id_is_refused(container: ContainerClient, case) -> None:
     files, _ = case
     with pytest.raises(SyncError, match="case id"):
         upload_case(container, "../x", files, _manifest(files))
+
+
+def test_connection_string_from_env_or_systemd_credential(tmp_path: Path) -> None:
+    assert load_connection_string({"AZURE_STORAGE_CONNECTION_STRING": "A=1"}) == "A=1"
+    (tmp_path / "storage-connection-string").write_text("B=2\n")
+    assert load_connection_string({"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "B=2"
+    assert load_connection_string({}) is None
+
+
+def test_no_storage_configured_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(SyncError, match="AZURE_STORAGE_CONNECTION_STRING"):
+        container_client(None, None, "cases")

@@ -29,6 +29,7 @@ from ie_gateway.errors import SyncError
 log = structlog.get_logger(__name__)
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+CONNECTION_STRING_CREDENTIAL = "storage-connection-string"  # systemd LoadCredential= name
 CASE_KINDS = ("ct", "ai", "approved")
 MANIFEST_NAME = "manifest.json"
 DICOM_CONTENT_TYPE = "application/dicom"
@@ -55,6 +56,19 @@ class _Item:
     md5: bytes
 
 
+def load_connection_string(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$AZURE_STORAGE_CONNECTION_STRING``, else the systemd credential
+    ``$CREDENTIALS_DIRECTORY/storage-connection-string``, else None (use an Azure identity)."""
+    env = os.environ if environ is None else environ
+    if env.get(CONNECTION_STRING_ENV):
+        return env[CONNECTION_STRING_ENV]
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    path = Path(creds) / CONNECTION_STRING_CREDENTIAL if creds else None
+    if path is not None and path.is_file():
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
 def container_client(
     connection_string: str | None,
     account_url: str | None,
@@ -64,14 +78,14 @@ def container_client(
 ) -> ContainerClient:
     """A client for ``container``.
 
-    With a connection string (argument, else ``$AZURE_STORAGE_CONNECTION_STRING``) it uses that:
+    With a connection string (argument, else ``load_connection_string()``) it uses that:
     Azurite, an account key or a SAS (what Azure Stack Hub storage accepts). Otherwise it signs in
     with ``DefaultAzureCredential`` (managed identity, service principal environment variables)
     against ``authority_host`` and uses ``account_url``. ``api_version`` pins the storage REST
     version for services older than this SDK (Azure Stack Hub).
     """
     options: dict[str, Any] = {"api_version": api_version} if api_version else {}
-    connection = connection_string or os.environ.get(CONNECTION_STRING_ENV)
+    connection = connection_string or load_connection_string()
     if connection:
         return ContainerClient.from_connection_string(connection, container, **options)
     if not account_url:

@@ -1,0 +1,74 @@
+"""deploy/install.sh laid out in a fake root (DESTDIR): files, node config, keys, idempotence."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ie_gateway.config import GatewayConfig
+from ie_gateway.sync.anonymise import load_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def source(tmp_path: Path) -> Path:
+    """The repository's config and deploy folders, a unit and one shipped model version."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "config", src / "config")
+    shutil.copytree(REPO / "deploy", src / "deploy")
+    (src / "systemd").mkdir()
+    (src / "systemd" / "ie-gateway.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (src / "models" / "toy" / "1").mkdir(parents=True)
+    (src / "models" / "toy" / "1" / "model.yaml").write_text("name: toy\n")
+    return src
+
+
+def _install(src: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SRC_DIR": str(src), "DESTDIR": str(root), "PIP_INSTALL": "0",
+           "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(src / "deploy" / "install.sh")], env=env, text=True,
+                          capture_output=True, check=True, timeout=120)
+
+
+def test_install_lays_out_node_config_key_unit_and_models(source: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _install(source, root)
+    etc = root / "etc" / "ie-gateway"
+    config = yaml.safe_load((etc / "gateway.yaml").read_text())
+    GatewayConfig.model_validate(config)  # still a valid gateway.yaml after the rewrite
+    assert config["storage"]["root"] == "/var/lib/ie-gateway"
+    assert config["models_dir"] == "/var/lib/ie-gateway/models"
+    assert config["node"]["bind"] == "0.0.0.0"
+    assert (etc / "routing.yaml").read_text() == (source / "config" / "routing.yaml").read_text()
+    key_file = etc / "credentials" / "anon-key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(load_key({"CREDENTIALS_DIRECTORY": str(key_file.parent)})) >= 32
+    assert stat.S_IMODE((etc / "environment").stat().st_mode) == 0o600
+    assert (root / "etc/systemd/system/ie-gateway.service").is_file()
+    assert (root / "opt/ie-gateway/venv/bin/python").exists()
+    assert (root / "var/lib/ie-gateway/models/toy/1/model.yaml").is_file()
+    assert os.readlink(root / "usr/local/bin/ie-gateway") == "/opt/ie-gateway/venv/bin/ie-gateway"
+
+
+def test_rerun_keeps_admin_edits_key_and_installed_models(source: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _install(source, root)
+    etc = root / "etc" / "ie-gateway"
+    edited = (etc / "gateway.yaml").read_text() + "# edited by the admin\n"
+    (etc / "gateway.yaml").write_text(edited)
+    key = (etc / "credentials" / "anon-key").read_bytes()
+    installed_model = root / "var/lib/ie-gateway/models/toy/1/model.yaml"
+    installed_model.write_text("name: toy  # installed bytes\n")
+
+    _install(source, root)
+    assert (etc / "gateway.yaml").read_text() == edited
+    assert (etc / "credentials" / "anon-key").read_bytes() == key
+    assert installed_model.read_text() == "name: toy  # installed bytes\n"

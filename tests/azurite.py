@@ -8,6 +8,7 @@ teardown. Tests that use it fail, rather than skip, when ``azurite-blob`` is mis
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -51,13 +52,12 @@ def connection_string(port: int) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def azurite_blob(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A running Azurite blob service; yields its connection string."""
+@contextlib.contextmanager
+def running_azurite(location: Path) -> Iterator[str]:
+    """Start azurite-blob with its data in ``location``; yield its connection string; stop it."""
     executable = shutil.which("azurite-blob")
     if executable is None:
-        pytest.fail("azurite-blob not installed: npm install -g azurite@3.35.0")
-    location: Path = tmp_path_factory.mktemp("azurite")
+        raise RuntimeError("azurite-blob not installed: npm install -g azurite@3.35.0")
     port = _free_port()
     process = subprocess.Popen(
         [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
@@ -75,3 +75,12 @@ def azurite_blob(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def azurite_blob(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running Azurite blob service for the session; yields its connection string."""
+    if shutil.which("azurite-blob") is None:
+        pytest.fail("azurite-blob not installed: npm install -g azurite@3.35.0")
+    with running_azurite(tmp_path_factory.mktemp("azurite")) as connection:
+        yield connection

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
+import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
-from tests.sync_samples import (
-    NESTED_NAME,
-    PLANTED,
-    PRIVATE_VALUE,
-    STUDY_UID,
-    make_ct,
-    make_rtstruct,
-    planted_needles,
-)
 
 from ie_gateway.errors import SyncError
 from ie_gateway.sync.anonymise import (
@@ -25,6 +17,16 @@ from ie_gateway.sync.anonymise import (
     BurnedInAnnotation,
     DateMode,
     load_key,
+)
+from ie_gateway.synthetic import make_phantom, write_ct_series
+from tests.sync_samples import (
+    NESTED_NAME,
+    PLANTED,
+    PRIVATE_VALUE,
+    STUDY_UID,
+    make_ct,
+    make_rtstruct,
+    planted_needles,
 )
 
 KEY = b"test-key-0123456789abcdef"
@@ -51,7 +53,7 @@ def test_planted_identifiers_do_not_occur_in_output_bytes(tmp_path: Path, ct: li
 def test_profile_actions_and_identity_attributes(tmp_path: Path, ct: list[Path]) -> None:
     anonymiser = _anonymiser(tmp_path)
     ds = pydicom.dcmread(anonymiser.anonymise_file(ct[0], tmp_path))
-    assert ds.PatientID == ds.PatientName == anonymiser.pseudonym(PLANTED["PatientID"])
+    assert ds.PatientID == ds.PatientName.family_name == anonymiser.pseudonym(PLANTED["PatientID"])
     assert ds.PatientBirthDate == ""  # Z, never shifted
     assert ds.AccessionNumber == ""  # Z
     assert ds.ReferringPhysicianName == ""  # Z
@@ -162,3 +164,14 @@ def test_load_key_from_env_or_systemd_credential(tmp_path: Path) -> None:
         load_key({})
     with pytest.raises(SyncError, match="at least 16"):
         load_key({"IE_GATEWAY_ANON_KEY": "short"})
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("dates", list(DateMode))
+def test_anonymised_ct_still_verifies_with_dciodvfy(tmp_path: Path, dates: DateMode) -> None:
+    phantom = make_phantom(5, slices=1, size=32, pixel_mm=8.0)
+    (src,) = write_ct_series(phantom, tmp_path / "ct", seed=5, extra={"InstitutionName": "X"})
+    out = _anonymiser(tmp_path, dates=dates).anonymise_file(src, tmp_path / "out")
+    result = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True, check=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+    assert result.returncode == 0 and errors == []

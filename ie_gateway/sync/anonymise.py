@@ -133,7 +133,7 @@ class Anonymiser:
         return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
     def pseudonym(self, patient_id: str) -> str:
-        """The pseudonymous PatientID (also used as PatientName) for ``patient_id``."""
+        """The pseudonymous PatientID (also PatientName's family name) for ``patient_id``."""
         return f"{self._options.pseudonym_prefix}{self._mac(b'patient', patient_id).hex()[:16].upper()}"
 
     def date_offset(self, patient_id: str) -> dt.timedelta:
@@ -155,7 +155,7 @@ class Anonymiser:
         self._clean(ds, offset)
         pseudonym = self.pseudonym(patient_id)
         ds.PatientID = pseudonym
-        ds.PatientName = pseudonym
+        ds.PatientName = f"{pseudonym}^"  # family name only; a bare word is the retired form
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
         ds.DeidentificationMethodCodeSequence = self._method_codes(offset is not None)

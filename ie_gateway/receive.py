@@ -56,6 +56,8 @@ DATASET_MISMATCH = 0xA900          # the data set's SOP Instance/Class is not th
 CANNOT_UNDERSTAND = 0xC210         # the data set cannot be parsed
 INVALID_UID = 0xC211               # a UID that is not digits and dots of at most 64 characters
 
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
 # Reasons for rejecting an association (PS3.8 Table 9-21): result, source, diagnostic.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised
 
@@ -188,6 +190,10 @@ class Receiver:
         request = event.request
         try:
             ds = event.dataset
+            absent = [kw for kw in REQUIRED if kw not in ds]
+            if absent:
+                log.warning("instance refused", reason="data set incomplete", absent=absent)
+                return status(CANNOT_UNDERSTAND, f"data set lacks {absent[0]} (truncated or corrupt)")
             arrival = Arrival(
                 sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
                 sop_class=str(ds.get("SOPClassUID", "")),
@@ -206,10 +212,9 @@ class Receiver:
         if arrival.sop_uid != str(request.AffectedSOPInstanceUID) or arrival.sop_class != str(request.AffectedSOPClassUID):
             log.warning("instance refused", reason="data set does not match the request's SOP instance/class")
             return status(DATASET_MISMATCH, "SOP Instance/Class differs from the C-STORE request")
-        payload = event.encoded_dataset(include_meta=False)
-        meta = b"".join((b"\x00" * 128, b"DICM", pydicom.filewriter.encode_file_meta(event.file_meta)))
+        payload = event.encoded_dataset(include_meta=True)  # the bytes as sent, with file meta
         try:
-            job_id, duplicate, late = self.store.accept(arrival, (meta, payload), lambda: _header(ds))
+            job_id, duplicate, late = self.store.accept(arrival, (payload,), lambda: _header(ds))
         except OSError as exc:
             log.error("instance not stored", reason="storage failure", error=exc.strerror or str(exc),
                       errno=exc.errno)

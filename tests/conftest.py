@@ -1,0 +1,66 @@
+"""Shared fixtures: synthetic series on disk and the node started as users start it."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ie_gateway.synthetic import make_phantom, write_ct_series
+from tests.peers import Node, Orthanc
+
+
+@pytest.fixture(scope="session")
+def full_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 200-slice 512² thorax CT (about 100 MiB), written once per session."""
+    folder = tmp_path_factory.mktemp("ct200")
+    return write_ct_series(make_phantom(11), folder, seed=11)
+
+
+@pytest.fixture(scope="session")
+def small_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 30-slice 256² thorax CT with a full-size field of view."""
+    folder = tmp_path_factory.mktemp("ct30")
+    phantom = make_phantom(12, slices=30, size=256, pixel_mm=1.95, slice_mm=5.0)
+    return write_ct_series(phantom, folder, seed=12)
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[object]:
+    """Make nodes (subprocesses) in this test's folder; all are stopped at teardown."""
+    nodes: list[Node] = []
+
+    def make(name: str = "node", **kwargs: object) -> Node:
+        node = Node(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def node(node_factory: object) -> Node:
+    """A running node with no routing rules (series end `unrouted`)."""
+    return node_factory().start()  # type: ignore[operator, no-any-return]
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path / "orthanc").start()
+    yield server
+    server.stop()
+
+
+def dcm_compress(src: list[Path], dst: Path, tool: list[str]) -> list[Path]:
+    """Compress each file with a dcmtk tool (dcmcjpeg, dcmcrle, ...) into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in src:
+        target = dst / path.name
+        subprocess.run([*tool, str(path), str(target)], check=True, capture_output=True)
+        out.append(target)
+    return out

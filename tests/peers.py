@@ -1,0 +1,216 @@
+"""Start and drive the real peers the tests use: our node as users start it, dcmtk, Orthanc.
+
+Every listener is on 127.0.0.1. Waiting is always polling with a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, every: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)  # poll interval of this deadline loop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def echoscu(port: int, calling: str = "ECHOSCU", called: str = "IE_GATEWAY") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+
+
+def storescu(port: int, files: Sequence[Path] | Path, calling: str = "STORESCU",
+             called: str = "IE_GATEWAY", extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files (or a folder, recursively) with dcmtk storescu, proposing only what they need."""
+    options = ["-aet", calling, "-aec", called, "-R", *extra]
+    if isinstance(files, Path):
+        options += ["+sd", "+r"]
+        paths = [str(files)]
+    else:
+        paths = [str(f) for f in files]
+    return subprocess.run(["storescu", *options, "127.0.0.1", str(port), *paths],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=600)
+
+
+class Node:
+    """`ie-gateway serve --config FILE` in a subprocess, as an admin or systemd starts it."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, settings: dict[str, Any] | None = None,
+                 rules: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.config = workdir / "gateway.yaml"
+        self.log_path = workdir / "node.log"
+        self.env = {**os.environ, **(env or {})}
+        self.preexec = preexec
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg: dict[str, Any] = {
+            "node": {"ae_title": "IE_GATEWAY", "bind": "127.0.0.1", "port": self.port,
+                     "allowed_callers": [{"ae_title": t} for t in ("STORESCU", "ECHOSCU", "PACS", "TPS")]},
+            "storage": {"root": "var"},
+            "series": {"stable_after_s": 1.0, "sweep_every_s": 0.2},
+            "routing_file": "routing.yaml",
+            "models_dir": str(REPO / "models"),
+            "log_level": "info",
+        }
+        for key, value in (settings or {}).items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        self.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (workdir / "routing.yaml").write_text(yaml.safe_dump(rules or {"rules": []}, sort_keys=False))
+        self.root = workdir / "var"
+
+    def start(self, timeout: float = 60) -> Node:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(self.config)],
+            stdout=log, stderr=log, env=self.env, preexec_fn=self.preexec, cwd=self.workdir)
+        wait_until(lambda: self._ready(), timeout, what="the node to answer C-ECHO")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        return port_open(self.port) and echoscu(self.port).returncode == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return events
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "ie_gateway.cli", *args, "--config", str(self.config)],
+                                capture_output=True, text=True, env=self.env, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ie-gateway {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def status(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def wait_state(self, states: set[str], timeout: float = 120, count: int = 1) -> list[dict[str, Any]]:
+        def reached() -> list[dict[str, Any]] | None:
+            rows = [r for r in self.status() if r["state"] in states]
+            return rows if len(rows) >= count else None
+        return wait_until(reached, timeout, every=0.2, what=f"a job in {sorted(states)}")  # type: ignore[no-any-return]
+
+
+class Orthanc:
+    """An Orthanc server on loopback standing in for a TPS or PACS."""
+
+    def __init__(self, workdir: Path, ae_title: str = "TPS") -> None:
+        self.workdir = workdir
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "test-tps", "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"), "DicomAet": ae_title,
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port, "Plugins": [],
+            "RemoteAccessAllowed": False, "SaveJobs": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True, "UnknownSopClassAccepted": True,
+            "StableAge": 1,
+        }))
+
+    def start(self) -> Orthanc:
+        log = (self.workdir / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=log,
+                                     env={**os.environ, "TCP_NODELAY": "1"})
+        wait_until(lambda: self._alive() and port_open(self.dicom_port), 30, what="Orthanc")
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError("Orthanc exited")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as rsp:
+            return bytes(rsp.read())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

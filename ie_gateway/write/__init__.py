@@ -1,0 +1,29 @@
+"""Write stage: label map on the CT grid → RT-STRUCT and DICOM-SEG, their checks, a QA image.
+
+The caller makes the output UIDs once (:func:`new_output_uids`) and stores them, so every
+delivery retry sends the same instance; builders never make UIDs of their own.
+"""
+
+from ie_gateway.write.common import (
+    ModelInfo,
+    OutputUIDs,
+    StructureInfo,
+    new_output_uids,
+    structure_mask,
+)
+from ie_gateway.write.rtstruct import build_rtstruct
+from ie_gateway.write.seg import build_seg
+from ie_gateway.write.validate import rasterize_rtstruct, validate_rtstruct, validate_seg
+
+__all__ = [
+    "ModelInfo",
+    "OutputUIDs",
+    "StructureInfo",
+    "build_rtstruct",
+    "build_seg",
+    "new_output_uids",
+    "rasterize_rtstruct",
+    "structure_mask",
+    "validate_rtstruct",
+    "validate_seg",
+]

@@ -1,0 +1,185 @@
+"""Inputs shared by the RT-STRUCT and SEG writers, and the masks both of them encode.
+
+Both outputs are built from the same per-structure masks (:func:`structure_masks`) so that the
+TPS sees the same shapes whichever object it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from pydicom.valuerep import format_number_as_ds
+from scipy import ndimage
+
+from ie_gateway.errors import WriteError
+
+#: DICOM values both writers copy unchanged from the CT so the result stays in the patient's study.
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+MANUFACTURER = "ie_gateway"
+
+
+@dataclass(frozen=True)
+class StructureInfo:
+    """One structure of the model's label map, as the writers need it.
+
+    ``fill_holes`` True: the structure is delivered without cut-outs; on every axial slice it
+    owns everything its outer boundary encloses. This is what an EXTERNAL needs, since a label
+    map gives the organs inside the body to other labels. False: inner boundaries stay as holes.
+    """
+
+    label: int
+    name: str
+    color: tuple[int, int, int]
+    interpreted_type: str
+    fill_holes: bool = True
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model package (name, version) that produced the label map."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class OutputUIDs:
+    """Series and SOP Instance UIDs of one output object.
+
+    Made once by the caller and stored, so every delivery retry sends the same instance.
+    """
+
+    series_uid: str
+    sop_uid: str
+
+
+def new_output_uids() -> OutputUIDs:
+    """Fresh UIDs for one output object; call once per result and persist them."""
+    return OutputUIDs(series_uid=generate_uid(), sop_uid=generate_uid())
+
+
+def check_inputs(
+    ct_headers: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+) -> None:
+    """Refuse inputs the writers cannot encode faithfully, with a reason an admin can act on."""
+    if not ct_headers:
+        raise WriteError("no CT instances given to reference")
+    if labels.ndim != 3 or labels.dtype != np.uint8:
+        raise WriteError(f"label map must be uint8 (z, y, x); got {labels.dtype} {labels.shape}")
+    rows, cols = int(ct_headers[0].Rows), int(ct_headers[0].Columns)
+    if labels.shape != (len(ct_headers), rows, cols):
+        raise WriteError(
+            f"label map shape {labels.shape} is not the CT grid {(len(ct_headers), rows, cols)}"
+        )
+    if not structures:
+        raise WriteError("no structures to write")
+    seen_labels = [s.label for s in structures]
+    if len(set(seen_labels)) != len(seen_labels) or min(seen_labels) < 1:
+        raise WriteError(f"structure labels must be distinct and >= 1; got {seen_labels}")
+    frames = {str(h.FrameOfReferenceUID) for h in ct_headers}
+    if len(frames) != 1:
+        raise WriteError(f"CT instances span {len(frames)} frames of reference; expected one")
+
+
+def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
+    """Boolean (z, y, x) mask of one structure, holes filled per axial slice when asked.
+
+    Filling is 2D per slice because RT-STRUCT contours are planar: a hole in 3D that is open on a
+    slice is no cut-out there.
+    """
+    mask = labels == structure.label
+    if not structure.fill_holes:
+        return mask
+    boxes = ndimage.find_objects(mask.view(np.uint8))
+    if not boxes or boxes[0] is None:
+        return mask
+    zs, ys, xs = boxes[0]
+    for k in range(zs.start, zs.stop):
+        # within the bounding box, background on the box edge is outside on the full slice too
+        mask[k, ys, xs] = ndimage.binary_fill_holes(mask[k, ys, xs])
+    return mask
+
+
+def structure_masks(
+    labels: np.ndarray, structures: Sequence[StructureInfo]
+) -> Iterator[tuple[StructureInfo, np.ndarray]]:
+    """Yield (structure, mask) one at a time, so at most one extra mask is held."""
+    for structure in structures:
+        yield structure, structure_mask(labels, structure)
+
+
+def ds_strings(values: np.ndarray) -> list[str]:
+    """Decimal String texts of ``values``, each at most 16 characters as DICOM requires.
+
+    Six decimals keep a contour's z equal to its slice's ImagePositionPatient as the CTs
+    scanners write, so a TPS matches contour to slice; a value too long for that (beyond ±10^8
+    mm) falls back to pydicom's width-aware formatter.
+    """
+    texts = [f"{v:.6f}" for v in np.asarray(values, dtype=np.float64).ravel().tolist()]
+    return [t if len(t) <= 16 else format_number_as_ds(float(t)) for t in texts]
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the CT's pixels lie in patient coordinates (LPS mm), one plane per header.
+
+    DICOM's PixelSpacing is [spacing between rows, spacing between columns]; ImageOrientation
+    holds the direction of increasing column index first, then of increasing row index.
+    """
+
+    positions: np.ndarray  # (z, 3) ImagePositionPatient of each slice
+    row_dir: np.ndarray  # (3,) direction of increasing column index
+    col_dir: np.ndarray  # (3,) direction of increasing row index
+    row_spacing: float  # mm between rows
+    col_spacing: float  # mm between columns
+
+    @classmethod
+    def from_headers(cls, ct_headers: Sequence[pydicom.Dataset]) -> SliceGeometry:
+        """Geometry of the series; refuses slices that do not share orientation and spacing."""
+        orientations = {tuple(float(v) for v in h.ImageOrientationPatient) for h in ct_headers}
+        spacings = {tuple(float(v) for v in h.PixelSpacing) for h in ct_headers}
+        if len(orientations) != 1 or len(spacings) != 1:
+            raise WriteError("CT slices differ in orientation or pixel spacing; cannot contour")
+        iop = np.array(orientations.pop())
+        row_spacing, col_spacing = spacings.pop()
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in ct_headers])
+        return cls(positions, iop[:3], iop[3:], row_spacing, col_spacing)
+
+    def to_patient(self, k: int, points_rc: np.ndarray) -> np.ndarray:
+        """(n, 2) fractional (row, col) pixel positions on slice ``k`` → (n, 3) LPS mm."""
+        return (
+            self.positions[k]
+            + points_rc[:, 1:2] * (self.col_spacing * self.row_dir)
+            + points_rc[:, 0:1] * (self.row_spacing * self.col_dir)
+        )
+
+    def to_pixels(self, points_xyz: np.ndarray) -> tuple[int, np.ndarray]:
+        """(n, 3) LPS mm of one planar contour → (slice index, (n, 2) fractional (row, col)).
+
+        The slice is the one whose plane is nearest the contour's mean position along the normal.
+        """
+        normal = np.cross(self.row_dir, self.col_dir)
+        depths = self.positions @ normal
+        k = int(np.argmin(np.abs(depths - float(np.mean(points_xyz @ normal)))))
+        offsets = points_xyz - self.positions[k]
+        rows = (offsets @ self.col_dir) / self.row_spacing
+        cols = (offsets @ self.row_dir) / self.col_spacing
+        return k, np.stack([rows, cols], axis=1)

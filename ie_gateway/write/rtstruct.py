@@ -1,0 +1,256 @@
+"""Label map → RT Structure Set, written with pydicom (highdicom has no RT-STRUCT writer).
+
+Contours are the marching-squares iso-line at 0.5 of each structure's 0/1 mask on each axial
+slice, so a contour runs half-way between voxel centres inside and outside and rasterising it
+back (voxel centre inside ⇔ voxel in the structure) gives the mask again. Polygons are
+simplified losslessly by dropping collinear vertices (see :func:`drop_collinear`).
+
+Holes: every boundary on a slice, outer or inner, is its own CLOSED_PLANAR contour, and the
+structure is the even-odd (XOR) combination of the contours of a slice. This is how the common
+TPSs (Eclipse, RayStation, Monaco, Pinnacle) read several contours of one ROI on one plane, and
+it needs no keyhole cut that would show as a line in the TPS. Structures whose ``fill_holes``
+is set have no holes (see :class:`~ie_gateway.write.common.StructureInfo`), so they get outer
+contours only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+import structlog
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from scipy import ndimage
+from skimage import measure
+
+import ie_gateway
+from ie_gateway.write.common import (
+    MANUFACTURER,
+    PATIENT_STUDY_KEYWORDS,
+    ModelInfo,
+    OutputUIDs,
+    SliceGeometry,
+    StructureInfo,
+    check_inputs,
+    ds_strings,
+    structure_masks,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Contours enclosing less than this (in pixels²) are slivers; a single voxel gives a diamond
+#: of 0.5 px², so no voxel of the mask is dropped, only degenerate lines.
+MIN_AREA_PX2 = 0.25
+#: Detached Study Management SOP Class: what RTReferencedStudySequence conventionally names.
+STUDY_REFERENCE_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+DEFAULT_SERIES_NUMBER = 901
+CONTOUR_DATA = 0x30060050
+
+
+def polygon_area(points: np.ndarray) -> float:
+    """Area enclosed by a closed polygon given as (n, 2) vertices (shoelace formula)."""
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """Vertices of a closed ring (n, 2), last vertex not repeated, without collinear ones.
+
+    Marching-squares vertices of a 0/1 mask lie on a half-pixel lattice, so the only vertices a
+    tolerance under half a pixel could remove are the collinear ones: removing those exactly
+    simplifies as much as ``skimage.measure.approximate_polygon(ring, 0.25)`` (measured on the
+    phantom: 8582 vs 8586 vertices of 24610), loses nothing, and is vectorised instead of
+    skimage's per-vertex Python loop (which took 7 of 10 s on a 200 x 512² CT).
+    """
+    before = np.roll(ring, 1, axis=0)
+    after = np.roll(ring, -1, axis=0)
+    d_in, d_out = ring - before, after - ring
+    cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
+    return ring[np.abs(cross) > 1e-9]
+
+
+def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed contours of a 2D boolean mask as (n, 2) fractional (row, col) vertices.
+
+    The mask is padded by one pixel so every contour closes; the closing vertex is not repeated,
+    as DICOM's CLOSED_PLANAR implies the last edge.
+    """
+    padded = np.pad(mask, 1).astype(np.float32)
+    contours = []
+    for line in measure.find_contours(padded, 0.5):
+        polygon = drop_collinear(line[:-1]) - 1.0
+        if len(polygon) >= 3 and polygon_area(polygon) >= MIN_AREA_PX2:
+            contours.append(polygon)
+    return contours
+
+
+def _contour_item(
+    number: int, points_xyz: np.ndarray, ct_header: pydicom.Dataset
+) -> Dataset:
+    image = Dataset()
+    image.ReferencedSOPClassUID = ct_header.SOPClassUID
+    image.ReferencedSOPInstanceUID = ct_header.SOPInstanceUID
+    item = Dataset()
+    item.ContourImageSequence = DicomSequence([image])
+    item.ContourGeometricType = "CLOSED_PLANAR"
+    item.NumberOfContourPoints = len(points_xyz)
+    item.ContourNumber = number
+    # the texts are valid DS by construction (ds_strings); skipping pydicom's per-value check
+    # halves the cost of the largest element of the object
+    item["ContourData"] = DataElement(
+        CONTOUR_DATA, "DS", ds_strings(points_xyz), validation_mode=config.IGNORE
+    )
+    return item
+
+
+def structure_contours(
+    mask: np.ndarray, geometry: SliceGeometry, ct_headers: Sequence[pydicom.Dataset]
+) -> list[Dataset]:
+    """ContourSequence items of one structure's (z, y, x) mask, each referencing its CT slice."""
+    boxes = ndimage.find_objects(mask.view(np.uint8))
+    if not boxes or boxes[0] is None:
+        return []
+    zs, ys, xs = boxes[0]
+    offset = np.array([ys.start, xs.start], dtype=np.float64)
+    items: list[Dataset] = []
+    for k in range(zs.start, zs.stop):
+        for polygon in slice_contours(mask[k, ys, xs]):
+            points = geometry.to_patient(k, polygon + offset)
+            items.append(_contour_item(len(items) + 1, points, ct_headers[k]))
+    return items
+
+
+def _copy_patient_study(ds: Dataset, ct: pydicom.Dataset) -> None:
+    if "SpecificCharacterSet" in ct:
+        ds.SpecificCharacterSet = ct.SpecificCharacterSet
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        setattr(ds, keyword, ct.get(keyword, ""))
+
+
+def _referenced_frame_of_reference(ct_headers: Sequence[pydicom.Dataset]) -> Dataset:
+    images = []
+    for header in ct_headers:
+        image = Dataset()
+        image.ReferencedSOPClassUID = header.SOPClassUID
+        image.ReferencedSOPInstanceUID = header.SOPInstanceUID
+        images.append(image)
+    series = Dataset()
+    series.SeriesInstanceUID = ct_headers[0].SeriesInstanceUID
+    series.ContourImageSequence = DicomSequence(images)
+    study = Dataset()
+    study.ReferencedSOPClassUID = STUDY_REFERENCE_SOP_CLASS
+    study.ReferencedSOPInstanceUID = ct_headers[0].StudyInstanceUID
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = ct_headers[0].FrameOfReferenceUID
+    frame.RTReferencedStudySequence = DicomSequence([study])
+    return frame
+
+
+def _roi_items(
+    structure: StructureInfo, frame_uid: str, model: ModelInfo, contours: list[Dataset]
+) -> tuple[Dataset, Dataset, Dataset]:
+    roi = Dataset()
+    roi.ROINumber = structure.label
+    roi.ReferencedFrameOfReferenceUID = frame_uid
+    roi.ROIName = structure.name
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"{model.name} {model.version}"[:64]
+    roi_contour = Dataset()
+    roi_contour.ReferencedROINumber = structure.label
+    roi_contour.ROIDisplayColor = list(structure.color)
+    if contours:
+        roi_contour.ContourSequence = DicomSequence(contours)
+    observation = Dataset()
+    observation.ObservationNumber = structure.label
+    observation.ReferencedROINumber = structure.label
+    observation.ROIObservationLabel = structure.name[:16]
+    observation.RTROIInterpretedType = structure.interpreted_type
+    observation.ROIInterpreter = ""
+    return roi, roi_contour, observation
+
+
+def software_versions(model: ModelInfo) -> list[str]:
+    """SoftwareVersions values naming the model version and the gateway that made an output."""
+    return [f"{model.name} {model.version}"[:64], f"ie_gateway {ie_gateway.__version__}"]
+
+
+def series_description(model: ModelInfo) -> str:
+    """SeriesDescription of an output: says it is AI-made, by which model and version."""
+    return f"AI contours {model.name} v{model.version}"[:64]
+
+
+def _header(
+    ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_number: int
+) -> Dataset:
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    meta.MediaStorageSOPInstanceUID = uids.sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    _copy_patient_study(ds, ct)
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = uids.sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = uids.series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = series_description(model)
+    ds.OperatorsName = ""
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MANUFACTURER
+    ds.SoftwareVersions = software_versions(model)
+    ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "AI contours"
+    ds.StructureSetName = f"{model.name} v{model.version}"[:64]
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.ApprovalStatus = "UNAPPROVED"
+    return ds
+
+
+def build_rtstruct(
+    ct_headers: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    model: ModelInfo,
+    uids: OutputUIDs,
+    *,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+) -> Dataset:
+    """RT Structure Set of ``labels`` on the CT ``ct_headers`` (slice k ⇔ ``labels[k]``).
+
+    Every structure gets an ROI (one with no voxels has no contours), marked UNAPPROVED and
+    AUTOMATIC. The dataset carries its file meta; save it with ``ds.save_as(path,
+    enforce_file_format=True)``. Raises :class:`WriteError` on inputs it cannot encode.
+    """
+    check_inputs(ct_headers, labels, structures)
+    geometry = SliceGeometry.from_headers(ct_headers)
+    frame_uid = str(ct_headers[0].FrameOfReferenceUID)
+    ds = _header(ct_headers[0], model, uids, series_number)
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence(
+        [_referenced_frame_of_reference(ct_headers)]
+    )
+    rois, roi_contours, observations = [], [], []
+    for structure, mask in structure_masks(labels, structures):
+        contours = structure_contours(mask, geometry, ct_headers)
+        log.info("rtstruct.structure", label=structure.label, contours=len(contours))
+        roi, roi_contour, observation = _roi_items(structure, frame_uid, model, contours)
+        rois.append(roi)
+        roi_contours.append(roi_contour)
+        observations.append(observation)
+    ds.StructureSetROISequence = DicomSequence(rois)
+    ds.ROIContourSequence = DicomSequence(roi_contours)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    return ds

@@ -1,0 +1,153 @@
+"""Label map → DICOM Segmentation (BINARY), written by highdicom.
+
+Segment n is ``structures[n-1]``, with the same per-structure masks as the RT-STRUCT (holes
+filled per slice where the structure asks for it, so an EXTERNAL encloses the organs and
+segments may overlap). highdicom reads only header attributes of the source images, so headers
+read with ``stop_before_pixels=True`` are enough: the CT's pixel data are not loaded again.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import structlog
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from ie_gateway.errors import WriteError
+from ie_gateway.write.common import (
+    MANUFACTURER,
+    ModelInfo,
+    OutputUIDs,
+    StructureInfo,
+    check_inputs,
+    structure_mask,
+)
+from ie_gateway.write.rtstruct import series_description, software_versions
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SERIES_NUMBER = 902
+
+#: SNOMED CT codes of TG-263 base names (laterality suffix removed) that we know for certain;
+#: anything else is described as a generic organ.
+_PROPERTY_TYPES: dict[str, Code] = {
+    "Lung": codes.SCT.Lung,
+    "Heart": codes.SCT.Heart,
+    "SpinalCord": codes.SCT.SpinalCord,
+    "Esophagus": codes.SCT.Esophagus,
+    "Liver": codes.SCT.Liver,
+    "Bladder": codes.SCT.Bladder,
+    "Rectum": codes.SCT.Rectum,
+    "Prostate": codes.SCT.Prostate,
+    "Trachea": codes.SCT.Trachea,
+}
+_LATERALITY: dict[str, Code] = {"_L": codes.SCT.Left, "_R": codes.SCT.Right}
+
+
+def segment_color(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
+    """The SEG display colour (CIELab, as DICOM stores it) of an RGB structure colour."""
+    return hd.color.CIELabColor.from_rgb(*rgb)
+
+
+def property_type(structure: StructureInfo) -> tuple[Code, Code | None]:
+    """Segmented property type of a structure and its laterality modifier, if any."""
+    if structure.interpreted_type == "EXTERNAL":
+        return codes.SCT.EntireBody, None
+    base, suffix = structure.name[:-2], structure.name[-2:]
+    if suffix in _LATERALITY and base in _PROPERTY_TYPES:
+        return _PROPERTY_TYPES[base], _LATERALITY[suffix]
+    return _PROPERTY_TYPES.get(structure.name, codes.SCT.Organ), None
+
+
+def segment_description(
+    number: int, structure: StructureInfo, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    """Description of one segment: label, colour, anatomy codes and the model that made it."""
+    property_code, laterality = property_type(structure)
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=structure.name,
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=property_code,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=segment_color(structure.color),
+    )
+    if laterality is not None:
+        description.SegmentedPropertyTypeCodeSequence[
+            0
+        ].SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(laterality)]
+    return description
+
+
+def build_seg(
+    ct_headers: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    model: ModelInfo,
+    uids: OutputUIDs,
+    *,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+) -> hd.seg.Segmentation:
+    """BINARY Segmentation of ``labels`` over the CT ``ct_headers`` (slice k ⇔ ``labels[k]``).
+
+    Empty frames are omitted. Save with ``seg.save_as(path)``. Raises :class:`WriteError` when
+    the inputs cannot be encoded (e.g. a CT header lacks what highdicom needs).
+    """
+    check_inputs(ct_headers, labels, structures)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        version=model.version,
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    descriptions = [
+        segment_description(n, s, algorithm) for n, s in enumerate(structures, start=1)
+    ]
+    # segment-major in memory, so each segment highdicom encodes is one contiguous block
+    masks = np.moveaxis(np.stack([structure_mask(labels, s) for s in structures]), 0, -1)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=ct_headers,
+            pixel_array=masks,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=uids.series_uid,
+            series_number=series_number,
+            sop_instance_uid=uids.sop_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER,
+            software_versions=software_versions(model)[0],
+            device_serial_number=socket.gethostname()[:64],
+            series_description=series_description(model),
+            content_label="AI_CONTOURS",
+            content_description=f"{model.name} {model.version}"[:64],
+            omit_empty_frames=True,
+        )
+    except (AttributeError, ValueError) as exc:
+        raise WriteError(f"cannot build SEG from this CT: {exc}") from exc
+    # both values (model, gateway): highdicom's signature takes one string or a 1-tuple
+    seg.SoftwareVersions = software_versions(model)
+    log.info("seg.built", segments=len(structures), frames=int(seg.NumberOfFrames))
+    return seg
+
+
+def seg_mask(
+    seg: hd.seg.Segmentation, ct_headers: Sequence[pydicom.Dataset], segment_number: int
+) -> np.ndarray:
+    """Mask (z, y, x) of one segment of a SEG read back, on the CT grid of ``ct_headers``.
+
+    Slices whose frame was omitted as empty come back empty.
+    """
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[h.SOPInstanceUID for h in ct_headers],
+        segment_numbers=[segment_number],
+        assert_missing_frames_are_empty=True,
+        dtype=bool,
+    )
+    return pixels[..., 0]

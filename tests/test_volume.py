@@ -80,6 +80,13 @@ def test_volume_equals_phantom_hu_from_shuffled_files(phantom: Phantom, series: 
     assert np.array_equal(hu(volume.image), phantom.hu)
 
 
+def test_a_slice_count_that_is_no_multiple_of_the_decode_chunk_is_exact(
+    phantom: Phantom, series: list[Path]
+) -> None:
+    volume = load_volume(shuffled(series[:37]))
+    assert np.array_equal(hu(volume.image), phantom.hu[:37])
+
+
 def test_geometry_matches_the_headers(phantom: Phantom, series: list[Path]) -> None:
     image = load_volume(shuffled(series)).image
     assert image.GetSize() == (SIZE, SIZE, SLICES)

@@ -110,7 +110,7 @@ def _draw_anatomy(seed: int, half_fov_mm: float) -> _Anatomy:
         spine_depth=u(60.0, 75.0),
         vertebra_r=u(15.0, 19.0),
         cord_r=u(6.0, 9.0),
-        csf_mm=u(2.0, 3.0),
+        csf_mm=u(1.5, 2.5),
         rib_period=u(22.0, 28.0),
         rib_phase=u(0.0, 30.0),
         table_gap=u(0.0, 4.0),
@@ -202,7 +202,7 @@ class _SliceDrawer:
         )
         hu[vert | ring] = a.hu_bone
         hu[vert & (self._ellipse(0.0, vc, a.vertebra_r - 3.0, a.vertebra_r * 0.9 - 3.0) < 1.0)] = a.hu_bone * 0.45
-        hu[self._ellipse(0.0, canal_c, canal_r, canal_r) < 1.0] = 8.0
+        hu[self._ellipse(0.0, canal_c, canal_r, canal_r) < 1.0] = 5.0
         cord = self._ellipse(0.0, canal_c, a.cord_r, a.cord_r) < 1.0
         hu[cord] = a.hu_cord
 

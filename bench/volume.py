@@ -3,11 +3,12 @@
 Usage: .venv/bin/python bench/volume.py [--slices 200 1000] [--size 512] [--repeat 3]
 
 For each slice count a synthetic thorax series (uncompressed, 512² int16 ≈ 0.5 MiB per slice)
-is written to a temporary folder, then each loader runs in a fresh Python process that imports
-everything, records its peak RSS so far (VmHWM) as the baseline, loads the series, and reports
-the seconds and the peak RSS above that baseline. The goal for load_volume is a peak of at most ~2x the
-voxel bytes; SimpleITK's ImageSeriesReader (no checks, GDCM decoding) is the peer. Timings on
-these shared machines vary by 10-15 %: read the ratios, and the median of --repeat runs.
+is written to a temporary folder (removed afterwards), then each loader runs in a fresh Python
+process that imports everything, records its peak RSS so far (VmHWM) as the baseline, loads
+the series, and reports the seconds and the peak RSS above that baseline. The goal for
+load_volume is a peak of at most ~2x the voxel bytes; SimpleITK's ImageSeriesReader (no checks,
+GDCM decoding) is the peer. Timings on these shared machines vary by 10-15 %: read the ratios,
+and the median of --repeat runs.
 """
 
 from __future__ import annotations

@@ -425,13 +425,13 @@ class Match:
     def evaluate(self, facts: SeriesFacts) -> tuple[Item, ...]:
         return tuple(item.evaluate(facts) for item in self.items)
 
-    def keys(self) -> Iterable[str]:
+    def referenced_keys(self) -> Iterable[str]:
         for item in self.items:
             if isinstance(item, Check):
                 yield item.key
             else:
                 for alternative in item.alternatives:
-                    yield from alternative.keys()
+                    yield from alternative.referenced_keys()
 
 
 @dataclass(frozen=True)
@@ -456,7 +456,7 @@ class RuleSet:
     @property
     def keywords(self) -> frozenset[str]:
         """DICOM keywords the rules read (what the index must keep for routing)."""
-        keys = {key for rule in self.rules for key in rule.match.keys()}
+        keys = {key for rule in self.rules for key in rule.match.referenced_keys()}
         return frozenset(keys - _SPECIAL_KEYS.keys())
 
     def route(self, series: SeriesFacts) -> RouteDecision:
@@ -564,7 +564,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 
 
 def _known_destination(name: str, info: pydantic.ValidationInfo) -> str:
-    destinations: set[str] = info.context["destinations"]
+    destinations: set[str] = (info.context or {})["destinations"]
     if name not in destinations:
         known = ", ".join(sorted(destinations)) or "none configured"
         raise ValueError(f"unknown destination {name!r} (known: {known})")
@@ -573,7 +573,7 @@ def _known_destination(name: str, info: pydantic.ValidationInfo) -> str:
 
 def _known_model(ref: str, info: pydantic.ValidationInfo) -> str:
     name, version = parse_model_ref(ref)
-    model_exists: ModelExists = info.context["model_exists"]
+    model_exists: ModelExists = (info.context or {})["model_exists"]
     if not model_exists(name, version):
         if version is None:
             raise ValueError(f"model {name!r} is not installed or has no active version")
@@ -898,7 +898,8 @@ class RulesWatcher:
                     return None
                 digest = hashlib.sha256(self._path.read_bytes()).hexdigest()
             except OSError as exc:
-                return self._refuse(ConfigError([f"{self._path}: cannot read: {exc.strerror}"]))
+                self._refuse(ConfigError([f"{self._path}: cannot read: {exc.strerror}"]))
+                return None
             self._signature = signature
             if not force and digest == self._digest:
                 return None
@@ -906,7 +907,8 @@ class RulesWatcher:
             try:
                 rules = self._loader(self._path)
             except ConfigError as exc:
-                return self._refuse(exc)
+                self._refuse(exc)
+                return None
             self._current, self._last_error = rules, None
             log.info("routing_rules_loaded", rules=len(rules.rules))
             return rules
@@ -916,4 +918,3 @@ class RulesWatcher:
         log.warning(
             "routing_rules_refused", errors=error.errors, kept_rules=self._current is not None
         )
-        return None

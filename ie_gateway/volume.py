@@ -17,8 +17,9 @@ Decisions a caller must know:
 - Pixels are HU after RescaleSlope/Intercept: ``sitkInt16`` when every slice's slope and
   intercept are integers (every CT we have seen), ``sitkFloat32`` otherwise.
 - Memory: the image is allocated once and decoded slices are pasted into it in place, a few at
-  a time, so the peak is about one volume plus a few slices; compressed transfer syntaxes are decoded slice by
-  slice by pydicom's pixel handlers (pylibjpeg: JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
+  a time, so the peak is about one volume plus a few slices. Compressed transfer syntaxes are
+  decoded slice by slice by pydicom's pixel handlers (pylibjpeg: JPEG Lossless, JPEG-LS,
+  JPEG 2000, RLE).
 - ``spacing_tolerance_mm`` is absolute: every step between neighbouring slices must be within
   it of the series' median step; a step of about k steps is reported as k-1 missing slices.
 - Multi-frame objects (Enhanced CT) are refused, not decoded: they are rare from planning
@@ -40,7 +41,8 @@ import SimpleITK as sitk
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder, pixel_array
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -276,7 +278,7 @@ def _check_grid(slices: list[_Slice]) -> None:
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     row, col = np.array(orientation[:3]), np.array(orientation[3:])
     normal = np.cross(row, col)
-    return normal / np.linalg.norm(normal)
+    return np.asarray(normal / np.linalg.norm(normal), dtype=float)
 
 
 def _direction(orientation: tuple[float, ...], normal: np.ndarray) -> tuple[float, ...]:

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import EnhancedCTImageStorage, JPEG2000Lossless, UID
+from pydicom.uid import UID, EnhancedCTImageStorage, JPEG2000Lossless
 
 from ie_gateway.errors import VolumeRefused
 from ie_gateway.synthetic import Phantom, make_phantom, write_ct_series
@@ -195,7 +195,10 @@ def test_dcmtk_compressed_series_gives_the_same_hu(
 # --- refusals -------------------------------------------------------------------------------------
 
 
-def refusal(paths: list[Path], checks: VolumeChecks = VolumeChecks()) -> str:
+DEFAULT_CHECKS = VolumeChecks()
+
+
+def refusal(paths: list[Path], checks: VolumeChecks = DEFAULT_CHECKS) -> str:
     with pytest.raises(VolumeRefused) as caught:
         load_volume(shuffled(paths), checks)
     return str(caught.value)

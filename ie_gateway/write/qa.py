@@ -1,0 +1,121 @@
+"""A quick-look PNG of a contoured CT, for a physicist to judge a result at a glance.
+
+Three panels (axial, coronal, sagittal) through the centre of the organs, each scaled to its
+physical size so anisotropic voxels show undistorted, in a soft-tissue window with every
+structure's outline in its colour, then a legend and the model that made the contours. The
+image carries no patient identifiers: none are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from ie_gateway.write.common import ModelInfo, StructureInfo
+
+PANEL_PX = 512
+LEGEND_PX = 96
+#: (width, height) of every QA image: three square panel tiles above a legend band.
+QA_SIZE = (3 * PANEL_PX, PANEL_PX + LEGEND_PX)
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU: level 40, width 400
+_BACKGROUND = (0, 0, 0)
+_TEXT = (255, 255, 255)
+
+
+def _centre(labels: np.ndarray, structures: Sequence[StructureInfo]) -> tuple[int, int, int]:
+    """Voxel (z, y, x) at the centre of mass of the organs (the body if there are none)."""
+    organs = [s.label for s in structures if s.interpreted_type != "EXTERNAL"]
+    for mask in (np.isin(labels, organs), labels > 0):
+        if mask.any():
+            return tuple(int(round(c)) for c in ndimage.center_of_mass(mask))  # type: ignore[return-value]
+    return tuple(n // 2 for n in labels.shape)  # type: ignore[return-value]
+
+
+def _views(
+    hu: np.ndarray, labels: np.ndarray, centre: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+    """(HU image, label image, width mm, height mm) of each panel, superior at the top."""
+    z, y, x = centre
+    sx, sy, sz = spacing
+    nz, ny, nx = labels.shape
+    return [
+        (hu[z], labels[z], nx * sx, ny * sy),
+        (hu[::-1, y, :], labels[::-1, y, :], nx * sx, nz * sz),
+        (hu[::-1, :, x], labels[::-1, :, x], ny * sy, nz * sz),
+    ]
+
+
+def _grey(hu: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    low, high = SOFT_TISSUE_WINDOW
+    scaled = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
+    return Image.fromarray(scaled.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGB")
+
+
+def _outline(
+    labels: np.ndarray, structure: StructureInfo, size: tuple[int, int]
+) -> np.ndarray | None:
+    """Boolean outline (display pixels) of a structure on one panel, or None if absent."""
+    mask = labels == structure.label
+    if not mask.any():
+        return None
+    if structure.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    shown = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    return shown & ~ndimage.binary_erosion(shown, iterations=2)
+
+
+def _panel(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    extent_mm: tuple[float, float],
+    structures: Sequence[StructureInfo],
+) -> Image.Image:
+    scale = min(PANEL_PX / extent_mm[0], PANEL_PX / extent_mm[1])
+    size = (max(1, round(extent_mm[0] * scale)), max(1, round(extent_mm[1] * scale)))
+    pixels = np.array(_grey(hu, size))
+    # the largest first, so organs inside the body outline are drawn over it
+    for structure in sorted(structures, key=lambda s: -int((labels == s.label).sum())):
+        outline = _outline(labels, structure, size)
+        if outline is not None:
+            pixels[outline] = structure.color
+    return Image.fromarray(pixels)
+
+
+def _legend(canvas: Image.Image, structures: Sequence[StructureInfo], model: ModelInfo) -> None:
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=18)
+    x, y = 16, PANEL_PX + 16
+    for structure in structures:
+        draw.rectangle((x, y + 2, x + 16, y + 18), fill=structure.color)
+        draw.text((x + 24, y), structure.name, fill=_TEXT, font=font)
+        x += 48 + int(draw.textlength(structure.name, font=font))
+    note = f"AI contours by {model.name} v{model.version}, not approved by a clinician"
+    draw.text((16, PANEL_PX + 52), note, fill=_TEXT, font=font)
+
+
+def render_qa_png(
+    ct_volume_hu: np.ndarray,
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    spacing: tuple[float, float, float],
+    model: ModelInfo,
+    out_path: Path,
+) -> Path:
+    """Write the QA image of ``labels`` over ``ct_volume_hu`` (both (z, y, x)) to ``out_path``.
+
+    ``spacing`` is (x, y, z) in mm; slice index z must increase towards the head (LPS with
+    identity direction, as the volume stage delivers). The image is :data:`QA_SIZE`.
+    """
+    canvas = Image.new("RGB", QA_SIZE, _BACKGROUND)
+    centre = _centre(labels, structures)
+    for i, (hu, lab, width, height) in enumerate(_views(ct_volume_hu, labels, centre, spacing)):
+        panel = _panel(hu, lab, (width, height), structures)
+        offset = (i * PANEL_PX + (PANEL_PX - panel.width) // 2, (PANEL_PX - panel.height) // 2)
+        canvas.paste(panel, offset)
+    _legend(canvas, structures, model)
+    canvas.save(out_path, format="PNG")
+    return out_path

@@ -51,22 +51,18 @@ import hashlib
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import pydantic
-import structlog
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
-from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.yamlfile import Loc, format_error, line_of, read_yaml
-
-log = structlog.get_logger(__name__)
 
 ModelExists = Callable[[str, str | None], bool]
 
@@ -425,14 +421,6 @@ class Match:
     def evaluate(self, facts: SeriesFacts) -> tuple[Item, ...]:
         return tuple(item.evaluate(facts) for item in self.items)
 
-    def referenced_keys(self) -> Iterable[str]:
-        for item in self.items:
-            if isinstance(item, Check):
-                yield item.key
-            else:
-                for alternative in item.alternatives:
-                    yield from alternative.referenced_keys()
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -452,12 +440,6 @@ class RuleSet:
     """An immutable, validated list of rules; the service swaps whole RuleSets on reload."""
 
     rules: tuple[Rule, ...]
-
-    @property
-    def keywords(self) -> frozenset[str]:
-        """DICOM keywords the rules read (what the index must keep for routing)."""
-        keys = {key for rule in self.rules for key in rule.match.referenced_keys()}
-        return frozenset(keys - _SPECIAL_KEYS.keys())
 
     def route(self, series: SeriesFacts) -> RouteDecision:
         """Evaluate every rule in order; return the applied routes and the full explanation."""
@@ -516,31 +498,6 @@ def _to_float(text: str) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
-
-
-def header_values(ds: Dataset, keywords: Iterable[str]) -> dict[str, object]:
-    """Plain, JSON-friendly values of ``keywords`` from a pydicom dataset, for SeriesFacts.
-
-    Multi-valued attributes become lists; DS/IS keep their text; absent attributes are left out.
-    """
-    out: dict[str, object] = {}
-    for keyword in keywords:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            continue
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            out[keyword] = [_plain(item) for item in value]
-        else:
-            out[keyword] = _plain(value)
-    return out
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, bool):
-        return int(value)
-    if type(value) in (int, float):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,7 +821,8 @@ class RulesWatcher:
     ``poll()`` stats the file; only when mtime or size changed does it hash the bytes, and only
     when the content changed does it call ``loader`` (e.g. ``functools.partial(load_rules,
     destinations=..., model_exists=...)``). It returns the new RuleSet, or None when nothing
-    changed or the new file is invalid; then ``last_error`` holds the ConfigError and the
+    changed or the new file is invalid; then ``last_error`` holds the ConfigError (the same
+    object until the content changes again, so the caller logs each refusal once) and the
     caller keeps its current rules. ``poll(force=True)`` reloads even unchanged content (SIGHUP,
     or after models were installed). Safe to call from several threads.
     """
@@ -877,6 +835,7 @@ class RulesWatcher:
         self._digest: str | None = None
         self._current: RuleSet | None = None
         self._last_error: ConfigError | None = None
+        self._digest_error: ConfigError | None = None  # the verdict on the content of _digest
 
     @property
     def current(self) -> RuleSet | None:
@@ -898,23 +857,23 @@ class RulesWatcher:
                     return None
                 digest = hashlib.sha256(self._path.read_bytes()).hexdigest()
             except OSError as exc:
-                self._refuse(ConfigError([f"{self._path}: cannot read: {exc.strerror}"]))
+                self._unreadable(f"{self._path}: cannot read: {exc.strerror}")
                 return None
             self._signature = signature
             if not force and digest == self._digest:
+                self._last_error = self._digest_error  # e.g. a file put back after a deletion
                 return None
             self._digest = digest
             try:
                 rules = self._loader(self._path)
             except ConfigError as exc:
-                self._refuse(exc)
+                self._last_error = self._digest_error = exc
                 return None
-            self._current, self._last_error = rules, None
-            log.info("routing_rules_loaded", rules=len(rules.rules))
+            self._current, self._last_error, self._digest_error = rules, None, None
             return rules
 
-    def _refuse(self, error: ConfigError) -> None:
-        self._last_error = error
-        log.warning(
-            "routing_rules_refused", errors=error.errors, kept_rules=self._current is not None
-        )
+    def _unreadable(self, message: str) -> None:
+        """Record a read failure, keeping the same error object while it persists."""
+        self._signature = None
+        if self._last_error is None or self._last_error.errors != [message]:
+            self._last_error = ConfigError([message])

@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.route import (
@@ -15,7 +14,6 @@ from ie_gateway.route import (
     RuleSet,
     RulesWatcher,
     SeriesFacts,
-    header_values,
     load_rules,
 )
 
@@ -288,28 +286,6 @@ def test_explanation_lists_every_matcher_of_every_rule(tmp_path: Path) -> None:
     assert "SeriesDescription not (matches regex '(?i)scout') (seen: missing)" in text
 
 
-def test_keywords_lists_the_dicom_keys_rules_read(tmp_path: Path) -> None:
-    assert rules(tmp_path, GROUPS).keywords == {
-        "Modality", "BodyPartExamined", "SeriesDescription", "SliceThickness",
-    }
-
-
-def test_header_values_from_a_dataset_are_plain() -> None:
-    ds = Dataset()
-    ds.Modality = "CT"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SliceThickness = "2.50"
-    ds.Rows = 512
-    ds.ConvolutionKernel = ""
-    assert header_values(ds, ["Modality", "ImageType", "SliceThickness", "Rows",
-                              "ConvolutionKernel", "BodyPartExamined"]) == {
-        "Modality": "CT",
-        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-        "SliceThickness": "2.50",
-        "Rows": 512,
-    }
-
-
 # --- config errors: each names file:line: key: why -----------------------------------------
 
 VALID_RULE = """
@@ -480,7 +456,7 @@ def test_watcher_ignores_a_touch_without_content_change(tmp_path: Path) -> None:
     assert len(calls) == 2
 
 
-def test_watcher_reports_a_deleted_file_and_keeps_rules(tmp_path: Path) -> None:
+def test_watcher_reports_a_deleted_file_once_and_keeps_rules(tmp_path: Path) -> None:
     path = tmp_path / "routing.yaml"
     rewrite(path, "rules:" + rule_text(name="a"))
     watcher = RulesWatcher(path, loader)
@@ -488,4 +464,12 @@ def test_watcher_reports_a_deleted_file_and_keeps_rules(tmp_path: Path) -> None:
     path.unlink()
     assert watcher.poll() is None
     assert watcher.current is good
-    assert watcher.last_error is not None and "cannot read" in str(watcher.last_error)
+    error = watcher.last_error
+    assert error is not None and "cannot read" in str(error)
+    assert watcher.poll() is None
+    assert watcher.last_error is error  # one refusal, not a new one per poll
+    # the same content put back: nothing new to load, and the error is gone
+    rewrite(path, "rules:" + rule_text(name="a"))
+    assert watcher.poll() is None
+    assert watcher.last_error is None
+    assert watcher.current is good

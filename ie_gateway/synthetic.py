@@ -176,23 +176,46 @@ class _SliceDrawer:
         return (r2 < 1.0) & (r2 > dome)
 
     def draw(self, zc: float, rng: np.random.Generator, hu: np.ndarray, lab: np.ndarray) -> None:
-        """Fill one slice of HU (float32 scratch) and labels at height zc above the carina."""
-        a = self.a
+        """Fill one slice of HU (float32 scratch) and labels at height zc above the carina.
+
+        Tissues are painted back to front (later ones cover earlier ones); labels follow the
+        same order, so they are exclusive and an organ overrides External.
+        """
         bu, bv = self._body_axes(zc)
-        body_r2 = self._ellipse(0.0, 0.0, bu, bv)
-        body = body_r2 < 1.0
+        inner = self._body_and_table(bu, bv, hu, lab)
+        vc, cord = self._spine(bv, hu)
+        heart, fat_rim = self._heart(zc, hu)
+        ribcage = self._lungs(zc, bu, bv, vc, fat_rim, hu, lab)
+        self._chest_wall(zc, bu, bv, ribcage, inner, hu)
+        hu[heart] = self.a.hu_heart
+        lab[heart] = HEART
+        lab[cord] = SPINAL_CORD
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(self.a.noise_sd)
+
+    def _body_and_table(self, bu: float, bv: float, hu: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        """Air, the table under the back (not External), fat under the skin, soft tissue inside.
+
+        Returns the mask inside the fat layer.
+        """
+        a = self.a
         hu.fill(-1000.0)
         lab.fill(0)
-        back = bv  # posterior skin, in v
-        table = (self.v > back + a.table_gap) & (self.v < back + a.table_gap + 18.0)
+        table = (self.v > bv + a.table_gap) & (self.v < bv + a.table_gap + 18.0)
         hu[table] = -250.0
-        hu[table & (self.v > back + a.table_gap + 15.0)] = 150.0
+        hu[table & (self.v > bv + a.table_gap + 15.0)] = 150.0
+        body = self._ellipse(0.0, 0.0, bu, bv) < 1.0
         hu[body] = a.hu_fat
         lab[body] = EXTERNAL
         inner = self._ellipse(0.0, 0.0, bu - a.fat_mm, bv - a.fat_mm) < 1.0
         hu[inner] = a.hu_soft
+        return inner
 
-        # spine: vertebral body, then the canal with its bony ring, cord and CSF behind it
+    def _spine(self, back: float, hu: np.ndarray) -> tuple[float, np.ndarray]:
+        """Vertebral body, then the canal behind it: bony ring, CSF, cord.
+
+        Returns the vertebral body's centre (v) and the cord's mask.
+        """
+        a = self.a
         vc = back - a.spine_depth
         canal_c = vc + a.vertebra_r + a.cord_r + a.csf_mm + 2.0
         canal_r = a.cord_r + a.csf_mm
@@ -201,28 +224,42 @@ class _SliceDrawer:
             (np.abs(self.u) < 5.0) & (self.v > canal_c) & (self.v < canal_c + canal_r + 22.0)
         )
         hu[vert | ring] = a.hu_bone
-        hu[vert & (self._ellipse(0.0, vc, a.vertebra_r - 3.0, a.vertebra_r * 0.9 - 3.0) < 1.0)] = a.hu_bone * 0.45
+        cancellous = self._ellipse(0.0, vc, a.vertebra_r - 3.0, a.vertebra_r * 0.9 - 3.0) < 1.0
+        hu[vert & cancellous] = a.hu_bone * 0.45
         hu[self._ellipse(0.0, canal_c, canal_r, canal_r) < 1.0] = 5.0
         cord = self._ellipse(0.0, canal_c, a.cord_r, a.cord_r) < 1.0
         hu[cord] = a.hu_cord
+        return vc, cord
 
-        # heart: a rotated ellipsoid, in a rim of epicardial fat
+    def _heart(self, zc: float, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The heart's section (a rotated ellipsoid) and its rim of epicardial fat, painted as fat.
+
+        Returns both masks; the heart itself is painted last, over whatever else reached it.
+        """
+        a = self.a
         hx, hy, hz = a.heart_centre
         rx, ry, rz = a.heart_radii
         dz = (zc - hz) / rz
-        heart = np.zeros(self.u.shape, dtype=bool)
-        fat_rim = heart
-        if abs(dz) < 1.0:
-            shrink = np.sqrt(1.0 - dz * dz)
-            ch, sh = np.cos(a.heart_angle), np.sin(a.heart_angle)
-            du, dv = self.u - hx, self.v - hy
-            hu_, hv_ = ch * du + sh * dv, -sh * du + ch * dv
-            r2 = (hu_ / (rx * shrink)) ** 2 + (hv_ / (ry * shrink)) ** 2
-            heart = r2 < 1.0
-            fat_rim = r2 < (1.0 + 4.0 / (ry * shrink)) ** 2
-            hu[fat_rim] = a.hu_fat
+        if abs(dz) >= 1.0:
+            empty = np.zeros(self.u.shape, dtype=bool)
+            return empty, empty
+        shrink = np.sqrt(1.0 - dz * dz)
+        ch, sh = np.cos(a.heart_angle), np.sin(a.heart_angle)
+        du, dv = self.u - hx, self.v - hy
+        along, across = ch * du + sh * dv, -sh * du + ch * dv
+        r2 = (along / (rx * shrink)) ** 2 + (across / (ry * shrink)) ** 2
+        fat_rim = r2 < (1.0 + 4.0 / (ry * shrink)) ** 2
+        hu[fat_rim] = a.hu_fat
+        return r2 < 1.0, fat_rim
 
-        # lungs, kept out of the mediastinum, the heart's fat rim and the spine
+    def _lungs(
+        self, zc: float, bu: float, bv: float, vc: float, fat_rim: np.ndarray, hu: np.ndarray, lab: np.ndarray
+    ) -> np.ndarray:
+        """Textured lungs, kept out of the mediastinum, the heart's fat rim and the spine.
+
+        Returns the rib cage's inner mask (what the lungs may fill).
+        """
+        a = self.a
         ribcage = self._ellipse(0.0, 0.0, bu - a.fat_mm - 12.0, bv - a.fat_mm - 12.0) < 1.0
         keep_out = fat_rim | (self._ellipse(0.0, vc, a.vertebra_r + 8.0, a.vertebra_r + 8.0) < 1.0)
         keep_out |= (np.abs(self.u) < 12.0) & (self.v < vc)
@@ -232,19 +269,19 @@ class _SliceDrawer:
             lung = self._lung(zc, side, bu, bv) & ribcage & ~keep_out
             hu[lung] = a.hu_lung + 35.0 * tex[lung] + 500.0 * np.clip(tex[lung] - 1.6, 0.0, None)
             lab[lung] = label
+        return ribcage
 
-        # ribs and sternum in the chest wall, only along the lungs' height
+    def _chest_wall(
+        self, zc: float, bu: float, bv: float, ribcage: np.ndarray, inner: np.ndarray, hu: np.ndarray
+    ) -> None:
+        """Ribs (every rib_period mm, along the lungs' height) and the sternum in front of the heart."""
+        a = self.a
         if -max(a.lung_base) - 40.0 < zc < max(a.lung_apex) and (zc - a.rib_phase) % a.rib_period < 9.0:
             rib_r2 = self._ellipse(0.0, 0.0, bu - a.fat_mm - 5.0, bv - a.fat_mm - 5.0)
             ribs = (rib_r2 < 1.0) & ~ribcage & inner & (np.abs(self.u) > 25.0)
             hu[ribs] = a.hu_bone * 0.9
         sternum = (np.abs(self.u) < 15.0) & (self.v < -bv + a.fat_mm + 14.0) & (self.v > -bv + a.fat_mm + 2.0)
-        hu[sternum & (zc > a.heart_centre[2] - rz) & (zc < max(a.lung_apex) - 20.0)] = a.hu_bone * 0.7
-
-        hu[heart] = a.hu_heart
-        lab[heart] = HEART
-        lab[cord] = SPINAL_CORD
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(a.noise_sd)
+        hu[sternum & (zc > a.heart_centre[2] - a.heart_radii[2]) & (zc < max(a.lung_apex) - 20.0)] = a.hu_bone * 0.7
 
 
 def make_phantom(

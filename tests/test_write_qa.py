@@ -15,7 +15,9 @@ from tests.write_case import DEMO_STRUCTURES, MODEL
 
 
 @pytest.fixture(scope="module")
-def png(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[float, float, float], tuple[int, ...]]:
+def png(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, tuple[float, float, float], tuple[int, ...]]:
     phantom = make_phantom(4, slices=60, size=128, pixel_mm=3.2, slice_mm=2.5)
     spacing = (phantom.pixel_mm, phantom.pixel_mm, phantom.slice_mm)
     path = tmp_path_factory.mktemp("qa") / "qa.png"
@@ -29,7 +31,9 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_png_has_the_documented_size(png: tuple[Path, tuple[float, float, float], tuple[int, ...]]) -> None:
+def test_png_has_the_documented_size(
+    png: tuple[Path, tuple[float, float, float], tuple[int, ...]],
+) -> None:
     with Image.open(png[0]) as image:
         assert image.size == QA_SIZE
 
@@ -49,7 +53,9 @@ def test_coronal_panel_has_the_physical_aspect_ratio(tmp_path: Path) -> None:
     phantom = make_phantom(4, slices=60, size=128, pixel_mm=3.2, slice_mm=2.5)
     nz, _, nx = phantom.labels.shape
     hu = np.full(phantom.labels.shape, 40, dtype=np.int16)
-    path = render_qa_png(hu, phantom.labels, DEMO_STRUCTURES, (3.2, 3.2, 2.5), MODEL, tmp_path / "qa.png")
+    path = render_qa_png(
+        hu, phantom.labels, DEMO_STRUCTURES, (3.2, 3.2, 2.5), MODEL, tmp_path / "qa.png"
+    )
     coronal = _pixels(path)[:PANEL_PX, PANEL_PX : 2 * PANEL_PX]
     rows = np.flatnonzero(coronal.any(axis=(1, 2)))
     cols = np.flatnonzero(coronal.any(axis=(0, 2)))

@@ -44,7 +44,9 @@ def seg_uids() -> OutputUIDs:
 
 
 @pytest.fixture(scope="module")
-def rtstruct_file(case: Case, rt_uids: OutputUIDs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rtstruct_file(
+    case: Case, rt_uids: OutputUIDs, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     path = tmp_path_factory.mktemp("rtstruct") / "rtstruct.dcm"
     ds = build_rtstruct(case.headers, case.labels, DEMO_STRUCTURES, MODEL, rt_uids)
     ds.save_as(path, enforce_file_format=True)

@@ -41,6 +41,6 @@ class Case:
 def make_case(folder: Path, *, seed: int = 5, slices: int = 60, size: int = 256) -> Case:
     phantom = make_phantom(seed, slices=slices, size=size, pixel_mm=1.6, slice_mm=2.5)
     paths = write_ct_series(phantom, folder, seed=seed)
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     spacing = (phantom.pixel_mm, phantom.pixel_mm, phantom.slice_mm)
     return Case(paths, headers, phantom.hu, phantom.labels, spacing)

@@ -13,7 +13,11 @@ from ie_gateway.write.common import (
 )
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
-from ie_gateway.write.validate import rasterize_rtstruct, validate_rtstruct, validate_seg
+from ie_gateway.write.validate import (
+    rasterize_rtstruct,
+    validate_rtstruct,
+    validate_seg,
+)
 
 __all__ = [
     "ModelInfo",

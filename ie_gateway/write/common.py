@@ -105,7 +105,7 @@ def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
     Filling is 2D per slice because RT-STRUCT contours are planar: a hole in 3D that is open on a
     slice is no cut-out there.
     """
-    mask = labels == structure.label
+    mask: np.ndarray = labels == structure.label
     if not structure.fill_holes:
         return mask
     boxes = ndimage.find_objects(mask.view(np.uint8))
@@ -165,11 +165,12 @@ class SliceGeometry:
 
     def to_patient(self, k: int, points_rc: np.ndarray) -> np.ndarray:
         """(n, 2) fractional (row, col) pixel positions on slice ``k`` → (n, 3) LPS mm."""
-        return (
+        points: np.ndarray = (
             self.positions[k]
             + points_rc[:, 1:2] * (self.col_spacing * self.row_dir)
             + points_rc[:, 0:1] * (self.row_spacing * self.col_dir)
         )
+        return points
 
     def to_pixels(self, points_xyz: np.ndarray) -> tuple[int, np.ndarray]:
         """(n, 3) LPS mm of one planar contour → (slice index, (n, 2) fractional (row, col)).

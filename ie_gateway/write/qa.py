@@ -31,12 +31,17 @@ def _centre(labels: np.ndarray, structures: Sequence[StructureInfo]) -> tuple[in
     organs = [s.label for s in structures if s.interpreted_type != "EXTERNAL"]
     for mask in (np.isin(labels, organs), labels > 0):
         if mask.any():
-            return tuple(int(round(c)) for c in ndimage.center_of_mass(mask))  # type: ignore[return-value]
-    return tuple(n // 2 for n in labels.shape)  # type: ignore[return-value]
+            z, y, x = ndimage.center_of_mass(mask)
+            return round(z), round(y), round(x)
+    nz, ny, nx = labels.shape
+    return nz // 2, ny // 2, nx // 2
 
 
 def _views(
-    hu: np.ndarray, labels: np.ndarray, centre: tuple[int, int, int], spacing: tuple[float, float, float]
+    hu: np.ndarray,
+    labels: np.ndarray,
+    centre: tuple[int, int, int],
+    spacing: tuple[float, float, float],
 ) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
     """(HU image, label image, width mm, height mm) of each panel, superior at the top."""
     z, y, x = centre
@@ -52,7 +57,11 @@ def _views(
 def _grey(hu: np.ndarray, size: tuple[int, int]) -> Image.Image:
     low, high = SOFT_TISSUE_WINDOW
     scaled = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
-    return Image.fromarray(scaled.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGB")
+    return (
+        Image.fromarray(scaled.astype(np.uint8))
+        .resize(size, Image.Resampling.BILINEAR)
+        .convert("RGB")
+    )
 
 
 def _outline(
@@ -65,7 +74,8 @@ def _outline(
     if structure.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     shown = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    return shown & ~ndimage.binary_erosion(shown, iterations=2)
+    outline: np.ndarray = shown & ~ndimage.binary_erosion(shown, iterations=2)
+    return outline
 
 
 def _panel(

@@ -25,7 +25,7 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
 from scipy import ndimage
 from skimage import measure
 
@@ -72,7 +72,8 @@ def drop_collinear(ring: np.ndarray) -> np.ndarray:
     after = np.roll(ring, -1, axis=0)
     d_in, d_out = ring - before, after - ring
     cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
-    return ring[np.abs(cross) > 1e-9]
+    kept: np.ndarray = ring[np.abs(cross) > 1e-9]
+    return kept
 
 
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -90,9 +91,7 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     return contours
 
 
-def _contour_item(
-    number: int, points_xyz: np.ndarray, ct_header: pydicom.Dataset
-) -> Dataset:
+def _contour_item(number: int, points_xyz: np.ndarray, ct_header: pydicom.Dataset) -> Dataset:
     image = Dataset()
     image.ReferencedSOPClassUID = ct_header.SOPClassUID
     image.ReferencedSOPInstanceUID = ct_header.SOPInstanceUID
@@ -186,14 +185,12 @@ def series_description(model: ModelInfo) -> str:
     return f"AI contours {model.name} v{model.version}"[:64]
 
 
-def _header(
-    ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_number: int
-) -> Dataset:
+def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_number: int) -> Dataset:
     now = dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = uids.sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(uids.sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta

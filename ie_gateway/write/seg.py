@@ -105,9 +105,7 @@ def build_seg(
         version=model.version,
         family=codes.cid7162.ArtificialIntelligence,
     )
-    descriptions = [
-        segment_description(n, s, algorithm) for n, s in enumerate(structures, start=1)
-    ]
+    descriptions = [segment_description(n, s, algorithm) for n, s in enumerate(structures, start=1)]
     # segment-major in memory, so each segment highdicom encodes is one contiguous block
     masks = np.moveaxis(np.stack([structure_mask(labels, s) for s in structures]), 0, -1)
     try:
@@ -132,7 +130,7 @@ def build_seg(
     except (AttributeError, ValueError) as exc:
         raise WriteError(f"cannot build SEG from this CT: {exc}") from exc
     # both values (model, gateway): highdicom's signature takes one string or a 1-tuple
-    seg.SoftwareVersions = software_versions(model)
+    seg["SoftwareVersions"].value = software_versions(model)
     log.info("seg.built", segments=len(structures), frames=int(seg.NumberOfFrames))
     return seg
 

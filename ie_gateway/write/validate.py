@@ -175,10 +175,14 @@ def _check_rois(ds: Dataset, structures: Sequence[StructureInfo]) -> None:
         raise WriteError(f"{len(names)} ROIs written for {len(structures)} structures")
 
 
-def _check_shape(actual: np.ndarray, labels: np.ndarray, structure: StructureInfo, kind: str) -> None:
+def _check_shape(
+    actual: np.ndarray, labels: np.ndarray, structure: StructureInfo, kind: str
+) -> None:
     score = dice(actual, structure_mask(labels, structure))
     if score < MIN_DICE:
-        raise WriteError(f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}")
+        raise WriteError(
+            f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}"
+        )
 
 
 def validate_rtstruct(

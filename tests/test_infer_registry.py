@@ -13,7 +13,7 @@ import yaml
 from tests.infer_packages import Pointwise, threshold_model, write_package
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
-from ie_gateway.infer.registry import Registry
+from ie_gateway.infer.registry import Registry, probe_patch
 
 
 @pytest.fixture
@@ -172,3 +172,10 @@ def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Regist
     model.path.rename(moved)
     with pytest.raises(ModelError, match="declares toy@1 but lies in the folder for toy@7"):
         registry.resolve("toy@7")
+
+
+@pytest.mark.parametrize(
+    ("patch", "probe"), [((48, 256, 256), (16, 64, 64)), ((64, 128, 128), (64, 64, 64)), ((8, 8, 5), (8, 8, 1))]
+)
+def test_probe_patch_keeps_every_pooling_level_divisible(patch: tuple, probe: tuple) -> None:
+    assert probe_patch(patch) == probe

@@ -120,6 +120,8 @@ class Ensemble:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        else:
+            torch.backends.cudnn.benchmark = True  # every window has the same shape
         self._folds = [
             torch.jit.load(str(path), map_location=self.device).eval()
             for path in model.fold_paths()

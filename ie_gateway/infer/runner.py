@@ -70,7 +70,10 @@ class InferenceRunner:
         if self._process is None or not self._process.is_alive():
             self._restart("child was not running")
         assert self._conn is not None
-        self._conn.send(("segment", model, str(ct_path), str(labels_path)))
+        try:
+            self._conn.send(("segment", model, str(ct_path), str(labels_path)))
+        except (BrokenPipeError, ConnectionResetError):
+            raise InferenceError(self._crashed(labels_path)) from None
         ready = wait([self._conn, self._process.sentinel], timeout=self.timeout_s)
         if not ready:
             self._restart("time limit")
@@ -150,6 +153,8 @@ class InferenceRunner:
 
 def _serve(conn: Connection, device: str | None, max_resident: int, log_level: str | None) -> None:
     """The child's loop: one job per message until "close" or the parent goes away."""
+    # Ctrl-C at a terminal reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:
         configure_logging(log_level)
     resident: OrderedDict[tuple[str, str, str], Ensemble] = OrderedDict()

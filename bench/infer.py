@@ -1,0 +1,148 @@
+"""Inference benchmark: a synthetic 200 x 512² thorax CT through the production runner.
+
+Prints the time of each stage (resample, sliding windows and the folds' forward passes, resample
+back, post-processing), the total, and the child process's peak RSS, for a cold job (the child
+loads the folds) and a warm one (folds resident), on the CPU and, when torch sees one, on CUDA.
+
+Model: ``models/demo-thorax/1`` when it is installed in the repository; otherwise (or with
+``--stand-in``) a random-weight TorchScript U-Net of the demo model's size and input contract
+(3 folds, widths 8-16-32-64, 2 x 2 x 3 mm, patch 48 x 256 x 256, overlap 0.25), so the figures
+mean the same work. Run: ``.venv/bin/python bench/infer.py [--slices 200 --size 512]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ie_gateway.infer.manifest import load_manifest
+from ie_gateway.infer.registry import ModelVersion, Registry
+from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.synthetic import STRUCTURES, make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "models" / "demo-thorax" / "1"
+STAGES = ("resample", "windows", "forward", "resample_back", "postprocess", "total")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.LeakyReLU(0.01)
+    )
+
+
+class StandIn(nn.Module):
+    """A four-level 3D U-Net like the demo model's, with random weights."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 32, 64), classes: int = 6) -> None:
+        super().__init__()
+        ins = [1, *widths]
+        self.down = nn.ModuleList(
+            nn.Sequential(_block(ins[i], ins[i + 1]), _block(ins[i + 1], ins[i + 1]))
+            for i in range(len(widths))
+        )
+        self.up = nn.ModuleList(
+            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1)
+        )
+        self.merge = nn.ModuleList(
+            nn.Sequential(_block(2 * widths[i], widths[i]), _block(widths[i], widths[i]))
+            for i in range(len(widths) - 1)
+        )
+        self.head = nn.Conv3d(widths[0], classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for level, down in enumerate(self.down):
+            if level:
+                x = F.max_pool3d(x, 2)
+            x = down(x)
+            skips.append(x)
+        skips.pop()
+        for i in range(len(self.up) - 1, -1, -1):
+            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.head(x)
+
+
+def stand_in_package(folder: Path, folds: int = 3) -> ModelVersion:
+    folder.mkdir(parents=True)
+    entries = []
+    for fold in range(folds):
+        torch.manual_seed(fold)
+        path = folder / f"fold{fold}.pt"
+        traced = torch.jit.trace(StandIn().eval(), torch.zeros(1, 1, 16, 32, 32))
+        torch.jit.freeze(traced).save(str(path))
+        entries.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = {
+        "name": "stand-in",
+        "version": "1",
+        "description": "random weights, demo-thorax's size and input contract (benchmark only)",
+        "structures": [
+            {"label": i + 1, "name": name, "color": [0, 0, 0], "interpreted_type": "ORGAN",
+             "postprocess": {"largest_component": True, "fill_holes": True}}
+            for i, name in enumerate(STRUCTURES)
+        ],
+        "input": {"spacing_mm": [2.0, 2.0, 3.0], "orientation": "LPS",
+                  "intensity": {"window": [-1000, 1000]}, "patch_size": [48, 256, 256],
+                  "overlap": 0.25, "batch_size": 1},
+        "folds": entries,
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    loaded = load_manifest(folder)
+    return ModelVersion(loaded.name, loaded.version, folder, loaded)
+
+
+def write_ct(path: Path, slices: int, size: int) -> None:
+    phantom = make_phantom(11, slices=slices, size=size)
+    image = sitk.GetImageFromArray(phantom.hu)
+    image.SetSpacing((phantom.pixel_mm, phantom.pixel_mm, phantom.slice_mm))
+    image.SetOrigin(phantom.origin)
+    sitk.WriteImage(image, str(path))
+
+
+def bench_device(device: str, model: ModelVersion, ct: Path, out: Path, repeat: int) -> None:
+    with InferenceRunner(3600, device=device, log_level=None) as runner:
+        results = [runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)]
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"\n{device}: {model.spec}, {results[0]['folds']} folds, {results[0]['windows']} windows")
+    print(f"{'stage':<14}" + "".join(f"{'cold' if i == 0 else f'warm{i}':>10}" for i in range(len(results))))
+    for stage in STAGES:
+        cells = [r["timings_s"].get(stage) for r in results]
+        print(f"{stage:<14}" + "".join(f"{c:>9.2f}s" if c is not None else f"{'-':>10}" for c in cells))
+    print(f"peak RSS of the inference process (largest so far): {peak_mib:.0f} MiB")
+    print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1]["volumes_cc"].items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=1, help="warm jobs after the cold one")
+    parser.add_argument("--stand-in", action="store_true", help="random U-Net even if demo exists")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if DEMO.joinpath("model.yaml").is_file() and not args.stand_in:
+            model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax@1")
+        else:
+            model = stand_in_package(tmp / "stand-in" / "1")
+        ct = tmp / "ct.mha"
+        mark = time.perf_counter()
+        write_ct(ct, args.slices, args.size)
+        print(f"CT {args.slices} x {args.size}²: phantom written in {time.perf_counter() - mark:.1f} s")
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for device in devices:
+            bench_device(device, model, ct, tmp, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -321,7 +321,7 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]]) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="package folder, e.g. models/demo-thorax/1")
-    parser.add_argument("--steps", type=int, default=500, help="optimiser steps per fold")
+    parser.add_argument("--steps", type=int, default=350, help="optimiser steps per fold")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--pool", type=int, default=POOL, help="phantom seeds 0..pool-1")
     args = parser.parse_args(argv)

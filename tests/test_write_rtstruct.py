@@ -250,3 +250,10 @@ def test_dciodvfy_accepts_the_rtstruct(written: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Error" not in result.stderr
+
+
+def test_a_ct_without_frame_of_reference_is_refused(case: Case) -> None:
+    headers = [pydicom.Dataset(h) for h in case.headers]
+    del headers[7].FrameOfReferenceUID
+    with pytest.raises(WriteError, match="no FrameOfReferenceUID"):
+        build_rtstruct(headers, case.labels, DEMO_STRUCTURES, MODEL, new_output_uids())

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from ie_gateway.write import OutputUIDs, build_seg, new_output_uids, structure_mask
+from ie_gateway.write import OutputUIDs, build_seg, new_output_uids, structure_mask, validate_seg
 from ie_gateway.write.seg import seg_mask, segment_color
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
 
@@ -131,3 +131,16 @@ def test_dciodvfy_accepts_the_seg(written: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Error" not in result.stderr
     assert pydicom.dcmread(written).SOPClassUID == pydicom.uid.SegmentationStorage
+
+
+def test_a_ct_without_type_2_study_attributes_still_gives_a_valid_seg(
+    case: Case, tmp_path: Path
+) -> None:
+    headers = [pydicom.Dataset(h) for h in case.headers]
+    for h in headers:
+        del h.AccessionNumber, h.ReferringPhysicianName
+    uids = new_output_uids()
+    path = tmp_path / "seg.dcm"
+    build_seg(headers, case.labels, DEMO_STRUCTURES, MODEL, uids).save_as(path)
+    validate_seg(path, headers, case.labels, DEMO_STRUCTURES, uids)
+    assert pydicom.dcmread(path, stop_before_pixels=True).AccessionNumber == ""

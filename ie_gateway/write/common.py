@@ -94,9 +94,25 @@ def check_inputs(
     seen_labels = [s.label for s in structures]
     if len(set(seen_labels)) != len(seen_labels) or min(seen_labels) < 1:
         raise WriteError(f"structure labels must be distinct and >= 1; got {seen_labels}")
-    frames = {str(h.FrameOfReferenceUID) for h in ct_headers}
+    frames = {h.get("FrameOfReferenceUID") for h in ct_headers}
+    if None in frames:
+        raise WriteError("a CT instance has no FrameOfReferenceUID; contours cannot be placed")
     if len(frames) != 1:
         raise WriteError(f"CT instances span {len(frames)} frames of reference; expected one")
+
+
+def with_patient_study(ct: pydicom.Dataset) -> pydicom.Dataset:
+    """``ct``, or a copy with the patient/study attributes it lacks present and empty.
+
+    They are Type 2 in the CT IOD, yet some scanners leave them out; empty is what absent means.
+    """
+    missing = [k for k in PATIENT_STUDY_KEYWORDS if k not in ct and k != "StudyInstanceUID"]
+    if not missing:
+        return ct
+    filled = pydicom.Dataset(ct)
+    for keyword in missing:
+        setattr(filled, keyword, "")
+    return filled
 
 
 def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
@@ -129,9 +145,9 @@ def structure_masks(
 def ds_strings(values: np.ndarray) -> list[str]:
     """Decimal String texts of ``values``, each at most 16 characters as DICOM requires.
 
-    Six decimals keep a contour's z equal to its slice's ImagePositionPatient as the CTs
-    scanners write, so a TPS matches contour to slice; a value too long for that (beyond ±10^8
-    mm) falls back to pydicom's width-aware formatter.
+    Six decimals put a contour's z within 10^-6 mm of its slice's ImagePositionPatient, so a
+    TPS matches contour to slice; a value too long for that (beyond ±10^8 mm) falls back to
+    pydicom's width-aware formatter.
     """
     texts = [f"{v:.6f}" for v in np.asarray(values, dtype=np.float64).ravel().tolist()]
     return [t if len(t) <= 16 else format_number_as_ds(float(t)) for t in texts]

@@ -26,6 +26,7 @@ from ie_gateway.write.common import (
     StructureInfo,
     check_inputs,
     structure_mask,
+    with_patient_study,
 )
 from ie_gateway.write.rtstruct import series_description, software_versions
 
@@ -110,7 +111,7 @@ def build_seg(
     masks = np.moveaxis(np.stack([structure_mask(labels, s) for s in structures]), 0, -1)
     try:
         seg = hd.seg.Segmentation(
-            source_images=ct_headers,
+            source_images=[with_patient_study(ct_headers[0]), *ct_headers[1:]],
             pixel_array=masks,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,

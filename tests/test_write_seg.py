@@ -12,7 +12,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from ie_gateway.write import OutputUIDs, build_seg, new_output_uids, structure_mask, validate_seg
+from ie_gateway.write import (
+    OutputUIDs,
+    build_seg,
+    new_output_uids,
+    structure_mask,
+    validate_seg,
+)
 from ie_gateway.write.seg import seg_mask, segment_color
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
 

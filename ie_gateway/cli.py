@@ -34,6 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     command("check-config", "validate gateway.yaml and its routing rules")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
+    explain = command("explain", "show how the routing rules judge a series (exit 0 when one matches)")
+    explain.add_argument("path", help="a folder of DICOM files, or a job id from `status`")
+    explain.add_argument("--calling-ae", default="", help="the sender's AE title to assume for a folder")
+    models = command("models", "installed model versions: list, verify, import, activate")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list", help="every version, verified or not, and which is active")
+    verify = models_sub.add_parser("verify", help="check checksums and that each fold loads and runs")
+    verify.add_argument("spec", nargs="?", help="name@version (default: every version)")
+    imp = models_sub.add_parser("import", help="install a model package folder as an immutable version")
+    imp.add_argument("package", type=Path)
+    act = models_sub.add_parser("activate", help="make a version the one `model: name` routes to")
+    act.add_argument("name")
+    act.add_argument("version")
+    send = command("send", "replay deliveries")
+    send.add_argument("--retry", type=int, metavar="JOB", required=True,
+                      help="queue a failed job's dead-lettered results again")
     return parser
 
 
@@ -61,7 +77,104 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    rules = _load_rules(cfg)
     print(f"{cfg.source}: ok")
+    print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
+    return 0
+
+
+def _load_rules(cfg: GatewayConfig) -> Any:
+    from ie_gateway.service import registry_for, rules_loader
+
+    return rules_loader(cfg, registry_for(cfg))(cfg.routing_file)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ie_gateway.route import SeriesFacts
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    rules = _load_rules(cfg)
+    facts: list[tuple[str, SeriesFacts]] = []
+    if args.path.isdigit():
+        job = Store(cfg.storage.root).index.job(int(args.path))
+        facts.append((f"job {job.id}", SeriesFacts(job.header, job.calling_ae, job.called_ae, job.instances)))
+    else:
+        for label, (header, count) in _series_in_folder(Path(args.path)).items():
+            facts.append((label, SeriesFacts(header, args.calling_ae, cfg.node.ae_title, count)))
+    if not facts:
+        raise GatewayError(f"no DICOM series found in {args.path}")
+    matched = False
+    for label, series in facts:
+        decision = rules.route(series)
+        matched |= decision.routed
+        routes = ", ".join(f"{r.model}@{r.version or 'active'} -> {','.join(r.send_to)}" for r in decision.routes)
+        print(f"{label}: {series.instances} instances: {routes or 'unrouted'}")
+        print(decision.explanation.render())
+    return 0 if matched else 1
+
+
+def _series_in_folder(folder: Path) -> dict[str, tuple[dict[str, Any], int]]:
+    import pydicom
+
+    from ie_gateway.store import header_values
+
+    found: dict[str, tuple[dict[str, Any], int]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        key = f"series {uid_hash(str(ds.get('SeriesInstanceUID', '')))}"
+        header, count = found.get(key, (header_values(ds), 0))
+        found[key] = (header, count + 1)
+    return found
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ie_gateway.service import registry_for
+
+    cfg = load_config(args.config)
+    registry = registry_for(cfg)
+    if args.action == "list":
+        for info in registry.list():
+            print(f"{info.name}@{info.version}  {'active' if info.active else '      '}  "
+                  f"{'verified' if info.verified else 'NOT VERIFIED: ' + (info.problem or '')}")
+    elif args.action == "verify":
+        specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
+        for spec in specs:
+            name, _, version = spec.partition("@")
+            registry.verify(name, version)
+            print(f"{spec}: verified")
+    elif args.action == "import":
+        model = registry.import_version(args.package)
+        print(f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
+              f"{model.name} {model.version})")
+    elif args.action == "activate":
+        activation = registry.activate(args.name, args.version, by=_who())
+        print(f"{args.name}@{args.version}: active (was {activation.previous or 'none'})")
+    return 0
+
+
+def _who() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from ie_gateway.store import JobState, Store
+    from ie_gateway.store.outbox import Outbox
+
+    cfg = load_config(args.config)
+    store = Store(cfg.storage.root)
+    job = store.index.job(args.retry)
+    queued = Outbox(store.index).retry(job.id)
+    if not queued:
+        raise GatewayError(f"job {job.id} has no dead-lettered deliveries to replay (state {job.state.value})")
+    if job.state is JobState.FAILED:
+        store.index.transition(job.id, JobState.SENDING, reason=f"replayed by {_who()}")
+    print(f"job {job.id}: {queued} deliveries queued; the running node sends them within seconds")
     return 0
 
 
@@ -118,6 +231,9 @@ COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "status": cmd_status,
+    "explain": cmd_explain,
+    "models": cmd_models,
+    "send": cmd_send,
 }
 
 

@@ -141,6 +141,10 @@ class Receiver:
             self._server = None
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
         assert self._server is not None

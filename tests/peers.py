@@ -160,9 +160,9 @@ class Node:
 class Orthanc:
     """An Orthanc server on loopback standing in for a TPS or PACS."""
 
-    def __init__(self, workdir: Path, ae_title: str = "TPS") -> None:
+    def __init__(self, workdir: Path, ae_title: str = "TPS", dicom_port: int | None = None) -> None:
         self.workdir = workdir
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.ae_title = ae_title
         self.proc: subprocess.Popen[bytes] | None = None
@@ -197,6 +197,12 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
             return json.loads(rsp.read())
 
+    def get_post(self, path: str, body: Any) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                         data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=10) as rsp:
+            return json.loads(rsp.read())
+
     def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as rsp:
             return bytes(rsp.read())
@@ -214,3 +220,35 @@ class Orthanc:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+class FailingStoreSCP:
+    """dcmtk storescp whose every write fails (file size limit), so each C-STORE is answered
+    with a failure status: a TPS whose disk is full."""
+
+    def __init__(self, workdir: Path, port: int, ae_title: str = "TPS") -> None:
+        self.workdir = workdir
+        self.port = port
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> FailingStoreSCP:
+        import resource
+
+        def limit() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / "storescp.log").open("ab")
+        self.proc = subprocess.Popen(["storescp", "-aet", self.ae_title, "-od", str(self.workdir), "-v",
+                                      str(self.port)], stdout=log, stderr=log, env=DCMTK_ENV,
+                                     preexec_fn=limit)
+        wait_until(lambda: port_open(self.port), 30, what="storescp")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.proc = None

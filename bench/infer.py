@@ -52,7 +52,8 @@ class StandIn(nn.Module):
             for i in range(len(widths))
         )
         self.up = nn.ModuleList(
-            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1)
+            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2)
+            for i in range(len(widths) - 1)
         )
         self.merge = nn.ModuleList(
             nn.Sequential(_block(2 * widths[i], widths[i]), _block(widths[i], widths[i]))
@@ -70,7 +71,8 @@ class StandIn(nn.Module):
         skips.pop()
         for i in range(len(self.up) - 1, -1, -1):
             x = self.merge[i](torch.cat([self.up[i](x), skips[i]], dim=1))
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits
 
 
 def stand_in_package(folder: Path, folds: int = 3) -> ModelVersion:
@@ -87,13 +89,23 @@ def stand_in_package(folder: Path, folds: int = 3) -> ModelVersion:
         "version": "1",
         "description": "random weights, demo-thorax's size and input contract (benchmark only)",
         "structures": [
-            {"label": i + 1, "name": name, "color": [0, 0, 0], "interpreted_type": "ORGAN",
-             "postprocess": {"largest_component": True, "fill_holes": True}}
+            {
+                "label": i + 1,
+                "name": name,
+                "color": [0, 0, 0],
+                "interpreted_type": "ORGAN",
+                "postprocess": {"largest_component": True, "fill_holes": True},
+            }
             for i, name in enumerate(STRUCTURES)
         ],
-        "input": {"spacing_mm": [2.0, 2.0, 3.0], "orientation": "LPS",
-                  "intensity": {"window": [-1000, 1000]}, "patch_size": [48, 256, 256],
-                  "overlap": 0.25, "batch_size": 1},
+        "input": {
+            "spacing_mm": [2.0, 2.0, 3.0],
+            "orientation": "LPS",
+            "intensity": {"window": [-1000, 1000]},
+            "patch_size": [48, 256, 256],
+            "overlap": 0.25,
+            "batch_size": 1,
+        },
         "folds": entries,
     }
     (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
@@ -111,13 +123,21 @@ def write_ct(path: Path, slices: int, size: int) -> None:
 
 def bench_device(device: str, model: ModelVersion, ct: Path, out: Path, repeat: int) -> None:
     with InferenceRunner(3600, device=device, log_level=None) as runner:
-        results = [runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)]
+        results = [
+            runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)
+        ]
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\n{device}: {model.spec}, {results[0]['folds']} folds, {results[0]['windows']} windows")
-    print(f"{'stage':<14}" + "".join(f"{'cold' if i == 0 else f'warm{i}':>10}" for i in range(len(results))))
+    print(
+        f"{'stage':<14}"
+        + "".join(f"{'cold' if i == 0 else f'warm{i}':>10}" for i in range(len(results)))
+    )
     for stage in STAGES:
         cells = [r["timings_s"].get(stage) for r in results]
-        print(f"{stage:<14}" + "".join(f"{c:>9.2f}s" if c is not None else f"{'-':>10}" for c in cells))
+        print(
+            f"{stage:<14}"
+            + "".join(f"{c:>9.2f}s" if c is not None else f"{'-':>10}" for c in cells)
+        )
     print(f"peak RSS of the inference process (largest so far): {peak_mib:.0f} MiB")
     print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1]["volumes_cc"].items()))
 
@@ -138,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         ct = tmp / "ct.mha"
         mark = time.perf_counter()
         write_ct(ct, args.slices, args.size)
-        print(f"CT {args.slices} x {args.size}²: phantom written in {time.perf_counter() - mark:.1f} s")
+        print(
+            f"CT {args.slices} x {args.size}²: "
+            f"phantom written in {time.perf_counter() - mark:.1f} s"
+        )
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for device in devices:
             bench_device(device, model, ct, tmp, args.repeat)

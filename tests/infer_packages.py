@@ -71,7 +71,9 @@ def write_package(
     for index, module in enumerate(folds):
         path = folder / f"fold{index}.pt"
         torch.jit.script(module.eval()).save(str(path))
-        fold_entries.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        fold_entries.append(
+            {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        )
     manifest = {
         "name": name,
         "version": version,

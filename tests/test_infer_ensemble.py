@@ -51,7 +51,9 @@ def phantom_image(direction: str) -> tuple[sitk.Image, np.ndarray]:
 
 
 @pytest.mark.parametrize("shape", [(13, 21, 30), (5, 16, 40)])
-def test_probabilities_are_the_mean_of_the_folds_softmax(tmp_path: Path, shape: tuple[int, int, int]) -> None:
+def test_probabilities_are_the_mean_of_the_folds_softmax(
+    tmp_path: Path, shape: tuple[int, int, int]
+) -> None:
     model = package(tmp_path, FOLDS, patch=(8, 16, 16), overlap=0.5, batch_size=3)
     volume = np.random.default_rng(0).random(shape, dtype=np.float32)
     got = Ensemble(model, device="cpu").probabilities(volume)
@@ -64,7 +66,11 @@ def test_probabilities_are_the_mean_of_the_folds_softmax(tmp_path: Path, shape: 
 
 @pytest.mark.parametrize(
     "direction",
-    [(1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, 1, 0, 0, 0, -1), (0.98480775, -0.17364818, 0, 0.17364818, 0.98480775, 0, 0, 0, 1)],
+    [
+        (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        (1, 0, 0, 0, 1, 0, 0, 0, -1),
+        (0.98480775, -0.17364818, 0, 0.17364818, 0.98480775, 0, 0, 0, 1),
+    ],
     ids=["axial", "feet-first", "oblique"],
 )
 def test_label_map_is_exactly_on_the_ct_grid(tmp_path: Path, direction: tuple[float, ...]) -> None:
@@ -93,7 +99,13 @@ def test_segmentation_comes_back_on_the_right_voxels(tmp_path: Path, direction: 
     voxel_cc = np.prod(image.GetSpacing()) / 1000
     assert segmentation.volumes_cc == {"External": pytest.approx((labels == 1).sum() * voxel_cc)}
     assert segmentation.folds == 1 and segmentation.windows > 1
-    assert set(segmentation.timings_s) >= {"resample", "windows", "resample_back", "postprocess", "total"}
+    assert set(segmentation.timings_s) >= {
+        "resample",
+        "windows",
+        "resample_back",
+        "postprocess",
+        "total",
+    }
 
 
 def test_postprocessing_runs_on_the_ct_grid(tmp_path: Path) -> None:
@@ -114,9 +126,14 @@ def test_postprocessing_runs_on_the_ct_grid(tmp_path: Path) -> None:
     assert dice(labels == 1, hu > -500) > 0.9
 
 
-@pytest.mark.parametrize(("size", "patch", "overlap"), [(100, 32, 0.5), (33, 32, 0.5), (32, 32, 0.5), (251, 128, 0.25), (7, 8, 0.5)])
-def test_windows_cover_the_axis_with_at_least_the_overlap(size: int, patch: int, overlap: float) -> None:
+@pytest.mark.parametrize(
+    ("size", "patch", "overlap"),
+    [(100, 32, 0.5), (33, 32, 0.5), (32, 32, 0.5), (251, 128, 0.25), (7, 8, 0.5)],
+)
+def test_windows_cover_the_axis_with_at_least_the_overlap(
+    size: int, patch: int, overlap: float
+) -> None:
     starts = window_starts(size, patch, overlap)
     assert starts[0] == 0
     assert starts[-1] == max(size - patch, 0)
-    assert all(0 < b - a <= patch * (1 - overlap) for a, b in zip(starts, starts[1:]))
+    assert all(0 < b - a <= patch * (1 - overlap) for a, b in zip(starts, starts[1:], strict=False))

@@ -99,7 +99,9 @@ def test_duplicate_names_are_refused(tmp_path: Path) -> None:
         (("input", "patchsize"), [1, 1, 1], "input.patchsize"),
     ],
 )
-def test_invalid_value_is_named_by_key(tmp_path: Path, path: tuple, value: object, key: str) -> None:
+def test_invalid_value_is_named_by_key(
+    tmp_path: Path, path: tuple, value: object, key: str
+) -> None:
     data = manifest_dict()
     target = data
     for part in path[:-1]:

@@ -13,7 +13,9 @@ from ie_gateway.infer.postprocess import (
 
 
 def structure(label: int, **rules: object) -> Structure:
-    return Structure(label=label, name=f"S{label}", color=(1, 2, 3), postprocess=PostProcess(**rules))
+    return Structure(
+        label=label, name=f"S{label}", color=(1, 2, 3), postprocess=PostProcess(**rules)
+    )
 
 
 def two_blobs() -> np.ndarray:
@@ -66,9 +68,7 @@ def test_fill_holes_does_not_overwrite_a_structure_inside_the_ring() -> None:
     labels = np.zeros((10, 20, 20), dtype=np.uint8)
     ring(labels, 1)
     labels[2:8, 8:12, 8:12] = 2
-    postprocess_labels(
-        labels, [structure(1, fill_holes=True), structure(2)], voxel_cc=0.001
-    )
+    postprocess_labels(labels, [structure(1, fill_holes=True), structure(2)], voxel_cc=0.001)
     assert (labels[2:8, 8:12, 8:12] == 2).all()
     assert (labels[2:8, 7, 7:13] == 1).all()
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.infer_packages import Pointwise, threshold_model, write_package
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
 from ie_gateway.infer.registry import Registry, probe_patch
+from tests.infer_packages import Pointwise, threshold_model, write_package
 
 
 @pytest.fixture
@@ -23,7 +23,10 @@ def registry(tmp_path: Path) -> Registry:
 
 def source(tmp_path: Path, version: str = "1", level: float = 0.5, name: str = "toy") -> Path:
     return write_package(
-        tmp_path / f"src-{name}-{version}-{level}", [threshold_model(3, level)], name=name, version=version
+        tmp_path / f"src-{name}-{version}-{level}",
+        [threshold_model(3, level)],
+        name=name,
+        version=version,
     )
 
 
@@ -44,7 +47,9 @@ def test_import_installs_a_verified_copy(tmp_path: Path, registry: Registry) -> 
     assert row.imported_at is not None
 
 
-def test_import_of_a_package_with_a_wrong_checksum_is_refused(tmp_path: Path, registry: Registry) -> None:
+def test_import_of_a_package_with_a_wrong_checksum_is_refused(
+    tmp_path: Path, registry: Registry
+) -> None:
     src = source(tmp_path)
     corrupt(src / "fold0.pt")
     with pytest.raises(ChecksumMismatch, match="fold0.pt has sha256"):
@@ -52,7 +57,9 @@ def test_import_of_a_package_with_a_wrong_checksum_is_refused(tmp_path: Path, re
     assert registry.versions("toy") == []
 
 
-def test_altered_installed_fold_fails_verify_and_resolve(tmp_path: Path, registry: Registry) -> None:
+def test_altered_installed_fold_fails_verify_and_resolve(
+    tmp_path: Path, registry: Registry
+) -> None:
     model = registry.import_version(source(tmp_path))
     registry.resolve("toy@1")
     corrupt(model.path / "fold0.pt")
@@ -96,7 +103,9 @@ def test_importing_different_bytes_under_an_existing_version_is_refused(
     assert registry.versions("toy") == ["1", "2"]
 
 
-def test_activation_records_time_user_and_previous_version(tmp_path: Path, registry: Registry) -> None:
+def test_activation_records_time_user_and_previous_version(
+    tmp_path: Path, registry: Registry
+) -> None:
     registry.import_version(source(tmp_path, version="1"))
     registry.import_version(source(tmp_path, version="2", level=0.6))
     first = registry.activate("toy", "1", by="alice")
@@ -143,7 +152,9 @@ def test_resolve_name_without_activation(tmp_path: Path, registry: Registry) -> 
 
 
 @pytest.mark.parametrize("spec", ["absent", "toy@9", "../toy", "toy@1/../2", ""])
-def test_resolve_refuses_unknown_or_unsafe_specs(tmp_path: Path, registry: Registry, spec: str) -> None:
+def test_resolve_refuses_unknown_or_unsafe_specs(
+    tmp_path: Path, registry: Registry, spec: str
+) -> None:
     registry.import_version(source(tmp_path))
     with pytest.raises(ModelError):
         registry.resolve(spec)
@@ -175,7 +186,8 @@ def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Regist
 
 
 @pytest.mark.parametrize(
-    ("patch", "probe"), [((48, 256, 256), (16, 64, 64)), ((64, 128, 128), (64, 64, 64)), ((8, 8, 5), (8, 8, 1))]
+    ("patch", "probe"),
+    [((48, 256, 256), (16, 64, 64)), ((64, 128, 128), (64, 64, 64)), ((8, 8, 5), (8, 8, 1))],
 )
 def test_probe_patch_keeps_every_pooling_level_divisible(patch: tuple, probe: tuple) -> None:
     assert probe_patch(patch) == probe

@@ -79,12 +79,16 @@ def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelG
     n = image.GetSize()
     corners = np.array(
         [
-            image.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(ix, n)])
+            image.TransformContinuousIndexToPhysicalPoint(
+                [c * (s - 1) for c, s in zip(ix, n, strict=True)]
+            )
             for ix in itertools.product((0, 1), repeat=3)
         ]
     )
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = tuple(int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing))
+    size = tuple(
+        int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing, strict=True)
+    )
     return ModelGrid(tuple(map(float, low)), spacing, size)  # type: ignore[arg-type]
 
 
@@ -101,7 +105,9 @@ def gaussian_importance(patch: tuple[int, int, int]) -> np.ndarray:
     """nnU-Net's patch weighting: a Gaussian with sigma = patch/8, max 1, no zeros."""
     centre = np.zeros(patch, dtype=np.float32)
     centre[tuple(p // 2 for p in patch)] = 1.0
-    weights = ndimage.gaussian_filter(centre, sigma=[p / 8 for p in patch], mode="constant")
+    weights: np.ndarray = ndimage.gaussian_filter(
+        centre, sigma=[p / 8 for p in patch], mode="constant"
+    )
     weights /= weights.max()
     weights[weights == 0] = weights[weights > 0].min()
     return weights
@@ -129,7 +135,8 @@ class Ensemble:
         patch = model.manifest.input.patch_size
         self._importance = torch.from_numpy(gaussian_importance(patch)).to(self.device)
         self._amp = (
-            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            torch.bfloat16
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             else torch.float16
         )
 
@@ -192,7 +199,7 @@ class Ensemble:
             float(low),
             sitk.sitkFloat32,
         )
-        volume = np.clip(sitk.GetArrayViewFromImage(resampled), low, high)
+        volume: np.ndarray = np.clip(sitk.GetArrayViewFromImage(resampled), low, high)
         del resampled
         volume -= low
         volume /= high - low
@@ -215,9 +222,8 @@ class Ensemble:
         acc = torch.zeros((channels, *full), dtype=torch.float32, device=self.device)
         weight = torch.zeros(full, dtype=torch.float32, device=self.device)
         overlap = self.model.manifest.input.overlap
-        boxes: list[Box] = list(
-            itertools.product(*(window_starts(s, p, overlap) for s, p in zip(full, patch)))
-        )
+        starts = [window_starts(s, p, overlap) for s, p in zip(full, patch, strict=True)]
+        boxes: list[Box] = list(itertools.product(starts[0], starts[1], starts[2]))
         forward_s = 0.0
         for batch in _batches(boxes, self.model.manifest.input.batch_size):
             x = torch.stack([padded[_window(b, patch)] for b in batch]).unsqueeze(1)
@@ -227,7 +233,7 @@ class Ensemble:
             probs = self._mean_fold_probabilities(x)
             forward_s += time.perf_counter() - mark
             probs *= self._importance
-            for box, p in zip(batch, probs):
+            for box, p in zip(batch, probs, strict=True):
                 acc[(slice(None), *_window(box, patch))] += p
                 weight[_window(box, patch)] += self._importance
         acc /= weight
@@ -271,7 +277,9 @@ def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.
         slab = labels[z0:z1]
         for channel in range(probs.shape[0]):
             source = sitk.GetImageFromArray(probs[channel, m0:m1])
-            source.SetOrigin((grid.origin[0], grid.origin[1], grid.origin[2] + m0 * grid.spacing[2]))
+            source.SetOrigin(
+                (grid.origin[0], grid.origin[1], grid.origin[2] + m0 * grid.spacing[2])
+            )
             source.SetSpacing(grid.spacing)
             resampled = sitk.Resample(
                 source,
@@ -295,7 +303,9 @@ def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.
     return labels
 
 
-def _model_slices(image: sitk.Image, grid: ModelGrid, z0: int, z1: int, depth: int) -> tuple[int, int]:
+def _model_slices(
+    image: sitk.Image, grid: ModelGrid, z0: int, z1: int, depth: int
+) -> tuple[int, int]:
     """The model-grid slice range that linear interpolation needs for CT slices z0..z1-1."""
     nx, ny, _ = image.GetSize()
     zs = [
@@ -309,14 +319,14 @@ def _model_slices(image: sitk.Image, grid: ModelGrid, z0: int, z1: int, depth: i
 
 def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     """Zero-pad (air after windowing) at the far end of each axis up to at least the patch."""
-    pad = [max(0, p - s) for s, p in zip(volume.shape, patch)]
+    pad = [max(0, p - s) for s, p in zip(volume.shape, patch, strict=True)]
     if not any(pad):
         return volume
     return torch.nn.functional.pad(volume, (0, pad[2], 0, pad[1], 0, pad[0]))
 
 
 def _window(box: Box, patch: tuple[int, int, int]) -> tuple[slice, slice, slice]:
-    return tuple(slice(b, b + p) for b, p in zip(box, patch))  # type: ignore[return-value]
+    return tuple(slice(b, b + p) for b, p in zip(box, patch, strict=True))  # type: ignore[return-value]
 
 
 def _batches(boxes: list[Box], size: int) -> Iterator[list[Box]]:

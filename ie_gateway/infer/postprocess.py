@@ -25,7 +25,7 @@ _COUNT_SLAB = 16
 
 
 def keep_components(mask: np.ndarray, *, largest: bool, min_voxels: int) -> np.ndarray:
-    """The voxels of ``mask`` in components of at least ``min_voxels``; only the biggest if asked."""
+    """Voxels of ``mask`` in components of at least ``min_voxels``; only the biggest if asked."""
     components, count = ndimage.label(mask, structure=_COMPONENT_STRUCTURE)
     if count == 0:
         return mask.copy()

@@ -18,8 +18,9 @@ manual step); with several versions and no activation it refuses, because pickin
 guess. ``resolve("name@version")`` pins a version. Nothing is returned that fails verification:
 every fold's sha256 must match ``model.yaml`` and every fold must load and map a small probe
 patch (see :func:`probe_patch`; the full patch would take seconds per fold on a CPU) to
-``1 + len(structures)`` channels of the same size. Verification results are cached per process by each file's
-(size, mtime, inode), so a job does not re-hash unchanged files, but any rewrite is re-checked.
+``1 + len(structures)`` channels of the same size. Verification results are cached per process
+by each file's (size, mtime, inode), so a job does not re-hash unchanged files, but any rewrite
+is re-checked.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def check_package(model: ModelVersion) -> None:
-    """Full verification: checksums first (cheap, catches tampering), then load and run each fold."""
+    """Full check: checksums first (cheap, catches tampering), then load and run each fold."""
     for fold, path in zip(model.manifest.folds, model.fold_paths(), strict=True):
         if not path.is_file():
             raise ModelError(f"{model.spec}: fold file {fold.file} is missing from {model.path}")
@@ -197,11 +198,13 @@ class Registry:
         )
 
     def list(self) -> builtins.list[VersionInfo]:
-        """Every installed version with its state; each is verified (cached) to fill ``verified``."""
+        """Every installed version with its state; each is verified (cached) for ``verified``."""
         state = self._read_state()
         rows = []
         names = (
-            sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name))
+            sorted(
+                p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name)
+            )
             if self.models_dir.is_dir()
             else []
         )
@@ -372,7 +375,7 @@ class Registry:
 
     @contextlib.contextmanager
     def _state(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write the state under an exclusive lock; written only if the body succeeds."""
+        """Read-modify-write state under an exclusive lock; written only if the body succeeds."""
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.state_file.with_name(self.state_file.name + ".lock")
         with lock_path.open("a") as lock:

@@ -11,6 +11,7 @@ from ie_gateway.write.common import (
     new_output_uids,
     structure_mask,
 )
+from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import (
@@ -27,6 +28,7 @@ __all__ = [
     "build_seg",
     "new_output_uids",
     "rasterize_rtstruct",
+    "render_qa_png",
     "structure_mask",
     "validate_rtstruct",
     "validate_seg",

@@ -1,0 +1,162 @@
+"""Benchmark: building, saving and validating the RT-STRUCT and SEG of one thorax CT.
+
+Usage: .venv/bin/python bench/write.py [--slices 200] [--size 512] [--repeat 3]
+
+The phantom's own label map stands in for the model output; the CT headers are made in memory
+(no pixel data), as the worker reads them with stop_before_pixels. The peer is highdicom's plain
+label-map Segmentation of the same labels (exclusive segments, no hole filling): build_seg's
+ratio to it is the price of overlapping per-structure masks. RT-STRUCT has no peer here
+(highdicom has no RT-STRUCT writer). Times are the median of --repeat runs, wall and CPU seconds;
+these shared machines vary by 10-15 %, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.write import (
+    ModelInfo,
+    StructureInfo,
+    build_rtstruct,
+    build_seg,
+    new_output_uids,
+    validate_rtstruct,
+    validate_seg,
+)
+from ie_gateway.write.seg import segment_description
+
+MODEL = ModelInfo("demo-thorax", "1")
+STRUCTURES = (
+    StructureInfo(1, "External", (0, 200, 0), "EXTERNAL", fill_holes=True),
+    StructureInfo(2, "Lung_L", (0, 128, 255), "ORGAN", fill_holes=False),
+    StructureInfo(3, "Lung_R", (255, 128, 0), "ORGAN", fill_holes=False),
+    StructureInfo(4, "Heart", (255, 0, 0), "ORGAN", fill_holes=False),
+    StructureInfo(5, "SpinalCord", (255, 255, 0), "ORGAN", fill_holes=False),
+)
+
+
+def timed(repeat: int, run: Callable[[], object]) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``run`` over ``repeat`` calls."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def highdicom_labelmap_seg(headers: list[pydicom.Dataset], labels: np.ndarray) -> object:
+    """The peer: highdicom's Segmentation of the label map as it is."""
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=MODEL.name, version=MODEL.version, family=codes.cid7162.ArtificialIntelligence
+    )
+    return hd.seg.Segmentation(
+        source_images=headers,
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[
+            segment_description(n, s, algorithm) for n, s in enumerate(STRUCTURES, start=1)
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="bench",
+        manufacturer_model_name="bench",
+        software_versions="bench",
+        device_serial_number="bench",
+        omit_empty_frames=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    phantom = make_phantom(1, slices=args.slices, size=args.size)
+    labels = phantom.labels
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = write_ct_series(phantom, folder / "ct", seed=1)
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        rt_uids, seg_uids = new_output_uids(), new_output_uids()
+        rt_path, seg_path = folder / "rtstruct.dcm", folder / "seg.dcm"
+        rows: list[tuple[str, tuple[float, float]]] = []
+
+        rtstruct = build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids)  # warm imports
+        rows.append(
+            (
+                "build_rtstruct",
+                timed(
+                    args.repeat, lambda: build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids)
+                ),
+            )
+        )
+        rows.append(
+            (
+                "save rtstruct",
+                timed(args.repeat, lambda: rtstruct.save_as(rt_path, enforce_file_format=True)),
+            )
+        )
+        rows.append(
+            (
+                "validate_rtstruct (file)",
+                timed(
+                    args.repeat,
+                    lambda: validate_rtstruct(rt_path, headers, labels, STRUCTURES, rt_uids),
+                ),
+            )
+        )
+        seg = build_seg(headers, labels, STRUCTURES, MODEL, seg_uids)
+        rows.append(
+            (
+                "build_seg",
+                timed(args.repeat, lambda: build_seg(headers, labels, STRUCTURES, MODEL, seg_uids)),
+            )
+        )
+        rows.append(
+            (
+                "peer: highdicom label-map SEG",
+                timed(args.repeat, lambda: highdicom_labelmap_seg(headers, labels)),
+            )
+        )
+        rows.append(("save seg", timed(args.repeat, lambda: seg.save_as(seg_path))))
+        rows.append(
+            (
+                "validate_seg (file)",
+                timed(
+                    args.repeat,
+                    lambda: validate_seg(seg_path, headers, labels, STRUCTURES, seg_uids),
+                ),
+            )
+        )
+
+        contours = sum(len(r.get("ContourSequence", [])) for r in rtstruct.ROIContourSequence)
+        print(
+            f"CT {args.slices} x {args.size}², {len(STRUCTURES)} structures, "
+            f"{contours} contours, RT-STRUCT {rt_path.stat().st_size / 2**20:.1f} MiB, "
+            f"SEG {seg_path.stat().st_size / 2**20:.1f} MiB, median of {args.repeat}"
+        )
+        for name, (wall, cpu) in rows:
+            print(f"  {name:32s} {wall:6.2f} s wall  {cpu:6.2f} s CPU")
+        seg_wall, peer_wall = rows[3][1][0], rows[4][1][0]
+        print(f"  build_seg / highdicom label-map SEG: {seg_wall / peer_wall:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,9 @@ Steps of :meth:`Ensemble.segment`:
    covers every CT voxel centre; window the HU and scale to [0, 1];
 2. slide patches over it with the manifest's overlap, batched; each patch's probability is the
    mean of the folds' softmax, weighted by a Gaussian importance map (as nnU-Net does) so patch
-   borders count less;
+   borders count less. The volume and the accumulators live on the device, so windows are cut
+   there and a GPU never waits for uploads; on CUDA the folds run under autocast (bf16 where
+   supported, else fp16) and softmax/averaging stay in fp32;
 3. resample the averaged probabilities (linear, a slab of CT slices at a time to bound memory)
    onto the CT grid and take the arg-max there, which keeps sub-voxel boundaries of small
    structures; the label map has exactly the CT's size, origin, spacing and direction;
@@ -216,7 +218,11 @@ class Ensemble:
     def _probabilities(self, volume: np.ndarray) -> tuple[torch.Tensor, int, float]:
         patch = self.model.manifest.input.patch_size
         shape = tuple(volume.shape)
-        padded = _pad_to(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), patch)
+        host = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        if self.device.type == "cuda":  # one upload (tens of MiB); windows are then cut on the GPU
+            host = host.pin_memory()
+        padded = _pad_to(host.to(self.device, non_blocking=True), patch)
+        del host
         full = tuple(padded.shape)
         channels = self.model.manifest.channels
         acc = torch.zeros((channels, *full), dtype=torch.float32, device=self.device)
@@ -227,8 +233,6 @@ class Ensemble:
         forward_s = 0.0
         for batch in _batches(boxes, self.model.manifest.input.batch_size):
             x = torch.stack([padded[_window(b, patch)] for b in batch]).unsqueeze(1)
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
             mark = time.perf_counter()
             probs = self._mean_fold_probabilities(x)
             forward_s += time.perf_counter() - mark

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
-from ie_gateway.infer.ensemble import Ensemble, window_starts
+from ie_gateway.infer.ensemble import Ensemble, ModelGrid, argmax_on_grid, model_grid, window_starts
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.synthetic import make_phantom
@@ -137,3 +138,34 @@ def test_windows_cover_the_axis_with_at_least_the_overlap(
     assert starts[0] == 0
     assert starts[-1] == max(size - patch, 0)
     assert all(0 < b - a <= patch * (1 - overlap) for a, b in zip(starts, starts[1:], strict=False))
+
+
+@pytest.mark.parametrize("direction", ["axial", "oblique"])
+def test_argmax_on_the_ct_grid_equals_resampling_every_channel_everywhere(direction: str) -> None:
+    image = sitk.Image(70, 60, 17, sitk.sitkInt16)
+    image.SetOrigin((-40.3, 12.9, 101.7))
+    image.SetSpacing((0.9, 1.1, 2.7))
+    if direction == "oblique":
+        image.SetDirection((0.9961947, -0.0871557, 0, 0.0871557, 0.9961947, 0, 0, 0, 1))
+    grid: ModelGrid = model_grid(image, (2.0, 2.0, 2.5))
+    rng = np.random.default_rng(7)
+    shape = (4, *reversed(grid.size))
+    logits = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0, 2, 2, 2)) * 20
+    z, y, x = np.indices(shape[1:]) / np.array(shape[1:])[:, None, None, None]
+    logits[0] += 6 * (((z - 0.5) / 0.3) ** 2 + ((y - 0.4) / 0.25) ** 2 + ((x - 0.6) / 0.2) ** 2 > 1)
+    probs = torch.softmax(torch.from_numpy(logits), dim=0).numpy().astype(np.float32)
+
+    expected_channels = []
+    for channel in range(shape[0]):
+        source = sitk.GetImageFromArray(probs[channel])
+        source.SetOrigin(grid.origin)
+        source.SetSpacing(grid.spacing)
+        default = 1.0 if channel == 0 else 0.0
+        resampled = sitk.Resample(source, image, sitk.Transform(), sitk.sitkLinear, default)
+        expected_channels.append(sitk.GetArrayFromImage(resampled))
+    expected = np.argmax(np.stack(expected_channels), axis=0)
+
+    got = argmax_on_grid(probs, grid, image)
+    assert 0 < (expected > 0).mean() < 0.5  # foreground is there, and only in part of the CT
+    assert got.shape == expected.shape
+    assert (got == expected).all()

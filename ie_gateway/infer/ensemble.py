@@ -268,26 +268,38 @@ class Ensemble:
 def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:
     """Resample ``probs`` (C, z, y, x on ``grid``) linearly onto ``image``'s grid; arg-max there.
 
-    Works a slab of CT slices at a time and crops the model slices each slab needs, so no
-    full-size float copy of the CT is ever made. Returns uint8 (z, y, x) of ``image``'s size.
+    Only the box of CT voxels that can be foreground is resampled: a foreground arg-max needs an
+    interpolated background probability of at most 0.5, so at least one of the model voxels
+    around it must have one too; elsewhere the label is 0 without any work. Inside the box it goes
+    a slab of CT slices at a time with the model voxels that slab needs, so no full-size float
+    copy of the CT is ever made. Returns uint8 (z, y, x) of ``image``'s size.
     """
     nx, ny, nz = image.GetSize()
-    labels = np.empty((nz, ny, nx), dtype=np.uint8)
-    for z0 in range(0, nz, _BACK_SLAB):
-        z1 = min(nz, z0 + _BACK_SLAB)
-        m0, m1 = _model_slices(image, grid, z0, z1, probs.shape[1])
-        origin = image.TransformIndexToPhysicalPoint((0, 0, z0))
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    box = _foreground_box(probs[0], grid, image)
+    if box is None or any(hi <= lo for lo, hi in box):
+        return labels
+    (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = box
+    for z0 in range(z_lo, z_hi, _BACK_SLAB):
+        z1 = min(z_hi, z0 + _BACK_SLAB)
+        (mz0, mz1), (my0, my1), (mx0, mx1) = _model_box(
+            image, grid, ((z0, z1), (y_lo, y_hi), (x_lo, x_hi)), probs.shape[1:]
+        )
+        source_origin = tuple(
+            o + i * s for o, i, s in zip(grid.origin, (mx0, my0, mz0), grid.spacing, strict=True)
+        )
+        origin = image.TransformIndexToPhysicalPoint((x_lo, y_lo, z0))
+        slab = labels[z0:z1, y_lo:y_hi, x_lo:x_hi]
         best: np.ndarray | None = None
-        slab = labels[z0:z1]
         for channel in range(probs.shape[0]):
-            source = sitk.GetImageFromArray(probs[channel, m0:m1])
-            source.SetOrigin(
-                (grid.origin[0], grid.origin[1], grid.origin[2] + m0 * grid.spacing[2])
+            source = sitk.GetImageFromArray(
+                np.ascontiguousarray(probs[channel, mz0:mz1, my0:my1, mx0:mx1])
             )
+            source.SetOrigin(source_origin)
             source.SetSpacing(grid.spacing)
             resampled = sitk.Resample(
                 source,
-                (nx, ny, z1 - z0),
+                (x_hi - x_lo, y_hi - y_lo, z1 - z0),
                 sitk.Transform(),
                 sitk.sitkLinear,
                 origin,
@@ -299,7 +311,6 @@ def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.
             p = sitk.GetArrayFromImage(resampled)
             if best is None:
                 best = p
-                slab[...] = 0
                 continue
             higher = p > best
             best[higher] = p[higher]
@@ -307,18 +318,51 @@ def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.
     return labels
 
 
-def _model_slices(
-    image: sitk.Image, grid: ModelGrid, z0: int, z1: int, depth: int
-) -> tuple[int, int]:
-    """The model-grid slice range that linear interpolation needs for CT slices z0..z1-1."""
-    nx, ny, _ = image.GetSize()
-    zs = [
-        image.TransformContinuousIndexToPhysicalPoint((x, y, z))[2]
-        for x, y, z in itertools.product((0, nx - 1), (0, ny - 1), (z0, z1 - 1))
+Ranges = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # half-open (z, y, x)
+
+
+def _foreground_box(background: np.ndarray, grid: ModelGrid, image: sitk.Image) -> Ranges | None:
+    """CT index ranges that hold every voxel whose arg-max may be foreground (None: none can)."""
+    found = ndimage.find_objects((background <= 0.5).view(np.uint8))
+    if not found:
+        return None
+    model_ranges = tuple((s.start - 1, s.stop) for s in found[0])  # one model voxel of margin
+    corners = [
+        image.TransformPhysicalPointToContinuousIndex(
+            [o + i * s for o, i, s in zip(grid.origin, (x, y, z), grid.spacing, strict=True)]
+        )
+        for z, y, x in itertools.product(*model_ranges)
     ]
-    low = (min(zs) - grid.origin[2]) / grid.spacing[2]
-    high = (max(zs) - grid.origin[2]) / grid.spacing[2]
-    return max(0, math.floor(low) - 1), min(depth, math.ceil(high) + 2)
+    return _index_ranges(np.array(corners), image.GetSize(), margin=0)
+
+
+def _model_box(
+    image: sitk.Image, grid: ModelGrid, ct_ranges: Ranges, shape: tuple[int, ...]
+) -> Ranges:
+    """Model-grid index ranges that linear interpolation needs for the CT voxels in ``ct_ranges``."""
+    corners = [
+        [
+            (p - o) / s
+            for p, o, s in zip(
+                image.TransformIndexToPhysicalPoint((x, y, z)),
+                grid.origin,
+                grid.spacing,
+                strict=True,
+            )
+        ]
+        for z, y, x in itertools.product(*((lo, hi - 1) for lo, hi in ct_ranges))
+    ]
+    return _index_ranges(np.array(corners), (shape[2], shape[1], shape[0]), margin=1)
+
+
+def _index_ranges(corners: np.ndarray, size: tuple[int, ...], margin: int) -> Ranges:
+    """Half-open (z, y, x) index ranges covering continuous (x, y, z) ``corners``, clipped."""
+    low = np.floor(corners.min(axis=0)).astype(int) - margin
+    high = np.ceil(corners.max(axis=0)).astype(int) + margin
+    ranges = [
+        (max(0, int(lo)), min(n, int(hi) + 1)) for lo, hi, n in zip(low, high, size, strict=True)
+    ]
+    return (ranges[2], ranges[1], ranges[0])
 
 
 def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:

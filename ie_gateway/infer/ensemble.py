@@ -339,7 +339,7 @@ def _foreground_box(background: np.ndarray, grid: ModelGrid, image: sitk.Image) 
 def _model_box(
     image: sitk.Image, grid: ModelGrid, ct_ranges: Ranges, shape: tuple[int, ...]
 ) -> Ranges:
-    """Model-grid index ranges that linear interpolation needs for the CT voxels in ``ct_ranges``."""
+    """Model-grid index ranges that linear interpolation reads for CT voxels in ``ct_ranges``."""
     corners = [
         [
             (p - o) / s

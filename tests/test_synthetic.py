@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+)
 from scipy import ndimage
 
 from ie_gateway.synthetic import STRUCTURES, Phantom, make_phantom, write_ct_series
@@ -98,7 +103,9 @@ def test_a_narrow_field_of_view_shrinks_the_anatomy_to_fit(small: Phantom) -> No
 
 def test_same_seed_gives_the_same_phantom() -> None:
     a, b = make_phantom(11, **GRID), make_phantom(11, **GRID)
-    assert np.array_equal(a.hu, b.hu) and np.array_equal(a.labels, b.labels) and a.origin == b.origin
+    assert (
+        np.array_equal(a.hu, b.hu) and np.array_equal(a.labels, b.labels) and a.origin == b.origin
+    )
 
 
 def test_anatomy_in_mm_does_not_depend_on_the_grid() -> None:
@@ -126,7 +133,11 @@ def test_series_headers_read_back(small: Phantom, tmp_path: Path) -> None:
     first = slices[0]
     assert first.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert first.SOPClassUID == CTImageStorage == first.file_meta.MediaStorageSOPClassUID
-    assert (first.Modality, first.BodyPartExamined, first.SeriesDescription) == ("CT", "CHEST", "Thorax planning CT")
+    assert (first.Modality, first.BodyPartExamined, first.SeriesDescription) == (
+        "CT",
+        "CHEST",
+        "Thorax planning CT",
+    )
     assert (first.PatientName, first.PatientID) == ("PHANTOM^THORAX", "PH0001")
     assert list(first.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
     assert (first.RescaleIntercept, first.RescaleSlope, first.BitsAllocated) == (-1024, 1, 16)
@@ -152,7 +163,10 @@ def test_series_pixels_and_geometry_are_the_phantoms(small: Phantom, tmp_path: P
 
 def test_implicit_transfer_syntax_and_extra_keywords(small: Phantom, tmp_path: Path) -> None:
     paths = write_ct_series(
-        small, tmp_path, transfer_syntax=ImplicitVRLittleEndian, extra={"BodyPartExamined": "LUNG", "StationName": "CT9"}
+        small,
+        tmp_path,
+        transfer_syntax=ImplicitVRLittleEndian,
+        extra={"BodyPartExamined": "LUNG", "StationName": "CT9"},
     )
     ds = pydicom.dcmread(paths[2])
     assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
@@ -168,7 +182,12 @@ def test_compressed_transfer_syntax_is_refused(small: Phantom, tmp_path: Path) -
 def test_uids_are_deterministic_by_seed(small: Phantom, tmp_path: Path) -> None:
     def uids(seed: int, folder: Path) -> list[str]:
         ds = pydicom.dcmread(write_ct_series(small, folder, seed=seed)[0])
-        return [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.SOPInstanceUID]
+        return [
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.FrameOfReferenceUID,
+            ds.SOPInstanceUID,
+        ]
 
     a, b, c = uids(5, tmp_path / "a"), uids(5, tmp_path / "b"), uids(6, tmp_path / "c")
     assert a == b

@@ -98,7 +98,9 @@ class UNet3D(nn.Module):
             for i in range(len(channels))
         )
         # deepest decoder first, so forward() can walk both lists with enumerate
-        self.ups = nn.ModuleList(_Up(channels[i + 1], channels[i]) for i in reversed(range(len(channels) - 1)))
+        self.ups = nn.ModuleList(
+            _Up(channels[i + 1], channels[i]) for i in reversed(range(len(channels) - 1))
+        )
         self.head = nn.Conv3d(channels[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,7 @@ class UNet3D(nn.Module):
 
 
 def native_grid(seed: int) -> dict[str, float | int]:
-    """A varied scanner grid for one training phantom (pixel, slice spacing, field of view, length)."""
+    """A varied scanner grid for one phantom: pixel, slice spacing, field of view, length."""
     rng = np.random.default_rng([seed, 0x6B1D])
     pixel = float(rng.uniform(0.7, 1.2))
     slice_mm = float(rng.uniform(1.5, 3.0))
@@ -129,14 +131,24 @@ def _model_grid(image: sitk.Image) -> tuple[tuple[float, ...], tuple[int, ...]]:
     """Origin and size of the model grid covering the image's voxel centres (as the engine does)."""
     size = image.GetSize()
     spacing = image.GetSpacing()
-    extent = [(n - 1) * s for n, s in zip(size, spacing)]
-    grid = tuple(int(math.ceil(e / t - 1e-6)) + 1 for e, t in zip(extent, SPACING))
+    extent = [(n - 1) * s for n, s in zip(size, spacing, strict=True)]
+    grid = tuple(math.ceil(e / t - 1e-6) + 1 for e, t in zip(extent, SPACING, strict=True))
     return image.GetOrigin(), grid
 
 
-def _resample(image: sitk.Image, origin: tuple[float, ...], size: tuple[int, ...], default: float) -> np.ndarray:
+def _resample(
+    image: sitk.Image, origin: tuple[float, ...], size: tuple[int, ...], default: float
+) -> np.ndarray:
     out = sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkLinear, origin, SPACING, _IDENTITY, default, sitk.sitkFloat32
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin,
+        SPACING,
+        _IDENTITY,
+        default,
+        sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(out)
 
@@ -165,11 +177,20 @@ def soft_labels(labels: sitk.Image, origin: tuple[float, ...], size: tuple[int, 
     the targets carry partial volumes instead of the staircase of a nearest-neighbour resample.
     """
     factor = LABEL_SUPERSAMPLING
-    fine_spacing = tuple(s / f for s, f in zip(SPACING, factor))
-    fine_origin = tuple(o - s / 2 + t / 2 for o, s, t in zip(origin, SPACING, fine_spacing))
-    fine_size = tuple(n * f for n, f in zip(size, factor))
+    fine_spacing = tuple(s / f for s, f in zip(SPACING, factor, strict=True))
+    fine_origin = tuple(
+        o - s / 2 + t / 2 for o, s, t in zip(origin, SPACING, fine_spacing, strict=True)
+    )
+    fine_size = tuple(n * f for n, f in zip(size, factor, strict=True))
     fine = sitk.Resample(
-        labels, fine_size, sitk.Transform(), sitk.sitkNearestNeighbor, fine_origin, fine_spacing, _IDENTITY, 0
+        labels,
+        fine_size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        fine_origin,
+        fine_spacing,
+        _IDENTITY,
+        0,
     )
     nx, ny, nz = size
     fx, fy, fz = factor
@@ -198,7 +219,7 @@ def sample_patch(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     soft = np.zeros((CLASSES, *TRAIN_PATCH), dtype=np.float32)
     soft[0] = 1.0  # outside the volume: air, background
     src, dst = [], []
-    for c, p, n in zip(centre, TRAIN_PATCH, shape):
+    for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True):
         start = c - p // 2 + int(rng.integers(-p // 4, p // 4 + 1))
         lo, hi = max(start, 0), min(start + p, n)
         src.append(slice(lo, hi))
@@ -237,18 +258,24 @@ def validate(model: nn.Module, cases: list[Case]) -> dict[str, float]:
             a, b = predicted == c, truth == c
             scores[i, c - 1] = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
     model.train()
-    return {name: round(float(s), 4) for name, s in zip(STRUCTURES, scores.mean(axis=0))}
+    return {
+        name: round(float(s), 4) for name, s in zip(STRUCTURES, scores.mean(axis=0), strict=True)
+    }
 
 
-def train_fold(fold: int, cases: list[Case], steps: int, batch: int, log: "Log") -> tuple[nn.Module, dict[str, float]]:
-    """Train one fold on the cases whose seed is not in its validation share; return it and its Dice."""
+def train_fold(
+    fold: int, cases: list[Case], steps: int, batch: int, log: Log
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train one fold on the cases outside its validation share; return it and its Dice."""
     torch.manual_seed(1000 + fold)
     rng = np.random.default_rng(2000 + fold)
     train = [c for c in cases if c.seed % FOLDS != fold]
     val = [c for c in cases if c.seed % FOLDS == fold]
     model = UNet3D()
     optimiser = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=4e-3, total_steps=steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=4e-3, total_steps=steps, pct_start=0.05
+    )
     start = time.perf_counter()
     for step in range(steps):
         patches = [sample_patch(train[int(rng.integers(len(train)))], rng) for _ in range(batch)]
@@ -260,9 +287,14 @@ def train_fold(fold: int, cases: list[Case], steps: int, batch: int, log: "Log")
         optimiser.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
-            log(f"fold {fold} step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
+            log(
+                f"fold {fold} step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s"
+            )
         if step % 150 == 149:
-            log(f"fold {fold} step {step} Dice on two validation phantoms: {validate(model, val[:2])}")
+            log(
+                f"fold {fold} step {step} Dice on two validation phantoms: "
+                f"{validate(model, val[:2])}"
+            )
     dice = validate(model, val)
     log(f"fold {fold} validation Dice on seeds {[c.seed for c in val]}: {dice}")
     return model.eval(), dice
@@ -320,7 +352,9 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]]) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="package folder, e.g. models/demo-thorax/1")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="package folder, e.g. models/demo-thorax/1"
+    )
     parser.add_argument("--steps", type=int, default=350, help="optimiser steps per fold")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--pool", type=int, default=POOL, help="phantom seeds 0..pool-1")

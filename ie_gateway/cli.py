@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     act = models_sub.add_parser("activate", help="make a version the one `model: name` routes to")
     act.add_argument("name")
     act.add_argument("version")
+    demo = command("demo", "run a node and a stand-in TPS on loopback, send a synthetic CT, show the results")
+    demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
+    demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
+    demo.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
@@ -162,6 +166,19 @@ def _who() -> str:
     return getpass.getuser()
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ie_gateway.demo import run_demo
+
+    logsetup.configure("warning")
+    result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout)
+    print(f"job {result.state} after {result.seconds:.0f} s" + (f": {result.reason}" if result.reason else ""))
+    for path in result.received:
+        print(f"  received by the demo TPS: {path}")
+    if result.qa_png:
+        print(f"  QA picture: {result.qa_png}")
+    return 0 if result.state == "delivered" else 1
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from ie_gateway.store import JobState, Store
     from ie_gateway.store.outbox import Outbox
@@ -209,6 +226,12 @@ STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliver
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     rows = status_rows(cfg)
+    try:
+        _load_rules(cfg)
+    except ConfigError as exc:
+        print(f"routing rules refused, the last valid rules stay in force: {exc.errors[0]}"
+              + (f" (+{len(exc.errors) - 1} more; see check-config)" if len(exc.errors) > 1 else ""),
+              file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -234,6 +257,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "models": cmd_models,
     "send": cmd_send,
+    "demo": cmd_demo,
 }
 
 

@@ -72,6 +72,7 @@ class Service:
         s.add_job(self.sweep, "interval", seconds=self.cfg.series.sweep_every_s, id="stability-sweep")
         s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
         s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")
+        s.add_job(self.purge, "interval", hours=1, id="retention", next_run_time=datetime.now())
         s.start()
         self.worker.start()
         self.receiver.start()
@@ -82,6 +83,11 @@ class Service:
         """Complete series that have been quiet long enough, and hand them to the worker."""
         if self.store.complete_quiet(self.cfg.series.stable_after_s):
             self.worker.wake()
+
+    def purge(self) -> None:
+        """Retention: free the spool of series that ended long enough ago."""
+        r = self.cfg.retention
+        self.store.purge_expired(r.unrouted_days, r.finished_days)
 
     def deliver_soon(self) -> None:
         """Run the outbox now rather than at its next interval."""

@@ -6,6 +6,7 @@ before the next stage may see it (DESIGN.md: durable hand-offs).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -120,6 +121,37 @@ class Store:
                          quiet_s=round(now - job.last_instance_at, 2),
                          trigger="quiet" if quiet else "expected_count")
         return done
+
+    def purge_expired(self, unrouted_days: float, finished_days: float, now: float | None = None) -> int:
+        """Delete the instances and results of series whose every job ended long enough ago.
+
+        Delivered jobs go after ``finished_days``; unrouted and refused ones after
+        ``unrouted_days``. Failed jobs are kept until an admin acts on them. The job rows stay
+        (marked purged) so `status` keeps the history. Returns the number of series purged.
+        """
+        now = now if now is not None else time.time()
+        keep_for = {JobState.DELIVERED: finished_days * 86400, JobState.UNROUTED: unrouted_days * 86400,
+                    JobState.REFUSED: unrouted_days * 86400}
+        by_series: dict[int, list[Job]] = {}
+        for job in self.index.jobs():
+            by_series.setdefault(job.series_id, []).append(job)
+        purged = 0
+        for series_id, jobs in by_series.items():
+            if any(j.detail.get("purged") for j in jobs):
+                continue
+            expired = all(j.state in keep_for and now - j.updated_at >= keep_for[j.state] for j in jobs)
+            if not expired:
+                continue
+            for path in self.index.instance_paths(series_id):
+                (self.spool.root / path).unlink(missing_ok=True)
+            with self.index.tx() as db:
+                db.execute("DELETE FROM instances WHERE series_id = ?", (series_id,))
+            for job in jobs:
+                shutil.rmtree(self.results / f"job-{job.id}", ignore_errors=True)
+                self.index.update_detail(job.id, purged=True)
+            purged += 1
+            log.info("series purged", jobs=[j.id for j in jobs], states=sorted({j.state.value for j in jobs}))
+        return purged
 
     def recover(self) -> dict[str, int]:
         """Reconcile files and index after a restart; resume unfinished jobs.

@@ -1,0 +1,116 @@
+"""Benchmark: receive throughput of the node against dcmtk's storescp and Orthanc.
+
+Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4]
+
+The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (TCP_NODELAY) to
+(a) `ie-gateway serve` (durable: fsync + rename + index row before each answer),
+(b) dcmtk storescp (writes files, no fsync), (c) Orthanc (SQLite index), each started fresh on
+loopback for every run so nothing is a duplicate. Then N senders at once, each with its own
+series. Prints the median seconds and MiB/s of each, and the node's ratios to the peers.
+These machines are noisy (±10-15 %): compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ie_gateway.synthetic import make_phantom, write_ct_series  # noqa: E402
+from tests.peers import DCMTK_ENV, Node, Orthanc, free_port, port_open, wait_until  # noqa: E402
+
+
+class StoreSCP:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        workdir.mkdir(parents=True)
+        self.proc = subprocess.Popen(["storescp", "--fork", "-aet", "IE_GATEWAY", "-od", str(workdir), str(self.port)],
+                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 30, what="storescp")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def send(port: int, folders: list[Path], called: str) -> float:
+    """Send each folder with its own storescu, all at once; seconds until the last finishes."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called, "+sd", "+r", "-R",
+                               "127.0.0.1", str(port), str(f)], env=DCMTK_ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in folders]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def run_node(work: Path, folders: list[Path]) -> float:
+    node = Node(work, settings={"series": {"stable_after_s": 3600}}).start()
+    try:
+        return send(node.port, folders, "IE_GATEWAY")
+    finally:
+        node.stop()
+
+
+def run_storescp(work: Path, folders: list[Path]) -> float:
+    scp = StoreSCP(work)
+    try:
+        return send(scp.port, folders, "IE_GATEWAY")
+    finally:
+        scp.stop()
+
+
+def run_orthanc(work: Path, folders: list[Path]) -> float:
+    server = Orthanc(work, ae_title="IE_GATEWAY").start()
+    try:
+        return send(server.dicom_port, folders, "IE_GATEWAY")
+    finally:
+        server.stop()
+
+
+PEERS: dict[str, Callable[[Path, list[Path]], float]] = {
+    "ie_gateway": run_node, "storescp": run_storescp, "orthanc": run_orthanc}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--senders", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
+        root = Path(tmp)
+        folders = []
+        for seed in range(max(args.senders, 1)):
+            folder = root / f"series{seed}"
+            write_ct_series(make_phantom(100 + seed), folder, seed=100 + seed)
+            folders.append(folder)
+        mib = sum(p.stat().st_size for p in folders[0].iterdir()) / 2**20
+        results: dict[tuple[str, int], float] = {}
+        for senders in (1, args.senders):
+            for name, runner in PEERS.items():
+                times = [runner(root / f"{name}-{senders}-{i}", folders[:senders]) for i in range(args.repeat)]
+                results[(name, senders)] = statistics.median(times)
+                total = mib * senders
+                print(f"{name:<11} {senders} sender(s): {results[(name, senders)]:6.2f} s  "
+                      f"{total / results[(name, senders)]:6.1f} MiB/s  (runs: {', '.join(f'{t:.2f}' for t in times)})",
+                      flush=True)
+        print(f"\nseries: 200 x 512x512, {mib:.1f} MiB; median of {args.repeat}")
+        for senders in (1, args.senders):
+            node = results[("ie_gateway", senders)]
+            print(f"{senders} sender(s): ie_gateway / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
+                  f"ie_gateway / orthanc speed = {results[('orthanc', senders)] / node:.2f}x")
+        print(f"scaling {args.senders} senders vs 1: ie_gateway "
+              f"{args.senders * results[('ie_gateway', 1)] / results[('ie_gateway', args.senders)]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

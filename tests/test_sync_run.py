@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import SyncError
+from ie_gateway.infer.registry import Registry
 from ie_gateway.service import registry_for
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.sync.anonymise import Anonymiser
@@ -29,11 +30,15 @@ from ie_gateway.sync.run import (
     CasesReport,
     SyncReport,
     TextProgress,
+    scheduled_cases,
+    scheduled_models,
     sync_cases,
     sync_now,
 )
+from ie_gateway.sync.updates import PullStatus, publish_version
 from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
+from tests.infer_packages import threshold_model, write_package
 from tests.peers import Node, Orthanc, storescu, wait_until
 from tests.test_pipeline import toy_models
 
@@ -342,3 +347,32 @@ def test_sync_now_without_configuration_says_what_is_missing(
     disabled = site.cfg.model_copy(update={"sync": site.cfg.sync.model_copy(update={"enabled": False})})
     with pytest.raises(SyncError, match="sync is disabled: set sync.enabled: true"):
         sync_now(disabled, site.store, registry)
+
+
+def test_published_model_version_is_pulled_once_and_activated_by_policy(
+        site: Site, first_runs: FirstRuns, env: None, tmp_path: Path,
+        azurite_blob: str) -> None:  # noqa: F811
+    container = container_client(azurite_blob, None, f"m{uuid.uuid4().hex[:12]}")
+    container.create_container()
+    try:
+        package = write_package(tmp_path / "publish", [threshold_model(2)], name="toy-pull",
+                                version="7", structures=1)
+        publish_version(container, package)
+        cfg = site.cfg.model_copy(update={"sync": site.cfg.sync.model_copy(
+            update={"container": container.container_name, "activation": {"toy-pull": "auto"}})})
+        registry = Registry(tmp_path / "models", tmp_path / "models-state.json")
+        first = sync_now(cfg, site.store, registry)
+        assert [(r.name, r.version, r.status) for r in first.models] == [
+            ("toy-pull", "7", PullStatus.ACTIVE)]
+        assert registry.active("toy-pull") == "7"
+        assert sync_now(cfg, site.store, registry).models == []
+    finally:
+        container.delete_container()
+
+
+def test_scheduled_runs_log_instead_of_raising_when_sync_cannot_start(site: Site) -> None:
+    disabled = site.cfg.model_copy(update={"sync": site.cfg.sync.model_copy(update={"enabled": False})})
+    before = site.store.index.job(site.synced_job.id).detail
+    scheduled_cases(disabled, site.store)  # a SyncError escaping would fail the test
+    scheduled_models(disabled, registry_for(site.cfg))
+    assert site.store.index.job(site.synced_job.id).detail == before

@@ -107,7 +107,8 @@ def _series_of_instances(store: Store, sop_uids: Iterable[str]) -> set[str]:
 
 
 def _contoured_job(store: Store, series_uids: set[str]) -> int | None:
-    """The latest job of these series that the node routed and has sent results for."""
+    """The latest job of these series that the node routed and has sent results for, and
+    whose files retention has not purged (a purged case cannot be uploaded any more)."""
     if not series_uids:
         return None
     marks = ",".join("?" * len(series_uids))
@@ -115,6 +116,7 @@ def _contoured_job(store: Store, series_uids: set[str]) -> int | None:
     rows = store.index.query(
         "SELECT j.id FROM jobs j JOIN series s ON s.id = j.series_id "
         f"WHERE s.series_uid IN ({marks}) AND j.routes IS NOT NULL "
+        "AND json_extract(j.detail, '$.purged') IS NULL "
         f"AND j.state IN ({','.join('?' * len(states))}) ORDER BY j.id DESC LIMIT 1",
         (*sorted(series_uids), *states))
     return int(rows[0][0]) if rows else None

@@ -111,9 +111,11 @@ class TextProgress:
 
 
 def cases_due(store: Store) -> list[Job]:
-    """Delivered jobs with a ``sync: true`` route not uploaded as they now stand."""
+    """Delivered jobs with a ``sync: true`` route, not uploaded as they now stand, whose files
+    retention has not purged."""
     return [job for job in store.index.jobs([JobState.DELIVERED])
-            if any(route.get("sync") for route in job.routes) and _changed_since_upload(job)]
+            if any(route.get("sync") for route in job.routes) and not job.detail.get("purged")
+            and _changed_since_upload(job)]
 
 
 def _changed_since_upload(job: Job) -> bool:

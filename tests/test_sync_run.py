@@ -257,13 +257,13 @@ def test_progress_bar_ends_each_case_at_100_percent(first_runs: FirstRuns) -> No
     assert " 100% " in lines[0].rsplit("\r", 1)[1]
 
 
-def _approved_copy(ai_rtstruct: Path, path: Path) -> Path:
+def _clinicians_copy(ai_rtstruct: Path, path: Path, approval: str, series_uid: str) -> Path:
     """The clinician's version of the AI structure set, as a TPS would export it."""
     ds = pydicom.dcmread(ai_rtstruct)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid
     ds.Manufacturer = "TPS"
-    ds.ApprovalStatus = "APPROVED"
+    ds.ApprovalStatus = approval
     ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = "20260101", "101010", REVIEWER
     ds.StructureSetROISequence[0].ROIName = "external"  # the clinician's spelling
     extra = pydicom.Dataset()
@@ -276,34 +276,44 @@ def _approved_copy(ai_rtstruct: Path, path: Path) -> Path:
     return path
 
 
-def _rt_job(site: Site, sop_path: Path) -> Job:
-    series_uid = str(pydicom.dcmread(sop_path, stop_before_pixels=True).SeriesInstanceUID)
+def _sent_job(site: Site, path: Path) -> Job:
+    """Send ``path`` to the node as the TPS; the job that holds it, once it has settled."""
+    assert storescu(site.node.port, [path], calling="TPS").returncode == 0
+    sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
     def settled() -> Job | None:
-        jobs = [j for j in site.store.index.jobs() if j.series_uid == series_uid]
-        return jobs[0] if jobs and jobs[0].state.value in SETTLED else None
+        rows = site.store.index.query("SELECT job_id FROM instances WHERE sop_uid = ?", (sop_uid,))
+        job = site.store.index.job(int(rows[0][0])) if rows else None
+        return job if job is not None and job.state.value in SETTLED else None
     return wait_until(settled, 60, every=0.2, what="the structure set's job to settle")  # type: ignore[no-any-return]
 
 
 def test_node_own_structure_set_sent_back_is_not_linked(site: Site, first_runs: FirstRuns) -> None:
-    own = site.store.job_dir(site.synced_job.id) / "rtstruct-0.dcm"
-    assert storescu(site.node.port, [own], calling="TPS").returncode == 0
-    rt_job = _rt_job(site, own)
+    rt_job = _sent_job(site, site.store.job_dir(site.synced_job.id) / "rtstruct-0.dcm")
     assert link_approved(site.store, rt_job) is None
-    assert "approved" not in site.store.index.job(site.synced_job.id).detail or all(
-        e["job"] != rt_job.id for e in site.store.index.job(site.synced_job.id).detail["approved"])
+    entries = site.store.index.job(site.synced_job.id).detail.get("approved", [])
+    assert all(entry["job"] != rt_job.id for entry in entries)
+    assert "linked_to" not in site.store.index.job(rt_job.id).detail
 
 
-def test_approved_structure_set_sent_later_is_linked_and_uploaded_under_approved(
+def test_approved_revision_of_a_draft_is_linked_and_uploaded_under_approved_without_the_draft(
         site: Site, first_runs: FirstRuns, tmp_path: Path) -> None:
     ai = site.store.job_dir(site.synced_job.id) / "rtstruct-0.dcm"
-    approved = _approved_copy(ai, tmp_path / "approved.dcm")
-    assert storescu(site.node.port, [approved], calling="TPS").returncode == 0
-    rt_job = _rt_job(site, approved)
+    series_uid = generate_uid()
+    draft = _clinicians_copy(ai, tmp_path / "draft.dcm", "UNAPPROVED", series_uid)
+    draft_job = _sent_job(site, draft)
     # until the worker's route stage calls it for RTSTRUCT series; a second call is a no-op
+    assert link_approved(site.store, draft_job) == site.synced_job.id
+    assert site.store.index.job(draft_job.id).detail["approval"] == "UNAPPROVED"
+    assert sync_now(site.cfg, site.store, registry_for(site.cfg)).cases.synced == ()
+
+    approved = _clinicians_copy(ai, tmp_path / "approved.dcm", "APPROVED", series_uid)
+    rt_job = _sent_job(site, approved)
+    assert rt_job.id != draft_job.id  # the revision came after the series completed
     assert link_approved(site.store, rt_job) == site.synced_job.id
-    ct_detail = site.store.index.job(site.synced_job.id).detail
-    assert ct_detail["approved"] == [{"job": rt_job.id, "approval": "APPROVED", "instances": 1}]
+    entries = site.store.index.job(site.synced_job.id).detail["approved"]
+    assert {"job": rt_job.id, "approval": "APPROVED", "instances": 1} in entries
+    assert {"job": draft_job.id, "approval": "UNAPPROVED", "instances": 1} in entries
     assert site.store.index.job(rt_job.id).detail["linked_to"] == site.synced_job.id
 
     report = sync_now(site.cfg, site.store, registry_for(site.cfg))
@@ -319,7 +329,7 @@ def test_approved_structure_set_sent_later_is_linked_and_uploaded_under_approved
                     for contour in roi.ContourSequence for image in contour.ContourImageSequence}
     assert contour_refs and contour_refs <= ct_uids
     for needle in [*site.needles, REVIEWER.encode(), FREE_TEXT_ROI.encode(),
-                   *_clear_uids([approved])]:
+                   *_clear_uids([draft, approved])]:
         assert needle not in data and needle not in blobs[f"cases/{case}/manifest.json"], needle
     manifest = json.loads(blobs[f"cases/{case}/manifest.json"])
     assert manifest["counts"]["approved"] == 1

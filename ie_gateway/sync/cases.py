@@ -8,7 +8,9 @@ details, so the next case sync uploads the approved contours beside the AI ones:
     RT job detail:  linked_to: <ct job id>, approval: "APPROVED"
 
 Structure sets the node wrote itself (their SOP Instance UID is in the outbox) are never linked:
-only a clinician's set is ground truth.
+only a clinician's set is ground truth. A revision sent later in the same series arrives as a
+new job of that series and is linked on its own, so only the instances whose ApprovalStatus is
+APPROVED are uploaded (``approved_files``), never an earlier draft.
 """
 
 from __future__ import annotations
@@ -39,25 +41,47 @@ def link_approved(store: Store, job: Job) -> int | None:
     own output sent back, an unknown CT, a CT not yet sent). Calling it again for the same job
     updates the link instead of adding a second one.
     """
-    for path in store.instance_files(job):
-        ds = _read_structure_set(path)
-        if ds is None or _written_by_node(store, str(ds.SOPInstanceUID)):
-            continue
+    links: list[tuple[int, str]] = []
+    for ds in _clinicians_sets(store, job.id):
         ct_job = _contoured_job(store, _referenced_series(store, ds))
-        if ct_job is None:
-            continue
-        approval = str(ds.get("ApprovalStatus", "")) or "UNKNOWN"
-        _record_link(store, ct_job, job, approval)
-        log.info("structure set linked", job=job.id, ct_job=ct_job, approval=approval)
-        return ct_job
-    log.info("structure set not linked", job=job.id, files=job.instances,
-             why="the node's own, or no contoured CT series referenced")
-    return None
+        if ct_job is not None:
+            links.append((ct_job, _approval(ds)))
+    if not links:
+        log.info("structure set not linked", job=job.id, files=job.instances,
+                 why="the node's own, or no contoured CT series referenced")
+        return None
+    ct_job = links[0][0]
+    approvals = [approval for linked, approval in links if linked == ct_job]
+    approval = APPROVED if APPROVED in approvals else min(approvals)
+    _record_link(store, ct_job, job.id, approval, len(approvals))
+    log.info("structure set linked", job=job.id, ct_job=ct_job, approval=approval)
+    return ct_job
 
 
 def approved_entries(job: Job) -> list[dict[str, Any]]:
     """The linked structure sets of a CT job that a clinician approved."""
     return [entry for entry in job.detail.get("approved", []) if entry.get("approval") == APPROVED]
+
+
+def approved_files(store: Store, ct_job: Job) -> list[Path]:
+    """The approved clinicians' RT-STRUCT files linked to ``ct_job`` (drafts left out)."""
+    return [Path(ds.filename) for entry in approved_entries(ct_job)
+            for ds in _clinicians_sets(store, int(entry["job"])) if _approval(ds) == APPROVED]
+
+
+def _clinicians_sets(store: Store, job_id: int) -> list[Dataset]:
+    """The RT-STRUCTs received in this job (not earlier jobs of the series) that the node did
+    not write."""
+    rows = store.index.query(
+        "SELECT path FROM instances WHERE job_id = ? AND missing = 0 ORDER BY received_at",
+        (job_id,))
+    found = [_read_structure_set(store.spool.root / str(r[0])) for r in rows]
+    return [ds for ds in found
+            if ds is not None and not _written_by_node(store, str(ds.SOPInstanceUID))]
+
+
+def _approval(ds: Dataset) -> str:
+    return str(ds.get("ApprovalStatus", "")).strip().upper() or "UNKNOWN"
 
 
 def _read_structure_set(path: Path) -> Dataset | None:
@@ -122,15 +146,15 @@ def _contoured_job(store: Store, series_uids: set[str]) -> int | None:
     return int(rows[0][0]) if rows else None
 
 
-def _record_link(store: Store, ct_job: int, rt_job: Job, approval: str) -> None:
+def _record_link(store: Store, ct_job: int, rt_job: int, approval: str, files: int) -> None:
     """Both sides of the link in one transaction; a repeated link replaces the earlier one."""
-    entry = {"job": rt_job.id, "approval": approval, "instances": rt_job.instances}
+    entry = {"job": rt_job, "approval": approval, "instances": files}
     with store.index.tx() as db:
         row = db.execute("SELECT detail FROM jobs WHERE id = ?", (ct_job,)).fetchone()
         detail = json.loads(row[0] or "{}")
-        others = [e for e in detail.get("approved", []) if e.get("job") != rt_job.id]
+        others = [e for e in detail.get("approved", []) if e.get("job") != rt_job]
         detail["approved"] = [*others, entry]
         db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (json.dumps(detail), ct_job))
-        row = db.execute("SELECT detail FROM jobs WHERE id = ?", (rt_job.id,)).fetchone()
+        row = db.execute("SELECT detail FROM jobs WHERE id = ?", (rt_job,)).fetchone()
         rt_detail = {**json.loads(row[0] or "{}"), "linked_to": ct_job, "approval": approval}
-        db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (json.dumps(rt_detail), rt_job.id))
+        db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (json.dumps(rt_detail), rt_job))

@@ -33,13 +33,13 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import StoreError, SyncError
+from ie_gateway.errors import SyncError
 from ie_gateway.infer.registry import Registry
 from ie_gateway.log import drop_patient_data
 from ie_gateway.store import Index, Job, JobState, Store
 from ie_gateway.sync import anonymise, blob
 from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser, DateMode
-from ie_gateway.sync.cases import APPROVED, approved_entries
+from ie_gateway.sync.cases import APPROVED, approved_entries, approved_files
 from ie_gateway.sync.updates import PullResult, pull_updates
 
 log = structlog.get_logger(__name__)
@@ -151,7 +151,7 @@ def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser,
             try:
                 record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}",
                                    progress=step)
-            except (SyncError, StoreError, AzureError, OSError) as exc:
+            except (SyncError, AzureError, OSError) as exc:
                 reason = _scrubbed(f"{type(exc).__name__}: {exc}".splitlines()[0])
                 log.warning("case sync failed", job=job.id, reason=reason)
                 _set_detail(store.index, job.id, {"sync_error": reason})
@@ -175,8 +175,7 @@ def sync_case(store: Store, container: ContainerClient, anonymiser: Anonymiser, 
     sources = {
         "ct": [Path(p) for p in job.detail["slice_files"]],
         "ai": [output.path for output in outputs],
-        "approved": _unique(p for rt in approved_ids
-                            for p in store.instance_files(store.index.job(rt))),
+        "approved": approved_files(store, job),
     }
     anonymised = {kind: anonymiser.anonymise_files(paths, workdir / kind)
                   for kind, paths in sources.items() if paths}
@@ -264,10 +263,6 @@ def _structures(path: Path) -> list[dict[str, Any]]:
                 for r in ds.StructureSetROISequence]
     return [{"number": int(s.SegmentNumber), "name": str(s.SegmentLabel)}
             for s in ds.get("SegmentSequence", [])]
-
-
-def _unique(paths: Iterable[Path]) -> list[Path]:
-    return list(dict.fromkeys(paths))
 
 
 def _unique_dicts(items: Iterable[dict[str, str]]) -> list[dict[str, str]]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from tests.infer_packages import Spin, threshold_model, write_package
 
 pytestmark = pytest.mark.slow  # each runner spawns a Python with torch (seconds here)
 
-TIMEOUT_S = 20.0
+TIMEOUT_S = 120.0  # generous: the shared test machine can be slow to start a child
 
 
 def package(root: Path, folds: list, name: str) -> ModelVersion:
@@ -89,3 +93,65 @@ def test_a_failing_job_reports_why_and_the_runner_serves_on(
         runner.run(model, tmp_path / "missing.mha", tmp_path / "never.mha")
     result = runner.run(model, ct_path, tmp_path / "labels.mha")
     check_labels(tmp_path / "labels.mha", ct_path, result)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: R running, S sleeping, Z zombie."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for_state(pid: int, state: str, deadline_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while process_state(pid) != state:
+        assert time.monotonic() < deadline, f"child never reached state {state}"
+
+
+def wait_for_exit(pid: int) -> None:
+    """Poll until the child can be reaped, leaving the reaping to the runner (WNOWAIT)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline, "child did not exit"
+
+
+def test_a_child_killed_during_a_job_fails_that_job_and_the_next_completes(
+    tmp_path: Path, ct_path: Path, runner: InferenceRunner
+) -> None:
+    slow = package(tmp_path / "models", [Spin(2, iterations=10**12)], "slow")
+    quick = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    runner.run(quick, ct_path, tmp_path / "warm.mha")
+    pid = runner.pid
+    assert pid is not None
+    outcome: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            runner.run(slow, ct_path, tmp_path / "slow.mha")
+        except InferenceError as exc:
+            outcome.append(exc)
+
+    wait_for_state(pid, "S")  # idle: asleep in recv() after sending the warm-up's result
+    worker = threading.Thread(target=job)
+    worker.start()
+    wait_for_state(pid, "R")  # awake again only because it has received the job
+    os.kill(pid, signal.SIGKILL)
+    worker.join(TIMEOUT_S)
+    assert [str(e) for e in outcome] == [
+        "inference process died (killed by SIGKILL (out of memory?))"
+    ]
+    assert runner.pid not in (None, pid)
+    result = runner.run(quick, ct_path, tmp_path / "labels.mha")
+    check_labels(tmp_path / "labels.mha", ct_path, result)
+
+
+def test_a_child_that_died_between_jobs_is_replaced(
+    tmp_path: Path, ct_path: Path, runner: InferenceRunner
+) -> None:
+    quick = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    runner.run(quick, ct_path, tmp_path / "warm.mha")
+    pid = runner.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for_exit(pid)
+    result = runner.run(quick, ct_path, tmp_path / "labels.mha")
+    check_labels(tmp_path / "labels.mha", ct_path, result)
+    assert runner.pid != pid

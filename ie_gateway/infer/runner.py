@@ -61,6 +61,11 @@ class InferenceRunner:
         self._conn: Connection | None = None
         self._start()
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (for status and logs), None while none runs."""
+        return None if self._process is None else int(self._process.pid)
+
     def run(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> dict[str, Any]:
         """Segment the CT at ``ct_path`` with ``model``; write the label map to ``labels_path``.
 
@@ -83,7 +88,7 @@ class InferenceRunner:
             raise InferenceError(self._crashed(labels_path))
         try:
             status, payload = self._conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):
             raise InferenceError(self._crashed(labels_path)) from None
         if status == "ok":
             return payload  # type: ignore[no-any-return]

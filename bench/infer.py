@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
@@ -113,15 +114,29 @@ def stand_in_package(folder: Path, folds: int = 3) -> ModelVersion:
     return ModelVersion(loaded.name, loaded.version, folder, loaded)
 
 
-def write_ct(path: Path, slices: int, size: int) -> None:
-    phantom = make_phantom(11, slices=slices, size=size)
+def write_ct(folder: Path, seed: int, slices: int, size: int) -> tuple[Path, np.ndarray]:
+    """The phantom's CT as ``ct.mha`` in ``folder``, and its true label map (z, y, x)."""
+    phantom = make_phantom(seed, slices=slices, size=size)
     image = sitk.GetImageFromArray(phantom.hu)
     image.SetSpacing((phantom.pixel_mm, phantom.pixel_mm, phantom.slice_mm))
     image.SetOrigin(phantom.origin)
-    sitk.WriteImage(image, str(path))
+    sitk.WriteImage(image, str(folder / "ct.mha"))
+    return folder / "ct.mha", phantom.labels
 
 
-def bench_device(device: str, model: ModelVersion, ct: Path, out: Path, repeat: int) -> None:
+def dice_line(labels_path: Path, truth: np.ndarray) -> str:
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+    scores = []
+    for label, name in enumerate(STRUCTURES, start=1):
+        got, want = labels == label, truth == label
+        total = int(got.sum()) + int(want.sum())
+        scores.append(f"{name} {2 * int((got & want).sum()) / total if total else 1.0:.3f}")
+    return ", ".join(scores)
+
+
+def bench_device(
+    device: str, model: ModelVersion, ct: Path, truth: np.ndarray, out: Path, repeat: int
+) -> None:
     with InferenceRunner(3600, device=device, log_level=None) as runner:
         results = [
             runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)
@@ -140,10 +155,14 @@ def bench_device(device: str, model: ModelVersion, ct: Path, out: Path, repeat: 
         )
     print(f"peak RSS of the inference process (largest so far): {peak_mib:.0f} MiB")
     print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1]["volumes_cc"].items()))
+    print(
+        "Dice vs the phantom's labels: " + dice_line(out / f"labels-{device}-{repeat}.mha", truth)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=10_011, help="phantom (>= 10000: held out)")
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="warm jobs after the cold one")
@@ -155,16 +174,15 @@ def main(argv: list[str] | None = None) -> None:
             model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax@1")
         else:
             model = stand_in_package(tmp / "stand-in" / "1")
-        ct = tmp / "ct.mha"
         mark = time.perf_counter()
-        write_ct(ct, args.slices, args.size)
+        ct, truth = write_ct(tmp, args.seed, args.slices, args.size)
         print(
             f"CT {args.slices} x {args.size}²: "
             f"phantom written in {time.perf_counter() - mark:.1f} s"
         )
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for device in devices:
-            bench_device(device, model, ct, tmp, args.repeat)
+            bench_device(device, model, ct, truth, tmp, args.repeat)
 
 
 if __name__ == "__main__":

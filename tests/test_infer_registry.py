@@ -191,3 +191,9 @@ def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Regist
 )
 def test_probe_patch_keeps_every_pooling_level_divisible(patch: tuple, probe: tuple) -> None:
     assert probe_patch(patch) == probe
+
+
+def test_versions_are_listed_in_natural_order(tmp_path: Path, registry: Registry) -> None:
+    for version in ("10", "2", "1.9", "1.10"):
+        registry.import_version(source(tmp_path, version=version))
+    assert registry.versions("toy") == ["1.9", "1.10", "2", "10"]

@@ -156,6 +156,13 @@ def _check_fold(model: ModelVersion, path: Path) -> None:
         )
 
 
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: digit runs compare as numbers, so 1.10 sorts after 1.9."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", version)
+    )
+
+
 def _signature(files: list[Path]) -> FileSignature:
     out = []
     for path in files:
@@ -187,14 +194,17 @@ class Registry:
     # -- queries ------------------------------------------------------------------------------
 
     def versions(self, name: str) -> builtins.list[str]:
-        """Installed versions of ``name`` (folders with a model.yaml), sorted."""
+        """Installed versions of ``name`` (folders with a model.yaml), "2" before "10"."""
         folder = self.models_dir / name
         if not folder.is_dir():
             return []
         return sorted(
-            p.name
-            for p in folder.iterdir()
-            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+            (
+                p.name
+                for p in folder.iterdir()
+                if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+            ),
+            key=_version_key,
         )
 
     def list(self) -> builtins.list[VersionInfo]:

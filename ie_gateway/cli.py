@@ -22,13 +22,16 @@ DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after a sub-command's own words (`models list --config X`);
+    # SUPPRESS keeps a later parser's default from overwriting a value given earlier.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help=f"gateway.yaml (default {DEFAULT_CONFIG})")
     parser = argparse.ArgumentParser(prog="ie-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="gateway.yaml")
-        return p
+    def command(name: str, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, parents=[config])  # type: ignore[no-any-return]
 
     command("serve", "run the node (DICOM listener, worker, scheduler)")
     command("check-config", "validate gateway.yaml and its routing rules")
@@ -39,18 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--calling-ae", default="", help="the sender's AE title to assume for a folder")
     models = command("models", "installed model versions: list, verify, import, activate")
     models_sub = models.add_subparsers(dest="action", required=True)
-    models_sub.add_parser("list", help="every version, verified or not, and which is active")
-    verify = models_sub.add_parser("verify", help="check checksums and that each fold loads and runs")
+    command("list", "every version, verified or not, and which is active", models_sub)
+    verify = command("verify", "check checksums and that each fold loads and runs", models_sub)
     verify.add_argument("spec", nargs="?", help="name@version (default: every version)")
-    imp = models_sub.add_parser("import", help="install a model package folder as an immutable version")
+    imp = command("import", "install a model package folder as an immutable version", models_sub)
     imp.add_argument("package", type=Path)
-    act = models_sub.add_parser("activate", help="make a version the one `model: name` routes to")
+    act = command("activate", "make a version the one `model: name` routes to", models_sub)
     act.add_argument("name")
     act.add_argument("version")
     demo = command("demo", "run a node and a stand-in TPS on loopback, send a synthetic CT, show the results")
     demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
     demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
     demo.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
+    sync = command("sync", "upload anonymised cases and pull model versions")
+    command("now", "run the case upload and the model pull once, with a progress bar",
+            sync.add_subparsers(dest="action", required=True))
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
@@ -59,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = DEFAULT_CONFIG
     try:
         return int(COMMANDS[args.command](args))
     except ConfigError as exc:
@@ -179,6 +187,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.state == "delivered" else 1
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ie_gateway.service import registry_for
+    from ie_gateway.store import Store
+    from ie_gateway.sync.run import TextProgress, sync_now
+
+    cfg = load_config(args.config)
+    logsetup.configure(cfg.log_level)
+    progress = TextProgress(sys.stderr) if sys.stderr.isatty() else None
+    report = sync_now(cfg, Store(cfg.storage.root), registry_for(cfg), progress=progress)
+    print(report.summary())
+    if report.cases.failed:
+        print(f"ie-gateway sync: {len(report.cases.failed)} case(s) failed; see sync_error in `ie-gateway status`",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from ie_gateway.store import JobState, Store
     from ie_gateway.store.outbox import Outbox
@@ -220,7 +245,8 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
     return rows
 
 
-STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc")
+STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc",
+                      "synced", "sync_error", "approved", "linked_to", "approval", "purged")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -258,6 +284,7 @@ COMMANDS = {
     "models": cmd_models,
     "send": cmd_send,
     "demo": cmd_demo,
+    "sync": cmd_sync,
 }
 
 

@@ -127,6 +127,14 @@ class SyncSettings(_Strict):
     date_shift: Literal["shift", "remove"] = "shift"
     activation: dict[str, Literal["manual", "auto"]] = {}
 
+    @field_validator("cases_cron", "models_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(value)  # raises ValueError naming the bad field
+        return value
+
 
 class GatewayConfig(_Strict):
     """The whole of `gateway.yaml`."""

@@ -30,6 +30,7 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.sync.cases import link_approved
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import ModelInfo, OutputUIDs, StructureInfo, new_output_uids
 from ie_gateway.write.qa import render_qa_png
@@ -125,6 +126,13 @@ class Worker:
     # --- stages -----------------------------------------------------------------------------
 
     def route(self, job: Job) -> None:
+        if job.header.get("Modality") == "RTSTRUCT":
+            # a clinician's structure set for a CT we contoured travels with that case (sync)
+            ct_job = link_approved(self.store, job)
+            if ct_job is not None:
+                self.store.index.transition(job.id, JobState.UNROUTED,
+                                            reason=f"clinician's structure set, linked to job {ct_job}")
+                return
         rules = self.rules()
         if rules is None:
             raise GatewayError("no valid routing rules loaded")

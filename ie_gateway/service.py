@@ -13,6 +13,7 @@ from types import FrameType
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
 
 from ie_gateway import sdnotify
 from ie_gateway.config import GatewayConfig
@@ -24,6 +25,7 @@ from ie_gateway.route import RulesWatcher, RuleSet, load_rules
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.sync.run import scheduled_cases, scheduled_models
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +75,11 @@ class Service:
         s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
         s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")
         s.add_job(self.purge, "interval", hours=1, id="retention", next_run_time=datetime.now())
+        if self.cfg.sync.enabled:
+            s.add_job(scheduled_cases, CronTrigger.from_crontab(self.cfg.sync.cases_cron),
+                      args=(self.cfg, self.store), id="sync-cases")
+            s.add_job(scheduled_models, CronTrigger.from_crontab(self.cfg.sync.models_cron),
+                      args=(self.cfg, self.registry), id="sync-models")
         s.start()
         self.worker.start()
         self.receiver.start()
@@ -87,7 +94,7 @@ class Service:
     def purge(self) -> None:
         """Retention: free the spool of series that ended long enough ago."""
         r = self.cfg.retention
-        self.store.purge_expired(r.unrouted_days, r.finished_days)
+        self.store.purge_expired(r.unrouted_days, r.finished_days, sync_enabled=self.cfg.sync.enabled)
 
     def deliver_soon(self) -> None:
         """Run the outbox now rather than at its next interval."""

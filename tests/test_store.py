@@ -96,7 +96,22 @@ def test_retention_purges_old_finished_series_but_keeps_failed(tmp_path: Path) -
         store.index.transition(job_id, JobState.COMPLETE)
         store.index.transition(job_id, state, reason="test")
     later = store.index.job(done).updated_at + 8 * 86400
+    assert store.purge_expired(unrouted_days=7, finished_days=30, now=later - 2 * 86400) == 0
     assert store.purge_expired(unrouted_days=7, finished_days=30, now=later) == 1
     assert store.index.job(done).detail["purged"] is True
     assert not list((store.spool.root / "1.2.3" / "1.2.3.4").glob("*.dcm"))
     assert (store.spool.root / "1.2.3" / "1.2.3.5" / "1.2.3.5.1.dcm").exists()
+
+
+def test_retention_keeps_a_delivered_case_until_it_is_synced(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job_id, _, _ = accept(store, "1.2.3.4.1")
+    index = store.index
+    index.transition(job_id, JobState.COMPLETE)
+    index.transition(job_id, JobState.ROUTED, routes=[{"model": "m", "version": "1", "sync": True}])
+    for state in (JobState.INFERRING, JobState.INFERRED, JobState.SENDING, JobState.DELIVERED):
+        index.transition(job_id, state)
+    later = index.job(job_id).updated_at + 31 * 86400
+    assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later) == 0
+    index.update_detail(job_id, synced={"case": "x"})
+    assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later) == 1

@@ -48,6 +48,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _expired(job: Job, unrouted_days: float, finished_days: float, sync_enabled: bool, now: float) -> bool:
+    """Whether retention may delete this job's data now (see Store.purge_expired)."""
+    if job.state is JobState.DELIVERED or job.detail.get("linked_to"):
+        days = finished_days
+    elif job.state in (JobState.UNROUTED, JobState.REFUSED):
+        days = unrouted_days
+    else:
+        return False
+    if sync_enabled and any(r.get("sync") for r in job.routes) and not job.detail.get("synced"):
+        return False
+    return now - job.updated_at >= days * 86400
+
+
 @dataclass(frozen=True)
 class Arrival:
     """What the receiver knows of one instance before it is stored."""
@@ -122,16 +135,17 @@ class Store:
                          trigger="quiet" if quiet else "expected_count")
         return done
 
-    def purge_expired(self, unrouted_days: float, finished_days: float, now: float | None = None) -> int:
+    def purge_expired(self, unrouted_days: float, finished_days: float, sync_enabled: bool = False,
+                      now: float | None = None) -> int:
         """Delete the instances and results of series whose every job ended long enough ago.
 
         Delivered jobs go after ``finished_days``; unrouted and refused ones after
-        ``unrouted_days``. Failed jobs are kept until an admin acts on them. The job rows stay
-        (marked purged) so `status` keeps the history. Returns the number of series purged.
+        ``unrouted_days``, except a clinician's structure set linked to a case, which lives as
+        long as a delivered job. Failed jobs are kept until an admin acts on them, and so is a
+        case waiting to be synced. Job rows stay (marked purged) so `status` keeps the history.
+        Returns the number of series purged.
         """
         now = now if now is not None else time.time()
-        keep_for = {JobState.DELIVERED: finished_days * 86400, JobState.UNROUTED: unrouted_days * 86400,
-                    JobState.REFUSED: unrouted_days * 86400}
         by_series: dict[int, list[Job]] = {}
         for job in self.index.jobs():
             by_series.setdefault(job.series_id, []).append(job)
@@ -139,8 +153,7 @@ class Store:
         for series_id, jobs in by_series.items():
             if any(j.detail.get("purged") for j in jobs):
                 continue
-            expired = all(j.state in keep_for and now - j.updated_at >= keep_for[j.state] for j in jobs)
-            if not expired:
+            if not all(_expired(j, unrouted_days, finished_days, sync_enabled, now) for j in jobs):
                 continue
             for path in self.index.instance_paths(series_id):
                 (self.spool.root / path).unlink(missing_ok=True)

@@ -50,10 +50,16 @@ WINDOW = (-1000.0, 1000.0)
 # fat rim and the cord-to-CSF step are a few hundredths of the [0, 1] input; this channel makes
 # them tenths, which the folds learn in hundreds of steps instead of thousands.
 SOFT_TISSUE_HU = (-120.0, 120.0)
-TRAIN_PATCH = (16, 80, 80)  # z, y, x
+TRAIN_PATCH = (16, 64, 64)  # z, y, x
 INFER_PATCH = (48, 208, 208)  # a whole 52 cm field of view in-plane: sliding windows along z only
 CHANNELS = (8, 16, 32, 64)
 CLASSES = len(STRUCTURES) + 1
+# The network segments one "lung" class (label 2 of 0..4 below); the exported model splits it into
+# Lung_L / Lung_R at the body's midline. Telling left from right by the network alone needs
+# context across the whole chest, which small training patches and a short training do not give.
+NET_CLASSES = CLASSES - 1
+NET_LUNG = 2
+SAMPLE_STRUCTURES = ((2, 3), (4,), (5,))  # lungs, heart, cord: what patches are centred on
 COLOURS = {
     "External": [0, 200, 0],
     "Lung_L": [0, 128, 255],
@@ -98,7 +104,7 @@ class UNet3D(nn.Module):
     The input (windowed HU in [0, 1]) is joined by its soft-tissue window as a second channel.
     """
 
-    def __init__(self, channels: tuple[int, ...] = CHANNELS, classes: int = CLASSES) -> None:
+    def __init__(self, channels: tuple[int, ...] = CHANNELS, classes: int = NET_CLASSES) -> None:
         super().__init__()
         low, high = ((h - WINDOW[0]) / (WINDOW[1] - WINDOW[0]) for h in SOFT_TISSUE_HU)
         self.soft_low, self.soft_gain = low, 1.0 / (high - low)
@@ -125,6 +131,39 @@ class UNet3D(nn.Module):
         for i, up in enumerate(self.ups):
             x = up(x, skips[len(skips) - 1 - i])
         return self.head(x)
+
+
+class DemoThorax(nn.Module):
+    """The exported fold: the U-Net, then its lung class split at the body's midline.
+
+    Left (Lung_L) is +x, the higher column index. The midline is the x centroid of the voxels
+    the network calls body (any label but background) in the whole input window, so the window
+    must span the patient left to right: the manifest's patch covers a 52 cm field of view.
+    """
+
+    def __init__(self, net: UNet3D) -> None:
+        super().__init__()
+        self.net = net
+        self.lung = NET_LUNG
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        body = 1.0 - torch.softmax(logits, dim=1)[:, 0]
+        columns = torch.arange(x.shape[-1], dtype=body.dtype, device=body.device)
+        weight = body.sum(dim=(1, 2))
+        midline = (weight * columns).sum(dim=1) / weight.sum(dim=1).clamp_min(1e-6)
+        left = (columns[None, :] > midline[:, None])[:, None, None, None, :]
+        lung = logits[:, self.lung : self.lung + 1]
+        absent = lung - 100.0
+        return torch.cat(
+            [
+                logits[:, : self.lung],
+                torch.where(left, lung, absent),
+                torch.where(left, absent, lung),
+                logits[:, self.lung + 1 :],
+            ],
+            dim=1,
+        )
 
 
 def native_grid(seed: int) -> dict[str, float | int]:
@@ -215,20 +254,17 @@ def soft_labels(labels: sitk.Image, origin: tuple[float, ...], size: tuple[int, 
 
 
 def sample_patch(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A training patch, half of the time centred on a random voxel of a random structure."""
+    """A training patch (image, soft targets with one lung class), 60 % centred on a structure."""
     shape = case.image.shape
-    if rng.random() < 0.5:
-        label = int(rng.integers(2, CLASSES))
-        zs, ys, xs = np.nonzero(case.soft[label] > 127)
+    centre = tuple(int(rng.integers(n)) for n in shape)
+    if rng.random() < 0.6:
+        labels = SAMPLE_STRUCTURES[int(rng.integers(len(SAMPLE_STRUCTURES)))]
+        zs, ys, xs = np.nonzero(np.sum([case.soft[c] for c in labels], axis=0) > 127)
         if len(zs):
             i = int(rng.integers(len(zs)))
-            centre = (zs[i], ys[i], xs[i])
-        else:
-            centre = tuple(int(rng.integers(n)) for n in shape)
-    else:
-        centre = tuple(int(rng.integers(n)) for n in shape)
+            centre = (int(zs[i]), int(ys[i]), int(xs[i]))
     image = np.zeros(TRAIN_PATCH, dtype=np.float32)
-    soft = np.zeros((CLASSES, *TRAIN_PATCH), dtype=np.float32)
+    soft = np.zeros((NET_CLASSES, *TRAIN_PATCH), dtype=np.float32)
     soft[0] = 1.0  # outside the volume: air, background
     src, dst = [], []
     for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True):
@@ -237,7 +273,10 @@ def sample_patch(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.n
         src.append(slice(lo, hi))
         dst.append(slice(lo - start, hi - start))
     image[tuple(dst)] = case.image[tuple(src)]
-    soft[(slice(None), *dst)] = case.soft[(slice(None), *src)] / 255.0
+    labels = case.soft[(slice(None), *src)] / np.float32(255.0)
+    soft[(slice(None), *dst)] = np.concatenate(
+        [labels[:NET_LUNG], labels[NET_LUNG : NET_LUNG + 2].sum(axis=0, keepdims=True), labels[4:]]
+    )
     return image, soft
 
 
@@ -283,20 +322,21 @@ def train_fold(
     rng = np.random.default_rng(2000 + fold)
     train = [c for c in cases if c.seed % FOLDS != fold]
     val = [c for c in cases if c.seed % FOLDS == fold]
-    model = UNet3D()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-5)
+    net = UNet3D()
+    model = DemoThorax(net)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.05
+        optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.05
     )
     start = time.perf_counter()
     for step in range(steps):
         patches = [sample_patch(train[int(rng.integers(len(train)))], rng) for _ in range(batch)]
         x = torch.from_numpy(np.stack([p[0] for p in patches]))[:, None]
         y = torch.from_numpy(np.stack([p[1] for p in patches]))
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(net(x), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         optimiser.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
@@ -368,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="package folder, e.g. models/demo-thorax/1"
     )
-    parser.add_argument("--steps", type=int, default=500, help="optimiser steps per fold")
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per fold")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--pool", type=int, default=POOL, help="phantom seeds 0..pool-1")
     args = parser.parse_args(argv)

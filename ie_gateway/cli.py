@@ -246,7 +246,7 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
 
 
 STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc",
-                      "synced", "sync_error", "approved", "linked_to", "approval", "purged")
+                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

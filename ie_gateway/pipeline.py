@@ -28,7 +28,7 @@ from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.route import Route, RuleSet, SeriesFacts
-from ie_gateway.store import Job, JobState, Store
+from ie_gateway.store import Job, JobState, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.sync.cases import link_approved
 from ie_gateway.volume import VolumeChecks, load_volume
@@ -121,7 +121,10 @@ class Worker:
     def _park(self, job: Job, state: JobState, reason: str) -> None:
         current = self.store.index.job(job.id).state
         log.warning("job parked", state=state.value, reason=reason, was=current.value)
-        self.store.index.transition(job.id, state, reason=reason)
+        try:
+            self.store.index.transition(job.id, state, reason=reason)
+        except TransitionError:
+            log.error("job could not be parked", state=state.value, was=current.value)
 
     # --- stages -----------------------------------------------------------------------------
 
@@ -185,32 +188,30 @@ class Worker:
         ct = sitk.ReadImage(str(folder / CT_FILE))
         hu = sitk.GetArrayViewFromImage(ct)
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in job.detail["slice_files"]]
-        outputs: list[dict[str, str]] = []
+        written: list[str] = []
         qa_png = None
         for index, route in enumerate(job.routes):
             model = self.registry.resolve(f"{route['model']}@{route['version']}")
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
             structures = structures_of(model.manifest)
             info = ModelInfo(name=model.name, version=model.version)
-            for kind in route["outputs"]:
+            # RT-STRUCT first: it is what the planner waits for, so it leaves before the SEG is built
+            for kind in sorted(route["outputs"], key=lambda k: k != "rtstruct"):
                 out_uids = OutputUIDs(**uids[f"{index}-{kind}"])
                 path = folder / f"{kind}-{index}.dcm"
                 self._write_output(kind, headers, labels, structures, info, out_uids, path)
-                outputs.append({"kind": kind, "path": str(path.relative_to(self.store.results)),
-                                "sop_uid": out_uids.sop_uid, "sop_class": _sop_class(kind)})
+                for dest in route["send_to"]:
+                    self.outbox.enqueue(job.id, dest, str(path.relative_to(self.store.results)),
+                                        out_uids.sop_uid, _sop_class(kind))
+                self.on_queued()
+                written.append(kind)
             if qa_png is None:
                 spacing = tuple(float(s) for s in ct.GetSpacing())
                 qa_png = render_qa_png(hu, labels, structures, spacing, info, folder / "qa.png")  # type: ignore[arg-type]
-        for index, route in enumerate(job.routes):
-            for out in outputs:
-                if out["path"].endswith(f"-{index}.dcm"):
-                    for dest in route["send_to"]:
-                        self.outbox.enqueue(job.id, dest, out["path"], out["sop_uid"], out["sop_class"])
-        self.store.index.update_detail(job.id, outputs=[o["kind"] for o in outputs],
-                                       qa_png=str(qa_png) if qa_png else None)
+        self.store.index.update_detail(job.id, outputs=written, qa_png=str(qa_png) if qa_png else None)
         self.store.index.transition(job.id, JobState.SENDING)
-        log.info("results written", files=len(outputs))
-        self.on_queued()
+        log.info("results written", files=len(written))
+        self.settle(job.id)  # every file may have been delivered while the later ones were built
 
     def _output_uids(self, job: Job) -> dict[str, dict[str, str]]:
         """UIDs for every output of the job, generated once and stored before any file exists."""
@@ -247,13 +248,15 @@ class Worker:
         if counts.get("pending"):
             return
         failures = self.outbox.failures(job_id)
-        if failures:
-            dest, status, error = failures[0]
-            reason = f"delivery to {dest} failed: {error}" + (f" (status 0x{status:04X})" if status is not None and "0x" not in (error or "") else "")
-            self.store.index.transition(job_id, JobState.FAILED, reason=reason)
-            return
-        self.store.index.update_detail(job_id, deliveries=counts.get("delivered", 0))
-        self.store.index.transition(job_id, JobState.DELIVERED)
+        try:
+            if failures:
+                dest, _status, error = failures[0]
+                self.store.index.transition(job_id, JobState.FAILED, reason=f"delivery to {dest} failed: {error}")
+                return
+            self.store.index.update_detail(job_id, deliveries=counts.get("delivered", 0))
+            self.store.index.transition(job_id, JobState.DELIVERED)
+        except TransitionError:
+            return  # the worker and the outbox both settle; the other one got there first
         log.info("job delivered", job=job_id, files=counts.get("delivered", 0))
 
 

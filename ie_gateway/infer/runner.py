@@ -34,6 +34,7 @@ from ie_gateway.log import configure as configure_logging
 log = structlog.get_logger(__name__)
 
 _CLOSE_GRACE_S = 5.0
+_START_TIMEOUT_S = 120.0  # importing torch in a fresh child, on a loaded machine
 
 
 class InferenceRunner:
@@ -126,6 +127,10 @@ class InferenceRunner:
         self._process.start()
         child.close()
         self._conn = parent
+        # wait until the child has imported torch, so a job's time limit counts only its own work
+        if not parent.poll(_START_TIMEOUT_S) or parent.recv() != ("ready",):
+            self._stop()
+            raise InferenceError(f"inference process did not start within {_START_TIMEOUT_S:g} s")
         log.info("inference_child_started", pid=self._process.pid)
 
     def _stop(self) -> None:
@@ -162,6 +167,7 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:
         configure_logging(log_level)
+    conn.send(("ready",))
     resident: OrderedDict[tuple[str, str, str], Ensemble] = OrderedDict()
     while True:
         try:

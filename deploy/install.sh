@@ -101,6 +101,11 @@ ensure_config() {
         (umask 077 && head -c 32 /dev/urandom | base64 > "$dest/credentials/anon-key")
         say "generated the anonymisation key $ETC/credentials/anon-key: back it up, it never leaves the node"
     fi
+    if [[ ! -e "$dest/credentials/storage-connection-string" ]]; then
+        # the unit loads it as a credential, so it must exist; empty = use the VM's managed identity
+        (umask 077 && : > "$dest/credentials/storage-connection-string")
+        say "created an empty $ETC/credentials/storage-connection-string (fill it for SAS/key access)"
+    fi
     if real_root; then
         chown "root:$USER_NAME" "$dest/gateway.yaml" "$dest/routing.yaml"
     fi

@@ -52,6 +52,12 @@ def test_install_lays_out_node_config_key_unit_and_models(source: Path, tmp_path
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert len(load_key({"CREDENTIALS_DIRECTORY": str(key_file.parent)})) >= 32
     assert stat.S_IMODE((etc / "environment").stat().st_mode) == 0o600
+    # the unit loads both credentials, so both files exist (an empty connection string = managed identity)
+    storage = etc / "credentials" / "storage-connection-string"
+    assert storage.read_text() == "" and stat.S_IMODE(storage.stat().st_mode) == 0o600
+    unit = (REPO / "systemd" / "ie-gateway.service").read_text()
+    assert f"LoadCredential=anon-key:/etc/ie-gateway/credentials/anon-key" in unit
+    assert f"LoadCredential=storage-connection-string:/etc/ie-gateway/credentials/{storage.name}" in unit
     assert (root / "etc/systemd/system/ie-gateway.service").is_file()
     assert (root / "opt/ie-gateway/venv/bin/python").exists()
     assert (root / "var/lib/ie-gateway/models/toy/1/model.yaml").is_file()

@@ -56,7 +56,7 @@ def test_install_lays_out_node_config_key_unit_and_models(source: Path, tmp_path
     storage = etc / "credentials" / "storage-connection-string"
     assert storage.read_text() == "" and stat.S_IMODE(storage.stat().st_mode) == 0o600
     unit = (REPO / "systemd" / "ie-gateway.service").read_text()
-    assert f"LoadCredential=anon-key:/etc/ie-gateway/credentials/anon-key" in unit
+    assert "LoadCredential=anon-key:/etc/ie-gateway/credentials/anon-key" in unit
     assert f"LoadCredential=storage-connection-string:/etc/ie-gateway/credentials/{storage.name}" in unit
     assert (root / "etc/systemd/system/ie-gateway.service").is_file()
     assert (root / "opt/ie-gateway/venv/bin/python").exists()

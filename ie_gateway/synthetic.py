@@ -71,7 +71,8 @@ class _Anatomy:
     spine_depth: float  # vertebral body centre, mm in front of the back skin
     vertebra_r: float
     cord_r: float
-    csf_mm: float  # cerebrospinal fluid between cord and canal wall
+    csf_mm: float  # cerebrospinal fluid between cord and canal wall (fixed: a cord's edge is
+    # then defined by the bony canal, which a model sees at any resolution)
     rib_period: float
     rib_phase: float
     table_gap: float
@@ -110,7 +111,7 @@ def _draw_anatomy(seed: int, half_fov_mm: float) -> _Anatomy:
         spine_depth=u(60.0, 75.0),
         vertebra_r=u(15.0, 19.0),
         cord_r=u(6.0, 9.0),
-        csf_mm=u(1.5, 2.5),
+        csf_mm=2.0,
         rib_period=u(22.0, 28.0),
         rib_phase=u(0.0, 30.0),
         table_gap=u(0.0, 4.0),

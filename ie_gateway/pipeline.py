@@ -169,14 +169,13 @@ class Worker:
         slice_files = [str(p) for p in volume.paths]
         load_s = time.monotonic() - started
         del volume
-        results: dict[str, Any] = {}
-        for index, route in enumerate(job.routes):
-            model = self.registry.resolve(f"{route['model']}@{route['version']}")
-            results[str(index)] = self.runner.run(model, ct_path, folder / labels_file(index))
-        volumes = results["0"]["volumes_cc"]
+        results = [self.runner.run(self.registry.resolve(f"{route['model']}@{route['version']}"),
+                                   ct_path, folder / labels_file(index))
+                   for index, route in enumerate(job.routes)]
+        volumes = results[0]["volumes_cc"]  # status shows the first route's model
         self.store.index.update_detail(job.id, slice_files=slice_files,
                                        volumes_cc={k: round(v, 1) for k, v in volumes.items()},
-                                       timings_s={"volume": round(load_s, 2), **results["0"]["timings_s"]})
+                                       timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]})
         self.store.index.transition(job.id, JobState.INFERRED)
         log.info("inferred", seconds=round(time.monotonic() - started, 2), volume_s=round(load_s, 2),
                  structures=len(volumes))

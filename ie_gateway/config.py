@@ -121,6 +121,7 @@ class SyncSettings(_Strict):
     enabled: bool = False
     account_url: str | None = None
     authority_host: str | None = None
+    api_version: str | None = None  # Azure Stack Hub storage serves older REST versions only
     container: str = "ie-gateway"
     cases_cron: str = "0 2 * * *"
     models_cron: str = "15 * * * *"

@@ -328,7 +328,7 @@ def open_container(cfg: GatewayConfig) -> ContainerClient:
         raise SyncError("sync is disabled: set sync.enabled: true in gateway.yaml")
     try:
         return blob.container_client(None, cfg.sync.account_url, cfg.sync.container,
-                                     cfg.sync.authority_host)
+                                     cfg.sync.authority_host, cfg.sync.api_version)
     except SyncError as exc:
         raise SyncError(f"sync is not configured: {exc}") from exc
 

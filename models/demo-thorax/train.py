@@ -4,6 +4,9 @@ Run from the repository root (CPU; 20-60 minutes on 2 cores, depending on other 
 
     .venv/bin/python models/demo-thorax/train.py --out models/demo-thorax/1
 
+or one fold per process (``--folds K --threads 1``, then ``--folds`` with no value to score the
+fold files on their validation seeds and write model.yaml).
+
 Everything is seeded, so a rerun on the same torch build reproduces the folds. Phantoms come
 from :mod:`ie_gateway.synthetic` on varied native grids (pixel 0.7-1.2 mm, slices 1.5-3 mm,
 field of view and length) and are preprocessed exactly as the inference engine does: linear
@@ -301,24 +304,30 @@ def _pad8(volume: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, cases: list[Case]) -> dict[str, float]:
+def dice_scores(fold: nn.Module, cases: list[Case]) -> dict[str, float]:
     """Mean Dice per structure over ``cases``: one full-volume forward pass at model spacing."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
     scores = np.zeros((len(cases), CLASSES - 1))
     for i, case in enumerate(cases):
         z, y, x = case.image.shape
         volume = torch.from_numpy(_pad8(case.image.astype(np.float32)))[None, None]
-        predicted = model(volume)[0, :, :z, :y, :x].argmax(0).numpy()
+        predicted = fold(volume)[0, :, :z, :y, :x].argmax(0).numpy()
         truth = case.soft.argmax(0)
         for c in range(1, CLASSES):
             a, b = predicted == c, truth == c
             scores[i, c - 1] = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
-    for m, mode in zip(model.modules(), modes, strict=True):
-        m.training = mode
     return {
         name: round(float(s), 4) for name, s in zip(STRUCTURES, scores.mean(axis=0), strict=True)
     }
+
+
+def validate(model: nn.Module, cases: list[Case]) -> dict[str, float]:
+    """Dice of ``model`` in evaluation mode; the layers' training modes are restored after."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    scores = dice_scores(model, cases)
+    for m, mode in zip(model.modules(), modes, strict=True):
+        m.training = mode
+    return scores
 
 
 def freeze_batch_norm(net: nn.Module, batches: list[torch.Tensor]) -> None:
@@ -343,10 +352,8 @@ def _batch(
     return x, torch.from_numpy(np.stack([p[1] for p in patches]))
 
 
-def train_fold(
-    fold: int, cases: list[Case], steps: int, batch: int, log: Log
-) -> tuple[nn.Module, dict[str, float]]:
-    """Train one fold on the cases outside its validation share; return it and its Dice."""
+def train_fold(fold: int, cases: list[Case], steps: int, batch: int, log: Log) -> nn.Module:
+    """Train one fold on the cases outside its validation share."""
     torch.manual_seed(1000 + fold)
     rng = np.random.default_rng(2000 + fold)
     train = [c for c in cases if c.seed % FOLDS != fold]
@@ -378,9 +385,7 @@ def train_fold(
                 f"fold {fold} step {step} Dice on two validation phantoms: "
                 f"{validate(model, val[:2])}"
             )
-    dice = validate(model, val)
-    log(f"fold {fold} validation Dice on seeds {[c.seed for c in val]}: {dice}")
-    return model.eval(), dice
+    return model.eval()
 
 
 class Log:
@@ -393,13 +398,12 @@ class Log:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
 
 
-def export(model: nn.Module, path: Path) -> str:
-    """Save the fold as TorchScript and return its sha256."""
+def export(model: nn.Module, path: Path) -> None:
+    """Save the fold as frozen TorchScript (batch norm folded into the convolutions)."""
     torch.jit.freeze(torch.jit.script(model.eval())).save(str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]]) -> None:
+def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]], pool: int) -> None:
     structures = [
         {
             "label": i + 1,
@@ -416,7 +420,7 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]]) -
         "version": "1",
         "description": (
             "Demo thorax contouring (External, lungs, heart, spinal cord) trained on synthetic "
-            f"phantoms (ie_gateway.synthetic seeds 0..{POOL - 1}) by models/demo-thorax/train.py; "
+            f"phantoms (ie_gateway.synthetic seeds 0..{pool - 1}) by models/demo-thorax/train.py; "
             f"{FOLDS}-fold cross-validation Dice at model spacing {mean}. Not for clinical use."
         ),
         "structures": structures,
@@ -433,6 +437,19 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]]) -
     (out / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, width=100))
 
 
+def validate_package(out: Path, cases: list[Case], log: Log) -> None:
+    """Score every exported fold file on its validation seeds and write model.yaml."""
+    hashes, dice = [], []
+    for fold in range(FOLDS):
+        path = out / f"fold{fold}.pt"
+        val = [c for c in cases if c.seed % FOLDS == fold]
+        scores = dice_scores(torch.jit.load(str(path)).eval(), val)
+        log(f"fold {fold} validation Dice on seeds {[c.seed for c in val]}: {scores}")
+        hashes.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        dice.append(scores)
+    write_manifest(out, hashes, dice, len(cases))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -441,23 +458,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1200, help="optimiser steps per fold")
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--pool", type=int, default=POOL, help="phantom seeds 0..pool-1")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        nargs="*",
+        default=list(range(FOLDS)),
+        help="folds to train (several processes may train one each); none: only validate",
+    )
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.pool > HELD_OUT_FROM:
         parser.error(f"seeds >= {HELD_OUT_FROM} are held out for testing")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     log = Log()
     cases = []
     for seed in range(args.pool):
         cases.append(make_case(seed))
         log(f"phantom {seed} grid {cases[-1].image.shape}")
     args.out.mkdir(parents=True, exist_ok=True)
-    hashes, dice = [], []
-    for fold in range(FOLDS):
-        model, scores = train_fold(fold, cases, args.steps, args.batch, log)
-        hashes.append(export(model, args.out / f"fold{fold}.pt"))
-        dice.append(scores)
-    write_manifest(args.out, hashes, dice)
-    log(f"done: {args.out}")
+    for fold in args.folds:
+        export(train_fold(fold, cases, args.steps, args.batch, log), args.out / f"fold{fold}.pt")
+        log(f"fold {fold} exported")
+    if all((args.out / f"fold{fold}.pt").is_file() for fold in range(FOLDS)):
+        validate_package(args.out, cases, log)
+        log(f"done: {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ A torch call cannot be interrupted from another thread, so the ensemble runs in 
 (multiprocessing "spawn": no forked CUDA or lock state). The parent sends one job at a time over
 a pipe and waits up to ``timeout_s``; past that it kills the child, starts a fresh one, and
 raises InferenceError. A crash of the child (out of memory, a segfault in a library) also becomes
-an InferenceError with the reason, and the next job gets a fresh child. The time limit covers
-loading the model when the child does not hold it yet (the first job, or after a restart).
+an InferenceError with the reason, and the next job gets a fresh child. A fresh child reports
+"ready" once its imports are done, so starting Python and torch never counts against a job; the
+time limit does cover loading the model when the child does not hold it yet.
 
 The child reads the CT from a file the caller wrote (any format SimpleITK reads; ``.mha`` is
 simplest) and writes the label map to ``labels_path`` atomically (temp file in the same folder,
@@ -128,7 +129,7 @@ class InferenceRunner:
         child.close()
         self._conn = parent
         # wait until the child has imported torch, so a job's time limit counts only its own work
-        if not parent.poll(_START_TIMEOUT_S) or parent.recv() != ("ready",):
+        if not _ready(parent):
             self._stop()
             raise InferenceError(f"inference process did not start within {_START_TIMEOUT_S:g} s")
         log.info("inference_child_started", pid=self._process.pid)
@@ -159,6 +160,14 @@ class InferenceRunner:
         self._restart("crash")
         _remove_partial(labels_path)
         return f"inference process died ({reason})"
+
+
+def _ready(conn: Connection) -> bool:
+    """Whether the child said "ready" in time (a child that died while starting did not)."""
+    try:
+        return conn.poll(_START_TIMEOUT_S) and conn.recv() == ("ready",)
+    except (EOFError, ConnectionResetError):
+        return False
 
 
 def _serve(conn: Connection, device: str | None, max_resident: int, log_level: str | None) -> None:

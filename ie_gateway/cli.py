@@ -11,12 +11,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ConfigError, GatewayError
 from ie_gateway.log import uid_hash
+
+if TYPE_CHECKING:
+    from ie_gateway.route import RuleSet
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
 
@@ -95,7 +98,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_rules(cfg: GatewayConfig) -> Any:
+def _load_rules(cfg: GatewayConfig) -> RuleSet:
     from ie_gateway.service import registry_for, rules_loader
 
     return rules_loader(cfg, registry_for(cfg))(cfg.routing_file)

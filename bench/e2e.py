@@ -13,7 +13,6 @@ delivery). The peer for scale is Orthanc's own time to take the 200 CT instances
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -55,8 +54,8 @@ def one_run(work: Path, series: Path, stable_after: float) -> dict[str, float]:
         stored = time.time()
         events = node.log_events()
         complete = next(_ts(e) for e in events if e["event"] == "series complete")
-        [job] = [r for r in node.status()]
-        timings = json.loads(json.dumps(job.get("timings_s") or {}))
+        [job] = node.status()
+        timings = job["timings_s"]
         stages = {e["stage"]: e["seconds"] for e in events if e["event"] == "stage done"}
         model = float(timings["total"])  # the runner's resample + windows + resample back + post-processing
         total = stored - acked

@@ -101,17 +101,21 @@ class Node:
         (workdir / "routing.yaml").write_text(yaml.safe_dump(rules or {"rules": []}, sort_keys=False))
         self.root = workdir / "var"
 
-    def start(self, timeout: float = 60) -> Node:
+    def start(self, timeout: float = 60, echo: bool = True) -> Node:
+        """Start and wait until the node answers C-ECHO (or, with ``echo=False``, logs "ready":
+        for configurations that refuse echoscu)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(self.config)],
             stdout=log, stderr=log, env=self.env, preexec_fn=self.preexec, cwd=self.workdir)
-        wait_until(lambda: self._ready(), timeout, what="the node to answer C-ECHO")
+        wait_until(lambda: self._ready(echo), timeout, what="the node to be ready")
         return self
 
-    def _ready(self) -> bool:
+    def _ready(self, echo: bool) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        if not echo:
+            return any(e["event"] == "ready" for e in self.log_events())
         return port_open(self.port) and echoscu(self.port).returncode == 0
 
     def stop(self) -> None:

@@ -57,17 +57,9 @@ def test_wrong_called_ae_is_rejected(node: Node) -> None:
 
 def test_caller_from_another_host_is_rejected(node_factory: object) -> None:
     node = node_factory(settings={"node": {"allowed_callers": [{"ae_title": "ECHOSCU", "host": "10.9.9.9"}]}})  # type: ignore[operator]
-    node.config.write_text(node.config.read_text())
-    # ready-check uses echoscu as ECHOSCU, which this rule refuses from 127.0.0.1: wait on the port
-    node.proc = subprocess.Popen([*node_cmd(node)], stdout=node.log_path.open("ab"), stderr=subprocess.STDOUT)
-    wait_until(lambda: "\"ready\"" in node.log_text(), 60, what="node ready")
+    node.start(echo=False)  # echoscu is refused from 127.0.0.1 by this very rule
     result = echoscu(node.port)
     assert "Calling AE Title Not Recognized" in result.stderr
-
-
-def node_cmd(node: Node) -> list[str]:
-    import sys
-    return [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(node.config)]
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def test_changed_rules_apply_to_later_series_and_invalid_rules_are_refused(
 
     routing = node.workdir / "routing.yaml"
     routing.write_text(yaml.safe_dump({"rules": [rule("thorax", "Thorax", "toy-body")]}))
-    wait_until(lambda: any(e["event"] == "routing rules loaded" for e in node.log_events()[1:]), 30,
+    # the first "routing rules loaded" is the start-up load; wait for the second
+    wait_until(lambda: sum(e["event"] == "routing rules loaded" for e in node.log_events()) >= 2, 30,
                what="the new rules to load")
     assert storescu(node.port, series(tmp_path / "b", 2, "Thorax B")).returncode == 0
     node.wait_state({"sending"})

@@ -89,20 +89,18 @@ class Store:
         """Store one instance durably, then index it.
 
         Returns (job id, duplicate, late). A duplicate SOP Instance is not written again.
-        ``header`` is called only for the first instance of a series. Raises OSError or
+        ``header`` is called only for the first instance of a series (inside the index write). Raises OSError or
         StoreError on failure, leaving nothing half-written visible.
         """
         if self.index.has_instance(arrival.sop_uid):
             return 0, True, False
         final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
         size = self.spool.write(final, chunks)
-        first = not self.index.query("SELECT 1 FROM series WHERE series_uid = ?", (arrival.series_uid,))
         job_id, late = self.index.add_instance(
             sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
             transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
             series_uid=arrival.series_uid, path=str(final.relative_to(self.spool.root)), size=size,
-            calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
-            header=header() if first else None,
+            calling_ae=arrival.calling_ae, called_ae=arrival.called_ae, header=header,
         )
         return job_id, False, late
 
@@ -207,12 +205,11 @@ class Store:
         except (pydicom.errors.InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             log.warning("unreadable file left in spool", file=path.name, error=type(exc).__name__)
             return 0
-        first = not self.index.query("SELECT 1 FROM series WHERE series_uid = ?", (arrival.series_uid,))
         self.index.add_instance(
             sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
             transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
             series_uid=arrival.series_uid, path=str(path.relative_to(self.spool.root)),
             size=path.stat().st_size, calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
-            header=header_values(ds) if first else None,
+            header=lambda: header_values(ds),
         )
         return 1

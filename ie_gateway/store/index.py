@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,10 +199,13 @@ class Index:
         size: int,
         calling_ae: str,
         called_ae: str,
-        header: dict[str, Any] | None,
+        header: Callable[[], dict[str, Any]],
         at: float | None = None,
     ) -> tuple[int, bool]:
         """Index a stored instance into the series' open job (a new job if none is open).
+
+        ``header`` is called only when this instance is the series' first: its values are what
+        routing reads.
 
         Returns (job id, late) where late says the series had already completed before this
         instance arrived: the instance then opens a new job for the whole series.
@@ -245,7 +248,7 @@ class Index:
         db: sqlite3.Connection,
         series_uid: str,
         study_uid: str,
-        header: dict[str, Any] | None,
+        header: Callable[[], dict[str, Any]],
         calling_ae: str,
         called_ae: str,
         now: float,
@@ -256,7 +259,7 @@ class Index:
         cur = db.execute(
             "INSERT INTO series (series_uid, study_uid, header, calling_ae, called_ae, first_at, last_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (series_uid, study_uid, json.dumps(header or {}), calling_ae, called_ae, now, now),
+            (series_uid, study_uid, json.dumps(header()), calling_ae, called_ae, now, now),
         )
         return int(cur.lastrowid or 0)
 

@@ -7,9 +7,9 @@ patient millimetres (LPS), so its anatomy depends on the seed, not on the pixel 
 
 Anatomy (all sizes, positions, HU levels and the noise vary with the seed): an elliptic body
 with a subcutaneous fat layer, two textured lungs with a diaphragm dome and a tapering apex,
-the heart (anterior, medial, to the patient's left) in a thin rim of epicardial fat, the
-vertebral body with the spinal cord in its canal, ribs, a sternum, and a table below the body
-that lies outside the External contour. Labels are exclusive: an organ overrides External.
+the heart (anterior, medial, to the patient's left) in a thin shell of epicardial fat, the
+liver under the right hemidiaphragm, the vertebral body with the spinal cord in its canal, ribs,
+a sternum, and a table below the body that lies outside the External contour. Labels are exclusive: an organ overrides External.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ EXTERNAL, LUNG_L, LUNG_R, HEART, SPINAL_CORD = range(1, 6)
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _HU_MIN, _HU_MAX = -1024, 3071  # what a 12-bit stored value with intercept -1024 can carry
 _UID_NAMESPACE = "ie_gateway.synthetic"
+_HEART_FAT_MM = (5.0, 4.0, 6.0)  # epicardial fat beyond the heart: along, across, z
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class _Anatomy:
     hu_heart: float
     hu_cord: float
     noise_sd: float
+    hu_liver: float  # brighter than blood, as on a real non-contrast CT
 
 
 def _draw_anatomy(seed: int, half_fov_mm: float) -> _Anatomy:
@@ -122,6 +124,7 @@ def _draw_anatomy(seed: int, half_fov_mm: float) -> _Anatomy:
         hu_heart=u(35.0, 55.0),
         hu_cord=u(25.0, 40.0),
         noise_sd=u(8.0, 25.0),
+        hu_liver=u(58.0, 72.0),
     )
 
 
@@ -191,6 +194,7 @@ class _SliceDrawer:
         bu, bv = self._body_axes(zc)
         inner = self._body_and_table(bu, bv, hu, lab)
         vc, cord = self._spine(bv, hu)
+        self._liver(zc, bu, bv, vc, hu)
         heart, fat_rim = self._heart(zc, hu)
         ribcage = self._lungs(zc, bu, bv, vc, fat_rim, hu, lab)
         self._chest_wall(zc, bu, bv, ribcage, inner, hu)
@@ -238,26 +242,45 @@ class _SliceDrawer:
         hu[cord] = a.hu_cord
         return vc, cord
 
-    def _heart(self, zc: float, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The heart's section (a rotated ellipsoid) and its rim of epicardial fat, painted as fat.
+    def _liver(self, zc: float, bu: float, bv: float, vc: float, hu: np.ndarray) -> None:
+        """The liver under the right hemidiaphragm: it fills the right lung's dome and below.
 
+        Labelled External (it is not a structure of the demo model); the lungs and the heart's
+        fat are painted over it, so it shows only where they are not.
+        """
+        a = self.a
+        top = -a.lung_base[1]  # the right dome's top
+        if zc > top:
+            return
+        inside = self._ellipse(0.0, 0.0, bu - a.fat_mm - 12.0, bv - a.fat_mm - 12.0) < 1.0
+        reach = 35.0 * min((top - zc) / 40.0, 1.0)  # crosses the midline lower down
+        spine = self._ellipse(0.0, vc, a.vertebra_r + 8.0, a.vertebra_r + 8.0) < 1.0
+        liver = inside & (self.u < reach) & (self.v < vc + 10.0) & ~spine
+        hu[liver] = a.hu_liver
+
+    def _heart(self, zc: float, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The heart's section (a rotated ellipsoid) and its shell of epicardial fat, painted as fat.
+
+        The fat encloses the heart in 3D (4-5 mm round its sides, 6 mm over its base and apex, as
+        the fat pad on the diaphragm), so every surface of the heart, the lower one included, is
+        visible in the image; a heart that ended in plain soft tissue could only be guessed at.
         Returns both masks; the heart itself is painted last, over whatever else reached it.
         """
         a = self.a
         hx, hy, hz = a.heart_centre
         rx, ry, rz = a.heart_radii
-        dz = (zc - hz) / rz
-        if abs(dz) >= 1.0:
+        fu, fv, fz = _HEART_FAT_MM
+        dz2 = ((zc - hz) / (rz + fz)) ** 2
+        if dz2 >= 1.0:
             empty = np.zeros(self.u.shape, dtype=bool)
             return empty, empty
-        shrink = np.sqrt(1.0 - dz * dz)
         ch, sh = np.cos(a.heart_angle), np.sin(a.heart_angle)
         du, dv = self.u - hx, self.v - hy
         along, across = ch * du + sh * dv, -sh * du + ch * dv
-        r2 = (along / (rx * shrink)) ** 2 + (across / (ry * shrink)) ** 2
-        fat_rim = r2 < (1.0 + 4.0 / (ry * shrink)) ** 2
-        hu[fat_rim] = a.hu_fat
-        return r2 < 1.0, fat_rim
+        fat = (along / (rx + fu)) ** 2 + (across / (ry + fv)) ** 2 < 1.0 - dz2
+        hu[fat] = a.hu_fat
+        heart = (along / rx) ** 2 + (across / ry) ** 2 < 1.0 - ((zc - hz) / rz) ** 2
+        return heart, fat
 
     def _lungs(
         self,

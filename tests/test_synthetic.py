@@ -77,6 +77,31 @@ def test_left_lung_is_on_the_patients_left_and_heart_anterior(phantom: Phantom) 
     assert centre[4][2] > centre[5][2]  # heart to the left of the midline
 
 
+def test_fat_encloses_the_heart_above_and_below_as_well_as_round_it() -> None:
+    """Each heart surface is visible: in every column, the voxels just past its ends are fat."""
+    p = make_phantom(7, slices=160, size=160, pixel_mm=3.125, slice_mm=2.5)
+    heart = p.labels == 4
+    columns = heart.any(axis=0)
+    lowest = np.argmax(heart, axis=0)[columns]
+    highest = (heart.shape[0] - 1 - np.argmax(heart[::-1], axis=0))[columns]
+    ys, xs = np.nonzero(columns)
+    below, above = p.hu[lowest - 1, ys, xs], p.hu[highest + 1, ys, xs]
+    assert lowest.min() > 0 and highest.max() < heart.shape[0] - 1  # the whole heart is inside
+    assert (below < -40).mean() > 0.98 and (above < -40).mean() > 0.98
+
+
+def test_below_the_right_lung_lies_a_liver_brighter_than_the_heart() -> None:
+    """Under the right hemidiaphragm the soft tissue is liver, as on a real CT, not blood-like."""
+    p = make_phantom(7, slices=160, size=160, pixel_mm=3.125, slice_mm=2.5)
+    right_lung = (p.labels == 3).any(axis=(1, 2))
+    below = np.arange(len(right_lung)) < np.argmax(right_lung)  # slices under the right lung
+    assert below.sum() > 4
+    right_half = np.zeros(p.labels.shape[1:], dtype=bool)
+    right_half[:, : p.labels.shape[2] // 2] = True  # low columns: the patient's right
+    soft = (p.labels[below] == 1) & right_half & (p.hu[below] > 0) & (p.hu[below] < 200)
+    assert np.median(p.hu[below][soft]) > np.median(p.hu[p.labels == 4]) + 10
+
+
 def test_spinal_cord_is_a_realistic_tube_inside_bone(phantom: Phantom) -> None:
     cord = phantom.labels == 5
     assert cord.any(axis=(1, 2)).all()  # the cord runs through every slice

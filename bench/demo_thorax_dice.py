@@ -3,7 +3,7 @@
 For each held-out seed (>= 10000, never used in training) a synthetic CT series is written,
 loaded with ``load_volume`` and contoured by ``Ensemble.segment`` on the CPU; prints the Dice of
 every structure against the phantom's exact labels, the mean per structure, and the time of
-``segment``. Run: ``.venv/bin/python bench/demo_thorax_dice.py [--seeds 10001 10002 ...]``.
+``segment``. Run: ``.venv/bin/python bench/demo_thorax_dice.py [--model demo-thorax@2] [--seeds 10001 ...]``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def dice_per_structure(predicted: np.ndarray, truth: np.ndarray) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo-thorax", help="NAME or NAME@VERSION")
     parser.add_argument("--seeds", type=int, nargs="+", default=[10_001, 10_002, 10_003, 10_004])
     parser.add_argument("--slices", type=int, default=120)
     parser.add_argument("--size", type=int, default=320)
@@ -45,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.seeds) < 10_000:
         parser.error("seeds below 10000 were used in training; use held-out seeds")
     with tempfile.TemporaryDirectory() as tmp:
-        model = Registry(REPO / "models", Path(tmp) / "state.json").resolve("demo-thorax@1")
+        model = Registry(REPO / "models", Path(tmp) / "state.json").resolve(args.model)
         ensemble = Ensemble(model, device="cpu", threads=args.threads)
         print(
-            f"threads {torch.get_num_threads()}, grid {args.slices} x {args.size}² at "
-            f"{args.pixel_mm} x {args.slice_mm} mm"
+            f"{model.spec}, threads {torch.get_num_threads()}, "
+            f"grid {args.slices} x {args.size}² at {args.pixel_mm} x {args.slice_mm} mm"
         )
         print("seed    " + " ".join(f"{name:>10}" for name in STRUCTURES) + "   segment_s")
         rows = []

@@ -4,10 +4,10 @@ Prints the time of each stage (resample, sliding windows and the folds' forward 
 back, post-processing), the total, and the child process's peak RSS, for a cold job (the child
 loads the folds) and a warm one (folds resident), on the CPU and, when torch sees one, on CUDA.
 
-Model: ``models/demo-thorax/1`` when it is installed in the repository; otherwise (or with
-``--stand-in``) a random-weight TorchScript U-Net of the demo model's size and input contract
-(3 folds, widths 8-16-32-64, 2 x 2 x 3 mm, patch 48 x 256 x 256, overlap 0.25), so the figures
-mean the same work. Run: ``.venv/bin/python bench/infer.py [--slices 200 --size 512]``.
+Model: the repository's ``models/demo-thorax`` (its one version) when it is there; otherwise
+(or with ``--stand-in``) a random-weight TorchScript U-Net of the demo model's size and input
+contract (3 folds, widths 8-16-32-64, 2.5 x 2.5 x 3 mm, patch 48 x 208 x 208, overlap 0.25), so
+the figures mean the same work. Run: ``.venv/bin/python bench/infer.py [--slices 200 --size 512]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.synthetic import STRUCTURES, make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "models" / "demo-thorax" / "1"
+DEMO = REPO / "models" / "demo-thorax"
 STAGES = ("resample", "windows", "forward", "resample_back", "postprocess", "total")
 
 
@@ -100,10 +100,10 @@ def stand_in_package(folder: Path, folds: int = 3) -> ModelVersion:
             for i, name in enumerate(STRUCTURES)
         ],
         "input": {
-            "spacing_mm": [2.0, 2.0, 3.0],
+            "spacing_mm": [2.5, 2.5, 3.0],
             "orientation": "LPS",
             "intensity": {"window": [-1000, 1000]},
-            "patch_size": [48, 256, 256],
+            "patch_size": [48, 208, 208],
             "overlap": 0.25,
             "batch_size": 1,
         },
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if DEMO.joinpath("model.yaml").is_file() and not args.stand_in:
-            model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax@1")
+        if any(DEMO.glob("*/model.yaml")) and not args.stand_in:
+            model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax")
         else:
             model = stand_in_package(tmp / "stand-in" / "1")
         mark = time.perf_counter()

@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.pool > HELD_OUT_FROM:
         parser.error(f"seeds >= {HELD_OUT_FROM} are held out for testing")
+    if args.steps < 40:
+        parser.error("--steps must be at least 40: the learning-rate warm-up is 5 % of them")
     torch.set_num_threads(args.threads)
     log = Log()
     cases = []

@@ -1,14 +1,11 @@
 """Train the demo-thorax model: a small 3D U-Net, three cross-validation folds, on synthetic CTs.
 
-Run from the repository root (CPU), one fold per process, then score the folds on their
-validation seeds and write model.yaml (about 30 minutes in all on 2 cores):
+Run from the repository root (CPU; about 30 minutes on 2 cores), one fold per process:
 
-    for k in 0 1 2; do
-        .venv/bin/python models/demo-thorax/train.py --out models/demo-thorax/2 --folds $k --threads 1 &
-    done; wait
-    .venv/bin/python models/demo-thorax/train.py --out models/demo-thorax/2 --folds
+    for k in 0 1 2; do .venv/bin/python models/demo-thorax/train.py --out models/demo-thorax/2 --folds $k --threads 1 & done; wait
 
-or all folds in one process with ``--out`` alone (slower: one process uses the cores less well).
+The last fold to finish scores all three on their validation seeds and writes model.yaml
+(``--folds`` with no value does only that); ``--out`` alone trains all folds in one process.
 
 Everything is seeded, so a rerun on the same torch build reproduces the folds. Phantoms come
 from :mod:`ie_gateway.synthetic` on varied native grids (pixel 0.7-1.2 mm, slices 1.5-3 mm,

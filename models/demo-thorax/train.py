@@ -7,7 +7,9 @@ Run from the repository root (CPU; about 30 minutes on 2 cores), one fold per pr
 The last fold to finish scores all three on their validation seeds and writes model.yaml
 (``--folds`` with no value does only that); ``--out`` alone trains all folds in one process.
 
-Everything is seeded, so a rerun on the same torch build reproduces the folds. Phantoms come
+Everything is seeded, so a rerun on the same torch build reproduces the folds: the same weights
+and code (measured for version 2: every entry of each fold file identical but TorchScript's
+debug source path and its random serialization id, so the sha256 differ). Phantoms come
 from :mod:`ie_gateway.synthetic` on varied native grids (pixel 0.7-1.2 mm, slices 1.5-3 mm,
 field of view and length) and are preprocessed exactly as the inference engine does: linear
 resampling of HU onto the model grid, clip to the window, scale to [0, 1]. Labels are resampled

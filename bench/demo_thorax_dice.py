@@ -3,7 +3,8 @@
 For each held-out seed (>= 10000, never used in training) a synthetic CT series is written,
 loaded with ``load_volume`` and contoured by ``Ensemble.segment`` on the CPU; prints the Dice of
 every structure against the phantom's exact labels, the mean per structure, and the time of
-``segment``. Run: ``.venv/bin/python bench/demo_thorax_dice.py [--model demo-thorax@2] [--seeds 10001 ...]``.
+``segment``. Run: ``.venv/bin/python bench/demo_thorax_dice.py [--model NAME@VERSION]
+[--seeds 10001 ...]``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from ie_gateway.infer.ensemble import Ensemble
 from ie_gateway.infer.registry import Registry
 from ie_gateway.synthetic import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.volume import load_volume
+from ie_gateway.write.validate import dice
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def dice_per_structure(predicted: np.ndarray, truth: np.ndarray) -> list[float]:
-    scores = []
-    for label in range(1, len(STRUCTURES) + 1):
-        a, b = predicted == label, truth == label
-        scores.append(float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)))
-    return scores
+    return [dice(predicted == label, truth == label) for label in range(1, len(STRUCTURES) + 1)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,8 @@ Anatomy (all sizes, positions, HU levels and the noise vary with the seed): an e
 with a subcutaneous fat layer, two textured lungs with a diaphragm dome and a tapering apex,
 the heart (anterior, medial, to the patient's left) in a thin shell of epicardial fat, the
 liver under the right hemidiaphragm, the vertebral body with the spinal cord in its canal, ribs,
-a sternum, and a table below the body that lies outside the External contour. Labels are exclusive: an organ overrides External.
+a sternum, and a table below the body that lies outside the External contour. Labels are
+exclusive: an organ overrides External.
 """
 
 from __future__ import annotations
@@ -157,6 +158,16 @@ class _SliceDrawer:
         """Squared normalised radius of an axis-aligned ellipse (< 1 inside)."""
         return ((self.u - cu) / ru) ** 2 + ((self.v - cv) / rv) ** 2
 
+    def _ribcage(self, bu: float, bv: float) -> np.ndarray:
+        """Inside the ribs: what the lungs, and below them the liver, may fill."""
+        a = self.a
+        return self._ellipse(0.0, 0.0, bu - a.fat_mm - 12.0, bv - a.fat_mm - 12.0) < 1.0
+
+    def _round_spine(self, vc: float) -> np.ndarray:
+        """The vertebral body with a margin, which no organ enters."""
+        r = self.a.vertebra_r + 8.0
+        return self._ellipse(0.0, vc, r, r) < 1.0
+
     def _body_axes(self, zc: float) -> tuple[float, float]:
         """Body half-axes at height zc (mm above the carina): neck above the apex, thorax below."""
         a = self.a
@@ -252,10 +263,9 @@ class _SliceDrawer:
         top = -a.lung_base[1]  # the right dome's top
         if zc > top:
             return
-        inside = self._ellipse(0.0, 0.0, bu - a.fat_mm - 12.0, bv - a.fat_mm - 12.0) < 1.0
         reach = 35.0 * min((top - zc) / 40.0, 1.0)  # crosses the midline lower down
-        spine = self._ellipse(0.0, vc, a.vertebra_r + 8.0, a.vertebra_r + 8.0) < 1.0
-        liver = inside & (self.u < reach) & (self.v < vc + 10.0) & ~spine
+        liver = self._ribcage(bu, bv) & (self.u < reach) & (self.v < vc + 10.0)
+        liver &= ~self._round_spine(vc)
         hu[liver] = a.hu_liver
 
     def _heart(self, zc: float, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,8 +307,8 @@ class _SliceDrawer:
         Returns the rib cage's inner mask (what the lungs may fill).
         """
         a = self.a
-        ribcage = self._ellipse(0.0, 0.0, bu - a.fat_mm - 12.0, bv - a.fat_mm - 12.0) < 1.0
-        keep_out = fat_rim | (self._ellipse(0.0, vc, a.vertebra_r + 8.0, a.vertebra_r + 8.0) < 1.0)
+        ribcage = self._ribcage(bu, bv)
+        keep_out = fat_rim | self._round_spine(vc)
         keep_out |= (np.abs(self.u) < 12.0) & (self.v < vc)
         t = np.float32(2 * np.pi * zc / 40.0)
         tex = np.cos(t) * self.texture[0] + np.sin(t) * self.texture[1]

@@ -20,6 +20,7 @@ from ie_gateway.infer.ensemble import Ensemble
 from ie_gateway.infer.registry import Registry
 from ie_gateway.synthetic import STRUCTURES, Phantom, make_phantom, write_ct_series
 from ie_gateway.volume import load_volume
+from ie_gateway.write.validate import dice
 from tests.peers import free_port, storescu
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -32,11 +33,7 @@ def held_out(seed: int) -> Phantom:
 
 
 def dice_per_structure(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    dice = {}
-    for label, name in enumerate(STRUCTURES, start=1):
-        predicted, expected = labels == label, truth == label
-        dice[name] = 2 * np.logical_and(predicted, expected).sum() / (predicted.sum() + expected.sum())
-    return dice
+    return {name: dice(labels == label, truth == label) for label, name in enumerate(STRUCTURES, start=1)}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +51,8 @@ def test_every_structure_has_dice_of_at_least_0_90(
     volume = load_volume(write_ct_series(phantom, tmp_path, seed=seed))
     labels = sitk.GetArrayFromImage(ensemble.segment(volume.image).labels)
     assert labels.shape == phantom.labels.shape
-    dice = dice_per_structure(labels, phantom.labels)
-    assert min(dice.values()) >= MIN_DICE, dice
+    scores = dice_per_structure(labels, phantom.labels)
+    assert min(scores.values()) >= MIN_DICE, scores
 
 
 @pytest.mark.slow
@@ -78,5 +75,5 @@ def test_a_held_out_ct_sent_by_storescu_is_inferred_by_the_node_and_passes(
     assert (job["model"], [job["model_version"]]) == ("demo-thorax", installed)
     labels_file = node.root / "results" / f"job-{job['id']}" / "labels-0.mha"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file)))
-    dice = dice_per_structure(labels, phantom.labels)
-    assert min(dice.values()) >= MIN_DICE, dice
+    scores = dice_per_structure(labels, phantom.labels)
+    assert min(scores.values()) >= MIN_DICE, scores

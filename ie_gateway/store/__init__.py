@@ -89,8 +89,8 @@ class Store:
         """Store one instance durably, then index it.
 
         Returns (job id, duplicate, late). A duplicate SOP Instance is not written again.
-        ``header`` is called only for the first instance of a series (inside the index write). Raises OSError or
-        StoreError on failure, leaving nothing half-written visible.
+        ``header`` is called only for the first instance of a series (inside the index write).
+        Raises OSError or StoreError on failure, leaving nothing half-written visible.
         """
         if self.index.has_instance(arrival.sop_uid):
             return 0, True, False

@@ -1,7 +1,7 @@
 """Small DICOM objects with planted identifiers, for the sync tests.
 
-A handful of 32x32 CT slices (fast to anonymise and upload) and a minimal RT-STRUCT that
-references them the way ours does (frame of reference, study, series, every contour image).
+A handful of 32x32 CT slices (fast to anonymise and upload) and an RT-STRUCT on them made by
+the node's own writer, so the sync tests see exactly what the node sends.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ie_gateway.write.common import ModelInfo, OutputUIDs, StructureInfo
+from ie_gateway.write.rtstruct import build_rtstruct
 
 PLANTED = {
     "PatientName": "DOE^JANE^PLANTED",
@@ -91,63 +94,14 @@ def make_ct(folder: Path, slices: int = 4, burned_in: str = "NO") -> list[Path]:
 
 
 def make_rtstruct(ct_paths: list[Path], path: Path) -> Path:
-    """A minimal RT-STRUCT on the CT: one ROI with a contour on every slice."""
+    """Our own RT-STRUCT (``build_rtstruct``) on the CT: one ROI, a square on every slice."""
     cts = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_paths]
-    sop_uid = generate_uid(entropy_srcs=["sync-rtstruct"])
-    ds = Dataset()
-    ds.file_meta = _file_meta(RTStructureSetStorage, sop_uid)
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = sop_uid
-    _patient_study(ds)
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["sync-rtstruct-series"])
-    ds.FrameOfReferenceUID = FRAME_UID
-    ds.StructureSetLabel = "AI"
-    ds.StructureSetDate = "20240518"
-    ds.StructureSetTime = "093000"
-
-    contour_images = []
-    for ct in cts:
-        item = Dataset()
-        item.ReferencedSOPClassUID = ct.SOPClassUID
-        item.ReferencedSOPInstanceUID = ct.SOPInstanceUID
-        contour_images.append(item)
-    series = Dataset()
-    series.SeriesInstanceUID = cts[0].SeriesInstanceUID
-    series.ContourImageSequence = Sequence(contour_images)
-    study = Dataset()
-    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
-    study.ReferencedSOPInstanceUID = cts[0].StudyInstanceUID
-    study.RTReferencedSeriesSequence = Sequence([series])
-    frame = Dataset()
-    frame.FrameOfReferenceUID = FRAME_UID
-    frame.RTReferencedStudySequence = Sequence([study])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
-
-    roi = Dataset()
-    roi.ROINumber = 1
-    roi.ReferencedFrameOfReferenceUID = FRAME_UID
-    roi.ROIName = "Heart"
-    roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    ds.StructureSetROISequence = Sequence([roi])
-
-    contours = []
-    for ct in cts:
-        image = Dataset()
-        image.ReferencedSOPClassUID = ct.SOPClassUID
-        image.ReferencedSOPInstanceUID = ct.SOPInstanceUID
-        contour = Dataset()
-        contour.ContourImageSequence = Sequence([image])
-        contour.ContourGeometricType = "CLOSED_PLANAR"
-        z = float(ct.ImagePositionPatient[2])
-        contour.ContourData = [1.0, 1.0, z, 5.0, 1.0, z, 5.0, 5.0, z]
-        contour.NumberOfContourPoints = 3
-        contours.append(contour)
-    roi_contour = Dataset()
-    roi_contour.ReferencedROINumber = 1
-    roi_contour.ROIDisplayColor = [255, 0, 0]
-    roi_contour.ContourSequence = Sequence(contours)
-    ds.ROIContourSequence = Sequence([roi_contour])
+    labels = np.zeros((len(cts), int(cts[0].Rows), int(cts[0].Columns)), dtype=np.uint8)
+    labels[:, 8:20, 8:20] = 1
+    heart = StructureInfo(label=1, name="Heart", color=(255, 0, 0), interpreted_type="ORGAN", fill_holes=False)
+    uids = OutputUIDs(series_uid=generate_uid(entropy_srcs=["sync-rtstruct-series"]),
+                      sop_uid=generate_uid(entropy_srcs=["sync-rtstruct"]))
+    ds = build_rtstruct(cts, labels, [heart], ModelInfo(name="toy", version="1"), uids)
     ds.save_as(path, enforce_file_format=True)
     return path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.synthetic import make_phantom
 from tests.infer_packages import Spin, threshold_model, write_package
+from tests.peers import wait_until
 
 pytestmark = pytest.mark.slow  # each runner spawns a Python with torch (seconds here)
 
@@ -101,16 +101,13 @@ def process_state(pid: int) -> str:
 
 
 def wait_for_state(pid: int, state: str, deadline_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while process_state(pid) != state:
-        assert time.monotonic() < deadline, f"child never reached state {state}"
+    wait_until(lambda: process_state(pid) == state, deadline_s, every=0.01, what=f"child in state {state}")
 
 
 def wait_for_exit(pid: int) -> None:
     """Poll until the child can be reaped, leaving the reaping to the runner (WNOWAIT)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        assert time.monotonic() < deadline, "child did not exit"
+    wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None,
+               TIMEOUT_S, every=0.01, what="child exit")
 
 
 def test_a_child_killed_during_a_job_fails_that_job_and_the_next_completes(

@@ -14,6 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.filebase import DicomBytesIO
 
 from ie_gateway.write.validate import dice, rasterize_rtstruct
 from tests.infer_packages import threshold_model, write_package
@@ -158,9 +159,11 @@ def test_rtstruct_contours_rasterise_back_onto_the_label_map(node_factory: Any, 
     node = make_node(node_factory, tmp_path, orthanc.dicom_port).start()
     assert storescu(node.port, small_series).returncode == 0
     [job] = node.wait_state({"delivered", "failed"}, timeout=180)
+    assert job["state"] == "delivered", job
     folder = node.root / "results" / f"job-{job['id']}"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels-0.mha")))
-    rt = pydicom.dcmread(folder / "rtstruct-0.dcm")
+    [arrived] = orthanc_instances(orthanc, "RTSTRUCT")  # the copy the TPS holds, not the node's
+    rt = pydicom.dcmread(DicomBytesIO(orthanc.get_bytes(f"/instances/{arrived['ID']}/file")))
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in small_series]
     in_slice_order = sorted(headers, key=lambda h: float(h.ImagePositionPatient[2]))
     back = rasterize_rtstruct(rt, in_slice_order)

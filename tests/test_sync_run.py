@@ -14,6 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog.testing
 from azure.storage.blob import ContainerClient
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
@@ -383,6 +384,10 @@ def test_published_model_version_is_pulled_once_and_activated_by_policy(
 def test_scheduled_runs_log_instead_of_raising_when_sync_cannot_start(site: Site) -> None:
     disabled = site.cfg.model_copy(update={"sync": site.cfg.sync.model_copy(update={"enabled": False})})
     before = site.store.index.job(site.synced_job.id).detail
-    scheduled_cases(disabled, site.store)  # a SyncError escaping would fail the test
-    scheduled_models(disabled, registry_for(site.cfg))
+    with structlog.testing.capture_logs() as logs:
+        scheduled_cases(disabled, site.store)  # a SyncError escaping would fail the test
+        scheduled_models(disabled, registry_for(site.cfg))
+    errors = [(e["event"], e["log_level"]) for e in logs if e["log_level"] == "error"]
+    assert errors == [("case sync not run", "error"), ("model pull not run", "error")]
+    assert all("sync is disabled" in e["reason"] for e in logs if e["log_level"] == "error")
     assert site.store.index.job(site.synced_job.id).detail == before

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, load_config
@@ -190,10 +190,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.state == "delivered" else 1
 
 
+class TextProgress:
+    """A one-line text progress bar on a stream (stderr): ``case 1/3 [#####-----] 48% 1.2/2.5 MiB``.
+
+    Redraws only when the whole percentage changes and ends each case's line when it completes.
+    """
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self._stream = stream or sys.stderr
+        self._width = width
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if self._last == (what, percent):
+            return
+        self._last = (what, percent)
+        filled = self._width * percent // 100
+        bar = "#" * filled + "-" * (self._width - filled)
+        end = "\n" if done >= total else ""
+        self._stream.write(f"\r{what} [{bar}] {percent:3d}% "
+                           f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB{end}")
+        self._stream.flush()
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from ie_gateway.service import registry_for
     from ie_gateway.store import Store
-    from ie_gateway.sync.run import TextProgress, sync_now
+    from ie_gateway.sync.run import sync_now
 
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level)

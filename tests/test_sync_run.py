@@ -19,6 +19,7 @@ from azure.storage.blob import ContainerClient
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
+from ie_gateway.cli import TextProgress
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import SyncError
 from ie_gateway.infer.registry import Registry
@@ -27,16 +28,9 @@ from ie_gateway.store import Job, JobState, Store
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client
 from ie_gateway.sync.cases import link_approved
-from ie_gateway.sync.run import (
-    CasesReport,
-    SyncReport,
-    TextProgress,
-    scheduled_cases,
-    scheduled_models,
-    sync_cases,
-    sync_now,
-)
+from ie_gateway.sync.run import SyncReport, scheduled_cases, scheduled_models, sync_now
 from ie_gateway.sync.updates import PullStatus, publish_version
+from ie_gateway.sync.upload import CasesReport, sync_cases
 from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.infer_packages import threshold_model, write_package

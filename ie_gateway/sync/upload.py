@@ -1,0 +1,155 @@
+"""Case upload: anonymise each due case and upload it, recording the outcome in its job.
+
+A case is a delivered CT job whose route says ``sync: true``: its CT series, the node's AI
+outputs (RT-STRUCT, SEG) and the clinicians' approved structure sets linked to it
+(``cases.link_approved``), each anonymised into a scratch folder under the storage root and
+uploaded as ``cases/<pseudonymous series UID>/``. The outcome is kept in the job's detail
+(``synced``, or ``sync_error`` with the reason) for ``ie-gateway status``. A case is due again
+when the set of approved structure sets linked to it has changed since its last upload; the
+idempotent upload then sends only the new blobs and the manifest. One case's failure is
+recorded and the run goes on; the case is retried by the next run.
+
+Two case syncs never overlap (a lock file under the storage root).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from azure.core.exceptions import AzureError
+from azure.storage.blob import ContainerClient
+
+from ie_gateway.errors import SyncError
+from ie_gateway.log import drop_patient_data
+from ie_gateway.store import Index, Job, JobState, Store
+from ie_gateway.sync import blob
+from ie_gateway.sync.anonymise import Anonymiser
+from ie_gateway.sync.cases import approved_entries, approved_files
+from ie_gateway.sync.lock import exclusive
+from ie_gateway.sync.manifest import ai_outputs, case_manifest
+
+log = structlog.get_logger(__name__)
+
+SCRATCH_DIR = "sync-scratch"
+
+CaseProgress = Callable[[str, int, int], None]
+"""Called with (what, bytes done, bytes total) while a case uploads; the CLI draws it as a progress bar."""
+
+
+@dataclass(frozen=True)
+class CasesReport:
+    """What a case sync did: job ids uploaded, failed (with reasons), blob and byte counts."""
+
+    synced: tuple[int, ...] = ()
+    failed: dict[int, str] = field(default_factory=dict)
+    blobs: int = 0
+    bytes: int = 0
+
+
+def cases_due(store: Store) -> list[Job]:
+    """Delivered jobs with a ``sync: true`` route, not uploaded as they now stand, whose files
+    retention has not purged."""
+    return [job for job in store.index.jobs([JobState.DELIVERED])
+            if any(route.get("sync") for route in job.routes) and not job.detail.get("purged")
+            and _changed_since_upload(job)]
+
+
+def _changed_since_upload(job: Job) -> bool:
+    synced = job.detail.get("synced")
+    if synced is None:
+        return True
+    return sorted(synced.get("approved_jobs", [])) != _approved_jobs(job)
+
+
+def _approved_jobs(job: Job) -> list[int]:
+    return sorted(int(entry["job"]) for entry in approved_entries(job))
+
+
+def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser, *,
+               progress: CaseProgress | None = None) -> CasesReport:
+    """Anonymise and upload every case that is due; record each outcome in its job's detail.
+
+    A case that fails (anonymisation refused, storage error) is logged with its job id,
+    recorded as ``sync_error`` and left for the next run. Raises SyncError when another case
+    sync holds the lock.
+    """
+    scratch = store.root / SCRATCH_DIR
+    synced: list[int] = []
+    failed: dict[int, str] = {}
+    blobs = size = 0
+    with exclusive(store.root / "sync-cases.lock", "case sync"):
+        shutil.rmtree(scratch, ignore_errors=True)  # left by a run that was killed
+        due = cases_due(store)
+        log.info("case sync started", cases=len(due))
+        for number, job in enumerate(due, 1):
+            what = f"case {number}/{len(due)} (job {job.id})"
+            step = functools.partial(progress, what) if progress else None
+            try:
+                record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}",
+                                   progress=step)
+            except (SyncError, AzureError, OSError) as exc:
+                reason = scrubbed(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                log.warning("case sync failed", job=job.id, reason=reason)
+                _set_detail(store.index, job.id, {"sync_error": reason})
+                failed[job.id] = reason
+                continue
+            finally:
+                shutil.rmtree(scratch / f"job-{job.id}", ignore_errors=True)
+            synced.append(job.id)
+            blobs += record["blobs_uploaded"]
+            size += record["bytes_uploaded"]
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("case sync done", synced=len(synced), failed=len(failed), blobs=blobs, bytes=size)
+    return CasesReport(tuple(synced), failed, blobs, size)
+
+
+def sync_case(store: Store, container: ContainerClient, anonymiser: Anonymiser, job: Job,
+              workdir: Path, *, progress: blob.ProgressCallback | None = None) -> dict[str, Any]:
+    """Anonymise one case into ``workdir`` and upload it; record and return its ``synced``."""
+    approved_ids = _approved_jobs(job)
+    outputs = ai_outputs(store, job)
+    sources = {
+        "ct": [Path(p) for p in job.detail["slice_files"]],
+        "ai": [output.path for output in outputs],
+        "approved": approved_files(store, job),
+    }
+    anonymised = {kind: anonymiser.anonymise_files(paths, workdir / kind)
+                  for kind, paths in sources.items() if paths}
+    case_id = anonymiser.uid(job.series_uid)
+    manifest = case_manifest(case_id, outputs, sources, anonymised)
+    report = blob.upload_case(container, case_id, anonymised, manifest, progress=progress)
+    record = {
+        "case": case_id,
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **{kind: len(anonymised.get(kind, [])) for kind in blob.CASE_KINDS},
+        "approved_jobs": approved_ids,
+        "blobs_uploaded": report.uploaded,
+        "bytes_uploaded": report.bytes,
+    }
+    _set_detail(store.index, job.id, {"synced": record}, drop=("sync_error",))
+    log.info("case synced", job=job.id, ct=record["ct"], ai=record["ai"],
+             approved=record["approved"], blobs=report.uploaded, bytes=report.bytes)
+    return record
+
+
+def scrubbed(text: str) -> str:
+    """A reason fit for status and logs: UID-shaped text (file names of the spool) hashed."""
+    return str(drop_patient_data(None, "", {"reason": text})["reason"])
+
+
+def _set_detail(index: Index, job_id: int, items: dict[str, Any],
+                drop: tuple[str, ...] = ()) -> None:
+    """Merge ``items`` into a job's detail and remove the ``drop`` keys, in one transaction."""
+    with index.tx() as db:
+        row = db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        detail = {k: v for k, v in json.loads(row[0] or "{}").items() if k not in drop}
+        detail.update(items)
+        db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (json.dumps(detail), job_id))

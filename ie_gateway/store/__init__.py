@@ -1,7 +1,7 @@
 """The spool: instance files plus their SQLite index, and the job state machine.
 
 Receiving writes here; every later stage reads its input from here and writes its output here
-before the next stage may see it (DESIGN.md: durable hand-offs).
+before the next stage may see it: durable hand-offs, so a crash repeats at most one stage.
 """
 
 from __future__ import annotations

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import structlog
 import yaml
+from pydicom.uid import UID, RTStructureSetStorage, SegmentationStorage
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import RTStructureSetStorage, SegmentationStorage, Verification
+from pynetdicom.dimse_primitives import C_STORE
 
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import GatewayError
 from ie_gateway.store import JobState
 from ie_gateway.synthetic import make_phantom, write_ct_series
+
+VERIFICATION = UID("1.2.840.10008.1.1")  # pynetdicom makes its SOP class constants at run time
 
 log = structlog.get_logger(__name__)
 DEMO_CALLER = "IE_DEMO"
@@ -69,12 +72,14 @@ def _start_tps(folder: Path, port: int) -> object:
     folder.mkdir(parents=True, exist_ok=True)
 
     def store(event: evt.Event) -> int:
-        path = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        request = event.request
+        assert isinstance(request, C_STORE)  # EVT_C_STORE carries a C-STORE request
+        path = folder / f"{request.AffectedSOPInstanceUID}.dcm"
         path.write_bytes(event.encoded_dataset())
         return 0x0000
 
     ae = AE(ae_title=DEMO_TPS)
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     ae.add_supported_context(RTStructureSetStorage)
     ae.add_supported_context(SegmentationStorage)
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
@@ -86,7 +91,9 @@ def _send(files: list[Path], cfg: GatewayConfig) -> None:
     assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
     if not assoc.is_established:
         raise GatewayError("the demo node refused the association")
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         for path in files:
             status = assoc.send_c_store(path)

@@ -36,12 +36,12 @@ def keep_components(mask: np.ndarray, *, largest: bool, min_voxels: int) -> np.n
         biggest = int(np.argmax(sizes))
         keep[:] = False
         keep[biggest] = sizes[biggest] >= max(min_voxels, 1)
-    return keep[components]  # type: ignore[no-any-return]
+    return keep[components]
 
 
 def fill_holes_axial(mask: np.ndarray) -> np.ndarray:
     """``mask`` (z, y, x) with holes filled in each axial slice independently."""
-    return ndimage.binary_fill_holes(mask, structure=_AXIAL_HOLES)  # type: ignore[no-any-return]
+    return ndimage.binary_fill_holes(mask, structure=_AXIAL_HOLES)
 
 
 def postprocess_labels(

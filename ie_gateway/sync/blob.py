@@ -220,7 +220,7 @@ def _upload(container: ContainerClient, item: _Item, data: Any, content_type: st
             data,
             length=item.size,
             overwrite=True,
-            content_settings=ContentSettings(content_type=content_type, content_md5=item.md5),
+            content_settings=ContentSettings(content_type=content_type, content_md5=bytearray(item.md5)),
         )
     except AzureError as exc:
         raise SyncError(f"upload of {item.name} failed: {_reason(exc)}") from exc

@@ -104,7 +104,8 @@ def _load() -> tuple[dict[int, Action], tuple[MaskedRule, ...]]:
             if len(entry) == 2:
                 exact[entry[0] << 16 | entry[1]] = action
             else:
-                masked.append(MaskedRule(*entry, action=action))
+                group, element, group_mask, element_mask = entry
+                masked.append(MaskedRule(group, element, group_mask, element_mask, action))
     return exact, tuple(masked)
 
 

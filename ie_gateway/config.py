@@ -174,18 +174,6 @@ class GatewayConfig(_Strict):
             raise ValueError(f"allowed_callers lists {', '.join(dupes)} twice with the same host")
         return self
 
-    @property
-    def spool_dir(self) -> Path:
-        return self.storage.root / "spool"
-
-    @property
-    def index_path(self) -> Path:
-        return self.storage.root / "index.sqlite3"
-
-    @property
-    def results_dir(self) -> Path:
-        return self.storage.root / "results"
-
 
 def _distinct_hosts(cfg: GatewayConfig, title: str) -> bool:
     hosts = [c.host for c in cfg.node.allowed_callers if c.ae_title == title]

@@ -176,12 +176,6 @@ class Index:
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, args).fetchall()
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     # --- instances -------------------------------------------------------------------------
 
     def has_instance(self, sop_uid: str) -> bool:
@@ -344,13 +338,6 @@ class Index:
             detail.update(items)
             db.execute("UPDATE jobs SET detail = ?, updated_at = ? WHERE id = ?",
                        (json.dumps(detail), time.time(), job_id))
-
-    def quiet_jobs(self, quiet_for_s: float, now: float | None = None) -> list[Job]:
-        """Receiving jobs with no new instance for ``quiet_for_s`` seconds."""
-        cutoff = (now if now is not None else time.time()) - quiet_for_s
-        rows = self.query(JOB_QUERY + " WHERE j.state = ? AND j.last_instance_at <= ? ORDER BY j.id",
-                          (JobState.RECEIVING.value, cutoff))
-        return [_job(r) for r in rows]
 
     def next_job(self, state: JobState) -> Job | None:
         """The oldest job in ``state`` (by completion, then arrival)."""

@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
+    reroute = command("reroute", "route an unrouted, refused, failed or held job again (after a rules fix)")
+    reroute.add_argument("job", type=int)
+    release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
+    release.add_argument("job", type=int)
     return parser
 
 
@@ -232,18 +236,32 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ie_gateway.store import JobState, Store
-    from ie_gateway.store.outbox import Outbox
+    from ie_gateway.admin import retry
+    from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    store = Store(cfg.storage.root)
-    job = store.index.job(args.retry)
-    queued = Outbox(store.index).retry(job.id)
-    if not queued:
-        raise GatewayError(f"job {job.id} has no dead-lettered deliveries to replay (state {job.state.value})")
-    if job.state is JobState.FAILED:
-        store.index.transition(job.id, JobState.SENDING, reason=f"replayed by {_who()}")
-    print(f"job {job.id}: {queued} deliveries queued; the running node sends them within seconds")
+    queued = retry(Store(cfg.storage.root), args.retry, _who())
+    print(f"job {args.retry}: {queued} deliveries queued; the running node sends them within seconds")
+    return 0
+
+
+def cmd_reroute(args: argparse.Namespace) -> int:
+    from ie_gateway.admin import reroute
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    reroute(Store(cfg.storage.root), args.job, _who())
+    print(f"job {args.job}: queued for routing; the running node applies the rules in force within seconds")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from ie_gateway.admin import release
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    release(Store(cfg.storage.root), args.job, _who())
+    print(f"job {args.job}: released; its results are written, marked NEEDS REVIEW, and sent")
     return 0
 
 
@@ -273,7 +291,8 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
 
 
 STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc",
-                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s")
+                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s",
+                      "empty_structures", "not_sent", "review")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -310,6 +329,8 @@ COMMANDS = {
     "explain": cmd_explain,
     "models": cmd_models,
     "send": cmd_send,
+    "reroute": cmd_reroute,
+    "release": cmd_release,
     "demo": cmd_demo,
     "sync": cmd_sync,
 }

@@ -52,10 +52,20 @@ class StructureInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model package (name, version) that produced the label map."""
+    """The model package (name, version) that produced the label map.
+
+    ``needs_review``: the result failed its model's plausibility checks and goes out anyway (the
+    route's `review: flag`, or an admin's release); outputs then say NEEDS REVIEW where a
+    planner sees it first (StructureSetLabel, SeriesDescription).
+    """
 
     name: str
     version: str
+    needs_review: bool = False
+
+
+#: The marker of a result that failed its plausibility checks.
+NEEDS_REVIEW = "NEEDS REVIEW"
 
 
 @dataclass(frozen=True)

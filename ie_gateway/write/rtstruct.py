@@ -32,6 +32,7 @@ from skimage import measure
 import ie_gateway
 from ie_gateway.write.common import (
     MANUFACTURER,
+    NEEDS_REVIEW,
     PATIENT_STUDY_KEYWORDS,
     ModelInfo,
     OutputUIDs,
@@ -181,8 +182,10 @@ def software_versions(model: ModelInfo) -> list[str]:
 
 
 def series_description(model: ModelInfo) -> str:
-    """SeriesDescription of an output: says it is AI-made, by which model and version."""
-    return f"AI contours {model.name} v{model.version}"[:64]
+    """SeriesDescription of an output: says it is AI-made, by which model and version, and
+    whether it failed its plausibility checks."""
+    text = f"AI contours {model.name} v{model.version}"
+    return (f"{NEEDS_REVIEW}: {text}" if model.needs_review else text)[:64]
 
 
 def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_number: int) -> Dataset:
@@ -210,7 +213,7 @@ def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_numb
     ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
     ds.InstanceNumber = 1
-    ds.StructureSetLabel = "AI contours"
+    ds.StructureSetLabel = NEEDS_REVIEW if model.needs_review else "AI contours"
     ds.StructureSetName = f"{model.name} v{model.version}"[:64]
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ApprovalStatus = "UNAPPROVED"

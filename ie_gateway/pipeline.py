@@ -37,6 +37,7 @@ from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names
 from ie_gateway.write.common import (
+    Masks,
     ModelInfo,
     OutputUIDs,
     SliceGeometry,
@@ -206,14 +207,13 @@ class Worker:
             # the masks as the writers encode them: what the checks and volumes_cc must measure
             masks = {s.label: structure_mask(labels, s) for s in structures}
             findings = check_result(model.manifest.structures, masks, geometry)
-            del masks
-            results.append((index, route, model, labels, structures, findings))
-        first = results[0][5]
+            results.append((index, route, model, labels, masks, structures, findings))
+        first = results[0][-1]
         self.store.index.update_detail(job.id, volumes_cc=first.volumes_cc, empty_structures=first.empty)
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
         reasons = [f"{route['model']}: {r}" if len(results) > 1 else r
-                   for _, route, _, _, _, f in results for r in f.reasons]
+                   for _, route, *_, f in results for r in f.reasons]
         review = job.detail.get("review") or {}
         if reasons and not review.get("released_by"):
             hold = any(route.get("review", "hold") == "hold" and f.reasons for _, route, *_, f in results)
@@ -225,9 +225,9 @@ class Worker:
             log.warning("result flagged for review", reasons=reasons)
         written: list[str] = []
         not_sent: dict[str, list[str]] = {}
-        uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[4], r[5])])
+        uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
         qa_png = None
-        for index, route, model, labels, structures, findings in results:
+        for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
             for kind in route["outputs"]:
                 refusing = [d for d in route["send_to"] if d in self.cfg.destinations
@@ -238,7 +238,7 @@ class Worker:
             for key, stem, kind, dests, out_structures in self._plan(route, index, structures, findings):
                 out_uids = OutputUIDs(**uids[key])
                 path = folder / f"{stem}.dcm"
-                self._write_output(kind, headers, labels, out_structures, info, out_uids, path)
+                self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
                 for dest in dests:
                     self.outbox.enqueue(job.id, dest, str(path.relative_to(self.store.results)),
                                         out_uids.sop_uid, _sop_class(kind))
@@ -299,17 +299,17 @@ class Worker:
             self.store.index.update_detail(job.id, output_uids=stored)
         return stored
 
-    def _write_output(self, kind: str, headers: list[pydicom.Dataset], labels: np.ndarray,
+    def _write_output(self, kind: str, headers: list[pydicom.Dataset], labels: np.ndarray, masks: Masks,
                       structures: list[StructureInfo], info: ModelInfo, uids: OutputUIDs, path: Path) -> None:
         tmp = path.with_suffix(".part")
         if kind == "rtstruct":
-            ds = build_rtstruct(headers, labels, structures, info, uids)
+            ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks)
             ds.save_as(tmp, enforce_file_format=True)
-            validate_rtstruct(tmp, headers, labels, structures, uids)
+            validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
         elif kind == "seg":
-            seg = build_seg(headers, labels, structures, info, uids)
+            seg = build_seg(headers, labels, structures, info, uids, masks=masks)
             seg.save_as(tmp)
-            validate_seg(tmp, headers, labels, structures, uids)
+            validate_seg(tmp, headers, labels, structures, uids, masks=masks)
         else:
             raise WriteError(f"unknown output kind {kind}")
         tmp.replace(path)

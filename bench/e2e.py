@@ -40,7 +40,9 @@ def one_run(work: Path, series: Path, stable_after: float) -> dict[str, float]:
         "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port}},
         "delivery": {"every_s": 1.0},
     }, rules={"rules": [{"name": "thorax", "match": {"Modality": "CT"}, "model": "demo-thorax",
-                         "outputs": ["rtstruct", "seg"], "send_to": ["TPS"]}]}).start()
+                         "outputs": ["rtstruct", "seg"], "send_to": ["TPS"],
+                         # a result failing its checks is still sent (marked), so the run ends
+                         "review": "flag"}]}).start()
     try:
         started = time.time()
         subprocess.run(["storescu", "-aec", "IE_GATEWAY", "-R", "+sd", "+r", "127.0.0.1", str(node.port),
@@ -57,6 +59,8 @@ def one_run(work: Path, series: Path, stable_after: float) -> dict[str, float]:
         [job] = node.status()
         timings = job["timings_s"]
         stages = {e["stage"]: e["seconds"] for e in events if e["event"] == "stage done"}
+        if job.get("review"):
+            print(f"  (the result failed its checks, sent marked: {job['review']['reasons']})")
         model = float(timings["total"])  # the runner's resample + windows + resample back + post-processing
         total = stored - acked
         quiet = complete - acked

@@ -298,3 +298,34 @@ def test_reroute_after_a_rules_fix_routes_an_unrouted_job_and_records_who(
     moves = transitions(node, job["id"])
     [(to, reason, who, _at)] = [t for t in moves if t[2]]
     assert to == "complete" and reason == f"rerouted by {who}"
+
+
+def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
+        rt_only_tps: StoreSCP, tmp_path: Path) -> None:
+    from ie_gateway.config import DeliverySettings, Destination
+    from ie_gateway.send import Sender
+    from ie_gateway.store import Store
+    from ie_gateway.store.outbox import Outbox
+
+    store = Store(tmp_path / "var")
+    job, _ = store.index.add_instance(sop_uid="1.2.3.1", sop_class="1.2.840.10008.5.1.4.1.1.2",
+                                      transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.2.3",
+                                      series_uid="1.2.3.0", path="ct.dcm", size=1, calling_ae="PACS",
+                                      called_ae="IE_GATEWAY", header=dict)
+    garbage = store.job_dir(job) / "rtstruct-0.dcm"
+    garbage.write_bytes(b"not a DICOM file")  # pynetdicom raises when it reads it
+    outbox = Outbox(store.index)
+    outbox.enqueue(job, "TPS", str(garbage.relative_to(store.results)), "1.2.3.4", str(RTStructureSetStorage))
+    sender = Sender({"TPS": Destination(ae_title="TPS", host="127.0.0.1", port=rt_only_tps.port)},
+                    DeliverySettings(base_s=0.01, cap_s=0.01, max_attempts=2), outbox, store.results)
+    try:
+        for _ in range(2):
+            wait_until(lambda: outbox.due(), 5, what="the row due again")
+            [future] = sender.deliver_due()
+            assert future.result(timeout=30) == 0
+    finally:
+        sender.close()
+    [(dest, status, error)] = outbox.failures(job)
+    assert dest == "TPS" and status is None and error, error
+    assert error.startswith("TPS: ") and "internal error" not in error, error
+    assert outbox.job_summary(job) == {"failed": 1}

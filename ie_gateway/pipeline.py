@@ -193,6 +193,7 @@ class Worker:
                  structures=len(volumes))
 
     def write(self, job: Job) -> None:
+        started = time.monotonic()
         folder = self.store.job_dir(job.id)
         # the CT as the volume stage checked it, and its headers in the same slice order
         ct = sitk.ReadImage(str(folder / CT_FILE))
@@ -208,6 +209,7 @@ class Worker:
             masks = {s.label: structure_mask(labels, s) for s in structures}
             findings = check_result(model.manifest.structures, masks, geometry)
             results.append((index, route, model, labels, masks, structures, findings))
+        log.info("result checked", reasons=len(results[0][-1].reasons), seconds=round(time.monotonic() - started, 3))
         first = results[0][-1]
         self.store.index.update_detail(job.id, volumes_cc=first.volumes_cc, empty_structures=first.empty)
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
@@ -244,6 +246,7 @@ class Worker:
                                         out_uids.sop_uid, _sop_class(kind))
                 self.on_queued()
                 written.append(kind)
+                log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
             if qa_png is None:
                 spacing = tuple(float(s) for s in ct.GetSpacing())
                 qa_png = render_qa_png(hu, labels, structures, spacing, info, folder / "qa.png")  # type: ignore[arg-type]

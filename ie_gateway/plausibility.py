@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ie_gateway.infer.manifest import InterpretedType, Structure
-from ie_gateway.write.common import SliceGeometry
+from ie_gateway.write.common import SliceGeometry, bounding_box
 
 #: Share of a structure's volume that must lie inside the structure named by ``expect.inside``.
 INSIDE_SHARE = 0.95
@@ -36,24 +36,15 @@ class Findings:
     reasons: list[str] = field(default_factory=list)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a non-empty mask, from its projections (cheaper than find_objects)."""
-    spans = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        if hit.size == 0:
-            return None
-        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(spans)
-
-
 def _centre_x(mask: np.ndarray, geometry: SliceGeometry) -> float:
     """Patient x (LPS mm) of the mask's centre of mass."""
-    total = float(mask.sum())
-    k = float((mask.sum(axis=(1, 2)) * np.arange(mask.shape[0])).sum()) / total
-    r = float((mask.sum(axis=(0, 2)) * np.arange(mask.shape[1])).sum()) / total
-    c = float((mask.sum(axis=(0, 1)) * np.arange(mask.shape[2])).sum()) / total
+    box = bounding_box(mask)
+    if box is None:
+        return 0.0
+    crop = mask[box]
+    total = float(np.count_nonzero(crop))
+    k, r, c = (float((np.count_nonzero(crop, axis=tuple(a for a in range(3) if a != axis))
+                      * np.arange(box[axis].start, box[axis].stop)).sum()) / total for axis in range(3))
     lo = int(np.floor(k))
     hi = min(lo + 1, mask.shape[0] - 1)
     point = np.array([[r, c]])
@@ -63,7 +54,7 @@ def _centre_x(mask: np.ndarray, geometry: SliceGeometry) -> float:
 
 
 def _largest_share(mask: np.ndarray) -> float:
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return 0.0
     labelled, count = ndimage.label(mask[box])
@@ -83,7 +74,7 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
     voxel_cc = geometry.row_spacing * geometry.col_spacing * slice_mm / 1000.0
     scan_cm = slices * slice_mm / 10.0
     by_name = {s.name: s for s in structures}
-    counts = {s.name: int(masks[s.label].sum()) for s in structures}
+    counts = {s.name: int(np.count_nonzero(masks[s.label])) for s in structures}
     volumes = {name: round(n * voxel_cc, 1) for name, n in counts.items()}
     empty = [name for name, n in counts.items() if n == 0]
     external = next((s for s in structures if s.interpreted_type is InterpretedType.EXTERNAL
@@ -113,8 +104,9 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
                 reasons.append(f"{s.name}: centre {abs(offset):.0f} mm {side} of the midline "
                                f"(expected {expect.side})")
         if expect.inside is not None:
+            box = bounding_box(mask)
             host = masks[by_name[expect.inside].label]
-            share = float(np.logical_and(mask, host).sum()) / counts[s.name]
+            share = float(np.count_nonzero(mask[box] & host[box])) / counts[s.name]
             if share < INSIDE_SHARE:
                 reasons.append(f"{s.name}: {share:.0%} inside {expect.inside} "
                                f"(expected >= {INSIDE_SHARE:.0%})")
@@ -124,7 +116,7 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
                 reasons.append(f"{s.name}: largest piece holds {share:.0%} of it "
                                f"(expected {expect.largest_component})")
         if expect.slices_covered is not None:
-            covered = int(mask.any(axis=(1, 2)).sum()) / slices
+            covered = int(np.count_nonzero(mask.any(axis=(1, 2)))) / slices
             if covered not in expect.slices_covered:
                 reasons.append(f"{s.name}: on {covered:.0%} of the slices "
                                f"(expected {expect.slices_covered})")

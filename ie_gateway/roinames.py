@@ -67,18 +67,21 @@ class RoiNames(_Strict):
             raise ValueError(f"several structures would arrive as {', '.join(twice)}")
         return self
 
+    def local_name(self, name: str) -> str | None:
+        """What a model structure is called at this destination; None: it is left out."""
+        entry = self.rois.get(name)
+        if entry is None:
+            return name if self.unlisted == "keep" else None
+        return (entry.name or name) if entry.send else None
+
     def apply(self, structures: Sequence[StructureInfo]) -> list[StructureInfo]:
         """The structures this destination gets, renamed and recoloured, in the model's order."""
         out = []
         for s in structures:
-            entry = self.rois.get(s.name)
-            if entry is None:
-                if self.unlisted == "keep":
-                    out.append(s)
-                continue
-            if entry.send:
-                out.append(dataclasses.replace(s, name=entry.name or s.name,
-                                               color=entry.color or s.color))
+            local = self.local_name(s.name)
+            if local is not None:
+                entry = self.rois.get(s.name)
+                out.append(dataclasses.replace(s, name=local, color=(entry.color if entry else None) or s.color))
         return out
 
 

@@ -329,3 +329,14 @@ def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
     assert dest == "TPS" and status is None and error, error
     assert error.startswith("TPS: ") and "internal error" not in error, error
     assert outbox.job_summary(job) == {"failed": 1}
+
+
+def test_a_model_name_too_long_for_the_tps_and_not_mapped_is_a_check_config_error(
+        node_factory: Any, tmp_path: Path) -> None:
+    node = make_node(node_factory, body_model(tmp_path / "models"),
+                     {"TPS": destination(free_port(), max_roi_name=5)},
+                     {"model": "toy-body", "outputs": ["rtstruct"], "send_to": ["TPS"]})
+    result = node.cli("check-config", check=False)
+    assert result.returncode == 2
+    assert "rules.thorax: toy-body@1 sends ROI 'External' (8 characters) to TPS, whose max_roi_name is 5" \
+        in result.stderr

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,13 @@ from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.plausibility import Findings, check_result
+from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobState, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.sync.cases import link_approved
 from ie_gateway.volume import VolumeChecks, load_volume
-from ie_gateway.plausibility import Findings, check_result
-from ie_gateway.roinames import load_roi_names
 from ie_gateway.write.common import (
     Masks,
     ModelInfo,
@@ -302,7 +302,7 @@ class Worker:
             self.store.index.update_detail(job.id, output_uids=stored)
         return stored
 
-    def _write_output(self, kind: str, headers: list[pydicom.Dataset], labels: np.ndarray, masks: Masks,
+    def _write_output(self, kind: str, headers: Sequence[pydicom.Dataset], labels: np.ndarray, masks: Masks,
                       structures: list[StructureInfo], info: ModelInfo, uids: OutputUIDs, path: Path) -> None:
         tmp = path.with_suffix(".part")
         if kind == "rtstruct":

@@ -91,7 +91,7 @@ class Sender:
         recorded: set[int] = set()
         try:
             return self._deliver(name, rows, recorded)
-        except Exception as exc:  # noqa: BLE001 - top of a delivery thread: every row gets its attempt recorded
+        except Exception as exc:  # the top of a delivery thread: every row gets its attempt recorded
             log.exception("delivery pass crashed", destination=name)
             for row in rows:
                 if row.id not in recorded:

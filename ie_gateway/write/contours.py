@@ -145,7 +145,7 @@ def mask_rings(mask: np.ndarray, min_area: float = 0.0) -> dict[int, list[np.nda
     areas = 0.5 * np.abs(np.add.reduceat(twice_area, first))
     kept_per_ring = np.add.reduceat(keep.astype(np.int64), first)
     rings: dict[int, list[np.ndarray]] = {}
-    for n in np.flatnonzero((kept_per_ring >= 3) & (areas >= min_area)):
-        span = slice(int(first[n]), int(first[n] + size[n]))
-        rings.setdefault(int(slices[first[n]]), []).append(points[span][keep[span]])
+    for ring in np.flatnonzero((kept_per_ring >= 3) & (areas >= min_area)):
+        span = slice(int(first[ring]), int(first[ring] + size[ring]))
+        rings.setdefault(int(slices[first[ring]]), []).append(points[span][keep[span]])
     return dict(sorted(rings.items()))

@@ -189,7 +189,7 @@ def elem_keyword(tag: int) -> str:
 
 
 def _check_ds_lengths(ds: Dataset) -> None:
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset itself decodes every element
         elem = ds.get_item(tag)
         if elem is None:
             continue

@@ -6,8 +6,10 @@ A node (the shipped demo model, CPU) and Orthanc as the TPS run on loopback; sto
 synthetic 512² CT. The time after the last C-STORE response until Orthanc holds the RT-STRUCT
 is split, from the node's own log, into the quiet period (stable_after_s), the model's compute
 (the inference runner's resample, windows, folds, post-processing and resample back) and the
-rest: our overhead (routing, volume load, writing and validating RT-STRUCT and SEG, QA picture,
-delivery). The peer for scale is Orthanc's own time to take the 200 CT instances.
+rest: our overhead (routing, volume load, the plausibility checks, writing and validating the
+RT-STRUCT, delivery; the SEG and the QA picture are made after the RT-STRUCT is queued). From
+the label map on, the RT-STRUCT's path is split into the masks and checks, its build and
+validation, and the delivery. The peer for scale is the storescu send of the 200 CT instances.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def one_run(work: Path, series: Path, stable_after: float) -> dict[str, float]:
         "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port}},
         "delivery": {"every_s": 1.0},
     }, rules={"rules": [{"name": "thorax", "match": {"Modality": "CT"}, "model": "demo-thorax",
-                         "outputs": ["rtstruct", "seg"], "send_to": ["TPS"]}]}).start()
+                         "outputs": ["rtstruct", "seg"], "send_to": ["TPS"],
+                         # a result failing its checks is still sent (marked), so the run ends
+                         "review": "flag"}]}).start()
     try:
         started = time.time()
         subprocess.run(["storescu", "-aec", "IE_GATEWAY", "-R", "+sd", "+r", "127.0.0.1", str(node.port),
@@ -57,11 +61,20 @@ def one_run(work: Path, series: Path, stable_after: float) -> dict[str, float]:
         [job] = node.status()
         timings = job["timings_s"]
         stages = {e["stage"]: e["seconds"] for e in events if e["event"] == "stage done"}
+        inferred = next(_ts(e) for e in events if e["event"] == "inferred")
+        checked = next(e for e in events if e["event"] == "result checked")
+        queued = next(e for e in events if e["event"] == "output queued" and e["kind"] == "rtstruct")
+        if job.get("review"):
+            print(f"  (the result failed its checks, sent marked: {job['review']['reasons']})")
         model = float(timings["total"])  # the runner's resample + windows + resample back + post-processing
         total = stored - acked
         quiet = complete - acked
         return {"send_s": acked - started, "total_s": total, "quiet_s": quiet, "model_s": model,
-                "overhead_s": total - quiet - model, **{f"stage_{k}_s": v for k, v in stages.items()}}
+                "overhead_s": total - quiet - model, **{f"stage_{k}_s": v for k, v in stages.items()},
+                "label_map_to_rtstruct_stored_s": stored - inferred,
+                "  of which: masks + checks_s": checked["seconds"],
+                "  rtstruct built + validated_s": queued["seconds"] - checked["seconds"],
+                "  queued -> stored at TPS_s": stored - _ts(queued)}
     finally:
         node.stop()
         tps.stop()

@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
+    reroute = command("reroute", "route an unrouted, refused, failed or held job again (after a rules fix)")
+    reroute.add_argument("job", type=int)
+    release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
+    release.add_argument("job", type=int)
     return parser
 
 
@@ -93,9 +97,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
+    problems = _roi_name_problems(cfg, rules)
+    if problems:
+        raise ConfigError(problems)
     print(f"{cfg.source}: ok")
     print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
     return 0
+
+
+def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
+    """ROI names a rule would send that are longer than the destination takes.
+
+    Names a destination's names file sets are checked when the config loads; this covers the
+    model's own names that reach a destination unmapped.
+    """
+    from ie_gateway.roinames import load_roi_names
+    from ie_gateway.service import registry_for
+
+    registry = registry_for(cfg)
+    problems = []
+    for rule in rules.rules:
+        route = rule.route
+        try:
+            model = registry.resolve(f"{route.model}@{route.version}" if route.version else route.model)
+        except GatewayError:
+            continue  # routing reports an unusable model itself, when a series is routed
+        names = [s.name for s in model.manifest.structures]
+        for dest_name in route.send_to:
+            dest = cfg.destinations[dest_name]
+            mapped = load_roi_names(dest.names, dest.max_roi_name) if dest.names is not None else None
+            for name in (mapped.local_name(n) if mapped else n for n in names):
+                if name is None:
+                    continue
+                if len(name) > dest.max_roi_name:
+                    problems.append(f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
+                                    f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
+                                    f"{dest.max_roi_name}: map it in {dest_name}'s names file")
+    return problems
 
 
 def _load_rules(cfg: GatewayConfig) -> RuleSet:
@@ -232,18 +270,32 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ie_gateway.store import JobState, Store
-    from ie_gateway.store.outbox import Outbox
+    from ie_gateway.admin import retry
+    from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    store = Store(cfg.storage.root)
-    job = store.index.job(args.retry)
-    queued = Outbox(store.index).retry(job.id)
-    if not queued:
-        raise GatewayError(f"job {job.id} has no dead-lettered deliveries to replay (state {job.state.value})")
-    if job.state is JobState.FAILED:
-        store.index.transition(job.id, JobState.SENDING, reason=f"replayed by {_who()}")
-    print(f"job {job.id}: {queued} deliveries queued; the running node sends them within seconds")
+    queued = retry(Store(cfg.storage.root), args.retry, _who())
+    print(f"job {args.retry}: {queued} deliveries queued; the running node sends them within seconds")
+    return 0
+
+
+def cmd_reroute(args: argparse.Namespace) -> int:
+    from ie_gateway.admin import reroute
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    reroute(Store(cfg.storage.root), args.job, _who())
+    print(f"job {args.job}: queued for routing; the running node applies the rules in force within seconds")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from ie_gateway.admin import release
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    release(Store(cfg.storage.root), args.job, _who())
+    print(f"job {args.job}: released; its results are written, marked NEEDS REVIEW, and sent")
     return 0
 
 
@@ -273,7 +325,8 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
 
 
 STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc",
-                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s")
+                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s",
+                      "empty_structures", "not_sent", "review")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -310,6 +363,8 @@ COMMANDS = {
     "explain": cmd_explain,
     "models": cmd_models,
     "send": cmd_send,
+    "reroute": cmd_reroute,
+    "release": cmd_release,
     "demo": cmd_demo,
     "sync": cmd_sync,
 }

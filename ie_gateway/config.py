@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError
+from ie_gateway.roinames import load_roi_names
 from ie_gateway.yamlfile import load_model
 
 AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
@@ -88,11 +89,22 @@ class InferenceSettings(_Strict):
 
 
 class Destination(_Strict):
-    """A peer results are sent to (a TPS, a PACS)."""
+    """A peer results are sent to (a TPS, a PACS).
+
+    ``accepts``: the outputs it takes (many planning systems take RT-STRUCT but not SEG); a
+    route's other outputs are not sent there. ``connect_timeout_s`` bounds the TCP connect and
+    the wait for the association's answer, so a hanging peer fails its attempt instead of
+    holding it. ``names``: a file of the department's ROI names (rename, recolour, leave out);
+    ``max_roi_name``: the longest ROI name the peer takes, checked against that file on load.
+    """
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    accepts: list[Literal["rtstruct", "seg"]] = Field(["rtstruct", "seg"], min_length=1)
+    connect_timeout_s: float = Field(10, gt=0)
+    names: Path | None = None
+    max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -154,7 +166,7 @@ class GatewayConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 
-    @field_validator("storage", "routing_file", "models_dir", mode="before")
+    @field_validator("storage", "routing_file", "models_dir", "destinations", mode="before")
     @classmethod
     def _relative_to_file(cls, value: object, info: ValidationInfo) -> object:
         base = (info.context or {}).get("base")
@@ -162,6 +174,8 @@ class GatewayConfig(_Strict):
             return value
         if info.field_name == "storage" and isinstance(value, dict) and "root" in value:
             return {**value, "root": str(base / Path(str(value["root"])))}
+        if info.field_name == "destinations":
+            return _destination_files(value, base)
         if isinstance(value, str):
             return str(base / Path(value))
         return value
@@ -173,6 +187,15 @@ class GatewayConfig(_Strict):
         if dupes:
             raise ValueError(f"allowed_callers lists {', '.join(dupes)} twice with the same host")
         return self
+
+
+def _destination_files(value: object, base: Path) -> object:
+    """Destinations with their `names` file resolved against the config's folder."""
+    if not isinstance(value, dict):
+        return value
+    return {name: {**dest, "names": str(base / Path(str(dest["names"])))}
+            if isinstance(dest, dict) and isinstance(dest.get("names"), str) else dest
+            for name, dest in value.items()}
 
 
 def _distinct_hosts(cfg: GatewayConfig, title: str) -> bool:
@@ -188,6 +211,12 @@ def load_config(path: Path) -> GatewayConfig:
     missing = [f"{path}: routing_file: {cfg.routing_file} does not exist"] if not cfg.routing_file.is_file() else []
     if not cfg.models_dir.is_dir():
         missing.append(f"{path}: models_dir: {cfg.models_dir} is not a folder")
+    for dest in cfg.destinations.values():
+        if dest.names is not None:
+            try:
+                load_roi_names(dest.names, dest.max_roi_name)
+            except ConfigError as exc:
+                missing.extend(exc.errors)
     if missing:
         raise ConfigError(missing)
     return cfg

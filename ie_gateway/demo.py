@@ -28,7 +28,7 @@ VERIFICATION = UID("1.2.840.10008.1.1")  # pynetdicom makes its SOP class consta
 log = structlog.get_logger(__name__)
 DEMO_CALLER = "IE_DEMO"
 DEMO_TPS = "DEMO_TPS"
-FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED}
+FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED, JobState.NEEDS_REVIEW}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ GatewayError
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
-└── SyncError              anonymisation, upload or model download failed
+├── SyncError              anonymisation, upload or model download failed
+└── AdminError             an admin's action does not apply to the job as it stands
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
 job with the message as its reason, so messages are written for the admin who reads `status`.
@@ -72,3 +73,7 @@ class DeliveryError(GatewayError):
 
 class SyncError(GatewayError):
     """Anonymisation, upload or a model download failed."""
+
+
+class AdminError(GatewayError):
+    """An admin's action (reroute, release, retry) does not apply to the job in its state."""

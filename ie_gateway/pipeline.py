@@ -1,7 +1,9 @@
 """The worker: claims series jobs in order of arrival and runs the stages after receipt.
 
 complete ─route─▶ routed ─volume+infer─▶ inferred ─write─▶ sending ─outbox─▶ delivered
-   └▶ unrouted        └▶ refused / failed        └▶ failed       └▶ failed (dead letter)
+   └▶ unrouted        └▶ refused / failed        │└▶ failed      └▶ failed (dead letter)
+                                                 └▶ needs_review (plausibility checks failed,
+                                                    route `review: hold`; `release` → inferred)
 
 Each stage reads what the previous one stored (index rows, files in the job's folder) and
 stores its own output before moving the job on, so a crash repeats at most one stage. This is
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,22 @@ from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.plausibility import Findings, check_result
+from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobState, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.sync.cases import link_approved
 from ie_gateway.volume import VolumeChecks, load_volume
-from ie_gateway.write.common import ModelInfo, OutputUIDs, StructureInfo, new_output_uids
+from ie_gateway.write.common import (
+    Masks,
+    ModelInfo,
+    OutputUIDs,
+    SliceGeometry,
+    StructureInfo,
+    new_output_uids,
+    structure_mask,
+)
 from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
@@ -181,58 +193,126 @@ class Worker:
                  structures=len(volumes))
 
     def write(self, job: Job) -> None:
+        started = time.monotonic()
         folder = self.store.job_dir(job.id)
-        uids = self._output_uids(job)
         # the CT as the volume stage checked it, and its headers in the same slice order
         ct = sitk.ReadImage(str(folder / CT_FILE))
         hu = sitk.GetArrayViewFromImage(ct)
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in job.detail["slice_files"]]
-        written: list[str] = []
-        qa_png = None
+        geometry = SliceGeometry.from_headers(headers)
+        results = []
         for index, route in enumerate(job.routes):
             model = self.registry.resolve(f"{route['model']}@{route['version']}")
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
             structures = structures_of(model.manifest)
-            info = ModelInfo(name=model.name, version=model.version)
+            # the masks as the writers encode them: what the checks and volumes_cc must measure
+            masks = {s.label: structure_mask(labels, s) for s in structures}
+            findings = check_result(model.manifest.structures, masks, geometry)
+            results.append((index, route, model, labels, masks, structures, findings))
+        log.info("result checked", reasons=len(results[0][-1].reasons), seconds=round(time.monotonic() - started, 3))
+        first = results[0][-1]
+        self.store.index.update_detail(job.id, volumes_cc=first.volumes_cc, empty_structures=first.empty)
+        if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
+            raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
+        reasons = [f"{route['model']}: {r}" if len(results) > 1 else r
+                   for _, route, *_, f in results for r in f.reasons]
+        review = job.detail.get("review") or {}
+        if reasons and not review.get("released_by"):
+            hold = any(route.get("review", "hold") == "hold" and f.reasons for _, route, *_, f in results)
+            self.store.index.update_detail(job.id, review={"reasons": reasons, "policy": "hold" if hold else "flag"})
+            if hold:
+                self.store.index.transition(job.id, JobState.NEEDS_REVIEW, reason="needs review: " + "; ".join(reasons))
+                log.warning("result held for review", reasons=reasons)
+                return
+            log.warning("result flagged for review", reasons=reasons)
+        written: list[str] = []
+        not_sent: dict[str, list[str]] = {}
+        uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
+        qa_png = None
+        for index, route, model, labels, masks, structures, findings in results:
+            info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
+            for kind in route["outputs"]:
+                refusing = [d for d in route["send_to"] if d in self.cfg.destinations
+                            and kind not in self.cfg.destinations[d].accepts]
+                for dest in refusing:
+                    not_sent.setdefault(dest, []).append(kind)
             # RT-STRUCT first: it is what the planner waits for, so it leaves before the SEG is built
-            for kind in sorted(route["outputs"], key=lambda k: k != "rtstruct"):
-                out_uids = OutputUIDs(**uids[f"{index}-{kind}"])
-                path = folder / f"{kind}-{index}.dcm"
-                self._write_output(kind, headers, labels, structures, info, out_uids, path)
-                for dest in route["send_to"]:
+            for key, stem, kind, dests, out_structures in self._plan(route, index, structures, findings):
+                out_uids = OutputUIDs(**uids[key])
+                path = folder / f"{stem}.dcm"
+                self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
+                for dest in dests:
                     self.outbox.enqueue(job.id, dest, str(path.relative_to(self.store.results)),
                                         out_uids.sop_uid, _sop_class(kind))
                 self.on_queued()
                 written.append(kind)
+                log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
             if qa_png is None:
                 spacing = tuple(float(s) for s in ct.GetSpacing())
                 qa_png = render_qa_png(hu, labels, structures, spacing, info, folder / "qa.png")  # type: ignore[arg-type]
-        self.store.index.update_detail(job.id, outputs=written, qa_png=str(qa_png) if qa_png else None)
+        if not written:
+            raise WriteError("no destination takes any output of this job (see each destination's accepts "
+                             "and names)")
+        self.store.index.update_detail(job.id, outputs=written, qa_png=str(qa_png) if qa_png else None,
+                                       not_sent=not_sent)
         self.store.index.transition(job.id, JobState.SENDING)
-        log.info("results written", files=len(written))
+        log.info("results written", files=len(written), not_sent=not_sent)
         self.settle(job.id)  # every file may have been delivered while the later ones were built
 
-    def _output_uids(self, job: Job) -> dict[str, dict[str, str]]:
-        """UIDs for every output of the job, generated once and stored before any file exists."""
-        stored = job.detail.get("output_uids")
-        if stored:
-            return stored  # type: ignore[no-any-return]
-        uids = {f"{i}-{kind}": asdict(new_output_uids()) for i, route in enumerate(job.routes)
-                for kind in route["outputs"]}
-        self.store.index.update_detail(job.id, output_uids=uids)
-        return uids
+    def _plan(self, route: dict[str, Any], index: int, structures: list[StructureInfo],
+              findings: Findings) -> list[tuple[str, str, str, list[str], list[StructureInfo]]]:
+        """The files a route's outputs become: (UID key, file stem, kind, destinations, structures),
+        RT-STRUCT first.
 
-    def _write_output(self, kind: str, headers: list[pydicom.Dataset], labels: np.ndarray,
+        Destinations that take the same names share one file; a destination with a `names`
+        file gets its own (its ROIs differ, so it is another instance with its own UIDs).
+        Empty structures are left out; a file with no structure left is not made.
+        """
+        plans = []
+        present = [s for s in structures if s.name not in findings.empty]
+        for kind in sorted(route["outputs"], key=lambda k: k != "rtstruct"):
+            groups: dict[str, list[str]] = {}
+            for dest in route["send_to"]:
+                cfg = self.cfg.destinations.get(dest)
+                if cfg is not None and kind not in cfg.accepts:
+                    continue
+                groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
+            for names, dests in groups.items():
+                out = load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present) \
+                    if names else present
+                if not out:
+                    log.warning("nothing left to send", kind=kind, destinations=dests)
+                    continue
+                for dest in dests:
+                    limit = self.cfg.destinations[dest].max_roi_name if dest in self.cfg.destinations else 64
+                    too_long = [s.name for s in out if len(s.name) > limit]
+                    if too_long:
+                        raise WriteError(f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name "
+                                         f"{limit}: map them in a names file")
+                suffix = f"-{dests[0]}" if names else ""
+                plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out))
+        return plans
+
+    def _output_uids(self, job: Job, keys: list[str]) -> dict[str, dict[str, str]]:
+        """UIDs for every output file of the job, generated once and stored before any file exists."""
+        stored: dict[str, dict[str, str]] = dict(job.detail.get("output_uids") or {})
+        missing = [k for k in keys if k not in stored]
+        if missing:
+            stored.update({k: asdict(new_output_uids()) for k in missing})
+            self.store.index.update_detail(job.id, output_uids=stored)
+        return stored
+
+    def _write_output(self, kind: str, headers: Sequence[pydicom.Dataset], labels: np.ndarray, masks: Masks,
                       structures: list[StructureInfo], info: ModelInfo, uids: OutputUIDs, path: Path) -> None:
         tmp = path.with_suffix(".part")
         if kind == "rtstruct":
-            ds = build_rtstruct(headers, labels, structures, info, uids)
+            ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks)
             ds.save_as(tmp, enforce_file_format=True)
-            validate_rtstruct(tmp, headers, labels, structures, uids)
+            validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
         elif kind == "seg":
-            seg = build_seg(headers, labels, structures, info, uids)
+            seg = build_seg(headers, labels, structures, info, uids, masks=masks)
             seg.save_as(tmp)
-            validate_seg(tmp, headers, labels, structures, uids)
+            validate_seg(tmp, headers, labels, structures, uids, masks=masks)
         else:
             raise WriteError(f"unknown output kind {kind}")
         tmp.replace(path)
@@ -250,7 +330,10 @@ class Worker:
         try:
             if failures:
                 dest, _status, error = failures[0]
-                self.store.index.transition(job_id, JobState.FAILED, reason=f"delivery to {dest} failed: {error}")
+                more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+                delivered = f"; {counts['delivered']} other file(s) delivered" if counts.get("delivered") else ""
+                self.store.index.transition(job_id, JobState.FAILED,
+                                            reason=f"delivery to {dest} failed: {error}{more}{delivered}")
                 return
             self.store.index.update_detail(job_id, deliveries=counts.get("delivered", 0))
             self.store.index.transition(job_id, JobState.DELIVERED)
@@ -265,7 +348,8 @@ def _spec(route: Route) -> str:
 
 def _route_dict(route: Route) -> dict[str, Any]:
     return {"rule": route.rule, "model": route.model, "version": route.version,
-            "outputs": [str(o) for o in route.outputs], "send_to": list(route.send_to), "sync": route.sync}
+            "outputs": [str(o) for o in route.outputs], "send_to": list(route.send_to), "sync": route.sync,
+            "review": route.review}
 
 
 def _sop_class(kind: str) -> str:

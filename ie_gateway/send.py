@@ -1,5 +1,15 @@
 """Delivery: C-STORE of result files to destinations, one association per destination batch.
 
+Destinations are independent: each due destination is drained in its own thread, and a
+destination already in a pass is skipped, so a peer that is down or hangs (bounded by its
+``connect_timeout_s``) never delays another's deliveries.
+
+A peer that refuses an output's SOP class (or every transfer syntax we offer for it) when the
+association is negotiated will refuse it on every retry: that row is dead-lettered at once with
+"TPS does not accept Segmentation Storage (refused at association)", and the other rows of the
+batch go on. Any error the SCU raises for a row counts as a failed attempt, so no row retries
+beyond ``max_attempts``.
+
 The outbox is durable, so a retry survives restarts: each attempt is recorded with the peer's
 status; the next is due after an exponential backoff with jitter (base·2^(n-1), capped, times a
 random factor in [0.5, 1] so that a recovering TPS is not hit by every node at once); after
@@ -11,13 +21,17 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import pydicom
 import structlog
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.store.outbox import Outbox, OutboxRow
@@ -26,6 +40,11 @@ log = structlog.get_logger(__name__)
 
 # C-STORE warnings (coercion, elements discarded) still mean the peer has the instance.
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+#: Presentation context result 0x04 (PS3.8 9.3.3.2): the SOP class, but none of our syntaxes.
+NO_TRANSFER_SYNTAX = 0x04
+#: What the SCU may raise for one C-STORE (no accepted context, a file it cannot read or
+#: encode, a connection dropped mid-PDU): each is one failed attempt of that row.
+SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.InvalidDicomError)
 
 
 def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float] = random.random) -> float:
@@ -35,7 +54,7 @@ def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float]
 
 
 class Sender:
-    """Drains the outbox for every destination that has due rows."""
+    """Drains the outbox: one thread per destination with due rows, at most one pass each."""
 
     def __init__(self, destinations: dict[str, Destination], settings: DeliverySettings,
                  outbox: Outbox, results_root: Path,
@@ -45,35 +64,75 @@ class Sender:
         self.outbox = outbox
         self.results_root = results_root
         self.on_settled = on_settled or (lambda job_id: None)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(destinations)), thread_name_prefix="deliver")
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
 
-    def deliver_due(self) -> int:
-        """One pass over the due rows; returns how many were delivered."""
-        delivered = 0
+    def deliver_due(self) -> list[Future[int]]:
+        """Start a pass for every destination with due rows that is not in one already.
+
+        Returns at once with the passes started (each future gives how many files it
+        delivered), so the scheduler never waits on a slow peer.
+        """
+        started = []
         for name, rows in self.outbox.due().items():
-            delivered += self._deliver(name, rows)
+            with self._lock:
+                if name in self._busy:
+                    continue
+                self._busy.add(name)
+            started.append(self._pool.submit(self._pass, name, rows))
+        return started
+
+    def close(self) -> None:
+        """Let passes in flight finish (each is bounded by its timeouts); start no more."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pass(self, name: str, rows: list[OutboxRow]) -> int:
+        recorded: set[int] = set()
+        try:
+            return self._deliver(name, rows, recorded)
+        except Exception as exc:  # the top of a delivery thread: every row gets its attempt recorded
+            log.exception("delivery pass crashed", destination=name)
+            for row in rows:
+                if row.id not in recorded:
+                    self._failed(row, None, f"{name}: internal error {type(exc).__name__}: {exc}")
+            return 0
+        finally:
+            with self._lock:
+                self._busy.discard(name)
             for job_id in sorted({r.job_id for r in rows}):
                 self.on_settled(job_id)
-        return delivered
 
-    def _deliver(self, name: str, rows: list[OutboxRow]) -> int:
+    def _deliver(self, name: str, rows: list[OutboxRow], recorded: set[int]) -> int:
         dest = self.destinations.get(name)
         if dest is None:
             for row in rows:
-                self._failed(row, None, f"destination {name} is not configured any more")
+                self._record_failed(recorded, row, None, f"destination {name} is not configured any more")
             return 0
         ae = AE(ae_title=self.settings.calling_ae)
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+        ae.network_timeout = ae.dimse_timeout = 60
+        # a peer that accepts the TCP connection but never answers the association request is
+        # as good as down: connect_timeout_s bounds both waits
+        ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
         for sop_class in sorted({r.sop_class for r in rows}):
             # one context per transfer syntax, so the explicit one is accepted when offered
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
             ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
         started = time.monotonic()
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        refused = _refused_classes(assoc)
+        for row in rows:
+            if row.sop_class in refused:
+                error = f"{name} does not accept {UID(row.sop_class).name} ({refused[row.sop_class]})"
+                self._record_failed(recorded, row, None, error, dead=True)
+                log.error("output refused by destination", job=row.job_id, destination=name, error=error)
+        rows = [r for r in rows if r.id not in recorded]
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "peer not reachable"
             for row in rows:
-                self._failed(row, None, f"{name}: {reason}")
-            log.warning("delivery deferred", destination=name, reason=reason, files=len(rows))
+                self._record_failed(recorded, row, None, f"{name}: {reason}")
+            if rows:
+                log.warning("delivery deferred", destination=name, reason=reason, files=len(rows))
             return 0
         sock = assoc.dul.socket
         if sock is not None and sock.socket is not None:
@@ -82,9 +141,10 @@ class Sender:
         try:
             for row in rows:
                 if not assoc.is_established:
-                    self._failed(row, None, f"{name}: association lost")
+                    self._record_failed(recorded, row, None, f"{name}: association lost")
                     continue
                 delivered += self._send_one(assoc, name, row)
+                recorded.add(row.id)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -92,12 +152,16 @@ class Sender:
                  seconds=round(time.monotonic() - started, 3))
         return delivered
 
-    def _send_one(self, assoc: object, name: str, row: OutboxRow) -> int:
+    def _send_one(self, assoc: Association, name: str, row: OutboxRow) -> int:
         path = self.results_root / row.path
         if not path.is_file():
             self._failed(row, None, f"result file {row.path} is missing", dead=True)
             return 0
-        rsp = assoc.send_c_store(path)  # type: ignore[attr-defined]
+        try:
+            rsp = assoc.send_c_store(path)
+        except SCU_ERRORS as exc:
+            self._failed(row, None, f"{name}: {type(exc).__name__}: {exc}")
+            return 0
         status = int(rsp.Status) if "Status" in rsp else None
         if status in DELIVERED_STATUSES:
             self.outbox.record(row, status, None, delivered=True)
@@ -106,6 +170,11 @@ class Sender:
         error = f"{name} answered 0x{status:04X}" if status is not None else f"{name}: no response"
         self._failed(row, status, error)
         return 0
+
+    def _record_failed(self, recorded: set[int], row: OutboxRow, status: int | None, error: str,
+                       dead: bool = False) -> None:
+        self._failed(row, status, error, dead=dead)
+        recorded.add(row.id)
 
     def _failed(self, row: OutboxRow, status: int | None, error: str, dead: bool = False) -> None:
         attempts = row.attempts + 1
@@ -116,3 +185,20 @@ class Sender:
         if dead:
             log.error("delivery dead-lettered", job=row.job_id, destination=row.destination,
                       attempts=attempts, status=status, error=error)
+
+
+def _refused_classes(assoc: Association) -> dict[str, str]:
+    """SOP classes the peer refused in negotiation (none of their contexts accepted), and why.
+
+    pynetdicom aborts an association in which no context was accepted, but still records the
+    peer's answer for each context, so a peer refusing everything is told apart from one that
+    is down.
+    """
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    refused: dict[str, str] = {}
+    for cx in assoc.rejected_contexts:
+        sop_class = str(cx.abstract_syntax)
+        if sop_class not in accepted:
+            refused[sop_class] = ("refused at association: none of the transfer syntaxes offered"
+                                  if cx.result == NO_TRANSFER_SYNTAX else "refused at association")
+    return refused

@@ -137,6 +137,7 @@ class Service:
         sdnotify.notify("STOPPING=1")
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
+        self.sender.close()
         self.worker.stop()
         self.runner.close()
         log.info("stopped")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from skimage import measure
 
 from ie_gateway.errors import WriteError
 from ie_gateway.write import (
@@ -20,6 +21,7 @@ from ie_gateway.write import (
     structure_mask,
 )
 from ie_gateway.write.common import ds_strings
+from ie_gateway.write.contours import mask_rings
 from ie_gateway.write.validate import dice
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
 
@@ -255,3 +257,25 @@ def test_a_ct_without_frame_of_reference_is_refused(case: Case) -> None:
     del headers[7].FrameOfReferenceUID
     with pytest.raises(WriteError, match="no FrameOfReferenceUID"):
         build_rtstruct(headers, case.labels, DEMO_STRUCTURES, MODEL, new_output_uids())
+
+
+def _skimage_rings(mask: np.ndarray) -> list[list[tuple[float, float]]]:
+    """The reference: skimage's marching squares at 0.5, collinear vertices dropped."""
+    rings = []
+    for line in measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
+        ring = line[:-1] - 1.0
+        d_in, d_out = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
+        kept = ring[np.abs(d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]) > 1e-9]
+        if len(kept) >= 3:
+            rings.append(sorted(map(tuple, kept.round(3).tolist())))
+    return sorted(rings)
+
+
+def test_contours_are_skimages_marching_squares_on_random_masks_saddles_included() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        mask = rng.random((3, 12, 15)) < rng.uniform(0.2, 0.8)
+        mine = mask_rings(mask)
+        for k in range(3):
+            got = sorted(sorted(map(tuple, r.round(3).tolist())) for r in mine.get(k, []))
+            assert got == _skimage_rings(mask[k])

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError, ModelError
 from ie_gateway.yamlfile import load_model
@@ -74,12 +74,52 @@ class PostProcess(_Strict):
     min_volume_cc: float = Field(default=0.0, ge=0)
 
 
+class Range(_Strict):
+    """An inclusive range; either end may be left open."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def __str__(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"{self.min:g}-{self.max:g}"
+        return f">= {self.min:g}" if self.min is not None else f"<= {self.max:g}"
+
+
+class Expect(_Strict):
+    """What a sane result of this structure looks like (see ie_gateway.plausibility).
+
+    ``volume_cc``: its volume; ``volume_cc_per_cm``: its volume per cm of scan length (long
+    organs such as the cord, cut by the scan's ends); ``side``: the patient's side of the
+    body's midline its centre lies on; ``inside``: another structure (the External) that holds
+    at least 95 % of it; ``largest_component``: the share of its volume in its largest
+    connected piece; ``slices_covered``: the share of the scan's slices it appears on.
+    """
+
+    volume_cc: Range | None = None
+    volume_cc_per_cm: Range | None = None
+    side: Literal["left", "right"] | None = None
+    inside: str | None = None
+    largest_component: Range | None = None
+    slices_covered: Range | None = None
+
+
 class Structure(_Strict):
     label: int = Field(ge=1, le=255)
     name: str = Field(min_length=1, max_length=64)
     color: tuple[Byte, Byte, Byte]
     interpreted_type: InterpretedType = InterpretedType.ORGAN
     postprocess: PostProcess = PostProcess()
+    expect: Expect | None = None
 
 
 class Intensity(_Strict):
@@ -141,6 +181,10 @@ class Manifest(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"structure names must be unique; repeated: {', '.join(duplicates)}")
+        unknown = sorted({s.expect.inside for s in structures
+                          if s.expect and s.expect.inside and s.expect.inside not in names})
+        if unknown:
+            raise ValueError(f"expect.inside names no structure of this model: {', '.join(unknown)}")
         return tuple(sorted(structures, key=lambda s: s.label))
 
     @field_validator("folds")

@@ -18,6 +18,7 @@
         send_to: [TPS]
         continue: false             # true lets later rules match as well (default: first wins)
         sync: false                 # true allows uploading the anonymised case for training
+        review: hold                # failing plausibility checks: hold (until release) | flag
 
 Keys of ``match`` are DICOM keywords (pydicom's dictionary), ``calling_ae``, ``called_ae``,
 ``instances`` (the series' instance count), or the groups ``any`` / ``all`` (lists of such

@@ -47,6 +47,7 @@ class Route:
     outputs: tuple[Output, ...]
     send_to: tuple[str, ...]
     sync: bool
+    review: str = "hold"  # a result failing its model's plausibility checks: hold | flag
 
 
 @dataclass(frozen=True)

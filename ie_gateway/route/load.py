@@ -83,6 +83,7 @@ class _RuleSpec(BaseModel):
     send_to: list[Annotated[StrictStr, AfterValidator(_known_destination)]] = Field(min_length=1)
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False
+    review: Literal["hold", "flag"] = "hold"
 
 
 class _RoutingSpec(BaseModel):
@@ -128,6 +129,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         outputs=tuple(dict.fromkeys(spec.outputs)),
         send_to=tuple(dict.fromkeys(spec.send_to)),
         sync=spec.sync,
+        review=spec.review,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS transitions (
     at REAL NOT NULL,
     from_state TEXT,
     to_state TEXT NOT NULL,
-    reason TEXT
+    reason TEXT,
+    who TEXT
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -147,6 +148,9 @@ class Index:
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn().executescript(SCHEMA)
+        columns = {r[1] for r in self.query("PRAGMA table_info(transitions)")}
+        if "who" not in columns:  # an index made before admins' actions were recorded by name
+            self._conn().execute("ALTER TABLE transitions ADD COLUMN who TEXT")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -308,8 +312,12 @@ class Index:
         return [_job(r) for r in self.query(JOB_QUERY + f" WHERE j.state IN ({marks}) ORDER BY j.id",
                                             tuple(s.value for s in states))]
 
-    def transition(self, job_id: int, to: JobState, reason: str | None = None, **fields: Any) -> JobState:
-        """Move a job to ``to`` if its state allows; set extra columns; return the old state."""
+    def transition(self, job_id: int, to: JobState, reason: str | None = None, *, who: str | None = None,
+                   **fields: Any) -> JobState:
+        """Move a job to ``to`` if its state allows; set extra columns; return the old state.
+
+        ``who``: the admin whose action this is (None: the node itself).
+        """
         now = time.time()
         with self.tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -325,10 +333,16 @@ class Index:
             assignments = ", ".join(f"{k} = ?" for k in sets)
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*sets.values(), job_id))
             db.execute(
-                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
-                (job_id, now, old.value, to.value, reason),
+                "INSERT INTO transitions (job_id, at, from_state, to_state, reason, who) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, now, old.value, to.value, reason, who),
             )
         return old
+
+    def transitions(self, job_id: int) -> list[dict[str, Any]]:
+        """A job's history, oldest first: at, from, to, reason, who."""
+        rows = self.query("SELECT at, from_state, to_state, reason, who FROM transitions WHERE job_id = ? "
+                          "ORDER BY rowid", (job_id,))
+        return [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3], "who": r[4]} for r in rows]
 
     def update_detail(self, job_id: int, **items: Any) -> None:
         """Merge ``items`` into a job's JSON detail (result paths, volumes, timings)."""

@@ -26,7 +26,7 @@ class OutboxRow:
     created_at: float
 
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"
 
 
 class Outbox:
@@ -86,4 +86,11 @@ class Outbox:
             cur = db.execute(
                 "UPDATE outbox SET state = ?, attempts = 0, next_at = ?, created_at = ? "
                 "WHERE job_id = ? AND state = ?", (PENDING, now, now, job_id, FAILED))
+            return int(cur.rowcount)
+
+    def cancel(self, job_id: int) -> int:
+        """Drop a job's undelivered rows (it is being routed again); return how many."""
+        with self.index.tx() as db:
+            cur = db.execute("UPDATE outbox SET state = ? WHERE job_id = ? AND state IN (?, ?)",
+                             (CANCELLED, job_id, PENDING, FAILED))
             return int(cur.rowcount)

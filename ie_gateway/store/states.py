@@ -15,6 +15,7 @@ class JobState(str, Enum):
     UNROUTED = "unrouted"     # no rule matched; kept until retention
     INFERRING = "inferring"   # the worker is running the model
     INFERRED = "inferred"     # label map stored; outputs being written
+    NEEDS_REVIEW = "needs_review"  # failed its model's plausibility checks; held until released
     SENDING = "sending"       # results in the outbox
     DELIVERED = "delivered"   # every destination has every result
     FAILED = "failed"         # gave up; see reason (dead-lettered deliveries, inference errors)
@@ -26,11 +27,13 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.COMPLETE: frozenset({S.ROUTED, S.UNROUTED, S.REFUSED, S.FAILED}),
     S.ROUTED: frozenset({S.INFERRING, S.REFUSED, S.FAILED}),
     S.INFERRING: frozenset({S.INFERRED, S.ROUTED, S.REFUSED, S.FAILED}),
-    S.INFERRED: frozenset({S.SENDING, S.FAILED}),
+    S.INFERRED: frozenset({S.SENDING, S.NEEDS_REVIEW, S.FAILED}),
+    S.NEEDS_REVIEW: frozenset({S.INFERRED, S.COMPLETE, S.FAILED}),  # `release`, or `reroute`
     S.SENDING: frozenset({S.DELIVERED, S.FAILED}),
     S.DELIVERED: frozenset(),
-    S.FAILED: frozenset({S.SENDING, S.ROUTED}),  # an admin's replay (`ie-gateway send --retry`)
-    S.REFUSED: frozenset(),
-    S.UNROUTED: frozenset({S.ROUTED}),  # re-evaluated after the rules changed, by an admin
+    # an admin's replay (`send --retry`) or `reroute` after fixing the rules (ie_gateway.admin)
+    S.FAILED: frozenset({S.SENDING, S.ROUTED, S.COMPLETE}),
+    S.REFUSED: frozenset({S.COMPLETE}),
+    S.UNROUTED: frozenset({S.ROUTED, S.COMPLETE}),
 }
 UNFINISHED = frozenset({S.RECEIVING, S.COMPLETE, S.ROUTED, S.INFERRING, S.INFERRED, S.SENDING})

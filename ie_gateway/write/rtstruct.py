@@ -1,9 +1,10 @@
 """Label map → RT Structure Set, written with pydicom (highdicom has no RT-STRUCT writer).
 
 Contours are the marching-squares iso-line at 0.5 of each structure's 0/1 mask on each axial
-slice, so a contour runs half-way between voxel centres inside and outside and rasterising it
-back (voxel centre inside ⇔ voxel in the structure) gives the mask again. Polygons are
-simplified losslessly by dropping collinear vertices (see :func:`drop_collinear`).
+slice (:func:`~ie_gateway.write.contours.mask_rings`), so a contour runs half-way between voxel
+centres inside and outside and rasterising it back (voxel centre inside ⇔ voxel in the
+structure) gives the mask again. Polygons are simplified losslessly by dropping collinear
+vertices.
 
 Holes: every boundary on a slice, outer or inner, is its own CLOSED_PLANAR contour, and the
 structure is the even-odd (XOR) combination of the contours of a slice. This is how the common
@@ -21,26 +22,29 @@ from collections.abc import Sequence
 import numpy as np
 import pydicom
 import structlog
-from pydicom import config
-from pydicom.dataelem import DataElement
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
-from scipy import ndimage
-from skimage import measure
 
 import ie_gateway
 from ie_gateway.write.common import (
     MANUFACTURER,
+    NEEDS_REVIEW,
     PATIENT_STUDY_KEYWORDS,
+    Masks,
     ModelInfo,
     OutputUIDs,
     SliceGeometry,
     StructureInfo,
+    bounding_box,
     check_inputs,
-    ds_strings,
+    ds_bytes,
     structure_masks,
 )
+from ie_gateway.write.contours import mask_rings
 
 log = structlog.get_logger(__name__)
 
@@ -53,44 +57,6 @@ DEFAULT_SERIES_NUMBER = 901
 CONTOUR_DATA = 0x30060050
 
 
-def polygon_area(points: np.ndarray) -> float:
-    """Area enclosed by a closed polygon given as (n, 2) vertices (shoelace formula)."""
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Vertices of a closed ring (n, 2), last vertex not repeated, without collinear ones.
-
-    Marching-squares vertices of a 0/1 mask lie on a half-pixel lattice, so the only vertices a
-    tolerance under half a pixel could remove are the collinear ones: removing those exactly
-    simplifies as much as ``skimage.measure.approximate_polygon(ring, 0.25)`` (measured on the
-    phantom: 8582 vs 8586 vertices of 24610), loses nothing, and is vectorised instead of
-    skimage's per-vertex Python loop (which took 7 of 10 s on a 200 x 512² CT).
-    """
-    before = np.roll(ring, 1, axis=0)
-    after = np.roll(ring, -1, axis=0)
-    d_in, d_out = ring - before, after - ring
-    cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
-    kept: np.ndarray = ring[np.abs(cross) > 1e-9]
-    return kept
-
-
-def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed contours of a 2D boolean mask as (n, 2) fractional (row, col) vertices.
-
-    The mask is padded by one pixel so every contour closes; the closing vertex is not repeated,
-    as DICOM's CLOSED_PLANAR implies the last edge.
-    """
-    padded = np.pad(mask, 1).astype(np.float32)
-    contours = []
-    for line in measure.find_contours(padded, 0.5):
-        polygon = drop_collinear(line[:-1]) - 1.0
-        if len(polygon) >= 3 and polygon_area(polygon) >= MIN_AREA_PX2:
-            contours.append(polygon)
-    return contours
-
-
 def _contour_item(number: int, points_xyz: np.ndarray, ct_header: pydicom.Dataset) -> Dataset:
     image = Dataset()
     image.ReferencedSOPClassUID = ct_header.SOPClassUID
@@ -100,11 +66,14 @@ def _contour_item(number: int, points_xyz: np.ndarray, ct_header: pydicom.Datase
     item.ContourGeometricType = "CLOSED_PLANAR"
     item.NumberOfContourPoints = len(points_xyz)
     item.ContourNumber = number
-    # the texts are valid DS by construction (ds_strings); skipping pydicom's per-value check
-    # halves the cost of the largest element of the object
-    item["ContourData"] = DataElement(
-        CONTOUR_DATA, "DS", ds_strings(points_xyz), validation_mode=config.IGNORE
+    # stored encoded, as a file read back holds it: pydicom writes a raw element's bytes as
+    # they are, and never makes a DS object per coordinate (that took 5 of 6 s per RT-STRUCT)
+    data = ds_bytes(points_xyz)
+    item[CONTOUR_DATA] = RawDataElement(
+        Tag(CONTOUR_DATA), "DS", len(data), data, 0, False, True, True, False
     )
+    # the encoding the raw value is in; without it pydicom decodes the element to write it
+    item.set_original_encoding(False, True, default_encoding)
     return item
 
 
@@ -112,16 +81,16 @@ def structure_contours(
     mask: np.ndarray, geometry: SliceGeometry, ct_headers: Sequence[pydicom.Dataset]
 ) -> list[Dataset]:
     """ContourSequence items of one structure's (z, y, x) mask, each referencing its CT slice."""
-    boxes = ndimage.find_objects(mask.view(np.uint8))
-    if not boxes or boxes[0] is None:
+    box = bounding_box(mask)
+    if box is None:
         return []
-    zs, ys, xs = boxes[0]
+    zs, ys, xs = box
     offset = np.array([ys.start, xs.start], dtype=np.float64)
     items: list[Dataset] = []
-    for k in range(zs.start, zs.stop):
-        for polygon in slice_contours(mask[k, ys, xs]):
-            points = geometry.to_patient(k, polygon + offset)
-            items.append(_contour_item(len(items) + 1, points, ct_headers[k]))
+    for k, rings in mask_rings(mask[box], MIN_AREA_PX2).items():
+        for polygon in rings:
+            points = geometry.to_patient(zs.start + k, polygon + offset)
+            items.append(_contour_item(len(items) + 1, points, ct_headers[zs.start + k]))
     return items
 
 
@@ -181,8 +150,10 @@ def software_versions(model: ModelInfo) -> list[str]:
 
 
 def series_description(model: ModelInfo) -> str:
-    """SeriesDescription of an output: says it is AI-made, by which model and version."""
-    return f"AI contours {model.name} v{model.version}"[:64]
+    """SeriesDescription of an output: says it is AI-made, by which model and version, and
+    whether it failed its plausibility checks."""
+    text = f"AI contours {model.name} v{model.version}"
+    return (f"{NEEDS_REVIEW}: {text}" if model.needs_review else text)[:64]
 
 
 def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_number: int) -> Dataset:
@@ -210,7 +181,7 @@ def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_numb
     ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
     ds.InstanceNumber = 1
-    ds.StructureSetLabel = "AI contours"
+    ds.StructureSetLabel = NEEDS_REVIEW if model.needs_review else "AI contours"
     ds.StructureSetName = f"{model.name} v{model.version}"[:64]
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ApprovalStatus = "UNAPPROVED"
@@ -225,8 +196,11 @@ def build_rtstruct(
     uids: OutputUIDs,
     *,
     series_number: int = DEFAULT_SERIES_NUMBER,
+    masks: Masks | None = None,
 ) -> Dataset:
     """RT Structure Set of ``labels`` on the CT ``ct_headers`` (slice k ⇔ ``labels[k]``).
+
+    ``masks``: the structures' masks where the caller made them already (structure_mask).
 
     Every structure gets an ROI (one with no voxels has no contours), marked UNAPPROVED and
     AUTOMATIC. The dataset carries its file meta; save it with ``ds.save_as(path,
@@ -240,7 +214,7 @@ def build_rtstruct(
         [_referenced_frame_of_reference(ct_headers)]
     )
     rois, roi_contours, observations = [], [], []
-    for structure, mask in structure_masks(labels, structures):
+    for structure, mask in structure_masks(labels, structures, masks):
         contours = structure_contours(mask, geometry, ct_headers)
         log.info("rtstruct.structure", label=structure.label, contours=len(contours))
         roi, roi_contour, observation = _roi_items(structure, frame_uid, model, contours)

@@ -21,11 +21,12 @@ from pydicom.sr.coding import Code
 from ie_gateway.errors import WriteError
 from ie_gateway.write.common import (
     MANUFACTURER,
+    Masks,
     ModelInfo,
     OutputUIDs,
     StructureInfo,
     check_inputs,
-    structure_mask,
+    structure_masks,
     with_patient_study,
 )
 from ie_gateway.write.rtstruct import series_description, software_versions
@@ -94,6 +95,7 @@ def build_seg(
     uids: OutputUIDs,
     *,
     series_number: int = DEFAULT_SERIES_NUMBER,
+    masks: Masks | None = None,
 ) -> hd.seg.Segmentation:
     """BINARY Segmentation of ``labels`` over the CT ``ct_headers`` (slice k ⇔ ``labels[k]``).
 
@@ -108,11 +110,11 @@ def build_seg(
     )
     descriptions = [segment_description(n, s, algorithm) for n, s in enumerate(structures, start=1)]
     # segment-major in memory, so each segment highdicom encodes is one contiguous block
-    masks = np.moveaxis(np.stack([structure_mask(labels, s) for s in structures]), 0, -1)
+    stacked = np.moveaxis(np.stack([m for _, m in structure_masks(labels, structures, masks)]), 0, -1)
     try:
         seg = hd.seg.Segmentation(
             source_images=[with_patient_study(ct_headers[0]), *ct_headers[1:]],
-            pixel_array=masks,
+            pixel_array=stacked,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=uids.series_uid,

@@ -19,15 +19,17 @@ from pydicom.dataset import Dataset
 from ie_gateway.errors import WriteError
 from ie_gateway.write.common import (
     PATIENT_STUDY_KEYWORDS,
+    Masks,
     OutputUIDs,
     SliceGeometry,
     StructureInfo,
-    structure_mask,
+    structure_masks,
 )
 from ie_gateway.write.seg import seg_mask, segment_color
 
 #: Smallest Dice between a structure read back and the mask it was written from.
 MIN_DICE = 0.98
+CONTOUR_DATA = 0x30060050
 
 
 def _read(source: str | PathLike[str] | Dataset) -> Dataset:
@@ -67,21 +69,58 @@ def fill_even_odd(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.nda
     return (np.cumsum(toggles[:, :cols_n], axis=1) & 1).astype(bool)
 
 
+def _rings_by_slice(roi: Dataset, geometry: SliceGeometry) -> dict[int, list[np.ndarray]]:
+    """The (row, col) rings of one ROIContourSequence item, by the CT slice each lies on."""
+    rings: dict[int, list[np.ndarray]] = {}
+    for contour in roi.get("ContourSequence", []):
+        points = ds_values(contour, CONTOUR_DATA)[0].reshape(-1, 3)
+        k, rc = geometry.to_pixels(points)
+        rings.setdefault(k, []).append(rc)
+    return rings
+
+
+def _fill_window(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray]:
+    """:func:`fill_even_odd` within the rings' bounding box: (window, filled pixels there).
+
+    Pixels outside the rings' box are outside every ring, so nothing is lost, and a small
+    organ costs its own size instead of a whole slice.
+    """
+    stacked = np.concatenate(rings)
+    lo = np.clip(np.floor(stacked.min(axis=0)).astype(np.int64), 0, shape)
+    hi = np.clip(np.ceil(stacked.max(axis=0)).astype(np.int64) + 1, 0, shape)
+    window = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])))
+    size = (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
+    if min(size) <= 0:
+        return window, np.zeros(size if min(size) >= 0 else (0, 0), dtype=bool)
+    return window, fill_even_odd([ring - lo for ring in rings], size)
+
+
 def rasterize_roi(roi: Dataset, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
     """Boolean (z, y, x) mask of one ROIContourSequence item on the CT grid.
 
     A voxel is inside when its centre lies inside an odd number of the ROI's contours on its
     slice (even-odd rule, so inner contours cut holes).
     """
-    rings: dict[int, list[np.ndarray]] = {}
-    for contour in roi.get("ContourSequence", []):
-        points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
-        k, rc = geometry.to_pixels(points)
-        rings.setdefault(k, []).append(rc)
     mask = np.zeros(shape, dtype=bool)
-    for k, slice_rings in rings.items():
-        mask[k] = fill_even_odd(slice_rings, shape[1:])
+    for k, slice_rings in _rings_by_slice(roi, geometry).items():
+        window, filled = _fill_window(slice_rings, shape[1:])
+        mask[(k, *window)] = filled
     return mask
+
+
+def _roi_dice(roi: Dataset, geometry: SliceGeometry, expected: np.ndarray) -> float:
+    """Dice of an ROI's contours, rasterised slice by slice, with the mask it was made from.
+
+    Never builds the ROI's whole volume: each slice is filled within its rings' box and
+    compared with the same window of ``expected``.
+    """
+    drawn = both = 0
+    for k, slice_rings in _rings_by_slice(roi, geometry).items():
+        window, filled = _fill_window(slice_rings, expected.shape[1:])
+        drawn += int(np.count_nonzero(filled))
+        both += int(np.count_nonzero(filled & expected[(k, *window)]))
+    total = drawn + int(np.count_nonzero(expected))
+    return 1.0 if total == 0 else 2.0 * both / total
 
 
 def rasterize_rtstruct(ds: Dataset, ct_headers: Sequence[pydicom.Dataset]) -> np.ndarray:
@@ -119,17 +158,48 @@ def _check_uids(ds: Dataset, uids: OutputUIDs) -> None:
         raise WriteError("output Series/SOP Instance UID is not the one stored for this result")
 
 
-def _check_ds_lengths(ds: Dataset) -> None:
-    def visit(dataset: Dataset, elem: pydicom.DataElement) -> None:
-        if elem.VR != "DS" or elem.value is None:
-            return
-        values = elem.value if elem.VM > 1 else [elem.value]
-        for value in values:
-            text = getattr(value, "original_string", None) or str(value)
-            if len(text) > 16:
-                raise WriteError(f"DS value {text!r} of {elem.keyword} exceeds 16 characters")
+def ds_values(dataset: Dataset, tag: int) -> tuple[np.ndarray, str]:
+    """The numbers of a DS element and its longest text (as written, for the 16-character rule).
 
-    ds.walk(visit)
+    An element still in its encoded form (read from a file, or built by our writer) is parsed
+    by numpy in one go: a converted element costs a DS object per value, which for the
+    contours of a 200-slice RT-STRUCT took seconds.
+    """
+    elem = dataset.get_item(tag)
+    if elem is None or elem.value is None:
+        return np.zeros(0), ""
+    if elem.is_raw:
+        data = bytes(elem.value).rstrip(b" \x00")
+        if not data:
+            return np.zeros(0), ""
+        texts = data.split(b"\\")
+        try:
+            values = np.array(texts).astype(np.float64)
+        except ValueError as exc:
+            raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string") from exc
+        lengths = np.char.str_len(np.array(texts))
+        return values, texts[int(np.argmax(lengths))].decode("ascii", "replace")
+    items = elem.value if isinstance(elem.value, list | tuple) or elem.VM > 1 else [elem.value]
+    strings = [getattr(v, "original_string", None) or str(v) for v in items]
+    return np.array([float(v) for v in items], dtype=np.float64), max(strings, key=len, default="")
+
+
+def elem_keyword(tag: int) -> str:
+    return pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
+
+
+def _check_ds_lengths(ds: Dataset) -> None:
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset itself decodes every element
+        elem = ds.get_item(tag)
+        if elem is None:
+            continue
+        if elem.VR == "DS":
+            _, longest = ds_values(ds, tag)
+            if len(longest) > 16:
+                raise WriteError(f"DS value {longest!r} of {elem_keyword(tag)} exceeds 16 characters")
+        elif elem.VR == "SQ":
+            for item in ds[tag].value:
+                _check_ds_lengths(item)
 
 
 def _check_all_ct_referenced(referenced: set[str], ct_headers: Sequence[pydicom.Dataset]) -> None:
@@ -153,7 +223,7 @@ def _check_contours(ds: Dataset, ct_uids: set[str]) -> None:
         for contour in roi.get("ContourSequence", []):
             where = f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"
             n = int(contour.NumberOfContourPoints)
-            if n < 3 or len(contour.ContourData) != 3 * n:
+            if n < 3 or len(ds_values(contour, CONTOUR_DATA)[0]) != 3 * n:
                 raise WriteError(f"{where}: {n} points; a closed contour needs >= 3 (x, y, z)")
             images = contour.get("ContourImageSequence", [])
             if len(images) != 1 or images[0].ReferencedSOPInstanceUID not in ct_uids:
@@ -175,10 +245,7 @@ def _check_rois(ds: Dataset, structures: Sequence[StructureInfo]) -> None:
         raise WriteError(f"{len(names)} ROIs written for {len(structures)} structures")
 
 
-def _check_shape(
-    actual: np.ndarray, labels: np.ndarray, structure: StructureInfo, kind: str
-) -> None:
-    score = dice(actual, structure_mask(labels, structure))
+def _check_score(score: float, structure: StructureInfo, kind: str) -> None:
     if score < MIN_DICE:
         raise WriteError(
             f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}"
@@ -191,8 +258,12 @@ def validate_rtstruct(
     labels: np.ndarray,
     structures: Sequence[StructureInfo],
     uids: OutputUIDs,
+    masks: Masks | None = None,
 ) -> None:
-    """Check an RT-STRUCT (a file or dataset) against the inputs it was built from."""
+    """Check an RT-STRUCT (a file or dataset) against the inputs it was built from.
+
+    ``masks``: the structures' masks where the caller made them already (structure_mask).
+    """
     ds = _read(source)
     if ds.get("SOPClassUID") != pydicom.uid.RTStructureSetStorage:
         raise WriteError("output is not an RT Structure Set")
@@ -204,8 +275,8 @@ def validate_rtstruct(
     _check_rois(ds, structures)
     geometry = SliceGeometry.from_headers(ct_headers)
     rois = {int(roi.ReferencedROINumber): roi for roi in ds.ROIContourSequence}
-    for s in structures:
-        _check_shape(rasterize_roi(rois[s.label], geometry, labels.shape), labels, s, "RT-STRUCT")
+    for s, expected in structure_masks(labels, structures, masks):
+        _check_score(_roi_dice(rois[s.label], geometry, expected), s, "RT-STRUCT")
 
 
 def _seg_references(seg: hd.seg.Segmentation) -> set[str]:
@@ -234,6 +305,7 @@ def validate_seg(
     labels: np.ndarray,
     structures: Sequence[StructureInfo],
     uids: OutputUIDs,
+    masks: Masks | None = None,
 ) -> None:
     """Check a DICOM SEG (a file or dataset) against the inputs it was built from.
 
@@ -248,5 +320,5 @@ def validate_seg(
     _check_ds_lengths(seg)
     _check_all_ct_referenced(_seg_references(seg), ct_headers)
     _check_segments(seg, structures)
-    for number, s in enumerate(structures, start=1):
-        _check_shape(seg_mask(seg, ct_headers, number), labels, s, "SEG")
+    for number, (s, expected) in enumerate(structure_masks(labels, structures, masks), start=1):
+        _check_score(dice(seg_mask(seg, ct_headers, number), expected), s, "SEG")

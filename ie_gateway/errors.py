@@ -2,6 +2,7 @@
 
 GatewayError
 ├── ConfigError            a config or rules file does not validate (carries file:line: key: why)
+│   └── TLSConfigError     a TLS certificate, key or CA cannot be read or does not fit
 ├── StoreError             the spool or its index could not take or give data
 │   └── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
@@ -28,6 +29,13 @@ class ConfigError(GatewayError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("\n".join(errors))
+
+
+class TLSConfigError(ConfigError):
+    """A TLS certificate, key or CA file cannot be read, or the key is not the certificate's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__([message])
 
 
 class StoreError(GatewayError):

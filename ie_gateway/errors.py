@@ -12,7 +12,8 @@ GatewayError
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
-└── SyncError              anonymisation, upload or model download failed
+├── SyncError              anonymisation, upload or model download failed
+└── HttpError              the health/metrics HTTP endpoint could not start
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
 job with the message as its reason, so messages are written for the admin who reads `status`.
@@ -80,3 +81,7 @@ class DeliveryError(GatewayError):
 
 class SyncError(GatewayError):
     """Anonymisation, upload or a model download failed."""
+
+
+class HttpError(GatewayError):
+    """The HTTP endpoint (health, metrics, admin page) could not listen."""

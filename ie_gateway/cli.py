@@ -91,8 +91,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from ie_gateway import tls
+
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
+    tls_problems = tls.config_problems(cfg)
+    errors = [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
+    if errors:
+        raise ConfigError(errors)
+    for warning in tls_problems:
+        print(f"{cfg.source}: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
     return 0

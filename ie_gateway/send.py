@@ -19,6 +19,7 @@ import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from ie_gateway import tls
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.store.outbox import Outbox, OutboxRow
 
@@ -68,7 +69,7 @@ class Sender:
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
             ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
         started = time.monotonic()
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "peer not reachable"
             for row in rows:

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ie_gateway.config import DestinationTLS, NodeTLS
+from ie_gateway.config import Destination, DestinationTLS, GatewayConfig, NodeTLS
 from ie_gateway.errors import TLSConfigError
 
 CREDENTIAL = "credential:"
@@ -56,6 +56,30 @@ def client_context(cfg: DestinationTLS) -> ssl.SSLContext:
     if cfg.cert is not None and cfg.key is not None:
         _load_chain(ctx, cfg.cert, cfg.key)
     return ctx
+
+
+def associate_args(dest: Destination) -> tuple[ssl.SSLContext, str | None] | None:
+    """pynetdicom's ``tls_args`` for a destination: None for plain DICOM."""
+    if dest.tls is None:
+        return None
+    return client_context(dest.tls), dest.host if dest.tls.check_hostname else None
+
+
+def config_problems(cfg: GatewayConfig) -> list[str]:
+    """What `check-config` reports of every TLS setting in ``cfg`` (see :func:`check`)."""
+    problems: list[str] = []
+    if cfg.node.tls is not None:
+        problems += [f"node.tls: {p}" for p in check(cfg.node.tls.cert, cfg.node.tls.key, cfg.node.tls.ca)]
+    for name, dest in cfg.destinations.items():
+        if dest.tls is None:
+            continue
+        if (dest.tls.cert is None) != (dest.tls.key is None):
+            problems.append(f"destinations.{name}.tls: cert and key go together")
+        elif dest.tls.cert is not None:
+            problems += [f"destinations.{name}.tls: {p}" for p in check(dest.tls.cert, dest.tls.key, dest.tls.ca)]
+        elif dest.tls.ca is not None:
+            problems += [f"destinations.{name}.tls: {p}" for p in _check_ca(dest.tls.ca)]
+    return problems
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
@@ -104,8 +128,13 @@ def check(cert: str, key: str | None, ca: str | None, now: dt.datetime | None = 
             if ours != theirs:
                 problems.append(f"{key}: does not match the certificate {cert}")
     if ca is not None:
-        try:
-            x509.load_pem_x509_certificates(resolve(ca).read_bytes())
-        except (OSError, ValueError, TLSConfigError) as exc:
-            problems.append(f"{ca}: cannot read the CA bundle: {exc}")
+        problems += _check_ca(ca)
     return problems
+
+
+def _check_ca(ca: str) -> list[str]:
+    try:
+        x509.load_pem_x509_certificates(resolve(ca).read_bytes())
+    except (OSError, ValueError, TLSConfigError) as exc:
+        return [f"{ca}: cannot read the CA bundle: {exc}"]
+    return []

@@ -66,6 +66,19 @@ def inference_device(settings: InferenceSettings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
+    """Log where inference runs; warn when ``auto`` chose the CPU although GPU device ``nodes``
+    exist (a driver or torch build problem, or a unit that hides the devices). Returns the device."""
+    device = inference_device(settings)
+    metrics.INFERENCE_DEVICE.labels(device).set(1)
+    log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
+    if device == "cpu" and settings.device == "auto" and nodes:
+        log.warning("inference falls back to the CPU although a GPU device node exists",
+                    gpu_device_nodes=nodes,
+                    what_to_do="check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())")
+    return device
+
+
 class Service:
     """The running node. ``extra_routes`` are mounted in the HTTP endpoint beside health and
     metrics (the admin page)."""
@@ -117,7 +130,7 @@ class Service:
             s.add_job(scheduled_models, CronTrigger.from_crontab(self.cfg.sync.models_cron),
                       args=(self.cfg, self.registry), id="sync-models")
         s.start()
-        self.log_inference_device()
+        report_inference_device(self.cfg.inference, gpu_device_nodes())
         self.worker.start()
         self.receiver.start()
         metrics.REGISTRY.register(self.collector)
@@ -151,17 +164,6 @@ class Service:
             log.error("disk still below reserve; new associations stay refused", purged=purged,
                       free_mb=after.free_bytes // 2**20, reserve_mb=after.reserve_bytes // 2**20,
                       what_to_do="free space under storage.root or act on failed and held jobs")
-
-    def log_inference_device(self) -> None:
-        """Say where inference runs; warn when ``auto`` chose the CPU although a GPU is present."""
-        device = inference_device(self.cfg.inference)
-        metrics.INFERENCE_DEVICE.labels(device).set(1)
-        nodes = gpu_device_nodes()
-        log.info("inference device", device=device, setting=self.cfg.inference.device, gpu_device_nodes=nodes)
-        if device == "cpu" and self.cfg.inference.device == "auto" and nodes:
-            log.warning("inference falls back to the CPU although a GPU device node exists",
-                        gpu_device_nodes=nodes,
-                        what_to_do="check the NVIDIA driver and CUDA build of torch (torch.cuda.is_available())")
 
     def deliver_soon(self) -> None:
         """Run the outbox now rather than at its next interval."""

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     sync = command("sync", "upload anonymised cases and pull model versions")
     command("now", "run the case upload and the model pull once, with a progress bar",
             sync.add_subparsers(dest="action", required=True))
+    audit = command("audit", "received, routed, delivered, synced and admin actions, oldest first")
+    audit.add_argument("--since", help="7d, 12h, 30m, or an ISO date/time (UTC)")
+    audit.add_argument("--job", type=int, help="only this job")
+    audit.add_argument("--csv", action="store_true", help="CSV with a header row")
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
@@ -239,6 +243,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import time
+
+    from ie_gateway import audit
+    from ie_gateway.service import registry_for
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    try:
+        since = audit.parse_since(args.since, time.time()) if args.since else None
+    except ValueError as exc:
+        raise GatewayError(str(exc)) from exc
+    events = audit.audit_events(Store(cfg.storage.root), registry_for(cfg), since, args.job)
+    sys.stdout.write(audit.render(events, args.csv))
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from ie_gateway.store import JobState, Store
     from ie_gateway.store.outbox import Outbox
@@ -314,6 +335,7 @@ def _age(seconds: float) -> str:
 COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
+    "audit": cmd_audit,
     "status": cmd_status,
     "explain": cmd_explain,
     "models": cmd_models,

@@ -28,6 +28,7 @@ import structlog
 from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -37,7 +38,6 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
     Verification,
 )
-from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ie_gateway import metrics, tls
@@ -119,6 +119,12 @@ def caller_allowed(callers: list[Caller], calling_ae: str, address: str) -> bool
     return find_caller(callers, calling_ae, address) is not None
 
 
+def over_tls(assoc: Association) -> bool:
+    """Whether the association came in on the TLS listener."""
+    sock = assoc.dul.socket
+    return sock is not None and isinstance(sock.socket, ssl.SSLSocket)
+
+
 class ScreeningServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, but a connection becomes an Association only after it
     speaks: accepting never blocks on a peer, and a TLS handshake runs in the connection's own
@@ -150,10 +156,12 @@ class ScreeningServer(ThreadedAssociationServer):
         """The connection once it has sent something (TLS: once the handshake is done)."""
         readable, _, _ = select.select([conn], [], [], self.acse_timeout_s)
         if not readable:
-            return self._drop(conn, "silent")
+            self._drop(conn, "silent")
+            return None
         try:
             if not conn.recv(1, socket.MSG_PEEK):
-                return self._drop(conn, "probe")
+                self._drop(conn, "probe")
+                return None
             if self.ssl_context is None:
                 return conn
             conn.settimeout(self.acse_timeout_s)
@@ -163,14 +171,14 @@ class ScreeningServer(ThreadedAssociationServer):
         except (ssl.SSLError, OSError) as exc:
             log.warning("connection refused", reason="TLS handshake failed",
                         error=getattr(exc, "reason", None) or type(exc).__name__)
-            return self._drop(conn, "tls_handshake")
+            self._drop(conn, "tls_handshake")
+            return None
 
     def _drop(self, conn: socket.socket, reason: str) -> None:
         metrics.CONNECTIONS_REFUSED.labels(reason).inc()
         if reason == "silent":
             log.debug("connection dropped", reason="nothing sent within the ACSE timeout")
         self.shutdown_request(conn)
-        return None
 
 
 class Receiver:
@@ -271,7 +279,7 @@ class Receiver:
             self._reject(assoc, REJECT_CALLING_AE, "calling_ae", "calling AE not allowed",
                          calling_ae=calling, peer=address)
             return
-        if caller.require_tls and not isinstance(assoc.dul.socket.socket, ssl.SSLSocket):
+        if caller.require_tls and not over_tls(assoc):
             self._reject(assoc, REJECT_CALLING_AE, "tls_required", "caller must use the TLS port",
                          calling_ae=calling, peer=address)
             return
@@ -298,7 +306,7 @@ class Receiver:
         assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
 
     def _on_accepted(self, event: evt.Event) -> None:
-        secure = isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket)
+        secure = over_tls(event.assoc)
         metrics.ASSOCIATIONS_ACCEPTED.labels("yes" if secure else "no").inc()
         with self._lock:
             self._stats[id(event.assoc)] = AssociationStats(calling_ae=event.assoc.requestor.ae_title.strip())

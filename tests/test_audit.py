@@ -18,7 +18,7 @@ def _case(store: Store, n: int, instances: int = 3) -> int:
         arrival = Arrival(sop_uid=f"1.2.3.{n}.{i}", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3",
                           series_uid=f"1.2.3.{n}", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS",
                           called_ae="IE_GATEWAY")
-        job_id, _, _ = store.accept(arrival, (b"x" * 100,), lambda: {})
+        job_id, _, _ = store.accept(arrival, (b"x" * 100,), dict)
     return job_id
 
 

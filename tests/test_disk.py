@@ -95,7 +95,7 @@ def _delivered_series(store: Store, n: int, state: JobState = JobState.DELIVERED
     arrival = Arrival(sop_uid=f"1.2.3.{n}.1", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3",
                       series_uid=f"1.2.3.{n}", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS",
                       called_ae="IE_GATEWAY")
-    job_id, _, _ = store.accept(arrival, (b"x" * 1000,), lambda: {})
+    job_id, _, _ = store.accept(arrival, (b"x" * 1000,), dict)
     path = [JobState.COMPLETE, JobState.ROUTED, JobState.INFERRING, JobState.INFERRED, JobState.SENDING]
     if state is JobState.DELIVERED:
         path.append(JobState.DELIVERED)

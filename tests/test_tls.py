@@ -44,7 +44,7 @@ def dcmtk_tls(tool: str, port: int, client: Pair | None, ca: Pair, *args: str, c
     creds = ["+tls", str(client.key), str(client.cert)] if client else ["+tla"]
     return subprocess.run([f"/usr/bin/{tool}", *creds, "+cf", str(ca.cert), "-aet", calling, "-aec", "IE_GATEWAY",
                            *args, "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=120, check=False)
 
 
 def test_echo_over_tls_with_a_client_certificate_signed_by_the_ca(node_factory: object, pki: dict[str, Pair]) -> None:
@@ -84,7 +84,7 @@ def test_storescu_over_tls_lands_the_series(node_factory: object, pki: dict[str,
 def test_a_caller_that_requires_tls_is_refused_on_the_plain_port(node_factory: object, pki: dict[str, Pair]) -> None:
     node = tls_node(node_factory, pki, callers=[{"ae_title": "ECHOSCU", "require_tls": True}])
     plain = subprocess.run(["/usr/bin/echoscu", "-aet", "ECHOSCU", "-aec", "IE_GATEWAY", "127.0.0.1", str(node.port)],
-                           capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+                           capture_output=True, text=True, env=DCMTK_ENV, timeout=60, check=False)
     assert plain.returncode != 0
     assert any(e["event"] == "association refused" and e["reason"] == "caller must use the TLS port"
                for e in node.log_events())
@@ -120,7 +120,7 @@ def test_results_are_sent_over_tls_to_a_destination_that_requires_it(
         arrival = Arrival(sop_uid="1.2.3.4", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3",
                           series_uid="1.2.3.1", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS",
                           called_ae="IE_GATEWAY")
-        job_id, _, _ = store.accept(arrival, (b"x",), lambda: {})
+        job_id, _, _ = store.accept(arrival, (b"x",), dict)
         for state in (JobState.COMPLETE, JobState.ROUTED, JobState.INFERRING, JobState.INFERRED, JobState.SENDING):
             store.index.transition(job_id, state)
         result = store.results / f"job-{job_id}" / "result.dcm"

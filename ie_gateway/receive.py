@@ -13,7 +13,6 @@ hold one of the ``max_associations`` slots, which count only associations that w
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
 import ssl
 import struct
@@ -154,17 +153,21 @@ class ScreeningServer(ThreadedAssociationServer):
 
     def _screen(self, conn: socket.socket) -> socket.socket | None:
         """The connection once it has sent something (TLS: once the handshake is done)."""
-        readable, _, _ = select.select([conn], [], [], self.acse_timeout_s)
-        if not readable:
+        conn.settimeout(self.acse_timeout_s)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
             self._drop(conn, "silent")
             return None
+        except OSError:  # reset by the peer: a probe that closes with RST
+            first = b""
+        if not first:
+            self._drop(conn, "probe")
+            return None
+        if self.ssl_context is None:
+            conn.settimeout(None)
+            return conn
         try:
-            if not conn.recv(1, socket.MSG_PEEK):
-                self._drop(conn, "probe")
-                return None
-            if self.ssl_context is None:
-                return conn
-            conn.settimeout(self.acse_timeout_s)
             secure = self.ssl_context.wrap_socket(conn, server_side=True)
             secure.settimeout(None)
             return secure

@@ -118,6 +118,10 @@ class Service:
         self.reload_rules(force=True)
         if self.rules.current is None and self.rules.last_error is not None:
             raise self.rules.last_error
+        metrics.REGISTRY.register(self.collector)
+        self._collecting = True
+        if self.http is not None:  # first: a port in use stops the start before anything runs
+            self.http.start()
         s = self.scheduler
         s.add_job(self.sweep, "interval", seconds=self.cfg.series.sweep_every_s, id="stability-sweep")
         s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
@@ -133,10 +137,6 @@ class Service:
         report_inference_device(self.cfg.inference, gpu_device_nodes())
         self.worker.start()
         self.receiver.start()
-        metrics.REGISTRY.register(self.collector)
-        self._collecting = True
-        if self.http is not None:
-            self.http.start()
         sdnotify.notify("READY=1\nSTATUS=receiving")
         log.info("ready", ae_title=self.cfg.node.ae_title, port=self.receiver.port)
 

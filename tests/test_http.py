@@ -126,3 +126,14 @@ def test_extra_routes_are_served_beside_health_and_metrics(tmp_path: Path) -> No
             assert rsp.status == 200
     finally:
         server.stop()
+
+
+@pytest.mark.peer
+def test_an_http_port_in_use_stops_the_node_with_a_reason(node_factory: object) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node: Node = node_factory(settings={"http": {"bind": "127.0.0.1", "port": taken.getsockname()[1]}})  # type: ignore[operator]
+        with pytest.raises(RuntimeError, match="node exited"):
+            node.start()
+    assert "HTTP endpoint could not listen" in node.log_text()

@@ -71,7 +71,7 @@ def node_target(tmp: Path) -> tuple[int, int | None, Callable[[], None]]:
 
 def storescp_target(tmp: Path) -> tuple[int, int | None, Callable[[], None]]:
     port = free_port()
-    (tmp / "scp").mkdir()
+    (tmp / "scp").mkdir(parents=True)
     proc = subprocess.Popen(["/usr/bin/storescp", "--fork", "-aet", "IE_GATEWAY", "-od", str(tmp / "scp"), str(port)],
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: port_open(port), 30, what="storescp")

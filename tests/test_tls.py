@@ -160,3 +160,23 @@ def test_check_config_refuses_an_expired_certificate_and_a_key_that_is_not_its_o
     assert expired.returncode != 0 and "expired on" in expired.stderr
     mismatched = check(pki["node"].cert, pki["pacs"].key)
     assert mismatched.returncode != 0 and "does not match the certificate" in mismatched.stderr
+
+
+def test_certificate_and_key_from_systemd_credentials(node_factory: object, pki: dict[str, Pair],
+                                                      tmp_path: Path) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    shutil.copy(pki["node"].cert, creds / "node.crt")
+    shutil.copy(pki["node"].key, creds / "node.key")
+    tls_port = free_port()
+    node: Node = node_factory(env={"CREDENTIALS_DIRECTORY": str(creds)}, settings={"node": {  # type: ignore[operator]
+        "tls": {"port": tls_port, "cert": "credential:node.crt", "key": "credential:node.key"}}})
+    assert node.cli("check-config").returncode == 0
+    node.start()
+    result = dcmtk_tls("echoscu", tls_port, pki["pacs"], pki["ca"])
+    assert result.returncode == 0, result.stderr
+
+    node.stop()
+    node.env.pop("CREDENTIALS_DIRECTORY")
+    refused = node.cli("check-config", check=False)
+    assert refused.returncode != 0 and "CREDENTIALS_DIRECTORY" in refused.stderr

@@ -13,6 +13,7 @@
 #   DESTDIR      lay the files out under this root instead of / (packaging, tests): no user,
 #                no chown, no systemctl, no firewall
 #   PIP_INSTALL  0 = create the venv without pip and install nothing (tests)
+#   DEV_DIR      where to look for NVIDIA device nodes (default: /dev; tests point it elsewhere)
 set -euo pipefail
 
 SRC_DIR=${SRC_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -22,12 +23,14 @@ PYTHON=${PYTHON:-python3}
 DICOM_PORT=${DICOM_PORT:-11112}
 DESTDIR=${DESTDIR:-}
 PIP_INSTALL=${PIP_INSTALL:-1}
+DEV_DIR=${DEV_DIR:-/dev}
 
 USER_NAME=ie-gateway
 PREFIX=/opt/ie-gateway
 ETC=/etc/ie-gateway
 STATE=/var/lib/ie-gateway
 UNIT=/etc/systemd/system/ie-gateway.service
+GPU_DROPIN=/etc/systemd/system/ie-gateway.service.d/gpu.conf
 
 say() { printf 'ie-gateway install: %s\n' "$*"; }
 real_root() { [[ -z "$DESTDIR" ]]; }
@@ -73,12 +76,13 @@ ensure_venv() {
 }
 
 # gateway.yaml as shipped runs from the checkout (relative paths, loopback); on the node it
-# listens on the network and keeps its data under /var/lib.
+# listens on the network and keeps its data under /var/lib. Only the DICOM listener's bind
+# changes: the HTTP endpoint (health, metrics) stays on loopback.
 node_config() {
     sed -E \
-        -e "s|^(  root:).*|\\1 $STATE|" \
+        -e "/^storage:/,/^[a-z]/ s|^(  root:).*|\\1 $STATE|" \
         -e "s|^models_dir:.*|models_dir: $STATE/models|" \
-        -e "s|^(  bind:).*|\\1 0.0.0.0|" \
+        -e "/^node:/,/^[a-z]/ s|^(  bind:).*|\\1 0.0.0.0|" \
         "$1"
 }
 
@@ -146,6 +150,37 @@ ensure_unit() {
     fi
 }
 
+# PrivateDevices=yes in the unit hides every device, the GPU included, and `device: auto` would
+# then run on the CPU. Where NVIDIA device nodes exist, a drop-in lets the unit reach exactly those.
+ensure_gpu_access() {
+    local dropin="$DESTDIR$GPU_DROPIN" nodes=() node
+    for node in "$DEV_DIR"/nvidia[0-9]* "$DEV_DIR"/nvidiactl "$DEV_DIR"/nvidia-uvm "$DEV_DIR"/nvidia-uvm-tools \
+                "$DEV_DIR"/nvidia-modeset; do
+        [[ -e "$node" ]] && nodes+=("/dev/${node#"$DEV_DIR"/}")
+    done
+    if ((${#nodes[@]} == 0)); then
+        if [[ -e "$dropin" ]]; then
+            rm -f "$dropin"
+            say "no NVIDIA devices any more: removed $GPU_DROPIN"
+        fi
+        return 0
+    fi
+    install -d -m 0755 "$(dirname "$dropin")"
+    {
+        echo "# Written by deploy/install.sh: NVIDIA devices found (${nodes[*]})."
+        echo "# Replaces PrivateDevices=yes so CUDA can reach them; no other device is allowed."
+        echo "# nvidia-uvm must be loaded at boot (the unit may not load kernel modules)."
+        echo "[Service]"
+        echo "PrivateDevices=no"
+        echo "DevicePolicy=closed"
+        for node in "${nodes[@]}"; do
+            echo "DeviceAllow=$node rw"
+        done
+    } > "$dropin"
+    chmod 0644 "$dropin"
+    say "NVIDIA devices found: wrote $GPU_DROPIN (${#nodes[@]} device nodes)"
+}
+
 ensure_firewall() {
     real_root || return 0
     if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q "Status: active"; then
@@ -166,6 +201,7 @@ ensure_dirs
 ensure_venv
 ensure_config
 ensure_models
+ensure_gpu_access
 ensure_unit
 ensure_firewall
 say "done"

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     sync = command("sync", "upload anonymised cases and pull model versions")
     command("now", "run the case upload and the model pull once, with a progress bar",
             sync.add_subparsers(dest="action", required=True))
+    audit = command("audit", "received, routed, delivered, synced and admin actions, oldest first")
+    audit.add_argument("--since", help="7d, 12h, 30m, or an ISO date/time (UTC)")
+    audit.add_argument("--job", type=int, help="only this job")
+    audit.add_argument("--csv", action="store_true", help="CSV with a header row")
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
@@ -95,11 +99,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from ie_gateway import tls
+
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
     problems = _roi_name_problems(cfg, rules)
+    tls_problems = tls.config_problems(cfg)
+    problems += [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
     if problems:
         raise ConfigError(problems)
+    for warning in tls_problems:
+        print(f"{cfg.source}: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
     return 0
@@ -269,6 +279,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import time
+
+    from ie_gateway import audit
+    from ie_gateway.service import registry_for
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    try:
+        since = audit.parse_since(args.since, time.time()) if args.since else None
+    except ValueError as exc:
+        raise GatewayError(str(exc)) from exc
+    events = audit.audit_events(Store(cfg.storage.root), registry_for(cfg), since, args.job)
+    sys.stdout.write(audit.render(events, args.csv))
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from ie_gateway.admin import retry
     from ie_gateway.store import Store
@@ -359,6 +386,7 @@ def _age(seconds: float) -> str:
 COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
+    "audit": cmd_audit,
     "status": cmd_status,
     "explain": cmd_explain,
     "models": cmd_models,

@@ -36,6 +36,7 @@ class Caller(_Strict):
 
     ae_title: str
     host: str | None = None
+    require_tls: bool = Field(False, description="refuse this caller on the plain (unencrypted) port")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -47,6 +48,23 @@ class Caller(_Strict):
         return value
 
 
+class NodeTLS(_Strict):
+    """The DICOM TLS listener (PS3.15 Annex B). Paths name files, or ``credential:NAME`` for a
+    systemd credential; the key never goes inline in YAML."""
+
+    port: int = Field(2762, ge=1, le=65535)
+    cert: str
+    key: str
+    ca: str | None = Field(None, description="verify callers' certificates against this CA bundle")
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> NodeTLS:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca: the CA that signs callers' certificates")
+        return self
+
+
 class Node(_Strict):
     """The DICOM listener."""
 
@@ -56,14 +74,25 @@ class Node(_Strict):
     allowed_callers: list[Caller] = []
     max_associations: int = Field(8, ge=1, description="concurrent associations before refusal")
     network_timeout_s: float = Field(60, gt=0)
+    acse_timeout_s: float = Field(5, gt=0, description="a connection that has not asked for an "
+                                  "association by then is dropped and holds no slot")
+    tls: NodeTLS | None = None
 
     _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Reserve(_Strict):
+    """Free space kept under storage.root: the larger of the two is the floor."""
+
+    percent: float = Field(5, ge=0, lt=100)
+    gb: float = Field(1, ge=0)
 
 
 class Storage(_Strict):
     """Where the spool, the index and the results live."""
 
     root: Path
+    reserve: Reserve = Reserve()
 
 
 class SeriesSettings(_Strict):
@@ -88,6 +117,15 @@ class InferenceSettings(_Strict):
     timeout_s: float = Field(900, gt=0)
 
 
+class DestinationTLS(_Strict):
+    """DICOM TLS towards a destination: the CA that signs its certificate, and ours if it asks."""
+
+    ca: str | None = None  # None: the system's trust store
+    cert: str | None = None
+    key: str | None = None
+    check_hostname: bool = True
+
+
 class Destination(_Strict):
     """A peer results are sent to (a TPS, a PACS).
 
@@ -105,8 +143,17 @@ class Destination(_Strict):
     connect_timeout_s: float = Field(10, gt=0)
     names: Path | None = None
     max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")
+    tls: DestinationTLS | None = None
 
     _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class HttpSettings(_Strict):
+    """The health, metrics and admin HTTP endpoint."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
 
 
 class DeliverySettings(_Strict):
@@ -163,6 +210,7 @@ class GatewayConfig(_Strict):
     delivery: DeliverySettings = DeliverySettings()
     retention: RetentionSettings = RetentionSettings()
     sync: SyncSettings = SyncSettings()
+    http: HttpSettings = HttpSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 

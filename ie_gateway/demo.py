@@ -57,6 +57,7 @@ def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int) -> Path:
         "node": {"ae_title": base.node.ae_title, "bind": "127.0.0.1", "port": _free_port(),
                  "allowed_callers": [{"ae_title": DEMO_CALLER}]},
         "storage": {"root": str(workdir / "var")},
+        "http": {"bind": "127.0.0.1", "port": 0},  # a free port: the demo must not clash with a node
         "series": {"stable_after_s": 2, "sweep_every_s": 0.5},
         "routing_file": "routing.yaml",
         "models_dir": str(base.models_dir),

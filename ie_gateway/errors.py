@@ -2,6 +2,7 @@
 
 GatewayError
 ├── ConfigError            a config or rules file does not validate (carries file:line: key: why)
+│   └── TLSConfigError     a TLS certificate, key or CA cannot be read or does not fit
 ├── StoreError             the spool or its index could not take or give data
 │   └── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
@@ -12,7 +13,8 @@ GatewayError
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── SyncError              anonymisation, upload or model download failed
-└── AdminError             an admin's action does not apply to the job as it stands
+├── AdminError             an admin's action does not apply to the job as it stands
+└── HttpError              the health/metrics HTTP endpoint could not start
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
 job with the message as its reason, so messages are written for the admin who reads `status`.
@@ -29,6 +31,13 @@ class ConfigError(GatewayError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("\n".join(errors))
+
+
+class TLSConfigError(ConfigError):
+    """A TLS certificate, key or CA file cannot be read, or the key is not the certificate's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__([message])
 
 
 class StoreError(GatewayError):
@@ -77,3 +86,7 @@ class SyncError(GatewayError):
 
 class AdminError(GatewayError):
     """An admin's action (reroute, release, retry) does not apply to the job in its state."""
+
+
+class HttpError(GatewayError):
+    """The HTTP endpoint (health, metrics, admin page) could not listen."""

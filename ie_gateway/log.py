@@ -92,3 +92,6 @@ def configure(level: str = "info", stream: Any = None) -> None:
     # pynetdicom logs dataset summaries (patient names among them) below warning level.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise
+    # The Azure SDK logs every HTTP request and response (headers included) at INFO; its
+    # failures reach the log once, as SyncError lines with the error code and what to do.
+    logging.getLogger("azure").setLevel(logging.WARNING)

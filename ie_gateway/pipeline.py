@@ -24,6 +24,7 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
+from ie_gateway import metrics
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
@@ -82,6 +83,7 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
 
     def start(self) -> None:
         self._thread.start()
@@ -100,6 +102,7 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.last_tick = time.monotonic()
             if not self.run_once():
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -125,6 +128,7 @@ class Worker:
                 log.exception("stage crashed")
                 self._park(job, JobState.FAILED, f"{stage}: internal error {type(exc).__name__}: {exc}")
             finally:
+                metrics.STAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
                 log.info("stage done", seconds=round(time.monotonic() - started, 3))
                 structlog.contextvars.unbind_contextvars("job", "stage")
             return True

@@ -3,23 +3,31 @@
 The C-STORE handler stores and answers, nothing more: the received bytes are written as they
 came (no pixel decoding), made durable, indexed, and only then answered Success. Every failure
 gets a specific status so the sender knows whether to retry (0xA7xx) or not (0xA9xx, 0xCxxx).
+
+A connection reaches pynetdicom only once it has sent its first bytes (and, on the TLS port,
+completed its handshake) within ``node.acse_timeout_s``: load-balancer probes and port scanners
+that connect and close, or connect and say nothing, are dropped in their own thread and never
+hold one of the ``max_associations`` slots, which count only associations that were requested.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import structlog
 from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -31,9 +39,11 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ie_gateway import metrics, tls
 from ie_gateway.config import Caller, Node
 from ie_gateway.errors import StoreError, UnsafeUIDError
 from ie_gateway.store import Arrival, Store, check_uid, header_values
+from ie_gateway.store.space import DiskSpace
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +70,13 @@ REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstance
 
 # Reasons for rejecting an association (PS3.8 Table 9-21): result, source, diagnostic.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+# Connections waiting for their first bytes (each a parked thread); beyond this a new one is
+# closed at once, so a flood of silent connections cannot exhaust threads or memory.
+MAX_SCREENING = 256
+# Connections that have sent bytes but not yet a whole A-ASSOCIATE-RQ, beyond max_associations.
+REQUEST_HEADROOM = 32
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
 DECODE_ERRORS = (pydicom.errors.InvalidDicomError, ValueError, EOFError, struct.error, KeyError,
@@ -86,34 +103,110 @@ class AssociationStats:
     calling_ae: str = ""
 
 
-def caller_allowed(callers: list[Caller], calling_ae: str, address: str) -> bool:
-    """True when ``calling_ae`` (and the peer ``address`` where configured) is on the list."""
+def find_caller(callers: list[Caller], calling_ae: str, address: str) -> Caller | None:
+    """The entry that admits ``calling_ae`` from ``address``, or None."""
     for caller in callers:
         if caller.ae_title != calling_ae:
             continue
         if caller.host is None or ipaddress.ip_address(caller.host) == ipaddress.ip_address(address):
-            return True
-    return False
+            return caller
+    return None
+
+
+def caller_allowed(callers: list[Caller], calling_ae: str, address: str) -> bool:
+    """True when ``calling_ae`` (and the peer ``address`` where configured) is on the list."""
+    return find_caller(callers, calling_ae, address) is not None
+
+
+def over_tls(assoc: Association) -> bool:
+    """Whether the association came in on the TLS listener."""
+    sock = assoc.dul.socket
+    return sock is not None and isinstance(sock.socket, ssl.SSLSocket)
+
+
+class ScreeningServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, but a connection becomes an Association only after it
+    speaks: accepting never blocks on a peer, and a TLS handshake runs in the connection's own
+    thread under the ACSE timeout instead of in the accept loop."""
+
+    acse_timeout_s: float = 5.0
+    request_queue_size = 256  # listen backlog: socketserver's 5 drops SYNs under probe bursts
+    _screening = threading.BoundedSemaphore(MAX_SCREENING)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        listener = cast(socket.socket, self.socket)
+        conn, address = listener.accept()
+        return conn, address
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: tuple[str, int] | str) -> None:
+        conn = cast(socket.socket, request)
+        if not self._screening.acquire(blocking=False):
+            self._drop(conn, "too_many_connections")
+            return
+        try:
+            ready = self._screen(conn)
+        finally:
+            self._screening.release()
+        if ready is not None:
+            super().process_request_thread(ready, client_address)
+
+    def _screen(self, conn: socket.socket) -> socket.socket | None:
+        """The connection once it has sent something (TLS: once the handshake is done)."""
+        conn.settimeout(self.acse_timeout_s)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            self._drop(conn, "silent")
+            return None
+        except OSError:  # reset by the peer: a probe that closes with RST
+            first = b""
+        if not first:
+            self._drop(conn, "probe")
+            return None
+        if self.ssl_context is None:
+            conn.settimeout(None)
+            return conn
+        try:
+            secure = self.ssl_context.wrap_socket(conn, server_side=True)
+            secure.settimeout(None)
+            return secure
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("connection refused", reason="TLS handshake failed",
+                        error=getattr(exc, "reason", None) or type(exc).__name__)
+            self._drop(conn, "tls_handshake")
+            return None
+
+    def _drop(self, conn: socket.socket, reason: str) -> None:
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        if reason == "silent":
+            log.debug("connection dropped", reason="nothing sent within the ACSE timeout")
+        self.shutdown_request(conn)
 
 
 class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
-    def __init__(self, node: Node, store: Store) -> None:
+    def __init__(self, node: Node, store: Store, space: Callable[[], DiskSpace] | None = None) -> None:
         self.node = node
         self.store = store
+        self.space = space
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._sessions: set[Association] = set()
+        self._servers: list[ScreeningServer] = []
+        self._threads: list[threading.Thread] = []
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
         ae.require_called_aet = True
-        ae.maximum_associations = self.node.max_associations
-        ae.network_timeout = self.node.network_timeout_s
+        # pynetdicom counts every connection it holds; our own limit (in _on_requested) counts
+        # requested associations only, so this one is set above it.
+        ae.maximum_associations = self.node.max_associations + REQUEST_HEADROOM
+        ae.network_timeout = self.node.network_timeout_s  # an established association idle this long is aborted
         ae.dimse_timeout = self.node.network_timeout_s
-        ae.acse_timeout = self.node.network_timeout_s
+        ae.acse_timeout = self.node.acse_timeout_s
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs cost less Python per byte
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
@@ -121,7 +214,8 @@ class Receiver:
         return ae
 
     def start(self) -> None:
-        """Listen in background threads (one per association)."""
+        """Listen in background threads (one per association): the plain port, and the TLS
+        port when ``node.tls`` is set."""
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -131,24 +225,45 @@ class Receiver:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((self.node.bind, self.node.port), block=False,
-                                            evt_handlers=handlers)
-        log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=self.node.port)
+        self._serve(self.node.port, None, handlers)
+        if self.node.tls is not None:
+            self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers)
+        metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
+
+    def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+        server = self.ae.make_server((self.node.bind, port), ssl_context=context, evt_handlers=handlers,
+                                     server_class=ScreeningServer)
+        assert isinstance(server, ScreeningServer)
+        server.acse_timeout_s = self.node.acse_timeout_s
+        thread = threading.Thread(target=server.serve_forever, name=f"listener-{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # as ae.start_server does: server.shutdown() expects it
+        self._servers.append(server)
+        self._threads.append(thread)
+        log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=port,
+                 tls=context is not None)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers.clear()
+        self._threads.clear()
 
     @property
     def listening(self) -> bool:
-        return self._server is not None
+        """Every listener's accept loop is running."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def port(self) -> int:
-        """The bound port (useful when configured as 0)."""
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        """The bound plain port."""
+        return int(self._servers[0].server_address[1])
+
+    def open_associations(self) -> int:
+        """Associations requested and not yet ended (the ones max_associations counts)."""
+        with self._lock:
+            self._sessions = {a for a in self._sessions if a.is_alive()}
+            return len(self._sessions)
 
     def _on_conn_open(self, event: evt.Event) -> None:
         # Without TCP_NODELAY each response waits ~40 ms on the peer's delayed ACK (pynetdicom,
@@ -159,19 +274,47 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         # The requestor's fields are filled in only after this event; read the request itself.
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        address = event.assoc.requestor.address
-        if not caller_allowed(self.node.allowed_callers, calling, address):
-            log.warning("association refused", reason="calling AE not allowed", calling_ae=calling,
-                        peer=address)
-            event.assoc.acse.send_reject(*REJECT_CALLING_AE)
-            event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
+        caller = find_caller(self.node.allowed_callers, calling, address)
+        if caller is None:
+            self._reject(assoc, REJECT_CALLING_AE, "calling_ae", "calling AE not allowed",
+                         calling_ae=calling, peer=address)
+            return
+        if caller.require_tls and not over_tls(assoc):
+            self._reject(assoc, REJECT_CALLING_AE, "tls_required", "caller must use the TLS port",
+                         calling_ae=calling, peer=address)
+            return
+        space = self.space() if self.space is not None else None
+        if space is not None and space.below_reserve:
+            self._reject(assoc, REJECT_LOCAL_LIMIT, "disk_reserve", "free space below storage.reserve",
+                         calling_ae=calling, free_mb=space.free_bytes // 2**20,
+                         reserve_mb=space.reserve_bytes // 2**20)
+            return
+        with self._lock:
+            self._sessions = {a for a in self._sessions if a.is_alive()}
+            busy = len(self._sessions) >= self.node.max_associations
+            if not busy:
+                self._sessions.add(assoc)
+        if busy:
+            self._reject(assoc, REJECT_LOCAL_LIMIT, "busy", "max_associations reached",
+                         calling_ae=calling, open=self.node.max_associations)
+
+    def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str, why: str,
+                **fields: Any) -> None:
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        log.warning("association refused", reason=why, **fields)
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
 
     def _on_accepted(self, event: evt.Event) -> None:
+        secure = over_tls(event.assoc)
+        metrics.ASSOCIATIONS_ACCEPTED.labels("yes" if secure else "no").inc()
         with self._lock:
             self._stats[id(event.assoc)] = AssociationStats(calling_ae=event.assoc.requestor.ae_title.strip())
         log.info("association opened", calling_ae=event.assoc.requestor.ae_title.strip(),
-                 peer=event.assoc.requestor.address)
+                 peer=event.assoc.requestor.address, tls=secure)
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
@@ -187,7 +330,9 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> Dataset | int:
         stats = self._stats.get(id(event.assoc)) or AssociationStats()
         result = self._store(event, stats)
-        if result != SUCCESS:
+        code = result if isinstance(result, int) else int(result.Status)
+        metrics.CSTORE_RESPONSES.labels(f"0x{code:04X}").inc()
+        if code != SUCCESS:
             stats.failures += 1
         return result
 
@@ -233,6 +378,8 @@ class Receiver:
         else:
             stats.instances += 1
             stats.bytes += len(payload)
+            metrics.INSTANCES_RECEIVED.inc()
+            metrics.BYTES_RECEIVED.inc(len(payload))
             if late:
                 log.warning("late instance opened a new job", job=job_id,
                             policy="the series is processed again as a whole")

@@ -33,6 +33,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from ie_gateway import tls
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.store.outbox import Outbox, OutboxRow
 
@@ -119,7 +120,7 @@ class Sender:
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
             ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
         started = time.monotonic()
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:

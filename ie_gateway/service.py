@@ -1,4 +1,5 @@
-"""Wires the node together: spool recovery, the SCP, the worker, the scheduler, signals, systemd.
+"""Wires the node together: spool recovery, the SCP, the worker, the scheduler, the HTTP
+endpoint (health, metrics), signals, systemd.
 
 `ie-gateway serve` builds one Service and calls run(); tests start the same command.
 """
@@ -6,17 +7,23 @@
 from __future__ import annotations
 
 import functools
+import glob
 import signal
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from types import FrameType
 
 import structlog
+import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from starlette.routing import BaseRoute
 
-from ie_gateway import sdnotify
-from ie_gateway.config import GatewayConfig
+from ie_gateway import metrics, sdnotify
+from ie_gateway.config import GatewayConfig, InferenceSettings
+from ie_gateway.health import Health
+from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
@@ -25,6 +32,7 @@ from ie_gateway.route import RulesWatcher, RuleSet, load_rules
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.space import DiskSpace, disk_space
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
 
 log = structlog.get_logger(__name__)
@@ -46,15 +54,41 @@ def rules_loader(cfg: GatewayConfig, registry: Registry) -> functools.partial[Ru
                              model_exists=functools.partial(model_exists, registry))
 
 
-class Service:
-    """The running node."""
+def gpu_device_nodes() -> list[str]:
+    """NVIDIA device nodes this process can see (none under systemd's PrivateDevices=yes)."""
+    return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
-    def __init__(self, cfg: GatewayConfig) -> None:
+
+def inference_device(settings: InferenceSettings) -> str:
+    """The device inference will use: the configured one, or for ``auto`` CUDA when torch sees it."""
+    if settings.device != "auto":
+        return settings.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
+    """Log where inference runs; warn when ``auto`` chose the CPU although GPU device ``nodes``
+    exist (a driver or torch build problem, or a unit that hides the devices). Returns the device."""
+    device = inference_device(settings)
+    metrics.INFERENCE_DEVICE.labels(device).set(1)
+    log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
+    if device == "cpu" and settings.device == "auto" and nodes:
+        log.warning("inference falls back to the CPU although a GPU device node exists",
+                    gpu_device_nodes=nodes,
+                    what_to_do="check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())")
+    return device
+
+
+class Service:
+    """The running node. ``extra_routes`` are mounted in the HTTP endpoint beside health and
+    metrics (the admin page)."""
+
+    def __init__(self, cfg: GatewayConfig, extra_routes: Sequence[BaseRoute] = ()) -> None:
         self.cfg = cfg
         self.store = Store(cfg.storage.root)
         self.registry = registry_for(cfg)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
-        self.receiver = Receiver(cfg.node, self.store)
+        self.receiver = Receiver(cfg.node, self.store, space=self.space)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         device = None if cfg.inference.device == "auto" else cfg.inference.device
         self.runner = InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
@@ -63,6 +97,20 @@ class Service:
         self.sender = Sender(cfg.destinations, cfg.delivery, Outbox(self.store.index), self.store.results,
                              on_settled=self.worker.settle)
         self._stop = threading.Event()
+        self.health = Health(self.store, listening=lambda: self.receiver.listening,
+                             worker_alive=self.worker.alive, worker_last_tick=lambda: self.worker.last_tick,
+                             scheduler_running=lambda: bool(self.scheduler.running), space=self.space,
+                             inference_timeout_s=cfg.inference.timeout_s)
+        self.collector = metrics.NodeCollector(self.store, self.space, self.active_models)
+        self.http = HttpServer(cfg.http, build_app(self.health, extra_routes)) if cfg.http.enabled else None
+        self._collecting = False
+
+    def space(self) -> DiskSpace:
+        """Free space under storage.root against storage.reserve, measured now."""
+        return disk_space(self.cfg.storage.root, self.cfg.storage.reserve)
+
+    def active_models(self) -> list[metrics.ModelVersionLevel]:
+        return [metrics.ModelVersionLevel(v.name, v.version) for v in self.registry.list() if v.active]
 
     def start(self) -> None:
         """Recover the spool, load the rules, then listen and schedule; returns once ready."""
@@ -70,17 +118,23 @@ class Service:
         self.reload_rules(force=True)
         if self.rules.current is None and self.rules.last_error is not None:
             raise self.rules.last_error
+        metrics.REGISTRY.register(self.collector)
+        self._collecting = True
+        if self.http is not None:  # first: a port in use stops the start before anything runs
+            self.http.start()
         s = self.scheduler
         s.add_job(self.sweep, "interval", seconds=self.cfg.series.sweep_every_s, id="stability-sweep")
         s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
         s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")
         s.add_job(self.purge, "interval", hours=1, id="retention", next_run_time=datetime.now())
+        s.add_job(self.relieve_pressure, "interval", seconds=10, id="disk-pressure")
         if self.cfg.sync.enabled:
             s.add_job(scheduled_cases, CronTrigger.from_crontab(self.cfg.sync.cases_cron),
                       args=(self.cfg, self.store), id="sync-cases")
             s.add_job(scheduled_models, CronTrigger.from_crontab(self.cfg.sync.models_cron),
                       args=(self.cfg, self.registry), id="sync-models")
         s.start()
+        report_inference_device(self.cfg.inference, gpu_device_nodes())
         self.worker.start()
         self.receiver.start()
         sdnotify.notify("READY=1\nSTATUS=receiving")
@@ -95,6 +149,21 @@ class Service:
         """Retention: free the spool of series that ended long enough ago."""
         r = self.cfg.retention
         self.store.purge_expired(r.unrouted_days, r.finished_days, sync_enabled=self.cfg.sync.enabled)
+
+    def relieve_pressure(self) -> None:
+        """Below the disk reserve: purge delivered series, oldest first, until back above it."""
+        space = self.space()
+        if not space.below_reserve:
+            return
+        log.warning("disk below reserve", free_mb=space.free_bytes // 2**20,
+                    reserve_mb=space.reserve_bytes // 2**20)
+        purged = self.store.purge_for_space(lambda: not self.space().below_reserve,
+                                            sync_enabled=self.cfg.sync.enabled)
+        after = self.space()
+        if after.below_reserve:
+            log.error("disk still below reserve; new associations stay refused", purged=purged,
+                      free_mb=after.free_bytes // 2**20, reserve_mb=after.reserve_bytes // 2**20,
+                      what_to_do="free space under storage.root or act on failed and held jobs")
 
     def deliver_soon(self) -> None:
         """Run the outbox now rather than at its next interval."""
@@ -114,8 +183,8 @@ class Service:
                       errors=self.rules.last_error.errors)
 
     def healthy(self) -> bool:
-        """What the watchdog vouches for: scheduler, worker and listener are alive."""
-        return self.scheduler.running and self.worker.alive() and self.receiver.listening
+        """What the watchdog vouches for: the checks of /readyz that a restart would cure."""
+        return self.health.watchdog_ok()
 
     def run(self) -> None:
         """Start, then block until SIGTERM/SIGINT; SIGHUP reloads the rules."""
@@ -135,6 +204,11 @@ class Service:
 
     def stop(self) -> None:
         sdnotify.notify("STOPPING=1")
+        if self.http is not None:
+            self.http.stop()
+        if self._collecting:
+            metrics.REGISTRY.unregister(self.collector)
+            self._collecting = False
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         self.sender.close()

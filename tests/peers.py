@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,6 +91,7 @@ class Node:
             "series": {"stable_after_s": 1.0, "sweep_every_s": 0.2},
             "routing_file": "routing.yaml",
             "models_dir": str(REPO / "models"),
+            "http": {"bind": "127.0.0.1", "port": free_port()},
             "log_level": "info",
         }
         for key, value in (settings or {}).items():
@@ -143,6 +145,18 @@ class Node:
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events
+
+    @property
+    def http_port(self) -> int:
+        return int(yaml.safe_load(self.config.read_text())["http"]["port"])
+
+    def http_get(self, path: str) -> tuple[int, bytes]:
+        """GET on the node's HTTP endpoint: (status, body), error statuses included."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+                return int(rsp.status), bytes(rsp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "ie_gateway.cli", *args, "--config", str(self.config)],

@@ -31,9 +31,9 @@ def source(tmp_path: Path) -> Path:
     return src
 
 
-def _install(src: Path, root: Path) -> subprocess.CompletedProcess[str]:
+def _install(src: Path, root: Path, dev_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SRC_DIR": str(src), "DESTDIR": str(root), "PIP_INSTALL": "0",
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, "DEV_DIR": str(dev_dir or root / "no-dev")}
     return subprocess.run(["bash", str(src / "deploy" / "install.sh")], env=env, text=True,
                           capture_output=True, check=True, timeout=120)
 
@@ -47,6 +47,7 @@ def test_install_lays_out_node_config_key_unit_and_models(source: Path, tmp_path
     assert config["storage"]["root"] == "/var/lib/ie-gateway"
     assert config["models_dir"] == "/var/lib/ie-gateway/models"
     assert config["node"]["bind"] == "0.0.0.0"
+    assert config["http"]["bind"] == "127.0.0.1"  # health and metrics stay on loopback
     assert (etc / "routing.yaml").read_text() == (source / "config" / "routing.yaml").read_text()
     key_file = etc / "credentials" / "anon-key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -78,3 +79,29 @@ def test_rerun_keeps_admin_edits_key_and_installed_models(source: Path, tmp_path
     assert (etc / "gateway.yaml").read_text() == edited
     assert (etc / "credentials" / "anon-key").read_bytes() == key
     assert installed_model.read_text() == "name: toy  # installed bytes\n"
+
+
+def test_nvidia_devices_get_a_drop_in_that_lets_the_unit_reach_them_and_only_them(
+        source: Path, tmp_path: Path) -> None:
+    root, dev = tmp_path / "root", tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm", "sda"):
+        (dev / name).touch()
+    out = _install(source, root, dev).stdout
+    dropin = root / "etc/systemd/system/ie-gateway.service.d/gpu.conf"
+    lines = dropin.read_text().splitlines()
+    assert "PrivateDevices=no" in lines and "DevicePolicy=closed" in lines
+    allowed = sorted(line for line in lines if line.startswith("DeviceAllow="))
+    assert allowed == ["DeviceAllow=/dev/nvidia-uvm rw", "DeviceAllow=/dev/nvidia0 rw", "DeviceAllow=/dev/nvidiactl rw"]
+    assert "NVIDIA devices found" in out
+
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+        (dev / name).unlink()
+    _install(source, root, dev)  # the GPU is gone: back to PrivateDevices=yes
+    assert not dropin.exists()
+
+
+def test_no_drop_in_without_nvidia_devices(source: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _install(source, root)
+    assert not (root / "etc/systemd/system/ie-gateway.service.d").exists()

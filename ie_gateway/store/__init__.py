@@ -153,16 +153,43 @@ class Store:
                 continue
             if not all(_expired(j, unrouted_days, finished_days, sync_enabled, now) for j in jobs):
                 continue
-            for path in self.index.instance_paths(series_id):
-                (self.spool.root / path).unlink(missing_ok=True)
-            with self.index.tx() as db:
-                db.execute("DELETE FROM instances WHERE series_id = ?", (series_id,))
-            for job in jobs:
-                shutil.rmtree(self.results / f"job-{job.id}", ignore_errors=True)
-                self.index.update_detail(job.id, purged=True)
+            self._purge_series(series_id, jobs, why="age")
             purged += 1
-            log.info("series purged", jobs=[j.id for j in jobs], states=sorted({j.state.value for j in jobs}))
         return purged
+
+    def purge_for_space(self, enough: Callable[[], bool], sync_enabled: bool = False) -> int:
+        """Free space under pressure: purge delivered series, oldest first, until ``enough()``.
+
+        Only series whose every job is delivered (and synced, where sync wants it) go; nothing
+        undelivered, failed, held for review or waiting for sync is touched, however full the
+        disk. Returns the number of series purged.
+        """
+        by_series: dict[int, list[Job]] = {}
+        for job in self.index.jobs():
+            by_series.setdefault(job.series_id, []).append(job)
+        candidates = [
+            (max(j.updated_at for j in jobs), series_id, jobs) for series_id, jobs in by_series.items()
+            if not any(j.detail.get("purged") for j in jobs)
+            and all(j.state is JobState.DELIVERED and _expired(j, 0, 0, sync_enabled, float("inf"))
+                    for j in jobs)
+        ]
+        purged = 0
+        for _, series_id, jobs in sorted(candidates, key=lambda c: c[0]):
+            if enough():
+                break
+            self._purge_series(series_id, jobs, why="disk pressure")
+            purged += 1
+        return purged
+
+    def _purge_series(self, series_id: int, jobs: list[Job], why: str) -> None:
+        for path in self.index.instance_paths(series_id):
+            (self.spool.root / path).unlink(missing_ok=True)
+        with self.index.tx() as db:
+            db.execute("DELETE FROM instances WHERE series_id = ?", (series_id,))
+        for job in jobs:
+            shutil.rmtree(self.results / f"job-{job.id}", ignore_errors=True)
+            self.index.update_detail(job.id, purged=True)
+        log.info("series purged", why=why, jobs=[j.id for j in jobs], states=sorted({j.state.value for j in jobs}))
 
     def recover(self) -> dict[str, int]:
         """Reconcile files and index after a restart; resume unfinished jobs.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ServiceRequestError
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import ContainerClient, ContentSettings
 
@@ -200,7 +200,7 @@ def _present(container: ContainerClient, prefix: str) -> dict[str, tuple[int, by
         }
     except AzureError as exc:
         raise SyncError(f"cannot list {prefix} in container {container.container_name}: "
-                        f"{_reason(exc)}") from exc
+                        f"{remote_error(exc, container.container_name)}") from exc
 
 
 def _md5_bytes(value: bytes | bytearray | None) -> bytes | None:
@@ -223,19 +223,44 @@ def _upload(container: ContainerClient, item: _Item, data: Any, content_type: st
             content_settings=ContentSettings(content_type=content_type, content_md5=bytearray(item.md5)),
         )
     except AzureError as exc:
-        raise SyncError(f"upload of {item.name} failed: {_reason(exc)}") from exc
+        raise SyncError(f"upload of {item.name} failed: {remote_error(exc, container.container_name)}") from exc
 
 
 def _delete(container: ContainerClient, name: str) -> None:
     try:
         container.delete_blob(name)
     except AzureError as exc:
-        raise SyncError(f"cannot withdraw {name} before re-upload: {_reason(exc)}") from exc
+        raise SyncError(f"cannot withdraw {name} before re-upload: {remote_error(exc, container.container_name)}") from exc
 
 
-def _reason(exc: AzureError) -> str:
-    """The service's one-line reason, with the role hint an admin needs for 403."""
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if getattr(exc, "status_code", None) == 403:
-        message += " (the identity needs 'Storage Blob Data Contributor' on the container)"
-    return message
+# What an admin does about the storage service's error codes (the x-ms-error-code header).
+WHAT_TO_DO = {
+    "ContainerNotFound": "container {container} does not exist in the storage account: create it, "
+                         "or check sync.container",
+    "ContainerBeingDeleted": "container {container} is being deleted: wait, or check sync.container",
+    "AuthenticationFailed": "the storage account refused the credentials: check the connection "
+                            "string or SAS (credential storage-connection-string) and the VM's clock",
+    "AuthorizationFailure": "the identity may not do this: it needs 'Storage Blob Data Contributor' "
+                            "on container {container}",
+    "AuthorizationPermissionMismatch": "the identity may not do this: it needs 'Storage Blob Data "
+                                       "Contributor' on container {container}",
+    "InvalidHeaderValue": "the storage service does not speak this REST version: set "
+                          "sync.api_version (Azure Stack Hub: 2019-02-02)",
+    "AccountIsDisabled": "the storage account is disabled: ask its owner to enable it",
+}
+
+
+def remote_error(exc: AzureError, container: str) -> str:
+    """One line for the log and `status`: the service's error code and what to do, never the
+    XML body the SDK puts in its message."""
+    if isinstance(exc, ServiceRequestError):
+        return "no answer from the storage account: check sync.account_url, DNS and the network"
+    code = getattr(exc, "error_code", None)
+    status = getattr(exc, "status_code", None)
+    hint = WHAT_TO_DO.get(str(code))
+    if hint is None and status == 403:
+        hint = WHAT_TO_DO["AuthorizationFailure"]
+    if hint is None:
+        hint = (str(getattr(exc, "reason", "") or exc.message or type(exc).__name__).splitlines() or [""])[0]
+    label = code or (f"HTTP {status}" if status else type(exc).__name__)
+    return f"{label}: {hint.format(container=container)}"

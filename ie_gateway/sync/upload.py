@@ -96,7 +96,8 @@ def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser,
                 record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}",
                                    progress=step)
             except (SyncError, AzureError, OSError) as exc:
-                reason = scrubbed(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                text = blob.remote_error(exc, container.container_name) if isinstance(exc, AzureError) else str(exc)
+                reason = scrubbed(f"{type(exc).__name__}: {text}".splitlines()[0])
                 log.warning("case sync failed", job=job.id, reason=reason)
                 _set_detail(store.index, job.id, {"sync_error": reason})
                 failed[job.id] = reason

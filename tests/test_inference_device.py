@@ -1,0 +1,27 @@
+"""The node says at start where inference runs, and warns when `auto` misses a present GPU."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+import torch
+
+from ie_gateway.config import InferenceSettings
+from ie_gateway.service import report_inference_device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; this machine has CUDA")
+def test_auto_falling_back_to_cpu_beside_a_gpu_device_node_is_a_warning() -> None:
+    with structlog.testing.capture_logs() as logs:
+        device = report_inference_device(InferenceSettings(device="auto"), ["/dev/nvidia0"])
+    assert device == "cpu"
+    [info] = [e for e in logs if e["event"] == "inference device"]
+    assert info["device"] == "cpu" and info["gpu_device_nodes"] == ["/dev/nvidia0"]
+    assert any(e["log_level"] == "warning" and "falls back to the CPU" in e["event"] for e in logs)
+
+
+def test_no_warning_without_gpu_device_nodes_or_with_cpu_chosen() -> None:
+    with structlog.testing.capture_logs() as logs:
+        report_inference_device(InferenceSettings(device="auto"), [])
+        report_inference_device(InferenceSettings(device="cpu"), ["/dev/nvidia0"])
+    assert not [e for e in logs if e["log_level"] == "warning"]

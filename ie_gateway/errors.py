@@ -11,6 +11,7 @@ GatewayError
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
+├── AgreementError         an approved structure set cannot be compared with the AI's contours
 └── SyncError              anonymisation, upload or model download failed
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
@@ -68,6 +69,10 @@ class DeliveryError(GatewayError):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class AgreementError(GatewayError):
+    """An approved structure set cannot be compared with the contours the node delivered."""
 
 
 class SyncError(GatewayError):

@@ -80,6 +80,8 @@ class Structure(_Strict):
     color: tuple[Byte, Byte, Byte]
     interpreted_type: InterpretedType = InterpretedType.ORGAN
     postprocess: PostProcess = PostProcess()
+    # the Dice with approved contours this version is expected to keep (drift alarm baseline)
+    baseline_dice: float | None = Field(default=None, gt=0, le=1)
 
 
 class Intensity(_Strict):

@@ -60,10 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     sync = command("sync", "upload anonymised cases and pull model versions")
     command("now", "run the case upload and the model pull once, with a progress bar",
             sync.add_subparsers(dest="action", required=True))
+    agree = command("agreement", "how much clinicians changed the AI's contours, per model version and structure")
+    agree.add_argument("--model", help="NAME or NAME@VERSION")
+    agree.add_argument("--structure", help="a structure name of the model (any case)")
+    agree.add_argument("--since", type=_since, help="only approvals received from this date (YYYY-MM-DD, UTC) on")
+    agree.add_argument("--json", action="store_true", help="a JSON list, one object per version and structure")
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
     return parser
+
+
+def _since(text: str) -> float:
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,6 +262,42 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ie_gateway import agreement, drift
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    index = Store(cfg.storage.root).index
+    rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
+    states = {(s.model, s.version, s.structure): s for s in drift.current(index, cfg.agreement, cfg.models_dir)}
+    for row in rows:
+        state = states.get((row["model"], row["version"], row["structure"]))
+        row["drift"] = asdict(state) if state is not None else None
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no agreement figures yet: they come with clinicians' approved structure sets")
+        return 0
+    print(f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES))
+    for row in rows:
+        cells = "  ".join(f"{_spread(row[f]):<20}" for f in agreement.FIGURES)
+        print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}")
+    print("each figure: median [first quartile, third quartile]")
+    for state in states.values():
+        if state.alarm and (not args.model or args.model in (state.model, f"{state.model}@{state.version}")):
+            print(state.message())
+    return 0
+
+
+def _spread(spread: dict[str, Any]) -> str:
+    if not spread["n"]:
+        return "-"
+    return f"{spread['median']:.3g} [{spread['q1']:.3g}, {spread['q3']:.3g}]"
+
+
 def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """One object per series job, without patient data (the series UID only hashed)."""
     from ie_gateway.store import Store
@@ -277,8 +328,13 @@ STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliver
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ie_gateway import drift
+    from ie_gateway.store import Store
+
     cfg = load_config(args.config)
     rows = status_rows(cfg)
+    for state in drift.alarms(Store(cfg.storage.root).index, cfg.agreement, cfg.models_dir):
+        print(state.message(), file=sys.stderr)
     try:
         _load_rules(cfg)
     except ConfigError as exc:
@@ -310,6 +366,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "models": cmd_models,
     "send": cmd_send,
+    "agreement": cmd_agreement,
     "demo": cmd_demo,
     "sync": cmd_sync,
 }

@@ -72,12 +72,10 @@ def measure(ai: np.ndarray, approved: np.ndarray, spacing_zyx: Sequence[float], 
             tolerance_mm: float = 2.0) -> StructureFigures:
     """Figures of two boolean (z, y, x) masks on one grid of ``spacing_zyx`` mm."""
     import torch
-    from monai.metrics import (
-        compute_average_surface_distance,
-        compute_dice,
-        compute_hausdorff_distance,
-        compute_surface_dice,
-    )
+    from monai.metrics.hausdorff_distance import compute_hausdorff_distance
+    from monai.metrics.meandice import compute_dice
+    from monai.metrics.surface_dice import compute_surface_dice
+    from monai.metrics.surface_distance import compute_average_surface_distance
 
     if ai.shape != approved.shape:
         raise AgreementError(f"{structure}: masks of shape {ai.shape} and {approved.shape} are not on one grid")
@@ -113,9 +111,9 @@ def match_structures(model_names: Iterable[str], approved: Mapping[int, str],
     matched = {}
     for name in model_names:
         for candidate in (name, *(aliases or {}).get(name, ())):
-            number = by_name.get(candidate.strip().casefold())
-            if number is not None:
-                matched[name] = number
+            found = by_name.get(candidate.strip().casefold())
+            if found is not None:
+                matched[name] = found
                 break
     return matched
 
@@ -217,7 +215,8 @@ def record(index: Index, ct_job: int, approval_job: int,
 def rows(index: Index, model: str | None = None, structure: str | None = None,
          since: float | None = None, ct_job: int | None = None) -> list[dict[str, Any]]:
     """Stored figures, oldest first; filters compare names case-insensitively."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if model is not None:
         name, _, version = model.partition("@")
         where.append("model = ?")

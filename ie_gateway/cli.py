@@ -202,6 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  received by the demo TPS: {path}")
     if result.qa_png:
         print(f"  QA picture: {result.qa_png}")
+    serve = f"ie-gateway serve --config {result.config}"
+    if result.page:
+        print(f"  admin page: {result.page} (while `{serve}` runs)")
+    else:
+        print(f"  admin page: needs the node's HTTP endpoint (an `http` section in {result.config})")
     return 0 if result.state == "delivered" else 1
 
 
@@ -286,8 +291,9 @@ def cmd_agreement(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{_spread(row[f]):<20}" for f in agreement.FIGURES)
         print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}")
     print("each figure: median [first quartile, third quartile]")
-    for state in states.values():
-        if state.alarm and (not args.model or args.model in (state.model, f"{state.model}@{state.version}")):
+    shown = {(r["model"], r["version"], r["structure"]) for r in rows}
+    for key, state in states.items():
+        if state.alarm and key in shown:
             print(state.message())
     return 0
 

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
 import structlog
 
 from ie_gateway import agreement
@@ -61,6 +62,7 @@ def states(index: Index, settings: AgreementSettings, baselines: Mapping[Key, fl
 def evaluate(key: Key, dice: list[float], settings: AgreementSettings, declared: float | None) -> DriftState:
     """The state of one structure from its Dice values, oldest first."""
     n = settings.window
+    baseline: float | None
     if declared is not None:
         baseline, source, needed = declared, "model.yaml", n
     else:

@@ -12,7 +12,8 @@ GatewayError
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
-└── SyncError              anonymisation, upload or model download failed
+├── SyncError              anonymisation, upload or model download failed
+└── AdminError             an admin's action does not apply to the job as it stands
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
 job with the message as its reason, so messages are written for the admin who reads `status`.
@@ -77,3 +78,7 @@ class AgreementError(GatewayError):
 
 class SyncError(GatewayError):
     """Anonymisation, upload or a model download failed."""
+
+
+class AdminError(GatewayError):
+    """An admin's action (retry, reroute, release) does not apply to the job as it stands."""

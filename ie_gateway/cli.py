@@ -286,10 +286,10 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     if not rows:
         print("no agreement figures yet: they come with clinicians' approved structure sets")
         return 0
-    print(f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES))
+    print((f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES)).rstrip())
     for row in rows:
         cells = "  ".join(f"{_spread(row[f]):<20}" for f in agreement.FIGURES)
-        print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}")
+        print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}".rstrip())
     print("each figure: median [first quartile, third quartile]")
     shown = {(r["model"], r["version"], r["structure"]) for r in rows}
     for key, state in states.items():

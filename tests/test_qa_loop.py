@@ -45,6 +45,7 @@ class Case:
     node: Node
     tps: Orthanc
     ct_job: dict[str, Any]
+    draft_job: dict[str, Any]
     rt_job: dict[str, Any]
     ai: pydicom.Dataset
     approved: pydicom.Dataset
@@ -58,7 +59,8 @@ def _ai_rtstruct_at_tps(tps: Orthanc, path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
 
 
-def clinicians_version(ai: pydicom.Dataset, ct_headers: list[pydicom.Dataset], path: Path) -> pydicom.Dataset:
+def clinicians_version(ai: pydicom.Dataset, ct_headers: list[pydicom.Dataset], path: Path,
+                       approval: str = "APPROVED") -> pydicom.Dataset:
     """The AI's structure set as a clinician approves it: Lung_L eroded by 3 mm (redrawn), the
     rest untouched, names in the TPS's capitals, approved, in a new series."""
     geometry = SliceGeometry.from_headers(ct_headers)
@@ -75,7 +77,7 @@ def clinicians_version(ai: pydicom.Dataset, ct_headers: list[pydicom.Dataset], p
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Manufacturer = "TPS"
-    ds.ApprovalStatus = "APPROVED"
+    ds.ApprovalStatus = approval
     ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = "20261201", "101010", "PHYSICIAN^APPROVING"
     for roi in ds.StructureSetROISequence:
         roi.ROIName = str(roi.ROIName).upper()  # the TPS's spelling: matched ignoring case
@@ -111,18 +113,21 @@ def case(tmp_path_factory: pytest.TempPathFactory, small_series: list[Path]) -> 
         headers = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in small_series),
                          key=lambda h: float(h.ImagePositionPatient[2]))
         ai = _ai_rtstruct_at_tps(tps, workdir / "ai.dcm")
+
+        def linked(known: int) -> dict[str, Any] | None:
+            rows = [r for r in node.status() if r.get("linked_to") == ct_job["id"]]
+            return rows[-1] if len(rows) > known and rows[-1]["state"] in {"unrouted", "failed"} else None
+        clinicians_version(ai, headers, workdir / "draft.dcm", approval="UNAPPROVED")
+        assert storescu(node.port, [workdir / "draft.dcm"], calling="TPS").returncode == 0
+        draft_job = wait_until(lambda: linked(0), 120, every=0.5, what="the draft to be linked")
         approved = clinicians_version(ai, headers, workdir / "approved.dcm")
         assert storescu(node.port, [workdir / "approved.dcm"], calling="TPS").returncode == 0
-
-        def linked() -> dict[str, Any] | None:
-            rows = [r for r in node.status() if r.get("linked_to") == ct_job["id"]]
-            return rows[0] if rows and rows[0]["state"] in {"unrouted", "failed"} else None
-        rt_job = wait_until(linked, 300, every=0.5, what="the approved set to be linked and assessed")
+        rt_job = wait_until(lambda: linked(1), 300, every=0.5, what="the approved set to be linked and assessed")
         index = Store(node.root).index
         for case_no, dice in enumerate(OLD_VERSION_DICE, start=1):  # figures of an older version's cases
             agreement.record(index, 900 + case_no, 950 + case_no, {("old-thorax", "1"): [
                 StructureFigures("Heart", dice, 4.0, 1.0, 0.8, 600.0, 600.0 * dice)]}, 2.0, at=1.7e9 + case_no)
-        yield Case(node, tps, ct_job, rt_job, ai, approved, headers, workdir)
+        yield Case(node, tps, ct_job, draft_job, rt_job, ai, approved, headers, workdir)
     finally:
         node.stop()
         tps.stop()
@@ -141,9 +146,12 @@ def node_figures(case: Case) -> dict[str, dict[str, Any]]:
     return {r["structure"]: r for r in rows}
 
 
-def test_the_approved_set_is_linked_and_its_figures_stored(case: Case) -> None:
+def test_the_approved_set_is_linked_and_its_figures_stored_but_a_draft_gets_none(case: Case) -> None:
+    assert case.draft_job["state"] == "unrouted" and "agreement" not in case.draft_job["reason"]
     assert case.rt_job["state"] == "unrouted"
     assert "agreement figures of 5 structures" in case.rt_job["reason"], case.rt_job
+    stored = agreement.rows(Store(case.node.root).index, model="demo-thorax@2")
+    assert {(r["ct_job"], r["approval_job"]) for r in stored} == {(case.ct_job["id"], case.rt_job["id"])}
     figures = node_figures(case)
     assert sorted(figures) == ["External", "Heart", "Lung_L", "Lung_R", "SpinalCord"]
     assert {(r["model"], r["version"], r["cases"]) for r in figures.values()} == {("demo-thorax", "2", 1)}
@@ -209,10 +217,11 @@ def test_jobs_list_shows_every_job_and_filters_by_state(case: Case, page: str, b
 
     browser.get(f"{page}/jobs")
     rows = browser.find_elements(By.CSS_SELECTOR, "table tr td:first-child a")
-    assert {r.text for r in rows} == {str(case.ct_job["id"]), str(case.rt_job["id"])}
+    assert {r.text for r in rows} == {str(j["id"]) for j in (case.ct_job, case.draft_job, case.rt_job)}
     assert "DRIFT: old-thorax@1 Heart" in browser.find_element(By.CSS_SELECTOR, ".banner").text
     screenshot(browser, case.workdir, "jobs")
     browser.find_element(By.LINK_TEXT, "delivered (1)").click()
+    wait_until(lambda: "state=delivered" in browser.current_url, 10, what="the filtered list")
     states = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "table .state")]
     assert states == ["delivered"]
 
@@ -249,7 +258,8 @@ def test_no_patient_name_id_or_birth_date_on_any_page(case: Case, page: str, bro
     ct = pydicom.dcmread(small_series[0], stop_before_pixels=True)
     needles = [str(ct.PatientName), str(ct.PatientID), str(ct.PatientBirthDate), str(ct.SeriesInstanceUID),
                "PHYSICIAN^APPROVING"]
-    for path in ("/jobs", f"/jobs/{case.ct_job['id']}", f"/jobs/{case.rt_job['id']}", "/failures", "/models",
+    for path in ("/jobs", f"/jobs/{case.ct_job['id']}", f"/jobs/{case.draft_job['id']}",
+                 f"/jobs/{case.rt_job['id']}", "/failures", "/models",
                  "/agreement", "/login"):
         browser.get(page + path)
         source = browser.page_source

@@ -247,7 +247,7 @@ def test_agreement_page_plots_each_structure_of_each_version(case: Case, page: s
     titles = sorted(c.find_element(By.TAG_NAME, "h3").text for c in cards)
     assert titles == sorted(["External · demo-thorax@2", "Heart · demo-thorax@2", "Lung_L · demo-thorax@2",
                              "Lung_R · demo-thorax@2", "SpinalCord · demo-thorax@2", "Heart · old-thorax@1 DRIFT"])
-    old = [c for c in cards if "old-thorax" in c.text][0]
+    old = next(c for c in cards if "old-thorax" in c.text)
     assert len(old.find_elements(By.CSS_SELECTOR, "svg.trend circle")) == len(OLD_VERSION_DICE)
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 1366
     screenshot(browser, case.workdir, "agreement")

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", help="7d, 12h, 30m, or an ISO date/time (UTC)")
     audit.add_argument("--job", type=int, help="only this job")
     audit.add_argument("--csv", action="store_true", help="CSV with a header row")
+    agree = command("agreement", "how much clinicians changed the AI's contours, per model version and structure")
+    agree.add_argument("--model", help="NAME or NAME@VERSION")
+    agree.add_argument("--structure", help="a structure name of the model (any case)")
+    agree.add_argument("--since", type=_since, help="only approvals received from this date (YYYY-MM-DD, UTC) on")
+    agree.add_argument("--json", action="store_true", help="a JSON list, one object per version and structure")
     send = command("send", "replay deliveries")
     send.add_argument("--retry", type=int, metavar="JOB", required=True,
                       help="queue a failed job's dead-lettered results again")
@@ -72,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
     return parser
+
+
+def _since(text: str) -> float:
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,6 +250,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  received by the demo TPS: {path}")
     if result.qa_png:
         print(f"  QA picture: {result.qa_png}")
+    serve = f"ie-gateway serve --config {result.config}"
+    if result.page:
+        print(f"  admin page: {result.page} (while `{serve}` runs)")
+    else:
+        print(f"  admin page: needs the node's HTTP endpoint (an `http` section in {result.config})")
     return 0 if result.state == "delivered" else 1
 
 
@@ -326,6 +346,43 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ie_gateway import agreement, drift
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    index = Store(cfg.storage.root).index
+    rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
+    states = {(s.model, s.version, s.structure): s for s in drift.current(index, cfg.agreement, cfg.models_dir)}
+    for row in rows:
+        state = states.get((row["model"], row["version"], row["structure"]))
+        row["drift"] = asdict(state) if state is not None else None
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no agreement figures yet: they come with clinicians' approved structure sets")
+        return 0
+    print((f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES)).rstrip())
+    for row in rows:
+        cells = "  ".join(f"{_spread(row[f]):<20}" for f in agreement.FIGURES)
+        print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}".rstrip())
+    print("each figure: median [first quartile, third quartile]")
+    shown = {(r["model"], r["version"], r["structure"]) for r in rows}
+    for key, state in states.items():
+        if state.alarm and key in shown:
+            print(state.message())
+    return 0
+
+
+def _spread(spread: dict[str, Any]) -> str:
+    if not spread["n"]:
+        return "-"
+    return f"{spread['median']:.3g} [{spread['q1']:.3g}, {spread['q3']:.3g}]"
+
+
 def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """One object per series job, without patient data (the series UID only hashed)."""
     from ie_gateway.store import Store
@@ -357,8 +414,13 @@ STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliver
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ie_gateway import drift
+    from ie_gateway.store import Store
+
     cfg = load_config(args.config)
     rows = status_rows(cfg)
+    for state in drift.alarms(Store(cfg.storage.root).index, cfg.agreement, cfg.models_dir):
+        print(state.message(), file=sys.stderr)
     try:
         _load_rules(cfg)
     except ConfigError as exc:
@@ -393,6 +455,7 @@ COMMANDS = {
     "send": cmd_send,
     "reroute": cmd_reroute,
     "release": cmd_release,
+    "agreement": cmd_agreement,
     "demo": cmd_demo,
     "sync": cmd_sync,
 }

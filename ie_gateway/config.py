@@ -196,6 +196,19 @@ class SyncSettings(_Strict):
         return value
 
 
+class AgreementSettings(_Strict):
+    """Agreement of the AI's contours with the clinicians' approved ones, and the drift alarm.
+
+    A structure's alarm is raised when the median Dice of its version's last ``window`` cases
+    falls more than ``margin`` below the version's baseline: ``baseline_dice`` in model.yaml, else
+    the median of its first ``window`` cases (then the alarm needs ``2 * window`` cases).
+    """
+
+    tolerance_mm: float = Field(2.0, gt=0, description="surface Dice tolerance")
+    window: int = Field(10, ge=1)
+    margin: float = Field(0.05, ge=0, le=1)
+
+
 class GatewayConfig(_Strict):
     """The whole of `gateway.yaml`."""
 
@@ -211,6 +224,7 @@ class GatewayConfig(_Strict):
     retention: RetentionSettings = RetentionSettings()
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
+    agreement: AgreementSettings = AgreementSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 

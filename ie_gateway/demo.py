@@ -38,6 +38,16 @@ class DemoResult:
     received: list[Path]
     qa_png: str | None
     seconds: float
+    config: Path  # the demo node's gateway.yaml: `ie-gateway serve --config` it to look again
+    page: str | None  # the admin page's address, when the node serves HTTP
+
+
+def page_address(cfg: GatewayConfig) -> str | None:
+    """The admin page's jobs list, when the config has an enabled ``http`` section."""
+    http = getattr(cfg, "http", None)  # the section comes with the node's HTTP endpoint
+    if http is None or not getattr(http, "enabled", True):
+        return None
+    return f"http://{http.bind}:{http.port}/jobs"
 
 
 def _free_port() -> int:
@@ -131,7 +141,8 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float) ->
             raise GatewayError("the node never saw the series")
         return DemoResult(state=job.state.value, reason=job.reason,
                           received=sorted((workdir / "tps").glob("*.dcm")),
-                          qa_png=job.detail.get("qa_png"), seconds=time.monotonic() - started)
+                          qa_png=job.detail.get("qa_png"), seconds=time.monotonic() - started,
+                          config=cfg.source, page=page_address(cfg))
     finally:
         service.stop()
         server.shutdown()  # type: ignore[attr-defined]

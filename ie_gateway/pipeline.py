@@ -25,8 +25,10 @@ import SimpleITK as sitk
 import structlog
 
 from ie_gateway import metrics
+from ie_gateway import drift
+from ie_gateway.agreement import ModelContours, assess_approval
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
+from ie_gateway.errors import AgreementError, GatewayError, ModelError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
@@ -35,7 +37,7 @@ from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobState, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.sync.cases import link_approved
+from ie_gateway.sync.cases import approved_sets, link_approved
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
     Masks,
@@ -150,7 +152,8 @@ class Worker:
             ct_job = link_approved(self.store, job)
             if ct_job is not None:
                 self.store.index.transition(job.id, JobState.UNROUTED,
-                                            reason=f"clinician's structure set, linked to job {ct_job}")
+                                            reason=f"clinician's structure set, linked to job {ct_job}"
+                                            + self._agreement(job.id, ct_job))
                 return
         rules = self.rules()
         if rules is None:
@@ -174,6 +177,32 @@ class Worker:
                                     model_version=first["version"])
         log.info("series routed", rules=[r["rule"] for r in routes], model=first["model"],
                  version=first["version"])
+
+    def _agreement(self, rt_job: int, ct_job_id: int) -> str:
+        """Figures of the approved set in ``rt_job`` against the AI's contours of ``ct_job_id``;
+        what the structure set job's reason should add. A draft gets no figures."""
+        approved = approved_sets(self.store, rt_job)
+        if not approved:
+            return ""
+        ct_job = self.store.index.job(ct_job_id)
+        settings = self.cfg.agreement
+        try:
+            contours = [self._contours(ct_job, index, route) for index, route in enumerate(ct_job.routes)]
+            rows = assess_approval(self.store.index, ct_job, rt_job, approved[-1], contours, settings.tolerance_mm)
+        except (AgreementError, ModelError) as exc:
+            log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
+            return f"; no agreement figures: {exc}"
+        for model in {f"{c.model}@{c.version}" for c in contours}:
+            drift.log_alarms(self.store.index, settings, self.cfg.models_dir, model)
+        return f"; agreement figures of {rows} structures"
+
+    def _contours(self, ct_job: Job, index: int, route: dict[str, Any]) -> ModelContours:
+        """Where route ``index`` of a contoured job left its contours, and what they are."""
+        model = self.registry.resolve(f"{route['model']}@{route['version']}")
+        folder = self.store.results / f"job-{ct_job.id}"
+        rtstruct = folder / f"rtstruct-{index}.dcm" if "rtstruct" in route["outputs"] else None
+        return ModelContours(model.name, model.version, structures_of(model.manifest), rtstruct,
+                             folder / labels_file(index))
 
     def infer(self, job: Job) -> None:
         self.store.index.transition(job.id, JobState.INFERRING)

@@ -120,6 +120,8 @@ class Structure(_Strict):
     interpreted_type: InterpretedType = InterpretedType.ORGAN
     postprocess: PostProcess = PostProcess()
     expect: Expect | None = None
+    # the Dice with approved contours this version is expected to keep (drift alarm baseline)
+    baseline_dice: float | None = Field(default=None, gt=0, le=1)
 
 
 class Intensity(_Strict):

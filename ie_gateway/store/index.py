@@ -90,6 +90,24 @@ CREATE TABLE IF NOT EXISTS attempts (
     status INTEGER,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS agreement (  -- ie_gateway.agreement: AI vs approved, per structure
+    ct_job INTEGER NOT NULL,        -- jobs(id) of the contoured CT
+    approval_job INTEGER NOT NULL,  -- jobs(id) of the approved structure set
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    structure TEXT NOT NULL,
+    at REAL NOT NULL,
+    tolerance_mm REAL NOT NULL,
+    dice REAL NOT NULL,
+    hd95_mm REAL,
+    msd_mm REAL,
+    surface_dice REAL NOT NULL,
+    volume_ai_cc REAL NOT NULL,
+    volume_approved_cc REAL NOT NULL,
+    volume_diff_pct REAL,
+    PRIMARY KEY (ct_job, model, model_version, structure)
+);
+CREATE INDEX IF NOT EXISTS agreement_trend ON agreement(model, model_version, structure, at);
 """
 
 

@@ -69,6 +69,11 @@ def approved_files(store: Store, ct_job: Job) -> list[Path]:
             for ds in _clinicians_sets(store, int(entry["job"])) if _approval(ds) == APPROVED]
 
 
+def approved_sets(store: Store, job_id: int) -> list[Dataset]:
+    """The clinician's approved structure sets received in job ``job_id``, in arrival order."""
+    return [ds for ds in _clinicians_sets(store, job_id) if _approval(ds) == APPROVED]
+
+
 def _clinicians_sets(store: Store, job_id: int) -> list[Dataset]:
     """The RT-STRUCTs received in this job (not earlier jobs of the series) that the node did
     not write."""

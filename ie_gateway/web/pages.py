@@ -1,0 +1,241 @@
+"""The admin's pages: jobs, one job, failures and held jobs, model versions, agreement trends.
+
+Server-side rendered from the index and the registry with Jinja2 templates; nothing on them
+identifies a patient (no names, IDs, birth dates or clear UIDs: series are shown hashed).
+Read-only views need no sign-in; the buttons need the admin token (see :mod:`.auth`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from ie_gateway import admin, agreement, drift
+from ie_gateway.config import GatewayConfig
+from ie_gateway.errors import GatewayError
+from ie_gateway.infer.registry import Registry
+from ie_gateway.log import uid_hash
+from ie_gateway.store import Job, JobState, Store
+from ie_gateway.web.auth import COOKIE, Guard, admin_token
+from ie_gateway.web.plots import dice_plot
+
+log = structlog.get_logger(__name__)
+
+#: An admin action: (store, job id, who) → what it did; raises GatewayError when it cannot.
+Action = Callable[[Store, int, str], object]
+
+#: Which action applies to a job in which state (a button is shown only where it applies).
+ACTION_STATES: dict[str, frozenset[str]] = {
+    "retry": frozenset({"failed"}),
+    "reroute": frozenset({"failed", "unrouted", "refused", "needs_review"}),
+    "release": frozenset({"needs_review"}),
+}
+#: States the failures page lists: given up on, or held for a person.
+ATTENTION = ("failed", "needs_review")
+
+
+def default_actions() -> dict[str, Action]:
+    """The actions ``ie_gateway.admin`` offers (retry, and reroute/release where present)."""
+    return {name: getattr(admin, name) for name in ACTION_STATES if callable(getattr(admin, name, None))}
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    """What the pages show of a job: internal ids, states and figures, no patient data."""
+    return {
+        "id": job.id, "state": job.state.value, "reason": job.reason or "", "instances": job.instances,
+        "modality": job.header.get("Modality", ""), "calling_ae": job.calling_ae,
+        "series": uid_hash(job.series_uid), "model": f"{job.model}@{job.model_version}" if job.model else "",
+        "received": _when(job.created_at), "updated": _when(job.updated_at),
+        "timings": job.detail.get("timings_s") or {}, "linked_to": job.detail.get("linked_to"),
+    }
+
+
+class AdminPages:
+    """The request handlers, bound to one node's store, registry and settings."""
+
+    def __init__(self, cfg: GatewayConfig, store: Store, registry: Registry, guard: Guard,
+                 actions: Mapping[str, Action]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.guard = guard
+        self.actions = dict(actions)
+        self.templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+    def _render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir)
+        return self.templates.TemplateResponse(request, name, {
+            "alarms": alarms, "signed_in": self.guard.session_nonce(request) is not None,
+            "actions_enabled": self.guard.enabled, "csrf": self.guard.csrf_for(request),
+            "node": self.cfg.node.ae_title, **context}, status_code=status_code)
+
+    def _buttons(self, job: Job) -> list[str]:
+        return [name for name in self.actions if job.state.value in ACTION_STATES[name]]
+
+    async def jobs(self, request: Request) -> Response:
+        wanted = request.query_params.get("state") or None
+        all_jobs = self.store.index.jobs()
+        counts: dict[str, int] = {}
+        for job in all_jobs:
+            counts[job.state.value] = counts.get(job.state.value, 0) + 1
+        shown = [j for j in all_jobs if wanted is None or j.state.value == wanted]
+        rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(shown)]
+        return self._render(request, "jobs.html", title="Jobs", jobs=rows, counts=counts, wanted=wanted,
+                            states=[s.value for s in JobState])
+
+    async def failures(self, request: Request) -> Response:
+        states = [s for s in JobState if s.value in ATTENTION]
+        rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(self.store.index.jobs(states))]
+        return self._render(request, "failures.html", title="Failures and held jobs", jobs=rows)
+
+    async def job(self, request: Request) -> Response:
+        job = self._job_or_none(request)
+        if job is None:
+            return self._render(request, "message.html", 404, title="No such job",
+                                message=f"There is no job {request.path_params['job_id']}.")
+        deliveries = [dict(zip(("destination", "state", "attempts", "last_status", "last_error"), r, strict=True))
+                      for r in self.store.index.query(
+                          "SELECT destination, state, attempts, last_status, last_error FROM outbox "
+                          "WHERE job_id = ? ORDER BY id", (job.id,))]
+        transitions = [{"at": _when(r[0]), "from": r[1] or "", "to": r[2], "reason": r[3] or ""}
+                       for r in self.store.index.query(
+                           "SELECT at, from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY at",
+                           (job.id,))]
+        review = job.detail.get("review") or {}
+        findings = job.detail.get("findings") or (review.get("findings") if isinstance(review, dict) else None) or []
+        return self._render(
+            request, "job.html", title=f"Job {job.id}", job=_job_row(job), job_buttons=self._buttons(job),
+            qa=bool(job.detail.get("qa_png")), volumes=job.detail.get("volumes_cc") or {},
+            findings=findings, needs_review=job.state.value == "needs_review", deliveries=deliveries,
+            transitions=transitions, figures=agreement.rows(self.store.index, ct_job=job.id),
+            approvals=job.detail.get("approved") or [])
+
+    async def qa_png(self, request: Request) -> Response:
+        job = self._job_or_none(request)
+        path = Path(str(job.detail.get("qa_png"))) if job is not None and job.detail.get("qa_png") else None
+        # only ever a file inside the node's results folder
+        if path is None or not path.is_file() or not path.resolve().is_relative_to(self.store.results.resolve()):
+            return Response("no QA picture", status_code=404, media_type="text/plain")
+        return FileResponse(path, media_type="image/png")
+
+    async def models(self, request: Request) -> Response:
+        versions = self.registry.list()
+        history = [{"name": a.name, "version": a.version, "previous": a.previous or "", "at": a.at, "by": a.by or ""}
+                   for a in reversed(self.registry.history())]
+        return self._render(request, "models.html", title="Model versions", versions=versions, history=history)
+
+    async def trends(self, request: Request) -> Response:
+        settings = self.cfg.agreement
+        rows = agreement.rows(self.store.index)
+        states = {(s.model, s.version, s.structure): s for s in drift.current(self.store.index, settings,
+                                                                               self.cfg.models_dir)}
+        series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            series.setdefault((row["model"], row["model_version"], row["structure"]), []).append(row)
+        plots = []
+        for key, items in sorted(series.items()):
+            state = states.get(key)
+            threshold = state.baseline - settings.margin if state is not None and state.baseline is not None else None
+            plots.append({"model": key[0], "version": key[1], "structure": key[2], "state": state,
+                          "plot": dice_plot([r["dice"] for r in items],
+                                            [f"job {r['ct_job']}, {_when(r['at'])}" for r in items],
+                                            settings.window, threshold)})
+        return self._render(request, "agreement.html", title="Agreement with approved contours", plots=plots,
+                            summary=agreement.summary(rows), figures=agreement.FIGURES, settings=settings)
+
+    async def login(self, request: Request) -> Response:
+        if request.method == "GET":
+            return self._render(request, "login.html", title="Sign in")
+        form = await request.form()
+        if not self.guard.same_origin(request) or not self.guard.token_matches(_field(form, "token")):
+            log.warning("admin sign-in refused")
+            return self._render(request, "login.html", 403, title="Sign in", error="That is not the admin token.")
+        response = RedirectResponse(_local(_field(form, "next")), status_code=303)
+        response.set_cookie(COOKIE, self.guard.new_session(), httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        log.info("admin signed in")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/jobs", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    async def act(self, request: Request) -> Response:
+        form = await request.form()
+        name = str(request.path_params["action"])
+        allowed, why = self.guard.allows(request, _field(form, "csrf") or None)
+        if not allowed:
+            log.warning("admin action refused", action=name, why=why)
+            return self._render(request, "message.html", 403, title="Not allowed", message=why)
+        action = self.actions.get(name)
+        job = self._job_or_none(request)
+        if action is None or job is None:
+            return self._render(request, "message.html", 404, title="Not found",
+                                message=f"No action {name!r} for job {request.path_params['job_id']}.")
+        who = f"web:{request.client.host if request.client else '?'}"
+        try:
+            result = action(self.store, job.id, who)
+        except GatewayError as exc:
+            return self._render(request, "message.html", 409, title=f"Job {job.id}: {name} not done", message=str(exc))
+        log.info("admin action", action=name, job=job.id, who=who)
+        done = f"{name} done" + (f" ({result} deliveries queued)" if isinstance(result, int) else "")
+        return self._render(request, "message.html", title=f"Job {job.id}: {done}",
+                            message=f"{done}; the node picks the job up within seconds.", job_id=job.id)
+
+    def _job_or_none(self, request: Request) -> Job | None:
+        try:
+            return self.store.index.job(int(request.path_params["job_id"]))
+        except GatewayError:
+            return None
+
+
+def _field(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _local(target: str) -> str:
+    """A redirect target on this site only."""
+    return target if target.startswith("/") and not target.startswith("//") else "/jobs"
+
+
+def web_routes(cfg: GatewayConfig, store: Store, registry: Registry, *, token: str | None = None,
+               actions: Mapping[str, Action] | None = None) -> list[BaseRoute]:
+    """The admin page's routes, to mount in the node's HTTP app (beside /metrics).
+
+    ``token`` defaults to :func:`~ie_gateway.web.auth.admin_token` (environment or systemd
+    credential); ``actions`` to what :mod:`ie_gateway.admin` offers.
+    """
+    pages = AdminPages(cfg, store, registry, Guard(token if token is not None else admin_token()),
+                       default_actions() if actions is None else actions)
+    return [
+        Route("/", lambda request: RedirectResponse("/jobs", status_code=307)),
+        Route("/jobs", pages.jobs),
+        Route("/jobs/{job_id:int}", pages.job),
+        Route("/jobs/{job_id:int}/qa.png", pages.qa_png),
+        Route("/jobs/{job_id:int}/{action:str}", pages.act, methods=["POST"]),
+        Route("/failures", pages.failures),
+        Route("/models", pages.models),
+        Route("/agreement", pages.trends),
+        Route("/login", pages.login, methods=["GET", "POST"]),
+        Route("/logout", pages.logout, methods=["POST"]),
+    ]
+
+
+__all__ = ["Action", "AdminPages", "default_actions", "web_routes"]

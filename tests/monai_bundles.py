@@ -4,8 +4,10 @@ The inference config follows the zoo's CT segmentation bundles (spleen_ct_segmen
 kin): LoadImaged → EnsureChannelFirstd → Orientationd(RAS) → Spacingd → ScaleIntensityRanged,
 a SlidingWindowInferer, then softmax, Invertd back to the image's own grid, argmax and
 SaveImaged; weights come in through a CheckpointLoader handler from ``models/model.pt``. The
-network is a seeded, untrained MONAI UNet: its answer is arbitrary but deterministic, which is
-all a comparison of the node against ``python -m monai.bundle run`` needs.
+network is MONAI's ``Convolution`` block (1x1x1) with set weights whose arg-max is a threshold
+model on the scaled intensity: background below -940 HU, lungs up to -300 HU, body above. Its
+answer is crude but deterministic and smooth enough to contour, which is all a comparison of
+the node against ``python -m monai.bundle run`` needs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
-from monai.networks.nets import UNet
+from monai.networks.blocks import Convolution
 
 CHANNEL_DEF = {"0": "background", "1": "Body", "2": "Lungs"}
-NETWORK = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16],
-           "strides": [2, 2], "num_res_units": 1}
+NETWORK = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "kernel_size": 1,
+           "conv_only": True}
+# logits per channel = w * x + b on x in [0, 1] (HU -1000..1000): lines that cross at x = 0.03
+# (background | lungs) and x = 0.35 (lungs | body)
+WEIGHTS = (0.0, 80.0, 40.0)
+BIASES = (0.0, -15.2, -1.2)
 
 
 def inference_config(pixdim: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> dict[str, object]:
@@ -29,7 +35,7 @@ def inference_config(pixdim: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> di
         "dataset_dir": "/workspace/data",
         "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii.gz')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "UNet", **NETWORK},
+        "network_def": {"_target_": "monai.networks.blocks.Convolution", **NETWORK},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image"},
@@ -88,13 +94,15 @@ def metadata(channel_def: dict[str, str] | None = None) -> dict[str, object]:
     }
 
 
-def write_bundle(folder: Path, channel_def: dict[str, str] | None = None, seed: int = 0) -> Path:
+def write_bundle(folder: Path, channel_def: dict[str, str] | None = None) -> Path:
     """``folder/configs/{inference,metadata}.json`` and ``folder/models/model.pt``; return it."""
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
     ConfigParser.export_config_file(inference_config(), str(folder / "configs" / "inference.json"), indent=2)
     ConfigParser.export_config_file(metadata(channel_def), str(folder / "configs" / "metadata.json"), indent=2)
-    torch.manual_seed(seed)
-    network = UNet(**NETWORK)  # type: ignore[arg-type]
+    network = Convolution(**NETWORK)  # type: ignore[arg-type]
+    with torch.no_grad():
+        network.conv.weight.copy_(torch.tensor(WEIGHTS).reshape(3, 1, 1, 1, 1))
+        network.conv.bias.copy_(torch.tensor(BIASES))
     torch.save(network.state_dict(), folder / "models" / "model.pt")
     return folder

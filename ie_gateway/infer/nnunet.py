@@ -75,11 +75,10 @@ class NnUNetModel:
             )
         except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as exc:
             raise ModelError(f"{model.spec}: nnU-Net cannot load the package: {exc}") from exc
-        configuration = self._predictor.configuration_manager.configuration_name
-        if (configuration, self._predictor.trainer_name) != (settings.configuration, settings.trainer):
+        if self._predictor.trainer_name != settings.trainer:
             raise ModelError(
-                f"{model.spec}: the checkpoints are {self._predictor.trainer_name}/{configuration}, "
-                f"model.yaml says {settings.trainer}/{settings.configuration}"
+                f"{model.spec}: the checkpoints were trained by {self._predictor.trainer_name}, "
+                f"model.yaml says {settings.trainer}"
             )
 
     @property

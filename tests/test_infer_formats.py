@@ -110,6 +110,16 @@ def test_import_refuses_a_configuration_the_plans_do_not_have(tmp_path: Path) ->
         describe_package(folder, "thorax", "3")
 
 
+def test_import_refuses_a_cascade_stage(tmp_path: Path) -> None:
+    folder = nnunet_folder(tmp_path, name="nnUNetTrainer__nnUNetPlans__3d_cascade_fullres",
+                           configurations=("3d_lowres", "3d_cascade_fullres"))
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_cascade_fullres"] = {"previous_stage": "3d_lowres"}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match=r"plans.json: configuration '3d_cascade_fullres' is a cascade"):
+        describe_package(folder, "thorax", "3")
+
+
 @pytest.mark.parametrize("labels", [
     {"background": 0, "body": 1, "Heart": 3},
     {"body": 1, "Heart": 2},

@@ -292,7 +292,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _load_fold(model: ModelVersion, path: Path, device: torch.device) -> torch.jit.ScriptModule:
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location=device)
+        return module.eval()
     except (RuntimeError, ValueError) as exc:
         raise ModelError(
             f"{model.spec}: {path.name} does not load as TorchScript: {_first_line(exc)}"

@@ -165,6 +165,11 @@ def _describe_nnunet(path: Path) -> tuple[list[str], dict[str, Any], str]:
             f"{plans_file}: configuration {configuration!r} is unknown (plans.json has: "
             f"{', '.join(sorted(configurations)) or 'none'})"
         )
+    if (configurations[configuration] or {}).get("previous_stage"):
+        raise ModelError(
+            f"{plans_file}: configuration {configuration!r} is a cascade stage (it needs the "
+            f"previous stage's segmentation); import a single-stage configuration such as 3d_fullres"
+        )
     body = {
         "nnunet": {"configuration": configuration, "trainer": trainer,
                    "checkpoint": NNUNET_CHECKPOINT, "mirroring": True, "step_size": 0.5},

@@ -32,7 +32,8 @@ from ie_gateway.infer.registry import ModelVersion
 log = structlog.get_logger(__name__)
 
 try:
-    from monai.bundle import ConfigParser, ConfigWorkflow
+    from monai.bundle.config_parser import ConfigParser
+    from monai.bundle.workflows import ConfigWorkflow
 except ImportError as exc:  # the [monai] extra is optional
     _MISSING: ImportError | None = exc
 else:
@@ -66,7 +67,7 @@ class MonaiBundle:
             network = parser.get_parsed_content("network")
             with torch.inference_mode():
                 out = network(torch.zeros((1, 1, *self.settings.probe_size), device=self.device))
-        except Exception as exc:  # noqa: BLE001 - a bundle's config runs arbitrary code; any
+        except Exception as exc:  # a bundle's config runs arbitrary code; any
             # failure to build or run its network means the package is unusable, said in one line
             raise ModelError(f"{self.model.spec}: the bundle's network does not run: {_why(exc)}") from exc
         channels = int(out.shape[1]) if isinstance(out, torch.Tensor) else -1
@@ -136,7 +137,7 @@ class MonaiBundle:
             workflow.initialize()
             workflow.run()
             workflow.finalize()
-        except Exception as exc:  # noqa: BLE001 - the bundle's own code runs here; whatever it
+        except Exception as exc:  # the bundle's own code runs here; whatever it
             # raises fails this job with its first line (the runner keeps serving)
             raise InferenceError(f"{self.model.spec}: the bundle's workflow failed: {_why(exc)}") from exc
 

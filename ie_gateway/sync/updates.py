@@ -145,9 +145,9 @@ def publish_version(container: ContainerClient, package_dir: Path, name: str | N
     prefix = f"{MODELS_PREFIX}{manifest.name}/{manifest.version}/"
     names = [entry.file for entry in (*manifest.folds, *manifest.files)] + [MANIFEST_NAME]
     try:
-        for name in names:
-            with (package_dir / name).open("rb") as fh:
-                container.upload_blob(prefix + name, fh, overwrite=True)
+        for file in names:
+            with (package_dir / file).open("rb") as fh:
+                container.upload_blob(prefix + file, fh, overwrite=True)
         digest = _sha256(package_dir / MANIFEST_NAME)
         container.upload_blob(
             prefix + SIDECAR_NAME, f"{digest}  {MANIFEST_NAME}\n".encode(), overwrite=True,

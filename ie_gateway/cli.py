@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
     demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
     demo.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
+    demo.add_argument("--model", default="demo-thorax",
+                      help="model to route to (demo-thorax-nnunet: the nnU-Net v2 demo, needs the [nnunet] extra)")
     sync = command("sync", "upload anonymised cases and pull model versions")
     command("now", "run the case upload and the model pull once, with a progress bar",
             sync.add_subparsers(dest="action", required=True))
@@ -217,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ie_gateway.demo import run_demo
 
     logsetup.configure("warning")
-    result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout)
+    result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout, args.model)
     print(f"job {result.state} after {result.seconds:.0f} s" + (f": {result.reason}" if result.reason else ""))
     for path in result.received:
         print(f"  received by the demo TPS: {path}")

@@ -69,7 +69,8 @@ def load_model(model: ModelVersion, device: str | None) -> Segmenter:
 
 
 class InferenceRunner:
-    """One child process that runs jobs in order; not safe to call from several threads at once.
+    """One child process that runs jobs and verifications in order; calls from several threads
+    (the worker's jobs, the sync's imports) wait for each other.
 
     ``device``: "cuda", "cpu" or None (CUDA when available). ``max_resident``: how many model
     versions the child keeps loaded (least recently used is dropped). ``log_level``: the child
@@ -106,7 +107,10 @@ class InferenceRunner:
         Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
         """
         with self._lock:
-            return self._call(("segment", model, str(ct_path), str(labels_path)), labels_path)  # type: ignore[no-any-return]
+            result: dict[str, Any] = self._call(
+                ("segment", model, str(ct_path), str(labels_path)), labels_path
+            )
+        return result
 
     def verify(self, model: ModelVersion) -> None:
         """Load ``model`` in the child with its framework and run a small patch (the registry's

@@ -237,12 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="warm jobs after the cold one")
     parser.add_argument("--stand-in", action="store_true", help="random U-Net even if demo exists")
-    parser.add_argument("--model", help="NAME or NAME@VERSION of a package in models/")
+    parser.add_argument("--model", help="NAME or NAME@VERSION of a package in --models-dir")
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.model:
-            model = Registry(REPO / "models", tmp / "state.json").resolve(args.model)
+            model = Registry(args.models_dir, tmp / "state.json").resolve(args.model)
         elif any(DEMO.glob("*/model.yaml")) and not args.stand_in:
             model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax")
         else:

@@ -115,11 +115,14 @@ class NnUNetModel:
             self._predictor.predict_single_npy_array(image, properties, None, None, False)
         ).astype(np.uint8)
         timings["predict"] = time.perf_counter() - mark
-        reference = sitk.ReadImage(str(ct_path))
-        if labels.shape != sitk.GetArrayViewFromImage(reference).shape:
+        # the CT's geometry only: nnU-Net holds the voxels already
+        reference = sitk.ImageFileReader()
+        reference.SetFileName(str(ct_path))
+        reference.ReadImageInformation()
+        shape = tuple(reversed(reference.GetSize()))
+        if labels.shape != shape:
             raise InferenceError(
-                f"{self.model.spec}: nnU-Net returned {labels.shape}, the CT is "
-                f"{sitk.GetArrayViewFromImage(reference).shape}"
+                f"{self.model.spec}: nnU-Net returned {labels.shape}, the CT is {shape}"
             )
         mark = time.perf_counter()
         voxel_cc = float(np.prod(reference.GetSpacing())) / 1000.0
@@ -128,7 +131,9 @@ class NnUNetModel:
         volumes = label_volumes_cc(labels, structures, voxel_cc)
         timings["postprocess"] = time.perf_counter() - mark
         out = sitk.GetImageFromArray(labels)
-        out.CopyInformation(reference)
+        out.SetOrigin(reference.GetOrigin())
+        out.SetSpacing(reference.GetSpacing())
+        out.SetDirection(reference.GetDirection())
         timings["total"] = time.perf_counter() - start
         folds = len(self.model.manifest.folds)
         log.info("segmented", model=self.model.spec, framework="nnunetv2", device=self.device.type,

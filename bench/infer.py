@@ -14,8 +14,8 @@ package it also runs the framework's own command line on the same CT written as 
 the same folds and test-time augmentation (``nnUNetv2_predict_from_modelfolder -npp 1 -nps 1``,
 its fewest worker processes; ``python -m monai.bundle run``), and prints both times, peak
 memories (the largest process of each: the node's inference child, the command or one of its
-workers) and the node's ratio to the framework (cold: the child loads the model; warm: it is
-resident). The command line's time includes starting Python and importing the framework,
+workers) and the node's ratio to the framework (cold: the child loads the model; warm: an
+nnU-Net model is resident, a MONAI bundle's workflow is built again). The command line's time includes starting Python and importing the framework,
 which the node's child does once at start-up, before any job.
 """
 
@@ -223,7 +223,7 @@ def bench_framework(device: str, model: ModelVersion, ct: Path, out: Path, repea
     print(f"\n{device}: {model.spec} ({model.manifest.format}), {folds} folds")
     print(f"node, cold job (loads the model): {times[0]:8.2f} s   ratio to framework {times[0] / cli_s:.2f}")
     for i, t in enumerate(times[1:], 1):
-        print(f"node, warm job {i} (resident):     {t:8.2f} s   ratio to framework {t / cli_s:.2f}")
+        print(f"node, warm job {i} (child started): {t:8.2f} s   ratio to framework {t / cli_s:.2f}")
     print(f"framework's command line:         {cli_s:8.2f} s")
     print(f"peak RSS: node's inference process {node_mib:.0f} MiB, framework's command "
           f"{cli_mib:.0f} MiB, ratio {node_mib / cli_mib:.2f}")

@@ -8,13 +8,25 @@ Model: the repository's ``models/demo-thorax`` (its one version) when it is ther
 (or with ``--stand-in``) a random-weight TorchScript U-Net of the demo model's size and input
 contract (3 folds, widths 8-16-32-64, 2.5 x 2.5 x 3 mm, patch 48 x 208 x 208, overlap 0.25), so
 the figures mean the same work. Run: ``.venv/bin/python bench/infer.py [--slices 200 --size 512]``.
+
+``--model NAME`` benchmarks another installed package of ``models/``. For an nnU-Net v2 or MONAI
+package it also runs the framework's own command line on the same CT written as NIfTI, with
+the same folds and test-time augmentation (``nnUNetv2_predict_from_modelfolder -npp 1 -nps 1``,
+its fewest worker processes; ``python -m monai.bundle run``), and prints both times, peak
+memories (the largest process of each: the node's inference child, the command or one of its
+workers) and the node's ratio to the framework (cold: the child loads the model; warm: an
+nnU-Net model is resident, a MONAI bundle's workflow is built again). The command line's time includes starting Python and importing the framework,
+which the node's child does once at start-up, before any job.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +38,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ie_gateway.infer.manifest import load_manifest
+from ie_gateway.infer.manifest import ModelFormat, load_manifest
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.synthetic import STRUCTURES, make_phantom
@@ -160,6 +172,64 @@ def bench_device(
     )
 
 
+def framework_command(model: ModelVersion, in_dir: Path, out_dir: Path, device: str) -> list[str]:
+    """The framework's own inference command for ``model`` on the NIfTI files in ``in_dir``."""
+    if model.manifest.format is ModelFormat.NNUNETV2:
+        settings = model.manifest.nnunet
+        assert settings is not None
+        folds = [f.file.split("/", 1)[0].removeprefix("fold_") for f in model.manifest.folds]
+        return [
+            str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"),
+            "-i", str(in_dir), "-o", str(out_dir), "-m", str(model.path), "-f", *folds,
+            "-step_size", str(settings.step_size), "-chk", settings.checkpoint, "-device", device,
+            "-npp", "1", "-nps", "1", "--disable_progress_bar",
+            *([] if settings.mirroring else ["--disable_tta"]),
+        ]
+    settings = model.manifest.monai
+    config = model.path / (settings.config if settings else "configs/inference.json")
+    meta = model.path / (settings.meta if settings else "configs/metadata.json")
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config),
+        "--meta_file", str(meta), "--bundle_root", str(model.path), "--dataset_dir", str(in_dir),
+        "--output_dir", str(out_dir),
+    ]
+
+
+def bench_framework(device: str, model: ModelVersion, ct: Path, out: Path, repeat: int) -> None:
+    """The node's runner against the framework's command line on the same CT, same settings."""
+    with InferenceRunner(3600, device=device, log_level=None) as runner:
+        times = []
+        for i in range(repeat + 1):
+            mark = time.perf_counter()
+            runner.run(model, ct, out / f"labels-{device}-{i}.mha")
+            times.append(time.perf_counter() - mark)
+    node_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    in_dir, out_dir = out / f"nifti-in-{device}", out / f"nifti-out-{device}"
+    in_dir.mkdir()
+    name = "case_0000.nii.gz" if model.manifest.format is ModelFormat.NNUNETV2 else "ct.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(ct)), str(in_dir / name))
+    mark = time.perf_counter()
+    proc = subprocess.Popen(framework_command(model, in_dir, out_dir, device),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    cli_s = time.perf_counter() - mark
+    if status != 0:
+        raise SystemExit(f"the framework's command failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    cli_mib = usage.ru_maxrss / 1024
+    [written] = [p for p in out_dir.rglob("*.nii.gz")]
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"labels-{device}-{repeat}.mha")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    folds = len(model.manifest.folds)
+    print(f"\n{device}: {model.spec} ({model.manifest.format}), {folds} folds")
+    print(f"node, cold job (loads the model): {times[0]:8.2f} s   ratio to framework {times[0] / cli_s:.2f}")
+    for i, t in enumerate(times[1:], 1):
+        print(f"node, warm job {i} (child started): {t:8.2f} s   ratio to framework {t / cli_s:.2f}")
+    print(f"framework's command line:         {cli_s:8.2f} s")
+    print(f"peak RSS: node's inference process {node_mib:.0f} MiB, framework's command "
+          f"{cli_mib:.0f} MiB, ratio {node_mib / cli_mib:.2f}")
+    print(f"voxel agreement node vs framework: {float((ours == theirs).mean()):.6f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=10_011, help="phantom (>= 10000: held out)")
@@ -167,10 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="warm jobs after the cold one")
     parser.add_argument("--stand-in", action="store_true", help="random U-Net even if demo exists")
+    parser.add_argument("--model", help="NAME or NAME@VERSION of a package in --models-dir")
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if any(DEMO.glob("*/model.yaml")) and not args.stand_in:
+        if args.model:
+            model = Registry(args.models_dir, tmp / "state.json").resolve(args.model)
+        elif any(DEMO.glob("*/model.yaml")) and not args.stand_in:
             model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax")
         else:
             model = stand_in_package(tmp / "stand-in" / "1")
@@ -182,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for device in devices:
-            bench_device(device, model, ct, truth, tmp, args.repeat)
+            if model.manifest.format is ModelFormat.NATIVE:
+                bench_device(device, model, ct, truth, tmp, args.repeat)
+            else:
+                bench_framework(device, model, ct, tmp, args.repeat)
 
 
 if __name__ == "__main__":

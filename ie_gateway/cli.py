@@ -19,6 +19,10 @@ from ie_gateway.errors import ConfigError, GatewayError
 from ie_gateway.log import uid_hash
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ie_gateway.infer.manifest import Manifest
+    from ie_gateway.infer.registry import Registry
     from ie_gateway.route import RuleSet
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
@@ -48,8 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     command("list", "every version, verified or not, and which is active", models_sub)
     verify = command("verify", "check checksums and that each fold loads and runs", models_sub)
     verify.add_argument("spec", nargs="?", help="name@version (default: every version)")
-    imp = command("import", "install a model package folder as an immutable version", models_sub)
+    imp = command("import", "install a model package (native, nnU-Net v2 folder, MONAI bundle) as an "
+                            "immutable version", models_sub)
     imp.add_argument("package", type=Path)
+    imp.add_argument("--name", help="model name (needed when the folder has no model.yaml yet)")
+    imp.add_argument("--version", help="model version (needed when the folder has no model.yaml yet)")
+    describe = command("describe", "write model.yaml for an nnU-Net v2 folder or MONAI bundle, to edit "
+                                   "before `models import`", models_sub)
+    describe.add_argument("package", type=Path)
+    describe.add_argument("--name", required=True)
+    describe.add_argument("--version", required=True)
     act = command("activate", "make a version the one `model: name` routes to", models_sub)
     act.add_argument("name")
     act.add_argument("version")
@@ -57,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
     demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
     demo.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
+    demo.add_argument("--model", default="demo-thorax",
+                      help="model to route to (demo-thorax-nnunet: the nnU-Net v2 demo, needs the [nnunet] extra)")
     sync = command("sync", "upload anonymised cases and pull model versions")
     command("now", "run the case upload and the model pull once, with a progress bar",
             sync.add_subparsers(dest="action", required=True))
@@ -210,10 +224,22 @@ def _series_in_folder(folder: Path) -> dict[str, tuple[dict[str, Any], int]]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ie_gateway.service import registry_for
+    from ie_gateway.infer.formats import describe_package
+    from ie_gateway.infer.manifest import load_manifest
 
     cfg = load_config(args.config)
-    registry = registry_for(cfg)
+    if args.action == "describe":
+        print(f"{describe_package(args.package, args.name, args.version)}: written; edit it, then "
+              f"ie-gateway models import {args.package}")
+        return 0
+    from ie_gateway.service import registry_for, runner_for
+
+    with runner_for(cfg) as runner:
+        return _models(args, registry_for(cfg, runner.verify), describe_package, load_manifest)
+
+
+def _models(args: argparse.Namespace, registry: Registry, describe: Callable[..., Path],
+            load_manifest: Callable[[Path], Manifest]) -> int:
     if args.action == "list":
         for info in registry.list():
             print(f"{info.name}@{info.version}  {'active' if info.active else '      '}  "
@@ -225,6 +251,18 @@ def cmd_models(args: argparse.Namespace) -> int:
             registry.verify(name, version)
             print(f"{spec}: verified")
     elif args.action == "import":
+        manifest = args.package / "model.yaml"
+        if not manifest.is_file():
+            if not (args.name and args.version):
+                raise GatewayError(f"{args.package} has no model.yaml: give --name and --version "
+                                   f"(or write one first with `ie-gateway models describe`)")
+            print(f"{describe(args.package, args.name, args.version)}: written from the package")
+        else:
+            declared = load_manifest(args.package)
+            for option, value in (("--name", declared.name), ("--version", declared.version)):
+                given = getattr(args, option[2:])
+                if given is not None and given != value:
+                    raise GatewayError(f"{manifest} says {option[2:]} {value!r}, not {given!r}")
         model = registry.import_version(args.package)
         print(f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
               f"{model.name} {model.version})")
@@ -244,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ie_gateway.demo import run_demo
 
     logsetup.configure("warning")
-    result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout)
+    result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout, args.model)
     print(f"job {result.state} after {result.seconds:.0f} s" + (f": {result.reason}" if result.reason else ""))
     for path in result.received:
         print(f"  received by the demo TPS: {path}")
@@ -283,14 +321,15 @@ class TextProgress:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ie_gateway.service import registry_for
+    from ie_gateway.service import registry_for, runner_for
     from ie_gateway.store import Store
     from ie_gateway.sync.run import sync_now
 
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level)
     progress = TextProgress(sys.stderr) if sys.stderr.isatty() else None
-    report = sync_now(cfg, Store(cfg.storage.root), registry_for(cfg), progress=progress)
+    with runner_for(cfg) as runner:
+        report = sync_now(cfg, Store(cfg.storage.root), registry_for(cfg, runner.verify), progress=progress)
     print(report.summary())
     if report.cases.failed:
         print(f"ie-gateway sync: {len(report.cases.failed)} case(s) failed; see sync_error in `ie-gateway status`",

@@ -1,6 +1,7 @@
 """`ie-gateway demo`: the newcomer's first five minutes, on loopback, with no peers to install.
 
-Starts a node with the bundled demo model and a small receiving SCP standing in for the TPS,
+Starts a node with a bundled demo model (demo-thorax, or `--model demo-thorax-nnunet`) and a small
+receiving SCP standing in for the TPS,
 sends a synthetic thorax CT, and prints where the RT-STRUCT, the SEG and the QA picture landed.
 """
 
@@ -56,11 +57,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int) -> Path:
-    """A node config for the demo: the base's models, a rule for the demo model, loopback only."""
+def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) -> Path:
+    """A node config for the demo: the base's models, a rule for ``model``, loopback only."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "routing.yaml").write_text(yaml.safe_dump({"rules": [{
-        "name": "demo", "match": {"Modality": "CT"}, "model": "demo-thorax",
+        "name": "demo", "match": {"Modality": "CT"}, "model": model,
         "outputs": ["rtstruct", "seg"], "send_to": [DEMO_TPS]}]}, sort_keys=False))
     config = workdir / "gateway.yaml"
     config.write_text(yaml.safe_dump({
@@ -114,13 +115,14 @@ def _send(files: list[Path], cfg: GatewayConfig) -> None:
         assoc.release()
 
 
-def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float) -> DemoResult:
-    """Run the whole path once on loopback and return where the results are."""
+def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float,
+             model: str = "demo-thorax") -> DemoResult:
+    """Run the whole path once on loopback with ``model`` and return where the results are."""
     from ie_gateway.service import Service
 
     base = load_config(base_config)
     tps_port = _free_port()
-    cfg = load_config(_demo_config(base, workdir, tps_port))
+    cfg = load_config(_demo_config(base, workdir, tps_port, model))
     server = _start_tps(workdir / "tps", tps_port)
     service = Service(cfg)
     service.start()

@@ -65,7 +65,7 @@ def labels_file(index: int) -> str:
 def structures_of(manifest: Manifest) -> list[StructureInfo]:
     """The writers' view of a model's structures."""
     return [StructureInfo(label=s.label, name=s.name, color=tuple(s.color), interpreted_type=str(s.interpreted_type),
-                          fill_holes=s.postprocess.fill_holes) for s in manifest.structures]
+                          fill_holes=s.postprocess.fill_holes) for s in manifest.structures if s.send]
 
 
 class Worker:

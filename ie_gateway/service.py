@@ -24,7 +24,7 @@ from ie_gateway import metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
 from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
-from ie_gateway.infer.registry import Registry
+from ie_gateway.infer.registry import Probe, Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
@@ -38,9 +38,16 @@ from ie_gateway.sync.run import scheduled_cases, scheduled_models
 log = structlog.get_logger(__name__)
 
 
-def registry_for(cfg: GatewayConfig) -> Registry:
-    """The model registry of a node: packages in models_dir, activation state beside the index."""
-    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json")
+def registry_for(cfg: GatewayConfig, probe: Probe | None = None) -> Registry:
+    """The model registry of a node: packages in models_dir, activation state beside the index;
+    ``probe`` (an inference runner's ``verify``) loads and runs a package after its checksums."""
+    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json", probe)
+
+
+def runner_for(cfg: GatewayConfig) -> InferenceRunner:
+    """The inference child of a node (or of a CLI command that verifies models)."""
+    device = None if cfg.inference.device == "auto" else cfg.inference.device
+    return InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
 
 
 def model_exists(registry: Registry, name: str, version: str | None) -> bool:
@@ -86,12 +93,12 @@ class Service:
     def __init__(self, cfg: GatewayConfig, extra_routes: Sequence[BaseRoute] = ()) -> None:
         self.cfg = cfg
         self.store = Store(cfg.storage.root)
-        self.registry = registry_for(cfg)
+        # verification loads models in the inference child, under its time limit
+        self.runner = runner_for(cfg)
+        self.registry = registry_for(cfg, self.runner.verify)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
         self.receiver = Receiver(cfg.node, self.store, space=self.space)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-        device = None if cfg.inference.device == "auto" else cfg.inference.device
-        self.runner = InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
         self.worker = Worker(cfg, self.store, self.registry, self.runner, lambda: self.rules.current,
                              on_queued=self.deliver_soon)
         self.sender = Sender(cfg.destinations, cfg.delivery, Outbox(self.store.index), self.store.results,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import yaml
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
 from ie_gateway.infer.registry import Registry, probe_patch
-from tests.infer_packages import Pointwise, threshold_model, write_package
+from ie_gateway.infer.runner import InferenceRunner
+from tests.infer_packages import Pointwise, Spin, threshold_model, write_package
 
 
 @pytest.fixture
@@ -160,21 +162,62 @@ def test_resolve_refuses_unknown_or_unsafe_specs(
         registry.resolve(spec)
 
 
-def test_verify_detects_a_wrong_channel_count(tmp_path: Path, registry: Registry) -> None:
+@pytest.fixture(scope="module")
+def runner() -> Iterator[InferenceRunner]:
+    """The inference child, whose ``verify`` is the node's probe."""
+    with InferenceRunner(120, device="cpu", log_level=None) as child:
+        yield child
+
+
+@pytest.fixture
+def probing(tmp_path: Path, runner: InferenceRunner) -> Registry:
+    """A registry that loads and runs packages in the inference child, as the node's does."""
+    return Registry(tmp_path / "models", tmp_path / "state" / "models.json", runner.verify)
+
+
+def test_verify_detects_a_wrong_channel_count(tmp_path: Path, probing: Registry) -> None:
     src = write_package(tmp_path / "src", [Pointwise([1.0, 1.0], [0.0, 0.0])], structures=2)
     with pytest.raises(ModelError, match=r"expected \(1, 3, 8, 8, 8\)"):
-        registry.import_version(src)
+        probing.import_version(src)
+    assert probing.versions("toy") == []
 
 
-def test_verify_detects_a_file_that_is_not_torchscript(tmp_path: Path, registry: Registry) -> None:
+def test_verify_detects_a_file_that_is_not_torchscript(tmp_path: Path, probing: Registry) -> None:
     src = source(tmp_path)
     fold = src / "fold0.pt"
     fold.write_bytes(b"not a model")
     manifest = yaml.safe_load((src / "model.yaml").read_text())
     manifest["folds"][0]["sha256"] = hashlib.sha256(b"not a model").hexdigest()
     (src / "model.yaml").write_text(yaml.safe_dump(manifest))
-    with pytest.raises(ModelError, match="does not load or run as TorchScript"):
-        registry.import_version(src)
+    with pytest.raises(ModelError, match="fold0.pt does not load as TorchScript"):
+        probing.import_version(src)
+
+
+def test_a_model_that_hangs_in_verification_times_out_and_the_child_is_replaced(
+    tmp_path: Path,
+) -> None:
+    src = write_package(tmp_path / "src", [Spin(3, iterations=10**9)], name="hang")
+    with InferenceRunner(3, device="cpu", log_level=None) as runner:
+        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify)
+        first_child = runner.pid
+        with pytest.raises(ModelError, match="verification failed: inference exceeded 3 s"):
+            registry.import_version(src)
+        assert registry.versions("hang") == [] and runner.pid != first_child
+        assert registry.import_version(source(tmp_path)).spec == "toy@1"
+
+
+def test_resolve_checks_checksums_without_loading_torch_models(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """The service process never runs a model to verify it: without a probe, a fold that is
+    not TorchScript but matches its checksum passes resolve (the child's probe refuses it)."""
+    src = source(tmp_path)
+    (src / "fold0.pt").write_bytes(b"not a model")
+    manifest = yaml.safe_load((src / "model.yaml").read_text())
+    manifest["folds"][0]["sha256"] = hashlib.sha256(b"not a model").hexdigest()
+    (src / "model.yaml").write_text(yaml.safe_dump(manifest))
+    assert registry.import_version(src).spec == "toy@1"
+    assert registry.resolve("toy").spec == "toy@1"
 
 
 def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Registry) -> None:

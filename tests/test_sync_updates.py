@@ -4,6 +4,7 @@ tampered or half-published versions are refused or left alone."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from azure.storage.blob import ContainerClient
 
 from ie_gateway.infer.registry import Registry
+from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.sync.blob import container_client
 from ie_gateway.sync.updates import (
     SIDECAR_NAME,
@@ -157,3 +159,30 @@ def test_known_versions_are_not_downloaded(
     publish_version(container, _package(tmp_path / "publish", "7"))
     assert pull_updates(container, tmp_path / "staging", registry, {(NAME, "7")}) == []
     assert not (tmp_path / "staging").exists()
+
+
+NNUNET_DEMO = Path(__file__).resolve().parent.parent / "models" / "demo-thorax-nnunet" / "1"
+
+
+@pytest.mark.slow
+def test_an_nnunet_folder_is_published_pulled_and_verified_in_the_inference_child(
+    container: ContainerClient, tmp_path: Path
+) -> None:
+    pytest.importorskip("nnunetv2", reason="the [nnunet] extra is not installed")
+    package = tmp_path / "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
+    shutil.copytree(NNUNET_DEMO, package, ignore=shutil.ignore_patterns("model.yaml"))
+    sent = publish_version(container, package, "thorax-nnunet", "7")
+    assert sent == len(list(NNUNET_DEMO.glob("fold_*"))) + 2 + 2  # folds, jsons, yaml, sidecar
+    tampered = tmp_path / "tampered" / package.name
+    shutil.copytree(package, tampered, ignore=shutil.ignore_patterns("model.yaml"))
+    publish_version(container, tampered, "thorax-nnunet", "8")
+    container.upload_blob("models/thorax-nnunet/8/fold_0/checkpoint_final.pth", b"not nnU-Net",
+                          overwrite=True)
+    with InferenceRunner(300, device="cpu", log_level=None) as runner:
+        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify)
+        results = {r.version: r for r in pull_updates(container, tmp_path / "staging", registry, set())}
+    assert results["7"].status is PullStatus.AVAILABLE, results["7"].reason
+    assert (tmp_path / "models" / "thorax-nnunet" / "7" / "fold_0" / "checkpoint_final.pth").is_file()
+    assert results["8"].status is PullStatus.REFUSED
+    assert "fold_0/checkpoint_final.pth has sha256" in (results["8"].reason or "")
+    assert registry.versions("thorax-nnunet") == ["7"]

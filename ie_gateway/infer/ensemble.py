@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,9 +35,9 @@ import structlog
 import torch
 from scipy import ndimage
 
-from ie_gateway.errors import InferenceError
+from ie_gateway.errors import InferenceError, ModelError
 from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
-from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.registry import ModelVersion, probe_patch
 
 log = structlog.get_logger(__name__)
 
@@ -130,17 +131,36 @@ class Ensemble:
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
             torch.backends.cudnn.benchmark = True  # every window has the same shape
-        self._folds = [
-            torch.jit.load(str(path), map_location=self.device).eval()
-            for path in model.fold_paths()
-        ]
-        patch = model.manifest.input.patch_size
+        self._folds = [_load_fold(model, path, self.device) for path in model.fold_paths()]
+        patch = model.manifest.contract.patch_size
         self._importance = torch.from_numpy(gaussian_importance(patch)).to(self.device)
         self._amp = (
             torch.bfloat16
             if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             else torch.float16
         )
+
+    def probe(self) -> None:
+        """Map a small patch through every fold; ModelError unless each gives the channels the
+        manifest promises (see :func:`ie_gateway.infer.registry.probe_patch`)."""
+        patch = probe_patch(self.model.manifest.contract.patch_size)
+        expected = (1, self.model.manifest.channels, *patch)
+        for path, fold in zip(self.model.fold_paths(), self._folds, strict=True):
+            try:
+                with torch.inference_mode():
+                    out = fold(torch.zeros((1, 1, *patch), device=self.device))
+            except (RuntimeError, ValueError) as exc:
+                raise ModelError(f"{self.model.spec}: {path.name} does not run: {_first_line(exc)}") from exc
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ModelError(
+                    f"{self.model.spec}: {path.name} maps a patch {tuple(patch)} to {got}; expected "
+                    f"{expected} (background + {len(self.model.manifest.structures)} structures)"
+                )
+
+    def segment_file(self, ct_path: Path) -> Segmentation:
+        """:meth:`segment` of the image in ``ct_path`` (any format SimpleITK reads)."""
+        return self.segment(sitk.ReadImage(str(ct_path)))
 
     def segment(self, image: sitk.Image) -> Segmentation:
         """Contour ``image`` (a 3D CT in HU); see the module doc for the steps."""
@@ -152,7 +172,7 @@ class Ensemble:
         manifest = self.model.manifest
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        grid = model_grid(image, manifest.input.spacing_mm)
+        grid = model_grid(image, manifest.contract.spacing_mm)
         volume = self._resample_normalised(image, grid)
         timings["resample"] = time.perf_counter() - start
 
@@ -189,7 +209,7 @@ class Ensemble:
         return Segmentation(out, volumes, timings, windows, len(self._folds))
 
     def _resample_normalised(self, image: sitk.Image, grid: ModelGrid) -> np.ndarray:
-        low, high = self.model.manifest.input.intensity.window
+        low, high = self.model.manifest.contract.intensity.window
         resampled = sitk.Resample(
             image,
             grid.size,
@@ -216,7 +236,7 @@ class Ensemble:
 
     @torch.inference_mode()
     def _probabilities(self, volume: np.ndarray) -> tuple[torch.Tensor, int, float]:
-        patch = self.model.manifest.input.patch_size
+        patch = self.model.manifest.contract.patch_size
         shape = tuple(volume.shape)
         host = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         if self.device.type == "cuda":  # one upload (tens of MiB); windows are then cut on the GPU
@@ -227,11 +247,11 @@ class Ensemble:
         channels = self.model.manifest.channels
         acc = torch.zeros((channels, *full), dtype=torch.float32, device=self.device)
         weight = torch.zeros(full, dtype=torch.float32, device=self.device)
-        overlap = self.model.manifest.input.overlap
+        overlap = self.model.manifest.contract.overlap
         starts = [window_starts(s, p, overlap) for s, p in zip(full, patch, strict=True)]
         boxes: list[Box] = list(itertools.product(starts[0], starts[1], starts[2]))
         forward_s = 0.0
-        for batch in _batches(boxes, self.model.manifest.input.batch_size):
+        for batch in _batches(boxes, self.model.manifest.contract.batch_size):
             x = torch.stack([padded[_window(b, patch)] for b in batch]).unsqueeze(1)
             mark = time.perf_counter()
             probs = self._mean_fold_probabilities(x)
@@ -263,6 +283,21 @@ class Ensemble:
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=self._amp)
         return contextlib.nullcontext()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_fold(model: ModelVersion, path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    try:
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location=device)
+        return module.eval()
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"{model.spec}: {path.name} does not load as TorchScript: {_first_line(exc)}"
+        ) from exc
 
 
 def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:

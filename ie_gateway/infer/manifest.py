@@ -1,8 +1,18 @@
-"""The ``model.yaml`` of a model package: structures, input contract and fold files.
+"""The ``model.yaml`` of a model package: format, structures, input contract and files.
 
-A package is ``<models_dir>/<name>/<version>/model.yaml`` plus the TorchScript fold files it
-names. Output channel ``c`` of every fold is the probability logit of label ``c`` (0 = background),
-so the structures' labels must be exactly ``1..N``. Validation errors name the file, line and key.
+A package is ``<models_dir>/<name>/<version>/model.yaml`` plus the files it names, each with its
+sha256. ``format`` says whose code runs it:
+
+- ``native`` (default): TorchScript ``folds``; the node preprocesses by ``input`` and runs them;
+- ``nnunetv2``: an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json`` in
+  ``files``, ``fold_K/checkpoint_final.pth`` as ``folds``), run by ``nnUNetPredictor`` as
+  ``nnunet`` says;
+- ``monai_bundle``: a MONAI bundle (``configs/...`` in ``files``, ``models/model.ts`` or
+  ``model.pt`` as the one fold), run by the bundle's own inference config as ``monai`` says.
+
+Output channel ``c`` is label ``c`` (0 = background) in every format, so the structures' labels
+must be exactly ``1..N``. ``send: false`` keeps a structure out of RT-STRUCT and SEG. Validation
+errors name the file, line and key.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ MANIFEST_NAME = "model.yaml"
 
 # Package names and versions become folder names: keep them to safe characters.
 _SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# A package file: safe names, a few folders deep (``fold_0/checkpoint_final.pth``), never ``..``.
+_SAFE_PATH = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}$"
 
 Byte = Annotated[int, Field(ge=0, le=255)]
 PositiveMm = Annotated[float, Field(gt=0)]
@@ -60,6 +72,14 @@ class InterpretedType(enum.StrEnum):
     FIXATION = "FIXATION"
     DOSE_REGION = "DOSE_REGION"
     CONTROL = "CONTROL"
+
+
+class ModelFormat(enum.StrEnum):
+    """``format:`` of model.yaml: whose code runs the package."""
+
+    NATIVE = "native"
+    NNUNETV2 = "nnunetv2"
+    MONAI_BUNDLE = "monai_bundle"
 
 
 class _Strict(BaseModel):
@@ -122,6 +142,7 @@ class Structure(_Strict):
     expect: Expect | None = None
     # the Dice with approved contours this version is expected to keep (drift alarm baseline)
     baseline_dice: float | None = Field(default=None, gt=0, le=1)
+    send: bool = True  # false: the model still segments it, RT-STRUCT and SEG leave it out
 
 
 class Intensity(_Strict):
@@ -144,8 +165,26 @@ class InputContract(_Strict):
     batch_size: PositiveVoxels = 1
 
 
+class NnUNetSettings(_Strict):
+    """How ``nnUNetPredictor`` runs an ``nnunetv2`` package (the defaults of nnUNetv2_predict)."""
+
+    configuration: str = Field(min_length=1)  # a key of plans.json "configurations"
+    trainer: str = Field(min_length=1)  # the checkpoints' trainer class
+    checkpoint: str = Field(default="checkpoint_final.pth", pattern=_SAFE_NAME)
+    mirroring: bool = True  # test-time mirroring along the axes the checkpoint allows
+    step_size: float = Field(default=0.5, gt=0, le=1)  # sliding-window step, fraction of patch
+
+
+class MonaiSettings(_Strict):
+    """Where a ``monai_bundle`` package keeps its configs (paths inside the package)."""
+
+    config: str = Field(default="configs/inference.json", pattern=_SAFE_PATH)
+    meta: str = Field(default="configs/metadata.json", pattern=_SAFE_PATH)
+    probe_size: tuple[PositiveVoxels, PositiveVoxels, PositiveVoxels] = (32, 32, 32)
+
+
 class Fold(_Strict):
-    file: str = Field(pattern=_SAFE_NAME)
+    file: str = Field(pattern=_SAFE_PATH)
     sha256: str
 
     @field_validator("sha256")
@@ -164,9 +203,30 @@ class Manifest(_Strict):
     name: str = Field(pattern=_SAFE_NAME)
     version: str = Field(pattern=_SAFE_NAME)
     description: str = ""
+    format: ModelFormat = ModelFormat.NATIVE
     structures: tuple[Structure, ...]
-    input: InputContract
+    input: InputContract | None = None  # native only: the framework formats preprocess themselves
+    nnunet: NnUNetSettings | None = None
+    monai: MonaiSettings | None = None
     folds: tuple[Fold, ...]
+    files: tuple[Fold, ...] = ()  # the package's other files (configs, plans), checked the same
+
+    @model_validator(mode="after")
+    def _settings_match_format(self) -> Manifest:
+        needs = {
+            ModelFormat.NATIVE: "input",
+            ModelFormat.NNUNETV2: "nnunet",
+            ModelFormat.MONAI_BUNDLE: "monai",
+        }
+        for fmt, key in needs.items():
+            present = getattr(self, key) is not None
+            if fmt is self.format and not present and fmt is not ModelFormat.MONAI_BUNDLE:
+                raise ValueError(f"format {self.format} needs the {key!r} section")
+            if fmt is not self.format and present:
+                raise ValueError(f"{key!r} belongs to format {fmt}, not {self.format}")
+        if self.format is ModelFormat.MONAI_BUNDLE and len(self.folds) != 1:
+            raise ValueError("a monai_bundle has exactly one model file in 'folds'")
+        return self
 
     @field_validator("structures")
     @classmethod
@@ -198,6 +258,21 @@ class Manifest(_Strict):
         if len(set(files)) != len(files) or MANIFEST_NAME in files:
             raise ValueError(f"fold files must be distinct and not {MANIFEST_NAME}; got {files}")
         return folds
+
+    @model_validator(mode="after")
+    def _files_distinct(self) -> Manifest:
+        names = [f.file for f in (*self.folds, *self.files)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated or MANIFEST_NAME in names:
+            raise ValueError(f"package files must be distinct and not {MANIFEST_NAME}: {repeated}")
+        return self
+
+    @property
+    def contract(self) -> InputContract:
+        """The native input contract; ModelError for the formats that preprocess themselves."""
+        if self.input is None:
+            raise ModelError(f"{self.name}@{self.version} ({self.format}) has no native input contract")
+        return self.input
 
     @property
     def channels(self) -> int:

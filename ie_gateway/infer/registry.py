@@ -16,11 +16,13 @@ separate processes::
 version is installed, that version is used (a fresh install with one shipped model works without a
 manual step); with several versions and no activation it refuses, because picking one would be a
 guess. ``resolve("name@version")`` pins a version. Nothing is returned that fails verification:
-every fold's sha256 must match ``model.yaml`` and every fold must load and map a small probe
-patch (see :func:`probe_patch`; the full patch would take seconds per fold on a CPU) to
-``1 + len(structures)`` channels of the same size. Verification results are cached per process
-by each file's (size, mtime, inode), so a job does not re-hash unchanged files, but any rewrite
-is re-checked.
+every package file's sha256 must match ``model.yaml``, and then the registry's ``probe`` must
+accept it. The node's probe is :meth:`ie_gateway.infer.runner.InferenceRunner.verify`: the
+inference child loads every fold with the package's own framework and maps a small patch to
+``1 + len(structures)`` channels, under the inference time limit, so a bad or huge model cannot
+stall the service process (which never runs torch for verification). Verification results are
+cached per process by each file's (size, mtime, inode), so a job does not re-hash unchanged
+files, but any rewrite is re-checked.
 """
 
 from __future__ import annotations
@@ -35,14 +37,13 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
 from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -72,8 +73,16 @@ class ModelVersion:
         return [self.path / fold.file for fold in self.manifest.folds]
 
     def package_files(self) -> list[Path]:
-        """The files that make up the package: ``model.yaml`` and the folds."""
-        return [self.path / MANIFEST_NAME, *self.fold_paths()]
+        """The files that make up the package: ``model.yaml``, the folds and the other files."""
+        return [self.path / name for name in self.relative_files()]
+
+    def relative_files(self) -> list[str]:
+        """Package file paths relative to the package folder, ``model.yaml`` first."""
+        return [MANIFEST_NAME, *(f.file for f in (*self.manifest.folds, *self.manifest.files))]
+
+
+Probe = Callable[[ModelVersion], None]
+"""Loads a package with its framework and runs a small patch; raises ModelError if it cannot."""
 
 
 @dataclass(frozen=True)
@@ -115,45 +124,26 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, version or None
 
 
-def check_package(model: ModelVersion) -> None:
-    """Full check: checksums first (cheap, catches tampering), then load and run each fold."""
-    for fold, path in zip(model.manifest.folds, model.fold_paths(), strict=True):
+def check_package(model: ModelVersion, probe: Probe | None = None) -> None:
+    """Full check: checksums first (cheap, catches tampering), then ``probe`` (loads and runs)."""
+    for entry in (*model.manifest.folds, *model.manifest.files):
+        path = model.path / entry.file
         if not path.is_file():
-            raise ModelError(f"{model.spec}: fold file {fold.file} is missing from {model.path}")
+            raise ModelError(f"{model.spec}: file {entry.file} is missing from {model.path}")
         actual = sha256_file(path)
-        if actual != fold.sha256:
+        if actual != entry.sha256:
             raise ChecksumMismatch(
-                f"{model.spec}: {fold.file} has sha256 {actual[:16]}…, model.yaml says "
-                f"{fold.sha256[:16]}…; the file was altered or damaged: re-import the package"
+                f"{model.spec}: {entry.file} has sha256 {actual[:16]}…, model.yaml says "
+                f"{entry.sha256[:16]}…; the file was altered or damaged: re-import the package"
             )
-    for path in model.fold_paths():
-        _check_fold(model, path)
+    if probe is not None:
+        probe(model)
 
 
 def probe_patch(patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """A small patch a fold accepts if it accepts ``patch``: each axis keeps its power-of-two
     factor up to 64, so every pooling level of a U-Net still divides it (48 → 16, 256 → 64)."""
     return tuple(math.gcd(p, 64) for p in patch)  # type: ignore[return-value]
-
-
-def _check_fold(model: ModelVersion, path: Path) -> None:
-    patch = probe_patch(model.manifest.input.patch_size)
-    expected = (1, model.manifest.channels, *patch)
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-        with torch.inference_mode():
-            out = module.eval()(torch.zeros((1, 1, *patch)))
-    except (RuntimeError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{model.spec}: {path.name} does not load or run as TorchScript: {first_line}"
-        ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(
-            f"{model.spec}: {path.name} maps a patch {tuple(patch)} to {got}; expected {expected} "
-            f"(background + {len(model.manifest.structures)} structures)"
-        )
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -184,11 +174,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Registry:
-    """Model versions under ``models_dir`` and their activation state in ``state_file``."""
+    """Model versions under ``models_dir`` and their activation state in ``state_file``.
 
-    def __init__(self, models_dir: Path, state_file: Path) -> None:
+    ``probe`` loads and runs a package after its checksums pass (the node passes its inference
+    child's ``verify``); without one only checksums are verified.
+    """
+
+    def __init__(self, models_dir: Path, state_file: Path, probe: Probe | None = None) -> None:
         self.models_dir = models_dir
         self.state_file = state_file
+        self.probe = probe
         self._verified: dict[Path, FileSignature] = {}
 
     # -- queries ------------------------------------------------------------------------------
@@ -287,7 +282,7 @@ class Registry:
             raise ModelError(f"{model.spec}: file {exc.filename} is missing") from exc
         if self._verified.get(model.path) != signature:
             try:
-                check_package(model)
+                check_package(model, self.probe)
             except ModelError as exc:
                 self._verified.pop(model.path, None)
                 log.warning("model_verification_failed", model=model.spec, reason=str(exc))
@@ -322,16 +317,16 @@ class Registry:
         """
         manifest = load_manifest(src_dir)
         offered = ModelVersion(manifest.name, manifest.version, src_dir, manifest)
-        check_package(offered)
+        check_package(offered, self.probe)
         dest = self.models_dir / manifest.name / manifest.version
         if (dest / MANIFEST_NAME).is_file():
             return self._same_or_refuse(offered, dest)
         stage = dest.parent / f"{_STAGING_PREFIX}{manifest.version}-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)
         try:
-            for src in offered.package_files():
-                _copy_durably(src, stage / src.name)
-            check_package(ModelVersion(manifest.name, manifest.version, stage, manifest))
+            for name in offered.relative_files():
+                _copy_durably(src_dir / name, stage / name)
+            check_package(ModelVersion(manifest.name, manifest.version, stage, manifest), self.probe)
             try:
                 stage.rename(dest)
             except OSError as exc:  # another import won the race: compare with its bytes
@@ -348,11 +343,11 @@ class Registry:
         return self._verified_version(manifest.name, manifest.version)
 
     def _same_or_refuse(self, offered: ModelVersion, dest: Path) -> ModelVersion:
-        for src in offered.package_files():
-            there = dest / src.name
+        for name in offered.relative_files():
+            there, src = dest / name, offered.path / name
             if not there.is_file() or sha256_file(there) != sha256_file(src):
                 raise VersionImmutable(
-                    f"{offered.spec} is already installed with different content ({src.name} "
+                    f"{offered.spec} is already installed with different content ({name} "
                     f"differs); versions are immutable: publish it under a new version"
                 )
         log.info("model_import_unchanged", model=offered.spec)
@@ -402,6 +397,9 @@ class Registry:
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
+    if not dst.parent.is_dir():
+        dst.parent.mkdir(parents=True)
+        _fsync_dir(dst.parent.parent)
     shutil.copyfile(src, dst)
     with dst.open("rb") as fh:
         os.fsync(fh.fileno())

@@ -8,6 +8,12 @@ an InferenceError with the reason, and the next job gets a fresh child. A fresh 
 "ready" once its imports are done, so starting Python and torch never counts against a job; the
 time limit does cover loading the model when the child does not hold it yet.
 
+The child also verifies packages (:meth:`InferenceRunner.verify`, the registry's probe): it loads
+the folds with the package's framework (native TorchScript, nnU-Net v2, a MONAI bundle; see
+:func:`load_model`) and runs a small patch, under the same time limit, and keeps what it loaded
+resident for the jobs that follow. A job for a model the child does not hold runs that probe
+first, so nothing unverified ever contours a CT.
+
 The child reads the CT from a file the caller wrote (any format SimpleITK reads; ``.mha`` is
 simplest) and writes the label map to ``labels_path`` atomically (temp file in the same folder,
 fsync, rename), compressed, so a reader never sees half a file.
@@ -18,17 +24,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from collections import OrderedDict
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import SimpleITK as sitk
 import structlog
 
 from ie_gateway.errors import GatewayError, InferenceError, ModelError
-from ie_gateway.infer.ensemble import Ensemble
+from ie_gateway.infer.ensemble import Ensemble, Segmentation
+from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.log import configure as configure_logging
 
@@ -38,8 +46,31 @@ _CLOSE_GRACE_S = 5.0
 _START_TIMEOUT_S = 120.0  # importing torch in a fresh child, on a loaded machine
 
 
+class Segmenter(Protocol):
+    """A loaded package, whatever its format: probe it, or contour a CT file with it."""
+
+    def probe(self) -> None: ...
+
+    def segment_file(self, ct_path: Path) -> Segmentation: ...
+
+
+def load_model(model: ModelVersion, device: str | None) -> Segmenter:
+    """Load ``model`` with its format's code; the frameworks are imported only when needed."""
+    fmt = model.manifest.format
+    if fmt is ModelFormat.NNUNETV2:
+        from ie_gateway.infer.nnunet import NnUNetModel
+
+        return NnUNetModel(model, device)
+    if fmt is ModelFormat.MONAI_BUNDLE:
+        from ie_gateway.infer.monai_bundle import MonaiBundle
+
+        return MonaiBundle(model, device)
+    return Ensemble(model, device)
+
+
 class InferenceRunner:
-    """One child process that runs jobs in order; not safe to call from several threads at once.
+    """One child process that runs jobs and verifications in order; calls from several threads
+    (the worker's jobs, the sync's imports) wait for each other.
 
     ``device``: "cuda", "cpu" or None (CUDA when available). ``max_resident``: how many model
     versions the child keeps loaded (least recently used is dropped). ``log_level``: the child
@@ -61,6 +92,7 @@ class InferenceRunner:
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
+        self._lock = threading.Lock()  # the worker's jobs and the sync's imports share the child
         self._start()
 
     @property
@@ -74,11 +106,28 @@ class InferenceRunner:
         Returns ``{"volumes_cc": {name: cc}, "timings_s": {stage: s}, "windows": n, "folds": n}``.
         Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
         """
+        with self._lock:
+            result: dict[str, Any] = self._call(
+                ("segment", model, str(ct_path), str(labels_path)), labels_path
+            )
+        return result
+
+    def verify(self, model: ModelVersion) -> None:
+        """Load ``model`` in the child with its framework and run a small patch (the registry's
+        probe); it stays resident. ModelError if it does not load or run, InferenceError past
+        the time limit or on a crash (the child is then replaced)."""
+        with self._lock:
+            try:
+                self._call(("verify", model), None)
+            except InferenceError as exc:
+                raise ModelError(f"{model.spec}: verification failed: {exc}") from exc
+
+    def _call(self, message: tuple[Any, ...], labels_path: Path | None) -> Any:
         if self._process is None or not self._process.is_alive():
             self._restart("child was not running")
         assert self._conn is not None
         try:
-            self._conn.send(("segment", model, str(ct_path), str(labels_path)))
+            self._conn.send(message)
         except (BrokenPipeError, ConnectionResetError):
             raise InferenceError(self._crashed(labels_path)) from None
         ready = wait([self._conn, self._process.sentinel], timeout=self.timeout_s)
@@ -93,9 +142,9 @@ class InferenceRunner:
         except (EOFError, ConnectionResetError):
             raise InferenceError(self._crashed(labels_path)) from None
         if status == "ok":
-            return payload  # type: ignore[no-any-return]
-        kind, message = payload
-        raise (ModelError if kind == "model" else InferenceError)(message)
+            return payload
+        kind, text = payload
+        raise (ModelError if kind == "model" else InferenceError)(text)
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not within a few seconds."""
@@ -148,7 +197,7 @@ class InferenceRunner:
             self._stop()
         self._start()
 
-    def _crashed(self, labels_path: Path) -> str:
+    def _crashed(self, labels_path: Path | None) -> str:
         self._process.join(_CLOSE_GRACE_S)
         code = self._process.exitcode
         if code is not None and code < 0:
@@ -177,7 +226,7 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
     if log_level is not None:
         configure_logging(log_level)
     conn.send(("ready",))
-    resident: OrderedDict[tuple[str, str, str], Ensemble] = OrderedDict()
+    resident: OrderedDict[tuple[str, str, str], Segmenter] = OrderedDict()
     while True:
         try:
             message = conn.recv()
@@ -185,10 +234,14 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
             return
         if message[0] == "close":
             return
-        _, model, ct_path, labels_path = message
         try:
-            ensemble = _resident(resident, model, device, max_resident)
-            reply: tuple[str, Any] = ("ok", _segment(ensemble, Path(ct_path), Path(labels_path)))
+            if message[0] == "verify":
+                _resident(resident, message[1], device, max_resident, fresh=True)
+                reply: tuple[str, Any] = ("ok", None)
+            else:
+                _, model, ct_path, labels_path = message
+                segmenter = _resident(resident, model, device, max_resident)
+                reply = ("ok", _segment(segmenter, Path(ct_path), Path(labels_path)))
         except GatewayError as exc:
             reply = ("error", ("model" if isinstance(exc, ModelError) else "inference", str(exc)))
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
@@ -199,20 +252,26 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
 
 
 def _resident(
-    resident: OrderedDict[tuple[str, str, str], Ensemble],
+    resident: OrderedDict[tuple[str, str, str], Segmenter],
     model: ModelVersion,
     device: str | None,
     max_resident: int,
-) -> Ensemble:
-    """The loaded ensemble for ``model``, loading it (and dropping the least recent) if needed."""
+    *,
+    fresh: bool = False,
+) -> Segmenter:
+    """The loaded, probed model, loading it (and dropping the least recent) if needed;
+    ``fresh`` loads it again even if resident (verification after the files changed)."""
     key = (model.name, model.version, str(model.path))
-    if key in resident:
+    if key in resident and not fresh:
         resident.move_to_end(key)
         return resident[key]
+    resident.pop(key, None)
     while len(resident) >= max_resident:
         resident.popitem(last=False)
-    resident[key] = Ensemble(model, device)
-    return resident[key]
+    segmenter = load_model(model, device)
+    segmenter.probe()
+    resident[key] = segmenter
+    return segmenter
 
 
 def _temp_path(labels_path: Path, pid: int | str) -> Path:
@@ -220,14 +279,16 @@ def _temp_path(labels_path: Path, pid: int | str) -> Path:
     return labels_path.with_name(f".{labels_path.stem}.{pid}.tmp{labels_path.suffix}")
 
 
-def _remove_partial(labels_path: Path) -> None:
+def _remove_partial(labels_path: Path | None) -> None:
     """Delete what a killed child left half-written beside ``labels_path``."""
+    if labels_path is None:
+        return
     for path in labels_path.parent.glob(_temp_path(labels_path, "*").name):
         path.unlink(missing_ok=True)
 
 
-def _segment(ensemble: Ensemble, ct_path: Path, labels_path: Path) -> dict[str, Any]:
-    segmentation = ensemble.segment(sitk.ReadImage(str(ct_path)))
+def _segment(segmenter: Segmenter, ct_path: Path, labels_path: Path) -> dict[str, Any]:
+    segmentation = segmenter.segment_file(ct_path)
     tmp = _temp_path(labels_path, os.getpid())
     sitk.WriteImage(segmentation.labels, str(tmp), useCompression=True)
     with tmp.open("rb") as fh:

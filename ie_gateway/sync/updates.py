@@ -3,13 +3,18 @@
 Published layout, in the same container as the cases::
 
     models/<name>/<version>/model.yaml
-    models/<name>/<version>/<fold files named in model.yaml>
+    models/<name>/<version>/<every file model.yaml names: folds and files, in their folders>
     models/<name>/<version>/model.yaml.sha256     # uploaded LAST
+
+Any format model.yaml describes travels this way: a native package, an nnU-Net v2 trained-model
+folder (``fold_K/checkpoint_final.pth``, ``dataset.json``, ``plans.json``) or a MONAI bundle
+(``configs/...``, ``models/model.pt``). The training workspace publishes an nnU-Net folder as it
+is with :func:`publish_version` (which describes it first when it has no model.yaml).
 
 ``model.yaml.sha256`` is the manifest's own checksum, in ``sha256sum`` format
 (``<64 hex>  model.yaml``); the publisher writes it after every other file (``publish_version``
 does), so a version without it is still being published and is left alone. Each fold's sha256
-is in ``model.yaml``. A pulled version is refused, with a reason, when the manifest does not
+(and every other file's) is in ``model.yaml``. A pulled version is refused, with a reason, when the manifest does not
 match its sidecar, a fold does not match the manifest, or the registry refuses it; its staged
 files are then removed. The checksums catch corruption and partial or mixed uploads; they do
 not prove who published (anyone who can write the container can write both a fold and its
@@ -36,6 +41,7 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient, ContentSettings
 
 from ie_gateway.errors import ModelError, SyncError
+from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
 
 log = structlog.get_logger(__name__)
@@ -89,8 +95,8 @@ def published_versions(container: ContainerClient) -> dict[tuple[str, str], set[
     try:
         for blob in container.list_blobs(name_starts_with=MODELS_PREFIX):
             parts = blob.name[len(MODELS_PREFIX):].split("/")
-            if len(parts) == 3 and all(parts):
-                versions.setdefault((parts[0], parts[1]), set()).add(parts[2])
+            if len(parts) >= 3 and all(parts):
+                versions.setdefault((parts[0], parts[1]), set()).add("/".join(parts[2:]))
     except AzureError as exc:
         raise SyncError(f"cannot list {MODELS_PREFIX} in {container.container_name}: {exc}") from exc
     return versions
@@ -123,18 +129,25 @@ def pull_updates(
     return results
 
 
-def publish_version(container: ContainerClient, package_dir: Path) -> int:
-    """Upload a model package (folds, model.yaml, then the sidecar); return the files sent.
+def publish_version(container: ContainerClient, package_dir: Path, name: str | None = None,
+                    version: str | None = None) -> int:
+    """Upload a model package (its files, model.yaml, then the sidecar); return the files sent.
 
-    For the people who publish models (and the tests); the node itself only pulls.
+    A folder without model.yaml (an nnU-Net v2 trained-model folder, a MONAI bundle) is
+    described first as ``name@version``. For the people who publish models (and the tests);
+    the node itself only pulls.
     """
+    if not (package_dir / MANIFEST_NAME).is_file():
+        if name is None or version is None:
+            raise ModelError(f"{package_dir} has no {MANIFEST_NAME}: give a name and a version")
+        describe_package(package_dir, name, version)
     manifest = load_manifest(package_dir)
     prefix = f"{MODELS_PREFIX}{manifest.name}/{manifest.version}/"
-    names = [fold.file for fold in manifest.folds] + [MANIFEST_NAME]
+    names = [entry.file for entry in (*manifest.folds, *manifest.files)] + [MANIFEST_NAME]
     try:
-        for name in names:
-            with (package_dir / name).open("rb") as fh:
-                container.upload_blob(prefix + name, fh, overwrite=True)
+        for file in names:
+            with (package_dir / file).open("rb") as fh:
+                container.upload_blob(prefix + file, fh, overwrite=True)
         digest = _sha256(package_dir / MANIFEST_NAME)
         container.upload_blob(
             prefix + SIDECAR_NAME, f"{digest}  {MANIFEST_NAME}\n".encode(), overwrite=True,
@@ -198,8 +211,8 @@ def _download_verified(
             f"model.yaml says {manifest.name}@{manifest.version} but is published under "
             f"{name}@{version}"
         )
-    for fold in manifest.folds:
-        downloaded += _fetch(container, prefix, fold.file, files, partial, fold.sha256)
+    for entry in (*manifest.folds, *manifest.files):
+        downloaded += _fetch(container, prefix, entry.file, files, partial, entry.sha256)
     return downloaded
 
 
@@ -211,6 +224,7 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
         return 0
     if file not in files:
         raise _Refused(f"{file} is named in model.yaml but not published")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial / f"{file}.part"
     try:
         with tmp.open("wb") as fh:

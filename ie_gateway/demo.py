@@ -44,11 +44,9 @@ class DemoResult:
 
 
 def page_address(cfg: GatewayConfig) -> str | None:
-    """The admin page's jobs list, when the config has an enabled ``http`` section."""
-    http = getattr(cfg, "http", None)  # the section comes with the node's HTTP endpoint
-    if http is None or not getattr(http, "enabled", True):
-        return None
-    return f"http://{http.bind}:{http.port}/jobs"
+    """The admin page's jobs list, when the node serves HTTP."""
+    http = cfg.http
+    return f"http://{http.bind}:{http.port}/jobs" if http.enabled else None
 
 
 def _free_port() -> int:
@@ -68,7 +66,7 @@ def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) 
         "node": {"ae_title": base.node.ae_title, "bind": "127.0.0.1", "port": _free_port(),
                  "allowed_callers": [{"ae_title": DEMO_CALLER}]},
         "storage": {"root": str(workdir / "var")},
-        "http": {"bind": "127.0.0.1", "port": 0},  # a free port: the demo must not clash with a node
+        "http": {"bind": "127.0.0.1", "port": _free_port()},  # must not clash with a running node
         "series": {"stable_after_s": 2, "sweep_every_s": 0.5},
         "routing_file": "routing.yaml",
         "models_dir": str(base.models_dir),

@@ -66,10 +66,12 @@ class NodeCollector(Collector):
     """Levels read from the index and the disk when Prometheus scrapes."""
 
     def __init__(self, store: Store, space: Callable[[], DiskSpace],
-                 active_models: Callable[[], list[ModelVersionLevel]]) -> None:
+                 active_models: Callable[[], list[ModelVersionLevel]],
+                 drift: Callable[[], dict[tuple[str, str, str], int]] = dict) -> None:
         self.store = store
         self.space = space
         self.active_models = active_models
+        self.drift = drift
 
     def collect(self) -> Iterable[Metric]:
         jobs = GaugeMetricFamily("ie_gateway_jobs", "Jobs (series) by state", labels=["state"])
@@ -99,6 +101,12 @@ class NodeCollector(Collector):
         for level in self.active_models():
             models.add_metric([level.name, level.version], 1)
         yield models
+        alarms = GaugeMetricFamily("ie_gateway_agreement_drift",
+                                   "1 while a structure's recent Dice with approved contours is below its baseline",
+                                   labels=["model", "version", "structure"])
+        for (model, version, structure), alarm in sorted(self.drift().items()):
+            alarms.add_metric([model, version, structure], alarm)
+        yield alarms
 
 
 def exposition() -> bytes:

@@ -24,8 +24,7 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway import metrics
-from ie_gateway import drift
+from ie_gateway import drift, metrics
 from ie_gateway.agreement import ModelContours, assess_approval
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import AgreementError, GatewayError, ModelError, VolumeRefused, WriteError
@@ -126,7 +125,7 @@ class Worker:
                 self._park(job, JobState.REFUSED, str(exc))
             except (GatewayError, OSError) as exc:
                 self._park(job, JobState.FAILED, f"{stage}: {exc}")
-            except Exception as exc:  # noqa: BLE001 - the worker loop parks any job that breaks a stage
+            except Exception as exc:
                 log.exception("stage crashed")
                 self._park(job, JobState.FAILED, f"{stage}: internal error {type(exc).__name__}: {exc}")
             finally:

@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from starlette.routing import BaseRoute
 
-from ie_gateway import metrics, sdnotify
+from ie_gateway import drift, metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
 from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
@@ -28,12 +28,13 @@ from ie_gateway.infer.registry import Probe, Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
-from ie_gateway.route import RulesWatcher, RuleSet, load_rules
+from ie_gateway.route import RuleSet, RulesWatcher, load_rules
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
+from ie_gateway.web import web_routes
 
 log = structlog.get_logger(__name__)
 
@@ -87,8 +88,8 @@ def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> st
 
 
 class Service:
-    """The running node. ``extra_routes`` are mounted in the HTTP endpoint beside health and
-    metrics (the admin page)."""
+    """The running node. Its HTTP endpoint carries health, metrics and the admin's page, and
+    ``extra_routes`` beside them."""
 
     def __init__(self, cfg: GatewayConfig, extra_routes: Sequence[BaseRoute] = ()) -> None:
         self.cfg = cfg
@@ -108,8 +109,11 @@ class Service:
                              worker_alive=self.worker.alive, worker_last_tick=lambda: self.worker.last_tick,
                              scheduler_running=lambda: bool(self.scheduler.running), space=self.space,
                              inference_timeout_s=cfg.inference.timeout_s)
-        self.collector = metrics.NodeCollector(self.store, self.space, self.active_models)
-        self.http = HttpServer(cfg.http, build_app(self.health, extra_routes)) if cfg.http.enabled else None
+        self.collector = metrics.NodeCollector(
+            self.store, self.space, self.active_models,
+            drift=lambda: drift.gauge_values(self.store.index, cfg.agreement, cfg.models_dir))
+        routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
+        self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None
         self._collecting = False
 
     def space(self) -> DiskSpace:

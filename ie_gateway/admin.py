@@ -30,14 +30,27 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
     """
     job = store.index.job(job_id)
     if job.state not in REROUTABLE:
-        raise AdminError(f"job {job_id} is {job.state.value}; only "
-                         f"{', '.join(sorted(s.value for s in REROUTABLE))} jobs can be rerouted")
+        raise AdminError(
+            f"job {job_id} is {job.state.value}; only "
+            f"{', '.join(sorted(s.value for s in REROUTABLE))} jobs can be rerouted"
+        )
     cancelled = Outbox(store.index).cancel(job_id)
-    detail = {k: v for k, v in job.detail.items()
-              if k not in ("output_uids", "outputs", "review", "not_sent", "deliveries", "empty_structures")}
-    store.index.transition(job_id, JobState.COMPLETE, reason=f"rerouted by {who}", who=who,
-                           routes=[], model=None, model_version=None, detail=detail,
-                           completed_at=time.time())
+    detail = {
+        k: v
+        for k, v in job.detail.items()
+        if k not in ("output_uids", "outputs", "review", "not_sent", "deliveries", "empty_structures")
+    }
+    store.index.transition(
+        job_id,
+        JobState.COMPLETE,
+        reason=f"rerouted by {who}",
+        who=who,
+        routes=[],
+        model=None,
+        model_version=None,
+        detail=detail,
+        completed_at=time.time(),
+    )
     log.info("job rerouted", job=job_id, who=who, was=job.state.value, cancelled_deliveries=cancelled)
     return store.index.job(job_id)
 

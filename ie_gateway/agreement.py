@@ -69,8 +69,9 @@ class StructureFigures:
         return 100.0 * (self.volume_approved_cc - self.volume_ai_cc) / self.volume_ai_cc
 
 
-def measure(ai: np.ndarray, approved: np.ndarray, spacing_zyx: Sequence[float], structure: str = "",
-            tolerance_mm: float = 2.0) -> StructureFigures:
+def measure(
+    ai: np.ndarray, approved: np.ndarray, spacing_zyx: Sequence[float], structure: str = "", tolerance_mm: float = 2.0
+) -> StructureFigures:
     """Figures of two boolean (z, y, x) masks on one grid of ``spacing_zyx`` mm."""
     import torch
     from monai.metrics.hausdorff_distance import compute_hausdorff_distance
@@ -84,8 +85,7 @@ def measure(ai: np.ndarray, approved: np.ndarray, spacing_zyx: Sequence[float], 
     volumes = float(ai.sum()) * voxel_cc, float(approved.sum()) * voxel_cc
     if not ai.any() or not approved.any():
         both_empty = not ai.any() and not approved.any()
-        return StructureFigures(structure, 1.0 if both_empty else 0.0, None, None, 1.0 if both_empty else 0.0,
-                                *volumes)
+        return StructureFigures(structure, 1.0 if both_empty else 0.0, None, None, 1.0 if both_empty else 0.0, *volumes)
     # Both masks' bounding box plus one voxel of background: every surface lies inside it, so the
     # figures are the same as on the whole grid, at a fraction of the voxels
     box = ndimage.find_objects((ai | approved).astype(np.uint8))[0]
@@ -96,17 +96,19 @@ def measure(ai: np.ndarray, approved: np.ndarray, spacing_zyx: Sequence[float], 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about deprecated defaults of its own
         dice = compute_dice(y_pred, y, include_background=True).item()
-        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
-                                          spacing=spacing).item()
-        msd = compute_average_surface_distance(y_pred, y, include_background=True, symmetric=True,
-                                               spacing=spacing).item()
-        nsd = compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=True,
-                                   spacing=spacing, use_subvoxels=True).item()
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing).item()
+        msd = compute_average_surface_distance(
+            y_pred, y, include_background=True, symmetric=True, spacing=spacing
+        ).item()
+        nsd = compute_surface_dice(
+            y_pred, y, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing, use_subvoxels=True
+        ).item()
     return StructureFigures(structure, float(dice), float(hd95), float(msd), float(nsd), *volumes)
 
 
-def match_structures(model_names: Iterable[str], approved: Mapping[int, str],
-                     aliases: Aliases | None = None) -> dict[str, int]:
+def match_structures(
+    model_names: Iterable[str], approved: Mapping[int, str], aliases: Aliases | None = None
+) -> dict[str, int]:
     """Model structure name → ROI Number of the approved set, matched by name or alias,
     ignoring case and surrounding blanks. A structure with no approved ROI is left out; when
     several ROIs carry the name, the first (lowest number) wins."""
@@ -134,9 +136,13 @@ class ModelContours:
     labels: Path  # the label map on the CT grid
 
 
-def assess(approved: Dataset, ct_headers: Sequence[pydicom.Dataset],
-           contours: Sequence[ModelContours], tolerance_mm: float = 2.0,
-           aliases: Aliases | None = None) -> dict[tuple[str, str], list[StructureFigures]]:
+def assess(
+    approved: Dataset,
+    ct_headers: Sequence[pydicom.Dataset],
+    contours: Sequence[ModelContours],
+    tolerance_mm: float = 2.0,
+    aliases: Aliases | None = None,
+) -> dict[tuple[str, str], list[StructureFigures]]:
     """Figures per (model, version) for every model structure the approved set contains.
 
     ``ct_headers`` are the CT's slices in volume order (the label maps' z order).
@@ -156,8 +162,7 @@ def assess(approved: Dataset, ct_headers: Sequence[pydicom.Dataset],
         matched = match_structures([s.name for s in route.structures], rois, aliases)
         missing = sorted({s.name for s in route.structures} - set(matched))
         if missing:
-            log.info("structures not in the approved set", model=route.model, version=route.version,
-                     structures=missing)
+            log.info("structures not in the approved set", model=route.model, version=route.version, structures=missing)
         ai_masks = _ai_masks(route, geometry, shape)
         figures = []
         for s in route.structures:
@@ -177,16 +182,16 @@ def _slice_spacing(geometry: SliceGeometry) -> float:
     return float(np.abs(np.diff(geometry.positions @ normal)).mean())
 
 
-def _ai_masks(route: ModelContours, geometry: SliceGeometry,
-              shape: tuple[int, int, int]) -> Callable[[StructureInfo], np.ndarray]:
+def _ai_masks(
+    route: ModelContours, geometry: SliceGeometry, shape: tuple[int, int, int]
+) -> Callable[[StructureInfo], np.ndarray]:
     """The AI's mask of a structure: its delivered contour if there is one, else the label map."""
     if route.rtstruct is not None and route.rtstruct.is_file():
         ds = pydicom.dcmread(route.rtstruct)
         items = {int(item.ReferencedROINumber): item for item in ds.ROIContourSequence}
         return lambda s: rasterize_roi(items[s.label], geometry, shape)
     if not route.labels.is_file():
-        raise AgreementError(f"{route.model}@{route.version}: neither RT-STRUCT nor label map is left "
-                             "(purged?)")
+        raise AgreementError(f"{route.model}@{route.version}: neither RT-STRUCT nor label map is left (purged?)")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(route.labels)))
     if labels.shape != shape:
         raise AgreementError(f"label map {labels.shape} is not on the CT grid {shape}")
@@ -195,30 +200,70 @@ def _ai_masks(route: ModelContours, geometry: SliceGeometry,
 
 # --- the index table --------------------------------------------------------------------------
 
-COLUMNS = ("ct_job", "approval_job", "model", "model_version", "structure", "at", "tolerance_mm", "dice",
-           "hd95_mm", "msd_mm", "surface_dice", "volume_ai_cc", "volume_approved_cc", "volume_diff_pct")
+COLUMNS = (
+    "ct_job",
+    "approval_job",
+    "model",
+    "model_version",
+    "structure",
+    "at",
+    "tolerance_mm",
+    "dice",
+    "hd95_mm",
+    "msd_mm",
+    "surface_dice",
+    "volume_ai_cc",
+    "volume_approved_cc",
+    "volume_diff_pct",
+)
 
 
-def record(index: Index, ct_job: int, approval_job: int,
-           figures: Mapping[tuple[str, str], Sequence[StructureFigures]], tolerance_mm: float,
-           at: float | None = None) -> int:
+def record(
+    index: Index,
+    ct_job: int,
+    approval_job: int,
+    figures: Mapping[tuple[str, str], Sequence[StructureFigures]],
+    tolerance_mm: float,
+    at: float | None = None,
+) -> int:
     """Store a case's figures, replacing those of an earlier approval of the same case.
 
     Returns the number of rows written.
     """
     now = at if at is not None else time.time()
-    rows = [(ct_job, approval_job, model, version, f.structure, now, tolerance_mm, f.dice, f.hd95_mm, f.msd_mm,
-             f.surface_dice, f.volume_ai_cc, f.volume_approved_cc, f.volume_diff_pct)
-            for (model, version), items in figures.items() for f in items]
+    rows = [
+        (
+            ct_job,
+            approval_job,
+            model,
+            version,
+            f.structure,
+            now,
+            tolerance_mm,
+            f.dice,
+            f.hd95_mm,
+            f.msd_mm,
+            f.surface_dice,
+            f.volume_ai_cc,
+            f.volume_approved_cc,
+            f.volume_diff_pct,
+        )
+        for (model, version), items in figures.items()
+        for f in items
+    ]
     with index.tx() as db:
         db.execute("DELETE FROM agreement WHERE ct_job = ?", (ct_job,))
-        db.executemany(f"INSERT INTO agreement ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                       rows)
+        db.executemany(f"INSERT INTO agreement ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
     return len(rows)
 
 
-def rows(index: Index, model: str | None = None, structure: str | None = None,
-         since: float | None = None, ct_job: int | None = None) -> list[dict[str, Any]]:
+def rows(
+    index: Index,
+    model: str | None = None,
+    structure: str | None = None,
+    since: float | None = None,
+    ct_job: int | None = None,
+) -> list[dict[str, Any]]:
     """Stored figures, oldest first; filters compare names case-insensitively."""
     where: list[str] = []
     args: list[Any] = []
@@ -269,23 +314,44 @@ def summary(figure_rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((row["model"], row["model_version"], row["structure"]), []).append(row)
     out = []
     for (model, version, structure), items in sorted(groups.items()):
-        out.append({"model": model, "version": version, "structure": structure, "cases": len(items),
-                    **{f: asdict(spread(r[f] for r in items)) for f in FIGURES}})
+        out.append(
+            {
+                "model": model,
+                "version": version,
+                "structure": structure,
+                "cases": len(items),
+                **{f: asdict(spread(r[f] for r in items)) for f in FIGURES},
+            }
+        )
     return out
 
 
 # --- the worker's step ------------------------------------------------------------------------
 
-def assess_approval(index: Index, ct_job: Job, approval_job_id: int, approved: Dataset,
-                    contours: Sequence[ModelContours], tolerance_mm: float, aliases: Aliases | None = None) -> int:
+
+def assess_approval(
+    index: Index,
+    ct_job: Job,
+    approval_job_id: int,
+    approved: Dataset,
+    contours: Sequence[ModelContours],
+    tolerance_mm: float,
+    aliases: Aliases | None = None,
+) -> int:
     """Compute and store the figures of an approved set linked to ``ct_job``; rows written."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_job.detail.get("slice_files", [])]
     started = time.monotonic()
     figures = assess(approved, headers, contours, tolerance_mm, aliases)
     written = record(index, ct_job.id, approval_job_id, figures, tolerance_mm)
     for (model, version), items in figures.items():
-        log.info("agreement", ct_job=ct_job.id, approval_job=approval_job_id, model=model, version=version,
-                 dice={f.structure: round(f.dice, 4) for f in items},
-                 hd95_mm={f.structure: None if f.hd95_mm is None else round(f.hd95_mm, 2) for f in items})
+        log.info(
+            "agreement",
+            ct_job=ct_job.id,
+            approval_job=approval_job_id,
+            model=model,
+            version=version,
+            dice={f.structure: round(f.dice, 4) for f in items},
+            hd95_mm={f.structure: None if f.hd95_mm is None else round(f.hd95_mm, 2) for f in items},
+        )
     log.info("agreement stored", ct_job=ct_job.id, rows=written, seconds=round(time.monotonic() - started, 2))
     return written

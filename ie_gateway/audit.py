@@ -35,8 +35,13 @@ class AuditEvent:
     who: str = ""
 
     def row(self) -> dict[str, str]:
-        return {"at": iso(self.at), "job": "" if self.job is None else str(self.job), "event": self.event,
-                "who": self.who, "detail": self.detail}
+        return {
+            "at": iso(self.at),
+            "job": "" if self.job is None else str(self.job),
+            "event": self.event,
+            "who": self.who,
+            "detail": self.detail,
+        }
 
 
 def iso(at: float) -> str:
@@ -55,27 +60,34 @@ def parse_since(text: str, now: float) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
-def audit_events(store: Store, registry: Registry, since: float | None = None,
-                 job: int | None = None) -> list[AuditEvent]:
+def audit_events(
+    store: Store, registry: Registry, since: float | None = None, job: int | None = None
+) -> list[AuditEvent]:
     """Every event, oldest first, from ``since`` on and for ``job`` when given."""
     events = [*_received(store), *_transitions(store), *_delivered(store), *_synced(store)]
     if job is None:
         events += _activations(registry)
-    return sorted((e for e in events if (since is None or e.at >= since) and (job is None or e.job == job)),
-                  key=lambda e: (e.at, e.job or 0))
+    return sorted(
+        (e for e in events if (since is None or e.at >= since) and (job is None or e.job == job)),
+        key=lambda e: (e.at, e.job or 0),
+    )
 
 
 def _received(store: Store) -> Iterable[AuditEvent]:
     for j in store.index.jobs():
-        yield AuditEvent(j.last_instance_at, j.id, "received",
-                         f"{j.instances} instances from {j.calling_ae} to {j.called_ae} "
-                         f"(first at {iso(j.created_at)})")
+        yield AuditEvent(
+            j.last_instance_at,
+            j.id,
+            "received",
+            f"{j.instances} instances from {j.calling_ae} to {j.called_ae} (first at {iso(j.created_at)})",
+        )
 
 
 def _transitions(store: Store) -> Iterable[AuditEvent]:
     jobs = {j.id: j for j in store.index.jobs()}
     for job_id, at, old, new, reason in store.index.query(
-            "SELECT job_id, at, from_state, to_state, reason FROM transitions ORDER BY at"):
+        "SELECT job_id, at, from_state, to_state, reason FROM transitions ORDER BY at"
+    ):
         admin = ADMIN_REASON.match(reason or "")
         if admin:
             yield AuditEvent(at, job_id, "admin", f"{old} -> {new}: {reason}", who=admin["who"])
@@ -89,9 +101,10 @@ def _transitions(store: Store) -> Iterable[AuditEvent]:
 
 def _delivered(store: Store) -> Iterable[AuditEvent]:
     for job_id, destination, files, at in store.index.query(
-            "SELECT o.job_id, o.destination, COUNT(DISTINCT o.id), MAX(a.at) FROM outbox o "
-            "JOIN attempts a ON a.outbox_id = o.id WHERE o.state = 'delivered' "
-            "GROUP BY o.job_id, o.destination"):
+        "SELECT o.job_id, o.destination, COUNT(DISTINCT o.id), MAX(a.at) FROM outbox o "
+        "JOIN attempts a ON a.outbox_id = o.id WHERE o.state = 'delivered' "
+        "GROUP BY o.job_id, o.destination"
+    ):
         yield AuditEvent(at, job_id, "sent", f"{files} files to {destination}")
 
 
@@ -100,15 +113,17 @@ def _synced(store: Store) -> Iterable[AuditEvent]:
         record = j.detail.get("synced")
         if record and record.get("at"):
             at = dt.datetime.fromisoformat(record["at"]).timestamp()
-            yield AuditEvent(at, j.id, "synced", f"{record.get('ct', 0)} CT and {record.get('ai', 0)} result "
-                             "files, anonymised")
+            yield AuditEvent(
+                at, j.id, "synced", f"{record.get('ct', 0)} CT and {record.get('ai', 0)} result files, anonymised"
+            )
 
 
 def _activations(registry: Registry) -> Iterable[AuditEvent]:
     for a in registry.history():
         at = dt.datetime.fromisoformat(a.at).timestamp()
-        yield AuditEvent(at, None, "admin", f"activated {a.name}@{a.version} (was {a.previous or 'none'})",
-                         who=a.by or "")
+        yield AuditEvent(
+            at, None, "admin", f"activated {a.name}@{a.version} (was {a.previous or 'none'})", who=a.by or ""
+        )
 
 
 def render(events: list[AuditEvent], as_csv: bool) -> str:

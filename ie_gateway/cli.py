@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     # --config is accepted before or after a sub-command's own words (`models list --config X`);
     # SUPPRESS keeps a later parser's default from overwriting a value given earlier.
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                        help=f"gateway.yaml (default {DEFAULT_CONFIG})")
+    config.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help=f"gateway.yaml (default {DEFAULT_CONFIG})"
+    )
     parser = argparse.ArgumentParser(prog="ie-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,13 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     command("list", "every version, verified or not, and which is active", models_sub)
     verify = command("verify", "check checksums and that each fold loads and runs", models_sub)
     verify.add_argument("spec", nargs="?", help="name@version (default: every version)")
-    imp = command("import", "install a model package (native, nnU-Net v2 folder, MONAI bundle) as an "
-                            "immutable version", models_sub)
+    imp = command(
+        "import",
+        "install a model package (native, nnU-Net v2 folder, MONAI bundle) as an immutable version",
+        models_sub,
+    )
     imp.add_argument("package", type=Path)
     imp.add_argument("--name", help="model name (needed when the folder has no model.yaml yet)")
     imp.add_argument("--version", help="model version (needed when the folder has no model.yaml yet)")
-    describe = command("describe", "write model.yaml for an nnU-Net v2 folder or MONAI bundle, to edit "
-                                   "before `models import`", models_sub)
+    describe = command(
+        "describe",
+        "write model.yaml for an nnU-Net v2 folder or MONAI bundle, to edit before `models import`",
+        models_sub,
+    )
     describe.add_argument("package", type=Path)
     describe.add_argument("--name", required=True)
     describe.add_argument("--version", required=True)
@@ -69,11 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
     demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
     demo.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
-    demo.add_argument("--model", default="demo-thorax",
-                      help="model to route to (demo-thorax-nnunet: the nnU-Net v2 demo, needs the [nnunet] extra)")
+    demo.add_argument(
+        "--model",
+        default="demo-thorax",
+        help="model to route to (demo-thorax-nnunet: the nnU-Net v2 demo, needs the [nnunet] extra)",
+    )
     sync = command("sync", "upload anonymised cases and pull model versions")
-    command("now", "run the case upload and the model pull once, with a progress bar",
-            sync.add_subparsers(dest="action", required=True))
+    command(
+        "now",
+        "run the case upload and the model pull once, with a progress bar",
+        sync.add_subparsers(dest="action", required=True),
+    )
     audit = command("audit", "received, routed, delivered, synced and admin actions, oldest first")
     audit.add_argument("--since", help="7d, 12h, 30m, or an ISO date/time (UTC)")
     audit.add_argument("--job", type=int, help="only this job")
@@ -84,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     agree.add_argument("--since", type=_since, help="only approvals received from this date (YYYY-MM-DD, UTC) on")
     agree.add_argument("--json", action="store_true", help="a JSON list, one object per version and structure")
     send = command("send", "replay deliveries")
-    send.add_argument("--retry", type=int, metavar="JOB", required=True,
-                      help="queue a failed job's dead-lettered results again")
+    send.add_argument(
+        "--retry", type=int, metavar="JOB", required=True, help="queue a failed job's dead-lettered results again"
+    )
     reroute = command("reroute", "route an unrouted, refused, failed or held job again (after a rules fix)")
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
@@ -169,9 +183,11 @@ def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
                 if name is None:
                     continue
                 if len(name) > dest.max_roi_name:
-                    problems.append(f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
-                                    f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
-                                    f"{dest.max_roi_name}: map it in {dest_name}'s names file")
+                    problems.append(
+                        f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
+                        f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
+                        f"{dest.max_roi_name}: map it in {dest_name}'s names file"
+                    )
     return problems
 
 
@@ -229,8 +245,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     if args.action == "describe":
-        print(f"{describe_package(args.package, args.name, args.version)}: written; edit it, then "
-              f"ie-gateway models import {args.package}")
+        print(
+            f"{describe_package(args.package, args.name, args.version)}: written; edit it, then "
+            f"ie-gateway models import {args.package}"
+        )
         return 0
     from ie_gateway.service import registry_for, runner_for
 
@@ -238,12 +256,18 @@ def cmd_models(args: argparse.Namespace) -> int:
         return _models(args, registry_for(cfg, runner.verify), describe_package, load_manifest)
 
 
-def _models(args: argparse.Namespace, registry: Registry, describe: Callable[..., Path],
-            load_manifest: Callable[[Path], Manifest]) -> int:
+def _models(
+    args: argparse.Namespace,
+    registry: Registry,
+    describe: Callable[..., Path],
+    load_manifest: Callable[[Path], Manifest],
+) -> int:
     if args.action == "list":
         for info in registry.list():
-            print(f"{info.name}@{info.version}  {'active' if info.active else '      '}  "
-                  f"{'verified' if info.verified else 'NOT VERIFIED: ' + (info.problem or '')}")
+            print(
+                f"{info.name}@{info.version}  {'active' if info.active else '      '}  "
+                f"{'verified' if info.verified else 'NOT VERIFIED: ' + (info.problem or '')}"
+            )
     elif args.action == "verify":
         specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
         for spec in specs:
@@ -254,8 +278,10 @@ def _models(args: argparse.Namespace, registry: Registry, describe: Callable[...
         manifest = args.package / "model.yaml"
         if not manifest.is_file():
             if not (args.name and args.version):
-                raise GatewayError(f"{args.package} has no model.yaml: give --name and --version "
-                                   f"(or write one first with `ie-gateway models describe`)")
+                raise GatewayError(
+                    f"{args.package} has no model.yaml: give --name and --version "
+                    f"(or write one first with `ie-gateway models describe`)"
+                )
             print(f"{describe(args.package, args.name, args.version)}: written from the package")
         else:
             declared = load_manifest(args.package)
@@ -264,8 +290,10 @@ def _models(args: argparse.Namespace, registry: Registry, describe: Callable[...
                 if given is not None and given != value:
                     raise GatewayError(f"{manifest} says {option[2:]} {value!r}, not {given!r}")
         model = registry.import_version(args.package)
-        print(f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
-              f"{model.name} {model.version})")
+        print(
+            f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
+            f"{model.name} {model.version})"
+        )
     elif args.action == "activate":
         activation = registry.activate(args.name, args.version, by=_who())
         print(f"{args.name}@{args.version}: active (was {activation.previous or 'none'})")
@@ -315,8 +343,7 @@ class TextProgress:
         filled = self._width * percent // 100
         bar = "#" * filled + "-" * (self._width - filled)
         end = "\n" if done >= total else ""
-        self._stream.write(f"\r{what} [{bar}] {percent:3d}% "
-                           f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB{end}")
+        self._stream.write(f"\r{what} [{bar}] {percent:3d}% {done / 2**20:.1f}/{total / 2**20:.1f} MiB{end}")
         self._stream.flush()
 
 
@@ -332,8 +359,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         report = sync_now(cfg, Store(cfg.storage.root), registry_for(cfg, runner.verify), progress=progress)
     print(report.summary())
     if report.cases.failed:
-        print(f"ie-gateway sync: {len(report.cases.failed)} case(s) failed; see sync_error in `ie-gateway status`",
-              file=sys.stderr)
+        print(
+            f"ie-gateway sync: {len(report.cases.failed)} case(s) failed; see sync_error in `ie-gateway status`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -404,7 +433,9 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     if not rows:
         print("no agreement figures yet: they come with clinicians' approved structure sets")
         return 0
-    print((f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES)).rstrip())
+    print(
+        (f"{'model':<20} {'structure':<14} {'cases':>5}  " + "  ".join(f"{f:<20}" for f in agreement.FIGURES)).rstrip()
+    )
     for row in rows:
         cells = "  ".join(f"{_spread(row[f]):<20}" for f in agreement.FIGURES)
         print(f"{row['model'] + '@' + row['version']:<20} {row['structure']:<14} {row['cases']:>5}  {cells}".rstrip())
@@ -430,26 +461,43 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
     now = time.time()
     rows = []
     for job in store.index.jobs():
-        rows.append({
-            "id": job.id,
-            "state": job.state.value,
-            "instances": job.instances,
-            "series": uid_hash(job.series_uid),
-            "modality": job.header.get("Modality"),
-            "calling_ae": job.calling_ae,
-            "age_s": round(now - job.created_at, 1),
-            "quiet_s": round(now - job.last_instance_at, 1),
-            "model": job.model,
-            "model_version": job.model_version,
-            "reason": job.reason,
-            **{k: v for k, v in job.detail.items() if k in STATUS_DETAIL_KEYS},
-        })
+        rows.append(
+            {
+                "id": job.id,
+                "state": job.state.value,
+                "instances": job.instances,
+                "series": uid_hash(job.series_uid),
+                "modality": job.header.get("Modality"),
+                "calling_ae": job.calling_ae,
+                "age_s": round(now - job.created_at, 1),
+                "quiet_s": round(now - job.last_instance_at, 1),
+                "model": job.model,
+                "model_version": job.model_version,
+                "reason": job.reason,
+                **{k: v for k, v in job.detail.items() if k in STATUS_DETAIL_KEYS},
+            }
+        )
     return rows
 
 
-STATUS_DETAIL_KEYS = ("late_instances", "missing_instances", "outputs", "deliveries", "qa_png", "volumes_cc",
-                      "synced", "sync_error", "approved", "linked_to", "approval", "purged", "timings_s",
-                      "empty_structures", "not_sent", "review")
+STATUS_DETAIL_KEYS = (
+    "late_instances",
+    "missing_instances",
+    "outputs",
+    "deliveries",
+    "qa_png",
+    "volumes_cc",
+    "synced",
+    "sync_error",
+    "approved",
+    "linked_to",
+    "approval",
+    "purged",
+    "timings_s",
+    "empty_structures",
+    "not_sent",
+    "review",
+)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -463,16 +511,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         _load_rules(cfg)
     except ConfigError as exc:
-        print(f"routing rules refused, the last valid rules stay in force: {exc.errors[0]}"
-              + (f" (+{len(exc.errors) - 1} more; see check-config)" if len(exc.errors) > 1 else ""),
-              file=sys.stderr)
+        print(
+            f"routing rules refused, the last valid rules stay in force: {exc.errors[0]}"
+            + (f" (+{len(exc.errors) - 1} more; see check-config)" if len(exc.errors) > 1 else ""),
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'id':>5}  {'state':<10} {'inst':>5} {'age':>8}  {'model':<24} reason")
     for r in rows:
         model = f"{r['model']}@{r['model_version']}" if r["model"] else "-"
-        print(f"{r['id']:>5}  {r['state']:<10} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} {r['reason'] or ''}")
+        print(
+            f"{r['id']:>5}  {r['state']:<10} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} {r['reason'] or ''}"
+        )
     return 0
 
 

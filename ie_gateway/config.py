@@ -74,8 +74,9 @@ class Node(_Strict):
     allowed_callers: list[Caller] = []
     max_associations: int = Field(8, ge=1, description="concurrent associations before refusal")
     network_timeout_s: float = Field(60, gt=0)
-    acse_timeout_s: float = Field(5, gt=0, description="a connection that has not asked for an "
-                                  "association by then is dropped and holds no slot")
+    acse_timeout_s: float = Field(
+        5, gt=0, description="a connection that has not asked for an association by then is dropped and holds no slot"
+    )
     tls: NodeTLS | None = None
 
     _check_ae = field_validator("ae_title")(_ae_title)
@@ -255,9 +256,12 @@ def _destination_files(value: object, base: Path) -> object:
     """Destinations with their `names` file resolved against the config's folder."""
     if not isinstance(value, dict):
         return value
-    return {name: {**dest, "names": str(base / Path(str(dest["names"])))}
-            if isinstance(dest, dict) and isinstance(dest.get("names"), str) else dest
-            for name, dest in value.items()}
+    return {
+        name: {**dest, "names": str(base / Path(str(dest["names"])))}
+        if isinstance(dest, dict) and isinstance(dest.get("names"), str)
+        else dest
+        for name, dest in value.items()
+    }
 
 
 def _distinct_hosts(cfg: GatewayConfig, title: str) -> bool:

@@ -58,23 +58,45 @@ def _free_port() -> int:
 def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) -> Path:
     """A node config for the demo: the base's models, a rule for ``model``, loopback only."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "routing.yaml").write_text(yaml.safe_dump({"rules": [{
-        "name": "demo", "match": {"Modality": "CT"}, "model": model,
-        "outputs": ["rtstruct", "seg"], "send_to": [DEMO_TPS]}]}, sort_keys=False))
+    (workdir / "routing.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "rules": [
+                    {
+                        "name": "demo",
+                        "match": {"Modality": "CT"},
+                        "model": model,
+                        "outputs": ["rtstruct", "seg"],
+                        "send_to": [DEMO_TPS],
+                    }
+                ]
+            },
+            sort_keys=False,
+        )
+    )
     config = workdir / "gateway.yaml"
-    config.write_text(yaml.safe_dump({
-        "node": {"ae_title": base.node.ae_title, "bind": "127.0.0.1", "port": _free_port(),
-                 "allowed_callers": [{"ae_title": DEMO_CALLER}]},
-        "storage": {"root": str(workdir / "var")},
-        "http": {"bind": "127.0.0.1", "port": _free_port()},  # must not clash with a running node
-        "series": {"stable_after_s": 2, "sweep_every_s": 0.5},
-        "routing_file": "routing.yaml",
-        "models_dir": str(base.models_dir),
-        "destinations": {DEMO_TPS: {"ae_title": DEMO_TPS, "host": "127.0.0.1", "port": tps_port}},
-        "delivery": {"base_s": 1, "every_s": 0.5},
-        "inference": base.inference.model_dump(),
-        "log_level": "warning",
-    }, sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {
+                    "ae_title": base.node.ae_title,
+                    "bind": "127.0.0.1",
+                    "port": _free_port(),
+                    "allowed_callers": [{"ae_title": DEMO_CALLER}],
+                },
+                "storage": {"root": str(workdir / "var")},
+                "http": {"bind": "127.0.0.1", "port": _free_port()},  # must not clash with a running node
+                "series": {"stable_after_s": 2, "sweep_every_s": 0.5},
+                "routing_file": "routing.yaml",
+                "models_dir": str(base.models_dir),
+                "destinations": {DEMO_TPS: {"ae_title": DEMO_TPS, "host": "127.0.0.1", "port": tps_port}},
+                "delivery": {"base_s": 1, "every_s": 0.5},
+                "inference": base.inference.model_dump(),
+                "log_level": "warning",
+            },
+            sort_keys=False,
+        )
+    )
     return config
 
 
@@ -113,8 +135,7 @@ def _send(files: list[Path], cfg: GatewayConfig) -> None:
         assoc.release()
 
 
-def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float,
-             model: str = "demo-thorax") -> DemoResult:
+def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float, model: str = "demo-thorax") -> DemoResult:
     """Run the whole path once on loopback with ``model`` and return where the results are."""
     from ie_gateway.service import Service
 
@@ -126,7 +147,9 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float,
     service.start()
     started = time.monotonic()
     try:
-        print(f"node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}; demo TPS on 127.0.0.1:{tps_port}", file=sys.stderr)
+        print(
+            f"node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}; demo TPS on 127.0.0.1:{tps_port}", file=sys.stderr
+        )
         files = write_ct_series(make_phantom(2026, slices=slices), workdir / "ct", seed=2026)
         print(f"sending a synthetic thorax CT: {len(files)} slices of 512x512", file=sys.stderr)
         _send(files, cfg)
@@ -139,10 +162,15 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float,
             time.sleep(0.5)  # poll interval while the node works
         if job is None:
             raise GatewayError("the node never saw the series")
-        return DemoResult(state=job.state.value, reason=job.reason,
-                          received=sorted((workdir / "tps").glob("*.dcm")),
-                          qa_png=job.detail.get("qa_png"), seconds=time.monotonic() - started,
-                          config=cfg.source, page=page_address(cfg))
+        return DemoResult(
+            state=job.state.value,
+            reason=job.reason,
+            received=sorted((workdir / "tps").glob("*.dcm")),
+            qa_png=job.detail.get("qa_png"),
+            seconds=time.monotonic() - started,
+            config=cfg.source,
+            page=page_address(cfg),
+        )
     finally:
         service.stop()
         server.shutdown()  # type: ignore[attr-defined]

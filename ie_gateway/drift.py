@@ -46,12 +46,15 @@ class DriftState:
         if self.baseline is None or self.recent is None:
             return f"{self.model}@{self.version} {self.structure}: {self.cases} cases, too few for a baseline"
         verdict = "DRIFT" if self.alarm else "ok"
-        return (f"{verdict}: {self.model}@{self.version} {self.structure}: median Dice of the last cases "
-                f"{self.recent:.3f}, baseline {self.baseline:.3f} ({self.baseline_from}), margin {self.margin:g}")
+        return (
+            f"{verdict}: {self.model}@{self.version} {self.structure}: median Dice of the last cases "
+            f"{self.recent:.3f}, baseline {self.baseline:.3f} ({self.baseline_from}), margin {self.margin:g}"
+        )
 
 
-def states(index: Index, settings: AgreementSettings, baselines: Mapping[Key, float] | None = None,
-           model: str | None = None) -> list[DriftState]:
+def states(
+    index: Index, settings: AgreementSettings, baselines: Mapping[Key, float] | None = None, model: str | None = None
+) -> list[DriftState]:
     """The drift state of every structure of every version with figures (of ``model`` only)."""
     by_key: dict[Key, list[float]] = {}
     for row in agreement.rows(index, model=model):
@@ -66,12 +69,20 @@ def evaluate(key: Key, dice: list[float], settings: AgreementSettings, declared:
     if declared is not None:
         baseline, source, needed = declared, "model.yaml", n
     else:
-        baseline, source, needed = (statistics.median(dice[:n]), f"first {n} cases", 2 * n) \
-            if len(dice) >= n else (None, "", 2 * n)
+        baseline, source, needed = (
+            (statistics.median(dice[:n]), f"first {n} cases", 2 * n) if len(dice) >= n else (None, "", 2 * n)
+        )
     recent = statistics.median(dice[-n:]) if len(dice) >= needed else None
     alarm = baseline is not None and recent is not None and recent < baseline - settings.margin
-    return DriftState(*key, cases=len(dice), baseline=baseline, baseline_from=source if recent is not None else "",
-                      recent=recent, margin=settings.margin, alarm=alarm)
+    return DriftState(
+        *key,
+        cases=len(dice),
+        baseline=baseline,
+        baseline_from=source if recent is not None else "",
+        recent=recent,
+        margin=settings.margin,
+        alarm=alarm,
+    )
 
 
 def manifest_baselines(models_dir: Path, pairs: Iterable[tuple[str, str]]) -> dict[Key, float]:
@@ -114,8 +125,15 @@ def log_alarms(index: Index, settings: AgreementSettings, models_dir: Path, mode
     pairs = [(name, version)]
     found = [s for s in states(index, settings, manifest_baselines(models_dir, pairs), model=model) if s.alarm]
     for s in found:
-        log.warning("agreement drift", model=s.model, version=s.version, structure=s.structure,
-                    recent_dice=round(s.recent or 0.0, 4), baseline_dice=round(s.baseline or 0.0, 4),
-                    baseline_from=s.baseline_from, margin=s.margin, cases=s.cases)
+        log.warning(
+            "agreement drift",
+            model=s.model,
+            version=s.version,
+            structure=s.structure,
+            recent_dice=round(s.recent or 0.0, 4),
+            baseline_dice=round(s.baseline or 0.0, 4),
+            baseline_from=s.baseline_from,
+            margin=s.margin,
+            cases=s.cases,
+        )
     return found
-

@@ -35,9 +35,17 @@ class Check:
 class Health:
     """The checks of one running node, read from its parts (no background thread of its own)."""
 
-    def __init__(self, store: Store, *, listening: Callable[[], bool], worker_alive: Callable[[], bool],
-                 worker_last_tick: Callable[[], float], scheduler_running: Callable[[], bool],
-                 space: Callable[[], DiskSpace], inference_timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        listening: Callable[[], bool],
+        worker_alive: Callable[[], bool],
+        worker_last_tick: Callable[[], float],
+        scheduler_running: Callable[[], bool],
+        space: Callable[[], DiskSpace],
+        inference_timeout_s: float,
+    ) -> None:
         self.store = store
         self.listening = listening
         self.worker_alive = worker_alive
@@ -77,8 +85,13 @@ class Health:
         space = self.space()
         mb = 2**20
         if space.below_reserve:
-            return Check("disk", False, f"{space.free_bytes // mb} MiB free, below the reserve of "
-                         f"{space.reserve_bytes // mb} MiB: new associations are refused", False)
+            return Check(
+                "disk",
+                False,
+                f"{space.free_bytes // mb} MiB free, below the reserve of "
+                f"{space.reserve_bytes // mb} MiB: new associations are refused",
+                False,
+            )
         return Check("disk", True, f"{space.free_bytes // mb} MiB free", False)
 
     def _worker(self) -> Check:
@@ -93,12 +106,13 @@ class Health:
         now = time.time()
         since = self.store.index.query(
             "SELECT j.id, MAX(t.at) FROM jobs j JOIN transitions t ON t.job_id = j.id AND t.to_state = ? "
-            "WHERE j.state = ? GROUP BY j.id", (JobState.INFERRING.value, JobState.INFERRING.value))
+            "WHERE j.state = ? GROUP BY j.id",
+            (JobState.INFERRING.value, JobState.INFERRING.value),
+        )
         stuck = [(int(r[0]), now - float(r[1])) for r in since if now - float(r[1]) > self.stuck_after_s]
         if stuck:
             job_id, seconds = stuck[0]
-            return Check("inference", False, f"job {job_id} inferring for {seconds:.0f} s, past its "
-                         "time limit", True)
+            return Check("inference", False, f"job {job_id} inferring for {seconds:.0f} s, past its time limit", True)
         return Check("inference", True, "no job past its time limit", True)
 
     def _scheduler(self) -> Check:

@@ -45,7 +45,9 @@ def build_app(health: Health, extra_routes: Sequence[BaseRoute] = ()) -> Starlet
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     routes: list[BaseRoute] = [
-        Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_text),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_text),
         *extra_routes,
     ]
     return Starlette(routes=routes)
@@ -55,8 +57,9 @@ class HttpServer:
     """uvicorn serving an app in a daemon thread; start() returns once it listens."""
 
     def __init__(self, settings: HttpSettings, app: Starlette) -> None:
-        config = uvicorn.Config(app, host=settings.bind, port=settings.port, log_config=None,
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, host=settings.bind, port=settings.port, log_config=None, access_log=False, lifespan="off"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
@@ -65,8 +68,10 @@ class HttpServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
             if not self._thread.is_alive():
-                raise HttpError(f"HTTP endpoint could not listen on {self._server.config.host}:"
-                                f"{self._server.config.port} (in use? see the log)")
+                raise HttpError(
+                    f"HTTP endpoint could not listen on {self._server.config.host}:"
+                    f"{self._server.config.port} (in use? see the log)"
+                )
             if time.monotonic() > deadline:
                 raise HttpError("HTTP endpoint did not start in time")
             time.sleep(0.05)  # poll interval of this deadline loop

@@ -22,9 +22,18 @@ UID_IN_TEXT = re.compile(r"\b\d+(?:\.\d+){4,}\b")
 STANDARD_UID_ROOT = "1.2.840.10008."
 IDENTIFYING_KEYS = frozenset(
     {
-        "patientname", "patient_name", "patientid", "patient_id", "patientbirthdate",
-        "patient_birth_date", "birthdate", "accessionnumber", "accession_number",
-        "institutionname", "referringphysicianname", "otherpatientids",
+        "patientname",
+        "patient_name",
+        "patientid",
+        "patient_id",
+        "patientbirthdate",
+        "patient_birth_date",
+        "birthdate",
+        "accessionnumber",
+        "accession_number",
+        "institutionname",
+        "referringphysicianname",
+        "otherpatientids",
     }
 )
 

@@ -32,26 +32,35 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client 
 REGISTRY = CollectorRegistry()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-ASSOCIATIONS_OPEN = Gauge("ie_gateway_associations_open", "DICOM associations open now",
-                          registry=REGISTRY)
-ASSOCIATIONS_ACCEPTED = Counter("ie_gateway_associations_accepted_total",
-                                "DICOM associations accepted", ["tls"], registry=REGISTRY)
+ASSOCIATIONS_OPEN = Gauge("ie_gateway_associations_open", "DICOM associations open now", registry=REGISTRY)
+ASSOCIATIONS_ACCEPTED = Counter(
+    "ie_gateway_associations_accepted_total", "DICOM associations accepted", ["tls"], registry=REGISTRY
+)
 CONNECTIONS_REFUSED = Counter(
     "ie_gateway_connections_refused_total",
     "Connections or association requests refused, by reason (probe: closed without a word; "
     "silent: said nothing within node.acse_timeout_s; busy: max_associations reached; "
-    "disk_reserve: free space below storage.reserve; ...)", ["reason"], registry=REGISTRY)
-INSTANCES_RECEIVED = Counter("ie_gateway_instances_received_total",
-                             "Instances stored (duplicates not counted)", registry=REGISTRY)
-BYTES_RECEIVED = Counter("ie_gateway_received_bytes_total", "Bytes of instances stored",
-                         registry=REGISTRY)
-CSTORE_RESPONSES = Counter("ie_gateway_cstore_responses_total", "C-STORE responses sent, by status",
-                           ["status"], registry=REGISTRY)
-STAGE_SECONDS = Histogram("ie_gateway_stage_seconds", "Time a worker stage took", ["stage"],
-                          buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800),
-                          registry=REGISTRY)
-INFERENCE_DEVICE = Gauge("ie_gateway_inference_device_info",
-                         "The device inference runs on (value 1)", ["device"], registry=REGISTRY)
+    "disk_reserve: free space below storage.reserve; ...)",
+    ["reason"],
+    registry=REGISTRY,
+)
+INSTANCES_RECEIVED = Counter(
+    "ie_gateway_instances_received_total", "Instances stored (duplicates not counted)", registry=REGISTRY
+)
+BYTES_RECEIVED = Counter("ie_gateway_received_bytes_total", "Bytes of instances stored", registry=REGISTRY)
+CSTORE_RESPONSES = Counter(
+    "ie_gateway_cstore_responses_total", "C-STORE responses sent, by status", ["status"], registry=REGISTRY
+)
+STAGE_SECONDS = Histogram(
+    "ie_gateway_stage_seconds",
+    "Time a worker stage took",
+    ["stage"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800),
+    registry=REGISTRY,
+)
+INFERENCE_DEVICE = Gauge(
+    "ie_gateway_inference_device_info", "The device inference runs on (value 1)", ["device"], registry=REGISTRY
+)
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,13 @@ class ModelVersionLevel:
 class NodeCollector(Collector):
     """Levels read from the index and the disk when Prometheus scrapes."""
 
-    def __init__(self, store: Store, space: Callable[[], DiskSpace],
-                 active_models: Callable[[], list[ModelVersionLevel]],
-                 drift: Callable[[], dict[tuple[str, str, str], int]] = dict) -> None:
+    def __init__(
+        self,
+        store: Store,
+        space: Callable[[], DiskSpace],
+        active_models: Callable[[], list[ModelVersionLevel]],
+        drift: Callable[[], dict[tuple[str, str, str], int]] = dict,
+    ) -> None:
         self.store = store
         self.space = space
         self.active_models = active_models
@@ -75,35 +88,45 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         jobs = GaugeMetricFamily("ie_gateway_jobs", "Jobs (series) by state", labels=["state"])
-        counts = {str(r[0]): int(r[1]) for r in
-                  self.store.index.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        counts = {
+            str(r[0]): int(r[1]) for r in self.store.index.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        }
         for state in JobState:
             jobs.add_metric([state.value], counts.get(state.value, 0))
         yield jobs
-        outbox = {str(r[0]): int(r[1]) for r in
-                  self.store.index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
-        yield GaugeMetricFamily("ie_gateway_outbox_pending", "Results waiting to be delivered",
-                                value=outbox.get("pending", 0))
-        yield GaugeMetricFamily("ie_gateway_dead_letters",
-                                "Results given up on after the retry limit (state failed)",
-                                value=outbox.get("failed", 0))
+        outbox = {
+            str(r[0]): int(r[1]) for r in self.store.index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        }
+        yield GaugeMetricFamily(
+            "ie_gateway_outbox_pending", "Results waiting to be delivered", value=outbox.get("pending", 0)
+        )
+        yield GaugeMetricFamily(
+            "ie_gateway_dead_letters",
+            "Results given up on after the retry limit (state failed)",
+            value=outbox.get("failed", 0),
+        )
         attempts = self.store.index.query("SELECT COUNT(*) FROM attempts")[0][0]
-        yield CounterMetricFamily("ie_gateway_delivery_attempts", "C-STORE attempts to destinations",
-                                  value=int(attempts))
+        yield CounterMetricFamily(
+            "ie_gateway_delivery_attempts", "C-STORE attempts to destinations", value=int(attempts)
+        )
         space = self.space()
-        yield GaugeMetricFamily("ie_gateway_disk_free_bytes", "Free space under storage.root",
-                                value=space.free_bytes)
-        yield GaugeMetricFamily("ie_gateway_disk_reserve_bytes",
-                                "Free space below which new associations are refused",
-                                value=space.reserve_bytes)
-        models = GaugeMetricFamily("ie_gateway_model_active_info", "Active model versions (value 1)",
-                                   labels=["model", "version"])
+        yield GaugeMetricFamily("ie_gateway_disk_free_bytes", "Free space under storage.root", value=space.free_bytes)
+        yield GaugeMetricFamily(
+            "ie_gateway_disk_reserve_bytes",
+            "Free space below which new associations are refused",
+            value=space.reserve_bytes,
+        )
+        models = GaugeMetricFamily(
+            "ie_gateway_model_active_info", "Active model versions (value 1)", labels=["model", "version"]
+        )
         for level in self.active_models():
             models.add_metric([level.name, level.version], 1)
         yield models
-        alarms = GaugeMetricFamily("ie_gateway_agreement_drift",
-                                   "1 while a structure's recent Dice with approved contours is below its baseline",
-                                   labels=["model", "version", "structure"])
+        alarms = GaugeMetricFamily(
+            "ie_gateway_agreement_drift",
+            "1 while a structure's recent Dice with approved contours is below its baseline",
+            labels=["model", "version", "structure"],
+        )
         for (model, version, structure), alarm in sorted(self.drift().items()):
             alarms.add_metric([model, version, structure], alarm)
         yield alarms

@@ -63,15 +63,31 @@ def labels_file(index: int) -> str:
 
 def structures_of(manifest: Manifest) -> list[StructureInfo]:
     """The writers' view of a model's structures."""
-    return [StructureInfo(label=s.label, name=s.name, color=tuple(s.color), interpreted_type=str(s.interpreted_type),
-                          fill_holes=s.postprocess.fill_holes) for s in manifest.structures if s.send]
+    return [
+        StructureInfo(
+            label=s.label,
+            name=s.name,
+            color=tuple(s.color),
+            interpreted_type=str(s.interpreted_type),
+            fill_holes=s.postprocess.fill_holes,
+        )
+        for s in manifest.structures
+        if s.send
+    ]
 
 
 class Worker:
     """Runs jobs one at a time in a background thread."""
 
-    def __init__(self, cfg: GatewayConfig, store: Store, registry: Registry, runner: InferenceRunner,
-                 rules: Callable[[], RuleSet | None], on_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        store: Store,
+        registry: Registry,
+        runner: InferenceRunner,
+        rules: Callable[[], RuleSet | None],
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
@@ -79,8 +95,11 @@ class Worker:
         self.rules = rules
         self.outbox = Outbox(store.index)
         self.on_queued = on_queued
-        self.checks = VolumeChecks(spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
-                                   min_slices=cfg.volume.min_slices, max_tilt_deg=cfg.volume.max_tilt_deg)
+        self.checks = VolumeChecks(
+            spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
+            min_slices=cfg.volume.min_slices,
+            max_tilt_deg=cfg.volume.max_tilt_deg,
+        )
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
@@ -109,7 +128,10 @@ class Worker:
                 self._wake.clear()
 
     STAGES: tuple[tuple[JobState, str], ...] = (
-        (JobState.INFERRED, "write"), (JobState.COMPLETE, "route"), (JobState.ROUTED, "infer"))
+        (JobState.INFERRED, "write"),
+        (JobState.COMPLETE, "route"),
+        (JobState.ROUTED, "infer"),
+    )
 
     def run_once(self) -> bool:
         """Advance one job by one stage; False when there was nothing to do."""
@@ -150,21 +172,26 @@ class Worker:
             # a clinician's structure set for a CT we contoured travels with that case (sync)
             ct_job = link_approved(self.store, job)
             if ct_job is not None:
-                self.store.index.transition(job.id, JobState.UNROUTED,
-                                            reason=f"clinician's structure set, linked to job {ct_job}"
-                                            + self._agreement(job.id, ct_job))
+                self.store.index.transition(
+                    job.id,
+                    JobState.UNROUTED,
+                    reason=f"clinician's structure set, linked to job {ct_job}" + self._agreement(job.id, ct_job),
+                )
                 return
         rules = self.rules()
         if rules is None:
             raise GatewayError("no valid routing rules loaded")
-        decision = rules.route(SeriesFacts(header=job.header, calling_ae=job.calling_ae,
-                                           called_ae=job.called_ae, instances=job.instances))
+        decision = rules.route(
+            SeriesFacts(header=job.header, calling_ae=job.calling_ae, called_ae=job.called_ae, instances=job.instances)
+        )
         if not decision.routed:
-            why = "; ".join(f"{r['rule']}: {', '.join(map(str, r['failed'])) or 'shadowed'}"
-                            for r in decision.explanation.for_log())
+            why = "; ".join(
+                f"{r['rule']}: {', '.join(map(str, r['failed'])) or 'shadowed'}" for r in decision.explanation.for_log()
+            )
             log.info("series unrouted", rules=decision.explanation.for_log())
-            self.store.index.transition(job.id, JobState.UNROUTED,
-                                        reason=f"no rule matched ({why})" if why else "no rules configured")
+            self.store.index.transition(
+                job.id, JobState.UNROUTED, reason=f"no rule matched ({why})" if why else "no rules configured"
+            )
             return
         routes = []
         for route in decision.routes:
@@ -172,10 +199,10 @@ class Worker:
             model = self.registry.resolve(_spec(route))
             routes.append({**_route_dict(route), "version": model.version})
         first = routes[0]
-        self.store.index.transition(job.id, JobState.ROUTED, routes=routes, model=first["model"],
-                                    model_version=first["version"])
-        log.info("series routed", rules=[r["rule"] for r in routes], model=first["model"],
-                 version=first["version"])
+        self.store.index.transition(
+            job.id, JobState.ROUTED, routes=routes, model=first["model"], model_version=first["version"]
+        )
+        log.info("series routed", rules=[r["rule"] for r in routes], model=first["model"], version=first["version"])
 
     def _agreement(self, rt_job: int, ct_job_id: int) -> str:
         """Figures of the approved set in ``rt_job`` against the AI's contours of ``ct_job_id``;
@@ -200,8 +227,9 @@ class Worker:
         model = self.registry.resolve(f"{route['model']}@{route['version']}")
         folder = self.store.results / f"job-{ct_job.id}"
         rtstruct = folder / f"rtstruct-{index}.dcm" if "rtstruct" in route["outputs"] else None
-        return ModelContours(model.name, model.version, structures_of(model.manifest), rtstruct,
-                             folder / labels_file(index))
+        return ModelContours(
+            model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
+        )
 
     def infer(self, job: Job) -> None:
         self.store.index.transition(job.id, JobState.INFERRING)
@@ -213,16 +241,23 @@ class Worker:
         slice_files = [str(p) for p in volume.paths]
         load_s = time.monotonic() - started
         del volume
-        results = [self.runner.run(self.registry.resolve(f"{route['model']}@{route['version']}"),
-                                   ct_path, folder / labels_file(index))
-                   for index, route in enumerate(job.routes)]
+        results = [
+            self.runner.run(
+                self.registry.resolve(f"{route['model']}@{route['version']}"), ct_path, folder / labels_file(index)
+            )
+            for index, route in enumerate(job.routes)
+        ]
         volumes = results[0]["volumes_cc"]  # status shows the first route's model
-        self.store.index.update_detail(job.id, slice_files=slice_files,
-                                       volumes_cc={k: round(v, 1) for k, v in volumes.items()},
-                                       timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]})
+        self.store.index.update_detail(
+            job.id,
+            slice_files=slice_files,
+            volumes_cc={k: round(v, 1) for k, v in volumes.items()},
+            timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]},
+        )
         self.store.index.transition(job.id, JobState.INFERRED)
-        log.info("inferred", seconds=round(time.monotonic() - started, 2), volume_s=round(load_s, 2),
-                 structures=len(volumes))
+        log.info(
+            "inferred", seconds=round(time.monotonic() - started, 2), volume_s=round(load_s, 2), structures=len(volumes)
+        )
 
     def write(self, job: Job) -> None:
         started = time.monotonic()
@@ -246,8 +281,9 @@ class Worker:
         self.store.index.update_detail(job.id, volumes_cc=first.volumes_cc, empty_structures=first.empty)
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
-        reasons = [f"{route['model']}: {r}" if len(results) > 1 else r
-                   for _, route, *_, f in results for r in f.reasons]
+        reasons = [
+            f"{route['model']}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons
+        ]
         review = job.detail.get("review") or {}
         if reasons and not review.get("released_by"):
             hold = any(route.get("review", "hold") == "hold" and f.reasons for _, route, *_, f in results)
@@ -264,8 +300,11 @@ class Worker:
         for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
             for kind in route["outputs"]:
-                refusing = [d for d in route["send_to"] if d in self.cfg.destinations
-                            and kind not in self.cfg.destinations[d].accepts]
+                refusing = [
+                    d
+                    for d in route["send_to"]
+                    if d in self.cfg.destinations and kind not in self.cfg.destinations[d].accepts
+                ]
                 for dest in refusing:
                     not_sent.setdefault(dest, []).append(kind)
             # RT-STRUCT first: it is what the planner waits for, so it leaves before the SEG is built
@@ -274,8 +313,9 @@ class Worker:
                 path = folder / f"{stem}.dcm"
                 self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
                 for dest in dests:
-                    self.outbox.enqueue(job.id, dest, str(path.relative_to(self.store.results)),
-                                        out_uids.sop_uid, _sop_class(kind))
+                    self.outbox.enqueue(
+                        job.id, dest, str(path.relative_to(self.store.results)), out_uids.sop_uid, _sop_class(kind)
+                    )
                 self.on_queued()
                 written.append(kind)
                 log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
@@ -283,16 +323,17 @@ class Worker:
                 spacing = tuple(float(s) for s in ct.GetSpacing())
                 qa_png = render_qa_png(hu, labels, structures, spacing, info, folder / "qa.png")  # type: ignore[arg-type]
         if not written:
-            raise WriteError("no destination takes any output of this job (see each destination's accepts "
-                             "and names)")
-        self.store.index.update_detail(job.id, outputs=written, qa_png=str(qa_png) if qa_png else None,
-                                       not_sent=not_sent)
+            raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
+        self.store.index.update_detail(
+            job.id, outputs=written, qa_png=str(qa_png) if qa_png else None, not_sent=not_sent
+        )
         self.store.index.transition(job.id, JobState.SENDING)
         log.info("results written", files=len(written), not_sent=not_sent)
         self.settle(job.id)  # every file may have been delivered while the later ones were built
 
-    def _plan(self, route: dict[str, Any], index: int, structures: list[StructureInfo],
-              findings: Findings) -> list[tuple[str, str, str, list[str], list[StructureInfo]]]:
+    def _plan(
+        self, route: dict[str, Any], index: int, structures: list[StructureInfo], findings: Findings
+    ) -> list[tuple[str, str, str, list[str], list[StructureInfo]]]:
         """The files a route's outputs become: (UID key, file stem, kind, destinations, structures),
         RT-STRUCT first.
 
@@ -310,8 +351,11 @@ class Worker:
                     continue
                 groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
             for names, dests in groups.items():
-                out = load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present) \
-                    if names else present
+                out = (
+                    load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present)
+                    if names
+                    else present
+                )
                 if not out:
                     log.warning("nothing left to send", kind=kind, destinations=dests)
                     continue
@@ -319,8 +363,10 @@ class Worker:
                     limit = self.cfg.destinations[dest].max_roi_name if dest in self.cfg.destinations else 64
                     too_long = [s.name for s in out if len(s.name) > limit]
                     if too_long:
-                        raise WriteError(f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name "
-                                         f"{limit}: map them in a names file")
+                        raise WriteError(
+                            f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name "
+                            f"{limit}: map them in a names file"
+                        )
                 suffix = f"-{dests[0]}" if names else ""
                 plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out))
         return plans
@@ -334,8 +380,17 @@ class Worker:
             self.store.index.update_detail(job.id, output_uids=stored)
         return stored
 
-    def _write_output(self, kind: str, headers: Sequence[pydicom.Dataset], labels: np.ndarray, masks: Masks,
-                      structures: list[StructureInfo], info: ModelInfo, uids: OutputUIDs, path: Path) -> None:
+    def _write_output(
+        self,
+        kind: str,
+        headers: Sequence[pydicom.Dataset],
+        labels: np.ndarray,
+        masks: Masks,
+        structures: list[StructureInfo],
+        info: ModelInfo,
+        uids: OutputUIDs,
+        path: Path,
+    ) -> None:
         tmp = path.with_suffix(".part")
         if kind == "rtstruct":
             ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks)
@@ -364,8 +419,9 @@ class Worker:
                 dest, _status, error = failures[0]
                 more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
                 delivered = f"; {counts['delivered']} other file(s) delivered" if counts.get("delivered") else ""
-                self.store.index.transition(job_id, JobState.FAILED,
-                                            reason=f"delivery to {dest} failed: {error}{more}{delivered}")
+                self.store.index.transition(
+                    job_id, JobState.FAILED, reason=f"delivery to {dest} failed: {error}{more}{delivered}"
+                )
                 return
             self.store.index.update_detail(job_id, deliveries=counts.get("delivered", 0))
             self.store.index.transition(job_id, JobState.DELIVERED)
@@ -379,9 +435,15 @@ def _spec(route: Route) -> str:
 
 
 def _route_dict(route: Route) -> dict[str, Any]:
-    return {"rule": route.rule, "model": route.model, "version": route.version,
-            "outputs": [str(o) for o in route.outputs], "send_to": list(route.send_to), "sync": route.sync,
-            "review": route.review}
+    return {
+        "rule": route.rule,
+        "model": route.model,
+        "version": route.version,
+        "outputs": [str(o) for o in route.outputs],
+        "send_to": list(route.send_to),
+        "sync": route.sync,
+        "review": route.review,
+    }
 
 
 def _sop_class(kind: str) -> str:
@@ -392,4 +454,3 @@ def _write_image(image: sitk.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".part.mha")
     sitk.WriteImage(image, str(tmp), useCompression=False)
     tmp.replace(path)
-

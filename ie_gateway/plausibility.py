@@ -43,8 +43,16 @@ def _centre_x(mask: np.ndarray, geometry: SliceGeometry) -> float:
         return 0.0
     crop = mask[box]
     total = float(np.count_nonzero(crop))
-    k, r, c = (float((np.count_nonzero(crop, axis=tuple(a for a in range(3) if a != axis))
-                      * np.arange(box[axis].start, box[axis].stop)).sum()) / total for axis in range(3))
+    k, r, c = (
+        float(
+            (
+                np.count_nonzero(crop, axis=tuple(a for a in range(3) if a != axis))
+                * np.arange(box[axis].start, box[axis].stop)
+            ).sum()
+        )
+        / total
+        for axis in range(3)
+    )
     lo = int(np.floor(k))
     hi = min(lo + 1, mask.shape[0] - 1)
     point = np.array([[r, c]])
@@ -64,8 +72,7 @@ def _largest_share(mask: np.ndarray) -> float:
     return float(sizes.max()) / float(sizes.sum())
 
 
-def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray],
-                 geometry: SliceGeometry) -> Findings:
+def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray], geometry: SliceGeometry) -> Findings:
     """Measure every structure's mask (label → (z, y, x) bool) and test its expectations."""
     slices = len(geometry.positions)
     normal = np.cross(geometry.row_dir, geometry.col_dir)
@@ -77,11 +84,14 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
     counts = {s.name: int(np.count_nonzero(masks[s.label])) for s in structures}
     volumes = {name: round(n * voxel_cc, 1) for name, n in counts.items()}
     empty = [name for name, n in counts.items() if n == 0]
-    external = next((s for s in structures if s.interpreted_type is InterpretedType.EXTERNAL
-                     and counts[s.name]), None)
-    midline = (_centre_x(masks[external.label], geometry) if external is not None else
-               float(geometry.to_patient(slices // 2, np.array([[0.0, (masks[structures[0].label]
-                                                                      .shape[2] - 1) / 2]]))[0, 0]))
+    external = next((s for s in structures if s.interpreted_type is InterpretedType.EXTERNAL and counts[s.name]), None)
+    midline = (
+        _centre_x(masks[external.label], geometry)
+        if external is not None
+        else float(
+            geometry.to_patient(slices // 2, np.array([[0.0, (masks[structures[0].label].shape[2] - 1) / 2]]))[0, 0]
+        )
+    )
     reasons: list[str] = []
     for s in structures:
         expect = s.expect
@@ -95,29 +105,24 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
         if expect.volume_cc is not None and volume not in expect.volume_cc:
             reasons.append(f"{s.name}: volume {volume:.0f} cc (expected {expect.volume_cc} cc)")
         if expect.volume_cc_per_cm is not None and volume / scan_cm not in expect.volume_cc_per_cm:
-            reasons.append(f"{s.name}: {volume / scan_cm:.2f} cc per cm of scan "
-                           f"(expected {expect.volume_cc_per_cm})")
+            reasons.append(f"{s.name}: {volume / scan_cm:.2f} cc per cm of scan (expected {expect.volume_cc_per_cm})")
         if expect.side is not None:
             offset = _centre_x(mask, geometry) - midline  # + is the patient's left
             side = "left" if offset > 0 else "right"
             if side != expect.side:
-                reasons.append(f"{s.name}: centre {abs(offset):.0f} mm {side} of the midline "
-                               f"(expected {expect.side})")
+                reasons.append(f"{s.name}: centre {abs(offset):.0f} mm {side} of the midline (expected {expect.side})")
         if expect.inside is not None:
             box = bounding_box(mask)
             host = masks[by_name[expect.inside].label]
             share = float(np.count_nonzero(mask[box] & host[box])) / counts[s.name]
             if share < INSIDE_SHARE:
-                reasons.append(f"{s.name}: {share:.0%} inside {expect.inside} "
-                               f"(expected >= {INSIDE_SHARE:.0%})")
+                reasons.append(f"{s.name}: {share:.0%} inside {expect.inside} (expected >= {INSIDE_SHARE:.0%})")
         if expect.largest_component is not None:
             share = _largest_share(mask)
             if share not in expect.largest_component:
-                reasons.append(f"{s.name}: largest piece holds {share:.0%} of it "
-                               f"(expected {expect.largest_component})")
+                reasons.append(f"{s.name}: largest piece holds {share:.0%} of it (expected {expect.largest_component})")
         if expect.slices_covered is not None:
             covered = int(np.count_nonzero(mask.any(axis=(1, 2)))) / slices
             if covered not in expect.slices_covered:
-                reasons.append(f"{s.name}: on {covered:.0%} of the slices "
-                               f"(expected {expect.slices_covered})")
+                reasons.append(f"{s.name}: on {covered:.0%} of the slices (expected {expect.slices_covered})")
     return Findings(volumes_cc=volumes, empty=empty, reasons=reasons)

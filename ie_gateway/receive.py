@@ -48,28 +48,37 @@ from ie_gateway.store.space import DiskSpace
 log = structlog.get_logger(__name__)
 
 STORAGE_CLASSES = (
-    CTImageStorage, EnhancedCTImageStorage, MRImageStorage, EnhancedMRImageStorage,
-    RTStructureSetStorage, SegmentationStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
 )
 TRANSFER_SYNTAXES = [
-    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
-    tsuid.JPEGLosslessSV1, tsuid.JPEGLossless, tsuid.JPEGLSLossless, tsuid.RLELossless,
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLSLossless,
+    tsuid.RLELossless,
     tsuid.JPEG2000Lossless,
 ]
 
 # C-STORE statuses (PS3.4 Annex B.2.3): 0xA7xx out of resources (sender should retry),
 # 0xA900 data set does not match SOP class, 0xCxxx cannot understand.
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700          # disk full or I/O error writing the instance
-INDEX_UNAVAILABLE = 0xA701         # the instance could not be indexed (database busy or broken)
-DATASET_MISMATCH = 0xA900          # the data set's SOP Instance/Class is not the request's
-CANNOT_UNDERSTAND = 0xC210         # the data set cannot be parsed
-INVALID_UID = 0xC211               # a UID that is not digits and dots of at most 64 characters
+OUT_OF_RESOURCES = 0xA700  # disk full or I/O error writing the instance
+INDEX_UNAVAILABLE = 0xA701  # the instance could not be indexed (database busy or broken)
+DATASET_MISMATCH = 0xA900  # the data set's SOP Instance/Class is not the request's
+CANNOT_UNDERSTAND = 0xC210  # the data set cannot be parsed
+INVALID_UID = 0xC211  # a UID that is not digits and dots of at most 64 characters
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 # Reasons for rejecting an association (PS3.8 Table 9-21): result, source, diagnostic.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
 
 # Connections waiting for their first bytes (each a parked thread); beyond this a new one is
@@ -79,8 +88,16 @@ MAX_SCREENING = 256
 REQUEST_HEADROOM = 32
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
-DECODE_ERRORS = (pydicom.errors.InvalidDicomError, ValueError, EOFError, struct.error, KeyError,
-                 IndexError, NotImplementedError, TypeError)
+DECODE_ERRORS = (
+    pydicom.errors.InvalidDicomError,
+    ValueError,
+    EOFError,
+    struct.error,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    TypeError,
+)
 
 
 def status(code: int, comment: str) -> Dataset:
@@ -138,8 +155,9 @@ class ScreeningServer(ThreadedAssociationServer):
         conn, address = listener.accept()
         return conn, address
 
-    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
-                               client_address: tuple[str, int] | str) -> None:
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
+    ) -> None:
         conn = cast(socket.socket, request)
         if not self._screening.acquire(blocking=False):
             self._drop(conn, "too_many_connections")
@@ -172,8 +190,11 @@ class ScreeningServer(ThreadedAssociationServer):
             secure.settimeout(None)
             return secure
         except (ssl.SSLError, OSError) as exc:
-            log.warning("connection refused", reason="TLS handshake failed",
-                        error=getattr(exc, "reason", None) or type(exc).__name__)
+            log.warning(
+                "connection refused",
+                reason="TLS handshake failed",
+                error=getattr(exc, "reason", None) or type(exc).__name__,
+            )
             self._drop(conn, "tls_handshake")
             return None
 
@@ -231,8 +252,9 @@ class Receiver:
         metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
 
     def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
-        server = self.ae.make_server((self.node.bind, port), ssl_context=context, evt_handlers=handlers,
-                                     server_class=ScreeningServer)
+        server = self.ae.make_server(
+            (self.node.bind, port), ssl_context=context, evt_handlers=handlers, server_class=ScreeningServer
+        )
         assert isinstance(server, ScreeningServer)
         server.acse_timeout_s = self.node.acse_timeout_s
         thread = threading.Thread(target=server.serve_forever, name=f"listener-{port}", daemon=True)
@@ -240,8 +262,7 @@ class Receiver:
         self.ae._servers.append(server)  # as ae.start_server does: server.shutdown() expects it
         self._servers.append(server)
         self._threads.append(thread)
-        log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=port,
-                 tls=context is not None)
+        log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=port, tls=context is not None)
 
     def stop(self) -> None:
         for server in self._servers:
@@ -279,18 +300,31 @@ class Receiver:
         address = assoc.requestor.address
         caller = find_caller(self.node.allowed_callers, calling, address)
         if caller is None:
-            self._reject(assoc, REJECT_CALLING_AE, "calling_ae", "calling AE not allowed",
-                         calling_ae=calling, peer=address)
+            self._reject(
+                assoc, REJECT_CALLING_AE, "calling_ae", "calling AE not allowed", calling_ae=calling, peer=address
+            )
             return
         if caller.require_tls and not over_tls(assoc):
-            self._reject(assoc, REJECT_CALLING_AE, "tls_required", "caller must use the TLS port",
-                         calling_ae=calling, peer=address)
+            self._reject(
+                assoc,
+                REJECT_CALLING_AE,
+                "tls_required",
+                "caller must use the TLS port",
+                calling_ae=calling,
+                peer=address,
+            )
             return
         space = self.space() if self.space is not None else None
         if space is not None and space.below_reserve:
-            self._reject(assoc, REJECT_LOCAL_LIMIT, "disk_reserve", "free space below storage.reserve",
-                         calling_ae=calling, free_mb=space.free_bytes // 2**20,
-                         reserve_mb=space.reserve_bytes // 2**20)
+            self._reject(
+                assoc,
+                REJECT_LOCAL_LIMIT,
+                "disk_reserve",
+                "free space below storage.reserve",
+                calling_ae=calling,
+                free_mb=space.free_bytes // 2**20,
+                reserve_mb=space.reserve_bytes // 2**20,
+            )
             return
         with self._lock:
             self._sessions = {a for a in self._sessions if a.is_alive()}
@@ -298,11 +332,16 @@ class Receiver:
             if not busy:
                 self._sessions.add(assoc)
         if busy:
-            self._reject(assoc, REJECT_LOCAL_LIMIT, "busy", "max_associations reached",
-                         calling_ae=calling, open=self.node.max_associations)
+            self._reject(
+                assoc,
+                REJECT_LOCAL_LIMIT,
+                "busy",
+                "max_associations reached",
+                calling_ae=calling,
+                open=self.node.max_associations,
+            )
 
-    def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str, why: str,
-                **fields: Any) -> None:
+    def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str, why: str, **fields: Any) -> None:
         metrics.CONNECTIONS_REFUSED.labels(reason).inc()
         log.warning("association refused", reason=why, **fields)
         assoc.acse.send_reject(*rsd)
@@ -313,8 +352,12 @@ class Receiver:
         metrics.ASSOCIATIONS_ACCEPTED.labels("yes" if secure else "no").inc()
         with self._lock:
             self._stats[id(event.assoc)] = AssociationStats(calling_ae=event.assoc.requestor.ae_title.strip())
-        log.info("association opened", calling_ae=event.assoc.requestor.ae_title.strip(),
-                 peer=event.assoc.requestor.address, tls=secure)
+        log.info(
+            "association opened",
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            peer=event.assoc.requestor.address,
+            tls=secure,
+        )
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
@@ -322,10 +365,17 @@ class Receiver:
         if stats is None:
             return
         seconds = max(time.monotonic() - stats.opened, 1e-6)
-        log.info("association closed", how="released" if event.event is evt.EVT_RELEASED else "aborted",
-                 calling_ae=stats.calling_ae, instances=stats.instances, duplicates=stats.duplicates,
-                 failures=stats.failures, mbytes=round(stats.bytes / 2**20, 2),
-                 seconds=round(seconds, 3), mb_per_s=round(stats.bytes / 2**20 / seconds, 1))
+        log.info(
+            "association closed",
+            how="released" if event.event is evt.EVT_RELEASED else "aborted",
+            calling_ae=stats.calling_ae,
+            instances=stats.instances,
+            duplicates=stats.duplicates,
+            failures=stats.failures,
+            mbytes=round(stats.bytes / 2**20, 2),
+            seconds=round(seconds, 3),
+            mb_per_s=round(stats.bytes / 2**20 / seconds, 1),
+        )
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         stats = self._stats.get(id(event.assoc)) or AssociationStats()
@@ -359,15 +409,16 @@ class Receiver:
         except DECODE_ERRORS as exc:
             log.warning("instance refused", reason="data set cannot be decoded", error=type(exc).__name__)
             return status(CANNOT_UNDERSTAND, "data set cannot be decoded")
-        if arrival.sop_uid != str(request.AffectedSOPInstanceUID) or arrival.sop_class != str(request.AffectedSOPClassUID):
+        if arrival.sop_uid != str(request.AffectedSOPInstanceUID) or arrival.sop_class != str(
+            request.AffectedSOPClassUID
+        ):
             log.warning("instance refused", reason="data set does not match the request's SOP instance/class")
             return status(DATASET_MISMATCH, "SOP Instance/Class differs from the C-STORE request")
         payload = event.encoded_dataset(include_meta=True)  # the bytes as sent, with file meta
         try:
             job_id, duplicate, late = self.store.accept(arrival, (payload,), lambda: _header(ds))
         except OSError as exc:
-            log.error("instance not stored", reason="storage failure", error=exc.strerror or str(exc),
-                      errno=exc.errno)
+            log.error("instance not stored", reason="storage failure", error=exc.strerror or str(exc), errno=exc.errno)
             return status(OUT_OF_RESOURCES, f"storage failure: {exc.strerror or exc}")
         except StoreError as exc:
             log.error("instance not stored", reason=str(exc))
@@ -381,8 +432,9 @@ class Receiver:
             metrics.INSTANCES_RECEIVED.inc()
             metrics.BYTES_RECEIVED.inc(len(payload))
             if late:
-                log.warning("late instance opened a new job", job=job_id,
-                            policy="the series is processed again as a whole")
+                log.warning(
+                    "late instance opened a new job", job=job_id, policy="the series is processed again as a whole"
+                )
         return SUCCESS
 
 

@@ -48,8 +48,9 @@ class RoiName(_Strict):
     def _fits(cls, name: str | None, info: ValidationInfo) -> str | None:
         limit = int((info.context or {}).get("max_roi_name", 64))
         if name is not None and len(name) > limit:
-            raise ValueError(f"{name!r} has {len(name)} characters; the destination takes at most "
-                             f"{limit} (max_roi_name)")
+            raise ValueError(
+                f"{name!r} has {len(name)} characters; the destination takes at most {limit} (max_roi_name)"
+            )
         return name
 
 

@@ -57,9 +57,14 @@ def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float]
 class Sender:
     """Drains the outbox: one thread per destination with due rows, at most one pass each."""
 
-    def __init__(self, destinations: dict[str, Destination], settings: DeliverySettings,
-                 outbox: Outbox, results_root: Path,
-                 on_settled: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        destinations: dict[str, Destination],
+        settings: DeliverySettings,
+        outbox: Outbox,
+        results_root: Path,
+        on_settled: Callable[[int], None] | None = None,
+    ) -> None:
         self.destinations = destinations
         self.settings = settings
         self.outbox = outbox
@@ -149,8 +154,13 @@ class Sender:
         finally:
             if assoc.is_established:
                 assoc.release()
-        log.info("delivery pass", destination=name, files=len(rows), delivered=delivered,
-                 seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "delivery pass",
+            destination=name,
+            files=len(rows),
+            delivered=delivered,
+            seconds=round(time.monotonic() - started, 3),
+        )
         return delivered
 
     def _send_one(self, assoc: Association, name: str, row: OutboxRow) -> int:
@@ -172,8 +182,9 @@ class Sender:
         self._failed(row, status, error)
         return 0
 
-    def _record_failed(self, recorded: set[int], row: OutboxRow, status: int | None, error: str,
-                       dead: bool = False) -> None:
+    def _record_failed(
+        self, recorded: set[int], row: OutboxRow, status: int | None, error: str, dead: bool = False
+    ) -> None:
         self._failed(row, status, error, dead=dead)
         recorded.add(row.id)
 
@@ -184,8 +195,14 @@ class Sender:
         next_at = time.time() + backoff_s(attempts, self.settings)
         self.outbox.record(row, status, error, delivered=False, next_at=next_at, dead=dead)
         if dead:
-            log.error("delivery dead-lettered", job=row.job_id, destination=row.destination,
-                      attempts=attempts, status=status, error=error)
+            log.error(
+                "delivery dead-lettered",
+                job=row.job_id,
+                destination=row.destination,
+                attempts=attempts,
+                status=status,
+                error=error,
+            )
 
 
 def _refused_classes(assoc: Association) -> dict[str, str]:
@@ -200,6 +217,9 @@ def _refused_classes(assoc: Association) -> dict[str, str]:
     for cx in assoc.rejected_contexts:
         sop_class = str(cx.abstract_syntax)
         if sop_class not in accepted:
-            refused[sop_class] = ("refused at association: none of the transfer syntaxes offered"
-                                  if cx.result == NO_TRANSFER_SYNTAX else "refused at association")
+            refused[sop_class] = (
+                "refused at association: none of the transfer syntaxes offered"
+                if cx.result == NO_TRANSFER_SYNTAX
+                else "refused at association"
+            )
     return refused

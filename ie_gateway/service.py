@@ -58,8 +58,9 @@ def model_exists(registry: Registry, name: str, version: str | None) -> bool:
 
 
 def rules_loader(cfg: GatewayConfig, registry: Registry) -> functools.partial[RuleSet]:
-    return functools.partial(load_rules, destinations=set(cfg.destinations),
-                             model_exists=functools.partial(model_exists, registry))
+    return functools.partial(
+        load_rules, destinations=set(cfg.destinations), model_exists=functools.partial(model_exists, registry)
+    )
 
 
 def gpu_device_nodes() -> list[str]:
@@ -81,9 +82,11 @@ def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> st
     metrics.INFERENCE_DEVICE.labels(device).set(1)
     log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
     if device == "cpu" and settings.device == "auto" and nodes:
-        log.warning("inference falls back to the CPU although a GPU device node exists",
-                    gpu_device_nodes=nodes,
-                    what_to_do="check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())")
+        log.warning(
+            "inference falls back to the CPU although a GPU device node exists",
+            gpu_device_nodes=nodes,
+            what_to_do="check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())",
+        )
     return device
 
 
@@ -100,18 +103,28 @@ class Service:
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
         self.receiver = Receiver(cfg.node, self.store, space=self.space)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-        self.worker = Worker(cfg, self.store, self.registry, self.runner, lambda: self.rules.current,
-                             on_queued=self.deliver_soon)
-        self.sender = Sender(cfg.destinations, cfg.delivery, Outbox(self.store.index), self.store.results,
-                             on_settled=self.worker.settle)
+        self.worker = Worker(
+            cfg, self.store, self.registry, self.runner, lambda: self.rules.current, on_queued=self.deliver_soon
+        )
+        self.sender = Sender(
+            cfg.destinations, cfg.delivery, Outbox(self.store.index), self.store.results, on_settled=self.worker.settle
+        )
         self._stop = threading.Event()
-        self.health = Health(self.store, listening=lambda: self.receiver.listening,
-                             worker_alive=self.worker.alive, worker_last_tick=lambda: self.worker.last_tick,
-                             scheduler_running=lambda: bool(self.scheduler.running), space=self.space,
-                             inference_timeout_s=cfg.inference.timeout_s)
+        self.health = Health(
+            self.store,
+            listening=lambda: self.receiver.listening,
+            worker_alive=self.worker.alive,
+            worker_last_tick=lambda: self.worker.last_tick,
+            scheduler_running=lambda: bool(self.scheduler.running),
+            space=self.space,
+            inference_timeout_s=cfg.inference.timeout_s,
+        )
         self.collector = metrics.NodeCollector(
-            self.store, self.space, self.active_models,
-            drift=lambda: drift.gauge_values(self.store.index, cfg.agreement, cfg.models_dir))
+            self.store,
+            self.space,
+            self.active_models,
+            drift=lambda: drift.gauge_values(self.store.index, cfg.agreement, cfg.models_dir),
+        )
         routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
         self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None
         self._collecting = False
@@ -140,10 +153,18 @@ class Service:
         s.add_job(self.purge, "interval", hours=1, id="retention", next_run_time=datetime.now())
         s.add_job(self.relieve_pressure, "interval", seconds=10, id="disk-pressure")
         if self.cfg.sync.enabled:
-            s.add_job(scheduled_cases, CronTrigger.from_crontab(self.cfg.sync.cases_cron),
-                      args=(self.cfg, self.store), id="sync-cases")
-            s.add_job(scheduled_models, CronTrigger.from_crontab(self.cfg.sync.models_cron),
-                      args=(self.cfg, self.registry), id="sync-models")
+            s.add_job(
+                scheduled_cases,
+                CronTrigger.from_crontab(self.cfg.sync.cases_cron),
+                args=(self.cfg, self.store),
+                id="sync-cases",
+            )
+            s.add_job(
+                scheduled_models,
+                CronTrigger.from_crontab(self.cfg.sync.models_cron),
+                args=(self.cfg, self.registry),
+                id="sync-models",
+            )
         s.start()
         report_inference_device(self.cfg.inference, gpu_device_nodes())
         self.worker.start()
@@ -166,15 +187,17 @@ class Service:
         space = self.space()
         if not space.below_reserve:
             return
-        log.warning("disk below reserve", free_mb=space.free_bytes // 2**20,
-                    reserve_mb=space.reserve_bytes // 2**20)
-        purged = self.store.purge_for_space(lambda: not self.space().below_reserve,
-                                            sync_enabled=self.cfg.sync.enabled)
+        log.warning("disk below reserve", free_mb=space.free_bytes // 2**20, reserve_mb=space.reserve_bytes // 2**20)
+        purged = self.store.purge_for_space(lambda: not self.space().below_reserve, sync_enabled=self.cfg.sync.enabled)
         after = self.space()
         if after.below_reserve:
-            log.error("disk still below reserve; new associations stay refused", purged=purged,
-                      free_mb=after.free_bytes // 2**20, reserve_mb=after.reserve_bytes // 2**20,
-                      what_to_do="free space under storage.root or act on failed and held jobs")
+            log.error(
+                "disk still below reserve; new associations stay refused",
+                purged=purged,
+                free_mb=after.free_bytes // 2**20,
+                reserve_mb=after.reserve_bytes // 2**20,
+                what_to_do="free space under storage.root or act on failed and held jobs",
+            )
 
     def deliver_soon(self) -> None:
         """Run the outbox now rather than at its next interval."""
@@ -190,8 +213,7 @@ class Service:
             log.info("routing rules loaded", rules=len(new.rules))
             self.worker.wake()
         elif self.rules.last_error is not None and self.rules.last_error is not previous_error:
-            log.error("routing rules refused; the previous rules stay in force",
-                      errors=self.rules.last_error.errors)
+            log.error("routing rules refused; the previous rules stay in force", errors=self.rules.last_error.errors)
 
     def healthy(self) -> bool:
         """What the watchdog vouches for: the checks of /readyz that a restart would cure."""
@@ -226,4 +248,3 @@ class Service:
         self.worker.stop()
         self.runner.close()
         log.info("stopped")
-

@@ -183,15 +183,9 @@ class _SliceDrawer:
         apex, base = a.lung_apex[k], -a.lung_base[k]
         if zc > apex or zc < base - 45.0:
             return np.zeros(self.u.shape, dtype=bool)
-        taper = (
-            np.sqrt(np.clip(1.0 - ((zc - (apex - 55.0)) / 55.0) ** 2, 0.0, 1.0))
-            if zc > apex - 55.0
-            else 1.0
-        )
+        taper = np.sqrt(np.clip(1.0 - ((zc - (apex - 55.0)) / 55.0) ** 2, 0.0, 1.0)) if zc > apex - 55.0 else 1.0
         ru, rv = a.lung_radii[0] * bu * taper, a.lung_radii[1] * bv * taper
-        r2 = self._ellipse(
-            side * a.lung_centre[0] * bu, a.lung_centre[1] * bv, max(ru, 1e-3), max(rv, 1e-3)
-        )
+        r2 = self._ellipse(side * a.lung_centre[0] * bu, a.lung_centre[1] * bv, max(ru, 1e-3), max(rv, 1e-3))
         # the diaphragm dome: near the base only the outer rim of the lung (the recesses) is left
         dome = np.clip((base - zc) / 45.0 + 1.0, 0.0, 1.0) if zc < base else 0.0
         return (r2 < 1.0) & (r2 > dome)
@@ -329,21 +323,12 @@ class _SliceDrawer:
     ) -> None:
         """Ribs every rib_period mm along the lungs' height; the sternum in front of the heart."""
         a = self.a
-        if (
-            -max(a.lung_base) - 40.0 < zc < max(a.lung_apex)
-            and (zc - a.rib_phase) % a.rib_period < 9.0
-        ):
+        if -max(a.lung_base) - 40.0 < zc < max(a.lung_apex) and (zc - a.rib_phase) % a.rib_period < 9.0:
             rib_r2 = self._ellipse(0.0, 0.0, bu - a.fat_mm - 5.0, bv - a.fat_mm - 5.0)
             ribs = (rib_r2 < 1.0) & ~ribcage & inner & (np.abs(self.u) > 25.0)
             hu[ribs] = a.hu_bone * 0.9
-        sternum = (
-            (np.abs(self.u) < 15.0)
-            & (self.v < -bv + a.fat_mm + 14.0)
-            & (self.v > -bv + a.fat_mm + 2.0)
-        )
-        hu[
-            sternum & (zc > a.heart_centre[2] - a.heart_radii[2]) & (zc < max(a.lung_apex) - 20.0)
-        ] = a.hu_bone * 0.7
+        sternum = (np.abs(self.u) < 15.0) & (self.v < -bv + a.fat_mm + 14.0) & (self.v > -bv + a.fat_mm + 2.0)
+        hu[sternum & (zc > a.heart_centre[2] - a.heart_radii[2]) & (zc < max(a.lung_apex) - 20.0)] = a.hu_bone * 0.7
 
 
 def make_phantom(
@@ -356,9 +341,7 @@ def make_phantom(
     anatomy to fit, so very small test volumes stay valid but have a thinner spinal cord.
     """
     if slices < 1 or size < 8 or pixel_mm <= 0 or slice_mm <= 0:
-        raise ValueError(
-            f"phantom grid {slices}x{size}x{size} at {pixel_mm}/{slice_mm} mm is empty"
-        )
+        raise ValueError(f"phantom grid {slices}x{size}x{size} at {pixel_mm}/{slice_mm} mm is empty")
     anatomy = _draw_anatomy(seed, size * pixel_mm / 2.0)
     rng = np.random.default_rng([seed, 0x0015E])
     drawer = _SliceDrawer(anatomy, size, pixel_mm, _lung_texture(rng, size, pixel_mm))
@@ -372,9 +355,7 @@ def make_phantom(
         np.rint(scratch, out=hu[k], casting="unsafe")
     half = (size - 1) / 2.0 * pixel_mm
     z0 = float(np.random.default_rng([seed, 0x7AB1E]).uniform(-300.0, -100.0))
-    return Phantom(
-        hu=hu, labels=labels, pixel_mm=pixel_mm, slice_mm=slice_mm, origin=(-half, -half, z0)
-    )
+    return Phantom(hu=hu, labels=labels, pixel_mm=pixel_mm, slice_mm=slice_mm, origin=(-half, -half, z0))
 
 
 def _uid(seed: int, *parts: object) -> UID:
@@ -410,9 +391,7 @@ def _series_dataset(phantom: Phantom, seed: int, patient_name: str, patient_id: 
     ds.AcquisitionDate, ds.AcquisitionTime, ds.AcquisitionNumber = date, time, 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.KVP, ds.XRayTubeCurrent, ds.ExposureTime, ds.ConvolutionKernel = 120, 250, 1000, "STANDARD"
-    ds.DataCollectionDiameter = ds.ReconstructionDiameter = round(
-        phantom.hu.shape[2] * phantom.pixel_mm, 2
-    )
+    ds.DataCollectionDiameter = ds.ReconstructionDiameter = round(phantom.hu.shape[2] * phantom.pixel_mm, 2)
     ds.PixelSpacing = [phantom.pixel_mm, phantom.pixel_mm]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SliceThickness = phantom.slice_mm
@@ -442,9 +421,7 @@ def write_ct_series(
     """
     syntax = UID(transfer_syntax)
     if syntax not in _UNCOMPRESSED:
-        raise ValueError(
-            f"transfer syntax {syntax} is not one of {[str(s) for s in _UNCOMPRESSED]}"
-        )
+        raise ValueError(f"transfer syntax {syntax} is not one of {[str(s) for s in _UNCOMPRESSED]}")
     folder.mkdir(parents=True, exist_ok=True)
     shared = _series_dataset(phantom, seed, patient_name, patient_id)
     x0, y0, z0 = phantom.origin

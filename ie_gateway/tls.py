@@ -29,7 +29,7 @@ def resolve(ref: str) -> Path:
         folder = os.environ.get("CREDENTIALS_DIRECTORY")
         if not folder:
             raise TLSConfigError(f"{ref}: no $CREDENTIALS_DIRECTORY (set LoadCredential= in the unit)")
-        return Path(folder) / ref[len(CREDENTIAL):]
+        return Path(folder) / ref[len(CREDENTIAL) :]
     return Path(ref)
 
 
@@ -121,10 +121,12 @@ def check(cert: str, key: str | None, ca: str | None, now: dt.datetime | None = 
         except (OSError, ValueError, TypeError, TLSConfigError) as exc:
             problems.append(f"{key}: cannot read the private key (PEM, unencrypted): {exc}")
         else:
-            ours = private.public_key().public_bytes(serialization.Encoding.DER,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-            theirs = certificate.public_key().public_bytes(serialization.Encoding.DER,
-                                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+            ours = private.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            theirs = certificate.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
             if ours != theirs:
                 problems.append(f"{key}: does not match the certificate {cert}")
     if ca is not None:

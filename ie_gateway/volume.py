@@ -144,9 +144,7 @@ def _read_header(path: Path, index: int, count: int) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise VolumeRefused(
-            f"file {index + 1} of {count} could not be read as DICOM ({type(exc).__name__})"
-        ) from exc
+        raise VolumeRefused(f"file {index + 1} of {count} could not be read as DICOM ({type(exc).__name__})") from exc
 
 
 def _check_series(headers: list[Dataset], checks: VolumeChecks) -> None:
@@ -164,11 +162,16 @@ def _check_series(headers: list[Dataset], checks: VolumeChecks) -> None:
         if len(distinct) > 1:
             raise VolumeRefused(f"the files belong to {len(distinct)} different {what}")
     if count < checks.min_slices:
-        raise VolumeRefused(
-            f"only {count} slices; at least {checks.min_slices} are needed for a planning CT"
-        )
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                    "Rows", "Columns", "RescaleSlope", "RescaleIntercept"):
+        raise VolumeRefused(f"only {count} slices; at least {checks.min_slices} are needed for a planning CT")
+    for keyword in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "Rows",
+        "Columns",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
         _require(headers, keyword)
     for ds in headers:
         _check_pixels_encoding(ds, checks)
@@ -214,14 +217,12 @@ def _check_pixels_encoding(ds: Dataset, checks: VolumeChecks) -> None:
     lossy = syntax in _LOSSY_SYNTAXES or ds.get("LossyImageCompression") == "01"
     if lossy and not checks.allow_lossy:
         raise VolumeRefused(
-            f"the images are lossy-compressed ({syntax.name}); planning needs uncompressed "
-            "or lossless images"
+            f"the images are lossy-compressed ({syntax.name}); planning needs uncompressed or lossless images"
         )
     photometric = ds.get("PhotometricInterpretation")
     if int(ds.get("SamplesPerPixel") or 1) != 1 or photometric != "MONOCHROME2":
         raise VolumeRefused(
-            f"pixels are {photometric} with {ds.get('SamplesPerPixel')} sample(s); "
-            "a CT must be MONOCHROME2 grey levels"
+            f"pixels are {photometric} with {ds.get('SamplesPerPixel')} sample(s); a CT must be MONOCHROME2 grey levels"
         )
 
 
@@ -270,9 +271,7 @@ def _check_grid(slices: list[_Slice]) -> None:
         and math.isclose(float(np.linalg.norm(col)), 1.0, abs_tol=1e-3)
         and abs(float(np.dot(row, col))) < 1e-3
     ):
-        raise VolumeRefused(
-            f"ImageOrientationPatient {_fmt(ref.orientation)} is not two perpendicular unit vectors"
-        )
+        raise VolumeRefused(f"ImageOrientationPatient {_fmt(ref.orientation)} is not two perpendicular unit vectors")
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
@@ -311,16 +310,12 @@ def _check_positions(slices: list[_Slice], normal: np.ndarray, checks: VolumeChe
     return float((along[-1] - along[0]) / (count - 1))
 
 
-def _check_shear(
-    positions: np.ndarray, along: np.ndarray, normal: np.ndarray, checks: VolumeChecks
-) -> None:
+def _check_shear(positions: np.ndarray, along: np.ndarray, normal: np.ndarray, checks: VolumeChecks) -> None:
     """Positions must advance along the normal; sideways drift means a tilted gantry."""
     travel = positions - positions[0]
     distance = along - along[0]
     sideways = np.linalg.norm(travel - np.outer(distance, normal), axis=1)
-    allowed = checks.spacing_tolerance_mm + math.tan(math.radians(checks.max_tilt_deg)) * np.abs(
-        distance
-    )
+    allowed = checks.spacing_tolerance_mm + math.tan(math.radians(checks.max_tilt_deg)) * np.abs(distance)
     worst = int(np.argmax(sideways - allowed))
     if sideways[worst] > allowed[worst]:
         span = abs(float(distance[worst]))
@@ -344,9 +339,7 @@ def _check_axial(normal: np.ndarray, checks: VolumeChecks) -> None:
         )
 
 
-def _gap_reason(
-    along: np.ndarray, steps: np.ndarray, i: int, step: float, bad: int, tol: float
-) -> str:
+def _gap_reason(along: np.ndarray, steps: np.ndarray, i: int, step: float, bad: int, tol: float) -> str:
     gap = float(steps[i])
     between = f"between z={along[i]:.2f} and z={along[i + 1]:.2f}"
     expected = int(round((along[-1] - along[0]) / step)) + 1
@@ -354,10 +347,7 @@ def _gap_reason(
     more = f" ({bad - 1} more uneven step(s))" if bad > 1 else ""
     if multiple >= 2 and abs(gap - multiple * step) <= tol * multiple:
         missing = multiple - 1
-        which = (
-            f"slice {i + 2} of {expected}" if missing == 1
-            else f"slices {i + 2}-{i + 1 + missing} of {expected}"
-        )
+        which = f"slice {i + 2} of {expected}" if missing == 1 else f"slices {i + 2}-{i + 1 + missing} of {expected}"
         return (
             f"{which} missing: gap {gap:.2f} mm where spacing is {step:.2f} mm {between}{more}; "
             "resend the complete series"
@@ -403,13 +393,9 @@ def _read_pixels(s: _Slice, k: int, count: int) -> np.ndarray:
     except AttributeError as exc:
         raise VolumeRefused(f"{where} has no pixel data") from exc
     except (ValueError, RuntimeError, NotImplementedError, OSError) as exc:
-        raise VolumeRefused(
-            f"{where} could not be decoded ({s.transfer_syntax.name}): {exc}"
-        ) from exc
+        raise VolumeRefused(f"{where} could not be decoded ({s.transfer_syntax.name}): {exc}") from exc
     if stored.shape != (s.rows, s.columns):
-        raise VolumeRefused(
-            f"{where} decoded to {stored.shape} pixels, not {s.rows}x{s.columns}"
-        )
+        raise VolumeRefused(f"{where} decoded to {stored.shape} pixels, not {s.rows}x{s.columns}")
     return stored
 
 

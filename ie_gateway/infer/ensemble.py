@@ -82,16 +82,12 @@ def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelG
     n = image.GetSize()
     corners = np.array(
         [
-            image.TransformContinuousIndexToPhysicalPoint(
-                [c * (s - 1) for c, s in zip(ix, n, strict=True)]
-            )
+            image.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(ix, n, strict=True)])
             for ix in itertools.product((0, 1), repeat=3)
         ]
     )
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = tuple(
-        int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing, strict=True)
-    )
+    size = tuple(int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing, strict=True))
     return ModelGrid(tuple(map(float, low)), spacing, size)  # type: ignore[arg-type]
 
 
@@ -108,9 +104,7 @@ def gaussian_importance(patch: tuple[int, int, int]) -> np.ndarray:
     """nnU-Net's patch weighting: a Gaussian with sigma = patch/8, max 1, no zeros."""
     centre = np.zeros(patch, dtype=np.float32)
     centre[tuple(p // 2 for p in patch)] = 1.0
-    weights: np.ndarray = ndimage.gaussian_filter(
-        centre, sigma=[p / 8 for p in patch], mode="constant"
-    )
+    weights: np.ndarray = ndimage.gaussian_filter(centre, sigma=[p / 8 for p in patch], mode="constant")
     weights /= weights.max()
     weights[weights == 0] = weights[weights > 0].min()
     return weights
@@ -134,11 +128,7 @@ class Ensemble:
         self._folds = [_load_fold(model, path, self.device) for path in model.fold_paths()]
         patch = model.manifest.contract.patch_size
         self._importance = torch.from_numpy(gaussian_importance(patch)).to(self.device)
-        self._amp = (
-            torch.bfloat16
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else torch.float16
-        )
+        self._amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
 
     def probe(self) -> None:
         """Map a small patch through every fold; ModelError unless each gives the channels the
@@ -295,9 +285,7 @@ def _load_fold(model: ModelVersion, path: Path, device: torch.device) -> torch.j
         module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location=device)
         return module.eval()
     except (RuntimeError, ValueError) as exc:
-        raise ModelError(
-            f"{model.spec}: {path.name} does not load as TorchScript: {_first_line(exc)}"
-        ) from exc
+        raise ModelError(f"{model.spec}: {path.name} does not load as TorchScript: {_first_line(exc)}") from exc
 
 
 def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:
@@ -320,16 +308,12 @@ def argmax_on_grid(probs: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.
         (mz0, mz1), (my0, my1), (mx0, mx1) = _model_box(
             image, grid, ((z0, z1), (y_lo, y_hi), (x_lo, x_hi)), probs.shape[1:]
         )
-        source_origin = tuple(
-            o + i * s for o, i, s in zip(grid.origin, (mx0, my0, mz0), grid.spacing, strict=True)
-        )
+        source_origin = tuple(o + i * s for o, i, s in zip(grid.origin, (mx0, my0, mz0), grid.spacing, strict=True))
         origin = image.TransformIndexToPhysicalPoint((x_lo, y_lo, z0))
         slab = labels[z0:z1, y_lo:y_hi, x_lo:x_hi]
         best: np.ndarray | None = None
         for channel in range(probs.shape[0]):
-            source = sitk.GetImageFromArray(
-                np.ascontiguousarray(probs[channel, mz0:mz1, my0:my1, mx0:mx1])
-            )
+            source = sitk.GetImageFromArray(np.ascontiguousarray(probs[channel, mz0:mz1, my0:my1, mx0:mx1]))
             source.SetOrigin(source_origin)
             source.SetSpacing(grid.spacing)
             resampled = sitk.Resample(
@@ -371,9 +355,7 @@ def _foreground_box(background: np.ndarray, grid: ModelGrid, image: sitk.Image) 
     return _index_ranges(np.array(corners), image.GetSize(), margin=0)
 
 
-def _model_box(
-    image: sitk.Image, grid: ModelGrid, ct_ranges: Ranges, shape: tuple[int, ...]
-) -> Ranges:
+def _model_box(image: sitk.Image, grid: ModelGrid, ct_ranges: Ranges, shape: tuple[int, ...]) -> Ranges:
     """Model-grid index ranges that linear interpolation reads for CT voxels in ``ct_ranges``."""
     corners = [
         [
@@ -394,9 +376,7 @@ def _index_ranges(corners: np.ndarray, size: tuple[int, ...], margin: int) -> Ra
     """Half-open (z, y, x) index ranges covering continuous (x, y, z) ``corners``, clipped."""
     low = np.floor(corners.min(axis=0)).astype(int) - margin
     high = np.ceil(corners.max(axis=0)).astype(int) + margin
-    ranges = [
-        (max(0, int(lo)), min(n, int(hi) + 1)) for lo, hi, n in zip(low, high, size, strict=True)
-    ]
+    ranges = [(max(0, int(lo)), min(n, int(hi) + 1)) for lo, hi, n in zip(low, high, size, strict=True)]
     return (ranges[2], ranges[1], ranges[0])
 
 

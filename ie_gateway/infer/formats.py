@@ -38,8 +38,18 @@ MONAI_MODELS = ("models/model.pt", "models/model.ts")
 _NNUNET_FOLDER = re.compile(r"(?P<trainer>[^_].*?)__(?P<plans>.+?)__(?P<configuration>.+)")
 _FOLD_DIR = re.compile(r"fold_(\d+|all)")
 _PALETTE = (
-    (0, 160, 0), (0, 120, 255), (255, 200, 0), (220, 0, 0), (255, 0, 255), (0, 220, 220),
-    (255, 128, 0), (128, 0, 255), (128, 255, 0), (255, 0, 128), (0, 128, 128), (128, 128, 0),
+    (0, 160, 0),
+    (0, 120, 255),
+    (255, 200, 0),
+    (220, 0, 0),
+    (255, 0, 255),
+    (0, 220, 220),
+    (255, 128, 0),
+    (128, 0, 255),
+    (128, 255, 0),
+    (255, 0, 128),
+    (0, 128, 128),
+    (128, 128, 0),
 )
 _EXTERNAL_NAMES = {"external", "body", "skin", "body_contour"}
 _HEADER = """\
@@ -130,9 +140,7 @@ def _labels_0_to_n(source: Path, labels: dict[str, Any]) -> list[str]:
         by_value[value] = name
     values = sorted(by_value)
     if values != list(range(len(values))) or len(values) < 2:
-        raise ModelError(
-            f"{source}: labels must be 0 (background) and 1..N, each once; got {values}"
-        )
+        raise ModelError(f"{source}: labels must be 0 (background) and 1..N, each once; got {values}")
     return [by_value[v] for v in values[1:]]
 
 
@@ -141,9 +149,7 @@ def _describe_nnunet(path: Path) -> tuple[list[str], dict[str, Any], str]:
     dataset, plans = _read_json(dataset_file), _read_json(plans_file)
     channels = dataset.get("channel_names") or dataset.get("modality") or {}
     if len(channels) != 1:
-        raise ModelError(
-            f"{dataset_file}: the model takes {len(channels)} input channels; the node gives one (CT)"
-        )
+        raise ModelError(f"{dataset_file}: the model takes {len(channels)} input channels; the node gives one (CT)")
     labels = _labels_0_to_n(dataset_file, dataset.get("labels") or {})
     configurations = plans.get("configurations") or {}
     match = _NNUNET_FOLDER.fullmatch(path.resolve().name)
@@ -171,8 +177,13 @@ def _describe_nnunet(path: Path) -> tuple[list[str], dict[str, Any], str]:
             f"previous stage's segmentation); import a single-stage configuration such as 3d_fullres"
         )
     body = {
-        "nnunet": {"configuration": configuration, "trainer": trainer,
-                   "checkpoint": NNUNET_CHECKPOINT, "mirroring": True, "step_size": 0.5},
+        "nnunet": {
+            "configuration": configuration,
+            "trainer": trainer,
+            "checkpoint": NNUNET_CHECKPOINT,
+            "mirroring": True,
+            "step_size": 0.5,
+        },
         "folds": [_entry(path, fold / NNUNET_CHECKPOINT) for fold in folds],
         "files": [_entry(path, dataset_file), _entry(path, plans_file)],
     }
@@ -209,8 +220,10 @@ def _describe_monai(path: Path) -> tuple[list[str], dict[str, Any], str]:
     if not weights:
         raise ModelError(f"{path}: {' or '.join(MONAI_MODELS)} is missing")
     others = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
         and p.relative_to(path).as_posix() not in (weights[0], MANIFEST_NAME)
         and p.parts[len(path.parts)] != "models"
     )

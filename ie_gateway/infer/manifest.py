@@ -235,16 +235,14 @@ class Manifest(_Strict):
             raise ValueError("at least one structure is required")
         labels = sorted(s.label for s in structures)
         if labels != list(range(1, len(structures) + 1)):
-            raise ValueError(
-                f"labels must be 1..{len(structures)}, each once (output channel = label); "
-                f"got {labels}"
-            )
+            raise ValueError(f"labels must be 1..{len(structures)}, each once (output channel = label); got {labels}")
         names = [s.name for s in structures]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"structure names must be unique; repeated: {', '.join(duplicates)}")
-        unknown = sorted({s.expect.inside for s in structures
-                          if s.expect and s.expect.inside and s.expect.inside not in names})
+        unknown = sorted(
+            {s.expect.inside for s in structures if s.expect and s.expect.inside and s.expect.inside not in names}
+        )
         if unknown:
             raise ValueError(f"expect.inside names no structure of this model: {', '.join(unknown)}")
         return tuple(sorted(structures, key=lambda s: s.label))

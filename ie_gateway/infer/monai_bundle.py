@@ -49,8 +49,7 @@ class MonaiBundle:
     def __init__(self, model: ModelVersion, device: str | torch.device | None = None) -> None:
         if _MISSING is not None:
             raise ModelError(
-                f"{model.spec} is a MONAI bundle; install the extra: "
-                f"pip install 'ie-gateway[monai]' ({_MISSING})"
+                f"{model.spec} is a MONAI bundle; install the extra: pip install 'ie-gateway[monai]' ({_MISSING})"
             )
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
@@ -95,8 +94,7 @@ class MonaiBundle:
             written = [p for p in (work / "out").rglob("*") if p.name.endswith(_OUTPUT_SUFFIXES)]
             if len(written) != 1:
                 raise InferenceError(
-                    f"{self.model.spec}: the bundle wrote {len(written)} images to output_dir, "
-                    f"expected one label map"
+                    f"{self.model.spec}: the bundle wrote {len(written)} images to output_dir, expected one label map"
                 )
             labels = _on_grid(sitk.ReadImage(str(written[0])), reference, self.model.spec)
         finally:
@@ -116,8 +114,13 @@ class MonaiBundle:
         out = sitk.GetImageFromArray(labels)
         out.CopyInformation(reference)
         timings["total"] = time.perf_counter() - start
-        log.info("segmented", model=self.model.spec, framework="monai", device=self.device.type,
-                 **{f"{k}_s": round(v, 3) for k, v in timings.items()})
+        log.info(
+            "segmented",
+            model=self.model.spec,
+            framework="monai",
+            device=self.device.type,
+            **{f"{k}_s": round(v, 3) for k, v in timings.items()},
+        )
         return Segmentation(out, volumes, timings, 0, 1)
 
     def _run(self, dataset_dir: Path, output_dir: Path) -> None:

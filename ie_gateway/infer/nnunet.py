@@ -111,9 +111,9 @@ class NnUNetModel:
         image, properties = SimpleITKIO().read_images((str(ct_path),))
         timings["read"] = time.perf_counter() - start
         mark = time.perf_counter()
-        labels = np.asarray(
-            self._predictor.predict_single_npy_array(image, properties, None, None, False)
-        ).astype(np.uint8)
+        labels = np.asarray(self._predictor.predict_single_npy_array(image, properties, None, None, False)).astype(
+            np.uint8
+        )
         timings["predict"] = time.perf_counter() - mark
         # the CT's geometry only: nnU-Net holds the voxels already
         reference = sitk.ImageFileReader()
@@ -121,9 +121,7 @@ class NnUNetModel:
         reference.ReadImageInformation()
         shape = tuple(reversed(reference.GetSize()))
         if labels.shape != shape:
-            raise InferenceError(
-                f"{self.model.spec}: nnU-Net returned {labels.shape}, the CT is {shape}"
-            )
+            raise InferenceError(f"{self.model.spec}: nnU-Net returned {labels.shape}, the CT is {shape}")
         mark = time.perf_counter()
         voxel_cc = float(np.prod(reference.GetSpacing())) / 1000.0
         structures = self.model.manifest.structures
@@ -136,8 +134,14 @@ class NnUNetModel:
         out.SetDirection(reference.GetDirection())
         timings["total"] = time.perf_counter() - start
         folds = len(self.model.manifest.folds)
-        log.info("segmented", model=self.model.spec, framework="nnunetv2", device=self.device.type,
-                 folds=folds, **{f"{k}_s": round(v, 3) for k, v in timings.items()})
+        log.info(
+            "segmented",
+            model=self.model.spec,
+            framework="nnunetv2",
+            device=self.device.type,
+            folds=folds,
+            **{f"{k}_s": round(v, 3) for k, v in timings.items()},
+        )
         return Segmentation(out, volumes, timings, 0, folds)
 
 

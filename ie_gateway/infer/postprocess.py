@@ -44,9 +44,7 @@ def fill_holes_axial(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask, structure=_AXIAL_HOLES)
 
 
-def postprocess_labels(
-    labels: np.ndarray, structures: Sequence[Structure], voxel_cc: float
-) -> None:
+def postprocess_labels(labels: np.ndarray, structures: Sequence[Structure], voxel_cc: float) -> None:
     """Apply each structure's post-processing to ``labels`` (z, y, x) in place."""
     boxes = ndimage.find_objects(labels, max_label=max(s.label for s in structures))
     for structure in structures:
@@ -65,9 +63,7 @@ def postprocess_labels(
             view[fill_holes_axial(mask) & (view == 0)] = structure.label
 
 
-def label_volumes_cc(
-    labels: np.ndarray, structures: Sequence[Structure], voxel_cc: float
-) -> dict[str, float]:
+def label_volumes_cc(labels: np.ndarray, structures: Sequence[Structure], voxel_cc: float) -> dict[str, float]:
     """Volume in cc of each structure (by name) in ``labels`` (z, y, x)."""
     n = max(s.label for s in structures) + 1
     counts = np.zeros(n, dtype=np.int64)

@@ -118,9 +118,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     name, _, version = spec.partition("@")
     for part in (name, version) if version else (name,):
         if not _SAFE.fullmatch(part):
-            raise ModelError(
-                f"model {spec!r}: expected NAME or NAME@VERSION of letters, digits, '.', '_', '-'"
-            )
+            raise ModelError(f"model {spec!r}: expected NAME or NAME@VERSION of letters, digits, '.', '_', '-'")
     return name, version or None
 
 
@@ -148,9 +146,7 @@ def probe_patch(patch: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Natural order: digit runs compare as numbers, so 1.10 sorts after 1.9."""
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", version)
-    )
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", version))
 
 
 def _signature(files: list[Path]) -> FileSignature:
@@ -194,11 +190,7 @@ class Registry:
         if not folder.is_dir():
             return []
         return sorted(
-            (
-                p.name
-                for p in folder.iterdir()
-                if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
-            ),
+            (p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()),
             key=_version_key,
         )
 
@@ -207,9 +199,7 @@ class Registry:
         state = self._read_state()
         rows = []
         names = (
-            sorted(
-                p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name)
-            )
+            sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name))
             if self.models_dir.is_dir()
             else []
         )
@@ -357,9 +347,7 @@ class Registry:
         """Verify ``name@version`` and make it the active version; the change is logged."""
         self.verify(name, version)
         with self._state() as state:
-            entry = Activation(
-                name=name, version=version, previous=state["active"].get(name), at=_now(), by=by
-            )
+            entry = Activation(name=name, version=version, previous=state["active"].get(name), at=_now(), by=by)
             state["active"][name] = version
             state["log"].append(entry.__dict__)
         log.info("model_activated", model=f"{name}@{version}", previous=entry.previous)

@@ -107,9 +107,7 @@ class InferenceRunner:
         Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
         """
         with self._lock:
-            result: dict[str, Any] = self._call(
-                ("segment", model, str(ct_path), str(labels_path)), labels_path
-            )
+            result: dict[str, Any] = self._call(("segment", model, str(ct_path), str(labels_path)), labels_path)
         return result
 
     def verify(self, model: ModelVersion) -> None:

@@ -46,15 +46,26 @@ so that the explanation can say why each one did or did not match.
 """
 
 from ie_gateway.route.explain import (
-           Explanation,
-           Output,
-           Route,
-           RouteDecision,
-           SeriesFacts,
+    Explanation,
+    Output,
+    Route,
+    RouteDecision,
+    SeriesFacts,
 )
 from ie_gateway.route.load import ModelExists, load_rules, parse_model_ref
 from ie_gateway.route.rules import Rule, RuleSet
 from ie_gateway.route.watch import RulesWatcher
 
-__all__ = ["Explanation", "ModelExists", "Output", "Route", "RouteDecision", "Rule", "RuleSet", "RulesWatcher",
-           "SeriesFacts", "load_rules", "parse_model_ref"]
+__all__ = [
+    "Explanation",
+    "ModelExists",
+    "Output",
+    "Route",
+    "RouteDecision",
+    "Rule",
+    "RuleSet",
+    "RulesWatcher",
+    "SeriesFacts",
+    "load_rules",
+    "parse_model_ref",
+]

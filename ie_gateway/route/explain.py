@@ -17,8 +17,6 @@ class Output(StrEnum):
     SEG = "seg"
 
 
-
-
 @dataclass(frozen=True)
 class SeriesFacts:
     """What routing may look at: one instance's header values plus the association and count.

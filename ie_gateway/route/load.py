@@ -48,8 +48,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     found = _MODEL_REF.fullmatch(ref)
     if found is None:
         raise ValueError(
-            f"{ref!r} is not a model reference: write name or name@version "
-            "(letters, digits, '.', '_', '-')"
+            f"{ref!r} is not a model reference: write name or name@version (letters, digits, '.', '_', '-')"
         )
     version = found["version"]
     return found["name"], None if version in (None, "active") else version
@@ -105,9 +104,7 @@ def load_rules(path: Path, destinations: set[str], model_exists: ModelExists) ->
     problems: Problems = []
     spec: _RoutingSpec | None = None
     try:
-        spec = _RoutingSpec.model_validate(
-            data, context={"destinations": destinations, "model_exists": model_exists}
-        )
+        spec = _RoutingSpec.model_validate(data, context={"destinations": destinations, "model_exists": model_exists})
     except pydantic.ValidationError as exc:
         problems.extend(_pydantic_problems(exc))
     raw_rules = data.get("rules") if isinstance(data, dict) else None
@@ -188,15 +185,11 @@ def _compile_match(raw: object, loc: Loc, problems: Problems, *, nested: bool) -
     return Match(tuple(items))
 
 
-def _compile_group(
-    mode: Literal["any", "all"], value: object, loc: Loc, problems: Problems
-) -> Group:
+def _compile_group(mode: Literal["any", "all"], value: object, loc: Loc, problems: Problems) -> Group:
     if not isinstance(value, list) or not value:
         problems.append((loc, f"{mode} needs a non-empty list of mappings (keyword: matcher)"))
         return Group(mode, ())
-    alternatives = tuple(
-        _compile_match(item, loc + (i,), problems, nested=True) for i, item in enumerate(value)
-    )
+    alternatives = tuple(_compile_match(item, loc + (i,), problems, nested=True) for i, item in enumerate(value))
     return Group(mode, alternatives)
 
 
@@ -209,8 +202,7 @@ def _key_kind(key: object, loc: Loc, problems: Problems) -> tuple[Kind, bool] | 
         guess = difflib.get_close_matches(str(key), keyword_dict.keys(), n=1, cutoff=0.8)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
         problems.append(
-            (loc, f"unknown DICOM keyword {key!r}{hint}; special keys: "
-                  "calling_ae, called_ae, instances, any, all")
+            (loc, f"unknown DICOM keyword {key!r}{hint}; special keys: calling_ae, called_ae, instances, any, all")
         )
         return None
     vr = dictionary_VR(tag)
@@ -227,9 +219,7 @@ def _key_kind(key: object, loc: Loc, problems: Problems) -> tuple[Kind, bool] | 
 _OPERATORS = ("one_of", "regex", "min", "max", "present", "absent", "not")
 
 
-def _compile_matcher(
-    value: object, kind: Kind, key: str, loc: Loc, problems: Problems
-) -> Matcher | None:
+def _compile_matcher(value: object, kind: Kind, key: str, loc: Loc, problems: Problems) -> Matcher | None:
     if isinstance(value, dict):
         return _compile_operator(value, kind, key, loc, problems)
     if isinstance(value, list):
@@ -244,14 +234,10 @@ def _compile_matcher(
     return None if literal is None else Equals((literal,), False, _shown(value))
 
 
-def _compile_operator(
-    value: dict[Any, Any], kind: Kind, key: str, loc: Loc, problems: Problems
-) -> Matcher | None:
+def _compile_operator(value: dict[Any, Any], kind: Kind, key: str, loc: Loc, problems: Problems) -> Matcher | None:
     unknown = [op for op in value if op not in _OPERATORS]
     for op in unknown:
-        problems.append(
-            (loc + (op,), f"unknown matcher {op!r}; expected one of {', '.join(_OPERATORS)}")
-        )
+        problems.append((loc + (op,), f"unknown matcher {op!r}; expected one of {', '.join(_OPERATORS)}"))
     if unknown:
         return None
     ops = set(value)
@@ -259,8 +245,7 @@ def _compile_operator(
         return _compile_range(value, kind, key, loc, problems)
     if len(ops) != 1:
         problems.append(
-            (loc, f"one matcher per key (found {', '.join(sorted(ops)) or 'none'}); "
-                  "combine several with all: [...]")
+            (loc, f"one matcher per key (found {', '.join(sorted(ops)) or 'none'}); combine several with all: [...]")
         )
         return None
     op, arg = next(iter(value.items()))
@@ -278,9 +263,7 @@ def _compile_operator(
     return None if inner is None else Not(inner)
 
 
-def _compile_one_of(
-    arg: object, kind: Kind, key: str, loc: Loc, problems: Problems
-) -> Matcher | None:
+def _compile_one_of(arg: object, kind: Kind, key: str, loc: Loc, problems: Problems) -> Matcher | None:
     if not isinstance(arg, list) or not arg:
         problems.append((loc, "one_of takes a non-empty list of values"))
         return None
@@ -302,9 +285,7 @@ def _compile_regex(arg: object, loc: Loc, problems: Problems) -> Matcher | None:
         return None
 
 
-def _compile_range(
-    value: dict[str, Any], kind: Kind, key: str, loc: Loc, problems: Problems
-) -> Matcher | None:
+def _compile_range(value: dict[str, Any], kind: Kind, key: str, loc: Loc, problems: Problems) -> Matcher | None:
     if kind is not Kind.NUMBER:
         problems.append((loc, f"min/max need a numeric attribute; {key} is not numeric"))
         return None
@@ -326,13 +307,10 @@ def _compile_range(
 
 def _literal(value: object, kind: Kind, key: str, loc: Loc, problems: Problems) -> Norm | None:
     if isinstance(value, bool):
-        problems.append(
-            (loc, f"{value!r} is a boolean: YAML reads yes/no/on/off as true/false; quote it")
-        )
+        problems.append((loc, f"{value!r} is a boolean: YAML reads yes/no/on/off as true/false; quote it"))
         return None
     if value is None or isinstance(value, dict | list):
-        problems.append((loc, "expected a plain value (text or number); use {absent: true} "
-                              "for a missing attribute"))
+        problems.append((loc, "expected a plain value (text or number); use {absent: true} for a missing attribute"))
         return None
     text = str(value).strip()
     normalised = parse_value(text, kind).norm

@@ -111,9 +111,7 @@ class Range:
         return any(isinstance(v.norm, float) and self._within(v.norm) for v in values)
 
     def _within(self, number: float) -> bool:
-        return (self.low is None or number >= self.low) and (
-            self.high is None or number <= self.high
-        )
+        return (self.low is None or number >= self.low) and (self.high is None or number <= self.high)
 
     def describe(self) -> str:
         if self.low is not None and self.high is not None:

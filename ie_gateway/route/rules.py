@@ -101,5 +101,3 @@ def _lookup(key: str, facts: SeriesFacts) -> object:
     if key == "instances":
         return facts.instances
     return facts.header.get(key)
-
-

@@ -20,8 +20,7 @@ from ie_gateway.store.index import Index, Job, TransitionError
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 
-__all__ = ["Arrival", "Index", "Job", "JobState", "Spool", "Store", "TransitionError", "check_uid",
-           "header_values"]
+__all__ = ["Arrival", "Index", "Job", "JobState", "Spool", "Store", "TransitionError", "check_uid", "header_values"]
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +83,9 @@ class Store:
         self.results = root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
 
-    def accept(self, arrival: Arrival, chunks: Iterable[bytes | memoryview],
-               header: Callable[[], dict[str, Any]]) -> tuple[int, bool, bool]:
+    def accept(
+        self, arrival: Arrival, chunks: Iterable[bytes | memoryview], header: Callable[[], dict[str, Any]]
+    ) -> tuple[int, bool, bool]:
         """Store one instance durably, then index it.
 
         Returns (job id, duplicate, late). A duplicate SOP Instance is not written again.
@@ -97,10 +97,16 @@ class Store:
         final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
         size = self.spool.write(final, chunks)
         job_id, late = self.index.add_instance(
-            sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
-            transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
-            series_uid=arrival.series_uid, path=str(final.relative_to(self.spool.root)), size=size,
-            calling_ae=arrival.calling_ae, called_ae=arrival.called_ae, header=header,
+            sop_uid=arrival.sop_uid,
+            sop_class=arrival.sop_class,
+            transfer_syntax=arrival.transfer_syntax,
+            study_uid=arrival.study_uid,
+            series_uid=arrival.series_uid,
+            path=str(final.relative_to(self.spool.root)),
+            size=size,
+            calling_ae=arrival.calling_ae,
+            called_ae=arrival.called_ae,
+            header=header,
         )
         return job_id, False, late
 
@@ -128,13 +134,18 @@ class Store:
                 except TransitionError:
                     continue  # another sweep got there first
                 done.append(job.id)
-                log.info("series complete", job=job.id, instances=job.instances,
-                         quiet_s=round(now - job.last_instance_at, 2),
-                         trigger="quiet" if quiet else "expected_count")
+                log.info(
+                    "series complete",
+                    job=job.id,
+                    instances=job.instances,
+                    quiet_s=round(now - job.last_instance_at, 2),
+                    trigger="quiet" if quiet else "expected_count",
+                )
         return done
 
-    def purge_expired(self, unrouted_days: float, finished_days: float, sync_enabled: bool = False,
-                      now: float | None = None) -> int:
+    def purge_expired(
+        self, unrouted_days: float, finished_days: float, sync_enabled: bool = False, now: float | None = None
+    ) -> int:
         """Delete the instances and results of series whose every job ended long enough ago.
 
         Delivered jobs go after ``finished_days``; unrouted and refused ones after
@@ -168,10 +179,10 @@ class Store:
         for job in self.index.jobs():
             by_series.setdefault(job.series_id, []).append(job)
         candidates = [
-            (max(j.updated_at for j in jobs), series_id, jobs) for series_id, jobs in by_series.items()
+            (max(j.updated_at for j in jobs), series_id, jobs)
+            for series_id, jobs in by_series.items()
             if not any(j.detail.get("purged") for j in jobs)
-            and all(j.state is JobState.DELIVERED and _expired(j, 0, 0, sync_enabled, float("inf"))
-                    for j in jobs)
+            and all(j.state is JobState.DELIVERED and _expired(j, 0, 0, sync_enabled, float("inf")) for j in jobs)
         ]
         purged = 0
         for _, series_id, jobs in sorted(candidates, key=lambda c: c[0]):
@@ -213,8 +224,13 @@ class Store:
             self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
             resumed += 1
         unfinished = len(self.index.jobs(sorted(UNFINISHED, key=lambda s: s.value)))
-        summary = {"temp_removed": removed, "adopted": adopted, "missing": len(missing),
-                   "rerun": resumed, "unfinished": unfinished}
+        summary = {
+            "temp_removed": removed,
+            "adopted": adopted,
+            "missing": len(missing),
+            "rerun": resumed,
+            "unfinished": unfinished,
+        }
         log.info("spool recovered", **summary)
         return summary
 
@@ -227,16 +243,22 @@ class Store:
                 study_uid=check_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
                 series_uid=check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
                 transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                calling_ae="", called_ae="",
+                calling_ae="",
+                called_ae="",
             )
         except (pydicom.errors.InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             log.warning("unreadable file left in spool", file=path.name, error=type(exc).__name__)
             return 0
         self.index.add_instance(
-            sop_uid=arrival.sop_uid, sop_class=arrival.sop_class,
-            transfer_syntax=arrival.transfer_syntax, study_uid=arrival.study_uid,
-            series_uid=arrival.series_uid, path=str(path.relative_to(self.spool.root)),
-            size=path.stat().st_size, calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
+            sop_uid=arrival.sop_uid,
+            sop_class=arrival.sop_class,
+            transfer_syntax=arrival.transfer_syntax,
+            study_uid=arrival.study_uid,
+            series_uid=arrival.series_uid,
+            path=str(path.relative_to(self.spool.root)),
+            size=path.stat().st_size,
+            calling_ae=arrival.calling_ae,
+            called_ae=arrival.called_ae,
             header=lambda: header_values(ds),
         )
         return 1

@@ -150,11 +150,25 @@ FROM jobs j JOIN series s ON s.id = j.series_id
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row[0], series_id=row[1], state=JobState(row[2]), reason=row[3], instances=row[4],
-        late_instances=row[5], created_at=row[6], updated_at=row[7], last_instance_at=row[8],
-        completed_at=row[9], routes=json.loads(row[10] or "[]"), model=row[11],
-        model_version=row[12], detail=json.loads(row[13] or "{}"), study_uid=row[14],
-        series_uid=row[15], header=json.loads(row[16]), calling_ae=row[17], called_ae=row[18],
+        id=row[0],
+        series_id=row[1],
+        state=JobState(row[2]),
+        reason=row[3],
+        instances=row[4],
+        late_instances=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+        last_instance_at=row[8],
+        completed_at=row[9],
+        routes=json.loads(row[10] or "[]"),
+        model=row[11],
+        model_version=row[12],
+        detail=json.loads(row[13] or "{}"),
+        study_uid=row[14],
+        series_uid=row[15],
+        header=json.loads(row[16]),
+        calling_ae=row[17],
+        called_ae=row[18],
     )
 
 
@@ -281,8 +295,7 @@ class Index:
 
     def _new_job(self, db: sqlite3.Connection, series_id: int, now: float) -> int:
         cur = db.execute(
-            "INSERT INTO jobs (series_id, state, created_at, updated_at, last_instance_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (series_id, state, created_at, updated_at, last_instance_at) VALUES (?, ?, ?, ?, ?)",
             (series_id, JobState.RECEIVING.value, now, now, now),
         )
         job_id = int(cur.lastrowid or 0)
@@ -327,11 +340,16 @@ class Index:
         if not states:
             return [_job(r) for r in self.query(JOB_QUERY + " ORDER BY j.id")]
         marks = ",".join("?" * len(states))
-        return [_job(r) for r in self.query(JOB_QUERY + f" WHERE j.state IN ({marks}) ORDER BY j.id",
-                                            tuple(s.value for s in states))]
+        return [
+            _job(r)
+            for r in self.query(
+                JOB_QUERY + f" WHERE j.state IN ({marks}) ORDER BY j.id", tuple(s.value for s in states)
+            )
+        ]
 
-    def transition(self, job_id: int, to: JobState, reason: str | None = None, *, who: str | None = None,
-                   **fields: Any) -> JobState:
+    def transition(
+        self, job_id: int, to: JobState, reason: str | None = None, *, who: str | None = None, **fields: Any
+    ) -> JobState:
         """Move a job to ``to`` if its state allows; set extra columns; return the old state.
 
         ``who``: the admin whose action this is (None: the node itself).
@@ -358,8 +376,9 @@ class Index:
 
     def transitions(self, job_id: int) -> list[dict[str, Any]]:
         """A job's history, oldest first: at, from, to, reason, who."""
-        rows = self.query("SELECT at, from_state, to_state, reason, who FROM transitions WHERE job_id = ? "
-                          "ORDER BY rowid", (job_id,))
+        rows = self.query(
+            "SELECT at, from_state, to_state, reason, who FROM transitions WHERE job_id = ? ORDER BY rowid", (job_id,)
+        )
         return [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3], "who": r[4]} for r in rows]
 
     def update_detail(self, job_id: int, **items: Any) -> None:
@@ -368,11 +387,11 @@ class Index:
             row = db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()
             detail = json.loads(row[0] or "{}") if row else {}
             detail.update(items)
-            db.execute("UPDATE jobs SET detail = ?, updated_at = ? WHERE id = ?",
-                       (json.dumps(detail), time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET detail = ?, updated_at = ? WHERE id = ?", (json.dumps(detail), time.time(), job_id)
+            )
 
     def next_job(self, state: JobState) -> Job | None:
         """The oldest job in ``state`` (by completion, then arrival)."""
-        rows = self.query(JOB_QUERY + " WHERE j.state = ? ORDER BY j.completed_at, j.id LIMIT 1",
-                          (state.value,))
+        rows = self.query(JOB_QUERY + " WHERE j.state = ? ORDER BY j.completed_at, j.id LIMIT 1", (state.value,))
         return _job(rows[0]) if rows else None

@@ -42,5 +42,6 @@ def disk_space(root: Path, reserve: Reserve) -> DiskSpace:
     """Measure now (statvfs: space available to this unprivileged-or-not process)."""
     st = os.statvfs(root)
     total = st.f_blocks * st.f_frsize
-    return DiskSpace(free_bytes=st.f_bavail * st.f_frsize, total_bytes=total,
-                     reserve_bytes=reserve_bytes(reserve, total))
+    return DiskSpace(
+        free_bytes=st.f_bavail * st.f_frsize, total_bytes=total, reserve_bytes=reserve_bytes(reserve, total)
+    )

@@ -145,9 +145,7 @@ class Anonymiser:
     def anonymise_dataset(self, ds: Dataset) -> None:
         """De-identify ``ds`` in place; raise BurnedInAnnotation when pixels carry identity."""
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-            raise BurnedInAnnotation(
-                "series is flagged BurnedInAnnotation=YES; it is excluded from upload"
-            )
+            raise BurnedInAnnotation("series is flagged BurnedInAnnotation=YES; it is excluded from upload")
         patient_id = str(ds.get("PatientID", ""))
         study_uid = str(ds.get("StudyInstanceUID", ""))
         offset = self.date_offset(patient_id) if self._options.dates is DateMode.SHIFT else None
@@ -304,8 +302,13 @@ class PseudonymMap:
                 )
                 con.execute(
                     "INSERT OR IGNORE INTO pseudonyms VALUES (?, ?, ?, ?, ?)",
-                    (pseudo_study_uid, study_uid, pseudonym, patient_id,
-                     dt.datetime.now(dt.UTC).isoformat(timespec="seconds")),
+                    (
+                        pseudo_study_uid,
+                        study_uid,
+                        pseudonym,
+                        patient_id,
+                        dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    ),
                 )
             con.close()
         except sqlite3.Error as exc:

@@ -93,11 +93,7 @@ def container_client(
             f"no blob storage configured: set {CONNECTION_STRING_ENV} (systemd credential or "
             "environment file) or the storage account URL for a managed identity"
         )
-    credential = (
-        DefaultAzureCredential(authority=authority_host)
-        if authority_host
-        else DefaultAzureCredential()
-    )
+    credential = DefaultAzureCredential(authority=authority_host) if authority_host else DefaultAzureCredential()
     return ContainerClient(account_url, container, credential=credential, **options)
 
 
@@ -120,8 +116,7 @@ def upload_case(
     prefix = _case_prefix(case_id)
     items = _items(prefix, files)
     document = _manifest_bytes(manifest, items, prefix)
-    manifest_item = _Item(prefix + MANIFEST_NAME, Path(MANIFEST_NAME), len(document),
-                          hashlib.md5(document).digest())
+    manifest_item = _Item(prefix + MANIFEST_NAME, Path(MANIFEST_NAME), len(document), hashlib.md5(document).digest())
     present = _present(container, prefix)
     todo = [item for item in items if present.get(item.name) != (item.size, item.md5)]
     total = sum(item.size for item in items) + len(document)
@@ -147,18 +142,14 @@ def upload_case(
         uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + len(document)
     if progress:
         progress(total, total)
-    report = UploadReport(uploaded=uploaded, skipped=len(items) + 1 - uploaded,
-                          bytes=uploaded_bytes)
-    log.info("case_uploaded", uploaded=report.uploaded, skipped=report.skipped,
-             bytes=report.bytes)
+    report = UploadReport(uploaded=uploaded, skipped=len(items) + 1 - uploaded, bytes=uploaded_bytes)
+    log.info("case_uploaded", uploaded=report.uploaded, skipped=report.skipped, bytes=report.bytes)
     return report
 
 
 def _case_prefix(case_id: str) -> str:
     if not _SAFE_ID.fullmatch(case_id):
-        raise SyncError(
-            f"case id {case_id!r} cannot name a blob folder: use letters, digits, '.', '_', '-'"
-        )
+        raise SyncError(f"case id {case_id!r} cannot name a blob folder: use letters, digits, '.', '_', '-'")
     return f"cases/{case_id}/"
 
 
@@ -185,9 +176,8 @@ def _manifest_bytes(manifest: Mapping[str, Any], items: list[_Item], prefix: str
         raise SyncError("the case manifest must not set 'files'; upload_case lists them")
     listing: dict[str, list[dict[str, object]]] = {}
     for item in items:
-        kind, name = item.name[len(prefix):].split("/", 1)
-        listing.setdefault(kind, []).append({"name": name, "size": item.size,
-                                             "md5": item.md5.hex()})
+        kind, name = item.name[len(prefix) :].split("/", 1)
+        listing.setdefault(kind, []).append({"name": name, "size": item.size, "md5": item.md5.hex()})
     return json.dumps({**manifest, "files": listing}, indent=2, sort_keys=True).encode()
 
 
@@ -199,8 +189,10 @@ def _present(container: ContainerClient, prefix: str) -> dict[str, tuple[int, by
             for blob in container.list_blobs(name_starts_with=prefix)
         }
     except AzureError as exc:
-        raise SyncError(f"cannot list {prefix} in container {container.container_name}: "
-                        f"{remote_error(exc, container.container_name)}") from exc
+        raise SyncError(
+            f"cannot list {prefix} in container {container.container_name}: "
+            f"{remote_error(exc, container.container_name)}"
+        ) from exc
 
 
 def _md5_bytes(value: bytes | bytearray | None) -> bytes | None:
@@ -230,22 +222,24 @@ def _delete(container: ContainerClient, name: str) -> None:
     try:
         container.delete_blob(name)
     except AzureError as exc:
-        raise SyncError(f"cannot withdraw {name} before re-upload: {remote_error(exc, container.container_name)}") from exc
+        raise SyncError(
+            f"cannot withdraw {name} before re-upload: {remote_error(exc, container.container_name)}"
+        ) from exc
 
 
 # What an admin does about the storage service's error codes (the x-ms-error-code header).
 WHAT_TO_DO = {
     "ContainerNotFound": "container {container} does not exist in the storage account: create it, "
-                         "or check sync.container",
+    "or check sync.container",
     "ContainerBeingDeleted": "container {container} is being deleted: wait, or check sync.container",
     "AuthenticationFailed": "the storage account refused the credentials: check the connection "
-                            "string or SAS (credential storage-connection-string) and the VM's clock",
+    "string or SAS (credential storage-connection-string) and the VM's clock",
     "AuthorizationFailure": "the identity may not do this: it needs 'Storage Blob Data Contributor' "
-                            "on container {container}",
+    "on container {container}",
     "AuthorizationPermissionMismatch": "the identity may not do this: it needs 'Storage Blob Data "
-                                       "Contributor' on container {container}",
+    "Contributor' on container {container}",
     "InvalidHeaderValue": "the storage service does not speak this REST version: set "
-                          "sync.api_version (Azure Stack Hub: 2019-02-02)",
+    "sync.api_version (Azure Stack Hub: 2019-02-02)",
     "AccountIsDisabled": "the storage account is disabled: ask its owner to enable it",
 }
 

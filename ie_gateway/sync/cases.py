@@ -47,8 +47,12 @@ def link_approved(store: Store, job: Job) -> int | None:
         if ct_job is not None:
             links.append((ct_job, _approval(ds)))
     if not links:
-        log.info("structure set not linked", job=job.id, files=job.instances,
-                 why="the node's own, or no contoured CT series referenced")
+        log.info(
+            "structure set not linked",
+            job=job.id,
+            files=job.instances,
+            why="the node's own, or no contoured CT series referenced",
+        )
         return None
     ct_job = links[0][0]
     approvals = [approval for linked, approval in links if linked == ct_job]
@@ -65,8 +69,12 @@ def approved_entries(job: Job) -> list[dict[str, Any]]:
 
 def approved_files(store: Store, ct_job: Job) -> list[Path]:
     """The approved clinicians' RT-STRUCT files linked to ``ct_job`` (drafts left out)."""
-    return [Path(ds.filename) for entry in approved_entries(ct_job)
-            for ds in _clinicians_sets(store, int(entry["job"])) if _approval(ds) == APPROVED]
+    return [
+        Path(ds.filename)
+        for entry in approved_entries(ct_job)
+        for ds in _clinicians_sets(store, int(entry["job"]))
+        if _approval(ds) == APPROVED
+    ]
 
 
 def approved_sets(store: Store, job_id: int) -> list[Dataset]:
@@ -78,11 +86,10 @@ def _clinicians_sets(store: Store, job_id: int) -> list[Dataset]:
     """The RT-STRUCTs received in this job (not earlier jobs of the series) that the node did
     not write."""
     rows = store.index.query(
-        "SELECT path FROM instances WHERE job_id = ? AND missing = 0 ORDER BY received_at",
-        (job_id,))
+        "SELECT path FROM instances WHERE job_id = ? AND missing = 0 ORDER BY received_at", (job_id,)
+    )
     found = [_read_structure_set(store.spool.root / str(r[0])) for r in rows]
-    return [ds for ds in found
-            if ds is not None and not _written_by_node(store, str(ds.SOPInstanceUID))]
+    return [ds for ds in found if ds is not None and not _written_by_node(store, str(ds.SOPInstanceUID))]
 
 
 def _approval(ds: Dataset) -> str:
@@ -131,7 +138,9 @@ def _series_of_instances(store: Store, sop_uids: Iterable[str]) -> set[str]:
     marks = ",".join("?" * len(uids))
     rows = store.index.query(
         "SELECT DISTINCT s.series_uid FROM instances i JOIN series s ON s.id = i.series_id "
-        f"WHERE i.sop_uid IN ({marks})", tuple(uids))
+        f"WHERE i.sop_uid IN ({marks})",
+        tuple(uids),
+    )
     return {str(r[0]) for r in rows}
 
 
@@ -147,7 +156,8 @@ def _contoured_job(store: Store, series_uids: set[str]) -> int | None:
         f"WHERE s.series_uid IN ({marks}) AND j.routes IS NOT NULL "
         "AND json_extract(j.detail, '$.purged') IS NULL "
         f"AND j.state IN ({','.join('?' * len(states))}) ORDER BY j.id DESC LIMIT 1",
-        (*sorted(series_uids), *states))
+        (*sorted(series_uids), *states),
+    )
     return int(rows[0][0]) if rows else None
 
 

@@ -33,13 +33,17 @@ class AIOutput:
 def ai_outputs(store: Store, job: Job) -> list[AIOutput]:
     """The result files of the job's ``sync: true`` routes (the worker's ``<kind>-<route>.dcm``)."""
     folder = store.job_dir(job.id)
-    return [AIOutput(folder / f"{kind}-{index}.dcm", kind, route["model"], route["version"])
-            for index, route in enumerate(job.routes) if route.get("sync")
-            for kind in route["outputs"]]
+    return [
+        AIOutput(folder / f"{kind}-{index}.dcm", kind, route["model"], route["version"])
+        for index, route in enumerate(job.routes)
+        if route.get("sync")
+        for kind in route["outputs"]
+    ]
 
 
-def case_manifest(case_id: str, outputs: list[AIOutput], sources: dict[str, list[Path]],
-                  anonymised: dict[str, list[Path]]) -> dict[str, Any]:
+def case_manifest(
+    case_id: str, outputs: list[AIOutput], sources: dict[str, list[Path]], anonymised: dict[str, list[Path]]
+) -> dict[str, Any]:
     """What a reader of the case needs, without identifiers and without timestamps (a re-run
     must produce the same bytes, or the upload would see a changed manifest).
 
@@ -49,11 +53,12 @@ def case_manifest(case_id: str, outputs: list[AIOutput], sources: dict[str, list
     only counted, as they may carry anything.
     """
     first = pydicom.dcmread(anonymised["ct"][0], stop_before_pixels=True)
-    ai = [_ai_entry(output, dst) for output, dst in
-          zip(outputs, anonymised.get("ai", []), strict=True)]
+    ai = [_ai_entry(output, dst) for output, dst in zip(outputs, anonymised.get("ai", []), strict=True)]
     known = {s["name"].lower() for entry in ai for s in entry["structures"]}
-    approved = [_approved_entry(src, dst, known) for src, dst in
-                zip(sources["approved"], anonymised.get("approved", []), strict=True)]
+    approved = [
+        _approved_entry(src, dst, known)
+        for src, dst in zip(sources["approved"], anonymised.get("approved", []), strict=True)
+    ]
     return {
         "schema": MANIFEST_SCHEMA,
         "case": case_id,
@@ -68,25 +73,27 @@ def case_manifest(case_id: str, outputs: list[AIOutput], sources: dict[str, list
 
 
 def _ai_entry(output: AIOutput, dst: Path) -> dict[str, Any]:
-    return {"file": dst.name, "kind": output.kind, "model": output.model,
-            "version": output.version, "structures": _structures(output.path)}
+    return {
+        "file": dst.name,
+        "kind": output.kind,
+        "model": output.model,
+        "version": output.version,
+        "structures": _structures(output.path),
+    }
 
 
 def _approved_entry(src: Path, dst: Path, known: set[str]) -> dict[str, Any]:
     structures = _structures(src)
     named = [s for s in structures if s["name"].lower() in known]
-    return {"file": dst.name, "approval": APPROVED, "structures": named,
-            "other_rois": len(structures) - len(named)}
+    return {"file": dst.name, "approval": APPROVED, "structures": named, "other_rois": len(structures) - len(named)}
 
 
 def _structures(path: Path) -> list[dict[str, Any]]:
     """(number, name) of each ROI of an RT-STRUCT or segment of a SEG, from the original file."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     if "StructureSetROISequence" in ds:
-        return [{"number": int(r.ROINumber), "name": str(r.ROIName)}
-                for r in ds.StructureSetROISequence]
-    return [{"number": int(s.SegmentNumber), "name": str(s.SegmentLabel)}
-            for s in ds.get("SegmentSequence", [])]
+        return [{"number": int(r.ROINumber), "name": str(r.ROIName)} for r in ds.StructureSetROISequence]
+    return [{"number": int(s.SegmentNumber), "name": str(s.SegmentLabel)} for s in ds.get("SegmentSequence", [])]
 
 
 def _unique_dicts(items: Iterable[dict[str, str]]) -> list[dict[str, str]]:

@@ -40,21 +40,21 @@ class SyncReport:
         """Lines for the admin who ran ``ie-gateway sync now``."""
         c = self.cases
         mib = c.bytes / 2**20
-        lines = [f"cases: {len(c.synced)} uploaded ({c.blobs} blobs, {mib:.1f} MiB), "
-                 + f"{len(c.failed)} failed"]
+        lines = [f"cases: {len(c.synced)} uploaded ({c.blobs} blobs, {mib:.1f} MiB), " + f"{len(c.failed)} failed"]
         lines += [f"  job {job}: {reason}" for job, reason in sorted(c.failed.items())]
         lines.append(f"models: {len(self.models)} new version(s)")
-        lines += [f"  {r.name}@{r.version}: {r.status.value}" + (f" ({r.reason})" if r.reason else "")
-                  for r in self.models]
+        lines += [
+            f"  {r.name}@{r.version}: {r.status.value}" + (f" ({r.reason})" if r.reason else "") for r in self.models
+        ]
         return "\n".join(lines)
 
 
-def sync_models(container: ContainerClient, staging_dir: Path, registry: Registry,
-                policy: dict[str, str]) -> list[PullResult]:
+def sync_models(
+    container: ContainerClient, staging_dir: Path, registry: Registry, policy: dict[str, str]
+) -> list[PullResult]:
     """Pull every published model version the registry does not have (see ``updates``)."""
     with exclusive(staging_dir.parent / "sync-models.lock", "model pull"):
-        return pull_updates(container, staging_dir, registry, installed_versions(registry),
-                            policy)
+        return pull_updates(container, staging_dir, registry, installed_versions(registry), policy)
 
 
 def installed_versions(registry: Registry) -> set[tuple[str, str]]:
@@ -71,8 +71,9 @@ def open_container(cfg: GatewayConfig) -> ContainerClient:
     if not cfg.sync.enabled:
         raise SyncError("sync is disabled: set sync.enabled: true in gateway.yaml")
     try:
-        return blob.container_client(None, cfg.sync.account_url, cfg.sync.container,
-                                     cfg.sync.authority_host, cfg.sync.api_version)
+        return blob.container_client(
+            None, cfg.sync.account_url, cfg.sync.container, cfg.sync.authority_host, cfg.sync.api_version
+        )
     except SyncError as exc:
         raise SyncError(f"sync is not configured: {exc}") from exc
 
@@ -84,12 +85,10 @@ def make_anonymiser(cfg: GatewayConfig) -> Anonymiser:
         key = anonymise.load_key()
     except SyncError as exc:
         raise SyncError(f"sync is not configured: {exc}") from exc
-    return Anonymiser(key, cfg.storage.root / PSEUDONYM_MAP,
-                      AnonymiseOptions(dates=DateMode(cfg.sync.date_shift)))
+    return Anonymiser(key, cfg.storage.root / PSEUDONYM_MAP, AnonymiseOptions(dates=DateMode(cfg.sync.date_shift)))
 
 
-def sync_cases_now(cfg: GatewayConfig, store: Store, *,
-                   progress: CaseProgress | None = None) -> CasesReport:
+def sync_cases_now(cfg: GatewayConfig, store: Store, *, progress: CaseProgress | None = None) -> CasesReport:
     """Case sync with the node's configuration."""
     container = open_container(cfg)  # first: it says when sync is disabled
     return sync_cases(store, container, make_anonymiser(cfg), progress=progress)
@@ -97,12 +96,12 @@ def sync_cases_now(cfg: GatewayConfig, store: Store, *,
 
 def sync_models_now(cfg: GatewayConfig, registry: Registry) -> list[PullResult]:
     """Model pull with the node's configuration."""
-    return sync_models(open_container(cfg), cfg.storage.root / MODEL_STAGING_DIR, registry,
-                       dict(cfg.sync.activation))
+    return sync_models(open_container(cfg), cfg.storage.root / MODEL_STAGING_DIR, registry, dict(cfg.sync.activation))
 
 
-def sync_now(cfg: GatewayConfig, store: Store, registry: Registry, *,
-             progress: CaseProgress | None = None) -> SyncReport:
+def sync_now(
+    cfg: GatewayConfig, store: Store, registry: Registry, *, progress: CaseProgress | None = None
+) -> SyncReport:
     """Upload due cases, then pull new model versions. SyncError (one line) when sync is not
     configured or storage cannot be reached; a single case's failure is in the report."""
     cases = sync_cases_now(cfg, store, progress=progress)

@@ -94,7 +94,7 @@ def published_versions(container: ContainerClient) -> dict[tuple[str, str], set[
     versions: dict[tuple[str, str], set[str]] = {}
     try:
         for blob in container.list_blobs(name_starts_with=MODELS_PREFIX):
-            parts = blob.name[len(MODELS_PREFIX):].split("/")
+            parts = blob.name[len(MODELS_PREFIX) :].split("/")
             if len(parts) >= 3 and all(parts):
                 versions.setdefault((parts[0], parts[1]), set()).add("/".join(parts[2:]))
     except AzureError as exc:
@@ -123,14 +123,16 @@ def pull_updates(
         if SIDECAR_NAME not in files:
             log.info("model_publication_incomplete", model=f"{name}@{version}")
             continue
-        result = _pull_one(container, staging_dir, registry, name, version, files,
-                           policies.get(name, ActivationPolicy.MANUAL))
+        result = _pull_one(
+            container, staging_dir, registry, name, version, files, policies.get(name, ActivationPolicy.MANUAL)
+        )
         results.append(result)
     return results
 
 
-def publish_version(container: ContainerClient, package_dir: Path, name: str | None = None,
-                    version: str | None = None) -> int:
+def publish_version(
+    container: ContainerClient, package_dir: Path, name: str | None = None, version: str | None = None
+) -> int:
     """Upload a model package (its files, model.yaml, then the sidecar); return the files sent.
 
     A folder without model.yaml (an nnU-Net v2 trained-model folder, a MONAI bundle) is
@@ -150,7 +152,9 @@ def publish_version(container: ContainerClient, package_dir: Path, name: str | N
                 container.upload_blob(prefix + file, fh, overwrite=True)
         digest = _sha256(package_dir / MANIFEST_NAME)
         container.upload_blob(
-            prefix + SIDECAR_NAME, f"{digest}  {MANIFEST_NAME}\n".encode(), overwrite=True,
+            prefix + SIDECAR_NAME,
+            f"{digest}  {MANIFEST_NAME}\n".encode(),
+            overwrite=True,
             content_settings=ContentSettings(content_type="text/plain"),
         )
     except AzureError as exc:
@@ -162,9 +166,7 @@ def _policy(name: str, value: str) -> ActivationPolicy:
     try:
         return ActivationPolicy(value)
     except ValueError:
-        raise SyncError(
-            f"activation policy for {name!r} is {value!r}; expected 'manual' or 'auto'"
-        ) from None
+        raise SyncError(f"activation policy for {name!r} is {value!r}; expected 'manual' or 'auto'") from None
 
 
 def _pull_one(
@@ -198,26 +200,20 @@ def _pull_one(
     return PullResult(name, version, PullStatus.AVAILABLE, None, downloaded)
 
 
-def _download_verified(
-    container: ContainerClient, name: str, version: str, files: set[str], partial: Path
-) -> int:
+def _download_verified(container: ContainerClient, name: str, version: str, files: set[str], partial: Path) -> int:
     """Fetch and check the manifest, then every fold it names; return the bytes downloaded."""
     prefix = f"{MODELS_PREFIX}{name}/{version}/"
     expected = _sidecar_digest(_download_bytes(container, prefix + SIDECAR_NAME))
     downloaded = _fetch(container, prefix, MANIFEST_NAME, files, partial, expected)
     manifest = load_manifest(partial)
     if (manifest.name, manifest.version) != (name, version):
-        raise _Refused(
-            f"model.yaml says {manifest.name}@{manifest.version} but is published under "
-            f"{name}@{version}"
-        )
+        raise _Refused(f"model.yaml says {manifest.name}@{manifest.version} but is published under {name}@{version}")
     for entry in (*manifest.folds, *manifest.files):
         downloaded += _fetch(container, prefix, entry.file, files, partial, entry.sha256)
     return downloaded
 
 
-def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], partial: Path,
-           sha256: str) -> int:
+def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], partial: Path, sha256: str) -> int:
     """Make ``partial/file`` hold the blob with ``sha256``; skip a complete earlier download."""
     dest = partial / file
     if dest.is_file() and _sha256(dest) == sha256:

@@ -57,9 +57,13 @@ class CasesReport:
 def cases_due(store: Store) -> list[Job]:
     """Delivered jobs with a ``sync: true`` route, not uploaded as they now stand, whose files
     retention has not purged."""
-    return [job for job in store.index.jobs([JobState.DELIVERED])
-            if any(route.get("sync") for route in job.routes) and not job.detail.get("purged")
-            and _changed_since_upload(job)]
+    return [
+        job
+        for job in store.index.jobs([JobState.DELIVERED])
+        if any(route.get("sync") for route in job.routes)
+        and not job.detail.get("purged")
+        and _changed_since_upload(job)
+    ]
 
 
 def _changed_since_upload(job: Job) -> bool:
@@ -73,8 +77,9 @@ def _approved_jobs(job: Job) -> list[int]:
     return sorted(int(entry["job"]) for entry in approved_entries(job))
 
 
-def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser, *,
-               progress: CaseProgress | None = None) -> CasesReport:
+def sync_cases(
+    store: Store, container: ContainerClient, anonymiser: Anonymiser, *, progress: CaseProgress | None = None
+) -> CasesReport:
     """Anonymise and upload every case that is due; record each outcome in its job's detail.
 
     A case that fails (anonymisation refused, storage error) is logged with its job id,
@@ -93,8 +98,7 @@ def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser,
             what = f"case {number}/{len(due)} (job {job.id})"
             step = functools.partial(progress, what) if progress else None
             try:
-                record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}",
-                                   progress=step)
+                record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}", progress=step)
             except (SyncError, AzureError, OSError) as exc:
                 text = blob.remote_error(exc, container.container_name) if isinstance(exc, AzureError) else str(exc)
                 reason = scrubbed(f"{type(exc).__name__}: {text}".splitlines()[0])
@@ -112,8 +116,15 @@ def sync_cases(store: Store, container: ContainerClient, anonymiser: Anonymiser,
     return CasesReport(tuple(synced), failed, blobs, size)
 
 
-def sync_case(store: Store, container: ContainerClient, anonymiser: Anonymiser, job: Job,
-              workdir: Path, *, progress: blob.ProgressCallback | None = None) -> dict[str, Any]:
+def sync_case(
+    store: Store,
+    container: ContainerClient,
+    anonymiser: Anonymiser,
+    job: Job,
+    workdir: Path,
+    *,
+    progress: blob.ProgressCallback | None = None,
+) -> dict[str, Any]:
     """Anonymise one case into ``workdir`` and upload it; record and return its ``synced``."""
     approved_ids = _approved_jobs(job)
     outputs = ai_outputs(store, job)
@@ -122,8 +133,7 @@ def sync_case(store: Store, container: ContainerClient, anonymiser: Anonymiser, 
         "ai": [output.path for output in outputs],
         "approved": approved_files(store, job),
     }
-    anonymised = {kind: anonymiser.anonymise_files(paths, workdir / kind)
-                  for kind, paths in sources.items() if paths}
+    anonymised = {kind: anonymiser.anonymise_files(paths, workdir / kind) for kind, paths in sources.items() if paths}
     case_id = anonymiser.uid(job.series_uid)
     manifest = case_manifest(case_id, outputs, sources, anonymised)
     report = blob.upload_case(container, case_id, anonymised, manifest, progress=progress)
@@ -136,8 +146,15 @@ def sync_case(store: Store, container: ContainerClient, anonymiser: Anonymiser, 
         "bytes_uploaded": report.bytes,
     }
     _set_detail(store.index, job.id, {"synced": record}, drop=("sync_error",))
-    log.info("case synced", job=job.id, ct=record["ct"], ai=record["ai"],
-             approved=record["approved"], blobs=report.uploaded, bytes=report.bytes)
+    log.info(
+        "case synced",
+        job=job.id,
+        ct=record["ct"],
+        ai=record["ai"],
+        approved=record["approved"],
+        blobs=report.uploaded,
+        bytes=report.bytes,
+    )
     return record
 
 
@@ -146,8 +163,7 @@ def scrubbed(text: str) -> str:
     return str(drop_patient_data(None, "", {"reason": text})["reason"])
 
 
-def _set_detail(index: Index, job_id: int, items: dict[str, Any],
-                drop: tuple[str, ...] = ()) -> None:
+def _set_detail(index: Index, job_id: int, items: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
     """Merge ``items`` into a job's detail and remove the ``drop`` keys, in one transaction."""
     with index.tx() as db:
         row = db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -57,19 +57,27 @@ def _when(timestamp: float | None) -> str:
 def _job_row(job: Job) -> dict[str, Any]:
     """What the pages show of a job: internal ids, states and figures, no patient data."""
     return {
-        "id": job.id, "state": job.state.value, "reason": job.reason or "", "instances": job.instances,
-        "modality": job.header.get("Modality", ""), "calling_ae": job.calling_ae,
-        "series": uid_hash(job.series_uid), "model": f"{job.model}@{job.model_version}" if job.model else "",
-        "received": _when(job.created_at), "updated": _when(job.updated_at),
-        "timings": job.detail.get("timings_s") or {}, "linked_to": job.detail.get("linked_to"),
+        "id": job.id,
+        "state": job.state.value,
+        "reason": job.reason or "",
+        "instances": job.instances,
+        "modality": job.header.get("Modality", ""),
+        "calling_ae": job.calling_ae,
+        "series": uid_hash(job.series_uid),
+        "model": f"{job.model}@{job.model_version}" if job.model else "",
+        "received": _when(job.created_at),
+        "updated": _when(job.updated_at),
+        "timings": job.detail.get("timings_s") or {},
+        "linked_to": job.detail.get("linked_to"),
     }
 
 
 class AdminPages:
     """The request handlers, bound to one node's store, registry and settings."""
 
-    def __init__(self, cfg: GatewayConfig, store: Store, registry: Registry, guard: Guard,
-                 actions: Mapping[str, Action]) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, store: Store, registry: Registry, guard: Guard, actions: Mapping[str, Action]
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
@@ -79,10 +87,19 @@ class AdminPages:
 
     def _render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir)
-        return self.templates.TemplateResponse(request, name, {
-            "alarms": alarms, "signed_in": self.guard.session_nonce(request) is not None,
-            "actions_enabled": self.guard.enabled, "csrf": self.guard.csrf_for(request),
-            "node": self.cfg.node.ae_title, **context}, status_code=status_code)
+        return self.templates.TemplateResponse(
+            request,
+            name,
+            {
+                "alarms": alarms,
+                "signed_in": self.guard.session_nonce(request) is not None,
+                "actions_enabled": self.guard.enabled,
+                "csrf": self.guard.csrf_for(request),
+                "node": self.cfg.node.ae_title,
+                **context,
+            },
+            status_code=status_code,
+        )
 
     def _buttons(self, job: Job) -> list[str]:
         return [name for name in self.actions if job.state.value in ACTION_STATES[name]]
@@ -95,8 +112,15 @@ class AdminPages:
             counts[job.state.value] = counts.get(job.state.value, 0) + 1
         shown = [j for j in all_jobs if wanted is None or j.state.value == wanted]
         rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(shown)]
-        return self._render(request, "jobs.html", title="Jobs", jobs=rows, counts=counts, wanted=wanted,
-                            states=[s.value for s in JobState])
+        return self._render(
+            request,
+            "jobs.html",
+            title="Jobs",
+            jobs=rows,
+            counts=counts,
+            wanted=wanted,
+            states=[s.value for s in JobState],
+        )
 
     async def failures(self, request: Request) -> Response:
         states = [s for s in JobState if s.value in ATTENTION]
@@ -106,24 +130,43 @@ class AdminPages:
     async def job(self, request: Request) -> Response:
         job = self._job_or_none(request)
         if job is None:
-            return self._render(request, "message.html", 404, title="No such job",
-                                message=f"There is no job {request.path_params['job_id']}.")
-        deliveries = [dict(zip(("destination", "state", "attempts", "last_status", "last_error"), r, strict=True))
-                      for r in self.store.index.query(
-                          "SELECT destination, state, attempts, last_status, last_error FROM outbox "
-                          "WHERE job_id = ? ORDER BY id", (job.id,))]
-        transitions = [{"at": _when(r[0]), "from": r[1] or "", "to": r[2], "reason": r[3] or ""}
-                       for r in self.store.index.query(
-                           "SELECT at, from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY at",
-                           (job.id,))]
+            return self._render(
+                request,
+                "message.html",
+                404,
+                title="No such job",
+                message=f"There is no job {request.path_params['job_id']}.",
+            )
+        deliveries = [
+            dict(zip(("destination", "state", "attempts", "last_status", "last_error"), r, strict=True))
+            for r in self.store.index.query(
+                "SELECT destination, state, attempts, last_status, last_error FROM outbox WHERE job_id = ? ORDER BY id",
+                (job.id,),
+            )
+        ]
+        transitions = [
+            {"at": _when(r[0]), "from": r[1] or "", "to": r[2], "reason": r[3] or ""}
+            for r in self.store.index.query(
+                "SELECT at, from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY at", (job.id,)
+            )
+        ]
         review = job.detail.get("review") or {}
         findings = job.detail.get("findings") or (review.get("findings") if isinstance(review, dict) else None) or []
         return self._render(
-            request, "job.html", title=f"Job {job.id}", job=_job_row(job), job_buttons=self._buttons(job),
-            qa=bool(job.detail.get("qa_png")), volumes=job.detail.get("volumes_cc") or {},
-            findings=findings, needs_review=job.state.value == "needs_review", deliveries=deliveries,
-            transitions=transitions, figures=agreement.rows(self.store.index, ct_job=job.id),
-            approvals=job.detail.get("approved") or [])
+            request,
+            "job.html",
+            title=f"Job {job.id}",
+            job=_job_row(job),
+            job_buttons=self._buttons(job),
+            qa=bool(job.detail.get("qa_png")),
+            volumes=job.detail.get("volumes_cc") or {},
+            findings=findings,
+            needs_review=job.state.value == "needs_review",
+            deliveries=deliveries,
+            transitions=transitions,
+            figures=agreement.rows(self.store.index, ct_job=job.id),
+            approvals=job.detail.get("approved") or [],
+        )
 
     async def qa_png(self, request: Request) -> Response:
         job = self._job_or_none(request)
@@ -135,15 +178,18 @@ class AdminPages:
 
     async def models(self, request: Request) -> Response:
         versions = self.registry.list()
-        history = [{"name": a.name, "version": a.version, "previous": a.previous or "", "at": a.at, "by": a.by or ""}
-                   for a in reversed(self.registry.history())]
+        history = [
+            {"name": a.name, "version": a.version, "previous": a.previous or "", "at": a.at, "by": a.by or ""}
+            for a in reversed(self.registry.history())
+        ]
         return self._render(request, "models.html", title="Model versions", versions=versions, history=history)
 
     async def trends(self, request: Request) -> Response:
         settings = self.cfg.agreement
         rows = agreement.rows(self.store.index)
-        states = {(s.model, s.version, s.structure): s for s in drift.current(self.store.index, settings,
-                                                                               self.cfg.models_dir)}
+        states = {
+            (s.model, s.version, s.structure): s for s in drift.current(self.store.index, settings, self.cfg.models_dir)
+        }
         series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for row in rows:
             series.setdefault((row["model"], row["model_version"], row["structure"]), []).append(row)
@@ -151,12 +197,29 @@ class AdminPages:
         for key, items in sorted(series.items()):
             state = states.get(key)
             threshold = state.baseline - settings.margin if state is not None and state.baseline is not None else None
-            plots.append({"model": key[0], "version": key[1], "structure": key[2], "state": state,
-                          "plot": dice_plot([r["dice"] for r in items],
-                                            [f"job {r['ct_job']}, {_when(r['at'])}" for r in items],
-                                            settings.window, threshold)})
-        return self._render(request, "agreement.html", title="Agreement with approved contours", plots=plots,
-                            summary=agreement.summary(rows), figures=agreement.FIGURES, settings=settings)
+            plots.append(
+                {
+                    "model": key[0],
+                    "version": key[1],
+                    "structure": key[2],
+                    "state": state,
+                    "plot": dice_plot(
+                        [r["dice"] for r in items],
+                        [f"job {r['ct_job']}, {_when(r['at'])}" for r in items],
+                        settings.window,
+                        threshold,
+                    ),
+                }
+            )
+        return self._render(
+            request,
+            "agreement.html",
+            title="Agreement with approved contours",
+            plots=plots,
+            summary=agreement.summary(rows),
+            figures=agreement.FIGURES,
+            settings=settings,
+        )
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
@@ -166,8 +229,9 @@ class AdminPages:
             log.warning("admin sign-in refused")
             return self._render(request, "login.html", 403, title="Sign in", error="That is not the admin token.")
         response = RedirectResponse(_local(_field(form, "next")), status_code=303)
-        response.set_cookie(COOKIE, self.guard.new_session(), httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+        response.set_cookie(
+            COOKIE, self.guard.new_session(), httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        )
         log.info("admin signed in")
         return response
 
@@ -186,8 +250,13 @@ class AdminPages:
         action = self.actions.get(name)
         job = self._job_or_none(request)
         if action is None or job is None:
-            return self._render(request, "message.html", 404, title="Not found",
-                                message=f"No action {name!r} for job {request.path_params['job_id']}.")
+            return self._render(
+                request,
+                "message.html",
+                404,
+                title="Not found",
+                message=f"No action {name!r} for job {request.path_params['job_id']}.",
+            )
         who = f"web:{request.client.host if request.client else '?'}"
         try:
             result = action(self.store, job.id, who)
@@ -195,8 +264,13 @@ class AdminPages:
             return self._render(request, "message.html", 409, title=f"Job {job.id}: {name} not done", message=str(exc))
         log.info("admin action", action=name, job=job.id, who=who)
         done = f"{name} done" + (f" ({result} deliveries queued)" if isinstance(result, int) else "")
-        return self._render(request, "message.html", title=f"Job {job.id}: {done}",
-                            message=f"{done}; the node picks the job up within seconds.", job_id=job.id)
+        return self._render(
+            request,
+            "message.html",
+            title=f"Job {job.id}: {done}",
+            message=f"{done}; the node picks the job up within seconds.",
+            job_id=job.id,
+        )
 
     def _job_or_none(self, request: Request) -> Job | None:
         try:
@@ -215,15 +289,26 @@ def _local(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/jobs"
 
 
-def web_routes(cfg: GatewayConfig, store: Store, registry: Registry, *, token: str | None = None,
-               actions: Mapping[str, Action] | None = None) -> list[BaseRoute]:
+def web_routes(
+    cfg: GatewayConfig,
+    store: Store,
+    registry: Registry,
+    *,
+    token: str | None = None,
+    actions: Mapping[str, Action] | None = None,
+) -> list[BaseRoute]:
     """The admin page's routes, to mount in the node's HTTP app (beside /metrics).
 
     ``token`` defaults to :func:`~ie_gateway.web.auth.admin_token` (environment or systemd
     credential); ``actions`` to what :mod:`ie_gateway.admin` offers.
     """
-    pages = AdminPages(cfg, store, registry, Guard(token if token is not None else admin_token()),
-                       default_actions() if actions is None else actions)
+    pages = AdminPages(
+        cfg,
+        store,
+        registry,
+        Guard(token if token is not None else admin_token()),
+        default_actions() if actions is None else actions,
+    )
     return [
         Route("/", lambda request: RedirectResponse("/jobs", status_code=307)),
         Route("/jobs", pages.jobs),

@@ -41,7 +41,7 @@ def dice_plot(dice: Sequence[float], labels: Sequence[str], window: int, thresho
         return PAD / 2 + (HEIGHT - 1.5 * PAD) * (1.0 - (v - low) / (1.0 - low))
 
     dots = [(x(i), y(v), f"{label}: Dice {v:.3f}") for i, (v, label) in enumerate(zip(dice, labels, strict=True))]
-    medians = [statistics.median(dice[max(0, i - window + 1):i + 1]) for i in range(len(dice))]
+    medians = [statistics.median(dice[max(0, i - window + 1) : i + 1]) for i in range(len(dice))]
     path = " ".join(f"{'M' if i == 0 else 'L'}{x(i):.1f},{y(m):.1f}" for i, m in enumerate(medians))
     ticks = [(y(v), f"{v:.2f}") for v in (low, (low + 1.0) / 2, 1.0)]
     return Plot(dots, path, y(threshold) if threshold is not None else None, ticks, low)

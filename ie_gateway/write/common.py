@@ -96,9 +96,7 @@ def check_inputs(
         raise WriteError(f"label map must be uint8 (z, y, x); got {labels.dtype} {labels.shape}")
     rows, cols = int(ct_headers[0].Rows), int(ct_headers[0].Columns)
     if labels.shape != (len(ct_headers), rows, cols):
-        raise WriteError(
-            f"label map shape {labels.shape} is not the CT grid {(len(ct_headers), rows, cols)}"
-        )
+        raise WriteError(f"label map shape {labels.shape} is not the CT grid {(len(ct_headers), rows, cols)}")
     if not structures:
         raise WriteError("no structures to write")
     seen_labels = [s.label for s in structures]

@@ -23,10 +23,20 @@ _EDGE_CORNERS = (((0, 0), (0, 1)), ((0, 1), (1, 1)), ((1, 0), (1, 1)), ((0, 0), 
 _EDGE_POINT = np.array([[0.0, 0.5], [0.5, 1.0], [1.0, 0.5], [0.5, 0.0]])
 # the segments of each case, unoriented; saddles (5, 10) cut each foreground corner off alone
 _CASES: dict[int, tuple[tuple[int, int], ...]] = {
-    1: ((_LEFT, _TOP),), 14: ((_LEFT, _TOP),), 2: ((_TOP, _RIGHT),), 13: ((_TOP, _RIGHT),),
-    4: ((_RIGHT, _BOTTOM),), 11: ((_RIGHT, _BOTTOM),), 8: ((_BOTTOM, _LEFT),), 7: ((_BOTTOM, _LEFT),),
-    3: ((_LEFT, _RIGHT),), 12: ((_LEFT, _RIGHT),), 6: ((_TOP, _BOTTOM),), 9: ((_TOP, _BOTTOM),),
-    5: ((_LEFT, _TOP), (_RIGHT, _BOTTOM)), 10: ((_TOP, _RIGHT), (_BOTTOM, _LEFT)),
+    1: ((_LEFT, _TOP),),
+    14: ((_LEFT, _TOP),),
+    2: ((_TOP, _RIGHT),),
+    13: ((_TOP, _RIGHT),),
+    4: ((_RIGHT, _BOTTOM),),
+    11: ((_RIGHT, _BOTTOM),),
+    8: ((_BOTTOM, _LEFT),),
+    7: ((_BOTTOM, _LEFT),),
+    3: ((_LEFT, _RIGHT),),
+    12: ((_LEFT, _RIGHT),),
+    6: ((_TOP, _BOTTOM),),
+    9: ((_TOP, _BOTTOM),),
+    5: ((_LEFT, _TOP), (_RIGHT, _BOTTOM)),
+    10: ((_TOP, _RIGHT), (_BOTTOM, _LEFT)),
 }
 
 
@@ -53,8 +63,7 @@ def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _COUNT, _STARTS, _ENDS = _table()
 
 
-def _edge_ids(z: np.ndarray, i: np.ndarray, j: np.ndarray, edge: np.ndarray,
-              shape: tuple[int, int, int]) -> np.ndarray:
+def _edge_ids(z: np.ndarray, i: np.ndarray, j: np.ndarray, edge: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Global ids of cell edges: horizontal edges first, then vertical ones."""
     _, rows, cols = shape
     horizontal = edge % 2 == 0  # top and bottom

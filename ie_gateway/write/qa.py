@@ -57,16 +57,10 @@ def _views(
 def _grey(hu: np.ndarray, size: tuple[int, int]) -> Image.Image:
     low, high = SOFT_TISSUE_WINDOW
     scaled = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
-    return (
-        Image.fromarray(scaled.astype(np.uint8))
-        .resize(size, Image.Resampling.BILINEAR)
-        .convert("RGB")
-    )
+    return Image.fromarray(scaled.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGB")
 
 
-def _outline(
-    labels: np.ndarray, structure: StructureInfo, size: tuple[int, int]
-) -> np.ndarray | None:
+def _outline(labels: np.ndarray, structure: StructureInfo, size: tuple[int, int]) -> np.ndarray | None:
     """Boolean outline (display pixels) of a structure on one panel, or None if absent."""
     mask = labels == structure.label
     if not mask.any():

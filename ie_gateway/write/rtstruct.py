@@ -69,9 +69,7 @@ def _contour_item(number: int, points_xyz: np.ndarray, ct_header: pydicom.Datase
     # stored encoded, as a file read back holds it: pydicom writes a raw element's bytes as
     # they are, and never makes a DS object per coordinate (that took 5 of 6 s per RT-STRUCT)
     data = ds_bytes(points_xyz)
-    item[CONTOUR_DATA] = RawDataElement(
-        Tag(CONTOUR_DATA), "DS", len(data), data, 0, False, True, True, False
-    )
+    item[CONTOUR_DATA] = RawDataElement(Tag(CONTOUR_DATA), "DS", len(data), data, 0, False, True, True, False)
     # the encoding the raw value is in; without it pydicom decodes the element to write it
     item.set_original_encoding(False, True, default_encoding)
     return item
@@ -210,9 +208,7 @@ def build_rtstruct(
     geometry = SliceGeometry.from_headers(ct_headers)
     frame_uid = str(ct_headers[0].FrameOfReferenceUID)
     ds = _header(ct_headers[0], model, uids, series_number)
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence(
-        [_referenced_frame_of_reference(ct_headers)]
-    )
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame_of_reference(ct_headers)])
     rois, roi_contours, observations = [], [], []
     for structure, mask in structure_masks(labels, structures, masks):
         contours = structure_contours(mask, geometry, ct_headers)

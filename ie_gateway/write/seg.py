@@ -81,9 +81,9 @@ def segment_description(
         display_color=segment_color(structure.color),
     )
     if laterality is not None:
-        description.SegmentedPropertyTypeCodeSequence[
-            0
-        ].SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(laterality)]
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(laterality)
+        ]
     return description
 
 
@@ -138,9 +138,7 @@ def build_seg(
     return seg
 
 
-def seg_mask(
-    seg: hd.seg.Segmentation, ct_headers: Sequence[pydicom.Dataset], segment_number: int
-) -> np.ndarray:
+def seg_mask(seg: hd.seg.Segmentation, ct_headers: Sequence[pydicom.Dataset], segment_number: int) -> np.ndarray:
     """Mask (z, y, x) of one segment of a SEG read back, on the CT grid of ``ct_headers``.
 
     Slices whose frame was omitted as empty come back empty.

@@ -132,8 +132,7 @@ def rasterize_rtstruct(ds: Dataset, ct_headers: Sequence[pydicom.Dataset]) -> np
     geometry = SliceGeometry.from_headers(ct_headers)
     shape = (len(ct_headers), int(ct_headers[0].Rows), int(ct_headers[0].Columns))
     masks = [
-        (int(roi.ReferencedROINumber), rasterize_roi(roi, geometry, shape))
-        for roi in ds.get("ROIContourSequence", [])
+        (int(roi.ReferencedROINumber), rasterize_roi(roi, geometry, shape)) for roi in ds.get("ROIContourSequence", [])
     ]
     out = np.zeros(shape, dtype=np.uint8)
     for number, mask in sorted(masks, key=lambda item: -int(item[1].sum())):
@@ -247,9 +246,7 @@ def _check_rois(ds: Dataset, structures: Sequence[StructureInfo]) -> None:
 
 def _check_score(score: float, structure: StructureInfo, kind: str) -> None:
     if score < MIN_DICE:
-        raise WriteError(
-            f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}"
-        )
+        raise WriteError(f"{kind} {structure.name}: Dice {score:.3f} with the label map < {MIN_DICE}")
 
 
 def validate_rtstruct(

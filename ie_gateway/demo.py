@@ -15,16 +15,15 @@ from pathlib import Path
 
 import structlog
 import yaml
-from pydicom.uid import UID, RTStructureSetStorage, SegmentationStorage
+from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import GatewayError
+from ie_gateway.receive import VERIFICATION
 from ie_gateway.store import JobState
 from ie_gateway.synthetic import make_phantom, write_ct_series
-
-VERIFICATION = UID("1.2.840.10008.1.1")  # pynetdicom makes its SOP class constants at run time
 
 log = structlog.get_logger(__name__)
 DEMO_CALLER = "IE_DEMO"

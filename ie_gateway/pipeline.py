@@ -67,7 +67,7 @@ def structures_of(manifest: Manifest) -> list[StructureInfo]:
         StructureInfo(
             label=s.label,
             name=s.name,
-            color=tuple(s.color),
+            color=s.color,
             interpreted_type=str(s.interpreted_type),
             fill_holes=s.postprocess.fill_holes,
         )
@@ -186,7 +186,8 @@ class Worker:
         )
         if not decision.routed:
             why = "; ".join(
-                f"{r['rule']}: {', '.join(map(str, r['failed'])) or 'shadowed'}" for r in decision.explanation.for_log()
+                f"{r['rule']}: {', '.join(map(str, r['failed'])) or 'shadowed'}"  # type: ignore[call-overload]  # for_log's values are plain JSON; 'failed' is a list
+                for r in decision.explanation.for_log()
             )
             log.info("series unrouted", rules=decision.explanation.for_log())
             self.store.index.transition(

@@ -26,17 +26,18 @@ import pydicom
 import structlog
 from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
     MRImageStorage,
     RTStructureSetStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ie_gateway import metrics, tls
@@ -46,6 +47,8 @@ from ie_gateway.store import Arrival, Store, check_uid, header_values
 from ie_gateway.store.space import DiskSpace
 
 log = structlog.get_logger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")  # pynetdicom makes its SOP class constants at run time
 
 STORAGE_CLASSES = (
     CTImageStorage,
@@ -229,7 +232,7 @@ class Receiver:
         ae.dimse_timeout = self.node.network_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs cost less Python per byte
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         return ae
@@ -296,7 +299,9 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         # The requestor's fields are filled in only after this event; read the request itself.
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        assert primitive is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ has been read
+        calling = str(primitive.calling_ae_title).strip()
         address = assoc.requestor.address
         caller = find_caller(self.node.allowed_callers, calling, address)
         if caller is None:
@@ -387,7 +392,7 @@ class Receiver:
         return result
 
     def _store(self, event: evt.Event, stats: AssociationStats) -> Dataset | int:
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
         try:
             ds = event.dataset
             absent = [kw for kw in REQUIRED if kw not in ds]

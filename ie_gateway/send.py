@@ -50,7 +50,7 @@ SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.
 
 def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float] = random.random) -> float:
     """Seconds until attempt ``attempt + 1``: exponential, capped, with jitter in [0.5, 1]."""
-    delay = min(settings.cap_s, settings.base_s * 2 ** max(attempt - 1, 0))
+    delay = min(settings.cap_s, settings.base_s * 2.0 ** max(attempt - 1, 0))
     return delay * (0.5 + 0.5 * rng())
 
 
@@ -125,7 +125,7 @@ class Sender:
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
             ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
         started = time.monotonic()
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # pynetdicom hints str; None (no hostname check) is what ssl takes
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:

@@ -342,7 +342,7 @@ def _check_axial(normal: np.ndarray, checks: VolumeChecks) -> None:
 def _gap_reason(along: np.ndarray, steps: np.ndarray, i: int, step: float, bad: int, tol: float) -> str:
     gap = float(steps[i])
     between = f"between z={along[i]:.2f} and z={along[i + 1]:.2f}"
-    expected = int(round((along[-1] - along[0]) / step)) + 1
+    expected = round((along[-1] - along[0]) / step) + 1
     multiple = round(gap / step)
     more = f" ({bad - 1} more uneven step(s))" if bad > 1 else ""
     if multiple >= 2 and abs(gap - multiple * step) <= tol * multiple:

@@ -87,7 +87,7 @@ def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelG
         ]
     )
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = tuple(int(math.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing, strict=True))
+    size = tuple(math.ceil((h - lo) / s - 1e-6) + 1 for lo, h, s in zip(low, high, spacing, strict=True))
     return ModelGrid(tuple(map(float, low)), spacing, size)  # type: ignore[arg-type]
 
 

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import SimpleITK as sitk
 import structlog
@@ -156,7 +156,7 @@ class InferenceRunner:
             self._process.join(_CLOSE_GRACE_S)
         self._stop()
 
-    def __enter__(self) -> InferenceRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -71,7 +71,8 @@ def _edge_ids(z: np.ndarray, i: np.ndarray, j: np.ndarray, edge: np.ndarray, sha
     h_id = (z * rows + hi) * (cols - 1) + j
     vj = j + (edge == _RIGHT)
     v_id = shape[0] * rows * (cols - 1) + (z * (rows - 1) + i) * cols + vj
-    return np.where(horizontal, h_id, v_id)
+    ids: np.ndarray = np.where(horizontal, h_id, v_id)
+    return ids
 
 
 def _id_points(ids: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ie-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
-        return parent.add_parser(name, help=help_text, parents=[config])  # type: ignore[no-any-return]
+    def command(
+        name: str, help_text: str, parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub
+    ) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, parents=[config])
 
     command("serve", "run the node (DICOM listener, worker, scheduler)")
     command("check-config", "validate gateway.yaml and its routing rules")

@@ -18,6 +18,7 @@ import yaml
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import GatewayError
@@ -99,7 +100,7 @@ def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) 
     return config
 
 
-def _start_tps(folder: Path, port: int) -> object:
+def _start_tps(folder: Path, port: int) -> ThreadedAssociationServer:
     folder.mkdir(parents=True, exist_ok=True)
 
     def store(event: evt.Event) -> int:
@@ -113,7 +114,9 @@ def _start_tps(folder: Path, port: int) -> object:
     ae.add_supported_context(VERIFICATION)
     ae.add_supported_context(RTStructureSetStorage)
     ae.add_supported_context(SegmentationStorage)
-    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    assert server is not None  # block=False returns the running server
+    return server
 
 
 def _send(files: list[Path], cfg: GatewayConfig) -> None:
@@ -172,4 +175,4 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float, mo
         )
     finally:
         service.stop()
-        server.shutdown()  # type: ignore[attr-defined]
+        server.shutdown()

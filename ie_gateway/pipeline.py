@@ -321,8 +321,8 @@ class Worker:
                 written.append(kind)
                 log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
             if qa_png is None:
-                spacing = tuple(float(s) for s in ct.GetSpacing())
-                qa_png = render_qa_png(hu, labels, structures, spacing, info, folder / "qa.png")  # type: ignore[arg-type]
+                sx, sy, sz = (float(s) for s in ct.GetSpacing())
+                qa_png = render_qa_png(hu, labels, structures, (sx, sy, sz), info, folder / "qa.png")
         if not written:
             raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
         self.store.index.update_detail(

@@ -88,7 +88,8 @@ def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelG
     )
     low, high = corners.min(axis=0), corners.max(axis=0)
     size = tuple(math.ceil((h - lo) / s - 1e-6) + 1 for lo, h, s in zip(low, high, spacing, strict=True))
-    return ModelGrid(tuple(map(float, low)), spacing, size)  # type: ignore[arg-type]
+    origin = (float(low[0]), float(low[1]), float(low[2]))
+    return ModelGrid(origin, spacing, (size[0], size[1], size[2]))
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -389,7 +390,7 @@ def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _window(box: Box, patch: tuple[int, int, int]) -> tuple[slice, slice, slice]:
-    return tuple(slice(b, b + p) for b, p in zip(box, patch, strict=True))  # type: ignore[return-value]
+    return slice(box[0], box[0] + patch[0]), slice(box[1], box[1] + patch[1]), slice(box[2], box[2] + patch[2])
 
 
 def _batches(boxes: list[Box], size: int) -> Iterator[list[Box]]:

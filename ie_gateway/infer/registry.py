@@ -141,7 +141,7 @@ def check_package(model: ModelVersion, probe: Probe | None = None) -> None:
 def probe_patch(patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """A small patch a fold accepts if it accepts ``patch``: each axis keeps its power-of-two
     factor up to 64, so every pooling level of a U-Net still divides it (48 → 16, 256 → 64)."""
-    return tuple(math.gcd(p, 64) for p in patch)  # type: ignore[return-value]
+    return math.gcd(patch[0], 64), math.gcd(patch[1], 64), math.gcd(patch[2], 64)
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -228,7 +228,8 @@ class Registry:
         return [e for e in entries if name is None or e.name == name]
 
     def active(self, name: str) -> str | None:
-        return self._read_state()["active"].get(name)  # type: ignore[no-any-return]
+        active: dict[str, str] = self._read_state()["active"]
+        return active.get(name)
 
     # -- verification and resolution ----------------------------------------------------------
 

@@ -237,10 +237,10 @@ class Anonymiser:
         elif elem.VR == "PN" or (elem.VR in ("DA", "DT") and action is None):
             elem.value = None  # names and dates the table does not list identify too
 
-    def _new_uids(self, value: object) -> object:
+    def _new_uids(self, value: str | Iterable[object]) -> str | list[str]:
         if isinstance(value, str):
             return self.uid(value) if value else value
-        return [self.uid(str(v)) for v in value]  # type: ignore[attr-defined]
+        return [self.uid(str(v)) for v in value]
 
     @staticmethod
     def _method_codes(shifted: bool) -> Sequence:

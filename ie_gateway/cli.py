@@ -166,8 +166,8 @@ def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
     Names a destination's names file sets are checked when the config loads; this covers the
     model's own names that reach a destination unmapped.
     """
+    from ie_gateway.infer.registry import registry_for
     from ie_gateway.roinames import load_roi_names
-    from ie_gateway.service import registry_for
 
     registry = registry_for(cfg)
     problems = []
@@ -194,7 +194,8 @@ def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
 
 
 def _load_rules(cfg: GatewayConfig) -> RuleSet:
-    from ie_gateway.service import registry_for, rules_loader
+    from ie_gateway.infer.registry import registry_for
+    from ie_gateway.route.load import rules_loader
 
     return rules_loader(cfg, registry_for(cfg))(cfg.routing_file)
 
@@ -252,7 +253,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"ie-gateway models import {args.package}"
         )
         return 0
-    from ie_gateway.service import registry_for, runner_for
+    from ie_gateway.infer.registry import registry_for
+    from ie_gateway.service import runner_for
 
     with runner_for(cfg) as runner:
         return _models(args, registry_for(cfg, runner.verify), describe_package, load_manifest)
@@ -350,7 +352,8 @@ class TextProgress:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ie_gateway.service import registry_for, runner_for
+    from ie_gateway.infer.registry import registry_for
+    from ie_gateway.service import runner_for
     from ie_gateway.store import Store
     from ie_gateway.sync.run import sync_now
 
@@ -373,7 +376,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     import time
 
     from ie_gateway import audit
-    from ie_gateway.service import registry_for
+    from ie_gateway.infer.registry import registry_for
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)

@@ -6,7 +6,6 @@ endpoint (health, metrics), signals, systemd.
 
 from __future__ import annotations
 
-import functools
 import glob
 import signal
 import threading
@@ -24,11 +23,12 @@ from ie_gateway import drift, metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
 from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
-from ie_gateway.infer.registry import Probe, Registry
+from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
-from ie_gateway.route import RuleSet, RulesWatcher, load_rules
+from ie_gateway.route import RulesWatcher
+from ie_gateway.route.load import rules_loader
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
@@ -39,28 +39,10 @@ from ie_gateway.web import web_routes
 log = structlog.get_logger(__name__)
 
 
-def registry_for(cfg: GatewayConfig, probe: Probe | None = None) -> Registry:
-    """The model registry of a node: packages in models_dir, activation state beside the index;
-    ``probe`` (an inference runner's ``verify``) loads and runs a package after its checksums."""
-    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json", probe)
-
-
 def runner_for(cfg: GatewayConfig) -> InferenceRunner:
     """The inference child of a node (or of a CLI command that verifies models)."""
     device = None if cfg.inference.device == "auto" else cfg.inference.device
     return InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
-
-
-def model_exists(registry: Registry, name: str, version: str | None) -> bool:
-    """Whether routing may name this model (any installed version when none is pinned)."""
-    versions = registry.versions(name)
-    return version in versions if version is not None else bool(versions)
-
-
-def rules_loader(cfg: GatewayConfig, registry: Registry) -> functools.partial[RuleSet]:
-    return functools.partial(
-        load_rules, destinations=set(cfg.destinations), model_exists=functools.partial(model_exists, registry)
-    )
 
 
 def gpu_device_nodes() -> list[str]:

@@ -172,7 +172,7 @@ class Node:
         def reached() -> list[dict[str, Any]] | None:
             rows = [r for r in self.status() if r["state"] in states]
             return rows if len(rows) >= count else None
-        return wait_until(reached, timeout, every=0.2, what=f"a job in {sorted(states)}")  # type: ignore[no-any-return]
+        return wait_until(reached, timeout, every=0.5, what=f"a job in {sorted(states)}")  # type: ignore[no-any-return]
 
 
 class Orthanc:

@@ -22,8 +22,7 @@ from pydicom.uid import generate_uid
 from ie_gateway.cli import TextProgress
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import SyncError
-from ie_gateway.infer.registry import Registry
-from ie_gateway.service import registry_for
+from ie_gateway.infer.registry import Registry, registry_for
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client

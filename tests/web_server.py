@@ -14,7 +14,7 @@ from selenium.webdriver.chrome.service import Service
 from starlette.applications import Starlette
 
 from ie_gateway.config import load_config
-from ie_gateway.service import registry_for
+from ie_gateway.infer.registry import registry_for
 from ie_gateway.store import Store
 from ie_gateway.web import web_routes
 from tests.peers import free_port, port_open, wait_until

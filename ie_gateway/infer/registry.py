@@ -41,12 +41,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
 from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
+
+if TYPE_CHECKING:
+    from ie_gateway.config import GatewayConfig
 
 log = structlog.get_logger(__name__)
 
@@ -393,3 +396,9 @@ def _copy_durably(src: Path, dst: Path) -> None:
     with dst.open("rb") as fh:
         os.fsync(fh.fileno())
     dst.chmod(0o444)
+
+
+def registry_for(cfg: GatewayConfig, probe: Probe | None = None) -> Registry:
+    """The model registry of a node: packages in models_dir, activation state beside the index;
+    ``probe`` (an inference runner's ``verify``) loads and runs a package after its checksums."""
+    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json", probe)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -35,6 +36,10 @@ from ie_gateway.route.matchers import (
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
 from ie_gateway.yamlfile import Loc, format_error, line_of, read_yaml
+
+if TYPE_CHECKING:
+    from ie_gateway.config import GatewayConfig
+    from ie_gateway.infer.registry import Registry
 
 ModelExists = Callable[[str, str | None], bool]
 
@@ -323,3 +328,16 @@ def _shown(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
+
+
+def model_exists(registry: Registry, name: str, version: str | None) -> bool:
+    """Whether routing may name this model (any installed version when none is pinned)."""
+    versions = registry.versions(name)
+    return version in versions if version is not None else bool(versions)
+
+
+def rules_loader(cfg: GatewayConfig, registry: Registry) -> functools.partial[RuleSet]:
+    """``load_rules`` bound to a node's destinations and installed models (for the watcher)."""
+    return functools.partial(
+        load_rules, destinations=set(cfg.destinations), model_exists=functools.partial(model_exists, registry)
+    )

@@ -108,6 +108,20 @@ def test_model_commands_import_activate_and_list(node_factory: Any, tmp_path: Pa
     assert refused.returncode != 0 and "toy-body" in refused.stderr
 
 
+def child_pids(pid: int) -> set[int]:
+    """Direct children of ``pid``, from every one of its threads."""
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.mark.slow
 def test_kill_9_mid_inference_reruns_only_the_interrupted_job(node_factory: Any, tmp_path: Path) -> None:
     node = node_with(node_factory, tmp_path, [rule("fast", "Fast", "toy-body"), rule("slow", "Slow", "slow-body")],
@@ -118,7 +132,12 @@ def test_kill_9_mid_inference_reruns_only_the_interrupted_job(node_factory: Any,
     [busy] = node.wait_state({"inferring"})
     index = node.root / "index.sqlite3"
     done_before = transitions(index, done["id"])
+    assert node.proc is not None
+    children = child_pids(node.proc.pid)  # the inference child (and multiprocessing's tracker)
+    assert children
     node.kill9()
+    wait_until(lambda: not any(running(pid) for pid in children), 30, every=0.2,
+               what="the killed node's inference child to stop computing")
     node.start()
     rows = {r["id"]: r for r in node.wait_state({"sending"}, count=2, timeout=300)}
     assert rows[busy["id"]]["model"] == "slow-body"

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -217,12 +218,25 @@ def _ready(conn: Connection) -> bool:
         return False
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End the child once its parent is gone: a node killed with SIGKILL cannot send "close", and
+    the child, busy with a job, would only see EOF after it; a restarted node runs that job again."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)  # the check interval of this watch loop
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _serve(conn: Connection, device: str | None, max_resident: int, log_level: str | None) -> None:
     """The child's loop: one job per message until "close" or the parent goes away."""
     # Ctrl-C at a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:
         configure_logging(log_level)
+    _exit_with_parent(os.getppid())
     conn.send(("ready",))
     resident: OrderedDict[tuple[str, str, str], Segmenter] = OrderedDict()
     while True:

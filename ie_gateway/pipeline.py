@@ -27,12 +27,12 @@ import structlog
 from ie_gateway import drift, metrics
 from ie_gateway.agreement import ModelContours, assess_approval
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import AgreementError, GatewayError, ModelError, VolumeRefused, WriteError
+from ie_gateway.errors import AgreementError, ConfigError, GatewayError, ModelError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.plausibility import Findings, check_result
-from ie_gateway.roinames import load_roi_names
+from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobState, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
@@ -215,8 +215,11 @@ class Worker:
         settings = self.cfg.agreement
         try:
             contours = [self._contours(ct_job, index, route) for index, route in enumerate(ct_job.routes)]
-            rows = assess_approval(self.store.index, ct_job, rt_job, approved[-1], contours, settings.tolerance_mm)
-        except (AgreementError, ModelError) as exc:
+            aliases = site_aliases(self.cfg.destinations, ct_job.routes)
+            rows = assess_approval(
+                self.store.index, ct_job, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
+            )
+        except (AgreementError, ModelError, ConfigError) as exc:
             log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
             return f"; no agreement figures: {exc}"
         for model in {f"{c.model}@{c.version}" for c in contours}:

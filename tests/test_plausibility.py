@@ -13,11 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from ie_gateway.agreement import match_structures
+from ie_gateway.config import Destination
 from ie_gateway.errors import ConfigError
 from ie_gateway.infer.manifest import Manifest, load_manifest
 from ie_gateway.pipeline import structures_of
 from ie_gateway.plausibility import Findings, check_result
-from ie_gateway.roinames import load_roi_names
+from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.synthetic import make_phantom, write_ct_series
 from ie_gateway.write.common import SliceGeometry, StructureInfo, structure_mask
 
@@ -119,3 +121,20 @@ def test_names_file_errors_name_file_line_and_key(tmp_path: Path) -> None:
     path.write_text("rois:\n  Lung_L: {name: LUNG_LT}\n  Lung_R: {name: LUNG_LT}\n")
     with pytest.raises(ConfigError, match="several structures would arrive as LUNG_LT"):
         load_roi_names(path, 16)
+
+
+def test_site_names_become_aliases_for_matching_an_approved_set(tmp_path: Path) -> None:
+    """A clinician's approved set comes back under the department's names; agreement matches it
+    with the model's structures through the names files of the job's destinations."""
+    (tmp_path / "tps-names.yaml").write_text("rois:\n  Lung_L: {name: LUNG_LT}\n  Heart: {send: false}\n")
+    (tmp_path / "pacs-names.yaml").write_text("rois:\n  Lung_L: {name: L_LUNG}\n")
+    destinations = {
+        "TPS": Destination(ae_title="TPS", host="127.0.0.1", port=104, names=tmp_path / "tps-names.yaml"),
+        "PACS": Destination(ae_title="PACS", host="127.0.0.1", port=105, names=tmp_path / "pacs-names.yaml"),
+        "PLAIN": Destination(ae_title="PLAIN", host="127.0.0.1", port=106),
+    }
+    aliases = site_aliases(destinations, [{"send_to": ["TPS", "PLAIN"]}, {"send_to": ["PACS", "TPS"]}])
+    assert aliases == {"Lung_L": ["LUNG_LT", "L_LUNG"]}
+    approved = {1: "external", 2: "l_lung", 3: "Heart"}
+    assert match_structures(["External", "Lung_L", "Heart", "SpinalCord"], approved, aliases) == {
+        "External": 1, "Lung_L": 2, "Heart": 3}

@@ -14,9 +14,11 @@ from tests.peers import REPO
 
 @pytest.mark.slow
 def test_demo_contours_a_synthetic_ct_and_delivers_rtstruct_seg_and_qa(tmp_path: Path) -> None:
+    # the demo's own 120 slices: a shorter scan cuts the heart, and the model's plausibility
+    # checks rightly hold such a result for review instead of delivering it
     result = subprocess.run(
         [sys.executable, "-m", "ie_gateway.cli", "demo", "--config", str(REPO / "config" / "gateway.yaml"),
-         "--workdir", str(tmp_path / "demo"), "--slices", "48"],
+         "--workdir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "job delivered" in result.stdout

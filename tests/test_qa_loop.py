@@ -142,7 +142,7 @@ def _masks(ds: pydicom.Dataset, headers: list[pydicom.Dataset]) -> dict[str, np.
 
 
 def node_figures(case: Case) -> dict[str, dict[str, Any]]:
-    rows = json.loads(case.node.cli("agreement", "--model", "demo-thorax@2", "--json").stdout)
+    rows = json.loads(case.node.cli("agreement", "--model", "demo-thorax@3", "--json").stdout)
     return {r["structure"]: r for r in rows}
 
 
@@ -150,11 +150,11 @@ def test_the_approved_set_is_linked_and_its_figures_stored_but_a_draft_gets_none
     assert case.draft_job["state"] == "unrouted" and "agreement" not in case.draft_job["reason"]
     assert case.rt_job["state"] == "unrouted"
     assert "agreement figures of 5 structures" in case.rt_job["reason"], case.rt_job
-    stored = agreement.rows(Store(case.node.root).index, model="demo-thorax@2")
+    stored = agreement.rows(Store(case.node.root).index, model="demo-thorax@3")
     assert {(r["ct_job"], r["approval_job"]) for r in stored} == {(case.ct_job["id"], case.rt_job["id"])}
     figures = node_figures(case)
     assert sorted(figures) == ["External", "Heart", "Lung_L", "Lung_R", "SpinalCord"]
-    assert {(r["model"], r["version"], r["cases"]) for r in figures.values()} == {("demo-thorax", "2", 1)}
+    assert {(r["model"], r["version"], r["cases"]) for r in figures.values()} == {("demo-thorax", "3", 1)}
 
 
 def test_eroded_lung_and_untouched_heart_match_independent_figures_within_1_percent(case: Case) -> None:
@@ -175,7 +175,7 @@ def test_eroded_lung_and_untouched_heart_match_independent_figures_within_1_perc
 
 def test_agreement_command_prints_a_table_per_version_and_structure(case: Case) -> None:
     out = case.node.cli("agreement", "--structure", "lung_l").stdout
-    [line] = [line for line in out.splitlines() if line.startswith("demo-thorax@2")]
+    [line] = [line for line in out.splitlines() if line.startswith("demo-thorax@3")]
     assert "Lung_L" in line and " 1 " in line
     assert "Heart" not in out
 
@@ -233,7 +233,7 @@ def test_job_page_shows_qa_picture_volumes_figures_and_deliveries(case: Case, pa
     image = browser.find_element(By.ID, "qa")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 100
     text = browser.find_element(By.TAG_NAME, "main").text
-    for expected in ("Heart", "Lung_L", "demo-thorax@2", "TPS", "delivered"):
+    for expected in ("Heart", "Lung_L", "demo-thorax@3", "TPS", "delivered"):
         assert expected in text
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 1366
     screenshot(browser, case.workdir, "job")
@@ -245,8 +245,8 @@ def test_agreement_page_plots_each_structure_of_each_version(case: Case, page: s
     browser.get(f"{page}/agreement")
     cards = browser.find_elements(By.CSS_SELECTOR, ".card")
     titles = sorted(c.find_element(By.TAG_NAME, "h3").text for c in cards)
-    assert titles == sorted(["External · demo-thorax@2", "Heart · demo-thorax@2", "Lung_L · demo-thorax@2",
-                             "Lung_R · demo-thorax@2", "SpinalCord · demo-thorax@2", "Heart · old-thorax@1 DRIFT"])
+    assert titles == sorted(["External · demo-thorax@3", "Heart · demo-thorax@3", "Lung_L · demo-thorax@3",
+                             "Lung_R · demo-thorax@3", "SpinalCord · demo-thorax@3", "Heart · old-thorax@1 DRIFT"])
     old = next(c for c in cards if "old-thorax" in c.text)
     assert len(old.find_elements(By.CSS_SELECTOR, "svg.trend circle")) == len(OLD_VERSION_DICE)
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 1366

@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from ie_gateway.errors import AgreementError, WriteError
+from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.store import Index, Job
 from ie_gateway.write.common import SliceGeometry, StructureInfo, structure_mask
 from ie_gateway.write.validate import rasterize_roi
@@ -268,7 +269,7 @@ def rows(
     where: list[str] = []
     args: list[Any] = []
     if model is not None:
-        name, _, version = model.partition("@")
+        name, version = parse_model_ref(model)
         where.append("model = ?")
         args.append(name)
         if version:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ConfigError, GatewayError
+from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.log import uid_hash
 
 if TYPE_CHECKING:
@@ -275,8 +276,8 @@ def _models(
     elif args.action == "verify":
         specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
         for spec in specs:
-            name, _, version = spec.partition("@")
-            registry.verify(name, version)
+            name, version = parse_model_ref(spec)
+            registry.verify(name, version or registry.resolve(name).version)
             print(f"{spec}: verified")
     elif args.action == "import":
         manifest = args.package / "model.yaml"

@@ -20,6 +20,7 @@ from ie_gateway import agreement
 from ie_gateway.config import AgreementSettings
 from ie_gateway.errors import ModelError
 from ie_gateway.infer.manifest import load_manifest
+from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.store import Index
 
 log = structlog.get_logger(__name__)
@@ -121,8 +122,8 @@ def gauge_values(index: Index, settings: AgreementSettings, models_dir: Path) ->
 
 def log_alarms(index: Index, settings: AgreementSettings, models_dir: Path, model: str) -> list[DriftState]:
     """After new figures of ``model@version``: log each of its structures in alarm."""
-    name, _, version = model.partition("@")
-    pairs = [(name, version)]
+    name, version = parse_model_ref(model)
+    pairs = [(name, version)] if version else []
     found = [s for s in states(index, settings, manifest_baselines(models_dir, pairs), model=model) if s.alarm]
     for s in found:
         log.warning(

@@ -47,13 +47,13 @@ import structlog
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
 from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
+from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
 
 if TYPE_CHECKING:
     from ie_gateway.config import GatewayConfig
 
 log = structlog.get_logger(__name__)
 
-_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _STAGING_PREFIX = ".staging-"
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
@@ -114,15 +114,6 @@ class Activation:
 def sha256_file(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """Split ``name`` or ``name@version``; refuse anything that could not name a folder."""
-    name, _, version = spec.partition("@")
-    for part in (name, version) if version else (name,):
-        if not _SAFE.fullmatch(part):
-            raise ModelError(f"model {spec!r}: expected NAME or NAME@VERSION of letters, digits, '.', '_', '-'")
-    return name, version or None
 
 
 def check_package(model: ModelVersion, probe: Probe | None = None) -> None:
@@ -202,7 +193,7 @@ class Registry:
         state = self._read_state()
         rows = []
         names = (
-            sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name))
+            sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and SAFE_NAME.fullmatch(p.name))
             if self.models_dir.is_dir()
             else []
         )
@@ -247,7 +238,7 @@ class Registry:
 
         Raises ModelError when nothing suitable is installed or the files do not verify.
         """
-        name, version = parse_spec(spec)
+        name, version = parse_model_ref(spec)
         if version is None:
             version = self._default_version(name)
         return self._verified_version(name, version)
@@ -285,7 +276,7 @@ class Registry:
         return model
 
     def _load(self, name: str, version: str) -> ModelVersion:
-        parse_spec(f"{name}@{version}")
+        parse_model_ref(f"{name}@{version}")
         path = self.models_dir / name / version
         if not (path / MANIFEST_NAME).is_file():
             installed = ", ".join(self.versions(name)) or "none"

@@ -52,7 +52,7 @@ from ie_gateway.route.explain import (
     RouteDecision,
     SeriesFacts,
 )
-from ie_gateway.route.load import ModelExists, load_rules, parse_model_ref
+from ie_gateway.route.load import ModelExists, load_rules
 from ie_gateway.route.rules import Rule, RuleSet
 from ie_gateway.route.watch import RulesWatcher
 
@@ -67,5 +67,4 @@ __all__ = [
     "RulesWatcher",
     "SeriesFacts",
     "load_rules",
-    "parse_model_ref",
 ]

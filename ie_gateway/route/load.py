@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ie_gateway.errors import ConfigError
+from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.route.explain import Output, Route
 from ie_gateway.route.matchers import (
     CODE_VRS,
@@ -42,21 +43,6 @@ if TYPE_CHECKING:
     from ie_gateway.infer.registry import Registry
 
 ModelExists = Callable[[str, str | None], bool]
-
-
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_MODEL_REF = re.compile(rf"(?P<name>{_NAME})(?:@(?P<version>{_NAME}))?")
-
-
-def parse_model_ref(ref: str) -> tuple[str, str | None]:
-    """Split ``name`` or ``name@version`` (``name@active`` = active); ValueError when malformed."""
-    found = _MODEL_REF.fullmatch(ref)
-    if found is None:
-        raise ValueError(
-            f"{ref!r} is not a model reference: write name or name@version (letters, digits, '.', '_', '-')"
-        )
-    version = found["version"]
-    return found["name"], None if version in (None, "active") else version
 
 
 def _known_destination(name: str, info: pydantic.ValidationInfo) -> str:

@@ -43,13 +43,13 @@ from azure.storage.blob import ContainerClient, ContentSettings
 from ie_gateway.errors import ModelError, SyncError
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
+from ie_gateway.infer.modelref import SAFE_NAME
 
 log = structlog.get_logger(__name__)
 
 MODELS_PREFIX = "models/"
 SIDECAR_NAME = MANIFEST_NAME + ".sha256"
 PARTIAL_SUFFIX = ".partial"
-_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -182,7 +182,7 @@ def _pull_one(
     partial = staging_dir / name / f"{version}{PARTIAL_SUFFIX}"
     downloaded = 0
     try:
-        if not (_SAFE.fullmatch(name) and _SAFE.fullmatch(version)):
+        if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
             raise _Refused("name or version has characters that cannot name a folder")
         partial.mkdir(parents=True, exist_ok=True)
         downloaded = _download_verified(container, name, version, files, partial)

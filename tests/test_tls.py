@@ -135,14 +135,16 @@ def test_results_are_sent_over_tls_to_a_destination_that_requires_it(
                            tls=DestinationTLS(ca=str(pki["ca"].cert), cert=str(pki["node"].cert),
                                               key=str(pki["node"].key)))
         sender = Sender({"TPS": dest}, DeliverySettings(), outbox, store.results)
-        assert sender.deliver_due() == 1
+        [delivery] = sender.deliver_due()
+        assert delivery.result(timeout=60) == 1
         assert len(tps.received()) == 1
 
         # without our client certificate the TPS refuses the handshake: deferred, not lost
         outbox.enqueue(job_id, "TPS2", str(result.relative_to(store.results)), ds.SOPInstanceUID, ds.SOPClassUID)
         anonymous = Destination(ae_title="TPS", host="127.0.0.1", port=tps.port,
                                 tls=DestinationTLS(ca=str(pki["ca"].cert)))
-        assert Sender({"TPS2": anonymous}, DeliverySettings(), outbox, store.results).deliver_due() == 0
+        [refused] = Sender({"TPS2": anonymous}, DeliverySettings(), outbox, store.results).deliver_due()
+        assert refused.result(timeout=60) == 0
         assert outbox.job_summary(job_id) == {"delivered": 1, "pending": 1}
     finally:
         tps.stop()

@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from ie_gateway.errors import ModelError
+from ie_gateway.files import sha256_file
 from ie_gateway.infer.manifest import MANIFEST_NAME, ModelFormat, load_manifest
-from ie_gateway.infer.registry import sha256_file
 
 NNUNET_CHECKPOINT = "checkpoint_final.pth"
 MONAI_CONFIG = "configs/inference.json"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
+from ie_gateway.files import fsync_dir, sha256_file
 from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
 
@@ -111,11 +111,6 @@ class Activation:
     by: str | None
 
 
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def check_package(model: ModelVersion, probe: Probe | None = None) -> None:
     """Full check: checksums first (cheap, catches tampering), then ``probe`` (loads and runs)."""
     for entry in (*model.manifest.folds, *model.manifest.files):
@@ -153,14 +148,6 @@ def _signature(files: list[Path]) -> FileSignature:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -321,7 +308,7 @@ class Registry:
         finally:
             if stage.exists():
                 shutil.rmtree(stage)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         with self._state() as state:
             state["imported"][offered.spec] = _now()
         log.info("model_imported", model=offered.spec, folds=len(manifest.folds))
@@ -376,13 +363,13 @@ class Registry:
                 fh.flush()
                 os.fsync(fh.fileno())
             tmp.replace(self.state_file)
-            _fsync_dir(self.state_file.parent)
+            fsync_dir(self.state_file.parent)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
     if not dst.parent.is_dir():
         dst.parent.mkdir(parents=True)
-        _fsync_dir(dst.parent.parent)
+        fsync_dir(dst.parent.parent)
     shutil.copyfile(src, dst)
     with dst.open("rb") as fh:
         os.fsync(fh.fileno())

@@ -3,12 +3,12 @@ running rules stay."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from ie_gateway.errors import ConfigError
+from ie_gateway.files import sha256_file
 from ie_gateway.route.rules import RuleSet
 
 
@@ -52,7 +52,7 @@ class RulesWatcher:
                 signature = (stat.st_mtime_ns, stat.st_size)
                 if not force and signature == self._signature:
                     return None
-                digest = hashlib.sha256(self._path.read_bytes()).hexdigest()
+                digest = sha256_file(self._path)
             except OSError as exc:
                 self._unreadable(f"{self._path}: cannot read: {exc.strerror}")
                 return None

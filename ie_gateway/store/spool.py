@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ie_gateway.errors import StoreError, UnsafeUIDError
+from ie_gateway.files import fsync_dir
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_DIR = ".tmp"
@@ -102,10 +103,6 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _fsync_dir(folder: Path) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_dir(folder)
     except OSError as exc:
         raise StoreError(f"cannot open spool folder to sync it: {exc.strerror}") from exc
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,7 +27,6 @@ matches is not downloaded again, so an interrupted pull resumes.
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 import shutil
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient, ContentSettings
 
 from ie_gateway.errors import ModelError, SyncError
+from ie_gateway.files import sha256_file
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME
@@ -150,7 +150,7 @@ def publish_version(
         for file in names:
             with (package_dir / file).open("rb") as fh:
                 container.upload_blob(prefix + file, fh, overwrite=True)
-        digest = _sha256(package_dir / MANIFEST_NAME)
+        digest = sha256_file(package_dir / MANIFEST_NAME)
         container.upload_blob(
             prefix + SIDECAR_NAME,
             f"{digest}  {MANIFEST_NAME}\n".encode(),
@@ -216,7 +216,7 @@ def _download_verified(container: ContainerClient, name: str, version: str, file
 def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], partial: Path, sha256: str) -> int:
     """Make ``partial/file`` hold the blob with ``sha256``; skip a complete earlier download."""
     dest = partial / file
-    if dest.is_file() and _sha256(dest) == sha256:
+    if dest.is_file() and sha256_file(dest) == sha256:
         return 0
     if file not in files:
         raise _Refused(f"{file} is named in model.yaml but not published")
@@ -227,7 +227,7 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
             size = container.download_blob(prefix + file).readinto(fh)
     except AzureError as exc:
         raise SyncError(f"download of {prefix}{file} failed: {exc}") from exc
-    actual = _sha256(tmp)
+    actual = sha256_file(tmp)
     if actual != sha256:
         raise _Refused(f"{file} has sha256 {actual}, expected {sha256}: corrupt or tampered")
     tmp.replace(dest)
@@ -246,8 +246,3 @@ def _sidecar_digest(content: bytes) -> str:
     if not fields or not _HEX64.fullmatch(fields[0].lower()):
         raise _Refused(f"{SIDECAR_NAME} is not '<sha256 hex>  {MANIFEST_NAME}'")
     return fields[0].lower()
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

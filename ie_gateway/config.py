@@ -12,17 +12,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.roinames import load_roi_names
-from ie_gateway.yamlfile import load_model
+from ie_gateway.yamlfile import StrictModel, load_model
 
 AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _ae_title(value: str) -> str:
@@ -31,7 +27,7 @@ def _ae_title(value: str) -> str:
     return value
 
 
-class Caller(_Strict):
+class Caller(StrictModel):
     """A peer allowed to associate: its calling AE title and, optionally, its address."""
 
     ae_title: str
@@ -48,7 +44,7 @@ class Caller(_Strict):
         return value
 
 
-class NodeTLS(_Strict):
+class NodeTLS(StrictModel):
     """The DICOM TLS listener (PS3.15 Annex B). Paths name files, or ``credential:NAME`` for a
     systemd credential; the key never goes inline in YAML."""
 
@@ -65,7 +61,7 @@ class NodeTLS(_Strict):
         return self
 
 
-class Node(_Strict):
+class Node(StrictModel):
     """The DICOM listener."""
 
     ae_title: str = "IE_GATEWAY"
@@ -82,28 +78,28 @@ class Node(_Strict):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
-class Reserve(_Strict):
+class Reserve(StrictModel):
     """Free space kept under storage.root: the larger of the two is the floor."""
 
     percent: float = Field(5, ge=0, lt=100)
     gb: float = Field(1, ge=0)
 
 
-class Storage(_Strict):
+class Storage(StrictModel):
     """Where the spool, the index and the results live."""
 
     root: Path
     reserve: Reserve = Reserve()
 
 
-class SeriesSettings(_Strict):
+class SeriesSettings(StrictModel):
     """When a series counts as complete."""
 
     stable_after_s: float = Field(10, gt=0)
     sweep_every_s: float = Field(1.0, gt=0)
 
 
-class VolumeSettings(_Strict):
+class VolumeSettings(StrictModel):
     """Geometry checks a series must pass before it reaches a model."""
 
     spacing_tolerance_mm: float = Field(0.05, gt=0)
@@ -111,14 +107,14 @@ class VolumeSettings(_Strict):
     max_tilt_deg: float = Field(0.5, ge=0)
 
 
-class InferenceSettings(_Strict):
+class InferenceSettings(StrictModel):
     """Where and how long inference may run."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(900, gt=0)
 
 
-class DestinationTLS(_Strict):
+class DestinationTLS(StrictModel):
     """DICOM TLS towards a destination: the CA that signs its certificate, and ours if it asks."""
 
     ca: str | None = None  # None: the system's trust store
@@ -127,7 +123,7 @@ class DestinationTLS(_Strict):
     check_hostname: bool = True
 
 
-class Destination(_Strict):
+class Destination(StrictModel):
     """A peer results are sent to (a TPS, a PACS).
 
     ``accepts``: the outputs it takes (many planning systems take RT-STRUCT but not SEG); a
@@ -149,7 +145,7 @@ class Destination(_Strict):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
-class HttpSettings(_Strict):
+class HttpSettings(StrictModel):
     """The health, metrics and admin HTTP endpoint."""
 
     enabled: bool = True
@@ -157,7 +153,7 @@ class HttpSettings(_Strict):
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
 
 
-class DeliverySettings(_Strict):
+class DeliverySettings(StrictModel):
     """Retry policy of the outbox: exponential backoff with jitter, then dead-letter."""
 
     base_s: float = Field(5, gt=0)
@@ -168,14 +164,14 @@ class DeliverySettings(_Strict):
     every_s: float = Field(2.0, gt=0, description="how often the outbox looks for due rows")
 
 
-class RetentionSettings(_Strict):
+class RetentionSettings(StrictModel):
     """How long finished work stays in the spool."""
 
     unrouted_days: float = Field(7, ge=0)
     finished_days: float = Field(30, ge=0)
 
 
-class SyncSettings(_Strict):
+class SyncSettings(StrictModel):
     """The Azure loop; credentials come from the environment, never from here."""
 
     enabled: bool = False
@@ -197,7 +193,7 @@ class SyncSettings(_Strict):
         return value
 
 
-class AgreementSettings(_Strict):
+class AgreementSettings(StrictModel):
     """Agreement of the AI's contours with the clinicians' approved ones, and the drift alarm.
 
     A structure's alarm is raised when the median Dice of its version's last ``window`` cases
@@ -210,7 +206,7 @@ class AgreementSettings(_Strict):
     margin: float = Field(0.05, ge=0, le=1)
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(StrictModel):
     """The whole of `gateway.yaml`."""
 
     node: Node = Node()

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ie_gateway.yamlfile import load_model
+from ie_gateway.yamlfile import StrictModel, load_model
 
 if TYPE_CHECKING:
     from ie_gateway.config import Destination
@@ -33,11 +33,7 @@ if TYPE_CHECKING:
 Byte = Annotated[int, Field(ge=0, le=255)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RoiName(_Strict):
+class RoiName(StrictModel):
     """What one model structure becomes at this destination."""
 
     name: str | None = Field(None, min_length=1, max_length=64)
@@ -55,7 +51,7 @@ class RoiName(_Strict):
         return name
 
 
-class RoiNames(_Strict):
+class RoiNames(StrictModel):
     """The validated names file of a destination."""
 
     rois: dict[str, RoiName] = {}

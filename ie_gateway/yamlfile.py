@@ -14,6 +14,14 @@ import yaml
 
 from ie_gateway.errors import ConfigError
 
+
+class StrictModel(pydantic.BaseModel):
+    """The base of every model read from an admin's YAML: an unknown key is an error (a typo
+    must not be ignored) and the settings are immutable once loaded."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
 M = TypeVar("M", bound=pydantic.BaseModel)
 Loc = tuple[str | int, ...]
 

@@ -22,10 +22,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError, ModelError
-from ie_gateway.yamlfile import load_model
+from ie_gateway.yamlfile import StrictModel, load_model
 
 MANIFEST_NAME = "model.yaml"
 
@@ -82,11 +82,7 @@ class ModelFormat(enum.StrEnum):
     MONAI_BUNDLE = "monai_bundle"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PostProcess(_Strict):
+class PostProcess(StrictModel):
     """Clean-up applied to one structure's mask on the CT grid, in this order."""
 
     largest_component: bool = False
@@ -94,7 +90,7 @@ class PostProcess(_Strict):
     min_volume_cc: float = Field(default=0.0, ge=0)
 
 
-class Range(_Strict):
+class Range(StrictModel):
     """An inclusive range; either end may be left open."""
 
     min: float | None = None
@@ -115,7 +111,7 @@ class Range(_Strict):
         return f">= {self.min:g}" if self.min is not None else f"<= {self.max:g}"
 
 
-class Expect(_Strict):
+class Expect(StrictModel):
     """What a sane result of this structure looks like (see ie_gateway.plausibility).
 
     ``volume_cc``: its volume; ``volume_cc_per_cm``: its volume per cm of scan length (long
@@ -133,7 +129,7 @@ class Expect(_Strict):
     slices_covered: Range | None = None
 
 
-class Structure(_Strict):
+class Structure(StrictModel):
     label: int = Field(ge=1, le=255)
     name: str = Field(min_length=1, max_length=64)
     color: tuple[Byte, Byte, Byte]
@@ -145,7 +141,7 @@ class Structure(_Strict):
     send: bool = True  # false: the model still segments it, RT-STRUCT and SEG leave it out
 
 
-class Intensity(_Strict):
+class Intensity(StrictModel):
     window: tuple[float, float]
 
     @field_validator("window")
@@ -156,7 +152,7 @@ class Intensity(_Strict):
         return window
 
 
-class InputContract(_Strict):
+class InputContract(StrictModel):
     spacing_mm: tuple[PositiveMm, PositiveMm, PositiveMm]  # x, y, z
     orientation: Literal["LPS"] = "LPS"
     intensity: Intensity
@@ -165,7 +161,7 @@ class InputContract(_Strict):
     batch_size: PositiveVoxels = 1
 
 
-class NnUNetSettings(_Strict):
+class NnUNetSettings(StrictModel):
     """How ``nnUNetPredictor`` runs an ``nnunetv2`` package (the defaults of nnUNetv2_predict)."""
 
     configuration: str = Field(min_length=1)  # a key of plans.json "configurations"
@@ -175,7 +171,7 @@ class NnUNetSettings(_Strict):
     step_size: float = Field(default=0.5, gt=0, le=1)  # sliding-window step, fraction of patch
 
 
-class MonaiSettings(_Strict):
+class MonaiSettings(StrictModel):
     """Where a ``monai_bundle`` package keeps its configs (paths inside the package)."""
 
     config: str = Field(default="configs/inference.json", pattern=_SAFE_PATH)
@@ -183,7 +179,7 @@ class MonaiSettings(_Strict):
     probe_size: tuple[PositiveVoxels, PositiveVoxels, PositiveVoxels] = (32, 32, 32)
 
 
-class Fold(_Strict):
+class Fold(StrictModel):
     file: str = Field(pattern=_SAFE_PATH)
     sha256: str
 
@@ -195,10 +191,10 @@ class Fold(_Strict):
         return sha256
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     """The validated ``model.yaml``; ``structures`` are kept sorted by label."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # version: 3 in YAML is the text "3"
 
     name: str = Field(pattern=_SAFE_NAME)
     version: str = Field(pattern=_SAFE_NAME)

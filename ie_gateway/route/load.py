@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import AfterValidator, Field, StrictBool, StrictStr
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ie_gateway.errors import ConfigError
@@ -36,7 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
-from ie_gateway.yamlfile import Loc, format_error, line_of, read_yaml
+from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
 if TYPE_CHECKING:
     from ie_gateway.config import GatewayConfig
@@ -63,9 +63,7 @@ def _known_model(ref: str, info: pydantic.ValidationInfo) -> str:
     return ref
 
 
-class _RuleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RuleSpec(StrictModel):
     name: StrictStr = Field(min_length=1)
     match: dict[str, Any]
     model: Annotated[StrictStr, AfterValidator(_known_model)]
@@ -76,9 +74,7 @@ class _RuleSpec(BaseModel):
     review: Literal["hold", "flag"] = "hold"
 
 
-class _RoutingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RoutingSpec(StrictModel):
     rules: list[_RuleSpec]
 
 

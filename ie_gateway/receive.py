@@ -286,7 +286,7 @@ class Receiver:
     def open_associations(self) -> int:
         """Associations requested and not yet ended (the ones max_associations counts)."""
         with self._lock:
-            self._sessions = {a for a in self._sessions if a.is_alive()}
+            self._sessions = {a for a in self._sessions if _holds_slot(a)}
             return len(self._sessions)
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -332,7 +332,7 @@ class Receiver:
             )
             return
         with self._lock:
-            self._sessions = {a for a in self._sessions if a.is_alive()}
+            self._sessions = {a for a in self._sessions if _holds_slot(a)}
             busy = len(self._sessions) >= self.node.max_associations
             if not busy:
                 self._sessions.add(assoc)
@@ -448,3 +448,10 @@ def _header(ds: Dataset) -> dict[str, Any]:
         return header_values(ds)
     except DECODE_ERRORS:
         return {}
+
+
+def _holds_slot(assoc: Association) -> bool:
+    """Whether an association still counts against max_associations. One that was released or
+    aborted does not, although its thread lives on for some milliseconds while its DUL stops: a
+    sender that releases and associates again at once must not be refused for its own past."""
+    return assoc.is_alive() and not (assoc.is_released or assoc.is_aborted)

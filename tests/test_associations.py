@@ -84,3 +84,14 @@ def test_an_association_beyond_max_associations_is_refused_as_transient(node_fac
     assert wait_until(lambda: echoscu(node.port).returncode == 0, 10, what="the slot to free")
     assert any(e["event"] == "association refused" and e["reason"] == "max_associations reached"
                for e in node.log_events())
+
+
+def test_a_sender_that_releases_and_associates_again_at_once_is_not_refused(node_factory: object) -> None:
+    """A released association's thread lives on while its DUL stops; it must not hold the slot."""
+    node: Node = node_factory(settings={"node": {"max_associations": 1}}).start()  # type: ignore[operator]
+    ae = AE("ECHOSCU")
+    ae.add_requested_context(Verification)
+    for _ in range(20):
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+        assert assoc.is_established
+        assoc.release()

@@ -221,7 +221,7 @@ def test_jobs_list_shows_every_job_and_filters_by_state(case: Case, page: str, b
     assert "DRIFT: old-thorax@1 Heart" in browser.find_element(By.CSS_SELECTOR, ".banner").text
     screenshot(browser, case.workdir, "jobs")
     browser.find_element(By.LINK_TEXT, "delivered (1)").click()
-    wait_until(lambda: "state=delivered" in browser.current_url, 10, what="the filtered list")
+    wait_until(lambda: "state=delivered" in browser.current_url and loaded(browser), 10, what="the filtered list")
     states = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "table .state")]
     assert states == ["delivered"]
 
@@ -267,6 +267,25 @@ def test_no_patient_name_id_or_birth_date_on_any_page(case: Case, page: str, bro
     screenshot(browser, case.workdir, "login")
 
 
+def loaded(browser: Any) -> bool:
+    """Whether the browser's current page has finished loading (a click does not wait for it)."""
+    return bool(browser.execute_script("return document.readyState") == "complete")
+
+
+def signed_in(browser: Any) -> None:
+    """Wait for the page after signing in to say so; the old page's header may be read as it goes."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def says_sign_out() -> bool:
+        try:
+            return loaded(browser) and "Sign out" in browser.find_element(By.TAG_NAME, "header").text
+        except StaleElementReferenceException:
+            return False  # the login page's header, replaced while it was read
+
+    wait_until(says_sign_out, 15, what="the signed-in page")
+
+
 def _post(url: str, data: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.parse
@@ -298,7 +317,7 @@ def test_action_buttons_refuse_a_request_without_the_token(case: Case, page: str
     browser.get(f"{page}/login")
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    assert "Sign out" in browser.find_element(By.TAG_NAME, "header").text
+    signed_in(browser)
     valid = browser.find_element(By.CSS_SELECTOR, "meta[name=csrf]").get_attribute("content")
     for value, expected in (("stale", "CSRF value is missing or stale"), (valid, "no dead-lettered deliveries")):
         browser.execute_script(SUBMIT_FORM, retry, value)

@@ -96,19 +96,23 @@ class Store:
             return 0, True, False
         final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
         size = self.spool.write(final, chunks)
-        job_id, late = self.index.add_instance(
+        job_id, late = self._index(arrival, final, size, header)
+        return job_id, False, late
+
+    def _index(self, arrival: Arrival, path: Path, size: int, header: Callable[[], dict[str, Any]]) -> tuple[int, bool]:
+        """The index row of a stored instance file (received now, or adopted at start-up)."""
+        return self.index.add_instance(
             sop_uid=arrival.sop_uid,
             sop_class=arrival.sop_class,
             transfer_syntax=arrival.transfer_syntax,
             study_uid=arrival.study_uid,
             series_uid=arrival.series_uid,
-            path=str(final.relative_to(self.spool.root)),
+            path=str(path.relative_to(self.spool.root)),
             size=size,
             calling_ae=arrival.calling_ae,
             called_ae=arrival.called_ae,
             header=header,
         )
-        return job_id, False, late
 
     def instance_files(self, job: Job) -> list[Path]:
         """Absolute paths of every present instance of the job's series."""
@@ -249,16 +253,5 @@ class Store:
         except (pydicom.errors.InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             log.warning("unreadable file left in spool", file=path.name, error=type(exc).__name__)
             return 0
-        self.index.add_instance(
-            sop_uid=arrival.sop_uid,
-            sop_class=arrival.sop_class,
-            transfer_syntax=arrival.transfer_syntax,
-            study_uid=arrival.study_uid,
-            series_uid=arrival.series_uid,
-            path=str(path.relative_to(self.spool.root)),
-            size=path.stat().st_size,
-            calling_ae=arrival.calling_ae,
-            called_ae=arrival.called_ae,
-            header=lambda: header_values(ds),
-        )
+        self._index(arrival, path, path.stat().st_size, lambda: header_values(ds))
         return 1

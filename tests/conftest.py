@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic series on disk and the node started as users start it."""
+"""Shared fixtures: synthetic series on disk, the node started as users start it, a PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.peers import Node, Orthanc
+from tests.postgres import PostgresCluster, PostgresNotFoundError, find_bindir
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,28 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path / "orthanc").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throw-away PostgreSQL server for the session (tests/postgres.py); fails if none is installed."""
+    try:
+        bindir = find_bindir()
+    except PostgresNotFoundError as error:
+        pytest.fail(str(error))
+    cluster = PostgresCluster(bindir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for this test: ``postgresql://postgres@127.0.0.1:PORT/NAME``."""
+    url = postgres_cluster.create_database(request.node.name)
+    yield url
+    postgres_cluster.drop_database(url)
 
 
 def dcm_compress(src: list[Path], dst: Path, tool: list[str]) -> list[Path]:

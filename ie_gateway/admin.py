@@ -9,12 +9,14 @@ admin when the job is not in a state the action applies to.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import structlog
 
 from ie_gateway.errors import AdminError
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.records import Review, ReviewPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -35,19 +37,16 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
             f"{', '.join(sorted(s.value for s in REROUTABLE))} jobs can be rerouted"
         )
     cancelled = Outbox(store.index).cancel(job_id)
-    detail = {
-        k: v
-        for k, v in job.detail.items()
-        if k not in ("output_uids", "outputs", "review", "not_sent", "deliveries", "empty_structures")
-    }
+    # what the earlier routing produced goes; what the series is (files, links, sync) stays
+    detail = replace(
+        job.detail, output_uids={}, outputs=(), review=None, not_sent={}, deliveries=None, empty_structures=()
+    )
     store.index.transition(
         job_id,
         JobState.COMPLETE,
         reason=f"rerouted by {who}",
         who=who,
-        routes=[],
-        model=None,
-        model_version=None,
+        routes=(),
         detail=detail,
         completed_at=time.time(),
     )
@@ -60,8 +59,9 @@ def release(store: Store, job_id: int, who: str) -> Job:
     job = store.index.job(job_id)
     if job.state is not JobState.NEEDS_REVIEW:
         raise AdminError(f"job {job_id} is {job.state.value}, not needs_review: nothing to release")
-    review = {**(job.detail.get("review") or {}), "released_by": who, "released_at": time.time()}
-    store.index.update_detail(job_id, review=review)
+    review = job.detail.review or Review(reasons=(), policy=ReviewPolicy.HOLD)
+    released = replace(review, released_by=who, released_at=time.time())
+    store.index.update_detail(job_id, lambda d: replace(d, review=released))
     store.index.transition(job_id, JobState.INFERRED, reason=f"released by {who}", who=who)
     log.info("job released", job=job_id, who=who)
     return store.index.job(job_id)

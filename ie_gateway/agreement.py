@@ -1,7 +1,7 @@
 """Agreement between what the model drew and what a clinician approved, per structure.
 
 When a clinician's approved RT Structure Set comes back linked to a CT job the node contoured
-(``sync.cases.link_approved``), every structure of every model that contoured the case is
+(``approvals.link_approved``), every structure of every model that contoured the case is
 compared with the approved ROI of the same name, on the CT's own grid in mm:
 
 - ``dice``           volumetric Dice
@@ -38,6 +38,7 @@ from scipy import ndimage
 from ie_gateway.errors import AgreementError, WriteError
 from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.store import Index, Job
+from ie_gateway.store.records import AgreementRow
 from ie_gateway.write.common import SliceGeometry, StructureInfo, structure_mask
 from ie_gateway.write.validate import rasterize_roi
 
@@ -201,23 +202,6 @@ def _ai_masks(
 
 # --- the index table --------------------------------------------------------------------------
 
-COLUMNS = (
-    "ct_job",
-    "approval_job",
-    "model",
-    "model_version",
-    "structure",
-    "at",
-    "tolerance_mm",
-    "dice",
-    "hd95_mm",
-    "msd_mm",
-    "surface_dice",
-    "volume_ai_cc",
-    "volume_approved_cc",
-    "volume_diff_pct",
-)
-
 
 def record(
     index: Index,
@@ -233,28 +217,26 @@ def record(
     """
     now = at if at is not None else time.time()
     rows = [
-        (
-            ct_job,
-            approval_job,
-            model,
-            version,
-            f.structure,
-            now,
-            tolerance_mm,
-            f.dice,
-            f.hd95_mm,
-            f.msd_mm,
-            f.surface_dice,
-            f.volume_ai_cc,
-            f.volume_approved_cc,
-            f.volume_diff_pct,
+        AgreementRow(
+            ct_job=ct_job,
+            approval_job=approval_job,
+            model=model,
+            model_version=version,
+            structure=f.structure,
+            at=now,
+            tolerance_mm=tolerance_mm,
+            dice=f.dice,
+            hd95_mm=f.hd95_mm,
+            msd_mm=f.msd_mm,
+            surface_dice=f.surface_dice,
+            volume_ai_cc=f.volume_ai_cc,
+            volume_approved_cc=f.volume_approved_cc,
+            volume_diff_pct=f.volume_diff_pct,
         )
         for (model, version), items in figures.items()
         for f in items
     ]
-    with index.tx() as db:
-        db.execute("DELETE FROM agreement WHERE ct_job = ?", (ct_job,))
-        db.executemany(f"INSERT INTO agreement ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+    index.replace_agreement(ct_job, rows)
     return len(rows)
 
 
@@ -265,29 +247,10 @@ def rows(
     since: float | None = None,
     ct_job: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Stored figures, oldest first; filters compare names case-insensitively."""
-    where: list[str] = []
-    args: list[Any] = []
-    if model is not None:
-        name, version = parse_model_ref(model)
-        where.append("model = ?")
-        args.append(name)
-        if version:
-            where.append("model_version = ?")
-            args.append(version)
-    if structure is not None:
-        where.append("lower(structure) = lower(?)")
-        args.append(structure)
-    if since is not None:
-        where.append("at >= ?")
-        args.append(since)
-    if ct_job is not None:
-        where.append("ct_job = ?")
-        args.append(ct_job)
-    sql = f"SELECT {', '.join(COLUMNS)} FROM agreement"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return [dict(zip(COLUMNS, r, strict=True)) for r in index.query(sql + " ORDER BY at, ct_job", tuple(args))]
+    """Stored figures as JSON-ready rows, oldest first; ``structure`` compares case-insensitively."""
+    name, version = parse_model_ref(model) if model is not None else (None, None)
+    found = index.agreement(model=name, version=version or None, structure=structure, since=since, ct_job=ct_job)
+    return [row.as_dict() for row in found]
 
 
 @dataclass(frozen=True)
@@ -340,7 +303,7 @@ def assess_approval(
     aliases: Aliases | None = None,
 ) -> int:
     """Compute and store the figures of an approved set linked to ``ct_job``; rows written."""
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_job.detail.get("slice_files", [])]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_job.detail.slice_files]
     started = time.monotonic()
     figures = assess(approved, headers, contours, tolerance_mm, aliases)
     written = record(index, ct_job.id, approval_job_id, figures, tolerance_mm)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ie_gateway.infer.registry import Registry
 from ie_gateway.store import Store
+from ie_gateway.store.outbox import Outbox
 
 # An admin's transition says who in its reason: "replayed by alice", "rerouted by bob: ...".
 ADMIN_REASON = re.compile(r"^(?P<action>\w+) by (?P<who>[^\s:;,]+)")
@@ -85,37 +86,30 @@ def _received(store: Store) -> Iterable[AuditEvent]:
 
 def _transitions(store: Store) -> Iterable[AuditEvent]:
     jobs = {j.id: j for j in store.index.jobs()}
-    for job_id, at, old, new, reason in store.index.query(
-        "SELECT job_id, at, from_state, to_state, reason FROM transitions ORDER BY at"
-    ):
+    for t in store.index.transitions():
+        job_id, at, old, new, reason = t.job_id, t.at, t.from_state, t.to_state, t.reason
         admin = ADMIN_REASON.match(reason or "")
         if admin:
             yield AuditEvent(at, job_id, "admin", f"{old} -> {new}: {reason}", who=admin["who"])
         elif new == "routed" and job_id in jobs:
             j = jobs[job_id]
-            rules = ", ".join(str(r.get("rule")) for r in j.routes) or "?"
+            rules = ", ".join(r.rule for r in j.routes) or "?"
             yield AuditEvent(at, job_id, "routed", f"rule {rules} -> {j.model}@{j.model_version}")
         elif new in ("unrouted", "refused", "failed", "delivered"):
             yield AuditEvent(at, job_id, new, reason or "")
 
 
 def _delivered(store: Store) -> Iterable[AuditEvent]:
-    for job_id, destination, files, at in store.index.query(
-        "SELECT o.job_id, o.destination, COUNT(DISTINCT o.id), MAX(a.at) FROM outbox o "
-        "JOIN attempts a ON a.outbox_id = o.id WHERE o.state = 'delivered' "
-        "GROUP BY o.job_id, o.destination"
-    ):
-        yield AuditEvent(at, job_id, "sent", f"{files} files to {destination}")
+    for b in Outbox(store.index).delivered_batches():
+        yield AuditEvent(b.at, b.job_id, "sent", f"{b.files} files to {b.destination}")
 
 
 def _synced(store: Store) -> Iterable[AuditEvent]:
     for j in store.index.jobs():
-        record = j.detail.get("synced")
-        if record and record.get("at"):
-            at = dt.datetime.fromisoformat(record["at"]).timestamp()
-            yield AuditEvent(
-                at, j.id, "synced", f"{record.get('ct', 0)} CT and {record.get('ai', 0)} result files, anonymised"
-            )
+        record = j.detail.synced
+        if record is not None and record.at:
+            at = dt.datetime.fromisoformat(record.at).timestamp()
+            yield AuditEvent(at, j.id, "synced", f"{record.ct} CT and {record.ai} result files, anonymised")
 
 
 def _activations(registry: Registry) -> Iterable[AuditEvent]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ie_gateway.infer.manifest import Manifest
     from ie_gateway.infer.registry import Registry
     from ie_gateway.route import RuleSet
+    from ie_gateway.store import Job
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
 
@@ -44,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help_text, parents=[config])
 
-    command("serve", "run the node (DICOM listener, worker, scheduler)")
+    serve = command("serve", "run the node (DICOM listener, worker, scheduler)")
+    serve.add_argument(
+        "--role",
+        choices=["all", "receiver", "worker"],
+        default="all",
+        help="all: everything on this VM; receiver: DICOM listener and spool; worker: claims jobs "
+        "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
+    )
     command("check-config", "validate gateway.yaml and its routing rules")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
@@ -138,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level)
-    from ie_gateway.service import Service
+    from ie_gateway.service import Role, Service
 
-    Service(cfg).run()
+    Service(cfg, role=Role(args.role)).run()
     return 0
 
 
@@ -209,7 +217,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rules = _load_rules(cfg)
     facts: list[tuple[str, SeriesFacts]] = []
     if args.path.isdigit():
-        job = Store(cfg.storage.root).index.job(int(args.path))
+        job = Store.for_settings(cfg.storage).index.job(int(args.path))
         facts.append((f"job {job.id}", SeriesFacts(job.header, job.calling_ae, job.called_ae, job.instances)))
     else:
         for label, (header, count) in _series_in_folder(Path(args.path)).items():
@@ -362,7 +370,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     logsetup.configure(cfg.log_level)
     progress = TextProgress(sys.stderr) if sys.stderr.isatty() else None
     with runner_for(cfg) as runner:
-        report = sync_now(cfg, Store(cfg.storage.root), registry_for(cfg, runner.verify), progress=progress)
+        report = sync_now(cfg, Store.for_settings(cfg.storage), registry_for(cfg, runner.verify), progress=progress)
     print(report.summary())
     if report.cases.failed:
         print(
@@ -385,7 +393,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         since = audit.parse_since(args.since, time.time()) if args.since else None
     except ValueError as exc:
         raise GatewayError(str(exc)) from exc
-    events = audit.audit_events(Store(cfg.storage.root), registry_for(cfg), since, args.job)
+    events = audit.audit_events(Store.for_settings(cfg.storage), registry_for(cfg), since, args.job)
     sys.stdout.write(audit.render(events, args.csv))
     return 0
 
@@ -395,7 +403,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    queued = retry(Store(cfg.storage.root), args.retry, _who())
+    queued = retry(Store.for_settings(cfg.storage), args.retry, _who())
     print(f"job {args.retry}: {queued} deliveries queued; the running node sends them within seconds")
     return 0
 
@@ -405,7 +413,7 @@ def cmd_reroute(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    reroute(Store(cfg.storage.root), args.job, _who())
+    reroute(Store.for_settings(cfg.storage), args.job, _who())
     print(f"job {args.job}: queued for routing; the running node applies the rules in force within seconds")
     return 0
 
@@ -415,7 +423,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    release(Store(cfg.storage.root), args.job, _who())
+    release(Store.for_settings(cfg.storage), args.job, _who())
     print(f"job {args.job}: released; its results are written, marked NEEDS REVIEW, and sent")
     return 0
 
@@ -427,7 +435,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    index = Store(cfg.storage.root).index
+    index = Store.for_settings(cfg.storage).index
     rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
     states = {(s.model, s.version, s.structure): s for s in drift.current(index, cfg.agreement, cfg.models_dir)}
     for row in rows:
@@ -463,7 +471,7 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """One object per series job, without patient data (the series UID only hashed)."""
     from ie_gateway.store import Store
 
-    store = Store(cfg.storage.root)
+    store = Store.for_settings(cfg.storage)
     now = time.time()
     rows = []
     for job in store.index.jobs():
@@ -480,30 +488,27 @@ def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "model": job.model,
                 "model_version": job.model_version,
                 "reason": job.reason,
-                **{k: v for k, v in job.detail.items() if k in STATUS_DETAIL_KEYS},
+                **({"late_instances": job.late_instances} if job.late_instances else {}),
+                **(_holder(job, now) if job.claimed_by else {}),
+                **_shown_detail(job),
             }
         )
     return rows
 
 
-STATUS_DETAIL_KEYS = (
-    "late_instances",
-    "missing_instances",
-    "outputs",
-    "deliveries",
-    "qa_png",
-    "volumes_cc",
-    "synced",
-    "sync_error",
-    "approved",
-    "linked_to",
-    "approval",
-    "purged",
-    "timings_s",
-    "empty_structures",
-    "not_sent",
-    "review",
-)
+#: detail kept for the stages, not for an admin reading `status`
+HIDDEN_DETAIL = ("slice_files", "output_uids")
+
+
+def _shown_detail(job: Job) -> dict[str, Any]:
+    shown = job.detail.shown()
+    return {k: v for k, v in shown.items() if k not in HIDDEN_DETAIL}
+
+
+def _holder(job: Job, now: float) -> dict[str, Any]:
+    """Which node works on the job, and for how much longer its lease runs unless renewed."""
+    left = (job.lease_until or now) - now
+    return {"held_by": job.claimed_by, "lease_s": round(left, 1)} if left > 0 else {}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -512,7 +517,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     rows = status_rows(cfg)
-    for state in drift.alarms(Store(cfg.storage.root).index, cfg.agreement, cfg.models_dir):
+    for state in drift.alarms(Store.for_settings(cfg.storage).index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
     try:
         _load_rules(cfg)
@@ -525,11 +530,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'id':>5}  {'state':<10} {'inst':>5} {'age':>8}  {'model':<24} reason")
+    print(f"{'id':>5}  {'state':<12} {'inst':>5} {'age':>8}  {'model':<24} {'held by':<20} reason")
     for r in rows:
         model = f"{r['model']}@{r['model_version']}" if r["model"] else "-"
         print(
-            f"{r['id']:>5}  {r['state']:<10} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} {r['reason'] or ''}"
+            f"{r['id']:>5}  {r['state']:<12} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} "
+            f"{r.get('held_by', '-'):<20} {r['reason'] or ''}"
         )
     return 0
 

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -86,10 +87,34 @@ class Reserve(StrictModel):
 
 
 class Storage(StrictModel):
-    """Where the spool, the index and the results live."""
+    """Where the spool, the index and the results live.
+
+    ``index``: ``sqlite`` (a file under ``root``; one node) or a ``postgresql://user@host/db``
+    URL that several nodes share, with ``root`` a mount they all see. The password is not
+    written here: libpq reads ``PGPASSWORD`` or a ``PGPASSFILE``.
+    """
 
     root: Path
+    index: str = "sqlite"
     reserve: Reserve = Reserve()
+
+    @field_validator("index")
+    @classmethod
+    def _index(cls, value: str) -> str:
+        if value == "sqlite":
+            return value
+        url = urlsplit(value)
+        if url.scheme not in ("postgresql", "postgres") or not url.hostname or not url.path.strip("/"):
+            raise ValueError("must be 'sqlite' or postgresql://user@host[:port]/database")
+        if url.password:
+            raise ValueError("holds a password: give it in PGPASSWORD or a PGPASSFILE, never in the YAML")
+        return value
+
+
+class WorkerSettings(StrictModel):
+    """How a worker holds the jobs it works on (several workers may share one index)."""
+
+    lease_s: float = Field(30, ge=5)  # renewed every third of it; a dead worker's job is free after it
 
 
 class SeriesSettings(StrictModel):
@@ -217,6 +242,7 @@ class GatewayConfig(StrictModel):
     destinations: dict[str, Destination] = {}
     volume: VolumeSettings = VolumeSettings()
     inference: InferenceSettings = InferenceSettings()
+    worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
     retention: RetentionSettings = RetentionSettings()
     sync: SyncSettings = SyncSettings()

@@ -39,14 +39,18 @@ class Health:
         self,
         store: Store,
         *,
-        listening: Callable[[], bool],
-        worker_alive: Callable[[], bool],
+        listening: Callable[[], bool] | None,
+        worker_alive: Callable[[], bool] | None,
         worker_last_tick: Callable[[], float],
         scheduler_running: Callable[[], bool],
         space: Callable[[], DiskSpace],
         inference_timeout_s: float,
+        node: str | None = None,
     ) -> None:
+        """``listening`` None: this node has no DICOM listener (a worker); ``worker_alive``
+        None: no worker (a receiver). ``node``: judge only the jobs this node holds."""
         self.store = store
+        self.node = node
         self.listening = listening
         self.worker_alive = worker_alive
         self.worker_last_tick = worker_last_tick
@@ -55,11 +59,15 @@ class Health:
         self.stuck_after_s = inference_timeout_s + PROGRESS_MARGIN_S
 
     def checks(self) -> list[Check]:
-        listener, *progress = self._restart_checks()
-        return [listener, self._index(), self._disk(), *progress]
+        listener = [self._listener()] if self.listening is not None else []
+        return [*listener, self._index(), self._disk(), *self._progress_checks()]
 
     def _restart_checks(self) -> list[Check]:
-        return [self._listener(), self._worker(), self._inferring(), self._scheduler()]
+        return [*([self._listener()] if self.listening is not None else []), *self._progress_checks()]
+
+    def _progress_checks(self) -> list[Check]:
+        worker = [self._worker(), self._inferring()] if self.worker_alive is not None else []
+        return [*worker, self._scheduler()]
 
     def ready(self) -> bool:
         return all(c.ok for c in self.checks())
@@ -70,13 +78,13 @@ class Health:
         return all(c.ok for c in self._restart_checks())
 
     def _listener(self) -> Check:
+        assert self.listening is not None
         ok = self.listening()
         return Check("listener", ok, "accepting" if ok else "the DICOM listener is not accepting", True)
 
     def _index(self) -> Check:
         try:
-            with self.store.index.tx():  # BEGIN IMMEDIATE: takes the write lock, writes nothing
-                pass
+            self.store.index.check_writable()
         except StoreError as exc:
             return Check("index", False, f"index not writable: {exc}", False)
         return Check("index", True, "writable", False)
@@ -95,6 +103,7 @@ class Health:
         return Check("disk", True, f"{space.free_bytes // mb} MiB free", False)
 
     def _worker(self) -> Check:
+        assert self.worker_alive is not None
         if not self.worker_alive():
             return Check("worker", False, "the worker thread has stopped", True)
         quiet = time.monotonic() - self.worker_last_tick()
@@ -104,12 +113,11 @@ class Health:
 
     def _inferring(self) -> Check:
         now = time.time()
-        since = self.store.index.query(
-            "SELECT j.id, MAX(t.at) FROM jobs j JOIN transitions t ON t.job_id = j.id AND t.to_state = ? "
-            "WHERE j.state = ? GROUP BY j.id",
-            (JobState.INFERRING.value, JobState.INFERRING.value),
-        )
-        stuck = [(int(r[0]), now - float(r[1])) for r in since if now - float(r[1]) > self.stuck_after_s]
+        mine = [
+            j for j in self.store.index.jobs([JobState.INFERRING]) if self.node is None or j.claimed_by == self.node
+        ]
+        since = [(j.id, self.store.index.entered_at(j.id, JobState.INFERRING)) for j in mine]
+        stuck = [(job_id, now - at) for job_id, at in since if at is not None and now - at > self.stuck_after_s]
         if stuck:
             job_id, seconds = stuck[0]
             return Check("inference", False, f"job {job_id} inferring for {seconds:.0f} s, past its time limit", True)

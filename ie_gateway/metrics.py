@@ -23,7 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ie_gateway.store import Store
+from ie_gateway.store import OutboxState, Store
+from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace
 from ie_gateway.store.states import JobState
 
@@ -88,26 +89,22 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         jobs = GaugeMetricFamily("ie_gateway_jobs", "Jobs (series) by state", labels=["state"])
-        counts = {
-            str(r[0]): int(r[1]) for r in self.store.index.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-        }
+        counts = self.store.index.job_counts()
         for state in JobState:
-            jobs.add_metric([state.value], counts.get(state.value, 0))
+            jobs.add_metric([state.value], counts.get(state, 0))
         yield jobs
-        outbox = {
-            str(r[0]): int(r[1]) for r in self.store.index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
-        }
+        outbox = Outbox(self.store.index)
+        by_state = outbox.counts()
         yield GaugeMetricFamily(
-            "ie_gateway_outbox_pending", "Results waiting to be delivered", value=outbox.get("pending", 0)
+            "ie_gateway_outbox_pending", "Results waiting to be delivered", value=by_state.get(OutboxState.PENDING, 0)
         )
         yield GaugeMetricFamily(
             "ie_gateway_dead_letters",
             "Results given up on after the retry limit (state failed)",
-            value=outbox.get("failed", 0),
+            value=by_state.get(OutboxState.FAILED, 0),
         )
-        attempts = self.store.index.query("SELECT COUNT(*) FROM attempts")[0][0]
         yield CounterMetricFamily(
-            "ie_gateway_delivery_attempts", "C-STORE attempts to destinations", value=int(attempts)
+            "ie_gateway_delivery_attempts", "C-STORE attempts to destinations", value=outbox.attempt_count()
         )
         space = self.space()
         yield GaugeMetricFamily("ie_gateway_disk_free_bytes", "Free space under storage.root", value=space.free_bytes)

@@ -8,16 +8,23 @@ complete ─route─▶ routed ─volume+infer─▶ inferred ─write─▶ sen
 Each stage reads what the previous one stored (index rows, files in the job's folder) and
 stores its own output before moving the job on, so a crash repeats at most one stage. This is
 the one place that catches broadly: whatever a stage raises parks the job with the reason.
+
+Several workers (on several machines sharing the index and the spool) may run at once: each
+claims a job for one stage under a lease that it renews while the stage runs and gives up when
+the stage ends. A worker that dies stops renewing; once its lease lapses another worker claims
+the job and runs the stage again: a job caught mid-inference starts its inference afresh, and
+one caught mid-write writes its outputs again under the UIDs stored before its first file, so
+the planning system receives the same instances, never new ones.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -26,6 +33,7 @@ import structlog
 
 from ie_gateway import drift, metrics
 from ie_gateway.agreement import ModelContours, assess_approval
+from ie_gateway.approvals import approved_sets, link_approved
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import AgreementError, ConfigError, GatewayError, ModelError, VolumeRefused, WriteError
 from ie_gateway.infer.manifest import Manifest
@@ -34,9 +42,9 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.route import Route, RuleSet, SeriesFacts
-from ie_gateway.store import Job, JobState, Store, TransitionError
+from ie_gateway.store import Job, JobRoute, JobState, OutboxState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.sync.cases import approved_sets, link_approved
+from ie_gateway.store.records import Review
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
     Masks,
@@ -77,7 +85,7 @@ def structures_of(manifest: Manifest) -> list[StructureInfo]:
 
 
 class Worker:
-    """Runs jobs one at a time in a background thread."""
+    """Runs jobs one at a time in a background thread, each under a lease it renews."""
 
     def __init__(
         self,
@@ -87,8 +95,14 @@ class Worker:
         runner: InferenceRunner,
         rules: Callable[[], RuleSet | None],
         on_queued: Callable[[], None] = lambda: None,
+        node: str = "local",
     ) -> None:
+        """``node``: this worker's name in the index (host:pid), which `status` shows as the
+        holder of the job it works on."""
         self.cfg = cfg
+        self.node = node
+        self.lease_s = cfg.worker.lease_s
+        self._held: int | None = None  # the job this worker holds now
         self.store = store
         self.registry = registry
         self.runner = runner
@@ -103,10 +117,12 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
         self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
 
     def start(self) -> None:
         self._thread.start()
+        self._renewer.start()
 
     def wake(self) -> None:
         """Look for work now (a series completed, an admin replayed a job)."""
@@ -116,6 +132,7 @@ class Worker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._renewer.join(timeout=5)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -127,18 +144,35 @@ class Worker:
                 self._wake.wait(1.0)
                 self._wake.clear()
 
-    STAGES: tuple[tuple[JobState, str], ...] = (
-        (JobState.INFERRED, "write"),
-        (JobState.COMPLETE, "route"),
-        (JobState.ROUTED, "infer"),
+    def _renew_loop(self) -> None:
+        """Renew the lease of the job in hand every third of the lease."""
+        while not self._stop.wait(self.lease_s / 3):
+            held = self._held
+            if held is None:
+                continue
+            try:
+                kept = self.store.index.renew(held, self.node, self.lease_s)
+            except GatewayError as exc:
+                log.warning("lease not renewed", job=held, error=str(exc))
+                continue
+            if not kept and self._held == held:
+                log.error("lease lost: another worker has taken the job over", job=held)
+
+    #: (states a stage takes a job from, the stage); a job claimed while `inferring` is one
+    #: whose worker's lease lapsed mid-inference
+    STAGES: tuple[tuple[tuple[JobState, ...], str], ...] = (
+        ((JobState.INFERRED,), "write"),
+        ((JobState.COMPLETE,), "route"),
+        ((JobState.ROUTED, JobState.INFERRING), "infer"),
     )
 
     def run_once(self) -> bool:
-        """Advance one job by one stage; False when there was nothing to do."""
-        for state, stage in self.STAGES:
-            job = self.store.index.next_job(state)
+        """Claim a job and advance it by one stage; False when there was nothing to do."""
+        for states, stage in self.STAGES:
+            job = self.store.index.claim(states, self.node, self.lease_s)
             if job is None:
                 continue
+            self._held = job.id
             started = time.monotonic()
             structlog.contextvars.bind_contextvars(job=job.id, stage=stage)
             try:
@@ -151,11 +185,19 @@ class Worker:
                 log.exception("stage crashed")
                 self._park(job, JobState.FAILED, f"{stage}: internal error {type(exc).__name__}: {exc}")
             finally:
+                self._held = None
+                self._release(job.id)
                 metrics.STAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
                 log.info("stage done", seconds=round(time.monotonic() - started, 3))
                 structlog.contextvars.unbind_contextvars("job", "stage")
             return True
         return False
+
+    def _release(self, job_id: int) -> None:
+        try:
+            self.store.index.release(job_id, self.node)
+        except GatewayError as exc:  # the lease lapses by itself
+            log.warning("lease not released", error=str(exc))
 
     def _park(self, job: Job, state: JobState, reason: str) -> None:
         current = self.store.index.job(job.id).state
@@ -194,16 +236,14 @@ class Worker:
                 job.id, JobState.UNROUTED, reason=f"no rule matched ({why})" if why else "no rules configured"
             )
             return
-        routes = []
-        for route in decision.routes:
-            # resolve now: the job keeps this exact version even if another is activated later
-            model = self.registry.resolve(_spec(route))
-            routes.append({**_route_dict(route), "version": model.version})
-        first = routes[0]
+        # resolve now: the job keeps this exact version even if another is activated later
+        routes = [_job_route(route, self.registry.resolve(_spec(route)).version) for route in decision.routes]
+        # the results' UIDs are fixed now: whichever worker writes them, the TPS gets these instances
+        uids = {key: asdict(new_output_uids()) for key in self._uid_keys(routes)}
         self.store.index.transition(
-            job.id, JobState.ROUTED, routes=routes, model=first["model"], model_version=first["version"]
+            job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, output_uids=uids)
         )
-        log.info("series routed", rules=[r["rule"] for r in routes], model=first["model"], version=first["version"])
+        log.info("series routed", rules=[r.rule for r in routes], model=routes[0].model, version=routes[0].version)
 
     def _agreement(self, rt_job: int, ct_job_id: int) -> str:
         """Figures of the approved set in ``rt_job`` against the AI's contours of ``ct_job_id``;
@@ -215,7 +255,7 @@ class Worker:
         settings = self.cfg.agreement
         try:
             contours = [self._contours(ct_job, index, route) for index, route in enumerate(ct_job.routes)]
-            aliases = site_aliases(self.cfg.destinations, ct_job.routes)
+            aliases = site_aliases(self.cfg.destinations, [d for r in ct_job.routes for d in r.send_to])
             rows = assess_approval(
                 self.store.index, ct_job, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
             )
@@ -226,16 +266,19 @@ class Worker:
             drift.log_alarms(self.store.index, settings, self.cfg.models_dir, model)
         return f"; agreement figures of {rows} structures"
 
-    def _contours(self, ct_job: Job, index: int, route: dict[str, Any]) -> ModelContours:
+    def _contours(self, ct_job: Job, index: int, route: JobRoute) -> ModelContours:
         """Where route ``index`` of a contoured job left its contours, and what they are."""
-        model = self.registry.resolve(f"{route['model']}@{route['version']}")
+        model = self.registry.resolve(route.spec)
         folder = self.store.results / f"job-{ct_job.id}"
-        rtstruct = folder / f"rtstruct-{index}.dcm" if "rtstruct" in route["outputs"] else None
+        rtstruct = folder / f"rtstruct-{index}.dcm" if OutputKind.RTSTRUCT in route.outputs else None
         return ModelContours(
             model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
         )
 
     def infer(self, job: Job) -> None:
+        if job.state is JobState.INFERRING:  # its worker died mid-inference: start it afresh
+            self.store.index.transition(job.id, JobState.ROUTED, reason="taken over: its worker's lease lapsed")
+            log.warning("job taken over", was_held_by=job.claimed_by)
         self.store.index.transition(job.id, JobState.INFERRING)
         folder = self.store.job_dir(job.id)
         started = time.monotonic()
@@ -246,17 +289,18 @@ class Worker:
         load_s = time.monotonic() - started
         del volume
         results = [
-            self.runner.run(
-                self.registry.resolve(f"{route['model']}@{route['version']}"), ct_path, folder / labels_file(index)
-            )
+            self.runner.run(self.registry.resolve(route.spec), ct_path, folder / labels_file(index))
             for index, route in enumerate(job.routes)
         ]
         volumes = results[0]["volumes_cc"]  # status shows the first route's model
         self.store.index.update_detail(
             job.id,
-            slice_files=slice_files,
-            volumes_cc={k: round(v, 1) for k, v in volumes.items()},
-            timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]},
+            lambda d: replace(
+                d,
+                slice_files=tuple(slice_files),
+                volumes_cc={k: round(v, 1) for k, v in volumes.items()},
+                timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]},
+            ),
         )
         self.store.index.transition(job.id, JobState.INFERRED)
         log.info(
@@ -269,11 +313,11 @@ class Worker:
         # the CT as the volume stage checked it, and its headers in the same slice order
         ct = sitk.ReadImage(str(folder / CT_FILE))
         hu = sitk.GetArrayViewFromImage(ct)
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in job.detail["slice_files"]]
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in job.detail.slice_files]
         geometry = SliceGeometry.from_headers(headers)
         results = []
         for index, route in enumerate(job.routes):
-            model = self.registry.resolve(f"{route['model']}@{route['version']}")
+            model = self.registry.resolve(route.spec)
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
             structures = structures_of(model.manifest)
             # the masks as the writers encode them: what the checks and volumes_cc must measure
@@ -282,31 +326,32 @@ class Worker:
             results.append((index, route, model, labels, masks, structures, findings))
         log.info("result checked", reasons=len(results[0][-1].reasons), seconds=round(time.monotonic() - started, 3))
         first = results[0][-1]
-        self.store.index.update_detail(job.id, volumes_cc=first.volumes_cc, empty_structures=first.empty)
+        self.store.index.update_detail(
+            job.id, lambda d: replace(d, volumes_cc=first.volumes_cc, empty_structures=tuple(first.empty))
+        )
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
-        reasons = [
-            f"{route['model']}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons
-        ]
-        review = job.detail.get("review") or {}
-        if reasons and not review.get("released_by"):
-            hold = any(route.get("review", "hold") == "hold" and f.reasons for _, route, *_, f in results)
-            self.store.index.update_detail(job.id, review={"reasons": reasons, "policy": "hold" if hold else "flag"})
+        reasons = [f"{route.model}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons]
+        review = job.detail.review
+        if reasons and (review is None or review.released_by is None):
+            hold = any(route.review is ReviewPolicy.HOLD and f.reasons for _, route, *_, f in results)
+            held = Review(reasons=tuple(reasons), policy=ReviewPolicy.HOLD if hold else ReviewPolicy.FLAG)
+            self.store.index.update_detail(job.id, lambda d: replace(d, review=held))
             if hold:
                 self.store.index.transition(job.id, JobState.NEEDS_REVIEW, reason="needs review: " + "; ".join(reasons))
                 log.warning("result held for review", reasons=reasons)
                 return
             log.warning("result flagged for review", reasons=reasons)
-        written: list[str] = []
-        not_sent: dict[str, list[str]] = {}
+        written: list[OutputKind] = []
+        not_sent: dict[str, list[OutputKind]] = {}
         uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
         qa_png = None
         for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
-            for kind in route["outputs"]:
+            for kind in route.outputs:
                 refusing = [
                     d
-                    for d in route["send_to"]
+                    for d in route.send_to
                     if d in self.cfg.destinations and kind not in self.cfg.destinations[d].accepts
                 ]
                 for dest in refusing:
@@ -329,15 +374,21 @@ class Worker:
         if not written:
             raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
         self.store.index.update_detail(
-            job.id, outputs=written, qa_png=str(qa_png) if qa_png else None, not_sent=not_sent
+            job.id,
+            lambda d: replace(
+                d,
+                outputs=tuple(written),
+                qa_png=str(qa_png) if qa_png else None,
+                not_sent={dest: tuple(kinds) for dest, kinds in not_sent.items()},
+            ),
         )
         self.store.index.transition(job.id, JobState.SENDING)
         log.info("results written", files=len(written), not_sent=not_sent)
         self.settle(job.id)  # every file may have been delivered while the later ones were built
 
     def _plan(
-        self, route: dict[str, Any], index: int, structures: list[StructureInfo], findings: Findings
-    ) -> list[tuple[str, str, str, list[str], list[StructureInfo]]]:
+        self, route: JobRoute, index: int, structures: list[StructureInfo], findings: Findings
+    ) -> list[tuple[str, str, OutputKind, list[str], list[StructureInfo]]]:
         """The files a route's outputs become: (UID key, file stem, kind, destinations, structures),
         RT-STRUCT first.
 
@@ -347,14 +398,8 @@ class Worker:
         """
         plans = []
         present = [s for s in structures if s.name not in findings.empty]
-        for kind in sorted(route["outputs"], key=lambda k: k != "rtstruct"):
-            groups: dict[str, list[str]] = {}
-            for dest in route["send_to"]:
-                cfg = self.cfg.destinations.get(dest)
-                if cfg is not None and kind not in cfg.accepts:
-                    continue
-                groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
-            for names, dests in groups.items():
+        for kind in sorted(route.outputs, key=lambda k: k is not OutputKind.RTSTRUCT):
+            for names, dests in self._groups(route, kind).items():
                 out = (
                     load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present)
                     if names
@@ -375,18 +420,39 @@ class Worker:
                 plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out))
         return plans
 
+    def _groups(self, route: JobRoute, kind: OutputKind) -> dict[str, list[str]]:
+        """The route's destinations that take ``kind``, grouped by the names file they apply
+        ("" for none): each group gets one file."""
+        groups: dict[str, list[str]] = {}
+        for dest in route.send_to:
+            cfg = self.cfg.destinations.get(dest)
+            if cfg is not None and kind not in cfg.accepts:
+                continue
+            groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
+        return groups
+
+    def _uid_keys(self, routes: Sequence[JobRoute]) -> list[str]:
+        """The UID keys of every file the routes may make (``_plan``'s, before the structures are known)."""
+        return [
+            f"{index}-{kind}" + (f"-{dests[0]}" if names else "")
+            for index, route in enumerate(routes)
+            for kind in route.outputs
+            for names, dests in self._groups(route, kind).items()
+        ]
+
     def _output_uids(self, job: Job, keys: list[str]) -> dict[str, dict[str, str]]:
-        """UIDs for every output file of the job, generated once and stored before any file exists."""
-        stored: dict[str, dict[str, str]] = dict(job.detail.get("output_uids") or {})
+        """UIDs for every output file of the job: those fixed when it was routed, and any the
+        configuration adds since, generated once and stored before any file exists."""
+        stored = dict(job.detail.output_uids)
         missing = [k for k in keys if k not in stored]
         if missing:
             stored.update({k: asdict(new_output_uids()) for k in missing})
-            self.store.index.update_detail(job.id, output_uids=stored)
+            self.store.index.update_detail(job.id, lambda d: replace(d, output_uids=stored))
         return stored
 
     def _write_output(
         self,
-        kind: str,
+        kind: OutputKind,
         headers: Sequence[pydicom.Dataset],
         labels: np.ndarray,
         masks: Masks,
@@ -395,12 +461,12 @@ class Worker:
         uids: OutputUIDs,
         path: Path,
     ) -> None:
-        tmp = path.with_suffix(".part")
-        if kind == "rtstruct":
+        tmp = path.with_suffix(f".{os.getpid()}.part")  # a worker taking over never shares a temp file
+        if kind is OutputKind.RTSTRUCT:
             ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks)
             ds.save_as(tmp, enforce_file_format=True)
             validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
-        elif kind == "seg":
+        elif kind is OutputKind.SEG:
             seg = build_seg(headers, labels, structures, info, uids, masks=masks)
             seg.save_as(tmp)
             validate_seg(tmp, headers, labels, structures, uids, masks=masks)
@@ -415,46 +481,50 @@ class Worker:
         if job.state is not JobState.SENDING:
             return
         counts = self.outbox.job_summary(job_id)
-        if counts.get("pending"):
+        if counts.get(OutboxState.PENDING):
             return
         failures = self.outbox.failures(job_id)
+        done = counts.get(OutboxState.DELIVERED, 0)
         try:
             if failures:
-                dest, _status, error = failures[0]
+                first = failures[0]
                 more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-                delivered = f"; {counts['delivered']} other file(s) delivered" if counts.get("delivered") else ""
+                delivered = f"; {done} other file(s) delivered" if done else ""
                 self.store.index.transition(
-                    job_id, JobState.FAILED, reason=f"delivery to {dest} failed: {error}{more}{delivered}"
+                    job_id,
+                    JobState.FAILED,
+                    reason=f"delivery to {first.destination} failed: {first.last_error}{more}{delivered}",
                 )
                 return
-            self.store.index.update_detail(job_id, deliveries=counts.get("delivered", 0))
+            self.store.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
             self.store.index.transition(job_id, JobState.DELIVERED)
         except TransitionError:
             return  # the worker and the outbox both settle; the other one got there first
-        log.info("job delivered", job=job_id, files=counts.get("delivered", 0))
+        log.info("job delivered", job=job_id, files=done)
 
 
 def _spec(route: Route) -> str:
     return f"{route.model}@{route.version}" if route.version else route.model
 
 
-def _route_dict(route: Route) -> dict[str, Any]:
-    return {
-        "rule": route.rule,
-        "model": route.model,
-        "version": route.version,
-        "outputs": [str(o) for o in route.outputs],
-        "send_to": list(route.send_to),
-        "sync": route.sync,
-        "review": route.review,
-    }
+def _job_route(route: Route, version: str) -> JobRoute:
+    """A matched rule's order as the job keeps it: with the model version resolved."""
+    return JobRoute(
+        rule=route.rule,
+        model=route.model,
+        version=version,
+        outputs=tuple(route.outputs),
+        send_to=tuple(route.send_to),
+        sync=route.sync,
+        review=ReviewPolicy(route.review),
+    )
 
 
-def _sop_class(kind: str) -> str:
-    return str(pydicom.uid.RTStructureSetStorage if kind == "rtstruct" else pydicom.uid.SegmentationStorage)
+def _sop_class(kind: OutputKind) -> str:
+    return str(pydicom.uid.RTStructureSetStorage if kind is OutputKind.RTSTRUCT else pydicom.uid.SegmentationStorage)
 
 
 def _write_image(image: sitk.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part.mha")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part.mha")
     sitk.WriteImage(image, str(tmp), useCompression=False)
     tmp.replace(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -88,17 +88,16 @@ def load_roi_names(path: Path, max_roi_name: int = 64) -> RoiNames:
     return load_model(path, RoiNames, context={"max_roi_name": max_roi_name})
 
 
-def site_aliases(destinations: Mapping[str, Destination], routes: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Model structure name → the local names the routes' destinations give it (their names
+def site_aliases(destinations: Mapping[str, Destination], sent_to: Iterable[str]) -> dict[str, list[str]]:
+    """Model structure name → the local names the destinations ``sent_to`` give it (their names
     files), so that a clinician's structure set, which comes back under the local names, can be
     matched with the model's structures."""
     aliases: dict[str, list[str]] = {}
-    for route in routes:
-        for name in route.get("send_to", []):
-            dest = destinations.get(name)
-            if dest is None or dest.names is None:
-                continue
-            for structure, entry in load_roi_names(dest.names, dest.max_roi_name).rois.items():
-                if entry.name is not None and entry.name not in aliases.get(structure, []):
-                    aliases.setdefault(structure, []).append(entry.name)
+    for name in sent_to:
+        dest = destinations.get(name)
+        if dest is None or dest.names is None:
+            continue
+        for structure, entry in load_roi_names(dest.names, dest.max_roi_name).rois.items():
+            if entry.name is not None and entry.name not in aliases.get(structure, []):
+                aliases.setdefault(structure, []).append(entry.name)
     return aliases

@@ -15,6 +15,10 @@ status; the next is due after an exponential backoff with jitter (base·2^(n-1),
 random factor in [0.5, 1] so that a recovering TPS is not hit by every node at once); after
 `max_attempts` or `max_age_s` the row is dead-lettered and the job fails with the peer's status.
 The same SOP Instance UID is sent on every attempt: the files are written once.
+
+Several nodes may drain one outbox: a pass takes its destination's due rows under a lease as
+long as the pass can last (the connection timeout plus the DIMSE timeout per file), so no two
+nodes send a row at once, and a node that dies mid-pass leaves rows that go again afterwards.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from pynetdicom.association import Association
 
 from ie_gateway import tls
 from ie_gateway.config import DeliverySettings, Destination
-from ie_gateway.store.outbox import Outbox, OutboxRow
+from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.records import OutboxRow
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a peer may take to answer one C-STORE (and the network timeout of an association).
+DIMSE_TIMEOUT_S = 60
 # C-STORE warnings (coercion, elements discarded) still mean the peer has the instance.
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 #: Presentation context result 0x04 (PS3.8 9.3.3.2): the SOP class, but none of our syntaxes.
@@ -64,7 +71,9 @@ class Sender:
         outbox: Outbox,
         results_root: Path,
         on_settled: Callable[[int], None] | None = None,
+        node: str = "local",
     ) -> None:
+        self.node = node
         self.destinations = destinations
         self.settings = settings
         self.outbox = outbox
@@ -81,13 +90,24 @@ class Sender:
         delivered), so the scheduler never waits on a slow peer.
         """
         started = []
-        for name, rows in self.outbox.due().items():
+        for name in self.outbox.due_destinations():
             with self._lock:
                 if name in self._busy:
                     continue
                 self._busy.add(name)
+            rows = self._claim(name)
+            if not rows:  # another node took them first
+                with self._lock:
+                    self._busy.discard(name)
+                continue
             started.append(self._pool.submit(self._pass, name, rows))
         return started
+
+    def _claim(self, name: str) -> list[OutboxRow]:
+        """The destination's due rows, held for as long as a pass over them can last."""
+        dest = self.destinations.get(name)
+        connect_s = dest.connect_timeout_s if dest is not None else 0.0
+        return self.outbox.claim_due(name, self.node, connect_s, per_row_s=DIMSE_TIMEOUT_S)
 
     def close(self) -> None:
         """Let passes in flight finish (each is bounded by its timeouts); start no more."""
@@ -116,7 +136,7 @@ class Sender:
                 self._record_failed(recorded, row, None, f"destination {name} is not configured any more")
             return 0
         ae = AE(ae_title=self.settings.calling_ae)
-        ae.network_timeout = ae.dimse_timeout = 60
+        ae.network_timeout = ae.dimse_timeout = DIMSE_TIMEOUT_S
         # a peer that accepts the TCP connection but never answers the association request is
         # as good as down: connect_timeout_s bounds both waits
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s

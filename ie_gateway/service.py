@@ -1,7 +1,12 @@
 """Wires the node together: spool recovery, the SCP, the worker, the scheduler, the HTTP
 endpoint (health, metrics), signals, systemd.
 
-`ie-gateway serve` builds one Service and calls run(); tests start the same command.
+`ie-gateway serve` builds one Service and calls run(); tests start the same command. A node
+plays a role: ``all`` (one VM: everything), ``receiver`` (accepts associations, writes the
+spool, completes series) or ``worker`` (claims jobs, runs the models, writes and delivers
+results). Receivers and workers on several machines share a PostgreSQL index and a spool on a
+network mount; the scheduled tasks that must run once (series completion, retention, disk
+pressure, Azure sync) take a lock in the index first, so whichever node gets it runs them.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 import glob
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from enum import StrEnum
 from types import FrameType
+from typing import Any
 
 import structlog
 import torch
@@ -21,6 +28,7 @@ from starlette.routing import BaseRoute
 
 from ie_gateway import drift, metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
+from ie_gateway.errors import ConfigError
 from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
@@ -31,6 +39,7 @@ from ie_gateway.route import RulesWatcher
 from ie_gateway.route.load import rules_loader
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
+from ie_gateway.store.db import node_name
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
@@ -72,34 +81,83 @@ def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> st
     return device
 
 
+class Role(StrEnum):
+    """What a node does (``serve --role``)."""
+
+    ALL = "all"  # one VM: receiver and worker
+    RECEIVER = "receiver"  # the DICOM listener, the spool, series completion
+    WORKER = "worker"  # claims jobs: routing, inference, writing, delivery
+
+    @property
+    def receives(self) -> bool:
+        return self is not Role.WORKER
+
+    @property
+    def works(self) -> bool:
+        return self is not Role.RECEIVER
+
+
 class Service:
     """The running node. Its HTTP endpoint carries health, metrics and the admin's page, and
     ``extra_routes`` beside them."""
 
-    def __init__(self, cfg: GatewayConfig, extra_routes: Sequence[BaseRoute] = ()) -> None:
+    def __init__(self, cfg: GatewayConfig, extra_routes: Sequence[BaseRoute] = (), role: Role = Role.ALL) -> None:
         self.cfg = cfg
-        self.store = Store(cfg.storage.root)
+        self.role = role
+        self.node = node_name()
+        self.store = Store.for_settings(cfg.storage)
+        if role is not Role.ALL and not self.store.index.shared:
+            raise ConfigError(
+                [
+                    (
+                        f"--role {role.value} shares the index with other nodes: set storage.index to a "
+                        "postgresql:// URL (an SQLite index belongs to one node, --role all)"
+                    )
+                ]
+            )
         # verification loads models in the inference child, under its time limit
-        self.runner = runner_for(cfg)
-        self.registry = registry_for(cfg, self.runner.verify)
+        self.runner = runner_for(cfg) if role.works else None
+        self.registry = registry_for(cfg, self.runner.verify if self.runner is not None else None)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
-        self.receiver = Receiver(cfg.node, self.store, space=self.space)
+        self.receiver = Receiver(cfg.node, self.store, space=self.space) if role.receives else None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-        self.worker = Worker(
-            cfg, self.store, self.registry, self.runner, lambda: self.rules.current, on_queued=self.deliver_soon
+        self.worker = (
+            Worker(
+                cfg,
+                self.store,
+                self.registry,
+                self.runner,
+                lambda: self.rules.current,
+                on_queued=self.deliver_soon,
+                node=self.node,
+            )
+            if self.runner is not None
+            else None
         )
-        self.sender = Sender(
-            cfg.destinations, cfg.delivery, Outbox(self.store.index), self.store.results, on_settled=self.worker.settle
+        self.sender = (
+            Sender(
+                cfg.destinations,
+                cfg.delivery,
+                Outbox(self.store.index),
+                self.store.results,
+                on_settled=self.worker.settle,
+                node=self.node,
+            )
+            if self.worker is not None
+            else None
         )
         self._stop = threading.Event()
+        worker = self.worker
+        receiver = self.receiver
         self.health = Health(
             self.store,
-            listening=lambda: self.receiver.listening,
-            worker_alive=self.worker.alive,
-            worker_last_tick=lambda: self.worker.last_tick,
+            listening=(lambda: receiver.listening) if receiver is not None else None,
+            worker_alive=worker.alive if worker is not None else None,
+            worker_last_tick=(lambda: worker.last_tick) if worker is not None else float,
             scheduler_running=lambda: bool(self.scheduler.running),
             space=self.space,
             inference_timeout_s=cfg.inference.timeout_s,
+            node=self.node if self.store.index.shared else None,
         )
         self.collector = metrics.NodeCollector(
             self.store,
@@ -120,43 +178,76 @@ class Service:
 
     def start(self) -> None:
         """Recover the spool, load the rules, then listen and schedule; returns once ready."""
-        self.store.recover()
-        self.reload_rules(force=True)
-        if self.rules.current is None and self.rules.last_error is not None:
-            raise self.rules.last_error
+        if self.role.receives:
+            with self.store.index.singleton("spool-recovery") as mine:
+                if mine:
+                    self.store.recover()
+        if self.role.works:
+            self.reload_rules(force=True)
+            if self.rules.current is None and self.rules.last_error is not None:
+                raise self.rules.last_error
         metrics.REGISTRY.register(self.collector)
         self._collecting = True
         if self.http is not None:  # first: a port in use stops the start before anything runs
             self.http.start()
         s = self.scheduler
-        s.add_job(self.sweep, "interval", seconds=self.cfg.series.sweep_every_s, id="stability-sweep")
-        s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
-        s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")
-        s.add_job(self.purge, "interval", hours=1, id="retention", next_run_time=datetime.now())
-        s.add_job(self.relieve_pressure, "interval", seconds=10, id="disk-pressure")
+        if self.role.receives:
+            s.add_job(
+                self._once("series-completion", self.sweep),
+                "interval",
+                seconds=self.cfg.series.sweep_every_s,
+                id="stability-sweep",
+            )
+        if self.sender is not None:
+            s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
+            s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")
+        s.add_job(
+            self._once("retention", self.purge), "interval", hours=1, id="retention", next_run_time=datetime.now()
+        )
+        s.add_job(self._once("disk-pressure", self.relieve_pressure), "interval", seconds=10, id="disk-pressure")
         if self.cfg.sync.enabled:
             s.add_job(
-                scheduled_cases,
+                self._once("sync-cases", scheduled_cases),
                 CronTrigger.from_crontab(self.cfg.sync.cases_cron),
                 args=(self.cfg, self.store),
                 id="sync-cases",
             )
             s.add_job(
-                scheduled_models,
+                self._once("sync-models", scheduled_models),
                 CronTrigger.from_crontab(self.cfg.sync.models_cron),
                 args=(self.cfg, self.registry),
                 id="sync-models",
             )
         s.start()
-        report_inference_device(self.cfg.inference, gpu_device_nodes())
-        self.worker.start()
-        self.receiver.start()
-        sdnotify.notify("READY=1\nSTATUS=receiving")
-        log.info("ready", ae_title=self.cfg.node.ae_title, port=self.receiver.port)
+        if self.worker is not None:
+            report_inference_device(self.cfg.inference, gpu_device_nodes())
+            self.worker.start()
+        if self.receiver is not None:
+            self.receiver.start()
+        sdnotify.notify("READY=1\nSTATUS=" + ("receiving" if self.receiver is not None else "working"))
+        log.info(
+            "ready",
+            role=self.role.value,
+            node=self.node,
+            index=self.store.index.db.where,
+            ae_title=self.cfg.node.ae_title,
+            port=self.receiver.port if self.receiver is not None else None,
+        )
+
+    def _once(self, name: str, task: Callable[..., Any]) -> Callable[..., None]:
+        """``task`` run only while this node holds the index's lock ``name``: one node at a time."""
+
+        def run(*args: Any) -> None:
+            with self.store.index.singleton(name) as mine:
+                if mine:
+                    task(*args)
+
+        run.__name__ = f"{name} (one node at a time)"
+        return run
 
     def sweep(self) -> None:
         """Complete series that have been quiet long enough, and hand them to the worker."""
-        if self.store.complete_quiet(self.cfg.series.stable_after_s):
+        if self.store.complete_quiet(self.cfg.series.stable_after_s) and self.worker is not None:
             self.worker.wake()
 
     def purge(self) -> None:
@@ -193,7 +284,8 @@ class Service:
         new = self.rules.poll(force=force)
         if new is not None:
             log.info("routing rules loaded", rules=len(new.rules))
-            self.worker.wake()
+            if self.worker is not None:
+                self.worker.wake()
         elif self.rules.last_error is not None and self.rules.last_error is not previous_error:
             log.error("routing rules refused; the previous rules stay in force", errors=self.rules.last_error.errors)
 
@@ -224,9 +316,13 @@ class Service:
         if self._collecting:
             metrics.REGISTRY.unregister(self.collector)
             self._collecting = False
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         self.scheduler.shutdown(wait=True)
-        self.sender.close()
-        self.worker.stop()
-        self.runner.close()
+        if self.sender is not None:
+            self.sender.close()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.runner is not None:
+            self.runner.close()
         log.info("stopped")

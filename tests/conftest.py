@@ -87,3 +87,11 @@ def dcm_compress(src: list[Path], dst: Path, tool: list[str]) -> list[Path]:
         subprocess.run([*tool, str(path), str(target)], check=True, capture_output=True)
         out.append(target)
     return out
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def index_url(request: pytest.FixtureRequest) -> str:
+    """``storage.index`` for a store test: the embedded SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return "sqlite"
+    return str(request.getfixturevalue("postgres_url"))

@@ -75,8 +75,9 @@ class Node:
 
     def __init__(self, workdir: Path, *, port: int | None = None, settings: dict[str, Any] | None = None,
                  rules: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, role: str = "all") -> None:
         self.workdir = workdir
+        self.role = role
         self.port = port or free_port()
         self.config = workdir / "gateway.yaml"
         self.log_path = workdir / "node.log"
@@ -108,7 +109,7 @@ class Node:
         for configurations that refuse echoscu)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(self.config), "--role", self.role],
             stdout=log, stderr=log, env=self.env, preexec_fn=self.preexec, cwd=self.workdir)
         wait_until(lambda: self._ready(echo), timeout, what="the node to be ready")
         return self

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.records import SyncRecord
 from ie_gateway.store.states import JobState
+from tests.jobs import job_route
 from tests.peers import Node
 
 
@@ -27,20 +30,21 @@ def test_audit_shows_received_routed_delivered_synced_and_admin_actions_after_a_
     store = Store(node.root)
     job = _case(store, 1)
     store.index.transition(job, JobState.COMPLETE)
-    store.index.transition(job, JobState.ROUTED, routes=[{"rule": "thorax-ct"}], model="demo-thorax", model_version="2")
+    store.index.transition(job, JobState.ROUTED, routes=[job_route("demo-thorax", "2", rule="thorax-ct")])
     for state in (JobState.INFERRING, JobState.INFERRED, JobState.SENDING):
         store.index.transition(job, state)
     outbox = Outbox(store.index)
     outbox.enqueue(job, "TPS", f"job-{job}/rs.dcm", "1.2.3.9", "1.2.840.10008.5.1.4.1.1.481.3")
-    [row] = outbox.due()["TPS"]
+    [row] = outbox.claim_due("TPS", "test", 60)
     outbox.record(row, 0xA700, "TPS answered 0xA700", delivered=False, dead=True)
     store.index.transition(job, JobState.FAILED, reason="delivery: TPS answered 0xA700")
     outbox.retry(job)
     store.index.transition(job, JobState.SENDING, reason="replayed by alice")
-    [row] = outbox.due()["TPS"]
+    [row] = outbox.claim_due("TPS", "test", 60)
     outbox.record(row, 0x0000, None, delivered=True)
     store.index.transition(job, JobState.DELIVERED)
-    store.index.update_detail(job, synced={"at": "2099-01-01T00:00:00+00:00", "ct": 3, "ai": 1})
+    record = SyncRecord(case="x", at="2099-01-01T00:00:00+00:00", ct=3, ai=1)
+    store.index.update_detail(job, lambda d: replace(d, synced=record))
     other = _case(store, 2)
     assert store.purge_for_space(lambda: False) == 1  # instance files gone; the trail stays
     assert not store.instance_files(store.index.job(job))

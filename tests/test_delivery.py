@@ -304,7 +304,7 @@ def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
         rt_only_tps: StoreSCP, tmp_path: Path) -> None:
     from ie_gateway.config import DeliverySettings, Destination
     from ie_gateway.send import Sender
-    from ie_gateway.store import Store
+    from ie_gateway.store import OutboxState, Store
     from ie_gateway.store.outbox import Outbox
 
     store = Store(tmp_path / "var")
@@ -320,15 +320,16 @@ def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
                     DeliverySettings(base_s=0.01, cap_s=0.01, max_attempts=2), outbox, store.results)
     try:
         for _ in range(2):
-            wait_until(lambda: outbox.due(), 5, what="the row due again")
+            wait_until(lambda: outbox.due_destinations(), 5, what="the row due again")
             [future] = sender.deliver_due()
             assert future.result(timeout=30) == 0
     finally:
         sender.close()
-    [(dest, status, error)] = outbox.failures(job)
+    [failed] = outbox.failures(job)
+    dest, status, error = failed.destination, failed.last_status, failed.last_error
     assert dest == "TPS" and status is None and error, error
     assert error.startswith("TPS: ") and "internal error" not in error, error
-    assert outbox.job_summary(job) == {"failed": 1}
+    assert outbox.job_summary(job) == {OutboxState.FAILED: 1}
 
 
 def test_a_model_name_too_long_for_the_tps_and_not_mapped_is_a_check_config_error(

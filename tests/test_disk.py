@@ -14,6 +14,7 @@ import pytest
 
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.states import JobState
+from tests.jobs import job_route
 from tests.peers import Node, echoscu, storescu, wait_until
 
 MIB = 2**20
@@ -112,7 +113,7 @@ def test_pressure_purges_delivered_series_oldest_first_and_never_undelivered_or_
     newer = _delivered_series(store, 2)
     failed = _delivered_series(store, 3, JobState.FAILED)
     sending = _delivered_series(store, 4, JobState.SENDING)
-    unsynced = _delivered_series(store, 5, routes=[{"sync": True}])
+    unsynced = _delivered_series(store, 5, routes=[job_route(sync=True)])
     purged: list[int] = []
 
     assert store.purge_for_space(lambda: len(purged_jobs(store)) >= 1, sync_enabled=True) == 1
@@ -126,4 +127,4 @@ def test_pressure_purges_delivered_series_oldest_first_and_never_undelivered_or_
 
 
 def purged_jobs(store: Store) -> list[int]:
-    return [j.id for j in store.index.jobs() if j.detail.get("purged")]
+    return [j.id for j in store.index.jobs() if j.detail.purged]

@@ -107,7 +107,7 @@ def test_a_job_inferring_past_its_time_limit_fails_readiness_and_the_watchdog(tm
         store.index.transition(job_id, state)
     health = _health(store, tmp_path, last_tick=time.monotonic(), timeout_s=10)
     assert health.ready()  # just started inferring
-    with store.index.tx() as db:  # as if it had entered the state 71 s ago: limit 10 s + margin 60 s
+    with store.index.db.tx() as db:  # as if it had entered the state 71 s ago: limit 10 s + margin 60 s
         db.execute("UPDATE transitions SET at = at - 71 WHERE job_id = ? AND to_state = 'inferring'", (job_id,))
     [inference] = [c for c in health.checks() if c.name == "inference"]
     assert not inference.ok and f"job {job_id}" in inference.detail

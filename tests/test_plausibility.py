@@ -133,7 +133,7 @@ def test_site_names_become_aliases_for_matching_an_approved_set(tmp_path: Path) 
         "PACS": Destination(ae_title="PACS", host="127.0.0.1", port=105, names=tmp_path / "pacs-names.yaml"),
         "PLAIN": Destination(ae_title="PLAIN", host="127.0.0.1", port=106),
     }
-    aliases = site_aliases(destinations, [{"send_to": ["TPS", "PLAIN"]}, {"send_to": ["PACS", "TPS"]}])
+    aliases = site_aliases(destinations, ["TPS", "PLAIN", "PACS", "TPS"])
     assert aliases == {"Lung_L": ["LUNG_LT", "L_LUNG"]}
     approved = {1: "external", 2: "l_lung", 3: "Heart"}
     assert match_structures(["External", "Lung_L", "Heart", "SpinalCord"], approved, aliases) == {

@@ -10,7 +10,7 @@ import pytest
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.route import (
-    Output,
+    OutputKind,
     RuleSet,
     RulesWatcher,
     SeriesFacts,
@@ -241,10 +241,10 @@ def test_route_carries_model_version_outputs_destinations_and_sync(tmp_path: Pat
     ruleset = rules(tmp_path, TWO_RULES.format(extra="    continue: true"))
     first, second = ruleset.route(facts({"Modality": "CT", "BodyPartExamined": "CHEST"})).routes
     assert (first.model, first.version, first.outputs, first.send_to, first.sync) == (
-        "demo-thorax", "1", (Output.RTSTRUCT, Output.SEG), ("TPS",), False,
+        "demo-thorax", "1", (OutputKind.RTSTRUCT, OutputKind.SEG), ("TPS",), False,
     )
     assert (second.model, second.version, second.outputs, second.send_to, second.sync) == (
-        "demo-pelvis", None, (Output.SEG,), ("TPS", "ARCHIVE"), True,
+        "demo-pelvis", None, (OutputKind.SEG,), ("TPS", "ARCHIVE"), True,
     )
 
 

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -19,14 +18,15 @@ from azure.storage.blob import ContainerClient
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
+from ie_gateway.approvals import link_approved
 from ie_gateway.cli import TextProgress
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import SyncError
 from ie_gateway.infer.registry import Registry, registry_for
 from ie_gateway.store import Job, JobState, Store
+from ie_gateway.store.records import ApprovedSet, JobDetail
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client
-from ie_gateway.sync.cases import link_approved
 from ie_gateway.sync.run import SyncReport, scheduled_cases, scheduled_models, sync_now
 from ie_gateway.sync.updates import PullStatus, publish_version
 from ie_gateway.sync.upload import CasesReport, sync_cases
@@ -79,7 +79,7 @@ class FirstRuns:
     """A run against a missing container, the detail it left, then the first real run."""
 
     failed: CasesReport
-    detail_after_failure: dict[str, Any]
+    detail_after_failure: JobDetail
     report: SyncReport
     progress: str
 
@@ -192,8 +192,8 @@ def test_delivered_case_is_uploaded_with_ct_ai_and_a_manifest_naming_the_model(
     assert manifest["models"] == [{"name": "toy-body", "version": "1"}]
     assert manifest["counts"] == {"ct": 20, "ai": 2, "approved": 0}
     assert {s["name"] for entry in manifest["ai"] for s in entry["structures"]} == {"External"}
-    synced = site.store.index.job(site.synced_job.id).detail["synced"]
-    assert (synced["case"], synced["ct"], synced["ai"], synced["approved"]) == (case, 20, 2, 0)
+    synced = site.store.index.job(site.synced_job.id).detail.synced
+    assert synced is not None and (synced.case, synced.ct, synced.ai, synced.approved) == (case, 20, 2, 0)
 
 
 def test_no_planted_identifier_or_clear_uid_in_any_uploaded_byte(
@@ -229,19 +229,19 @@ def test_second_run_uploads_nothing(site: Site, first_runs: FirstRuns) -> None:
 def test_case_whose_rule_says_no_sync_is_not_uploaded(site: Site, first_runs: FirstRuns,
                                                       tmp_path: Path) -> None:
     job = site.store.index.job(site.private_job.id)
-    assert job.state is JobState.DELIVERED and job.routes[0]["sync"] is False
-    assert "synced" not in job.detail
+    assert job.state is JobState.DELIVERED and job.routes[0].sync is False
+    assert job.detail.synced is None
     assert not _blobs(site.container, f"cases/{_case_id(job, tmp_path)}/")
 
 
 def test_failed_case_is_recorded_with_its_reason_and_retried_next_run(
         site: Site, first_runs: FirstRuns) -> None:
     assert list(first_runs.failed.failed) == [site.synced_job.id]
-    reason = first_runs.detail_after_failure["sync_error"]
-    assert "container" in reason and "does not exist" in reason
-    assert "synced" not in first_runs.detail_after_failure
+    reason = first_runs.detail_after_failure.sync_error
+    assert reason and "container" in reason and "does not exist" in reason
+    assert first_runs.detail_after_failure.synced is None
     detail = site.store.index.job(site.synced_job.id).detail
-    assert "sync_error" not in detail and "synced" in detail
+    assert detail.sync_error is None and detail.synced is not None
 
 
 def test_progress_bar_ends_each_case_at_100_percent(first_runs: FirstRuns) -> None:
@@ -276,7 +276,7 @@ def _sent_job(site: Site, path: Path) -> Job:
     sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
     def settled() -> Job | None:
-        rows = site.store.index.query("SELECT job_id FROM instances WHERE sop_uid = ?", (sop_uid,))
+        rows = site.store.index.db.query("SELECT job_id FROM instances WHERE sop_uid = ?", (sop_uid,))
         job = site.store.index.job(int(rows[0][0])) if rows else None
         return job if job is not None and job.state.value in SETTLED else None
     return wait_until(settled, 60, every=0.2, what="the structure set's job to settle")  # type: ignore[no-any-return]
@@ -285,9 +285,9 @@ def _sent_job(site: Site, path: Path) -> Job:
 def test_node_own_structure_set_sent_back_is_not_linked(site: Site, first_runs: FirstRuns) -> None:
     rt_job = _sent_job(site, site.store.job_dir(site.synced_job.id) / "rtstruct-0.dcm")
     assert link_approved(site.store, rt_job) is None
-    entries = site.store.index.job(site.synced_job.id).detail.get("approved", [])
-    assert all(entry["job"] != rt_job.id for entry in entries)
-    assert "linked_to" not in site.store.index.job(rt_job.id).detail
+    entries = site.store.index.job(site.synced_job.id).detail.approved
+    assert all(entry.job != rt_job.id for entry in entries)
+    assert site.store.index.job(rt_job.id).detail.linked_to is None
 
 
 def test_approved_revision_of_a_draft_is_linked_and_uploaded_under_approved_without_the_draft(
@@ -298,17 +298,17 @@ def test_approved_revision_of_a_draft_is_linked_and_uploaded_under_approved_with
     draft_job = _sent_job(site, draft)
     # until the worker's route stage calls it for RTSTRUCT series; a second call is a no-op
     assert link_approved(site.store, draft_job) == site.synced_job.id
-    assert site.store.index.job(draft_job.id).detail["approval"] == "UNAPPROVED"
+    assert site.store.index.job(draft_job.id).detail.approval == "UNAPPROVED"
     assert sync_now(site.cfg, site.store, registry_for(site.cfg)).cases.synced == ()
 
     approved = _clinicians_copy(ai, tmp_path / "approved.dcm", "APPROVED", series_uid)
     rt_job = _sent_job(site, approved)
     assert rt_job.id != draft_job.id  # the revision came after the series completed
     assert link_approved(site.store, rt_job) == site.synced_job.id
-    entries = site.store.index.job(site.synced_job.id).detail["approved"]
-    assert {"job": rt_job.id, "approval": "APPROVED", "instances": 1} in entries
-    assert {"job": draft_job.id, "approval": "UNAPPROVED", "instances": 1} in entries
-    assert site.store.index.job(rt_job.id).detail["linked_to"] == site.synced_job.id
+    entries = site.store.index.job(site.synced_job.id).detail.approved
+    assert ApprovedSet(job=rt_job.id, approval="APPROVED", instances=1) in entries
+    assert ApprovedSet(job=draft_job.id, approval="UNAPPROVED", instances=1) in entries
+    assert site.store.index.job(rt_job.id).detail.linked_to == site.synced_job.id
 
     report = sync_now(site.cfg, site.store, registry_for(site.cfg))
     assert report.cases.synced == (site.synced_job.id,)
@@ -330,7 +330,8 @@ def test_approved_revision_of_a_draft_is_linked_and_uploaded_under_approved_with
     assert manifest["approved"] == [{"file": name.rsplit("/", 1)[1], "approval": "APPROVED",
                                      "structures": [{"number": 1, "name": "external"}],
                                      "other_rois": 1}]
-    assert site.store.index.job(site.synced_job.id).detail["synced"]["approved"] == 1
+    synced = site.store.index.job(site.synced_job.id).detail.synced
+    assert synced is not None and synced.approved == 1
 
 
 def test_sync_now_without_configuration_says_what_is_missing(

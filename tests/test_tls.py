@@ -11,7 +11,7 @@ import pytest
 
 from ie_gateway.config import DeliverySettings, Destination, DestinationTLS
 from ie_gateway.send import Sender
-from ie_gateway.store import Arrival, Store
+from ie_gateway.store import Arrival, OutboxState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.states import JobState
 from tests.certs import Pair, expired_copy, issue, make_ca
@@ -145,7 +145,7 @@ def test_results_are_sent_over_tls_to_a_destination_that_requires_it(
                                 tls=DestinationTLS(ca=str(pki["ca"].cert)))
         [refused] = Sender({"TPS2": anonymous}, DeliverySettings(), outbox, store.results).deliver_due()
         assert refused.result(timeout=60) == 0
-        assert outbox.job_summary(job_id) == {"delivered": 1, "pending": 1}
+        assert outbox.job_summary(job_id) == {OutboxState.DELIVERED: 1, OutboxState.PENDING: 1}
     finally:
         tps.stop()
 

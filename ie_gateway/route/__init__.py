@@ -47,7 +47,6 @@ so that the explanation can say why each one did or did not match.
 
 from ie_gateway.route.explain import (
     Explanation,
-    Output,
     Route,
     RouteDecision,
     SeriesFacts,
@@ -55,11 +54,12 @@ from ie_gateway.route.explain import (
 from ie_gateway.route.load import ModelExists, load_rules
 from ie_gateway.route.rules import Rule, RuleSet
 from ie_gateway.route.watch import RulesWatcher
+from ie_gateway.store.records import OutputKind
 
 __all__ = [
     "Explanation",
     "ModelExists",
-    "Output",
+    "OutputKind",
     "Route",
     "RouteDecision",
     "Rule",

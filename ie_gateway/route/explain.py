@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from ie_gateway.route.matchers import split_values
-
-
-class Output(StrEnum):
-    """Objects a route asks the writer to produce."""
-
-    RTSTRUCT = "rtstruct"
-    SEG = "seg"
+from ie_gateway.store.records import OutputKind
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class Route:
     rule: str
     model: str
     version: str | None
-    outputs: tuple[Output, ...]
+    outputs: tuple[OutputKind, ...]
     send_to: tuple[str, ...]
     sync: bool
     review: str = "hold"  # a result failing its model's plausibility checks: hold | flag

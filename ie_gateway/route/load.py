@@ -15,7 +15,7 @@ from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.infer.modelref import parse_model_ref
-from ie_gateway.route.explain import Output, Route
+from ie_gateway.route.explain import Route
 from ie_gateway.route.matchers import (
     CODE_VRS,
     GROUPS,
@@ -36,6 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
+from ie_gateway.store.records import OutputKind
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class _RuleSpec(StrictModel):
     name: StrictStr = Field(min_length=1)
     match: dict[str, Any]
     model: Annotated[StrictStr, AfterValidator(_known_model)]
-    outputs: list[Output] = Field(min_length=1)
+    outputs: list[OutputKind] = Field(min_length=1)
     send_to: list[Annotated[StrictStr, AfterValidator(_known_destination)]] = Field(min_length=1)
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False

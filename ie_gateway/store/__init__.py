@@ -1,4 +1,4 @@
-"""The spool: instance files plus their SQLite index, and the job state machine.
+"""The spool: instance files plus their index (SQLite or PostgreSQL), and the job state machine.
 
 Receiving writes here; every later stage reads its input from here and writes its output here
 before the next stage may see it: durable hand-offs, so a crash repeats at most one stage.
@@ -9,18 +9,36 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import structlog
 
-from ie_gateway.store.index import Index, Job, TransitionError
+from ie_gateway.config import Storage
+from ie_gateway.store.db import open_database
+from ie_gateway.store.index import Index, TransitionError
+from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, OutputKind, ReviewPolicy
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 
-__all__ = ["Arrival", "Index", "Job", "JobState", "Spool", "Store", "TransitionError", "check_uid", "header_values"]
+__all__ = [
+    "Arrival",
+    "Index",
+    "Job",
+    "JobDetail",
+    "JobRoute",
+    "JobState",
+    "OutboxState",
+    "OutputKind",
+    "ReviewPolicy",
+    "Spool",
+    "Store",
+    "TransitionError",
+    "check_uid",
+    "header_values",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -49,13 +67,13 @@ def _jsonable(value: Any) -> Any:
 
 def _expired(job: Job, unrouted_days: float, finished_days: float, sync_enabled: bool, now: float) -> bool:
     """Whether retention may delete this job's data now (see Store.purge_expired)."""
-    if job.state is JobState.DELIVERED or job.detail.get("linked_to"):
+    if job.state is JobState.DELIVERED or job.detail.linked_to is not None:
         days = finished_days
     elif job.state in (JobState.UNROUTED, JobState.REFUSED):
         days = unrouted_days
     else:
         return False
-    if sync_enabled and any(r.get("sync") for r in job.routes) and not job.detail.get("synced"):
+    if sync_enabled and any(r.sync for r in job.routes) and job.detail.synced is None:
         return False
     return now - job.updated_at >= days * 86400
 
@@ -76,12 +94,22 @@ class Arrival:
 class Store:
     """Accepts instances durably and hands series jobs from stage to stage."""
 
-    def __init__(self, root: Path) -> None:
+    #: a temp file older than this on a shared spool is a crash's leftover, not a C-STORE in flight
+    SHARED_TMP_AGE_S = 3600.0
+
+    def __init__(self, root: Path, index: str = "sqlite") -> None:
+        """``index``: ``sqlite`` (a file beside the spool) or a ``postgresql://`` URL that
+        several nodes sharing ``root`` (a network mount) use together."""
         self.root = root
         self.spool = Spool(root / "spool")
-        self.index = Index(root / "index.sqlite3")
+        self.index = Index(open_database(index, root))
         self.results = root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_settings(cls, storage: Storage) -> Store:
+        """The store ``storage`` (gateway.yaml's ``storage:``) describes."""
+        return cls(storage.root, storage.index)
 
     def accept(
         self, arrival: Arrival, chunks: Iterable[bytes | memoryview], header: Callable[[], dict[str, Any]]
@@ -164,7 +192,7 @@ class Store:
             by_series.setdefault(job.series_id, []).append(job)
         purged = 0
         for series_id, jobs in by_series.items():
-            if any(j.detail.get("purged") for j in jobs):
+            if any(j.detail.purged for j in jobs):
                 continue
             if not all(_expired(j, unrouted_days, finished_days, sync_enabled, now) for j in jobs):
                 continue
@@ -185,7 +213,7 @@ class Store:
         candidates = [
             (max(j.updated_at for j in jobs), series_id, jobs)
             for series_id, jobs in by_series.items()
-            if not any(j.detail.get("purged") for j in jobs)
+            if not any(j.detail.purged for j in jobs)
             and all(j.state is JobState.DELIVERED and _expired(j, 0, 0, sync_enabled, float("inf")) for j in jobs)
         ]
         purged = 0
@@ -199,11 +227,10 @@ class Store:
     def _purge_series(self, series_id: int, jobs: list[Job], why: str) -> None:
         for path in self.index.instance_paths(series_id):
             (self.spool.root / path).unlink(missing_ok=True)
-        with self.index.tx() as db:
-            db.execute("DELETE FROM instances WHERE series_id = ?", (series_id,))
+        self.index.forget_instances(series_id)
         for job in jobs:
             shutil.rmtree(self.results / f"job-{job.id}", ignore_errors=True)
-            self.index.update_detail(job.id, purged=True)
+            self.index.update_detail(job.id, lambda d: replace(d, purged=True))
         log.info("series purged", why=why, jobs=[j.id for j in jobs], states=sorted({j.state.value for j in jobs}))
 
     def recover(self) -> dict[str, int]:
@@ -211,9 +238,13 @@ class Store:
 
         Temp files are removed; a file without a row is indexed (its C-STORE may have been
         answered just before the crash); a row without a file is flagged missing and its job
-        notes it; a job caught mid-inference goes back to `routed` so it runs again.
+        notes it. On an index of its own the node holds no job any more: every lease ends and
+        a job caught mid-inference goes back to `routed` so it runs again at once. On a shared
+        index other nodes' jobs are left alone: a job this node held is taken over (by any
+        worker) when its lease lapses.
         """
-        removed = self.spool.clear_tmp()
+        shared = self.index.shared
+        removed = self.spool.clear_tmp(older_than_s=self.SHARED_TMP_AGE_S if shared else 0.0)
         indexed = self.index.all_instance_paths()
         on_disk = {str(p.relative_to(self.spool.root)): p for p in self.spool.iter_instances()}
         adopted = 0
@@ -222,11 +253,13 @@ class Store:
                 adopted += self._adopt(path)
         missing = [rel for rel in indexed if rel not in on_disk]
         for job_id in self.index.mark_missing(missing):
-            self.index.update_detail(job_id, missing_instances=True)
+            self.index.update_detail(job_id, lambda d: replace(d, missing_instances=True))
         resumed = 0
-        for job in self.index.jobs([JobState.INFERRING]):
-            self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
-            resumed += 1
+        if not shared:
+            self.index.release_all()
+            for job in self.index.jobs([JobState.INFERRING]):
+                self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
+                resumed += 1
         unfinished = len(self.index.jobs(sorted(UNFINISHED, key=lambda s: s.value)))
         summary = {
             "temp_removed": removed,

@@ -1,221 +1,110 @@
-"""The SQLite index of the spool: series, instances, jobs and their transitions, the outbox.
+"""The index of the spool: series, instances, jobs and their transitions, leases, agreement.
 
-WAL mode with synchronous=NORMAL: a commit is not fsynced, and need not be, because an instance
-file is made durable before its row is written and start-up indexes any file that has no row.
-Each thread gets its own connection; writers serialise on SQLite's lock (busy timeout).
+Every read and write of these tables goes through here (and the outbox, ``outbox.py``), with
+typed records in and out (``records.py``); the database behind it is SQLite or PostgreSQL
+(``db.py``). A job is worked on by one node at a time: ``claim`` takes the oldest job of a
+stage that no live lease holds, the worker renews its lease while the stage runs and releases
+it when the stage ends; a worker that dies stops renewing, and another claims the job when the
+lease lapses.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ie_gateway.errors import StoreError
+from ie_gateway.store.db import Database, SQLite, Tx
+from ie_gateway.store.records import (
+    AGREEMENT_COLUMNS,
+    AgreementRow,
+    ApprovedSet,
+    Job,
+    JobDetail,
+    JobRoute,
+    Transition,
+)
+from ie_gateway.store.schema import migrate
 from ie_gateway.store.states import ALLOWED, JobState
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS series (
-    id INTEGER PRIMARY KEY,
-    series_uid TEXT NOT NULL UNIQUE,
-    study_uid TEXT NOT NULL,
-    header TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    called_ae TEXT NOT NULL,
-    first_at REAL NOT NULL,
-    last_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    series_id INTEGER NOT NULL REFERENCES series(id),
-    state TEXT NOT NULL,
-    reason TEXT,
-    instances INTEGER NOT NULL DEFAULT 0,
-    late_instances INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    last_instance_at REAL NOT NULL,
-    completed_at REAL,
-    routes TEXT,
-    model TEXT,
-    model_version TEXT,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    series_id INTEGER NOT NULL REFERENCES series(id),
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    path TEXT NOT NULL,
-    sop_class TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    missing INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_id);
-CREATE TABLE IF NOT EXISTS transitions (
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    at REAL NOT NULL,
-    from_state TEXT,
-    to_state TEXT NOT NULL,
-    reason TEXT,
-    who TEXT
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    destination TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sop_uid TEXT NOT NULL,
-    sop_class TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    created_at REAL NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    UNIQUE (sop_uid, destination)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_at);
-CREATE TABLE IF NOT EXISTS attempts (
-    outbox_id INTEGER NOT NULL REFERENCES outbox(id),
-    at REAL NOT NULL,
-    status INTEGER,
-    error TEXT
-);
-CREATE TABLE IF NOT EXISTS agreement (  -- ie_gateway.agreement: AI vs approved, per structure
-    ct_job INTEGER NOT NULL,        -- jobs(id) of the contoured CT
-    approval_job INTEGER NOT NULL,  -- jobs(id) of the approved structure set
-    model TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    structure TEXT NOT NULL,
-    at REAL NOT NULL,
-    tolerance_mm REAL NOT NULL,
-    dice REAL NOT NULL,
-    hd95_mm REAL,
-    msd_mm REAL,
-    surface_dice REAL NOT NULL,
-    volume_ai_cc REAL NOT NULL,
-    volume_approved_cc REAL NOT NULL,
-    volume_diff_pct REAL,
-    PRIMARY KEY (ct_job, model, model_version, structure)
-);
-CREATE INDEX IF NOT EXISTS agreement_trend ON agreement(model, model_version, structure, at);
-"""
 
 
 class TransitionError(StoreError):
     """A job was asked to move to a state its current state does not lead to."""
 
 
-@dataclass(frozen=True)
-class Job:
-    """One row of `jobs` joined with its series: what the worker and `status` need."""
-
-    id: int
-    series_id: int
-    state: JobState
-    reason: str | None
-    instances: int
-    late_instances: int
-    created_at: float
-    updated_at: float
-    last_instance_at: float
-    completed_at: float | None
-    routes: list[dict[str, Any]]
-    model: str | None
-    model_version: str | None
-    detail: dict[str, Any]
-    study_uid: str
-    series_uid: str
-    header: dict[str, Any]
-    calling_ae: str
-    called_ae: str
-
-
 JOB_QUERY = """
 SELECT j.id, j.series_id, j.state, j.reason, j.instances, j.late_instances, j.created_at,
-       j.updated_at, j.last_instance_at, j.completed_at, j.routes, j.model, j.model_version,
-       j.detail, s.study_uid, s.series_uid, s.header, s.calling_ae, s.called_ae
+       j.updated_at, j.last_instance_at, j.completed_at, j.routes, j.detail, s.study_uid,
+       s.series_uid, s.header, s.calling_ae, s.called_ae, j.claimed_by, j.lease_until
 FROM jobs j JOIN series s ON s.id = j.series_id
 """
 
+#: keeps a job's place in line: completion order, then arrival
+JOB_ORDER = " ORDER BY j.completed_at, j.id"
 
-def _job(row: sqlite3.Row) -> Job:
+
+def _job(row: Sequence[Any]) -> Job:
     return Job(
-        id=row[0],
-        series_id=row[1],
+        id=int(row[0]),
+        series_id=int(row[1]),
         state=JobState(row[2]),
         reason=row[3],
-        instances=row[4],
-        late_instances=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        last_instance_at=row[8],
+        instances=int(row[4]),
+        late_instances=int(row[5]),
+        created_at=float(row[6]),
+        updated_at=float(row[7]),
+        last_instance_at=float(row[8]),
         completed_at=row[9],
-        routes=json.loads(row[10] or "[]"),
-        model=row[11],
-        model_version=row[12],
-        detail=json.loads(row[13] or "{}"),
-        study_uid=row[14],
-        series_uid=row[15],
-        header=json.loads(row[16]),
-        calling_ae=row[17],
-        called_ae=row[18],
+        routes=tuple(JobRoute.from_dict(r) for r in json.loads(row[10] or "[]")),
+        detail=JobDetail.from_json(row[11]),
+        study_uid=row[12],
+        series_uid=row[13],
+        header=json.loads(row[14]),
+        calling_ae=row[15],
+        called_ae=row[16],
+        claimed_by=row[17],
+        lease_until=row[18],
     )
 
 
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
 class Index:
-    """Thread-safe access to the index database."""
+    """Thread-safe access to the index database, schema migrated on opening."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(SCHEMA)
-        columns = {r[1] for r in self.query("PRAGMA table_info(transitions)")}
-        if "who" not in columns:  # an index made before admins' actions were recorded by name
-            self._conn().execute("ALTER TABLE transitions ADD COLUMN who TEXT")
+    def __init__(self, path_or_db: Path | Database) -> None:
+        self.db = path_or_db if isinstance(path_or_db, Database) else SQLite(path_or_db)
+        migrate(self.db)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes may use this index at the same time (PostgreSQL)."""
+        return self.db.shared
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock at once (BEGIN IMMEDIATE)."""
-        db = self._conn()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"index unavailable: {exc}") from exc
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def singleton(self, name: str) -> AbstractContextManager[bool]:
+        """Hold the named lock for a block, if no other node does: a scheduled task that must
+        run on one node at a time (retention, sync, the completion sweep)."""
+        return self.db.singleton(name)
 
-    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return self._conn().execute(sql, args).fetchall()
+    def check_writable(self) -> None:
+        """Take the write lock and let it go, writing nothing; StoreError when the index cannot."""
+        with self.db.tx():
+            pass
+
+    def close(self) -> None:
+        self.db.close()
 
     # --- instances -------------------------------------------------------------------------
 
     def has_instance(self, sop_uid: str) -> bool:
-        return bool(self.query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
+        return bool(self.db.query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
     def add_instance(
         self,
@@ -241,8 +130,11 @@ class Index:
         instance arrived: the instance then opens a new job for the whole series.
         """
         now = at if at is not None else time.time()
-        with self.tx() as db:
+        with self.db.tx() as db:
             series_id = self._series_id(db, series_uid, study_uid, header, calling_ae, called_ae, now)
+            # the series row is locked from here (PostgreSQL), so two receivers of one series
+            # cannot both open a job for it
+            db.execute("SELECT id FROM series WHERE id = ?" + self._for_update, (series_id,))
             row = db.execute(
                 "SELECT id FROM jobs WHERE series_id = ? AND state = ? ORDER BY id DESC LIMIT 1",
                 (series_id, JobState.RECEIVING.value),
@@ -258,10 +150,10 @@ class Index:
                     )
                 job_id = self._new_job(db, series_id, now)
             else:
-                job_id = row[0]
+                job_id = int(row[0])
             cur = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_uid, series_id, job_id, path, sop_class, "
-                "transfer_syntax, size, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO instances (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, "
+                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, now),
             )
             if cur.rowcount:
@@ -275,7 +167,7 @@ class Index:
 
     def _series_id(
         self,
-        db: sqlite3.Connection,
+        db: Tx,
         series_uid: str,
         study_uid: str,
         header: Callable[[], dict[str, Any]],
@@ -286,19 +178,21 @@ class Index:
         row = db.execute("SELECT id FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
         if row is not None:
             return int(row[0])
-        cur = db.execute(
+        row = db.execute(
             "INSERT INTO series (series_uid, study_uid, header, calling_ae, called_ae, first_at, last_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO UPDATE SET last_at = series.last_at "
+            "RETURNING id",
             (series_uid, study_uid, json.dumps(header()), calling_ae, called_ae, now, now),
-        )
-        return int(cur.lastrowid or 0)
+        ).fetchone()
+        return int(row[0])
 
-    def _new_job(self, db: sqlite3.Connection, series_id: int, now: float) -> int:
-        cur = db.execute(
-            "INSERT INTO jobs (series_id, state, created_at, updated_at, last_instance_at) VALUES (?, ?, ?, ?, ?)",
+    def _new_job(self, db: Tx, series_id: int, now: float) -> int:
+        row = db.execute(
+            "INSERT INTO jobs (series_id, state, created_at, updated_at, last_instance_at) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING id",
             (series_id, JobState.RECEIVING.value, now, now, now),
-        )
-        job_id = int(cur.lastrowid or 0)
+        ).fetchone()
+        job_id = int(row[0])
         db.execute(
             "INSERT INTO transitions (job_id, at, from_state, to_state) VALUES (?, ?, NULL, ?)",
             (job_id, now, JobState.RECEIVING.value),
@@ -307,20 +201,39 @@ class Index:
 
     def instance_paths(self, series_id: int) -> list[str]:
         """Spool-relative paths of every present instance of a series (all jobs)."""
-        rows = self.query(
-            "SELECT path FROM instances WHERE series_id = ? AND missing = 0 ORDER BY received_at",
-            (series_id,),
+        rows = self.db.query(
+            "SELECT path FROM instances WHERE series_id = ? AND missing = 0 ORDER BY received_at", (series_id,)
+        )
+        return [r[0] for r in rows]
+
+    def job_instance_paths(self, job_id: int) -> list[str]:
+        """Spool-relative paths of the present instances that arrived in this job (not earlier
+        jobs of its series), in arrival order."""
+        rows = self.db.query(
+            "SELECT path FROM instances WHERE job_id = ? AND missing = 0 ORDER BY received_at", (job_id,)
         )
         return [r[0] for r in rows]
 
     def all_instance_paths(self) -> dict[str, str]:
         """Map of spool-relative path → SOP Instance UID for every indexed instance."""
-        return {r[0]: r[1] for r in self.query("SELECT path, sop_uid FROM instances")}
+        return {r[0]: r[1] for r in self.db.query("SELECT path, sop_uid FROM instances")}
+
+    def series_of_instances(self, sop_uids: Iterable[str]) -> set[str]:
+        """Series Instance UIDs of the indexed instances among ``sop_uids``."""
+        uids = sorted(sop_uids)
+        if not uids:
+            return set()
+        rows = self.db.query(
+            "SELECT DISTINCT s.series_uid FROM instances i JOIN series s ON s.id = i.series_id "
+            f"WHERE i.sop_uid IN ({_marks(uids)})",
+            uids,
+        )
+        return {str(r[0]) for r in rows}
 
     def mark_missing(self, paths: list[str]) -> list[int]:
         """Flag rows whose file is gone; return the affected job ids."""
         jobs: set[int] = set()
-        with self.tx() as db:
+        with self.db.tx() as db:
             for path in paths:
                 row = db.execute("SELECT job_id FROM instances WHERE path = ?", (path,)).fetchone()
                 if row:
@@ -328,44 +241,63 @@ class Index:
                     db.execute("UPDATE instances SET missing = 1 WHERE path = ?", (path,))
         return sorted(jobs)
 
+    def forget_instances(self, series_id: int) -> None:
+        """Drop a purged series' instance rows (its files are gone)."""
+        with self.db.tx() as db:
+            db.execute("DELETE FROM instances WHERE series_id = ?", (series_id,))
+
     # --- jobs ------------------------------------------------------------------------------
 
     def job(self, job_id: int) -> Job:
-        rows = self.query(JOB_QUERY + " WHERE j.id = ?", (job_id,))
+        rows = self.db.query(JOB_QUERY + " WHERE j.id = ?", (job_id,))
         if not rows:
             raise StoreError(f"no job {job_id}")
         return _job(rows[0])
 
-    def jobs(self, states: list[JobState] | None = None) -> list[Job]:
-        if not states:
-            return [_job(r) for r in self.query(JOB_QUERY + " ORDER BY j.id")]
-        marks = ",".join("?" * len(states))
-        return [
-            _job(r)
-            for r in self.query(
-                JOB_QUERY + f" WHERE j.state IN ({marks}) ORDER BY j.id", tuple(s.value for s in states)
-            )
-        ]
+    def jobs(self, states: Iterable[JobState] | None = None) -> list[Job]:
+        wanted = [s.value for s in states] if states is not None else []
+        if not wanted:
+            return [_job(r) for r in self.db.query(JOB_QUERY + " ORDER BY j.id")]
+        rows = self.db.query(JOB_QUERY + f" WHERE j.state IN ({_marks(wanted)}) ORDER BY j.id", wanted)
+        return [_job(r) for r in rows]
+
+    def job_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state."""
+        return {JobState(r[0]): int(r[1]) for r in self.db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 
     def transition(
-        self, job_id: int, to: JobState, reason: str | None = None, *, who: str | None = None, **fields: Any
+        self,
+        job_id: int,
+        to: JobState,
+        reason: str | None = None,
+        *,
+        who: str | None = None,
+        routes: Sequence[JobRoute] | None = None,
+        detail: JobDetail | None = None,
+        completed_at: float | None = None,
     ) -> JobState:
-        """Move a job to ``to`` if its state allows; set extra columns; return the old state.
+        """Move a job to ``to`` if its state allows; return the old state.
 
-        ``who``: the admin whose action this is (None: the node itself).
+        ``routes``, ``detail`` and ``completed_at`` replace the job's when given (an empty
+        ``routes`` clears them). ``who``: the admin whose action this is (None: the node).
         """
         now = time.time()
-        with self.tx() as db:
+        sets: dict[str, Any] = {"state": to.value, "reason": reason, "updated_at": now}
+        if routes is not None:
+            sets["routes"] = json.dumps([asdict(r) for r in routes])
+            sets["model"] = routes[0].model if routes else None
+            sets["model_version"] = routes[0].version if routes else None
+        if detail is not None:
+            sets["detail"] = detail.to_json()
+        if completed_at is not None:
+            sets["completed_at"] = completed_at
+        with self.db.tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id}")
             old = JobState(row[0])
             if to not in ALLOWED[old]:
                 raise TransitionError(f"job {job_id}: {old.value} cannot become {to.value}")
-            sets = {"state": to.value, "reason": reason, "updated_at": now, **fields}
-            for key in ("routes", "detail"):
-                if key in sets and not isinstance(sets[key], str):
-                    sets[key] = json.dumps(sets[key])
             assignments = ", ".join(f"{k} = ?" for k in sets)
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*sets.values(), job_id))
             db.execute(
@@ -374,24 +306,149 @@ class Index:
             )
         return old
 
-    def transitions(self, job_id: int) -> list[dict[str, Any]]:
-        """A job's history, oldest first: at, from, to, reason, who."""
-        rows = self.query(
-            "SELECT at, from_state, to_state, reason, who FROM transitions WHERE job_id = ? ORDER BY rowid", (job_id,)
+    def transitions(self, job_id: int | None = None) -> list[Transition]:
+        """A job's history (every job's, when None), oldest first."""
+        sql = "SELECT job_id, at, from_state, to_state, reason, who FROM transitions"
+        rows = (
+            self.db.query(sql + " WHERE job_id = ? ORDER BY id", (job_id,))
+            if job_id is not None
+            else self.db.query(sql + " ORDER BY at, id")
         )
-        return [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3], "who": r[4]} for r in rows]
+        return [Transition(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
 
-    def update_detail(self, job_id: int, **items: Any) -> None:
-        """Merge ``items`` into a job's JSON detail (result paths, volumes, timings)."""
-        with self.tx() as db:
-            row = db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            detail = json.loads(row[0] or "{}") if row else {}
-            detail.update(items)
+    def entered_at(self, job_id: int, state: JobState) -> float | None:
+        """When the job last entered ``state``."""
+        rows = self.db.query("SELECT MAX(at) FROM transitions WHERE job_id = ? AND to_state = ?", (job_id, state.value))
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def update_detail(self, job_id: int, change: Callable[[JobDetail], JobDetail]) -> JobDetail:
+        """Apply ``change`` to a job's detail in one transaction (``dataclasses.replace`` it);
+        return the new detail."""
+        with self.db.tx() as db:
+            row = db.execute("SELECT detail FROM jobs WHERE id = ?" + self._for_update, (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id}")
+            detail = change(JobDetail.from_json(row[0]))
             db.execute(
-                "UPDATE jobs SET detail = ?, updated_at = ? WHERE id = ?", (json.dumps(detail), time.time(), job_id)
+                "UPDATE jobs SET detail = ?, updated_at = ? WHERE id = ?", (detail.to_json(), time.time(), job_id)
+            )
+        return detail
+
+    @property
+    def _for_update(self) -> str:
+        return " FOR UPDATE" if self.db.shared else ""
+
+    def link_approved(self, ct_job: int, rt_job: int, approval: str, files: int) -> None:
+        """Both sides of a clinician's set linked to its CT job, in one transaction; a repeated
+        link replaces the earlier one."""
+        entry = ApprovedSet(job=rt_job, approval=approval, instances=files)
+        with self.db.tx() as db:
+            for job_id in sorted((ct_job, rt_job)):  # one lock order: no deadlock with another link
+                db.execute("SELECT id FROM jobs WHERE id = ?" + self._for_update, (job_id,))
+            ct = JobDetail.from_json(db.execute("SELECT detail FROM jobs WHERE id = ?", (ct_job,)).fetchone()[0])
+            others = tuple(a for a in ct.approved if a.job != rt_job)
+            ct_detail = replace(ct, approved=(*others, entry))
+            rt = JobDetail.from_json(db.execute("SELECT detail FROM jobs WHERE id = ?", (rt_job,)).fetchone()[0])
+            rt_detail = replace(rt, linked_to=ct_job, approval=approval)
+            db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (ct_detail.to_json(), ct_job))
+            db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (rt_detail.to_json(), rt_job))
+
+    def contoured_job(self, series_uids: set[str], states: Iterable[JobState]) -> int | None:
+        """The latest job of these series in one of ``states`` that was routed to a model and
+        whose files retention has not purged."""
+        if not series_uids:
+            return None
+        wanted = [s.value for s in states]
+        rows = self.db.query(
+            "SELECT j.id, j.detail FROM jobs j JOIN series s ON s.id = j.series_id "
+            f"WHERE s.series_uid IN ({_marks(sorted(series_uids))}) AND j.routes IS NOT NULL AND j.routes != '[]' "
+            f"AND j.state IN ({_marks(wanted)}) ORDER BY j.id DESC",
+            (*sorted(series_uids), *wanted),
+        )
+        for job_id, detail in rows:
+            if not JobDetail.from_json(detail).purged:
+                return int(job_id)
+        return None
+
+    # --- claims ----------------------------------------------------------------------------
+
+    def claim(self, states: Sequence[JobState], node: str, lease_s: float, now: float | None = None) -> Job | None:
+        """Take the oldest job in one of ``states`` that no live lease holds, for ``lease_s``.
+
+        On PostgreSQL the row is locked with SKIP LOCKED, so workers claiming at once each get a
+        different job and never wait on one another.
+        """
+        now = now if now is not None else self.db.now()
+        wanted = [s.value for s in states]
+        with self.db.tx() as db:
+            row = db.execute(
+                f"SELECT j.id FROM jobs j WHERE j.state IN ({_marks(wanted)}) "
+                "AND (j.lease_until IS NULL OR j.lease_until < ?)" + JOB_ORDER + " LIMIT 1" + self.db.skip_locked,
+                (*wanted, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET claimed_by = ?, lease_until = ? WHERE id = ?", (node, now + lease_s, row[0]))
+        return self.job(int(row[0]))
+
+    def renew(self, job_id: int, node: str, lease_s: float) -> bool:
+        """Extend ``node``'s lease on a job; False when it no longer holds it (it lapsed and
+        another node claimed the job)."""
+        with self.db.tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND claimed_by = ?",
+                (self.db.now() + lease_s, job_id, node),
+            )
+            return cur.rowcount > 0
+
+    def release(self, job_id: int, node: str) -> None:
+        """End ``node``'s lease on a job (its stage is over); the job stays where it got to."""
+        with self.db.tx() as db:
+            db.execute(
+                "UPDATE jobs SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ?", (job_id, node)
             )
 
-    def next_job(self, state: JobState) -> Job | None:
-        """The oldest job in ``state`` (by completion, then arrival)."""
-        rows = self.query(JOB_QUERY + " WHERE j.state = ? ORDER BY j.completed_at, j.id LIMIT 1", (state.value,))
-        return _job(rows[0]) if rows else None
+    def release_all(self) -> int:
+        """End every lease (an index only this node uses, at its start); return how many."""
+        with self.db.tx() as db:
+            cur = db.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL")
+            return cur.rowcount
+
+    # --- agreement -------------------------------------------------------------------------
+
+    def replace_agreement(self, ct_job: int, rows: Sequence[AgreementRow]) -> None:
+        """A case's figures, replacing those of an earlier approval of the same case."""
+        columns = ", ".join(AGREEMENT_COLUMNS)
+        with self.db.tx() as db:
+            db.execute("DELETE FROM agreement WHERE ct_job = ?", (ct_job,))
+            for row in rows:
+                db.execute(
+                    f"INSERT INTO agreement ({columns}) VALUES ({_marks(AGREEMENT_COLUMNS)})",
+                    tuple(getattr(row, c) for c in AGREEMENT_COLUMNS),
+                )
+
+    def agreement(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        structure: str | None = None,
+        since: float | None = None,
+        ct_job: int | None = None,
+    ) -> list[AgreementRow]:
+        """Stored figures, oldest first; ``structure`` compares case-insensitively."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("model", model), ("model_version", version), ("ct_job", ct_job)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if structure is not None:
+            where.append("lower(structure) = lower(?)")
+            args.append(structure)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(since)
+        sql = f"SELECT {', '.join(AGREEMENT_COLUMNS)} FROM agreement"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [AgreementRow(*r) for r in self.db.query(sql + " ORDER BY at, ct_job", args)]

@@ -1,60 +1,82 @@
 """The outbox: one row per (result file, destination), retried until delivered or dead-lettered.
 
-Rows are inserted once per SOP Instance UID and destination, so writing a job's results again
-after a crash never queues a second copy.
+Rows are keyed by SOP Instance UID and destination, so writing a job's results again (after a
+crash, or by the worker that took over a job) never queues a second copy, and every attempt
+sends the same instance. A node takes a destination's due rows under a lease before sending
+them, so two nodes never send the same row at once; a node that dies mid-pass loses its lease
+and the rows are sent again, with the same UIDs, by whoever drains the outbox next.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any
 
 from ie_gateway.store.index import Index
+from ie_gateway.store.records import DeliveredBatch, OutboxRow, OutboxState
+
+ROW_COLUMNS = "id, job_id, destination, path, sop_uid, sop_class, attempts, created_at, state, last_status, last_error"
 
 
-@dataclass(frozen=True)
-class OutboxRow:
-    """One pending delivery."""
-
-    id: int
-    job_id: int
-    destination: str
-    path: str
-    sop_uid: str
-    sop_class: str
-    attempts: int
-    created_at: float
-
-
-PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"
+def _row(r: Any) -> OutboxRow:
+    return OutboxRow(
+        id=int(r[0]),
+        job_id=int(r[1]),
+        destination=str(r[2]),
+        path=str(r[3]),
+        sop_uid=str(r[4]),
+        sop_class=str(r[5]),
+        attempts=int(r[6]),
+        created_at=float(r[7]),
+        state=OutboxState(r[8]),
+        last_status=r[9],
+        last_error=r[10],
+    )
 
 
 class Outbox:
     """Queue operations over the index's `outbox` and `attempts` tables."""
 
     def __init__(self, index: Index) -> None:
-        self.index = index
+        self.db = index.db
 
-    def enqueue(self, job_id: int, destination: str, path: str, sop_uid: str, sop_class: str) -> None:
+    def enqueue(self, job_id: int, destination: str, path: str, sop_uid: str, sop_class: str) -> bool:
+        """Queue a file for a destination, once per SOP Instance UID; False if it was queued before."""
         now = time.time()
-        with self.index.tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_uid, sop_class, next_at, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        with self.db.tx() as db:
+            cur = db.execute(
+                "INSERT INTO outbox (job_id, destination, path, sop_uid, sop_class, next_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_uid, destination) DO NOTHING",
                 (job_id, destination, path, sop_uid, sop_class, now, now),
             )
+            return cur.rowcount > 0
 
-    def due(self, now: float | None = None) -> dict[str, list[OutboxRow]]:
-        """Pending rows whose next attempt is due, grouped by destination, oldest first."""
-        rows = self.index.query(
-            "SELECT id, job_id, destination, path, sop_uid, sop_class, attempts, created_at FROM outbox "
-            "WHERE state = ? AND next_at <= ? ORDER BY id",
-            (PENDING, now if now is not None else time.time()),
+    def due_destinations(self, now: float | None = None) -> list[str]:
+        """Destinations with a pending row due now that no node is sending."""
+        now = now if now is not None else self.db.now()
+        rows = self.db.query(
+            "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_at <= ? "
+            "AND (lease_until IS NULL OR lease_until < ?) ORDER BY destination",
+            (OutboxState.PENDING.value, now, now),
         )
-        grouped: dict[str, list[OutboxRow]] = {}
-        for r in rows:
-            grouped.setdefault(r[2], []).append(OutboxRow(*r))
-        return grouped
+        return [str(r[0]) for r in rows]
+
+    def claim_due(
+        self, destination: str, node: str, lease_s: float, *, per_row_s: float = 0.0, now: float | None = None
+    ) -> list[OutboxRow]:
+        """Take the destination's due rows that no live lease holds, oldest first, for
+        ``lease_s`` plus ``per_row_s`` for each row taken."""
+        now = now if now is not None else self.db.now()
+        with self.db.tx() as db:
+            rows = db.execute(
+                f"SELECT {ROW_COLUMNS} FROM outbox WHERE destination = ? AND state = ? AND next_at <= ? "
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id" + self.db.skip_locked,
+                (destination, OutboxState.PENDING.value, now, now),
+            ).fetchall()
+            until = now + lease_s + per_row_s * len(rows)
+            for r in rows:
+                db.execute("UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE id = ?", (node, until, r[0]))
+        return [_row(r) for r in rows]
 
     def record(
         self,
@@ -66,45 +88,72 @@ class Outbox:
         next_at: float | None = None,
         dead: bool = False,
     ) -> None:
-        """Log an attempt; mark delivered, reschedule at ``next_at``, or dead-letter."""
+        """Log an attempt; mark delivered, reschedule at ``next_at``, or dead-letter; the lease ends."""
         now = time.time()
-        state = DELIVERED if delivered else FAILED if dead else PENDING
-        with self.index.tx() as db:
+        state = OutboxState.DELIVERED if delivered else OutboxState.FAILED if dead else OutboxState.PENDING
+        with self.db.tx() as db:
             db.execute(
                 "INSERT INTO attempts (outbox_id, at, status, error) VALUES (?, ?, ?, ?)", (row.id, now, status, error)
             )
             db.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, next_at = ?, last_status = ?, "
-                "last_error = ? WHERE id = ?",
-                (state, next_at if next_at is not None else now, status, error, row.id),
+                "last_error = ?, claimed_by = NULL, lease_until = NULL WHERE id = ?",
+                (state.value, next_at if next_at is not None else now, status, error, row.id),
             )
 
-    def job_summary(self, job_id: int) -> dict[str, int]:
-        """Counts of the job's rows by state."""
-        rows = self.index.query("SELECT state, COUNT(*) FROM outbox WHERE job_id = ? GROUP BY state", (job_id,))
-        return {r[0]: int(r[1]) for r in rows}
+    def job_rows(self, job_id: int) -> list[OutboxRow]:
+        """Every delivery of a job, in the order queued."""
+        return [
+            _row(r) for r in self.db.query(f"SELECT {ROW_COLUMNS} FROM outbox WHERE job_id = ? ORDER BY id", (job_id,))
+        ]
 
-    def failures(self, job_id: int) -> list[tuple[str, int | None, str | None]]:
-        """(destination, last status, last error) of the job's dead-lettered rows."""
-        rows = self.index.query(
-            "SELECT destination, last_status, last_error FROM outbox WHERE job_id = ? AND state = ?", (job_id, FAILED)
+    def job_summary(self, job_id: int) -> dict[OutboxState, int]:
+        """Counts of the job's rows by state."""
+        rows = self.db.query("SELECT state, COUNT(*) FROM outbox WHERE job_id = ? GROUP BY state", (job_id,))
+        return {OutboxState(r[0]): int(r[1]) for r in rows}
+
+    def counts(self) -> dict[OutboxState, int]:
+        """Counts of every row by state."""
+        return {
+            OutboxState(r[0]): int(r[1]) for r in self.db.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        }
+
+    def attempt_count(self) -> int:
+        """C-STORE attempts ever recorded."""
+        return int(self.db.query("SELECT COUNT(*) FROM attempts")[0][0])
+
+    def failures(self, job_id: int) -> list[OutboxRow]:
+        """The job's dead-lettered rows (destination, last status and error)."""
+        return [r for r in self.job_rows(job_id) if r.state is OutboxState.FAILED]
+
+    def has_sop(self, sop_uid: str) -> bool:
+        """Whether the node queued this SOP Instance (it is one of our results)."""
+        return bool(self.db.query("SELECT 1 FROM outbox WHERE sop_uid = ? LIMIT 1", (sop_uid,)))
+
+    def delivered_batches(self) -> list[DeliveredBatch]:
+        """Per job and destination: files delivered and when the last one went."""
+        rows = self.db.query(
+            "SELECT o.job_id, o.destination, COUNT(DISTINCT o.id), MAX(a.at) FROM outbox o "
+            "JOIN attempts a ON a.outbox_id = o.id WHERE o.state = ? GROUP BY o.job_id, o.destination",
+            (OutboxState.DELIVERED.value,),
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [DeliveredBatch(int(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows]
 
     def retry(self, job_id: int) -> int:
         """Put a job's dead-lettered rows back in the queue, due now; return how many."""
         now = time.time()
-        with self.index.tx() as db:
+        with self.db.tx() as db:
             cur = db.execute(
                 "UPDATE outbox SET state = ?, attempts = 0, next_at = ?, created_at = ? WHERE job_id = ? AND state = ?",
-                (PENDING, now, now, job_id, FAILED),
+                (OutboxState.PENDING.value, now, now, job_id, OutboxState.FAILED.value),
             )
             return int(cur.rowcount)
 
     def cancel(self, job_id: int) -> int:
         """Drop a job's undelivered rows (it is being routed again); return how many."""
-        with self.index.tx() as db:
+        with self.db.tx() as db:
             cur = db.execute(
-                "UPDATE outbox SET state = ? WHERE job_id = ? AND state IN (?, ?)", (CANCELLED, job_id, PENDING, FAILED)
+                "UPDATE outbox SET state = ? WHERE job_id = ? AND state IN (?, ?)",
+                (OutboxState.CANCELLED.value, job_id, OutboxState.PENDING.value, OutboxState.FAILED.value),
             )
             return int(cur.rowcount)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -75,10 +76,20 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         return True
 
-    def clear_tmp(self) -> int:
-        """Remove temp files a crash left behind; return how many."""
+    def clear_tmp(self, older_than_s: float = 0.0) -> int:
+        """Remove temp files a crash left behind; return how many.
+
+        On a spool that other receivers write to at the same time, only files older than
+        ``older_than_s`` go (a C-STORE in flight on another node is never that old).
+        """
         count = 0
+        cutoff = time.time() - older_than_s
         for leftover in self.tmp.iterdir():
+            try:
+                if older_than_s and leftover.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
             leftover.unlink(missing_ok=True)
             count += 1
         return count

@@ -13,9 +13,9 @@ from typing import Any
 
 import pydicom
 
+from ie_gateway.approvals import APPROVED
 from ie_gateway.store import Job, Store
 from ie_gateway.sync import anonymise, blob
-from ie_gateway.sync.cases import APPROVED
 
 MANIFEST_SCHEMA = 1
 
@@ -34,10 +34,10 @@ def ai_outputs(store: Store, job: Job) -> list[AIOutput]:
     """The result files of the job's ``sync: true`` routes (the worker's ``<kind>-<route>.dcm``)."""
     folder = store.job_dir(job.id)
     return [
-        AIOutput(folder / f"{kind}-{index}.dcm", kind, route["model"], route["version"])
+        AIOutput(folder / f"{kind}-{index}.dcm", str(kind), route.model, route.version)
         for index, route in enumerate(job.routes)
-        if route.get("sync")
-        for kind in route["outputs"]
+        if route.sync
+        for kind in route.outputs
     ]
 
 

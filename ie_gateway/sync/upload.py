@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import structlog
 from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 
+from ie_gateway.approvals import approved_files
 from ie_gateway.errors import SyncError
 from ie_gateway.log import drop_patient_data
-from ie_gateway.store import Index, Job, JobState, Store
+from ie_gateway.store import Job, JobDetail, JobState, Store
+from ie_gateway.store.records import SyncRecord
 from ie_gateway.sync import blob
 from ie_gateway.sync.anonymise import Anonymiser
-from ie_gateway.sync.cases import approved_entries, approved_files
 from ie_gateway.sync.lock import exclusive
 from ie_gateway.sync.manifest import ai_outputs, case_manifest
 
@@ -60,21 +59,13 @@ def cases_due(store: Store) -> list[Job]:
     return [
         job
         for job in store.index.jobs([JobState.DELIVERED])
-        if any(route.get("sync") for route in job.routes)
-        and not job.detail.get("purged")
-        and _changed_since_upload(job)
+        if any(route.sync for route in job.routes) and not job.detail.purged and _changed_since_upload(job)
     ]
 
 
 def _changed_since_upload(job: Job) -> bool:
-    synced = job.detail.get("synced")
-    if synced is None:
-        return True
-    return sorted(synced.get("approved_jobs", [])) != _approved_jobs(job)
-
-
-def _approved_jobs(job: Job) -> list[int]:
-    return sorted(int(entry["job"]) for entry in approved_entries(job))
+    synced = job.detail.synced
+    return synced is None or sorted(synced.approved_jobs) != job.detail.approved_jobs()
 
 
 def sync_cases(
@@ -103,14 +94,14 @@ def sync_cases(
                 text = blob.remote_error(exc, container.container_name) if isinstance(exc, AzureError) else str(exc)
                 reason = scrubbed(f"{type(exc).__name__}: {text}".splitlines()[0])
                 log.warning("case sync failed", job=job.id, reason=reason)
-                _set_detail(store.index, job.id, {"sync_error": reason})
+                store.index.update_detail(job.id, functools.partial(_sync_failed, reason=reason))
                 failed[job.id] = reason
                 continue
             finally:
                 shutil.rmtree(scratch / f"job-{job.id}", ignore_errors=True)
             synced.append(job.id)
-            blobs += record["blobs_uploaded"]
-            size += record["bytes_uploaded"]
+            blobs += record.blobs_uploaded
+            size += record.bytes_uploaded
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("case sync done", synced=len(synced), failed=len(failed), blobs=blobs, bytes=size)
     return CasesReport(tuple(synced), failed, blobs, size)
@@ -124,12 +115,12 @@ def sync_case(
     workdir: Path,
     *,
     progress: blob.ProgressCallback | None = None,
-) -> dict[str, Any]:
+) -> SyncRecord:
     """Anonymise one case into ``workdir`` and upload it; record and return its ``synced``."""
-    approved_ids = _approved_jobs(job)
+    approved_ids = job.detail.approved_jobs()
     outputs = ai_outputs(store, job)
     sources = {
-        "ct": [Path(p) for p in job.detail["slice_files"]],
+        "ct": [Path(p) for p in job.detail.slice_files],
         "ai": [output.path for output in outputs],
         "approved": approved_files(store, job),
     }
@@ -137,21 +128,23 @@ def sync_case(
     case_id = anonymiser.uid(job.series_uid)
     manifest = case_manifest(case_id, outputs, sources, anonymised)
     report = blob.upload_case(container, case_id, anonymised, manifest, progress=progress)
-    record = {
-        "case": case_id,
-        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **{kind: len(anonymised.get(kind, [])) for kind in blob.CASE_KINDS},
-        "approved_jobs": approved_ids,
-        "blobs_uploaded": report.uploaded,
-        "bytes_uploaded": report.bytes,
-    }
-    _set_detail(store.index, job.id, {"synced": record}, drop=("sync_error",))
+    record = SyncRecord(
+        case=case_id,
+        at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        ct=len(anonymised.get("ct", [])),
+        ai=len(anonymised.get("ai", [])),
+        approved=len(anonymised.get("approved", [])),
+        approved_jobs=tuple(approved_ids),
+        blobs_uploaded=report.uploaded,
+        bytes_uploaded=report.bytes,
+    )
+    store.index.update_detail(job.id, lambda d: replace(d, synced=record, sync_error=None))
     log.info(
         "case synced",
         job=job.id,
-        ct=record["ct"],
-        ai=record["ai"],
-        approved=record["approved"],
+        ct=record.ct,
+        ai=record.ai,
+        approved=record.approved,
         blobs=report.uploaded,
         bytes=report.bytes,
     )
@@ -163,10 +156,5 @@ def scrubbed(text: str) -> str:
     return str(drop_patient_data(None, "", {"reason": text})["reason"])
 
 
-def _set_detail(index: Index, job_id: int, items: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
-    """Merge ``items`` into a job's detail and remove the ``drop`` keys, in one transaction."""
-    with index.tx() as db:
-        row = db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        detail = {k: v for k, v in json.loads(row[0] or "{}").items() if k not in drop}
-        detail.update(items)
-        db.execute("UPDATE jobs SET detail = ? WHERE id = ?", (json.dumps(detail), job_id))
+def _sync_failed(detail: JobDetail, reason: str) -> JobDetail:
+    return replace(detail, sync_error=reason)

@@ -8,6 +8,7 @@ Read-only views need no sign-in; the buttons need the admin token (see :mod:`.au
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ie_gateway.errors import GatewayError
 from ie_gateway.infer.registry import Registry
 from ie_gateway.log import uid_hash
 from ie_gateway.store import Job, JobState, Store
+from ie_gateway.store.outbox import Outbox
 from ie_gateway.web.auth import COOKIE, Guard, admin_token
 from ie_gateway.web.plots import dice_plot
 
@@ -67,8 +69,9 @@ def _job_row(job: Job) -> dict[str, Any]:
         "model": f"{job.model}@{job.model_version}" if job.model else "",
         "received": _when(job.created_at),
         "updated": _when(job.updated_at),
-        "timings": job.detail.get("timings_s") or {},
-        "linked_to": job.detail.get("linked_to"),
+        "timings": job.detail.timings_s,
+        "linked_to": job.detail.linked_to,
+        "held_by": job.claimed_by or "",
     }
 
 
@@ -138,39 +141,39 @@ class AdminPages:
                 message=f"There is no job {request.path_params['job_id']}.",
             )
         deliveries = [
-            dict(zip(("destination", "state", "attempts", "last_status", "last_error"), r, strict=True))
-            for r in self.store.index.query(
-                "SELECT destination, state, attempts, last_status, last_error FROM outbox WHERE job_id = ? ORDER BY id",
-                (job.id,),
-            )
+            {
+                "destination": r.destination,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "last_status": r.last_status,
+                "last_error": r.last_error,
+            }
+            for r in Outbox(self.store.index).job_rows(job.id)
         ]
         transitions = [
-            {"at": _when(r[0]), "from": r[1] or "", "to": r[2], "reason": r[3] or ""}
-            for r in self.store.index.query(
-                "SELECT at, from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY at", (job.id,)
-            )
+            {"at": _when(t.at), "from": t.from_state or "", "to": t.to_state, "reason": t.reason or ""}
+            for t in self.store.index.transitions(job.id)
         ]
-        review = job.detail.get("review") or {}
-        findings = job.detail.get("findings") or (review.get("findings") if isinstance(review, dict) else None) or []
+        findings = list(job.detail.review.reasons) if job.detail.review is not None else []
         return self._render(
             request,
             "job.html",
             title=f"Job {job.id}",
             job=_job_row(job),
             job_buttons=self._buttons(job),
-            qa=bool(job.detail.get("qa_png")),
-            volumes=job.detail.get("volumes_cc") or {},
+            qa=bool(job.detail.qa_png),
+            volumes=job.detail.volumes_cc,
             findings=findings,
             needs_review=job.state.value == "needs_review",
             deliveries=deliveries,
             transitions=transitions,
             figures=agreement.rows(self.store.index, ct_job=job.id),
-            approvals=job.detail.get("approved") or [],
+            approvals=[asdict(a) for a in job.detail.approved],
         )
 
     async def qa_png(self, request: Request) -> Response:
         job = self._job_or_none(request)
-        path = Path(str(job.detail.get("qa_png"))) if job is not None and job.detail.get("qa_png") else None
+        path = Path(job.detail.qa_png) if job is not None and job.detail.qa_png else None
         # only ever a file inside the node's results folder
         if path is None or not path.is_file() or not path.resolve().is_relative_to(self.store.results.resolve()):
             return Response("no QA picture", status_code=404, media_type="text/plain")

@@ -1,0 +1,269 @@
+"""The typed records the index stores and hands out: jobs with their routes and details, the
+outbox's states and rows, the clinicians' approvals and the agreement figures.
+
+Each stage reads and writes these, never the columns behind them, so a key cannot be misspelt
+in one module and read under another name in the next. Job routes and details are kept as JSON
+in their job's row; ``from_json`` takes what an older version of the node wrote (unknown keys
+are ignored, missing ones take their defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+from ie_gateway.store.states import JobState
+
+
+class OutputKind(StrEnum):
+    """Objects a route asks the writer to produce (and a destination may accept)."""
+
+    RTSTRUCT = "rtstruct"
+    SEG = "seg"
+
+
+class OutboxState(StrEnum):
+    """Where one (result file, destination) delivery stands."""
+
+    PENDING = "pending"  # due now or after its backoff
+    DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
+    FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
+    CANCELLED = "cancelled"  # the job was routed again before it went
+
+
+class ReviewPolicy(StrEnum):
+    """What a result failing its model's plausibility checks does (the route's ``review``)."""
+
+    HOLD = "hold"  # nothing is sent until an admin releases it
+    FLAG = "flag"  # sent, marked NEEDS REVIEW
+
+
+@dataclass(frozen=True)
+class JobRoute:
+    """One matched rule's order, with the model version resolved when the series was routed."""
+
+    rule: str
+    model: str
+    version: str
+    outputs: tuple[OutputKind, ...]
+    send_to: tuple[str, ...]
+    sync: bool = False
+    review: ReviewPolicy = ReviewPolicy.HOLD
+
+    @property
+    def spec(self) -> str:
+        """``name@version``: how the registry is asked for this exact model."""
+        return f"{self.model}@{self.version}"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobRoute:
+        return cls(
+            rule=str(raw["rule"]),
+            model=str(raw["model"]),
+            version=str(raw["version"]),
+            outputs=tuple(OutputKind(o) for o in raw.get("outputs", ())),
+            send_to=tuple(str(d) for d in raw.get("send_to", ())),
+            sync=bool(raw.get("sync", False)),
+            review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
+        )
+
+
+@dataclass(frozen=True)
+class Review:
+    """Why a result needs a person's look, and who released it."""
+
+    reasons: tuple[str, ...]
+    policy: ReviewPolicy
+    released_by: str | None = None
+    released_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ApprovedSet:
+    """A clinician's structure set linked to the CT job it was drawn on."""
+
+    job: int  # the structure set's own job
+    approval: str  # its ApprovalStatus: APPROVED, UNAPPROVED, REJECTED, UNKNOWN
+    instances: int
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """The last upload of a case to the training workspace."""
+
+    case: str  # the pseudonymous series UID the case is filed under
+    at: str  # ISO 8601, UTC
+    ct: int = 0
+    ai: int = 0
+    approved: int = 0
+    approved_jobs: tuple[int, ...] = ()
+    blobs_uploaded: int = 0
+    bytes_uploaded: int = 0
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """What the stages learnt about a job beyond its state: files, figures, outcomes."""
+
+    slice_files: tuple[str, ...] = ()  # the CT's instance files in the volume's slice order
+    volumes_cc: dict[str, float] = field(default_factory=dict)  # per structure, as contoured
+    timings_s: dict[str, float] = field(default_factory=dict)
+    empty_structures: tuple[str, ...] = ()  # left out of every output
+    review: Review | None = None
+    output_uids: dict[str, dict[str, str]] = field(default_factory=dict)  # per output file, made once
+    outputs: tuple[OutputKind, ...] = ()  # the kinds written
+    qa_png: str | None = None
+    not_sent: dict[str, tuple[OutputKind, ...]] = field(default_factory=dict)  # destination → refused kinds
+    deliveries: int | None = None  # files delivered, once the job is delivered
+    purged: bool = False  # retention deleted its files
+    missing_instances: bool = False  # some instance files were gone at start-up
+    synced: SyncRecord | None = None
+    sync_error: str | None = None
+    approved: tuple[ApprovedSet, ...] = ()  # on a CT job: the clinicians' sets linked to it
+    linked_to: int | None = None  # on a clinician's structure set: the CT job it belongs to
+    approval: str | None = None  # on a clinician's structure set: its ApprovalStatus
+
+    def approved_jobs(self) -> list[int]:
+        """Jobs of the linked structure sets a clinician approved, sorted."""
+        return sorted(a.job for a in self.approved if a.approval == "APPROVED")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def shown(self) -> dict[str, Any]:
+        """The fields that say something (not at their defaults), as JSON values for `status`."""
+        empty = JobDetail()
+        values: dict[str, Any] = json.loads(self.to_json())
+        return {f.name: values[f.name] for f in fields(self) if getattr(self, f.name) != getattr(empty, f.name)}
+
+    @classmethod
+    def from_json(cls, text: str | None) -> JobDetail:
+        raw: dict[str, Any] = json.loads(text) if text else {}
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        for key in ("slice_files", "empty_structures"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "outputs" in values:
+            values["outputs"] = tuple(OutputKind(o) for o in values["outputs"])
+        if "not_sent" in values:
+            values["not_sent"] = {d: tuple(OutputKind(k) for k in kinds) for d, kinds in values["not_sent"].items()}
+        if "review" in values:
+            r = values["review"]
+            values["review"] = Review(
+                reasons=tuple(r.get("reasons", ())),
+                policy=ReviewPolicy(r.get("policy") or ReviewPolicy.HOLD),
+                released_by=r.get("released_by"),
+                released_at=r.get("released_at"),
+            )
+        if "synced" in values:
+            s = dict(values["synced"])
+            s["approved_jobs"] = tuple(s.get("approved_jobs", ()))
+            values["synced"] = SyncRecord(**{k: v for k, v in s.items() if k in {f.name for f in fields(SyncRecord)}})
+        if "approved" in values:
+            values["approved"] = tuple(
+                ApprovedSet(job=int(a["job"]), approval=str(a["approval"]), instances=int(a.get("instances", 0)))
+                for a in values["approved"]
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job (a series' instances, routed, contoured, delivered) joined with its series."""
+
+    id: int
+    series_id: int
+    state: JobState
+    reason: str | None
+    instances: int
+    late_instances: int
+    created_at: float
+    updated_at: float
+    last_instance_at: float
+    completed_at: float | None
+    routes: tuple[JobRoute, ...]
+    detail: JobDetail
+    study_uid: str
+    series_uid: str
+    header: dict[str, Any]  # the first instance's top-level header values, what routing reads
+    calling_ae: str
+    called_ae: str
+    claimed_by: str | None = None  # the node working on it now (host:pid), while its lease runs
+    lease_until: float | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The first route's model: what `status` shows."""
+        return self.routes[0].model if self.routes else None
+
+    @property
+    def model_version(self) -> str | None:
+        return self.routes[0].version if self.routes else None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One move of a job, as its history shows it."""
+
+    job_id: int
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    who: str | None  # the admin whose action it was; None: the node itself
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One delivery the outbox holds."""
+
+    id: int
+    job_id: int
+    destination: str
+    path: str  # relative to the results folder
+    sop_uid: str
+    sop_class: str
+    attempts: int
+    created_at: float
+    state: OutboxState = OutboxState.PENDING
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveredBatch:
+    """The files of one job a destination has, for the audit."""
+
+    job_id: int
+    destination: str
+    files: int
+    at: float
+
+
+@dataclass(frozen=True)
+class AgreementRow:
+    """One structure of one model version against a clinician's approved contour."""
+
+    ct_job: int  # the contoured CT's job
+    approval_job: int  # the approved structure set's job
+    model: str
+    model_version: str
+    structure: str
+    at: float
+    tolerance_mm: float
+    dice: float
+    hd95_mm: float | None
+    msd_mm: float | None
+    surface_dice: float
+    volume_ai_cc: float
+    volume_approved_cc: float
+    volume_diff_pct: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+AGREEMENT_COLUMNS = tuple(f.name for f in fields(AgreementRow))

@@ -268,15 +268,18 @@ class SliceGeometry:
         )
         return points
 
-    def to_pixels(self, points_xyz: np.ndarray) -> tuple[int, np.ndarray]:
-        """(n, 3) LPS mm of one planar contour → (slice index, (n, 2) fractional (row, col)).
+    def to_pixels(self, points_xyz: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 3) LPS mm of planar contours, ``sizes`` (>= 1) points each, one after another →
+        (slice index of each contour, (n, 2) fractional (row, col) of every point).
 
-        The slice is the one whose plane is nearest the contour's mean position along the normal.
+        A contour lies on the slice whose plane is nearest its mean position along the normal.
+        All contours at once: one numpy pass instead of a call per contour.
         """
         normal = np.cross(self.row_dir, self.col_dir)
         depths = self.positions @ normal
-        k = int(np.argmin(np.abs(depths - float(np.mean(points_xyz @ normal)))))
-        offsets = points_xyz - self.positions[k]
+        means = np.add.reduceat(points_xyz @ normal, np.cumsum(sizes) - sizes) / sizes
+        slices = np.argmin(np.abs(depths[None, :] - means[:, None]), axis=1)
+        offsets = points_xyz - self.positions[np.repeat(slices, sizes)]
         rows = (offsets @ self.col_dir) / self.row_spacing
         cols = (offsets @ self.row_dir) / self.col_spacing
-        return k, np.stack([rows, cols], axis=1)
+        return slices, np.stack([rows, cols], axis=1)

@@ -12,7 +12,13 @@ these shared machines vary by 10-15 %, so read the ratios.
 "RT-STRUCT as the worker makes it" is the planner's path: the structures' masks made once,
 the RT-STRUCT built, saved, and validated against those masks. Its goal is 1 s of CPU; before
 the contours were stored encoded and validated per slice (commit 1a01992) the same steps took
-5.5 s of CPU here (build 2.72 + save 0.15 + validate 2.63, median of 3).
+5.5 s of CPU here (build 2.72 + save 0.15 + validate 2.63, median of 3). At 42b0aa2 they took
+1.59 s (rows: build_rtstruct 0.68, save 0.08, validate_rtstruct 0.71); with contours traced
+from the boundary only, holes filled by labelling several slices per call, and validation
+parsing each ROI's ContourData once and taking the Dice from row toggles, 0.99 s (0.42, 0.09,
+0.47). CPU seconds on a 2-core machine running another test suite, each the median of three
+runs of --repeat 3, old and new alternating; build_rtstruct and validate_rtstruct (file) each
+make the masks themselves, so their sum exceeds the worker's line.
 """
 
 from __future__ import annotations

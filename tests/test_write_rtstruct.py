@@ -259,15 +259,24 @@ def test_a_ct_without_frame_of_reference_is_refused(case: Case) -> None:
         build_rtstruct(headers, case.labels, DEMO_STRUCTURES, MODEL, new_output_uids())
 
 
-def _skimage_rings(mask: np.ndarray) -> list[list[tuple[float, float]]]:
-    """The reference: skimage's marching squares at 0.5, collinear vertices dropped."""
+def _cycle(ring: np.ndarray) -> tuple[tuple[float, float], ...]:
+    """A ring's vertices in order, started at its smallest one: equal for the same closed path."""
+    points = [tuple(p) for p in ring.round(3).tolist()]
+    start = points.index(min(points))
+    return tuple(points[start:] + points[:start])
+
+
+def _skimage_rings(mask: np.ndarray) -> list[tuple[tuple[float, float], ...]]:
+    """The reference: skimage's marching squares at 0.5, collinear vertices dropped, wound as
+    ours are (counter-clockwise around the background in (row, col))."""
     rings = []
-    for line in measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
+    padded = np.pad(mask, 1).astype(np.float32)
+    for line in measure.find_contours(padded, 0.5, positive_orientation="low"):
         ring = line[:-1] - 1.0
         d_in, d_out = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
         kept = ring[np.abs(d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]) > 1e-9]
         if len(kept) >= 3:
-            rings.append(sorted(map(tuple, kept.round(3).tolist())))
+            rings.append(_cycle(kept))
     return sorted(rings)
 
 
@@ -277,5 +286,4 @@ def test_contours_are_skimages_marching_squares_on_random_masks_saddles_included
         mask = rng.random((3, 12, 15)) < rng.uniform(0.2, 0.8)
         mine = mask_rings(mask)
         for k in range(3):
-            got = sorted(sorted(map(tuple, r.round(3).tolist())) for r in mine.get(k, []))
-            assert got == _skimage_rings(mask[k])
+            assert sorted(_cycle(r) for r in mine.get(k, [])) == _skimage_rings(mask[k])

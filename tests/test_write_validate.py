@@ -22,7 +22,8 @@ from ie_gateway.write import (
     validate_rtstruct,
     validate_seg,
 )
-from ie_gateway.write.validate import fill_even_odd
+from ie_gateway.write.common import SliceGeometry
+from ie_gateway.write.validate import _roi_dice, _roi_overlap, _RoiContours, dice, fill_even_odd
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
 
 CONTOUR_DATA = 0x30060050
@@ -85,6 +86,72 @@ def test_fill_even_odd_matches_skimage_polygon_xor() -> None:
         assert np.array_equal(fill_even_odd(rings, expected.shape), expected)
 
 
+#: A CT grid where patient (x, y, z) mm is (column, row, 2 x slice).
+GRID = SliceGeometry(
+    positions=np.array([[0.0, 0.0, 2.0 * k] for k in range(3)]),
+    row_dir=np.array([1.0, 0.0, 0.0]),
+    col_dir=np.array([0.0, 1.0, 0.0]),
+    row_spacing=1.0,
+    col_spacing=1.0,
+)
+
+
+def _roi(rings: list[tuple[int, np.ndarray]]) -> pydicom.Dataset:
+    """An ROIContourSequence item with one contour per (slice, (n, 2) row/col ring) on GRID."""
+    contours = []
+    for k, ring in rings:
+        contour = pydicom.Dataset()
+        points = np.column_stack([ring[:, 1], ring[:, 0], np.full(len(ring), 2.0 * k)])
+        contour.ContourData = [f"{v:.6f}" for v in points.ravel()]
+        contours.append(contour)
+    roi = pydicom.Dataset()
+    roi.ContourSequence = contours
+    return roi
+
+
+def _drawn(rings: list[tuple[int, np.ndarray]], shape: tuple[int, int, int]) -> np.ndarray:
+    """The reference: each ring drawn by skimage and XOR-ed into its slice."""
+    out = np.zeros(shape, dtype=bool)
+    for k, ring in rings:
+        one = np.zeros(shape[1:], dtype=bool)
+        rr, cc = draw.polygon(ring[:, 0], ring[:, 1], shape=shape[1:])
+        one[rr, cc] = True
+        out[k] ^= one
+    return out
+
+
+def _square(top: float, left: float, side: float) -> np.ndarray:
+    """Put it off the pixel centres: skimage counts a pixel on the boundary in, the fill out."""
+    bottom, right = top + side, left + side
+    return np.array([[top, left], [top, right], [bottom, right], [bottom, left]])
+
+
+def test_roi_dice_is_the_dice_of_the_rasterised_roi() -> None:
+    shape = (3, 40, 37)
+    rng = np.random.default_rng(4)
+    shapes = [
+        # an outline with a hole and an island in it
+        [(0, _square(4.5, 5.5, 30)), (0, _square(11.5, 12.5, 10)), (0, _square(14.5, 15.5, 3))],
+        # two outlines on one slice, one partly off the grid on another
+        [(1, _square(2.5, 3.5, 8)), (1, _square(19.7, 20.2, 12)), (2, _square(-6.5, 30.5, 20))],
+        [(k, rng.uniform(-5, 45, size=(int(rng.integers(3, 25)), 2))) for k in (0, 0, 1, 2, 2)],
+        [],
+    ]
+    for rings in shapes:
+        drawn = _drawn(rings, shape)
+        contours = _RoiContours.read(_roi(rings))
+        for expected in (
+            drawn,
+            np.roll(drawn, 2, axis=2),
+            rng.random(shape) < 0.3,
+            np.zeros(shape, dtype=bool),
+            np.ones(shape, dtype=bool),
+        ):
+            overlap = (int(drawn.sum()), int(expected.sum()), int((drawn & expected).sum()))
+            assert _roi_overlap(contours, GRID, expected) == overlap
+            assert _roi_dice(contours, GRID, expected) == dice(drawn, expected)
+
+
 def test_our_rtstruct_file_passes(rtstruct_file: Path, case: Case, rt_uids: OutputUIDs) -> None:
     validate_rtstruct(rtstruct_file, case.headers, case.labels, DEMO_STRUCTURES, rt_uids)
 
@@ -145,6 +212,10 @@ def _shifted_contours(ds: pydicom.Dataset) -> None:
         contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
 
 
+def _not_a_number(ds: pydicom.Dataset) -> None:
+    _set_contour_data(ds, ["nan", *(str(v) for v in _first_contour(ds).ContourData[1:])])
+
+
 def _dropped_contours(ds: pydicom.Dataset) -> None:
     del ds.ROIContourSequence[4].ContourSequence[::2]  # half the spinal cord's slices
 
@@ -154,6 +225,7 @@ def _dropped_contours(ds: pydicom.Dataset) -> None:
     [
         (_ds_of_17_characters, "exceeds 16 characters"),
         (_two_point_contour, "needs >= 3"),
+        (_not_a_number, "not a decimal string"),
         (_missing_ct_reference, "not referenced"),
         (_contour_on_a_foreign_image, "does not reference"),
         (_renamed_roi, "is named 'Liver'"),

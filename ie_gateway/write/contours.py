@@ -4,9 +4,11 @@ For a 0/1 mask the iso-line at 0.5 has its vertices exactly half-way between the
 voxel inside and a 4-neighbour outside, so it is what ``skimage.measure.find_contours(mask,
 0.5)`` gives (its saddle rule too: diagonal foreground voxels stay apart), but without a
 Python step per line segment: skimage spent ~1 s assembling the segments of a 200-slice
-External. Here each cell's segments come from a table, are oriented so the inside is always on
-the same side (each vertex then starts exactly one segment), and are chained into rings by
-pointer jumping, in O(n log n) numpy operations for n segments. Collinear vertices are
+External. Here the vertices are the pairs of 4-neighbour voxels that differ, so only the
+boundary is visited; segments are oriented so the inside is always on the same side (each
+vertex then starts exactly one), each vertex's segment comes from a table of the cell beside
+it, and they are chained into rings by pointer jumping, in O(n log n) numpy operations for n
+vertices. Collinear vertices are
 dropped (lossless: the remaining corners describe the same polygon).
 """
 
@@ -49,47 +51,57 @@ def _oriented(code: int, start: int, end: int) -> tuple[int, int]:
     return (start, end) if d[0] * f[1] - d[1] * f[0] < 0 else (end, start)
 
 
-def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    count = np.zeros(16, dtype=np.int64)
-    starts = np.zeros((16, 2), dtype=np.int64)
-    ends = np.zeros((16, 2), dtype=np.int64)
+def _next_edge_table() -> np.ndarray:
+    """(16, 4): for a cell's case code and the edge a segment starts on, the edge it ends on
+    (-1: no segment of that case starts there)."""
+    table = np.full((16, 4), -1, dtype=np.int64)
     for code, segments in _CASES.items():
-        count[code] = len(segments)
-        for n, (a, b) in enumerate(segments):
-            starts[code, n], ends[code, n] = _oriented(code, a, b)
-    return count, starts, ends
+        for a, b in segments:
+            start, end = _oriented(code, a, b)
+            table[code, start] = end
+    return table
 
 
-_COUNT, _STARTS, _ENDS = _table()
+_NEXT_EDGE = _next_edge_table()
 
 
-def _edge_ids(z: np.ndarray, i: np.ndarray, j: np.ndarray, edge: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Global ids of cell edges: horizontal edges first, then vertical ones."""
-    _, rows, cols = shape
-    horizontal = edge % 2 == 0  # top and bottom
-    hi = i + (edge == _BOTTOM)
-    h_id = (z * rows + hi) * (cols - 1) + j
-    vj = j + (edge == _RIGHT)
-    v_id = shape[0] * rows * (cols - 1) + (z * (rows - 1) + i) * cols + vj
-    ids: np.ndarray = np.where(horizontal, h_id, v_id)
-    return ids
+def _cell_codes(flat: np.ndarray, cells: np.ndarray, width: int) -> np.ndarray:
+    """Case codes of the cells whose top-left pixel is ``cells`` (flat indices, rows ``width``)."""
+    corners = flat.view(np.uint8)
+    codes: np.ndarray = (
+        corners[cells] | (corners[cells + 1] << 1) | (corners[cells + width + 1] << 2) | (corners[cells + width] << 3)
+    )
+    return codes
 
 
-def _id_points(ids: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(slice index, (n, 2) row/col) of edge-midpoint ids on the padded grid."""
+def _successors(
+    flat: np.ndarray, vertices: np.ndarray, width: int, edges: tuple[int, int], step: int, ids: np.ndarray
+) -> np.ndarray:
+    """Id of the vertex where the segment starting at each of ``vertices`` ends.
+
+    A vertex lies on edge ``edges[0]`` of the cell whose top-left pixel it is named by, and on
+    ``edges[1]`` of the cell ``step`` before; its segment runs through whichever of the two
+    has one starting there. ``ids[edge]``: a cell's top-left pixel → its vertex on that edge.
+    """
+    here = _NEXT_EDGE[_cell_codes(flat, vertices, width), edges[0]]
+    there = _NEXT_EDGE[_cell_codes(flat, vertices - step, width), edges[1]]
+    inside = here >= 0
+    cells = np.where(inside, vertices, vertices - step)
+    ends = np.where(inside, here, there)
+    successors: np.ndarray = cells + ids[ends]
+    return successors
+
+
+def _vertex_points(ids: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(slice index, (n, 2) row/col) of vertex ids on the padded grid: below ``size``, the
+    midpoint right of pixel ``id``; from ``size`` on, the midpoint below pixel ``id - size``."""
     slices, rows, cols = shape
-    n_horizontal = slices * rows * (cols - 1)
-    horizontal = ids < n_horizontal
-    h = np.where(horizontal, ids, 0)
-    v = np.where(horizontal, 0, ids - n_horizontal)
-    hz, rest = np.divmod(h, rows * (cols - 1))
-    hi, hj = np.divmod(rest, cols - 1)
-    vz, rest = np.divmod(v, (rows - 1) * cols)
-    vi, vj = np.divmod(rest, cols)
-    z = np.where(horizontal, hz, vz)
-    r = np.where(horizontal, hi, vi + 0.5)
-    c = np.where(horizontal, hj + 0.5, vj)
-    return z, np.stack([r, c], axis=1).astype(np.float64)
+    size = slices * rows * cols
+    across = ids < size
+    z, rest = np.divmod(np.where(across, ids, ids - size), rows * cols)
+    r, c = np.divmod(rest, cols)
+    points = np.stack([r + np.where(across, 0.0, 0.5), c + np.where(across, 0.5, 0.0)], axis=1)
+    return z, points
 
 
 def _cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,33 +126,42 @@ def _cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         step = following
 
 
+def _links(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """The iso-line's vertices (sorted ids), each one's successor (an index into them) and the
+    padded grid's shape.
+
+    Only the boundary is visited: a vertex is a pair of 4-neighbour pixels that differ, found by
+    two whole-volume comparisons, and only the two cells beside each vertex are looked at.
+    Building every cell's case code and its 3-D nonzero instead took ~0.1 s per External.
+    """
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    shape = (padded.shape[0], padded.shape[1], padded.shape[2])
+    flat, width, n_pixels = padded.ravel(), shape[2], padded.size
+    across = np.flatnonzero(flat[1:] != flat[:-1])  # pixel differs from its right neighbour
+    down = np.flatnonzero(flat[width:] != flat[:-width])  # pixel differs from the one below
+    ids = np.array([0, n_pixels + 1, width, n_pixels])  # a cell's vertex on top, right, bottom, left
+    src = np.concatenate([across, n_pixels + down])
+    dst = np.concatenate(
+        [
+            _successors(flat, across, width, (_TOP, _BOTTOM), width, ids),
+            _successors(flat, down, width, (_LEFT, _RIGHT), 1, ids),
+        ]
+    )
+    return src, np.searchsorted(src, dst), shape
+
+
 def mask_rings(mask: np.ndarray, min_area: float = 0.0) -> dict[int, list[np.ndarray]]:
     """Closed rings of a (z, y, x) boolean mask by slice, each (n, 2) fractional (row, col).
 
     The closing vertex is not repeated (DICOM CLOSED_PLANAR implies the last edge); rings
     enclosing less than ``min_area`` pixels² are left out, and so are slices with no ring.
     """
-    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
-    shape = (padded.shape[0], padded.shape[1], padded.shape[2])
-    a, b = padded[:, :-1, :-1], padded[:, :-1, 1:]
-    c, d = padded[:, 1:, 1:], padded[:, 1:, :-1]
-    code = a.view(np.uint8) | (b.view(np.uint8) << 1) | (c.view(np.uint8) << 2) | (d.view(np.uint8) << 3)
-    z, i, j = np.nonzero((code != 0) & (code != 15))
-    if z.size == 0:
+    src, nxt, shape = _links(mask)
+    if src.size == 0:
         return {}
-    cases = code[z, i, j].astype(np.int64)
-    starts, ends = [], []
-    for n in range(2):
-        pick = _COUNT[cases] > n
-        zz, ii, jj, cc = z[pick], i[pick], j[pick], cases[pick]
-        starts.append(_edge_ids(zz, ii, jj, _STARTS[cc, n], shape))
-        ends.append(_edge_ids(zz, ii, jj, _ENDS[cc, n], shape))
-    src, dst = np.concatenate(starts), np.concatenate(ends)
-    order = np.argsort(src, kind="stable")
-    nxt = order[np.searchsorted(src[order], dst)]
     head, dist = _cycles(nxt)
     ring_order = np.lexsort((-dist, head))
-    slices, points = _id_points(src[ring_order], shape)
+    slices, points = _vertex_points(src[ring_order], shape)
     points -= 1.0  # undo the padding
     ring_of = head[ring_order]
     first = np.flatnonzero(np.r_[True, ring_of[1:] != ring_of[:-1]])

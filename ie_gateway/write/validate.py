@@ -9,6 +9,7 @@ Every failure raises :class:`~ie_gateway.errors.WriteError` naming the rule and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
 
 import highdicom as hd
@@ -23,6 +24,7 @@ from ie_gateway.write.common import (
     OutputUIDs,
     SliceGeometry,
     StructureInfo,
+    bounding_box,
     structure_masks,
 )
 from ie_gateway.write.seg import seg_mask, segment_color
@@ -41,6 +43,28 @@ def _read(source: str | PathLike[str] | Dataset) -> Dataset:
         raise WriteError(f"output {source} cannot be read back: {exc}") from exc
 
 
+def _crossings(
+    r0: np.ndarray, c0: np.ndarray, r1: np.ndarray, c1: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the edges (r0, c0) → (r1, c1) cross the pixel-centre rows of a ``shape`` plane:
+    (edge index, row, first pixel right of the crossing, 0..cols) of each crossing.
+
+    An edge crosses the centre rows min <= r < max (half-open, so a vertex counts once and a
+    closed ring crosses every row an even number of times).
+    """
+    rows_n, cols_n = shape
+    first = np.clip(np.ceil(np.minimum(r0, r1)), 0, rows_n).astype(np.int64)
+    stop = np.clip(np.ceil(np.maximum(r0, r1)), 0, rows_n).astype(np.int64)
+    counts = np.maximum(stop - first, 0)
+    edge = np.repeat(np.arange(len(r0)), counts)
+    step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    row = np.repeat(first, counts) + step
+    t = (row - r0[edge]) / (r1[edge] - r0[edge])
+    col = c0[edge] + t * (c1[edge] - c0[edge])
+    start = np.clip(np.floor(col).astype(np.int64) + 1, 0, cols_n)
+    return edge, row, start
+
+
 def fill_even_odd(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """Pixels (rows, cols) whose centre lies inside an odd number of ``rings``.
 
@@ -54,28 +78,74 @@ def fill_even_odd(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.nda
     toggles = np.zeros((rows_n, cols_n + 1), dtype=np.int32)
     for ring in rings:
         r0, c0 = ring[:, 0], ring[:, 1]
-        r1, c1 = np.roll(r0, -1), np.roll(c0, -1)
-        # an edge crosses the centre rows lo <= r < hi (half-open, so a vertex counts once)
-        first = np.clip(np.ceil(np.minimum(r0, r1)), 0, rows_n).astype(np.int64)
-        stop = np.clip(np.ceil(np.maximum(r0, r1)), 0, rows_n).astype(np.int64)
-        counts = np.maximum(stop - first, 0)
-        edge = np.repeat(np.arange(len(ring)), counts)
-        step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        row = np.repeat(first, counts) + step
-        t = (row - r0[edge]) / (r1[edge] - r0[edge])
-        col = c0[edge] + t * (c1[edge] - c0[edge])
-        start = np.clip(np.floor(col).astype(np.int64) + 1, 0, cols_n)
+        _, row, start = _crossings(r0, c0, np.roll(r0, -1), np.roll(c0, -1), shape)
         np.add.at(toggles, (row, start), 1)
     return (np.cumsum(toggles[:, :cols_n], axis=1) & 1).astype(bool)
 
 
+def _encoded_ds(elem: pydicom.DataElement) -> bytes:
+    """The texts of a DS element joined by backslashes, as a file holds them (no padding)."""
+    if elem.value is None:
+        return b""
+    if elem.is_raw:
+        return bytes(elem.value).rstrip(b" \x00")
+    items = elem.value if isinstance(elem.value, list | tuple) or elem.VM > 1 else [elem.value]
+    return "\\".join(getattr(v, "original_string", None) or str(v) for v in items).encode("ascii", "replace")
+
+
+def _parse_ds(data: bytes, tag: int) -> tuple[np.ndarray, str]:
+    """The numbers of encoded DS texts and the longest text, parsed by numpy in one go: a DS
+    object per value, for the contours of a 200-slice RT-STRUCT, took seconds."""
+    if not data:
+        return np.zeros(0), ""
+    texts = np.array(data.split(b"\\"))
+    try:
+        values = texts.astype(np.float64)
+    except ValueError as exc:
+        raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string") from exc
+    if not np.isfinite(values).all():
+        raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string")
+    return values, texts[int(np.argmax(np.char.str_len(texts)))].decode("ascii", "replace")
+
+
+@dataclass(frozen=True)
+class _RoiContours:
+    """The ContourData of one ROIContourSequence item, parsed once for every rule that reads
+    it: all values in sequence order, how many each contour holds, and the longest text."""
+
+    values: np.ndarray
+    counts: np.ndarray
+    longest: str
+
+    @classmethod
+    def read(cls, roi: Dataset) -> _RoiContours:
+        """Parse every contour of ``roi`` in one numpy call."""
+        encoded = []
+        for contour in roi.get("ContourSequence", []):
+            elem = contour.get_item(CONTOUR_DATA)
+            encoded.append(b"" if elem is None else _encoded_ds(elem))
+        counts = np.array([data.count(b"\\") + 1 if data else 0 for data in encoded], dtype=np.int64)
+        values, longest = _parse_ds(b"\\".join(data for data in encoded if data), CONTOUR_DATA)
+        return cls(values, counts, longest)
+
+    def on_slices(self, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The contours that have points, placed on the CT: (slice index of each, (n, 2)
+        fractional (row, col) of all their points one contour after another, points of each)."""
+        if np.any(self.counts % 3):
+            raise WriteError("ContourData holds values that are not (x, y, z) triplets")
+        sizes = self.counts[self.counts > 0] // 3
+        if sizes.size == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 2)), sizes
+        slices, points = geometry.to_pixels(self.values.reshape(-1, 3), sizes)
+        return slices, points, sizes
+
+
 def _rings_by_slice(roi: Dataset, geometry: SliceGeometry) -> dict[int, list[np.ndarray]]:
     """The (row, col) rings of one ROIContourSequence item, by the CT slice each lies on."""
+    slices, points, sizes = _RoiContours.read(roi).on_slices(geometry)
     rings: dict[int, list[np.ndarray]] = {}
-    for contour in roi.get("ContourSequence", []):
-        points = ds_values(contour, CONTOUR_DATA)[0].reshape(-1, 3)
-        k, rc = geometry.to_pixels(points)
-        rings.setdefault(k, []).append(rc)
+    for k, ring in zip(slices.tolist(), np.split(points, np.cumsum(sizes)[:-1]), strict=True):
+        rings.setdefault(k, []).append(ring)
     return rings
 
 
@@ -108,18 +178,59 @@ def rasterize_roi(roi: Dataset, geometry: SliceGeometry, shape: tuple[int, int, 
     return mask
 
 
-def _roi_dice(roi: Dataset, geometry: SliceGeometry, expected: np.ndarray) -> float:
-    """Dice of an ROI's contours, rasterised slice by slice, with the mask it was made from.
+def _contour_toggles(contours: _RoiContours, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
+    """Sorted toggle keys of an ROI's contours on the (z, y, x) grid: one per crossing of a
+    contour edge with a pixel-centre row, at ``(slice * rows + row) * (cols + 1) + first
+    pixel right of it``, the pixels :func:`rasterize_roi` fills are those after an odd number
+    of toggles in their row."""
+    slices, points, sizes = contours.on_slices(geometry)
+    ends = np.cumsum(sizes)
+    after = np.arange(len(points)) + 1
+    after[ends - 1] = ends - sizes  # a contour's last point closes on its first
+    r, c = points[:, 0], points[:, 1]
+    edge, row, start = _crossings(r, c, r[after], c[after], shape[1:])
+    keys: np.ndarray = (np.repeat(slices, sizes)[edge] * shape[1] + row) * (shape[2] + 1) + start
+    keys.sort()
+    return keys
 
-    Never builds the ROI's whole volume: each slice is filled within its rings' box and
-    compared with the same window of ``expected``.
-    """
-    drawn = both = 0
-    for k, slice_rings in _rings_by_slice(roi, geometry).items():
-        window, filled = _fill_window(slice_rings, expected.shape[1:])
-        drawn += int(np.count_nonzero(filled))
-        both += int(np.count_nonzero(filled & expected[(k, *window)]))
-    total = drawn + int(np.count_nonzero(expected))
+
+def _mask_toggles(mask: np.ndarray) -> np.ndarray:
+    """Sorted toggle keys of a (z, y, x) mask, as :func:`_contour_toggles` places them: one
+    where each run of voxels in a row starts and one just after it ends."""
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros(0, dtype=np.int64)
+    zs, ys, xs = box
+    padded = np.pad(mask[box], ((0, 0), (0, 0), (1, 1)))
+    flat = padded.ravel()
+    at = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # first voxel of a run, or just after one
+    line, col = np.divmod(at, padded.shape[2])
+    z, row = np.divmod(line, padded.shape[1])
+    keys: np.ndarray = ((zs.start + z) * mask.shape[1] + ys.start + row) * (mask.shape[2] + 1) + xs.start + col - 1
+    return keys
+
+
+def _toggled(keys: np.ndarray) -> int:
+    """Pixels after an odd number of sorted toggle keys in their row (every row toggles an even
+    number of times): the lengths of the runs between the 1st and 2nd, the 3rd and 4th, ..."""
+    return int(keys[1::2].sum() - keys[::2].sum())
+
+
+def _roi_overlap(contours: _RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> tuple[int, int, int]:
+    """(voxels of the rasterised ROI, voxels of ``expected``, voxels in both), from toggles
+    alone: the XOR of two masks toggles where either does, so |A ^ B| is the toggled count of
+    both key lists merged and |A & B| = (|A| + |B| - |A ^ B|) / 2. No voxel volume is filled;
+    the work is the mask's one comparison pass and a sort of the crossings."""
+    drawn, truth = _contour_toggles(contours, geometry, expected.shape), _mask_toggles(expected)
+    a, b = _toggled(drawn), _toggled(truth)
+    either = _toggled(np.sort(np.concatenate([drawn, truth]), kind="stable"))  # merges two runs
+    return a, b, (a + b - either) // 2
+
+
+def _roi_dice(contours: _RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> float:
+    """Dice of an ROI's contours, rasterised as :func:`rasterize_roi` does, with ``expected``."""
+    drawn, truth, both = _roi_overlap(contours, geometry, expected)
+    total = drawn + truth
     return 1.0 if total == 0 else 2.0 * both / total
 
 
@@ -158,39 +269,21 @@ def _check_uids(ds: Dataset, uids: OutputUIDs) -> None:
 
 
 def ds_values(dataset: Dataset, tag: int) -> tuple[np.ndarray, str]:
-    """The numbers of a DS element and its longest text (as written, for the 16-character rule).
-
-    An element still in its encoded form (read from a file, or built by our writer) is parsed
-    by numpy in one go: a converted element costs a DS object per value, which for the
-    contours of a 200-slice RT-STRUCT took seconds.
-    """
+    """The numbers of a DS element and its longest text (as written, for the 16-character rule)."""
     elem = dataset.get_item(tag)
-    if elem is None or elem.value is None:
-        return np.zeros(0), ""
-    if elem.is_raw:
-        data = bytes(elem.value).rstrip(b" \x00")
-        if not data:
-            return np.zeros(0), ""
-        texts = data.split(b"\\")
-        try:
-            values = np.array(texts).astype(np.float64)
-        except ValueError as exc:
-            raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string") from exc
-        lengths = np.char.str_len(np.array(texts))
-        return values, texts[int(np.argmax(lengths))].decode("ascii", "replace")
-    items = elem.value if isinstance(elem.value, list | tuple) or elem.VM > 1 else [elem.value]
-    strings = [getattr(v, "original_string", None) or str(v) for v in items]
-    return np.array([float(v) for v in items], dtype=np.float64), max(strings, key=len, default="")
+    return (np.zeros(0), "") if elem is None else _parse_ds(_encoded_ds(elem), tag)
 
 
 def elem_keyword(tag: int) -> str:
     return pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
 
 
-def _check_ds_lengths(ds: Dataset) -> None:
+def _check_ds_lengths(ds: Dataset, parsed_apart: frozenset[int] = frozenset()) -> None:
+    """Every DS text fits 16 characters; those of ``parsed_apart`` tags are checked where they
+    are parsed (ContourData, once per ROI, by :func:`_read_contours`)."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset itself decodes every element
         elem = ds.get_item(tag)
-        if elem is None:
+        if elem is None or tag in parsed_apart:
             continue
         if elem.VR == "DS":
             _, longest = ds_values(ds, tag)
@@ -198,7 +291,18 @@ def _check_ds_lengths(ds: Dataset) -> None:
                 raise WriteError(f"DS value {longest!r} of {elem_keyword(tag)} exceeds 16 characters")
         elif elem.VR == "SQ":
             for item in ds[tag].value:
-                _check_ds_lengths(item)
+                _check_ds_lengths(item, parsed_apart)
+
+
+def _read_contours(ds: Dataset) -> list[tuple[Dataset, _RoiContours]]:
+    """Each ROIContourSequence item with its ContourData parsed, their DS texts checked."""
+    parsed = []
+    for roi in ds.get("ROIContourSequence", []):
+        contours = _RoiContours.read(roi)
+        if len(contours.longest) > 16:
+            raise WriteError(f"DS value {contours.longest!r} of {elem_keyword(CONTOUR_DATA)} exceeds 16 characters")
+        parsed.append((roi, contours))
+    return parsed
 
 
 def _check_all_ct_referenced(referenced: set[str], ct_headers: Sequence[pydicom.Dataset]) -> None:
@@ -217,12 +321,12 @@ def _rtstruct_references(ds: Dataset) -> set[str]:
     }
 
 
-def _check_contours(ds: Dataset, ct_uids: set[str]) -> None:
-    for roi in ds.get("ROIContourSequence", []):
-        for contour in roi.get("ContourSequence", []):
+def _check_contours(parsed: Sequence[tuple[Dataset, _RoiContours]], ct_uids: set[str]) -> None:
+    for roi, contours in parsed:
+        for contour, values in zip(roi.get("ContourSequence", []), contours.counts.tolist(), strict=True):
             where = f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"
             n = int(contour.NumberOfContourPoints)
-            if n < 3 or len(ds_values(contour, CONTOUR_DATA)[0]) != 3 * n:
+            if n < 3 or values != 3 * n:
                 raise WriteError(f"{where}: {n} points; a closed contour needs >= 3 (x, y, z)")
             images = contour.get("ContourImageSequence", [])
             if len(images) != 1 or images[0].ReferencedSOPInstanceUID not in ct_uids:
@@ -266,12 +370,13 @@ def validate_rtstruct(
         raise WriteError("output is not an RT Structure Set")
     _check_uids(ds, uids)
     _check_same_patient_study(ds, ct_headers[0])
-    _check_ds_lengths(ds)
+    _check_ds_lengths(ds, parsed_apart=frozenset({CONTOUR_DATA}))
+    parsed = _read_contours(ds)
     _check_all_ct_referenced(_rtstruct_references(ds), ct_headers)
-    _check_contours(ds, {h.SOPInstanceUID for h in ct_headers})
+    _check_contours(parsed, {h.SOPInstanceUID for h in ct_headers})
     _check_rois(ds, structures)
     geometry = SliceGeometry.from_headers(ct_headers)
-    rois = {int(roi.ReferencedROINumber): roi for roi in ds.ROIContourSequence}
+    rois = {int(roi.ReferencedROINumber): contours for roi, contours in parsed}
     for s, expected in structure_masks(labels, structures, masks):
         _check_score(_roi_dice(rois[s.label], geometry, expected), s, "RT-STRUCT")
 

@@ -1,0 +1,56 @@
+"""The structures' masks both writers encode: holes filled in the axial plane, never across it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ie_gateway.write import StructureInfo, common, structure_mask
+from ie_gateway.write.common import fill_holes_per_slice
+
+BODY = StructureInfo(
+    label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True
+)
+
+
+def _per_slice_reference(mask: np.ndarray) -> np.ndarray:
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+
+
+def test_holes_are_filled_per_slice() -> None:
+    labels = np.zeros((4, 12, 12), dtype=np.uint8)
+    labels[:, 2:10, 2:10] = 1
+    labels[:, 4:8, 4:8] = 0  # a tunnel along z, closed in-plane on slices 1..3
+    labels[0, 4:6, 8:10] = 0  # slice 0: the tunnel opens to the outside in-plane
+    labels[2, 2, 2] = 0  # slice 2: a notch in the corner, outside
+    labels[3, 5, 9] = labels[3, 4, 9] = 0  # slice 3: a bay open to the right edge
+    labels[3, 3, 3] = 0  # slice 3: a one-voxel hole, only diagonal to the tunnel
+    mask = structure_mask(labels, BODY)
+
+    assert not mask[0, 4:8, 4:8].any()  # open on its own slice: no hole to fill there
+    assert mask[1:3, 4:8, 4:8].all()  # enclosed in-plane, though open along z through slice 0
+    assert not mask[2, 2, 2]
+    assert not mask[3, 4:6, 9].any()
+    assert mask[3, 3, 3] and mask[3, 4:8, 4:8].all()  # diagonal contact does not let it out
+    assert np.array_equal(mask, _per_slice_reference(labels == 1))
+
+
+def test_a_structure_without_fill_keeps_its_holes() -> None:
+    labels = np.zeros((1, 9, 9), dtype=np.uint8)
+    labels[0, 1:8, 1:8] = 1
+    labels[0, 3:6, 3:6] = 0
+    organ = StructureInfo(**{**BODY.__dict__, "fill_holes": False})
+    assert np.array_equal(structure_mask(labels, organ), labels == 1)
+
+
+@pytest.mark.parametrize("chunk_voxels", [1, 50, 1 << 20])
+def test_fill_holes_per_slice_is_binary_fill_holes_of_each_slice(
+    chunk_voxels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common, "_FILL_CHUNK_VOXELS", chunk_voxels)  # slices labelled together
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        shape = (int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 20)))
+        mask = rng.random(shape) < rng.uniform(0.3, 0.9)
+        assert np.array_equal(fill_holes_per_slice(mask), _per_slice_reference(mask))

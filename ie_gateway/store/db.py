@@ -91,9 +91,12 @@ class Database(ABC):
     def columns(self, table: str) -> set[str]:
         """Column names of ``table``."""
 
-    @abstractmethod
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection (both backends keep one per thread in ``_local``)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     @property
     @abstractmethod
@@ -186,12 +189,6 @@ class SQLite(Database):
     def columns(self, table: str) -> set[str]:
         return {r[1] for r in self.query(f"PRAGMA table_info({table})")}
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     @property
     def where(self) -> str:
         return f"sqlite {self.path}"
@@ -281,12 +278,6 @@ class Postgres(Database):
             (table,),
         )
         return {r[0] for r in rows}
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     @property
     def where(self) -> str:

@@ -21,7 +21,6 @@ from types import FrameType
 from typing import Any
 
 import structlog
-import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from starlette.routing import BaseRoute
@@ -63,6 +62,8 @@ def inference_device(settings: InferenceSettings) -> str:
     """The device inference will use: the configured one, or for ``auto`` CUDA when torch sees it."""
     if settings.device != "auto":
         return settings.device
+    import torch  # here, not at the top: only a worker asks, and the receiver never pays the import
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

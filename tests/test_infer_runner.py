@@ -64,9 +64,11 @@ def test_runner_writes_the_label_map_and_returns_volumes(
 ) -> None:
     model = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
     labels_path = tmp_path / "labels.mha"
+    assert runner.pid is None  # no torch process until there is work for one
     result = runner.run(model, ct_path, labels_path)
     check_labels(labels_path, ct_path, result)
     assert result["folds"] == 1 and "total" in result["timings_s"]
+    assert runner.pid is not None
 
 
 def test_a_job_past_the_time_limit_fails_and_the_next_job_completes(

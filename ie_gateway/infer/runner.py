@@ -6,7 +6,9 @@ a pipe and waits up to ``timeout_s``; past that it kills the child, starts a fre
 raises InferenceError. A crash of the child (out of memory, a segfault in a library) also becomes
 an InferenceError with the reason, and the next job gets a fresh child. A fresh child reports
 "ready" once its imports are done, so starting Python and torch never counts against a job; the
-time limit does cover loading the model when the child does not hold it yet.
+time limit does cover loading the model when the child does not hold it yet. The first child
+starts with the first job or verification, not with the runner: a node that only receives, or
+has nothing to contour yet, spends neither the seconds nor the memory of a torch process.
 
 The child also verifies packages (:meth:`InferenceRunner.verify`, the registry's probe): it loads
 the folds with the package's framework (native TorchScript, nnU-Net v2, a MONAI bundle; see
@@ -30,16 +32,18 @@ from collections import OrderedDict
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import SimpleITK as sitk
 import structlog
 
 from ie_gateway.errors import GatewayError, InferenceError, ModelError
-from ie_gateway.infer.ensemble import Ensemble, Segmentation
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.log import configure as configure_logging
+
+if TYPE_CHECKING:  # torch is imported by the child only, not by the node that owns it
+    from ie_gateway.infer.ensemble import Segmentation
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +70,8 @@ def load_model(model: ModelVersion, device: str | None) -> Segmenter:
         from ie_gateway.infer.monai_bundle import MonaiBundle
 
         return MonaiBundle(model, device)
+    from ie_gateway.infer.ensemble import Ensemble
+
     return Ensemble(model, device)
 
 
@@ -94,7 +100,6 @@ class InferenceRunner:
         self._process: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # the worker's jobs and the sync's imports share the child
-        self._start()
 
     @property
     def pid(self) -> int | None:
@@ -122,7 +127,9 @@ class InferenceRunner:
                 raise ModelError(f"{model.spec}: verification failed: {exc}") from exc
 
     def _call(self, message: tuple[Any, ...], labels_path: Path | None) -> Any:
-        if self._process is None or not self._process.is_alive():
+        if self._process is None:
+            self._start()
+        elif not self._process.is_alive():
             self._restart("child was not running")
         assert self._conn is not None
         try:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import structlog
 
-from ie_gateway import agreement
 from ie_gateway.config import AgreementSettings
 from ie_gateway.errors import ModelError
 from ie_gateway.infer.manifest import load_manifest
@@ -57,9 +56,10 @@ def states(
     index: Index, settings: AgreementSettings, baselines: Mapping[Key, float] | None = None, model: str | None = None
 ) -> list[DriftState]:
     """The drift state of every structure of every version with figures (of ``model`` only)."""
+    name, version = parse_model_ref(model) if model is not None else (None, None)
     by_key: dict[Key, list[float]] = {}
-    for row in agreement.rows(index, model=model):
-        by_key.setdefault((row["model"], row["model_version"], row["structure"]), []).append(float(row["dice"]))
+    for row in index.agreement(model=name, version=version or None):
+        by_key.setdefault((row.model, row.model_version, row.structure), []).append(row.dice)
     return [evaluate(key, dice, settings, (baselines or {}).get(key)) for key, dice in sorted(by_key.items())]
 
 
@@ -105,7 +105,7 @@ def manifest_baselines(models_dir: Path, pairs: Iterable[tuple[str, str]]) -> di
 
 def current(index: Index, settings: AgreementSettings, models_dir: Path) -> list[DriftState]:
     """Every structure's state, with baselines from the installed model.yaml files."""
-    pairs = {(r["model"], r["model_version"]) for r in agreement.rows(index)}
+    pairs = {(r.model, r.model_version) for r in index.agreement()}
     return states(index, settings, manifest_baselines(models_dir, pairs))
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ie_gateway.infer.manifest import Manifest
     from ie_gateway.infer.registry import Registry
     from ie_gateway.route import RuleSet
-    from ie_gateway.store import Job
+    from ie_gateway.store import Job, Store
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
 
@@ -467,11 +467,8 @@ def _spread(spread: dict[str, Any]) -> str:
     return f"{spread['median']:.3g} [{spread['q1']:.3g}, {spread['q3']:.3g}]"
 
 
-def status_rows(cfg: GatewayConfig) -> list[dict[str, Any]]:
+def status_rows(store: Store) -> list[dict[str, Any]]:
     """One object per series job, without patient data (the series UID only hashed)."""
-    from ie_gateway.store import Store
-
-    store = Store.for_settings(cfg.storage)
     now = time.time()
     rows = []
     for job in store.index.jobs():
@@ -516,8 +513,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    rows = status_rows(cfg)
-    for state in drift.alarms(Store.for_settings(cfg.storage).index, cfg.agreement, cfg.models_dir):
+    store = Store.for_settings(cfg.storage)
+    rows = status_rows(store)
+    for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
     try:
         _load_rules(cfg)

@@ -21,6 +21,10 @@ from typing import Any
 
 import yaml
 
+from ie_gateway.cli import status_rows
+from ie_gateway.config import load_config
+from ie_gateway.store import Store
+
 REPO = Path(__file__).resolve().parent.parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -167,11 +171,21 @@ class Node:
         return result
 
     def status(self) -> list[dict[str, Any]]:
+        """The jobs as the admin's `ie-gateway status --json` prints them."""
         return json.loads(self.cli("status", "--json").stdout)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The rows `status --json` prints, from the same function, called in this process: waits
+        poll it twice a second, and a Python start per poll would cost more CPU than the node."""
+        store = Store.for_settings(load_config(self.config).storage)
+        try:
+            return status_rows(store)
+        finally:
+            store.index.close()
 
     def wait_state(self, states: set[str], timeout: float = 120, count: int = 1) -> list[dict[str, Any]]:
         def reached() -> list[dict[str, Any]] | None:
-            rows = [r for r in self.status() if r["state"] in states]
+            rows = [r for r in self.jobs() if r["state"] in states]
             return rows if len(rows) >= count else None
         return wait_until(reached, timeout, every=0.5, what=f"a job in {sorted(states)}")  # type: ignore[no-any-return]
 

@@ -115,7 +115,7 @@ def case(tmp_path_factory: pytest.TempPathFactory, small_series: list[Path]) -> 
         ai = _ai_rtstruct_at_tps(tps, workdir / "ai.dcm")
 
         def linked(known: int) -> dict[str, Any] | None:
-            rows = [r for r in node.status() if r.get("linked_to") == ct_job["id"]]
+            rows = [r for r in node.jobs() if r.get("linked_to") == ct_job["id"]]
             return rows[-1] if len(rows) > known and rows[-1]["state"] in {"unrouted", "failed"} else None
         clinicians_version(ai, headers, workdir / "draft.dcm", approval="UNAPPROVED")
         assert storescu(node.port, [workdir / "draft.dcm"], calling="TPS").returncode == 0

@@ -188,7 +188,9 @@ def test_kill_9_mid_send_keeps_every_acknowledged_instance(node_factory: object,
     node.kill9()
     output, _ = sender.communicate(timeout=120)
     acked_files = _acknowledged_files(output)
-    assert len(acked_files) >= 60
+    # an instance is indexed before its Success goes out, and storescu sends the next only after
+    # the response: the kill can catch the 60th between the two, never more than one
+    assert 59 <= len(acked_files) < len(full_series)
     node.start()
     node.wait_state({"complete", "unrouted"})
     stored = spooled(node)

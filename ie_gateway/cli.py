@@ -263,7 +263,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 0
     from ie_gateway.infer.registry import registry_for
-    from ie_gateway.service import runner_for
+    from ie_gateway.infer.runner import runner_for
 
     with runner_for(cfg) as runner:
         return _models(args, registry_for(cfg, runner.verify), describe_package, load_manifest)
@@ -362,7 +362,7 @@ class TextProgress:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from ie_gateway.infer.registry import registry_for
-    from ie_gateway.service import runner_for
+    from ie_gateway.infer.runner import runner_for
     from ie_gateway.store import Store
     from ie_gateway.sync.run import sync_now
 

@@ -31,7 +31,7 @@ from ie_gateway.errors import ConfigError
 from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
-from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.infer.runner import runner_for
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
 from ie_gateway.route import RulesWatcher
@@ -45,12 +45,6 @@ from ie_gateway.sync.run import scheduled_cases, scheduled_models
 from ie_gateway.web import web_routes
 
 log = structlog.get_logger(__name__)
-
-
-def runner_for(cfg: GatewayConfig) -> InferenceRunner:
-    """The inference child of a node (or of a CLI command that verifies models)."""
-    device = None if cfg.inference.device == "auto" else cfg.inference.device
-    return InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
 
 
 def gpu_device_nodes() -> list[str]:

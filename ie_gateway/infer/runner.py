@@ -43,6 +43,7 @@ from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.log import configure as configure_logging
 
 if TYPE_CHECKING:  # torch is imported by the child only, not by the node that owns it
+    from ie_gateway.config import GatewayConfig
     from ie_gateway.infer.ensemble import Segmentation
 
 log = structlog.get_logger(__name__)
@@ -215,6 +216,12 @@ class InferenceRunner:
         self._restart("crash")
         _remove_partial(labels_path)
         return f"inference process died ({reason})"
+
+
+def runner_for(cfg: GatewayConfig) -> InferenceRunner:
+    """The inference child of a node, or of a CLI command that verifies models."""
+    device = None if cfg.inference.device == "auto" else cfg.inference.device
+    return InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
 
 
 def _ready(conn: Connection) -> bool:

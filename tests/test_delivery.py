@@ -276,6 +276,7 @@ def test_with_review_flag_an_implausible_result_is_sent_marked(
     assert "NEEDS REVIEW" in rt.SeriesDescription
 
 
+@pytest.mark.slow
 def test_reroute_after_a_rules_fix_routes_an_unrouted_job_and_records_who(
         node_factory: Any, rt_only_tps: StoreSCP, small_series: list[Path], tmp_path: Path) -> None:
     node = make_node(node_factory, body_model(tmp_path / "models"),

@@ -75,6 +75,7 @@ def test_below_the_reserve_new_associations_are_refused_and_acceptance_resumes_w
 
 
 @pytest.mark.peer
+@pytest.mark.slow
 def test_a_disk_that_fills_mid_association_answers_out_of_resources_and_leaves_nothing_half_written(
         node_factory: object, small_fs: Path, small_series: list[Path]) -> None:
     node: Node = node_factory(settings={"storage": {"root": str(small_fs / "var"),  # type: ignore[operator]

@@ -193,6 +193,7 @@ def test_verify_detects_a_file_that_is_not_torchscript(tmp_path: Path, probing: 
         probing.import_version(src)
 
 
+@pytest.mark.slow
 def test_a_model_that_hangs_in_verification_times_out_and_the_child_is_replaced(
     tmp_path: Path,
 ) -> None:

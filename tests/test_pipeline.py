@@ -81,6 +81,7 @@ def test_ct_from_storescu_ends_as_rtstruct_and_seg_in_the_tps(node_factory: Any,
     assert referenced == {h.SOPInstanceUID for h in ct_headers}
 
 
+@pytest.mark.slow
 def test_tps_down_then_up_gets_every_result_once_with_the_same_uids(
         node_factory: Any, small_series: list[Path], tmp_path: Path) -> None:
     tps_port = free_port()
@@ -101,6 +102,7 @@ def test_tps_down_then_up_gets_every_result_once_with_the_same_uids(
         tps.stop()
 
 
+@pytest.mark.slow
 def test_kill_9_while_results_wait_for_the_tps_then_restart_delivers_once(
         node_factory: Any, small_series: list[Path], tmp_path: Path) -> None:
     tps_port = free_port()
@@ -120,6 +122,7 @@ def test_kill_9_while_results_wait_for_the_tps_then_restart_delivers_once(
         tps.stop()
 
 
+@pytest.mark.slow
 def test_tps_failure_status_is_retried_then_dead_lettered_and_replayable(
         node_factory: Any, small_series: list[Path], tmp_path: Path) -> None:
     port = free_port()

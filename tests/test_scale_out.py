@@ -89,7 +89,7 @@ def test_twelve_series_through_one_receiver_and_three_workers_are_each_delivered
 @pytest.mark.slow
 def test_a_worker_killed_mid_inference_has_its_job_finished_by_another_with_the_same_uids(
         node_factory: Any, tmp_path: Path, postgres_url: str, orthanc: Orthanc) -> None:
-    receiver, workers = cluster(node_factory, tmp_path, postgres_url, orthanc, workers=2, spin=2000)
+    receiver, workers = cluster(node_factory, tmp_path, postgres_url, orthanc, workers=2, spin=1000)
     assert storescu(receiver.port, series(tmp_path / "slow", 7, "Slow")).returncode == 0
     [busy] = receiver.wait_state({"inferring"}, timeout=120)
     holder = busy["held_by"]

@@ -51,6 +51,7 @@ def transitions(index: Path, job_id: int) -> list[tuple[str, str]]:
                                (job_id,)))
 
 
+@pytest.mark.slow
 def test_changed_rules_apply_to_later_series_and_invalid_rules_are_refused(
         node_factory: Any, tmp_path: Path) -> None:
     node = node_with(node_factory, tmp_path, [rule("nothing", "^no such series$", "toy-body")]).start()
@@ -93,6 +94,7 @@ def test_explain_shows_every_rule_with_the_values_seen(node_factory: Any, tmp_pa
     assert "unrouted" in unmatched.stdout
 
 
+@pytest.mark.slow
 def test_model_commands_import_activate_and_list(node_factory: Any, tmp_path: Path) -> None:
     node = node_with(node_factory, tmp_path, [rule("thorax", "Thorax", "toy-body")])
     package = write_package(tmp_path / "incoming", [threshold_model(2, level=0.3)], name="toy-body",
@@ -125,7 +127,7 @@ def running(pid: int) -> bool:
 @pytest.mark.slow
 def test_kill_9_mid_inference_reruns_only_the_interrupted_job(node_factory: Any, tmp_path: Path) -> None:
     node = node_with(node_factory, tmp_path, [rule("fast", "Fast", "toy-body"), rule("slow", "Slow", "slow-body")],
-                     spin=2000).start()
+                     spin=1000).start()
     assert node.proc is not None and not child_pids(node.proc.pid)  # no inference child before there is work
     assert storescu(node.port, series(tmp_path / "fast", 5, "Fast")).returncode == 0
     [done] = node.wait_state({"sending"})

@@ -52,11 +52,17 @@ def gpu_device_nodes() -> list[str]:
     return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def inference_device(settings: InferenceSettings) -> str:
-    """The device inference will use: the configured one, or for ``auto`` CUDA when torch sees it."""
+def inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
+    """The device inference will use: the configured one, or for ``auto`` CUDA when torch sees it.
+
+    NVIDIA's driver works through its device ``nodes``: with none, CUDA cannot be available, and
+    the node need not import torch (a second or more of start-up) to know it.
+    """
     if settings.device != "auto":
         return settings.device
-    import torch  # here, not at the top: only a worker asks, and the receiver never pays the import
+    if not nodes:
+        return "cpu"
+    import torch  # here, not at the top: the inference itself runs in the child
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,7 +70,7 @@ def inference_device(settings: InferenceSettings) -> str:
 def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
     """Log where inference runs; warn when ``auto`` chose the CPU although GPU device ``nodes``
     exist (a driver or torch build problem, or a unit that hides the devices). Returns the device."""
-    device = inference_device(settings)
+    device = inference_device(settings, nodes)
     metrics.INFERENCE_DEVICE.labels(device).set(1)
     log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
     if device == "cpu" and settings.device == "auto" and nodes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import structlog
 import torch
@@ -25,3 +28,12 @@ def test_no_warning_without_gpu_device_nodes_or_with_cpu_chosen() -> None:
         report_inference_device(InferenceSettings(device="auto"), [])
         report_inference_device(InferenceSettings(device="cpu"), ["/dev/nvidia0"])
     assert not [e for e in logs if e["log_level"] == "warning"]
+
+
+def test_without_gpu_device_nodes_auto_is_the_cpu_and_the_node_does_not_import_torch() -> None:
+    # a fresh interpreter: this test's own process has torch loaded already
+    code = ("import sys; from ie_gateway.config import InferenceSettings; "
+            "from ie_gateway.service import report_inference_device; "
+            "print(report_inference_device(InferenceSettings(device='auto'), []), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.splitlines()[-1].split() == ["cpu", "False"]  # after the "inference device" log line

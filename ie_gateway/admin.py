@@ -16,7 +16,8 @@ import structlog
 from ie_gateway.errors import AdminError
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import Review, ReviewPolicy
+from ie_gateway.store.records import OutputPlan, Review
+from ie_gateway.vocab import ReviewPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,7 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
     cancelled = Outbox(store.index).cancel(job_id)
     # what the earlier routing produced goes; what the series is (files, links, sync) stays
     detail = replace(
-        job.detail, output_uids={}, outputs=(), review=None, not_sent={}, deliveries=None, empty_structures=()
+        job.detail, plan=OutputPlan(), outputs=(), review=None, not_sent={}, deliveries=None, empty_structures=()
     )
     store.index.transition(
         job_id,

@@ -191,7 +191,8 @@ def _ai_masks(
     if route.rtstruct is not None and route.rtstruct.is_file():
         ds = pydicom.dcmread(route.rtstruct)
         items = {int(item.ReferencedROINumber): item for item in ds.ROIContourSequence}
-        return lambda s: rasterize_roi(items[s.label], geometry, shape)
+        empty = np.zeros(shape, dtype=bool)  # a structure the file left out (empty, or not sent under its names)
+        return lambda s: rasterize_roi(items[s.label], geometry, shape) if s.label in items else empty
     if not route.labels.is_file():
         raise AgreementError(f"{route.model}@{route.version}: neither RT-STRUCT nor label map is left (purged?)")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(route.labels)))

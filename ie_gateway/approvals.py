@@ -24,10 +24,14 @@ from pydicom.uid import RTStructureSetStorage
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import ApprovedSet
+from ie_gateway.vocab import ApprovalStatus
 
 log = structlog.get_logger(__name__)
 
-APPROVED = "APPROVED"
+APPROVED = ApprovalStatus.APPROVED
+#: Which status a structure-set series shows when its files disagree: an approved file wins,
+#: then a rejection, then a draft
+PRECEDENCE = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED, ApprovalStatus.UNAPPROVED, ApprovalStatus.UNKNOWN)
 LINKABLE_STATES = (JobState.SENDING, JobState.DELIVERED)
 
 
@@ -39,7 +43,7 @@ def link_approved(store: Store, job: Job) -> int | None:
     own output sent back, an unknown CT, a CT not yet sent). Calling it again for the same job
     updates the link instead of adding a second one.
     """
-    links: list[tuple[int, str]] = []
+    links: list[tuple[int, ApprovalStatus]] = []
     for ds in _clinicians_sets(store, job.id):
         ct_job = _contoured_job(store, _referenced_series(store, ds))
         if ct_job is not None:
@@ -54,7 +58,7 @@ def link_approved(store: Store, job: Job) -> int | None:
         return None
     ct_job = links[0][0]
     approvals = [approval for linked, approval in links if linked == ct_job]
-    approval = APPROVED if APPROVED in approvals else min(approvals)
+    approval = next(status for status in PRECEDENCE if status in approvals)
     store.index.link_approved(ct_job, job.id, approval, len(approvals))
     log.info("structure set linked", job=job.id, ct_job=ct_job, approval=approval)
     return ct_job
@@ -87,8 +91,8 @@ def _clinicians_sets(store: Store, job_id: int) -> list[Dataset]:
     return [ds for ds in found if ds is not None and not _written_by_node(store, str(ds.SOPInstanceUID))]
 
 
-def _approval(ds: Dataset) -> str:
-    return str(ds.get("ApprovalStatus", "")).strip().upper() or "UNKNOWN"
+def _approval(ds: Dataset) -> ApprovalStatus:
+    return ApprovalStatus.of(ds.get("ApprovalStatus"))
 
 
 def _read_structure_set(path: Path) -> Dataset | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ie_gateway.infer.registry import Registry
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.vocab import JobState
 
 # An admin's transition says who in its reason: "replayed by alice", "rerouted by bob: ...".
 ADMIN_REASON = re.compile(r"^(?P<action>\w+) by (?P<who>[^\s:;,]+)")
@@ -91,11 +92,11 @@ def _transitions(store: Store) -> Iterable[AuditEvent]:
         admin = ADMIN_REASON.match(reason or "")
         if admin:
             yield AuditEvent(at, job_id, "admin", f"{old} -> {new}: {reason}", who=admin["who"])
-        elif new == "routed" and job_id in jobs:
+        elif new == JobState.ROUTED and job_id in jobs:
             j = jobs[job_id]
             rules = ", ".join(r.rule for r in j.routes) or "?"
             yield AuditEvent(at, job_id, "routed", f"rule {rules} -> {j.model}@{j.model_version}")
-        elif new in ("unrouted", "refused", "failed", "delivered"):
+        elif new in (JobState.UNROUTED, JobState.REFUSED, JobState.FAILED, JobState.DELIVERED):
             yield AuditEvent(at, job_id, new, reason or "")
 
 

@@ -18,6 +18,7 @@ from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ConfigError, GatewayError
 from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.log import uid_hash
+from ie_gateway.vocab import JobState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -334,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  admin page: {result.page} (while `{serve}` runs)")
     else:
         print(f"  admin page: needs the node's HTTP endpoint (an `http` section in {result.config})")
-    return 0 if result.state == "delivered" else 1
+    return 0 if result.state == JobState.DELIVERED else 1
 
 
 class TextProgress:
@@ -494,7 +495,7 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
 
 
 #: detail kept for the stages, not for an admin reading `status`
-HIDDEN_DETAIL = ("slice_files", "output_uids")
+HIDDEN_DETAIL = ("slice_files", "plan")
 
 
 def _shown_detail(job: Job) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.roinames import load_roi_names
+from ie_gateway.vocab import OutputKind
 from ie_gateway.yamlfile import StrictModel, load_model
 
 AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
@@ -161,7 +162,7 @@ class Destination(StrictModel):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    accepts: list[Literal["rtstruct", "seg"]] = Field(["rtstruct", "seg"], min_length=1)
+    accepts: list[OutputKind] = Field([OutputKind.RTSTRUCT, OutputKind.SEG], min_length=1)
     connect_timeout_s: float = Field(10, gt=0)
     names: Path | None = None
     max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")

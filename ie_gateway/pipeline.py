@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +39,20 @@ from ie_gateway.errors import AgreementError, ConfigError, GatewayError, ModelEr
 from ie_gateway.infer.manifest import Manifest
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
-from ie_gateway.plausibility import Findings, check_result
+from ie_gateway.plan import not_sent, plan_outputs
+from ie_gateway.plausibility import check_result
 from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutboxState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import Review
+from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review
+from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
     Masks,
     ModelInfo,
-    OutputUIDs,
     SliceGeometry,
     StructureInfo,
-    new_output_uids,
     structure_mask,
 )
 from ie_gateway.write.qa import render_qa_png
@@ -76,7 +76,7 @@ def structures_of(manifest: Manifest) -> list[StructureInfo]:
             label=s.label,
             name=s.name,
             color=s.color,
-            interpreted_type=str(s.interpreted_type),
+            interpreted_type=s.interpreted_type,
             fill_holes=s.postprocess.fill_holes,
         )
         for s in manifest.structures
@@ -118,6 +118,11 @@ class Worker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
         self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+        self._stage_runs: dict[Stage, Callable[[Job], None]] = {
+            Stage.ROUTE: self.route,
+            Stage.INFER: self.infer,
+            Stage.WRITE: self.write,
+        }
         self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
 
     def start(self) -> None:
@@ -160,10 +165,10 @@ class Worker:
 
     #: (states a stage takes a job from, the stage); a job claimed while `inferring` is one
     #: whose worker's lease lapsed mid-inference
-    STAGES: tuple[tuple[tuple[JobState, ...], str], ...] = (
-        ((JobState.INFERRED,), "write"),
-        ((JobState.COMPLETE,), "route"),
-        ((JobState.ROUTED, JobState.INFERRING), "infer"),
+    STAGES: tuple[tuple[tuple[JobState, ...], Stage], ...] = (
+        ((JobState.INFERRED,), Stage.WRITE),
+        ((JobState.COMPLETE,), Stage.ROUTE),
+        ((JobState.ROUTED, JobState.INFERRING), Stage.INFER),
     )
 
     def run_once(self) -> bool:
@@ -176,7 +181,7 @@ class Worker:
             started = time.monotonic()
             structlog.contextvars.bind_contextvars(job=job.id, stage=stage)
             try:
-                getattr(self, stage)(job)
+                self._stage_runs[stage](job)
             except VolumeRefused as exc:
                 self._park(job, JobState.REFUSED, str(exc))
             except (GatewayError, OSError) as exc:
@@ -238,11 +243,10 @@ class Worker:
             return
         # resolve now: the job keeps this exact version even if another is activated later
         routes = [_job_route(route, self.registry.resolve(_spec(route)).version) for route in decision.routes]
-        # the results' UIDs are fixed now: whichever worker writes them, the TPS gets these instances
-        uids = {key: asdict(new_output_uids()) for key in self._uid_keys(routes)}
-        self.store.index.transition(
-            job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, output_uids=uids)
-        )
+        # the result files and their UIDs are fixed now: whichever worker writes them, the TPS
+        # gets these instances
+        plan = plan_outputs(routes, self.cfg.destinations)
+        self.store.index.transition(job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, plan=plan))
         log.info("series routed", rules=[r.rule for r in routes], model=routes[0].model, version=routes[0].version)
 
     def _agreement(self, rt_job: int, ct_job_id: int) -> str:
@@ -267,10 +271,12 @@ class Worker:
         return f"; agreement figures of {rows} structures"
 
     def _contours(self, ct_job: Job, index: int, route: JobRoute) -> ModelContours:
-        """Where route ``index`` of a contoured job left its contours, and what they are."""
+        """Where route ``index`` of a contoured job left its contours, and what they are: the
+        RT-STRUCT its plan delivered (under the names the clinician saw), else its label map."""
         model = self.registry.resolve(route.spec)
-        folder = self.store.results / f"job-{ct_job.id}"
-        rtstruct = folder / f"rtstruct-{index}.dcm" if OutputKind.RTSTRUCT in route.outputs else None
+        folder = self.store.job_dir(ct_job.id)
+        delivered = ct_job.detail.plan.delivered_rtstruct(index)
+        rtstruct = folder / delivered.file if delivered is not None else None
         return ModelContours(
             model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
         )
@@ -342,32 +348,35 @@ class Worker:
                 log.warning("result held for review", reasons=reasons)
                 return
             log.warning("result flagged for review", reasons=reasons)
-        written: list[OutputKind] = []
-        not_sent: dict[str, list[OutputKind]] = {}
-        uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
+        plan = self._plan(job)
+        written: list[PlannedOutput] = []
         qa_png = None
         for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
-            for kind in route.outputs:
-                refusing = [
-                    d
-                    for d in route.send_to
-                    if d in self.cfg.destinations and kind not in self.cfg.destinations[d].accepts
-                ]
-                for dest in refusing:
-                    not_sent.setdefault(dest, []).append(kind)
-            # RT-STRUCT first: it is what the planner waits for, so it leaves before the SEG is built
-            for key, stem, kind, dests, out_structures in self._plan(route, index, structures, findings):
-                out_uids = OutputUIDs(**uids[key])
-                path = folder / f"{stem}.dcm"
-                self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
-                for dest in dests:
+            present = [s for s in structures if s.name not in findings.empty]
+            for output in plan.of_route(index):
+                out_structures = self._named(output, present)
+                if not out_structures:
+                    log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
+                    continue
+                path = folder / output.file
+                self._write_output(output.kind, headers, labels, masks, out_structures, info, output.uids, path)
+                for dest in output.destinations:
                     self.outbox.enqueue(
-                        job.id, dest, str(path.relative_to(self.store.results)), out_uids.sop_uid, _sop_class(kind)
+                        job.id,
+                        dest,
+                        str(path.relative_to(self.store.results)),
+                        output.uids.sop_uid,
+                        _sop_class(output.kind),
                     )
                 self.on_queued()
-                written.append(kind)
-                log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
+                written.append(output)
+                log.info(
+                    "output queued",
+                    kind=output.kind,
+                    destinations=output.destinations,
+                    seconds=round(time.monotonic() - started, 3),
+                )
             if qa_png is None:
                 sx, sy, sz = (float(s) for s in ct.GetSpacing())
                 qa_png = render_qa_png(hu, labels, structures, (sx, sy, sz), info, folder / "qa.png")
@@ -377,78 +386,39 @@ class Worker:
             job.id,
             lambda d: replace(
                 d,
-                outputs=tuple(written),
+                plan=OutputPlan(tuple(written)),  # what was written: a file with no structure left is not
+                outputs=tuple(o.kind for o in written),
                 qa_png=str(qa_png) if qa_png else None,
-                not_sent={dest: tuple(kinds) for dest, kinds in not_sent.items()},
+                not_sent=not_sent(job.routes, self.cfg.destinations),
             ),
         )
         self.store.index.transition(job.id, JobState.SENDING)
-        log.info("results written", files=len(written), not_sent=not_sent)
+        log.info("results written", files=len(written), not_sent=not_sent(job.routes, self.cfg.destinations))
         self.settle(job.id)  # every file may have been delivered while the later ones were built
 
-    def _plan(
-        self, route: JobRoute, index: int, structures: list[StructureInfo], findings: Findings
-    ) -> list[tuple[str, str, OutputKind, list[str], list[StructureInfo]]]:
-        """The files a route's outputs become: (UID key, file stem, kind, destinations, structures),
-        RT-STRUCT first.
+    def _plan(self, job: Job) -> OutputPlan:
+        """The job's output plan. A job routed by an earlier version of the node kept only its
+        files' UIDs: it is planned again under the destinations in force, with those UIDs."""
+        plan = job.detail.plan
+        if plan.outputs and all(o.destinations for o in plan.outputs):
+            return plan
+        replanned = plan_outputs(job.routes, self.cfg.destinations, previous=plan)
+        self.store.index.update_detail(job.id, lambda d: replace(d, plan=replanned))
+        return replanned
 
-        Destinations that take the same names share one file; a destination with a `names`
-        file gets its own (its ROIs differ, so it is another instance with its own UIDs).
-        Empty structures are left out; a file with no structure left is not made.
-        """
-        plans = []
-        present = [s for s in structures if s.name not in findings.empty]
-        for kind in sorted(route.outputs, key=lambda k: k is not OutputKind.RTSTRUCT):
-            for names, dests in self._groups(route, kind).items():
-                out = (
-                    load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present)
-                    if names
-                    else present
+    def _named(self, output: PlannedOutput, present: list[StructureInfo]) -> list[StructureInfo]:
+        """The structures of one planned file under its destinations' names, each name checked
+        against every destination's ``max_roi_name``."""
+        dests = output.destinations
+        limits = {d: self.cfg.destinations[d].max_roi_name if d in self.cfg.destinations else 64 for d in dests}
+        out = load_roi_names(Path(output.names_file), limits[dests[0]]).apply(present) if output.names_file else present
+        for dest, limit in limits.items():
+            too_long = [s.name for s in out if len(s.name) > limit]
+            if too_long:
+                raise WriteError(
+                    f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name {limit}: map them in a names file"
                 )
-                if not out:
-                    log.warning("nothing left to send", kind=kind, destinations=dests)
-                    continue
-                for dest in dests:
-                    limit = self.cfg.destinations[dest].max_roi_name if dest in self.cfg.destinations else 64
-                    too_long = [s.name for s in out if len(s.name) > limit]
-                    if too_long:
-                        raise WriteError(
-                            f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name "
-                            f"{limit}: map them in a names file"
-                        )
-                suffix = f"-{dests[0]}" if names else ""
-                plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out))
-        return plans
-
-    def _groups(self, route: JobRoute, kind: OutputKind) -> dict[str, list[str]]:
-        """The route's destinations that take ``kind``, grouped by the names file they apply
-        ("" for none): each group gets one file."""
-        groups: dict[str, list[str]] = {}
-        for dest in route.send_to:
-            cfg = self.cfg.destinations.get(dest)
-            if cfg is not None and kind not in cfg.accepts:
-                continue
-            groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
-        return groups
-
-    def _uid_keys(self, routes: Sequence[JobRoute]) -> list[str]:
-        """The UID keys of every file the routes may make (``_plan``'s, before the structures are known)."""
-        return [
-            f"{index}-{kind}" + (f"-{dests[0]}" if names else "")
-            for index, route in enumerate(routes)
-            for kind in route.outputs
-            for names, dests in self._groups(route, kind).items()
-        ]
-
-    def _output_uids(self, job: Job, keys: list[str]) -> dict[str, dict[str, str]]:
-        """UIDs for every output file of the job: those fixed when it was routed, and any the
-        configuration adds since, generated once and stored before any file exists."""
-        stored = dict(job.detail.output_uids)
-        missing = [k for k in keys if k not in stored]
-        if missing:
-            stored.update({k: asdict(new_output_uids()) for k in missing})
-            self.store.index.update_detail(job.id, lambda d: replace(d, output_uids=stored))
-        return stored
+        return out
 
     def _write_output(
         self,

@@ -74,7 +74,7 @@ def test_twelve_series_through_one_receiver_and_three_workers_are_each_delivered
     assert len(rows) == 12 and all(r["model"] == "toy-body" for r in rows)
 
     store = Store(tmp_path / "shared", postgres_url)
-    sent = sorted(uid["sop_uid"] for job in store.index.jobs() for uid in job.detail.output_uids.values())
+    sent = sorted(o.uids.sop_uid for job in store.index.jobs() for o in job.detail.plan.outputs)
     assert len(sent) == 12 and tps_rtstructs(orthanc) == sent
     successes = store.index.db.query(
         "SELECT outbox_id, COUNT(*) FROM attempts WHERE status = 0 GROUP BY outbox_id")
@@ -95,7 +95,7 @@ def test_a_worker_killed_mid_inference_has_its_job_finished_by_another_with_the_
     holder = busy["held_by"]
     [victim] = [w for w in workers if w.proc is not None and holder.endswith(f":{w.proc.pid}")]
     store = Store(tmp_path / "shared", postgres_url)
-    planned = sorted(u["sop_uid"] for u in store.index.job(busy["id"]).detail.output_uids.values())
+    planned = sorted(o.uids.sop_uid for o in store.index.job(busy["id"]).detail.plan.outputs)
     assert planned  # the results' UIDs were fixed when the series was routed
     victim.kill9()
 

@@ -29,6 +29,7 @@ import yaml
 from ie_gateway.errors import ModelError
 from ie_gateway.files import sha256_file
 from ie_gateway.infer.manifest import MANIFEST_NAME, ModelFormat, load_manifest
+from ie_gateway.vocab import InterpretedType
 
 NNUNET_CHECKPOINT = "checkpoint_final.pth"
 MONAI_CONFIG = "configs/inference.json"
@@ -111,7 +112,7 @@ def _structure(label: int, name: str) -> dict[str, Any]:
         "label": label,
         "name": name,
         "color": list(_PALETTE[(label - 1) % len(_PALETTE)]),
-        "interpreted_type": "EXTERNAL" if name.lower() in _EXTERNAL_NAMES else "ORGAN",
+        "interpreted_type": str(InterpretedType.EXTERNAL if name.lower() in _EXTERNAL_NAMES else InterpretedType.ORGAN),
         "postprocess": {"largest_component": False, "fill_holes": False, "min_volume_cc": 0.0},
         "send": True,
     }

@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError, ModelError
+from ie_gateway.vocab import InterpretedType
 from ie_gateway.yamlfile import StrictModel, load_model
 
 MANIFEST_NAME = "model.yaml"
@@ -45,33 +46,6 @@ class ManifestInvalid(ModelError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("\n".join(errors))
-
-
-class InterpretedType(enum.StrEnum):
-    """RT ROI Interpreted Type (3006,00A4) defined terms, carried into the RT-STRUCT."""
-
-    EXTERNAL = "EXTERNAL"
-    PTV = "PTV"
-    CTV = "CTV"
-    GTV = "GTV"
-    TREATED_VOLUME = "TREATED_VOLUME"
-    IRRAD_VOLUME = "IRRAD_VOLUME"
-    BOLUS = "BOLUS"
-    AVOIDANCE = "AVOIDANCE"
-    ORGAN = "ORGAN"
-    MARKER = "MARKER"
-    REGISTRATION = "REGISTRATION"
-    ISOCENTER = "ISOCENTER"
-    CONTRAST_AGENT = "CONTRAST_AGENT"
-    CAVITY = "CAVITY"
-    BRACHY_CHANNEL = "BRACHY_CHANNEL"
-    BRACHY_ACCESSORY = "BRACHY_ACCESSORY"
-    BRACHY_SRC_APP = "BRACHY_SRC_APP"
-    BRACHY_CHNL_SHLD = "BRACHY_CHNL_SHLD"
-    SUPPORT = "SUPPORT"
-    FIXATION = "FIXATION"
-    DOSE_REGION = "DOSE_REGION"
-    CONTROL = "CONTROL"
 
 
 class ModelFormat(enum.StrEnum):

@@ -54,7 +54,7 @@ from ie_gateway.route.explain import (
 from ie_gateway.route.load import ModelExists, load_rules
 from ie_gateway.route.rules import Rule, RuleSet
 from ie_gateway.route.watch import RulesWatcher
-from ie_gateway.store.records import OutputKind
+from ie_gateway.vocab import OutputKind
 
 __all__ = [
     "Explanation",

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ie_gateway.route.matchers import split_values
-from ie_gateway.store.records import OutputKind
+from ie_gateway.vocab import OutputKind, ReviewPolicy
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Route:
     outputs: tuple[OutputKind, ...]
     send_to: tuple[str, ...]
     sync: bool
-    review: str = "hold"  # a result failing its model's plausibility checks: hold | flag
+    review: ReviewPolicy = ReviewPolicy.HOLD  # a result failing its model's plausibility checks: hold | flag
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
-from ie_gateway.store.records import OutputKind
+from ie_gateway.vocab import OutputKind, ReviewPolicy
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class _RuleSpec(StrictModel):
     send_to: list[Annotated[StrictStr, AfterValidator(_known_destination)]] = Field(min_length=1)
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False
-    review: Literal["hold", "flag"] = "hold"
+    review: ReviewPolicy = ReviewPolicy.HOLD
 
 
 class _RoutingSpec(StrictModel):

@@ -19,9 +19,10 @@ import structlog
 from ie_gateway.config import Storage
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index, TransitionError
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, OutputKind, ReviewPolicy
+from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
+from ie_gateway.vocab import OutputKind, ReviewPolicy
 
 __all__ = [
     "Arrival",

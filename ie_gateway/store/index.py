@@ -31,6 +31,7 @@ from ie_gateway.store.records import (
 )
 from ie_gateway.store.schema import migrate
 from ie_gateway.store.states import ALLOWED, JobState
+from ie_gateway.vocab import ApprovalStatus
 
 
 class TransitionError(StoreError):
@@ -338,7 +339,7 @@ class Index:
     def _for_update(self) -> str:
         return " FOR UPDATE" if self.db.shared else ""
 
-    def link_approved(self, ct_job: int, rt_job: int, approval: str, files: int) -> None:
+    def link_approved(self, ct_job: int, rt_job: int, approval: ApprovalStatus, files: int) -> None:
         """Both sides of a clinician's set linked to its CT job, in one transaction; a repeated
         link replaces the earlier one."""
         entry = ApprovedSet(job=rt_job, approval=approval, instances=files)

@@ -14,14 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from ie_gateway.store.states import JobState
+from pydicom.uid import generate_uid
 
-
-class OutputKind(StrEnum):
-    """Objects a route asks the writer to produce (and a destination may accept)."""
-
-    RTSTRUCT = "rtstruct"
-    SEG = "seg"
+from ie_gateway.vocab import ApprovalStatus, JobState, OutputKind, ReviewPolicy
 
 
 class OutboxState(StrEnum):
@@ -31,13 +26,6 @@ class OutboxState(StrEnum):
     DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
     FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
     CANCELLED = "cancelled"  # the job was routed again before it went
-
-
-class ReviewPolicy(StrEnum):
-    """What a result failing its model's plausibility checks does (the route's ``review``)."""
-
-    HOLD = "hold"  # nothing is sent until an admin releases it
-    FLAG = "flag"  # sent, marked NEEDS REVIEW
 
 
 @dataclass(frozen=True)
@@ -71,6 +59,99 @@ class JobRoute:
 
 
 @dataclass(frozen=True)
+class OutputUIDs:
+    """Series and SOP Instance UIDs of one output object.
+
+    Made once, when the job is routed, and stored, so every write and every delivery retry
+    (on whichever worker) sends the same instance.
+    """
+
+    series_uid: str
+    sop_uid: str
+
+    @classmethod
+    def new(cls) -> OutputUIDs:
+        return cls(series_uid=generate_uid(), sop_uid=generate_uid())
+
+
+def output_file_name(kind: OutputKind, route: int, names_destination: str | None) -> str:
+    """The one rule for a result file's name in the job's folder: ``rtstruct-0.dcm``, or
+    ``rtstruct-0-TPS.dcm`` for the copy under a destination's names file."""
+    return f"{kind}-{route}" + (f"-{names_destination}" if names_destination else "") + ".dcm"
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """One file the write stage makes for a routed job, and the destinations it goes to.
+
+    Destinations that take the same names share a file; a destination with a names file gets
+    its own (its ROIs differ, so it is another instance with its own UIDs).
+    """
+
+    kind: OutputKind
+    route: int  # the index of the route (in ``Job.routes``) whose model's result it encodes
+    destinations: tuple[str, ...]
+    names_file: str | None  # the destinations' names file; None: the model's own names
+    file: str  # its name in the job's results folder
+    uids: OutputUIDs
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PlannedOutput:
+        return cls(
+            kind=OutputKind(raw["kind"]),
+            route=int(raw["route"]),
+            destinations=tuple(str(d) for d in raw.get("destinations", ())),
+            names_file=raw.get("names_file"),
+            file=str(raw["file"]),
+            uids=OutputUIDs(**raw["uids"]),
+        )
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Every file a job's results become: recorded when the job is routed, written by the
+    write stage (which leaves out a file with no structure left), sent by the outbox, read by
+    agreement and sync. The only place a result file's name comes from."""
+
+    outputs: tuple[PlannedOutput, ...] = ()
+
+    def of_route(self, route: int) -> list[PlannedOutput]:
+        return [o for o in self.outputs if o.route == route]
+
+    def delivered_rtstruct(self, route: int) -> PlannedOutput | None:
+        """The route's RT-STRUCT as a clinician edits it: the one under the model's own
+        names if the route has one, else the first destination's."""
+        found = [o for o in self.of_route(route) if o.kind is OutputKind.RTSTRUCT]
+        found.sort(key=lambda o: o.names_file is not None)
+        return found[0] if found else None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> OutputPlan:
+        return cls(tuple(PlannedOutput.from_dict(o) for o in raw.get("outputs", ())))
+
+    @classmethod
+    def from_uid_keys(cls, keyed: dict[str, dict[str, str]]) -> OutputPlan:
+        """The plan of a job routed by a node before plans were recorded: its UIDs were kept
+        under ``<route>-<kind>[-<names destination>]``. What such a node did not record (the
+        other destinations, the names file's path) stays empty."""
+        outputs = []
+        for key, uids in keyed.items():
+            route, kind, *dest = key.split("-", 2)
+            names_dest = dest[0] if dest else None
+            outputs.append(
+                PlannedOutput(
+                    kind=OutputKind(kind),
+                    route=int(route),
+                    destinations=(names_dest,) if names_dest else (),
+                    names_file=None,
+                    file=output_file_name(OutputKind(kind), int(route), names_dest),
+                    uids=OutputUIDs(**uids),
+                )
+            )
+        return cls(tuple(outputs))
+
+
+@dataclass(frozen=True)
 class Review:
     """Why a result needs a person's look, and who released it."""
 
@@ -85,7 +166,7 @@ class ApprovedSet:
     """A clinician's structure set linked to the CT job it was drawn on."""
 
     job: int  # the structure set's own job
-    approval: str  # its ApprovalStatus: APPROVED, UNAPPROVED, REJECTED, UNKNOWN
+    approval: ApprovalStatus
     instances: int
 
 
@@ -112,7 +193,7 @@ class JobDetail:
     timings_s: dict[str, float] = field(default_factory=dict)
     empty_structures: tuple[str, ...] = ()  # left out of every output
     review: Review | None = None
-    output_uids: dict[str, dict[str, str]] = field(default_factory=dict)  # per output file, made once
+    plan: OutputPlan = field(default_factory=OutputPlan)  # the result files, fixed when routed
     outputs: tuple[OutputKind, ...] = ()  # the kinds written
     qa_png: str | None = None
     not_sent: dict[str, tuple[OutputKind, ...]] = field(default_factory=dict)  # destination → refused kinds
@@ -123,11 +204,11 @@ class JobDetail:
     sync_error: str | None = None
     approved: tuple[ApprovedSet, ...] = ()  # on a CT job: the clinicians' sets linked to it
     linked_to: int | None = None  # on a clinician's structure set: the CT job it belongs to
-    approval: str | None = None  # on a clinician's structure set: its ApprovalStatus
+    approval: ApprovalStatus | None = None  # on a clinician's structure set
 
     def approved_jobs(self) -> list[int]:
         """Jobs of the linked structure sets a clinician approved, sorted."""
-        return sorted(a.job for a in self.approved if a.approval == "APPROVED")
+        return sorted(a.job for a in self.approved if a.approval is ApprovalStatus.APPROVED)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -146,6 +227,11 @@ class JobDetail:
         for key in ("slice_files", "empty_structures"):
             if key in values:
                 values[key] = tuple(values[key])
+        legacy_uids = raw.get("output_uids")
+        if "plan" in values:
+            values["plan"] = OutputPlan.from_dict(values["plan"])
+        elif legacy_uids:
+            values["plan"] = OutputPlan.from_uid_keys(legacy_uids)
         if "outputs" in values:
             values["outputs"] = tuple(OutputKind(o) for o in values["outputs"])
         if "not_sent" in values:
@@ -162,9 +248,13 @@ class JobDetail:
             s = dict(values["synced"])
             s["approved_jobs"] = tuple(s.get("approved_jobs", ()))
             values["synced"] = SyncRecord(**{k: v for k, v in s.items() if k in {f.name for f in fields(SyncRecord)}})
+        if "approval" in values:
+            values["approval"] = ApprovalStatus.of(values["approval"])
         if "approved" in values:
             values["approved"] = tuple(
-                ApprovedSet(job=int(a["job"]), approval=str(a["approval"]), instances=int(a.get("instances", 0)))
+                ApprovedSet(
+                    job=int(a["job"]), approval=ApprovalStatus.of(a["approval"]), instances=int(a.get("instances", 0))
+                )
                 for a in values["approved"]
             )
         return cls(**values)

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from ie_gateway.vocab import JobState
 
-
-class JobState(str, Enum):
-    """States of a series job, as `ie-gateway status` shows them."""
-
-    RECEIVING = "receiving"  # instances arriving; not yet quiet for stable_after_s
-    COMPLETE = "complete"  # quiet period passed; waiting for routing
-    ROUTED = "routed"  # a rule chose a model; waiting for the worker
-    REFUSED = "refused"  # the series cannot be processed (geometry, modality); see reason
-    UNROUTED = "unrouted"  # no rule matched; kept until retention
-    INFERRING = "inferring"  # the worker is running the model
-    INFERRED = "inferred"  # label map stored; outputs being written
-    NEEDS_REVIEW = "needs_review"  # failed its model's plausibility checks; held until released
-    SENDING = "sending"  # results in the outbox
-    DELIVERED = "delivered"  # every destination has every result
-    FAILED = "failed"  # gave up; see reason (dead-lettered deliveries, inference errors)
-
+__all__ = ["ALLOWED", "UNFINISHED", "JobState"]
 
 S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {

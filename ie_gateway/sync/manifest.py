@@ -31,13 +31,14 @@ class AIOutput:
 
 
 def ai_outputs(store: Store, job: Job) -> list[AIOutput]:
-    """The result files of the job's ``sync: true`` routes (the worker's ``<kind>-<route>.dcm``)."""
+    """The result files of the job's ``sync: true`` routes: those its output plan wrote."""
     folder = store.job_dir(job.id)
     return [
-        AIOutput(folder / f"{kind}-{index}.dcm", str(kind), route.model, route.version)
-        for index, route in enumerate(job.routes)
-        if route.sync
-        for kind in route.outputs
+        AIOutput(
+            folder / output.file, str(output.kind), job.routes[output.route].model, job.routes[output.route].version
+        )
+        for output in job.detail.plan.outputs
+        if job.routes[output.route].sync
     ]
 
 

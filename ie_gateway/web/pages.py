@@ -36,13 +36,13 @@ log = structlog.get_logger(__name__)
 Action = Callable[[Store, int, str], object]
 
 #: Which action applies to a job in which state (a button is shown only where it applies).
-ACTION_STATES: dict[str, frozenset[str]] = {
-    "retry": frozenset({"failed"}),
-    "reroute": frozenset({"failed", "unrouted", "refused", "needs_review"}),
-    "release": frozenset({"needs_review"}),
+ACTION_STATES: dict[str, frozenset[JobState]] = {
+    "retry": frozenset({JobState.FAILED}),
+    "reroute": frozenset({JobState.FAILED, JobState.UNROUTED, JobState.REFUSED, JobState.NEEDS_REVIEW}),
+    "release": frozenset({JobState.NEEDS_REVIEW}),
 }
 #: States the failures page lists: given up on, or held for a person.
-ATTENTION = ("failed", "needs_review")
+ATTENTION = (JobState.FAILED, JobState.NEEDS_REVIEW)
 
 
 def default_actions() -> dict[str, Action]:
@@ -105,7 +105,7 @@ class AdminPages:
         )
 
     def _buttons(self, job: Job) -> list[str]:
-        return [name for name in self.actions if job.state.value in ACTION_STATES[name]]
+        return [name for name in self.actions if job.state in ACTION_STATES[name]]
 
     async def jobs(self, request: Request) -> Response:
         wanted = request.query_params.get("state") or None
@@ -126,7 +126,7 @@ class AdminPages:
         )
 
     async def failures(self, request: Request) -> Response:
-        states = [s for s in JobState if s.value in ATTENTION]
+        states = list(ATTENTION)
         rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(self.store.index.jobs(states))]
         return self._render(request, "failures.html", title="Failures and held jobs", jobs=rows)
 
@@ -164,7 +164,7 @@ class AdminPages:
             qa=bool(job.detail.qa_png),
             volumes=job.detail.volumes_cc,
             findings=findings,
-            needs_review=job.state.value == "needs_review",
+            needs_review=job.state is JobState.NEEDS_REVIEW,
             deliveries=deliveries,
             transitions=transitions,
             figures=agreement.rows(self.store.index, ct_job=job.id),

@@ -4,9 +4,9 @@ The caller makes the output UIDs once (:func:`new_output_uids`) and stores them,
 delivery retry sends the same instance; builders never make UIDs of their own.
 """
 
+from ie_gateway.store.records import OutputUIDs
 from ie_gateway.write.common import (
     ModelInfo,
-    OutputUIDs,
     StructureInfo,
     new_output_uids,
     structure_mask,

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
 from ie_gateway.errors import WriteError
+from ie_gateway.store.records import OutputUIDs
+from ie_gateway.vocab import InterpretedType
 
 #: DICOM values both writers copy unchanged from the CT so the result stays in the patient's study.
 PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
@@ -46,7 +47,7 @@ class StructureInfo:
     label: int
     name: str
     color: tuple[int, int, int]
-    interpreted_type: str
+    interpreted_type: InterpretedType
     fill_holes: bool = True
 
 
@@ -68,20 +69,9 @@ class ModelInfo:
 NEEDS_REVIEW = "NEEDS REVIEW"
 
 
-@dataclass(frozen=True)
-class OutputUIDs:
-    """Series and SOP Instance UIDs of one output object.
-
-    Made once by the caller and stored, so every delivery retry sends the same instance.
-    """
-
-    series_uid: str
-    sop_uid: str
-
-
 def new_output_uids() -> OutputUIDs:
-    """Fresh UIDs for one output object; call once per result and persist them."""
-    return OutputUIDs(series_uid=generate_uid(), sop_uid=generate_uid())
+    """Fresh UIDs for one output object (the node makes them when it plans a job's outputs)."""
+    return OutputUIDs.new()
 
 
 def check_inputs(

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from ie_gateway.vocab import InterpretedType
 from ie_gateway.write.common import ModelInfo, StructureInfo
 
 PANEL_PX = 512
@@ -28,7 +29,7 @@ _TEXT = (255, 255, 255)
 
 def _centre(labels: np.ndarray, structures: Sequence[StructureInfo]) -> tuple[int, int, int]:
     """Voxel (z, y, x) at the centre of mass of the organs (the body if there are none)."""
-    organs = [s.label for s in structures if s.interpreted_type != "EXTERNAL"]
+    organs = [s.label for s in structures if s.interpreted_type != InterpretedType.EXTERNAL]
     for mask in (np.isin(labels, organs), labels > 0):
         if mask.any():
             z, y, x = ndimage.center_of_mass(mask)

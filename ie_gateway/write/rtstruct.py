@@ -30,13 +30,14 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
 
 import ie_gateway
+from ie_gateway.store.records import OutputUIDs
+from ie_gateway.vocab import ApprovalStatus
 from ie_gateway.write.common import (
     MANUFACTURER,
     NEEDS_REVIEW,
     PATIENT_STUDY_KEYWORDS,
     Masks,
     ModelInfo,
-    OutputUIDs,
     SliceGeometry,
     StructureInfo,
     bounding_box,
@@ -182,7 +183,7 @@ def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_numb
     ds.StructureSetLabel = NEEDS_REVIEW if model.needs_review else "AI contours"
     ds.StructureSetName = f"{model.name} v{model.version}"[:64]
     ds.StructureSetDate, ds.StructureSetTime = date, time
-    ds.ApprovalStatus = "UNAPPROVED"
+    ds.ApprovalStatus = ApprovalStatus.UNAPPROVED.value
     return ds
 
 

@@ -19,11 +19,12 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ie_gateway.errors import WriteError
+from ie_gateway.store.records import OutputUIDs
+from ie_gateway.vocab import InterpretedType
 from ie_gateway.write.common import (
     MANUFACTURER,
     Masks,
     ModelInfo,
-    OutputUIDs,
     StructureInfo,
     check_inputs,
     structure_masks,
@@ -58,7 +59,7 @@ def segment_color(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
 
 def property_type(structure: StructureInfo) -> tuple[Code, Code | None]:
     """Segmented property type of a structure and its laterality modifier, if any."""
-    if structure.interpreted_type == "EXTERNAL":
+    if structure.interpreted_type == InterpretedType.EXTERNAL:
         return codes.SCT.EntireBody, None
     base, suffix = structure.name[:-2], structure.name[-2:]
     if suffix in _LATERALITY and base in _PROPERTY_TYPES:

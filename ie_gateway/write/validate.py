@@ -18,10 +18,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ie_gateway.errors import WriteError
+from ie_gateway.store.records import OutputUIDs
 from ie_gateway.write.common import (
     PATIENT_STUDY_KEYWORDS,
     Masks,
-    OutputUIDs,
     SliceGeometry,
     StructureInfo,
     bounding_box,

@@ -154,19 +154,19 @@ def bench_device(
             runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)
         ]
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"\n{device}: {model.spec}, {results[0]['folds']} folds, {results[0]['windows']} windows")
+    print(f"\n{device}: {model.spec}, {results[0].folds} folds, {results[0].windows} windows")
     print(
         f"{'stage':<14}"
         + "".join(f"{'cold' if i == 0 else f'warm{i}':>10}" for i in range(len(results)))
     )
     for stage in STAGES:
-        cells = [r["timings_s"].get(stage) for r in results]
+        cells = [r.timings_s.get(stage) for r in results]
         print(
             f"{stage:<14}"
             + "".join(f"{c:>9.2f}s" if c is not None else f"{'-':>10}" for c in cells)
         )
     print(f"peak RSS of the inference process (largest so far): {peak_mib:.0f} MiB")
-    print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1]["volumes_cc"].items()))
+    print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1].volumes_cc.items()))
     print(
         "Dice vs the phantom's labels: " + dice_line(out / f"labels-{device}-{repeat}.mha", truth)
     )

@@ -297,16 +297,17 @@ def summary(figure_rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def assess_approval(
     index: Index,
     ct_job: Job,
+    ct_headers: Sequence[pydicom.Dataset],
     approval_job_id: int,
     approved: Dataset,
     contours: Sequence[ModelContours],
     tolerance_mm: float,
     aliases: Aliases | None = None,
 ) -> int:
-    """Compute and store the figures of an approved set linked to ``ct_job``; rows written."""
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_job.detail.slice_files]
+    """Compute and store the figures of an approved set linked to ``ct_job`` (whose CT slice
+    headers, in volume order, are ``ct_headers``); rows written."""
     started = time.monotonic()
-    figures = assess(approved, headers, contours, tolerance_mm, aliases)
+    figures = assess(approved, ct_headers, contours, tolerance_mm, aliases)
     written = record(index, ct_job.id, approval_job_id, figures, tolerance_mm)
     for (model, version), items in figures.items():
         log.info(

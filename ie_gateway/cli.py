@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -235,12 +235,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if matched else 1
 
 
-def _series_in_folder(folder: Path) -> dict[str, tuple[dict[str, Any], int]]:
+def _series_in_folder(folder: Path) -> dict[str, tuple[Mapping[str, Any], int]]:
     import pydicom
 
     from ie_gateway.store import header_values
 
-    found: dict[str, tuple[dict[str, Any], int]] = {}
+    found: dict[str, tuple[Mapping[str, Any], int]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -488,7 +488,7 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
                 "reason": job.reason,
                 **({"late_instances": job.late_instances} if job.late_instances else {}),
                 **(_holder(job, now) if job.claimed_by else {}),
-                **_shown_detail(job),
+                **_shown_detail(store, job),
             }
         )
     return rows
@@ -498,8 +498,10 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
 HIDDEN_DETAIL = ("slice_files", "plan")
 
 
-def _shown_detail(job: Job) -> dict[str, Any]:
+def _shown_detail(store: Store, job: Job) -> dict[str, Any]:
     shown = job.detail.shown()
+    if job.detail.qa_png:
+        shown["qa_png"] = str(store.qa_png(job))  # where it is on this node's mount
     return {k: v for k, v in shown.items() if k not in HIDDEN_DETAIL}
 
 

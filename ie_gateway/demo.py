@@ -168,7 +168,7 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float, mo
             state=job.state.value,
             reason=job.reason,
             received=sorted((workdir / "tps").glob("*.dcm")),
-            qa_png=job.detail.qa_png,
+            qa_png=str(service.store.qa_png(job)) if job.detail.qa_png else None,
             seconds=time.monotonic() - started,
             config=cfg.source,
             page=page_address(cfg),

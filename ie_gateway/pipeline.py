@@ -215,7 +215,7 @@ class Worker:
     # --- stages -----------------------------------------------------------------------------
 
     def route(self, job: Job) -> None:
-        if job.header.get("Modality") == "RTSTRUCT":
+        if job.header.modality == "RTSTRUCT":
             # a clinician's structure set for a CT we contoured travels with that case (sync)
             ct_job = link_approved(self.store, job)
             if ct_job is not None:
@@ -260,8 +260,9 @@ class Worker:
         try:
             contours = [self._contours(ct_job, index, route) for index, route in enumerate(ct_job.routes)]
             aliases = site_aliases(self.cfg.destinations, [d for r in ct_job.routes for d in r.send_to])
+            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(ct_job)]
             rows = assess_approval(
-                self.store.index, ct_job, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
+                self.store.index, ct_job, headers, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
             )
         except (AgreementError, ModelError, ConfigError) as exc:
             log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
@@ -291,26 +292,26 @@ class Worker:
         volume = load_volume(self.store.instance_files(job), self.checks)
         ct_path = folder / CT_FILE
         _write_image(volume.image, ct_path)
-        slice_files = [str(p) for p in volume.paths]
+        slice_files = self.store.spool_relative(volume.paths)
         load_s = time.monotonic() - started
         del volume
         results = [
             self.runner.run(self.registry.resolve(route.spec), ct_path, folder / labels_file(index))
             for index, route in enumerate(job.routes)
         ]
-        volumes = results[0]["volumes_cc"]  # status shows the first route's model
+        # volumes_cc waits for the write stage, which measures the structures as contoured
         self.store.index.update_detail(
             job.id,
             lambda d: replace(
-                d,
-                slice_files=tuple(slice_files),
-                volumes_cc={k: round(v, 1) for k, v in volumes.items()},
-                timings_s={"volume": round(load_s, 2), **results[0]["timings_s"]},
+                d, slice_files=slice_files, timings_s={"volume": round(load_s, 2), **results[0].timings_s}
             ),
         )
         self.store.index.transition(job.id, JobState.INFERRED)
         log.info(
-            "inferred", seconds=round(time.monotonic() - started, 2), volume_s=round(load_s, 2), structures=len(volumes)
+            "inferred",
+            seconds=round(time.monotonic() - started, 2),
+            volume_s=round(load_s, 2),
+            structures=len(results[0].volumes_cc),
         )
 
     def write(self, job: Job) -> None:
@@ -319,7 +320,7 @@ class Worker:
         # the CT as the volume stage checked it, and its headers in the same slice order
         ct = sitk.ReadImage(str(folder / CT_FILE))
         hu = sitk.GetArrayViewFromImage(ct)
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in job.detail.slice_files]
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
         geometry = SliceGeometry.from_headers(headers)
         results = []
         for index, route in enumerate(job.routes):
@@ -388,7 +389,7 @@ class Worker:
                 d,
                 plan=OutputPlan(tuple(written)),  # what was written: a file with no structure left is not
                 outputs=tuple(o.kind for o in written),
-                qa_png=str(qa_png) if qa_png else None,
+                qa_png=str(qa_png.relative_to(self.store.results)) if qa_png else None,
                 not_sent=not_sent(job.routes, self.cfg.destinations),
             ),
         )

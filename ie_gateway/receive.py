@@ -43,7 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ie_gateway import metrics, tls
 from ie_gateway.config import Caller, Node
 from ie_gateway.errors import StoreError, UnsafeUIDError
-from ie_gateway.store import Arrival, Store, check_uid, header_values
+from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
 from ie_gateway.store.space import DiskSpace
 
 log = structlog.get_logger(__name__)
@@ -443,11 +443,11 @@ class Receiver:
         return SUCCESS
 
 
-def _header(ds: Dataset) -> dict[str, Any]:
+def _header(ds: Dataset) -> SeriesHeader:
     try:
         return header_values(ds)
     except DECODE_ERRORS:
-        return {}
+        return SeriesHeader()
 
 
 def _holds_slot(assoc: Association) -> bool:

@@ -55,7 +55,7 @@ def check_labels(labels_path: Path, ct_path: Path, result: dict) -> None:
     body = sitk.GetArrayFromImage(labels) == 1
     assert body.sum() > 0
     voxel_cc = np.prod(ct.GetSpacing()) / 1000
-    assert result["volumes_cc"]["External"] == pytest.approx(body.sum() * voxel_cc)
+    assert result.volumes_cc["External"] == pytest.approx(body.sum() * voxel_cc)
     assert [p.name for p in labels_path.parent.iterdir() if p.name.startswith(".")] == []
 
 
@@ -67,7 +67,7 @@ def test_runner_writes_the_label_map_and_returns_volumes(
     assert runner.pid is None  # no torch process until there is work for one
     result = runner.run(model, ct_path, labels_path)
     check_labels(labels_path, ct_path, result)
-    assert result["folds"] == 1 and "total" in result["timings_s"]
+    assert result.folds == 1 and "total" in result.timings_s
     assert runner.pid is not None
 
 

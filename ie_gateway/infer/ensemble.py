@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from scipy import ndimage
 from ie_gateway.errors import InferenceError, ModelError
 from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, probe_patch
+from ie_gateway.infer.types import Segmentation
 
 log = structlog.get_logger(__name__)
 
@@ -46,22 +47,6 @@ _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _BACK_SLAB = 16
 
 Box = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class Segmentation:
-    """A label map on the CT grid (uint8, 0 = background, labels as the manifest) and its figures.
-
-    ``timings_s`` has ``resample``, ``windows`` (the whole sliding-window loop), ``forward`` (time
-    inside the folds; CPU only, since CUDA runs asynchronously), ``resample_back``,
-    ``postprocess`` and ``total``.
-    """
-
-    labels: sitk.Image
-    volumes_cc: dict[str, float]
-    timings_s: dict[str, float] = field(default_factory=dict)
-    windows: int = 0
-    folds: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ import structlog
 import torch
 
 from ie_gateway.errors import InferenceError, ModelError
-from ie_gateway.infer.ensemble import Segmentation, default_device
+from ie_gateway.infer.ensemble import default_device
 from ie_gateway.infer.manifest import MonaiSettings
 from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.types import Segmentation
 
 log = structlog.get_logger(__name__)
 

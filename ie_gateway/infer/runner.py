@@ -40,11 +40,22 @@ import structlog
 from ie_gateway.errors import GatewayError, InferenceError, ModelError
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.types import (
+    Close,
+    InferenceFailure,
+    InferenceRequest,
+    InferenceResult,
+    Ready,
+    Reply,
+    Request,
+    Segmentation,
+    Verified,
+    VerifyRequest,
+)
 from ie_gateway.log import configure as configure_logging
 
 if TYPE_CHECKING:  # torch is imported by the child only, not by the node that owns it
     from ie_gateway.config import GatewayConfig
-    from ie_gateway.infer.ensemble import Segmentation
 
 log = structlog.get_logger(__name__)
 
@@ -107,15 +118,16 @@ class InferenceRunner:
         """The child's process id (for status and logs), None while none runs."""
         return None if self._process is None else int(self._process.pid)
 
-    def run(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> dict[str, Any]:
+    def run(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> InferenceResult:
         """Segment the CT at ``ct_path`` with ``model``; write the label map to ``labels_path``.
 
-        Returns ``{"volumes_cc": {name: cc}, "timings_s": {stage: s}, "windows": n, "folds": n}``.
         Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
         """
         with self._lock:
-            result: dict[str, Any] = self._call(("segment", model, str(ct_path), str(labels_path)), labels_path)
-        return result
+            reply = self._call(InferenceRequest(model, ct_path, labels_path), labels_path)
+        if not isinstance(reply, InferenceResult):
+            raise InferenceError(f"the inference child answered {type(reply).__name__} to a job")
+        return reply
 
     def verify(self, model: ModelVersion) -> None:
         """Load ``model`` in the child with its framework and run a small patch (the registry's
@@ -123,11 +135,11 @@ class InferenceRunner:
         the time limit or on a crash (the child is then replaced)."""
         with self._lock:
             try:
-                self._call(("verify", model), None)
+                self._call(VerifyRequest(model), None)
             except InferenceError as exc:
                 raise ModelError(f"{model.spec}: verification failed: {exc}") from exc
 
-    def _call(self, message: tuple[Any, ...], labels_path: Path | None) -> Any:
+    def _call(self, message: Request, labels_path: Path | None) -> Reply:
         if self._process is None:
             self._start()
         elif not self._process.is_alive():
@@ -145,13 +157,12 @@ class InferenceRunner:
         if self._conn not in ready:
             raise InferenceError(self._crashed(labels_path))
         try:
-            status, payload = self._conn.recv()
+            reply: Reply = self._conn.recv()
         except (EOFError, ConnectionResetError):
             raise InferenceError(self._crashed(labels_path)) from None
-        if status == "ok":
-            return payload
-        kind, text = payload
-        raise (ModelError if kind == "model" else InferenceError)(text)
+        if isinstance(reply, InferenceFailure):
+            raise (ModelError if reply.model_error else InferenceError)(reply.text)
+        return reply
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not within a few seconds."""
@@ -159,7 +170,7 @@ class InferenceRunner:
             return
         if self._process.is_alive() and self._conn is not None:
             try:
-                self._conn.send(("close",))
+                self._conn.send(Close())
             except (BrokenPipeError, OSError):
                 pass  # the child is already gone; join below reaps it
             self._process.join(_CLOSE_GRACE_S)
@@ -227,7 +238,7 @@ def runner_for(cfg: GatewayConfig) -> InferenceRunner:
 def _ready(conn: Connection) -> bool:
     """Whether the child said "ready" in time (a child that died while starting did not)."""
     try:
-        return conn.poll(_START_TIMEOUT_S) and conn.recv() == ("ready",)
+        return conn.poll(_START_TIMEOUT_S) and isinstance(conn.recv(), Ready)
     except (EOFError, ConnectionResetError):
         return False
 
@@ -251,29 +262,29 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
     if log_level is not None:
         configure_logging(log_level)
     _exit_with_parent(os.getppid())
-    conn.send(("ready",))
+    conn.send(Ready())
     resident: OrderedDict[tuple[str, str, str], Segmenter] = OrderedDict()
     while True:
         try:
             message = conn.recv()
         except EOFError:
             return
-        if message[0] == "close":
+        if isinstance(message, Close):
             return
+        reply: Reply
         try:
-            if message[0] == "verify":
-                _resident(resident, message[1], device, max_resident, fresh=True)
-                reply: tuple[str, Any] = ("ok", None)
+            if isinstance(message, VerifyRequest):
+                _resident(resident, message.model, device, max_resident, fresh=True)
+                reply = Verified()
             else:
-                _, model, ct_path, labels_path = message
-                segmenter = _resident(resident, model, device, max_resident)
-                reply = ("ok", _segment(segmenter, Path(ct_path), Path(labels_path)))
+                segmenter = _resident(resident, message.model, device, max_resident)
+                reply = _segment(segmenter, message.ct_path, message.labels_path)
         except GatewayError as exc:
-            reply = ("error", ("model" if isinstance(exc, ModelError) else "inference", str(exc)))
+            reply = InferenceFailure(isinstance(exc, ModelError), str(exc))
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
             # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
             first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            reply = ("error", ("inference", f"{type(exc).__name__}: {first_line}"))
+            reply = InferenceFailure(False, f"{type(exc).__name__}: {first_line}")
         conn.send(reply)
 
 
@@ -313,16 +324,11 @@ def _remove_partial(labels_path: Path | None) -> None:
         path.unlink(missing_ok=True)
 
 
-def _segment(segmenter: Segmenter, ct_path: Path, labels_path: Path) -> dict[str, Any]:
+def _segment(segmenter: Segmenter, ct_path: Path, labels_path: Path) -> InferenceResult:
     segmentation = segmenter.segment_file(ct_path)
     tmp = _temp_path(labels_path, os.getpid())
     sitk.WriteImage(segmentation.labels, str(tmp), useCompression=True)
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(labels_path)
-    return {
-        "volumes_cc": segmentation.volumes_cc,
-        "timings_s": segmentation.timings_s,
-        "windows": segmentation.windows,
-        "folds": segmentation.folds,
-    }
+    return InferenceResult(segmentation.volumes_cc, segmentation.timings_s, segmentation.windows, segmentation.folds)

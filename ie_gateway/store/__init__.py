@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import structlog
 from ie_gateway.config import Storage
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index, TransitionError
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState
+from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SeriesHeader
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
@@ -34,6 +34,7 @@ __all__ = [
     "OutboxState",
     "OutputKind",
     "ReviewPolicy",
+    "SeriesHeader",
     "Spool",
     "Store",
     "TransitionError",
@@ -46,14 +47,14 @@ log = structlog.get_logger(__name__)
 SKIPPED_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"})
 
 
-def header_values(ds: pydicom.Dataset) -> dict[str, Any]:
+def header_values(ds: pydicom.Dataset) -> SeriesHeader:
     """Top-level, non-binary header values by keyword: what routing rules may match on."""
     out: dict[str, Any] = {}
     for elem in ds:
         if elem.tag.group >= 0x7FE0 or elem.tag.is_private or elem.VR in SKIPPED_VRS or not elem.keyword:
             continue
         out[elem.keyword] = _jsonable(elem.value)
-    return out
+    return SeriesHeader(out)
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,7 +114,7 @@ class Store:
         return cls(storage.root, storage.index)
 
     def accept(
-        self, arrival: Arrival, chunks: Iterable[bytes | memoryview], header: Callable[[], dict[str, Any]]
+        self, arrival: Arrival, chunks: Iterable[bytes | memoryview], header: Callable[[], Mapping[str, Any]]
     ) -> tuple[int, bool, bool]:
         """Store one instance durably, then index it.
 
@@ -128,7 +129,9 @@ class Store:
         job_id, late = self._index(arrival, final, size, header)
         return job_id, False, late
 
-    def _index(self, arrival: Arrival, path: Path, size: int, header: Callable[[], dict[str, Any]]) -> tuple[int, bool]:
+    def _index(
+        self, arrival: Arrival, path: Path, size: int, header: Callable[[], Mapping[str, Any]]
+    ) -> tuple[int, bool]:
         """The index row of a stored instance file (received now, or adopted at start-up)."""
         return self.index.add_instance(
             sop_uid=arrival.sop_uid,
@@ -147,6 +150,20 @@ class Store:
         """Absolute paths of every present instance of the job's series."""
         return [self.spool.root / p for p in self.index.instance_paths(job.series_id)]
 
+    def slice_paths(self, job: Job) -> list[Path]:
+        """The CT's instance files in the volume's slice order. The index keeps them relative to
+        the spool, so a worker that mounts the shared spool elsewhere finds them (a row written
+        before paths were relative holds absolute ones, which stay as they are)."""
+        return [self.spool.root / p for p in job.detail.slice_files]
+
+    def spool_relative(self, paths: Iterable[Path]) -> tuple[str, ...]:
+        """What the index keeps for files in the spool: their paths relative to it."""
+        return tuple(str(p.relative_to(self.spool.root)) for p in paths)
+
+    def qa_png(self, job: Job) -> Path | None:
+        """The job's QA picture (kept relative to the results folder), if it has one."""
+        return self.results / job.detail.qa_png if job.detail.qa_png else None
+
     def job_dir(self, job_id: int) -> Path:
         """The folder for a job's intermediate and result files."""
         folder = self.results / f"job-{job_id}"
@@ -159,9 +176,9 @@ class Store:
         now = now if now is not None else time.time()
         done = []
         for job in self.index.jobs([JobState.RECEIVING]):
-            expected = job.header.get("ImagesInAcquisition")
+            expected = job.header.images_in_acquisition
             quiet = now - job.last_instance_at >= stable_after_s
-            if quiet or (isinstance(expected, int) and expected > 0 and job.instances >= expected):
+            if quiet or (expected is not None and job.instances >= expected):
                 try:
                     self.index.transition(job.id, JobState.COMPLETE, completed_at=now)
                 except TransitionError:

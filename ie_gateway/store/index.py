@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from ie_gateway.store.records import (
     Job,
     JobDetail,
     JobRoute,
+    SeriesHeader,
     Transition,
 )
 from ie_gateway.store.schema import migrate
@@ -65,7 +66,7 @@ def _job(row: Sequence[Any]) -> Job:
         detail=JobDetail.from_json(row[11]),
         study_uid=row[12],
         series_uid=row[13],
-        header=json.loads(row[14]),
+        header=SeriesHeader(json.loads(row[14])),
         calling_ae=row[15],
         called_ae=row[16],
         claimed_by=row[17],
@@ -119,7 +120,7 @@ class Index:
         size: int,
         calling_ae: str,
         called_ae: str,
-        header: Callable[[], dict[str, Any]],
+        header: Callable[[], Mapping[str, Any]],
         at: float | None = None,
     ) -> tuple[int, bool]:
         """Index a stored instance into the series' open job (a new job if none is open).
@@ -171,7 +172,7 @@ class Index:
         db: Tx,
         series_uid: str,
         study_uid: str,
-        header: Callable[[], dict[str, Any]],
+        header: Callable[[], Mapping[str, Any]],
         calling_ae: str,
         called_ae: str,
         now: float,
@@ -183,7 +184,7 @@ class Index:
             "INSERT INTO series (series_uid, study_uid, header, calling_ae, called_ae, first_at, last_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO UPDATE SET last_at = series.last_at "
             "RETURNING id",
-            (series_uid, study_uid, json.dumps(header()), calling_ae, called_ae, now, now),
+            (series_uid, study_uid, json.dumps(dict(header())), calling_ae, called_ae, now, now),
         ).fetchone()
         return int(row[0])
 

@@ -10,6 +10,7 @@ are ignored, missing ones take their defaults).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -26,6 +27,37 @@ class OutboxState(StrEnum):
     DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
     FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
     CANCELLED = "cancelled"  # the job was routed again before it went
+
+
+@dataclass(frozen=True, eq=False)  # compared as a mapping
+class SeriesHeader(Mapping[str, Any]):
+    """The routing facts of a series: its first instance's top-level header values by DICOM
+    keyword (str, int, float, a list of those, or None), as the receiver indexed them.
+
+    A mapping, so routing rules may match any keyword; the values the node itself reads have
+    typed accessors.
+    """
+
+    by_keyword: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, keyword: str) -> Any:
+        return self.by_keyword[keyword]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_keyword)
+
+    def __len__(self) -> int:
+        return len(self.by_keyword)
+
+    @property
+    def modality(self) -> str:
+        return str(self.by_keyword.get("Modality") or "")
+
+    @property
+    def images_in_acquisition(self) -> int | None:
+        """How many instances the series says it has (completion need not wait), if it says."""
+        value = self.by_keyword.get("ImagesInAcquisition")
+        return value if isinstance(value, int) and value > 0 else None
 
 
 @dataclass(frozen=True)
@@ -278,7 +310,7 @@ class Job:
     detail: JobDetail
     study_uid: str
     series_uid: str
-    header: dict[str, Any]  # the first instance's top-level header values, what routing reads
+    header: SeriesHeader
     calling_ae: str
     called_ae: str
     claimed_by: str | None = None  # the node working on it now (host:pid), while its lease runs

@@ -120,7 +120,7 @@ def sync_case(
     approved_ids = job.detail.approved_jobs()
     outputs = ai_outputs(store, job)
     sources = {
-        "ct": [Path(p) for p in job.detail.slice_files],
+        "ct": store.slice_paths(job),
         "ai": [output.path for output in outputs],
         "approved": approved_files(store, job),
     }

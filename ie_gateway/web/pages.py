@@ -173,7 +173,7 @@ class AdminPages:
 
     async def qa_png(self, request: Request) -> Response:
         job = self._job_or_none(request)
-        path = Path(job.detail.qa_png) if job is not None and job.detail.qa_png else None
+        path = self.store.qa_png(job) if job is not None else None
         # only ever a file inside the node's results folder
         if path is None or not path.is_file() or not path.resolve().is_relative_to(self.store.results.resolve()):
             return Response("no QA picture", status_code=404, media_type="text/plain")

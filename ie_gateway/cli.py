@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from ie_gateway.infer.manifest import Manifest
     from ie_gateway.infer.registry import Registry
     from ie_gateway.route import RuleSet
-    from ie_gateway.store import Job, Store
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
 
@@ -383,7 +382,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import time
 
     from ie_gateway import audit
     from ie_gateway.infer.registry import registry_for
@@ -468,51 +466,9 @@ def _spread(spread: dict[str, Any]) -> str:
     return f"{spread['median']:.3g} [{spread['q1']:.3g}, {spread['q3']:.3g}]"
 
 
-def status_rows(store: Store) -> list[dict[str, Any]]:
-    """One object per series job, without patient data (the series UID only hashed)."""
-    now = time.time()
-    rows = []
-    for job in store.index.jobs():
-        rows.append(
-            {
-                "id": job.id,
-                "state": job.state.value,
-                "instances": job.instances,
-                "series": uid_hash(job.series_uid),
-                "modality": job.header.get("Modality"),
-                "calling_ae": job.calling_ae,
-                "age_s": round(now - job.created_at, 1),
-                "quiet_s": round(now - job.last_instance_at, 1),
-                "model": job.model,
-                "model_version": job.model_version,
-                "reason": job.reason,
-                **({"late_instances": job.late_instances} if job.late_instances else {}),
-                **(_holder(job, now) if job.claimed_by else {}),
-                **_shown_detail(store, job),
-            }
-        )
-    return rows
-
-
-#: detail kept for the stages, not for an admin reading `status`
-HIDDEN_DETAIL = ("slice_files", "plan")
-
-
-def _shown_detail(store: Store, job: Job) -> dict[str, Any]:
-    shown = job.detail.shown()
-    if job.detail.qa_png:
-        shown["qa_png"] = str(store.qa_png(job))  # where it is on this node's mount
-    return {k: v for k, v in shown.items() if k not in HIDDEN_DETAIL}
-
-
-def _holder(job: Job, now: float) -> dict[str, Any]:
-    """Which node works on the job, and for how much longer its lease runs unless renewed."""
-    left = (job.lease_until or now) - now
-    return {"held_by": job.claimed_by, "lease_s": round(left, 1)} if left > 0 else {}
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from ie_gateway import drift
+    from ie_gateway.status import status_rows
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)

@@ -4,21 +4,29 @@ GatewayError
 ├── ConfigError            a config or rules file does not validate (carries file:line: key: why)
 │   └── TLSConfigError     a TLS certificate, key or CA cannot be read or does not fit
 ├── StoreError             the spool or its index could not take or give data
-│   └── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
+│   ├── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
+│   └── TransitionError    a job asked to move to a state its state does not lead to
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
 ├── ModelError             a model package is missing, altered, or fails to load
+│   ├── ManifestInvalid    model.yaml is missing or does not validate (file:line: key: why)
+│   ├── BadModelRef        text that is not name or name@version (also a ValueError)
 │   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
 │   └── VersionImmutable   different bytes offered under an existing version
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
-├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── SyncError              anonymisation, upload or model download failed
+│   ├── AnonymiseError     a file could not be read or de-identified (names the file)
+│   └── BurnedInAnnotation a series says it has identifying text in its pixels
 ├── AdminError             an admin's action does not apply to the job as it stands
 └── HttpError              the health/metrics HTTP endpoint could not start
 
-Each module raises the most specific class; only the worker loop catches broadly, and parks the
-job with the message as its reason, so messages are written for the admin who reads `status`.
+Every exception class of the package is defined here. Each module raises the most specific
+class; broad catches (``except Exception``) sit only at the top of a thread or process loop (the
+worker's stage loop, a delivery thread, the inference child's job loop, the scheduler's jobs),
+which park the job or record the attempt with the message as its reason, so messages are
+written for the admin who reads `status`. A delivery's failures are outbox rows with the
+peer's status, not exceptions.
 """
 
 
@@ -49,12 +57,29 @@ class UnsafeUIDError(StoreError):
     """A UID is not digits and dots of at most 64 characters, so it must not name a file."""
 
 
+class TransitionError(StoreError):
+    """A job was asked to move to a state its current state does not lead to."""
+
+
 class VolumeRefused(GatewayError):
     """A series cannot be turned into a trustworthy volume; the message says why."""
 
 
 class ModelError(GatewayError):
     """A model package is missing, malformed, or fails to load."""
+
+
+class ManifestInvalid(ModelError):
+    """``model.yaml`` is missing or does not validate; ``errors`` holds ``file:line: key: why``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class BadModelRef(ModelError, ValueError):
+    """Text that is not ``name`` or ``name@version`` (a ValueError too, so that pydantic
+    validators report it at the rule's line)."""
 
 
 class ChecksumMismatch(ModelError):
@@ -73,20 +98,20 @@ class WriteError(GatewayError):
     """An output object could not be written or failed validation."""
 
 
-class DeliveryError(GatewayError):
-    """A C-STORE to a destination did not succeed."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
-
-
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
 
 
 class SyncError(GatewayError):
     """Anonymisation, upload or a model download failed."""
+
+
+class AnonymiseError(SyncError):
+    """A file could not be read or de-identified; the message names the file."""
+
+
+class BurnedInAnnotation(SyncError):
+    """The image says it has identifying text in its pixels; the series must not be uploaded."""
 
 
 class AdminError(GatewayError):

@@ -4,6 +4,12 @@ complete ─route─▶ routed ─volume+infer─▶ inferred ─write─▶ sen
    └▶ unrouted        └▶ refused / failed        │└▶ failed      └▶ failed (dead letter)
                                                  └▶ needs_review (plausibility checks failed,
                                                     route `review: hold`; `release` → inferred)
+complete (a clinician's structure set on a contoured CT) ─route─▶ assessing ─assess─▶ unrouted
+
+The stages are functions of their inputs in their own modules where they have grown (``plan``
+for the output plan, ``assess`` for agreement); the sender settles jobs through the store
+(``Outbox.settle``), not through the worker. The assess stage is claimed last, so a CT never
+waits behind a comparison that has not started.
 
 Each stage reads what the previous one stored (index rows, files in the job's folder) and
 stores its own output before moving the job on, so a crash repeats at most one stage. This is
@@ -31,19 +37,18 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway import drift, metrics
-from ie_gateway.agreement import ModelContours, assess_approval
-from ie_gateway.approvals import approved_sets, link_approved
+from ie_gateway import metrics
+from ie_gateway.approvals import link_approved
+from ie_gateway.assess import assess_structure_set
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import AgreementError, ConfigError, GatewayError, ModelError, VolumeRefused, WriteError
-from ie_gateway.infer.manifest import Manifest
+from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
-from ie_gateway.plan import not_sent, plan_outputs
+from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
 from ie_gateway.plausibility import check_result
-from ie_gateway.roinames import load_roi_names, site_aliases
+from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
-from ie_gateway.store import Job, JobRoute, JobState, OutboxState, OutputKind, ReviewPolicy, Store, TransitionError
+from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review
 from ie_gateway.vocab import Stage
@@ -54,6 +59,7 @@ from ie_gateway.write.common import (
     SliceGeometry,
     StructureInfo,
     structure_mask,
+    structures_of,
 )
 from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
@@ -61,27 +67,6 @@ from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import validate_rtstruct, validate_seg
 
 log = structlog.get_logger(__name__)
-
-CT_FILE = "ct.mha"
-
-
-def labels_file(index: int) -> str:
-    return f"labels-{index}.mha"
-
-
-def structures_of(manifest: Manifest) -> list[StructureInfo]:
-    """The writers' view of a model's structures."""
-    return [
-        StructureInfo(
-            label=s.label,
-            name=s.name,
-            color=s.color,
-            interpreted_type=s.interpreted_type,
-            fill_holes=s.postprocess.fill_holes,
-        )
-        for s in manifest.structures
-        if s.send
-    ]
 
 
 class Worker:
@@ -122,6 +107,7 @@ class Worker:
             Stage.ROUTE: self.route,
             Stage.INFER: self.infer,
             Stage.WRITE: self.write,
+            Stage.ASSESS: self.assess,
         }
         self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
 
@@ -169,6 +155,7 @@ class Worker:
         ((JobState.INFERRED,), Stage.WRITE),
         ((JobState.COMPLETE,), Stage.ROUTE),
         ((JobState.ROUTED, JobState.INFERRING), Stage.INFER),
+        ((JobState.ASSESSING,), Stage.ASSESS),  # last: a CT never waits behind a comparison
     )
 
     def run_once(self) -> bool:
@@ -216,13 +203,12 @@ class Worker:
 
     def route(self, job: Job) -> None:
         if job.header.modality == "RTSTRUCT":
-            # a clinician's structure set for a CT we contoured travels with that case (sync)
+            # a clinician's structure set for a CT we contoured travels with that case (sync);
+            # its agreement figures wait for the assess stage, behind every CT
             ct_job = link_approved(self.store, job)
             if ct_job is not None:
                 self.store.index.transition(
-                    job.id,
-                    JobState.UNROUTED,
-                    reason=f"clinician's structure set, linked to job {ct_job}" + self._agreement(job.id, ct_job),
+                    job.id, JobState.ASSESSING, reason=f"clinician's structure set, linked to job {ct_job}"
                 )
                 return
         rules = self.rules()
@@ -249,37 +235,14 @@ class Worker:
         self.store.index.transition(job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, plan=plan))
         log.info("series routed", rules=[r.rule for r in routes], model=routes[0].model, version=routes[0].version)
 
-    def _agreement(self, rt_job: int, ct_job_id: int) -> str:
-        """Figures of the approved set in ``rt_job`` against the AI's contours of ``ct_job_id``;
-        what the structure set job's reason should add. A draft gets no figures."""
-        approved = approved_sets(self.store, rt_job)
-        if not approved:
-            return ""
-        ct_job = self.store.index.job(ct_job_id)
-        settings = self.cfg.agreement
-        try:
-            contours = [self._contours(ct_job, index, route) for index, route in enumerate(ct_job.routes)]
-            aliases = site_aliases(self.cfg.destinations, [d for r in ct_job.routes for d in r.send_to])
-            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(ct_job)]
-            rows = assess_approval(
-                self.store.index, ct_job, headers, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
-            )
-        except (AgreementError, ModelError, ConfigError) as exc:
-            log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
-            return f"; no agreement figures: {exc}"
-        for model in {f"{c.model}@{c.version}" for c in contours}:
-            drift.log_alarms(self.store.index, settings, self.cfg.models_dir, model)
-        return f"; agreement figures of {rows} structures"
-
-    def _contours(self, ct_job: Job, index: int, route: JobRoute) -> ModelContours:
-        """Where route ``index`` of a contoured job left its contours, and what they are: the
-        RT-STRUCT its plan delivered (under the names the clinician saw), else its label map."""
-        model = self.registry.resolve(route.spec)
-        folder = self.store.job_dir(ct_job.id)
-        delivered = ct_job.detail.plan.delivered_rtstruct(index)
-        rtstruct = folder / delivered.file if delivered is not None else None
-        return ModelContours(
-            model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
+    def assess(self, job: Job) -> None:
+        """Agreement figures (and the drift check) of a linked clinician's structure set."""
+        ct_job = job.detail.linked_to
+        if ct_job is None:
+            raise GatewayError("structure set job is not linked to a CT job")
+        outcome = assess_structure_set(self.cfg, self.store, self.registry, job.id, ct_job)
+        self.store.index.transition(
+            job.id, JobState.UNROUTED, reason=f"clinician's structure set, linked to job {ct_job}{outcome}"
         )
 
     def infer(self, job: Job) -> None:
@@ -395,7 +358,7 @@ class Worker:
         )
         self.store.index.transition(job.id, JobState.SENDING)
         log.info("results written", files=len(written), not_sent=not_sent(job.routes, self.cfg.destinations))
-        self.settle(job.id)  # every file may have been delivered while the later ones were built
+        self.outbox.settle(job.id)  # every file may have been delivered while the later ones were built
 
     def _plan(self, job: Job) -> OutputPlan:
         """The job's output plan. A job routed by an earlier version of the node kept only its
@@ -444,34 +407,6 @@ class Worker:
         else:
             raise WriteError(f"unknown output kind {kind}")
         tmp.replace(path)
-
-    def settle(self, job_id: int) -> None:
-        """After a delivery pass: a job whose every row is delivered is done; one with a
-        dead-lettered row has failed, with the peer's status as the reason."""
-        job = self.store.index.job(job_id)
-        if job.state is not JobState.SENDING:
-            return
-        counts = self.outbox.job_summary(job_id)
-        if counts.get(OutboxState.PENDING):
-            return
-        failures = self.outbox.failures(job_id)
-        done = counts.get(OutboxState.DELIVERED, 0)
-        try:
-            if failures:
-                first = failures[0]
-                more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-                delivered = f"; {done} other file(s) delivered" if done else ""
-                self.store.index.transition(
-                    job_id,
-                    JobState.FAILED,
-                    reason=f"delivery to {first.destination} failed: {first.last_error}{more}{delivered}",
-                )
-                return
-            self.store.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
-            self.store.index.transition(job_id, JobState.DELIVERED)
-        except TransitionError:
-            return  # the worker and the outbox both settle; the other one got there first
-        log.info("job delivered", job=job_id, files=done)
 
 
 def _spec(route: Route) -> str:

@@ -18,6 +18,14 @@ from ie_gateway.config import Destination
 from ie_gateway.store.records import JobRoute, OutputPlan, OutputUIDs, PlannedOutput, output_file_name
 from ie_gateway.vocab import OutputKind
 
+#: The CT as the volume stage checked it, in the job's folder.
+CT_FILE = "ct.mha"
+
+
+def labels_file(route: int) -> str:
+    """Route ``route``'s label map in the job's folder (inference writes it, write reads it)."""
+    return f"labels-{route}.mha"
+
 
 def plan_outputs(
     routes: Sequence[JobRoute], destinations: Mapping[str, Destination], previous: OutputPlan | None = None

@@ -70,7 +70,6 @@ class Sender:
         settings: DeliverySettings,
         outbox: Outbox,
         results_root: Path,
-        on_settled: Callable[[int], None] | None = None,
         node: str = "local",
     ) -> None:
         self.node = node
@@ -78,7 +77,6 @@ class Sender:
         self.settings = settings
         self.outbox = outbox
         self.results_root = results_root
-        self.on_settled = on_settled or (lambda job_id: None)
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(destinations)), thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -127,7 +125,7 @@ class Sender:
             with self._lock:
                 self._busy.discard(name)
             for job_id in sorted({r.job_id for r in rows}):
-                self.on_settled(job_id)
+                self.outbox.settle(job_id)  # delivered, or failed with the peer's status
 
     def _deliver(self, name: str, rows: list[OutboxRow], recorded: set[int]) -> int:
         dest = self.destinations.get(name)

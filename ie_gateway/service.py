@@ -141,7 +141,6 @@ class Service:
                 cfg.delivery,
                 Outbox(self.store.index),
                 self.store.results,
-                on_settled=self.worker.settle,
                 node=self.node,
             )
             if self.worker is not None

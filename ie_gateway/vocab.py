@@ -26,6 +26,7 @@ class JobState(StrEnum):
     SENDING = "sending"  # results in the outbox
     DELIVERED = "delivered"  # every destination has every result
     FAILED = "failed"  # gave up; see reason (dead-lettered deliveries, inference errors)
+    ASSESSING = "assessing"  # a clinician's structure set linked to a CT job, awaiting its figures
 
 
 class Stage(StrEnum):
@@ -34,6 +35,7 @@ class Stage(StrEnum):
     ROUTE = "route"
     INFER = "infer"
     WRITE = "write"
+    ASSESS = "assess"  # a clinician's structure set against the AI's contours
 
 
 class OutputKind(StrEnum):

@@ -98,6 +98,7 @@ def test_tps_down_then_up_gets_every_result_once_with_the_same_uids(
         sent = set(_outbox_uids(index))
         assert set(result_uids_at(tps)) == sent
         assert len(sent) == 2
+        assert _successes_per_row(index) == {1: 1, 2: 1}  # each file went to the TPS once
     finally:
         tps.stop()
 
@@ -118,6 +119,7 @@ def test_kill_9_while_results_wait_for_the_tps_then_restart_delivers_once(
         [job] = node.wait_state({"delivered", "failed"}, timeout=120)
         assert job["state"] == "delivered"
         assert sorted(result_uids_at(tps)) == sorted(before)
+        assert _successes_per_row(index) == {1: 1, 2: 1}  # the restart sent nothing twice
     finally:
         tps.stop()
 
@@ -134,7 +136,8 @@ def test_tps_failure_status_is_retried_then_dead_lettered_and_replayable(
         [job] = node.wait_state({"failed", "delivered"}, timeout=180)
         assert job["state"] == "failed"
         assert "delivery to TPS failed" in job["reason"] and "0x" in job["reason"]
-        assert _attempts(node.root / "index.sqlite3") >= 3
+        # every file (RT-STRUCT and SEG) tried exactly max_attempts times, then dead-lettered
+        assert _attempts_per_row(node.root / "index.sqlite3") == {1: 3, 2: 3}
         full.stop()
         tps = Orthanc(tmp_path / "tps", dicom_port=port).start()
         replay = node.cli("send", "--retry", str(job["id"]))
@@ -150,6 +153,19 @@ def test_tps_failure_status_is_retried_then_dead_lettered_and_replayable(
 def _attempts(index: Path) -> int:
     with sqlite3.connect(index, timeout=5) as db:
         return int(db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0])
+
+
+def _attempts_per_row(index: Path) -> dict[int, int]:
+    with sqlite3.connect(index, timeout=5) as db:
+        return dict(db.execute("SELECT outbox_id, COUNT(*) FROM attempts GROUP BY outbox_id").fetchall())
+
+
+def _successes_per_row(index: Path) -> dict[int, int]:
+    """Outbox row → its successful attempts (Orthanc keeps one copy of a resent instance, so
+    only the node's own record shows a duplicate delivery)."""
+    with sqlite3.connect(index, timeout=5) as db:
+        return dict(db.execute("SELECT outbox_id, COUNT(*) FROM attempts WHERE status = 0 GROUP BY outbox_id")
+                    .fetchall())
 
 
 def _outbox_uids(index: Path) -> list[str]:

@@ -19,6 +19,8 @@ from tests.peers import DCMTK_ENV, Node, free_port, port_open, wait_until
 
 pytestmark = pytest.mark.peer
 
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
@@ -146,6 +148,38 @@ def test_results_are_sent_over_tls_to_a_destination_that_requires_it(
         [refused] = Sender({"TPS2": anonymous}, DeliverySettings(), outbox, store.results).deliver_due()
         assert refused.result(timeout=60) == 0
         assert outbox.job_summary(job_id) == {OutboxState.DELIVERED: 1, OutboxState.PENDING: 1}
+    finally:
+        tps.stop()
+
+
+@pytest.mark.parametrize(("host", "ca", "check_hostname", "delivered"), [
+    ("127.0.0.1", "stranger", True, 0),  # a TPS certificate our CA did not sign
+    ("127.0.0.2", "ca", True, 0),  # a certificate for another host name (it names 127.0.0.1 and localhost)
+    ("127.0.0.2", "ca", False, 1),  # the same peer, the host name check turned off: reachable, so the check refused
+])
+def test_a_tls_destination_that_cannot_prove_who_it_is_gets_nothing(
+        tmp_path: Path, pki: dict[str, Pair], small_series: list[Path], host: str, ca: str, check_hostname: bool,
+        delivered: int) -> None:
+    tps = TlsStoreSCP(tmp_path / "tps", pki)
+    try:
+        store = Store(tmp_path / "var")
+        arrival = Arrival(sop_uid="1.2.3.4", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3",
+                          series_uid="1.2.3.1", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS",
+                          called_ae="IE_GATEWAY")
+        job_id, _, _ = store.accept(arrival, (b"x",), dict)
+        result = store.job_dir(job_id) / "result.dcm"
+        shutil.copy(small_series[0], result)
+        outbox = Outbox(store.index)
+        outbox.enqueue(job_id, "TPS", str(result.relative_to(store.results)), "1.2.3.9", CT_IMAGE)
+        dest = Destination(ae_title="TPS", host=host, port=tps.port,
+                           tls=DestinationTLS(ca=str(pki[ca].cert), cert=str(pki["node"].cert),
+                                              key=str(pki["node"].key), check_hostname=check_hostname))
+        [attempt] = Sender({"TPS": dest}, DeliverySettings(), outbox, store.results).deliver_due()
+        assert attempt.result(timeout=60) == delivered
+        assert len(tps.received()) == delivered
+        [row] = store.index.db.query("SELECT state, attempts FROM outbox")
+        # refused: an attempt that failed, retried later (nothing lost)
+        assert tuple(row) == ("delivered" if delivered else "pending", 1)
     finally:
         tps.stop()
 

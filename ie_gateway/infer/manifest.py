@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from ie_gateway.errors import ConfigError, ModelError
+from ie_gateway.errors import ConfigError, ManifestInvalid, ModelError
 from ie_gateway.vocab import InterpretedType
 from ie_gateway.yamlfile import StrictModel, load_model
 
@@ -38,14 +38,6 @@ _SAFE_PATH = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}
 Byte = Annotated[int, Field(ge=0, le=255)]
 PositiveMm = Annotated[float, Field(gt=0)]
 PositiveVoxels = Annotated[int, Field(gt=0)]
-
-
-class ManifestInvalid(ModelError):
-    """``model.yaml`` is missing or does not validate; ``errors`` holds ``file:line: key: why``."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = errors
-        super().__init__("\n".join(errors))
 
 
 class ModelFormat(enum.StrEnum):

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import re
 
-from ie_gateway.errors import ModelError
+from ie_gateway.errors import BadModelRef
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ACTIVE = "active"
-
-
-class BadModelRef(ModelError, ValueError):
-    """Text that is not ``name`` or ``name@version`` (a ValueError too, so that pydantic
-    validators report it at the rule's line)."""
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:

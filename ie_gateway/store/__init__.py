@@ -17,8 +17,9 @@ import pydicom
 import structlog
 
 from ie_gateway.config import Storage
+from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
-from ie_gateway.store.index import Index, TransitionError
+from ie_gateway.store.index import Index
 from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SeriesHeader
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState

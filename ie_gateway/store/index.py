@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ie_gateway.errors import StoreError
+from ie_gateway.errors import StoreError, TransitionError
 from ie_gateway.store.db import Database, SQLite, Tx
 from ie_gateway.store.records import (
     AGREEMENT_COLUMNS,
@@ -33,11 +33,6 @@ from ie_gateway.store.records import (
 from ie_gateway.store.schema import migrate
 from ie_gateway.store.states import ALLOWED, JobState
 from ie_gateway.vocab import ApprovalStatus
-
-
-class TransitionError(StoreError):
-    """A job was asked to move to a state its current state does not lead to."""
-
 
 JOB_QUERY = """
 SELECT j.id, j.series_id, j.state, j.reason, j.instances, j.late_instances, j.created_at,

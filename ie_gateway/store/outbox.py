@@ -10,10 +10,17 @@ and the rows are sent again, with the same UIDs, by whoever drains the outbox ne
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
+import structlog
+
+from ie_gateway.errors import TransitionError
 from ie_gateway.store.index import Index
 from ie_gateway.store.records import DeliveredBatch, OutboxRow, OutboxState
+from ie_gateway.vocab import JobState
+
+log = structlog.get_logger(__name__)
 
 ROW_COLUMNS = "id, job_id, destination, path, sop_uid, sop_class, attempts, created_at, state, last_status, last_error"
 
@@ -38,6 +45,7 @@ class Outbox:
     """Queue operations over the index's `outbox` and `attempts` tables."""
 
     def __init__(self, index: Index) -> None:
+        self.index = index  # settling moves the job's state
         self.db = index.db
 
     def enqueue(self, job_id: int, destination: str, path: str, sop_uid: str, sop_class: str) -> bool:
@@ -157,3 +165,31 @@ class Outbox:
                 (OutboxState.CANCELLED.value, job_id, OutboxState.PENDING.value, OutboxState.FAILED.value),
             )
             return int(cur.rowcount)
+
+    def settle(self, job_id: int) -> None:
+        """After a delivery pass, or once the write stage has queued every file: a job whose every row is delivered is done; one with a
+        dead-lettered row has failed, with the peer's status as the reason."""
+        job = self.index.job(job_id)
+        if job.state is not JobState.SENDING:
+            return
+        counts = self.job_summary(job_id)
+        if counts.get(OutboxState.PENDING):
+            return
+        failures = self.failures(job_id)
+        done = counts.get(OutboxState.DELIVERED, 0)
+        try:
+            if failures:
+                first = failures[0]
+                more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+                delivered = f"; {done} other file(s) delivered" if done else ""
+                self.index.transition(
+                    job_id,
+                    JobState.FAILED,
+                    reason=f"delivery to {first.destination} failed: {first.last_error}{more}{delivered}",
+                )
+                return
+            self.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
+            self.index.transition(job_id, JobState.DELIVERED)
+        except TransitionError:
+            return  # the worker and the outbox both settle; the other one got there first
+        log.info("job delivered", job=job_id, files=done)

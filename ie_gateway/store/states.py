@@ -9,7 +9,8 @@ __all__ = ["ALLOWED", "UNFINISHED", "JobState"]
 S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.RECEIVING: frozenset({S.COMPLETE}),
-    S.COMPLETE: frozenset({S.ROUTED, S.UNROUTED, S.REFUSED, S.FAILED}),
+    S.COMPLETE: frozenset({S.ROUTED, S.UNROUTED, S.REFUSED, S.FAILED, S.ASSESSING}),
+    S.ASSESSING: frozenset({S.UNROUTED, S.FAILED}),  # figures stored (or why not), then parked
     S.ROUTED: frozenset({S.INFERRING, S.REFUSED, S.FAILED}),
     S.INFERRING: frozenset({S.INFERRED, S.ROUTED, S.REFUSED, S.FAILED}),
     S.INFERRED: frozenset({S.SENDING, S.NEEDS_REVIEW, S.FAILED}),
@@ -21,4 +22,4 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.REFUSED: frozenset({S.COMPLETE}),
     S.UNROUTED: frozenset({S.ROUTED, S.COMPLETE}),
 }
-UNFINISHED = frozenset({S.RECEIVING, S.COMPLETE, S.ROUTED, S.INFERRING, S.INFERRED, S.SENDING})
+UNFINISHED = frozenset({S.RECEIVING, S.COMPLETE, S.ROUTED, S.INFERRING, S.INFERRED, S.SENDING, S.ASSESSING})

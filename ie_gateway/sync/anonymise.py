@@ -31,7 +31,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from ie_gateway.errors import SyncError
+from ie_gateway.errors import AnonymiseError, BurnedInAnnotation, SyncError
 from ie_gateway.sync.profile import (
     DICOM_UID_ROOT,
     DUMMY_OF_VR,
@@ -52,14 +52,6 @@ _MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified 
 
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
-
-
-class BurnedInAnnotation(SyncError):
-    """The image says it has identifying text in its pixels; the series must not be uploaded."""
-
-
-class AnonymiseError(SyncError):
-    """A file could not be read or de-identified; the message names the file."""
 
 
 class DateMode(enum.StrEnum):

@@ -7,6 +7,7 @@ Read-only views need no sign-in; the buttons need the admin token (see :mod:`.au
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from ie_gateway import admin, agreement, drift
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError
 from ie_gateway.infer.registry import Registry
-from ie_gateway.log import uid_hash
+from ie_gateway.status import job_status
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.web.auth import COOKIE, Guard, admin_token
@@ -56,16 +57,12 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _job_row(job: Job) -> dict[str, Any]:
-    """What the pages show of a job: internal ids, states and figures, no patient data."""
+def _job_row(store: Store, job: Job) -> dict[str, Any]:
+    """What the pages show of a job: `status`'s view, formatted for a page."""
     return {
-        "id": job.id,
-        "state": job.state.value,
+        **job_status(store, job, time.time()),
         "reason": job.reason or "",
-        "instances": job.instances,
         "modality": job.header.get("Modality", ""),
-        "calling_ae": job.calling_ae,
-        "series": uid_hash(job.series_uid),
         "model": f"{job.model}@{job.model_version}" if job.model else "",
         "received": _when(job.created_at),
         "updated": _when(job.updated_at),
@@ -114,7 +111,7 @@ class AdminPages:
         for job in all_jobs:
             counts[job.state.value] = counts.get(job.state.value, 0) + 1
         shown = [j for j in all_jobs if wanted is None or j.state.value == wanted]
-        rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(shown)]
+        rows = [{**_job_row(self.store, j), "buttons": self._buttons(j)} for j in reversed(shown)]
         return self._render(
             request,
             "jobs.html",
@@ -127,7 +124,9 @@ class AdminPages:
 
     async def failures(self, request: Request) -> Response:
         states = list(ATTENTION)
-        rows = [{**_job_row(j), "buttons": self._buttons(j)} for j in reversed(self.store.index.jobs(states))]
+        rows = [
+            {**_job_row(self.store, j), "buttons": self._buttons(j)} for j in reversed(self.store.index.jobs(states))
+        ]
         return self._render(request, "failures.html", title="Failures and held jobs", jobs=rows)
 
     async def job(self, request: Request) -> Response:
@@ -159,7 +158,7 @@ class AdminPages:
             request,
             "job.html",
             title=f"Job {job.id}",
-            job=_job_row(job),
+            job=_job_row(self.store, job),
             job_buttons=self._buttons(job),
             qa=bool(job.detail.qa_png),
             volumes=job.detail.volumes_cc,

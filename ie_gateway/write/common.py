@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -17,6 +18,9 @@ from scipy import ndimage
 from ie_gateway.errors import WriteError
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import InterpretedType
+
+if TYPE_CHECKING:
+    from ie_gateway.infer.manifest import Manifest
 
 #: DICOM values both writers copy unchanged from the CT so the result stays in the patient's study.
 PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
@@ -273,3 +277,18 @@ class SliceGeometry:
         rows = (offsets @ self.col_dir) / self.row_spacing
         cols = (offsets @ self.row_dir) / self.col_spacing
         return slices, np.stack([rows, cols], axis=1)
+
+
+def structures_of(manifest: Manifest) -> list[StructureInfo]:
+    """The writers' view of a model's structures (those it sends)."""
+    return [
+        StructureInfo(
+            label=s.label,
+            name=s.name,
+            color=s.color,
+            interpreted_type=s.interpreted_type,
+            fill_holes=s.postprocess.fill_holes,
+        )
+        for s in manifest.structures
+        if s.send
+    ]

@@ -1,0 +1,61 @@
+"""The assess stage: a clinician's structure set, linked to a CT job the node contoured, against
+the AI's contours of that case (agreement figures, then the drift check).
+
+The worker runs it for jobs in ``assessing`` after every other stage, so a CT never waits
+behind a comparison. The AI side is the RT-STRUCT each route's output plan delivered (what the
+clinician edited, under the names the TPS showed), else the route's label map. A draft gets no
+figures; a case that cannot be compared (files purged, model removed) says why in the
+structure set job's reason.
+"""
+
+from __future__ import annotations
+
+import pydicom
+import structlog
+
+from ie_gateway import drift
+from ie_gateway.agreement import ModelContours, assess_approval
+from ie_gateway.approvals import approved_sets
+from ie_gateway.config import GatewayConfig
+from ie_gateway.errors import AgreementError, ConfigError, ModelError
+from ie_gateway.infer.registry import Registry
+from ie_gateway.plan import labels_file
+from ie_gateway.roinames import site_aliases
+from ie_gateway.store import Job, Store
+from ie_gateway.write.common import structures_of
+
+log = structlog.get_logger(__name__)
+
+
+def assess_structure_set(cfg: GatewayConfig, store: Store, registry: Registry, rt_job: int, ct_job_id: int) -> str:
+    """Figures of the approved set in ``rt_job`` against the AI's contours of ``ct_job_id``;
+    what the structure set job's reason should add."""
+    approved = approved_sets(store, rt_job)
+    if not approved:
+        return ""
+    ct_job = store.index.job(ct_job_id)
+    settings = cfg.agreement
+    try:
+        contours = [_contours(store, registry, ct_job, index) for index in range(len(ct_job.routes))]
+        aliases = site_aliases(cfg.destinations, [d for r in ct_job.routes for d in r.send_to])
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in store.slice_paths(ct_job)]
+        rows = assess_approval(
+            store.index, ct_job, headers, rt_job, approved[-1], contours, settings.tolerance_mm, aliases
+        )
+    except (AgreementError, ModelError, ConfigError, OSError) as exc:
+        log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
+        return f"; no agreement figures: {exc}"
+    for model in {f"{c.model}@{c.version}" for c in contours}:
+        drift.log_alarms(store.index, settings, cfg.models_dir, model)
+    return f"; agreement figures of {rows} structures"
+
+
+def _contours(store: Store, registry: Registry, ct_job: Job, index: int) -> ModelContours:
+    """Where route ``index`` of a contoured job left its contours, and what they are."""
+    model = registry.resolve(ct_job.routes[index].spec)
+    folder = store.job_dir(ct_job.id)
+    delivered = ct_job.detail.plan.delivered_rtstruct(index)
+    rtstruct = folder / delivered.file if delivered is not None else None
+    return ModelContours(
+        model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
+    )

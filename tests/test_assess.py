@@ -1,0 +1,61 @@
+"""The assess stage: a linked clinician's structure set is compared after every CT stage, in a
+state of its own, so a CT arriving meanwhile never waits behind it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from ie_gateway.config import load_config
+from ie_gateway.infer.registry import registry_for
+from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.pipeline import Worker
+from ie_gateway.store import JobState, Store
+from ie_gateway.vocab import Stage
+
+
+def _series(store: Store, n: int, modality: str) -> int:
+    job, _ = store.index.add_instance(
+        sop_uid=f"1.2.3.{n}.1",
+        sop_class="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        study_uid="1.2.3",
+        series_uid=f"1.2.3.{n}",
+        path=f"{n}.dcm",
+        size=1,
+        calling_ae="PACS",
+        called_ae="IE_GATEWAY",
+        header=lambda: {"Modality": modality},
+    )
+    store.index.transition(job, JobState.COMPLETE)
+    return job
+
+
+def test_a_ct_is_routed_before_a_structure_set_waiting_for_its_figures(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "routing.yaml").write_text("rules: []\n")
+    (tmp_path / "gateway.yaml").write_text(
+        yaml.safe_dump({"storage": {"root": "var"}, "models_dir": "models", "routing_file": "routing.yaml"})
+    )
+    cfg = load_config(tmp_path / "gateway.yaml")
+    store = Store(cfg.storage.root)
+    rt_job = _series(store, 1, "RTSTRUCT")
+    ct_linked = _series(store, 2, "CT")
+    store.index.transition(
+        rt_job, JobState.ASSESSING, reason="linked", detail=replace(store.index.job(rt_job).detail, linked_to=ct_linked)
+    )
+    ct_job = _series(store, 3, "CT")  # arrives after the structure set
+    runner = InferenceRunner(60, device="cpu", log_level=None)  # never started: no job reaches inference
+    worker = Worker(cfg, store, registry_for(cfg), runner, rules=lambda: None)
+    assert worker.STAGES[-1] == ((JobState.ASSESSING,), Stage.ASSESS)
+
+    assert worker.run_once() and worker.run_once()  # both CTs first (no rules: parked failed)
+    assert store.index.job(rt_job).state is JobState.ASSESSING
+    assert {store.index.job(j).state for j in (ct_linked, ct_job)} == {JobState.FAILED}
+    assert worker.run_once()
+    done = store.index.job(rt_job)
+    assert done.state is JobState.UNROUTED  # no approved file in it: linked, no figures
+    assert done.reason == f"clinician's structure set, linked to job {ct_linked}"
+    assert not worker.run_once()

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         help="all: everything on this VM; receiver: DICOM listener and spool; worker: claims jobs "
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
     )
-    command("check-config", "validate gateway.yaml and its routing rules")
+    check = command("check-config", "validate gateway.yaml and its routing rules; exit 0 only when the node may start")
+    check.add_argument("--echo", action="store_true", help="also C-ECHO every destination and report each one")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
     explain = command("explain", "show how the routing rules judge a series (exit 0 when one matches)")
@@ -153,20 +154,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from ie_gateway import tls
+    from ie_gateway import checks, tls
 
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
     problems = _roi_name_problems(cfg, rules)
     tls_problems = tls.config_problems(cfg)
     problems += [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
+    site_errors, site_warnings = checks.split(checks.site_findings(cfg, rules))
+    problems += [f"{cfg.source}: {p}" for p in site_errors]
     if problems:
         raise ConfigError(problems)
-    for warning in tls_problems:
+    for warning in [*tls_problems, *(f"warning: {w}" for w in site_warnings)]:
         print(f"{cfg.source}: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
-    return 0
+    return _echo_destinations(cfg) if args.echo else 0
+
+
+def _echo_destinations(cfg: GatewayConfig) -> int:
+    """C-ECHO each destination; exit 1 when any does not answer."""
+    from ie_gateway import checks
+
+    results = checks.echo(cfg)
+    for result in results:
+        print(f"{result.destination}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+    if not results:
+        print("no destinations to echo")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:

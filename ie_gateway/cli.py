@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from ie_gateway.store import Job, Store
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
+#: where deploy/install.sh keeps the secrets the unit loads with LoadCredential=
+DEFAULT_CREDENTIALS = Path("/etc/ie-gateway/credentials")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--config", type=Path, default=argparse.SUPPRESS, help=f"gateway.yaml (default {DEFAULT_CONFIG})"
     )
+    config.add_argument(
+        "--credentials-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"the secrets the service gets as systemd credentials (default {DEFAULT_CREDENTIALS}, "
+        "unless $CREDENTIALS_DIRECTORY is set)",
+    )
     parser = argparse.ArgumentParser(prog="ie-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ie-gateway {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -116,7 +127,19 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
+    _operations_commands(command)
     return parser
+
+
+def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """backup, restore: the node's records (see ie_gateway/backup.py)."""
+    backup = command("backup", "copy the index, models state, pseudonym map, key and config into a new folder")
+    backup.add_argument("folder", type=Path)
+    restore = command(
+        "restore", "put a backup back (same ie-gateway version only): config beside --config, records, key"
+    )
+    restore.add_argument("folder", type=Path)
+    restore.add_argument("--force", action="store_true", help="replace the node's existing files (stop it first)")
 
 
 def _since(text: str) -> float:
@@ -129,10 +152,30 @@ def _since(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject), as `pip show ie-gateway` says it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ie-gateway")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+def use_credentials(given: Path | None, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Read the same secrets as the service: ``given``, else ``$CREDENTIALS_DIRECTORY`` (set by
+    systemd for the unit), else the installed folder when this user can read it."""
+    if given is not None:
+        environ["CREDENTIALS_DIRECTORY"] = str(given)
+    elif "CREDENTIALS_DIRECTORY" not in environ and os.access(DEFAULT_CREDENTIALS, os.R_OK | os.X_OK):
+        environ["CREDENTIALS_DIRECTORY"] = str(DEFAULT_CREDENTIALS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = DEFAULT_CONFIG
+    use_credentials(getattr(args, "credentials_dir", None))
     try:
         return int(COMMANDS[args.command](args))
     except ConfigError as exc:
@@ -297,11 +340,7 @@ def _models(
                 f"{'verified' if info.verified else 'NOT VERIFIED: ' + (info.problem or '')}"
             )
     elif args.action == "verify":
-        specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
-        for spec in specs:
-            name, version = parse_model_ref(spec)
-            registry.verify(name, version or registry.resolve(name).version)
-            print(f"{spec}: verified")
+        return _verify_models(args, registry, load_manifest)
     elif args.action == "import":
         manifest = args.package / "model.yaml"
         if not manifest.is_file():
@@ -328,10 +367,51 @@ def _models(
     return 0
 
 
+#: the optional extra each package format needs, and a module that extra installs
+FRAMEWORKS = {"nnunetv2": ("nnunet", "nnunetv2"), "monai_bundle": ("monai", "ignite")}
+
+
+def missing_framework(package_format: str) -> str | None:
+    """Why a package of this format cannot run on this node (its extra is not installed), or None."""
+    import importlib.util
+
+    if package_format not in FRAMEWORKS:
+        return None
+    extra, module = FRAMEWORKS[package_format]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"its framework is not installed here ({module}): pip install 'ie-gateway[{extra}]'"
+
+
+def _verify_models(args: argparse.Namespace, registry: Registry, load_manifest: Callable[[Path], Manifest]) -> int:
+    """Verify each version on its own: one that fails, or whose framework is missing, is reported
+    and the others are still verified. Exit 1 only when a version fails (a missing framework is
+    this node's choice, not a broken package)."""
+    specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
+    failed = 0
+    for spec in specs:
+        try:
+            name, version = parse_model_ref(spec)
+            version = version or registry.resolve(name).version
+            manifest = load_manifest(registry.models_dir / name / version)
+            missing = missing_framework(manifest.format.value)
+            if missing is not None:
+                print(f"{spec}: not checked: {missing}")
+                continue
+            registry.verify(name, version)
+        except GatewayError as exc:
+            failed += 1
+            print(f"{spec}: FAILED: {exc}")
+            continue
+        print(f"{spec}: verified")
+    return 1 if failed else 0
+
+
 def _who() -> str:
+    """The person acting, for the audit trail: under sudo the one who ran sudo, not root."""
     import getpass
 
-    return getpass.getuser()
+    return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -561,7 +641,40 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from ie_gateway.backup import KEY, backup
+
+    cfg = load_config(args.config)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    info = backup(cfg, args.folder, package_version(), Path(creds) if creds else None)
+    print(f"{args.folder}: backup of ie-gateway {info.version}: {', '.join(info.files)}")
+    if info.index != "sqlite":
+        print(f"the index is on PostgreSQL: back it up with pg_dump -Fc {cfg.storage.index}")
+    if KEY not in info.files:
+        print(
+            f"no anonymisation key under {creds or '(no credentials folder)'}: back it up yourself "
+            "(--credentials-dir; run as root)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from ie_gateway.backup import restore
+
+    creds = getattr(args, "credentials_dir", None) or Path(os.environ.get("CREDENTIALS_DIRECTORY", DEFAULT_CREDENTIALS))
+    info = restore(args.folder, args.config, package_version(), creds, force=args.force)
+    print(f"{args.folder}: restored {', '.join(info.files)} (ie-gateway {info.version})")
+    if info.models:
+        print("model packages are not in a backup; install these versions again (models import, or sync):")
+        for line in info.models:
+            print(f"  {line}")
+    return 0
+
+
 COMMANDS = {
+    "backup": cmd_backup,
+    "restore": cmd_restore,
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "audit": cmd_audit,

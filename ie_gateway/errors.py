@@ -15,7 +15,8 @@ GatewayError
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
-└── HttpError              the health/metrics HTTP endpoint could not start
+├── HttpError              the health/metrics HTTP endpoint could not start
+└── BackupError            a backup cannot be made, or restored onto this node
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
 job with the message as its reason, so messages are written for the admin who reads `status`.
@@ -95,3 +96,7 @@ class AdminError(GatewayError):
 
 class HttpError(GatewayError):
     """The HTTP endpoint (health, metrics, admin page) could not listen."""
+
+
+class BackupError(GatewayError):
+    """A backup cannot be written, or a backup folder cannot be restored here (version, files)."""

@@ -213,11 +213,13 @@ def echo(cfg: GatewayConfig) -> list[EchoResult]:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from ie_gateway import tls
+    from ie_gateway.send import PROPOSED_SYNTAXES
 
     results = []
     for name, dest in cfg.destinations.items():
         ae = AE(ae_title=cfg.delivery.calling_ae)
-        ae.add_requested_context(Verification)
+        for syntax in PROPOSED_SYNTAXES:  # as deliveries propose them (the conformance statement says so)
+            ae.add_requested_context(Verification, syntax)
         ae.connection_timeout = ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = dest.connect_timeout_s
         where = f"{dest.ae_title}@{dest.host}:{dest.port}"
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # as in send.py

@@ -140,6 +140,8 @@ def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser])
     )
     restore.add_argument("folder", type=Path)
     restore.add_argument("--force", action="store_true", help="replace the node's existing files (stop it first)")
+    conformance = command("conformance", "the DICOM Conformance Statement (PS3.2) of this node's config")
+    conformance.add_argument("--html", action="store_true", help="a self-contained HTML page instead of Markdown")
 
 
 def _since(text: str) -> float:
@@ -672,7 +674,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from ie_gateway.conformance import statement
+
+    sys.stdout.write(statement(load_config(args.config), package_version(), as_html=args.html))
+    return 0
+
+
 COMMANDS = {
+    "conformance": cmd_conformance,
     "backup": cmd_backup,
     "restore": cmd_restore,
     "serve": cmd_serve,

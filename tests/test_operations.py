@@ -140,3 +140,31 @@ def test_models_verify_reports_a_missing_framework_and_verifies_the_others(
         "demo-thorax-nnunet@1: not checked: its framework is not installed here (nnunetv2_not_installed): "
         "pip install 'ie-gateway[nnunet]'"
     ) in out
+
+
+@pytest.mark.slow
+def test_rollback_after_an_upgrade_migrated_the_index_restores_the_backup_made_before(
+    node_factory: Any, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from ie_gateway.store.schema import LATEST
+
+    node: Node = node_factory()
+    node.cli("models", "activate", "demo-thorax", "3")
+    node.cli("status")  # makes the index (its migration log line would precede the JSON)
+    before = _status(node)
+    state = (node.root / "models-state.json").read_text()
+    backup = tmp_path / "before-upgrade"
+    node.cli("backup", str(backup), "--credentials-dir", str(tmp_path / "none"))
+    # the upgrade: a newer version migrates the index at its first start
+    with sqlite3.connect(node.root / "index.sqlite3") as db:
+        db.execute("INSERT INTO schema_version (version, applied_at, what) VALUES (?, 0, 'newer')", (LATEST + 1,))
+    refused = node.cli("status", check=False)  # the old version back in place refuses that index
+    assert refused.returncode != 0 and "newer than this node's" in refused.stderr
+
+    not_forced = node.cli("restore", str(backup), check=False)
+    assert not_forced.returncode == 1 and "give --force" in not_forced.stderr
+    node.cli("restore", str(backup), "--force")
+    assert _status(node) == before
+    assert (node.root / "models-state.json").read_text() == state  # demo-thorax@3 still the active one

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from ie_gateway.store import Job, Store
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
+#: commands that set up logging themselves, at the level they need
+CONFIGURES_LOGGING = ("serve", "demo", "sync")
 #: where deploy/install.sh keeps the secrets the unit loads with LoadCredential=
 DEFAULT_CREDENTIALS = Path("/etc/ie-gateway/credentials")
 
@@ -178,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "config"):
         args.config = DEFAULT_CONFIG
     use_credentials(getattr(args, "credentials_dir", None))
+    if args.command not in CONFIGURES_LOGGING:
+        # JSON on stderr, patient data dropped: stdout stays the command's own (status --json)
+        logsetup.configure("warning")
     try:
         return int(COMMANDS[args.command](args))
     except ConfigError as exc:

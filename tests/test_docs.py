@@ -40,3 +40,12 @@ def test_a_runnable_block_of_the_docs_succeeds(where: str, block: str) -> None:
         ["bash", "-euo", "pipefail", "-c", block], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, f"{where}:\n{block}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+
+
+def test_relative_links_of_the_docs_name_files_that_exist() -> None:
+    missing = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not (doc.parent / target).exists():
+                missing.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not missing

@@ -148,6 +148,8 @@ def sections(cfg: GatewayConfig, version: str) -> list[Section]:
                     "is rejected. No extended negotiation; the SCP/SCU role selection item is not supported."
                 ),
                 (
+                    "Storage SCP conformance level 2 (Full): every attribute, private ones included, is kept as received; "
+                    "no element is coerced. Digital signatures are not checked. "
                     "An instance is stored as received (bytes unchanged) and answered Success (0000) once it is "
                     f"on disk and indexed. Failure statuses: {receive.OUT_OF_RESOURCES:04X} out of resources (retry), "
                     f"{receive.INDEX_UNAVAILABLE:04X} index unavailable (retry), {receive.DATASET_MISMATCH:04X} data "
@@ -161,7 +163,8 @@ def sections(cfg: GatewayConfig, version: str) -> list[Section]:
             "5. Presentation contexts proposed (Storage SCU)",
             (
                 (
-                    "One presentation context per transfer syntax, for the SOP classes of the results queued "
+                    "At most one association per destination at a time, each carrying that destination's due "
+                    "results. One presentation context per transfer syntax, for the SOP classes of the results queued "
                     "for that destination. No extended negotiation. A SOP class the destination refuses at "
                     "association is not retried (the result is marked failed with the reason); other failures "
                     f"are retried up to {cfg.delivery.max_attempts} times or {cfg.delivery.max_age_s:g} s. "

@@ -192,3 +192,11 @@ def test_no_drop_in_without_an_nvidia_gpu(source: Path, tmp_path: Path) -> None:
     _install(source, root)
     assert not (root / "etc/systemd/system/ie-gateway.service.d").exists()
     assert not (root / MODULES_LOAD).exists()
+
+
+def test_install_sh_explains_its_options_and_refuses_unknown_ones(source: Path) -> None:
+    script = str(source / "deploy" / "install.sh")
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "--allow-from ADDR[,ADDR...]" in usage and "--demo" in usage
+    wrong = subprocess.run(["bash", script, "--allow-everyone"], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 2 and "unknown option --allow-everyone" in wrong.stderr

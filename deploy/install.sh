@@ -2,7 +2,15 @@
 # Install or upgrade ie-gateway on a Linux VM (Azure Stack Hub or any systemd host).
 # Idempotent: run it again to upgrade the package; configuration, keys and data are kept.
 #
-#   sudo deploy/install.sh                 # from a checkout of the repository
+#   sudo deploy/install.sh --allow-from 10.1.2.3,10.1.2.9    # from a checkout of the repository
+#
+# The node is installed safe: no caller may associate, no routing rule, no model, and the unit
+# (enabled) starts only once `ie-gateway check-config` passes. Options:
+#   --allow-from ADDR[,ADDR...]  open the DICOM port in ufw/firewalld to these sources only
+#                                (without it no port is opened)
+#   --demo                       the demo instead: config/gateway.yaml (dcmtk's default callers,
+#                                listening on loopback only), the rule to demo-thorax and the demo
+#                                models (synthetic phantoms, never for patients)
 #
 # Variables (all optional):
 #   SRC_DIR      the repository (default: the folder above this script)
@@ -14,7 +22,21 @@
 #                no chown, no systemctl, no firewall
 #   PIP_INSTALL  0 = create the venv without pip and install nothing (tests)
 #   DEV_DIR      where to look for NVIDIA device nodes (default: /dev; tests point it elsewhere)
+#   SYS_DIR      where to look for NVIDIA cards on the PCI bus (default: /sys; tests too)
+#   ALLOW_FROM, DEMO=1   the same as --allow-from and --demo
 set -euo pipefail
+
+ALLOW_FROM=${ALLOW_FROM:-}
+DEMO=${DEMO:-0}
+while (($#)); do
+    case "$1" in
+        --allow-from) ALLOW_FROM=${2:?--allow-from needs addresses}; shift 2 ;;
+        --allow-from=*) ALLOW_FROM=${1#*=}; shift ;;
+        --demo) DEMO=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) printf 'ie-gateway install: unknown option %s (see --help)\n' "$1" >&2; exit 2 ;;
+    esac
+done
 
 SRC_DIR=${SRC_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 PACKAGE=${PACKAGE:-$SRC_DIR}
@@ -24,6 +46,7 @@ DICOM_PORT=${DICOM_PORT:-11112}
 DESTDIR=${DESTDIR:-}
 PIP_INSTALL=${PIP_INSTALL:-1}
 DEV_DIR=${DEV_DIR:-/dev}
+SYS_DIR=${SYS_DIR:-/sys}
 
 USER_NAME=ie-gateway
 PREFIX=/opt/ie-gateway
@@ -31,6 +54,8 @@ ETC=/etc/ie-gateway
 STATE=/var/lib/ie-gateway
 UNIT=/etc/systemd/system/ie-gateway.service
 GPU_DROPIN=/etc/systemd/system/ie-gateway.service.d/gpu.conf
+MODULES_LOAD=/etc/modules-load.d/ie-gateway-nvidia.conf
+DOC=/usr/share/doc/ie-gateway
 
 say() { printf 'ie-gateway install: %s\n' "$*"; }
 real_root() { [[ -z "$DESTDIR" ]]; }
@@ -67,39 +92,51 @@ ensure_venv() {
         say "created $PREFIX/venv"
     fi
     if [[ "$PIP_INSTALL" != 0 ]]; then
+        # the library versions CI tested this release with: two nodes installed a month apart
+        # run the same ones
+        local constraints=()
+        [[ -f "$SRC_DIR/constraints.txt" ]] && constraints=(-c "$SRC_DIR/constraints.txt")
         # shellcheck disable=SC2086  # PIP_ARGS is a list of arguments on purpose
-        "$venv/bin/pip" install --quiet --upgrade $PIP_ARGS "$PACKAGE"
+        "$venv/bin/pip" install --quiet --upgrade "${constraints[@]}" $PIP_ARGS "$PACKAGE"
         say "installed $("$venv/bin/pip" show ie-gateway | sed -n 's/^Version: //p')"
     fi
     install -d -m 0755 "$DESTDIR/usr/local/bin"
     ln -sfn "$PREFIX/venv/bin/ie-gateway" "$DESTDIR/usr/local/bin/ie-gateway"
 }
 
-# gateway.yaml as shipped runs from the checkout (relative paths, loopback); on the node it
-# listens on the network and keeps its data under /var/lib. Only the DICOM listener's bind
-# changes: the HTTP endpoint (health, metrics) stays on loopback.
-node_config() {
+# The demo's gateway.yaml runs from the checkout (relative paths); on the node its data lives
+# under /var/lib. It keeps listening on loopback: its callers have no host pins.
+demo_config() {
     sed -E \
         -e "/^storage:/,/^[a-z]/ s|^(  root:).*|\\1 $STATE|" \
         -e "s|^models_dir:.*|models_dir: $STATE/models|" \
-        -e "/^node:/,/^[a-z]/ s|^(  bind:).*|\\1 0.0.0.0|" \
         "$1"
 }
 
 ensure_config() {
     local dest="$DESTDIR$ETC"
     if [[ ! -e "$dest/gateway.yaml" ]]; then
-        node_config "$SRC_DIR/config/gateway.yaml" > "$dest/gateway.yaml"
+        if [[ "$DEMO" == 1 ]]; then
+            demo_config "$SRC_DIR/config/gateway.yaml" > "$dest/gateway.yaml"
+            install -m 0640 "$SRC_DIR/config/routing.yaml" "$dest/routing.yaml"
+            say "wrote the DEMO $ETC/gateway.yaml and routing.yaml (loopback only, synthetic models)"
+        else
+            install -m 0640 "$SRC_DIR/deploy/production/gateway.yaml" "$dest/gateway.yaml"
+            say "wrote $ETC/gateway.yaml: no callers, no destinations (edit it, then: ie-gateway check-config)"
+        fi
         chmod 0640 "$dest/gateway.yaml"
-        say "wrote $ETC/gateway.yaml (edit it, then: ie-gateway check-config --config $ETC/gateway.yaml)"
     fi
     if [[ ! -e "$dest/routing.yaml" ]]; then
-        install -m 0640 "$SRC_DIR/config/routing.yaml" "$dest/routing.yaml"
-        say "wrote $ETC/routing.yaml"
+        install -m 0640 "$SRC_DIR/deploy/production/routing.yaml" "$dest/routing.yaml"
+        say "wrote $ETC/routing.yaml: no rules"
+    fi
+    if [[ ! -e "$dest/site-names.yaml" ]]; then
+        install -m 0640 "$SRC_DIR/config/site-names.yaml" "$dest/site-names.yaml"
+        say "wrote $ETC/site-names.yaml (an example ROI names file for a destination's names:)"
     fi
     if [[ ! -e "$dest/environment" ]]; then
         install -m 0600 "$SRC_DIR/deploy/environment.example" "$dest/environment"
-        say "wrote $ETC/environment (Azure settings; see deploy/README.md)"
+        say "wrote $ETC/environment (Azure settings; see docs/install.md)"
     fi
     if [[ ! -e "$dest/credentials/anon-key" ]]; then
         (umask 077 && head -c 32 /dev/urandom | base64 > "$dest/credentials/anon-key")
@@ -111,12 +148,14 @@ ensure_config() {
         say "created an empty $ETC/credentials/storage-connection-string (fill it for SAS/key access)"
     fi
     if real_root; then
-        chown "root:$USER_NAME" "$dest/gateway.yaml" "$dest/routing.yaml"
+        chown "root:$USER_NAME" "$dest/gateway.yaml" "$dest/routing.yaml" "$dest/site-names.yaml"
     fi
 }
 
 # Model versions are immutable: copy the shipped ones that are not installed yet, never overwrite.
+# Only the demo installs them: they are trained on synthetic phantoms.
 ensure_models() {
+    [[ "$DEMO" == 1 ]] || return 0
     local manifest version_dir name version dest
     while IFS= read -r -d '' manifest; do
         version_dir=$(dirname "$manifest")
@@ -126,12 +165,23 @@ ensure_models() {
         if [[ ! -e "$dest" ]]; then
             install -d -m 0750 "$(dirname "$dest")"
             cp -R "$version_dir" "$dest"
-            say "installed model $name@$version"
+            say "installed demo model $name@$version"
         fi
     done < <(find "$SRC_DIR/models" -mindepth 3 -maxdepth 3 -name model.yaml -print0 2>/dev/null)
     if real_root; then
         chown -R "$USER_NAME:$USER_NAME" "$STATE/models"
     fi
+}
+
+# The unit's Documentation= points here.
+ensure_docs() {
+    install -d -m 0755 "$DESTDIR$DOC"
+    install -m 0644 "$SRC_DIR/README.md" "$DESTDIR$DOC/README.md" 2>/dev/null || true
+    if [[ -d "$SRC_DIR/docs" ]]; then
+        cp -R "$SRC_DIR/docs/." "$DESTDIR$DOC/"
+    fi
+    [[ -f "$SRC_DIR/CHANGELOG.md" ]] && install -m 0644 "$SRC_DIR/CHANGELOG.md" "$DESTDIR$DOC/CHANGELOG.md"
+    return 0
 }
 
 ensure_unit() {
@@ -142,56 +192,82 @@ ensure_unit() {
     fi
     if [[ -d /run/systemd/system ]]; then
         systemctl daemon-reload
+        # enabled, not started: it starts (now or at boot) only once check-config passes
         systemctl enable ie-gateway.service
         systemctl try-restart ie-gateway.service
-        say "unit enabled; start it with: systemctl start ie-gateway"
+        say "unit enabled, not started; once check-config passes: systemctl start ie-gateway"
     else
         say "systemd is not running here: start the unit on the VM with systemctl start ie-gateway"
     fi
 }
 
 # PrivateDevices=yes in the unit hides every device, the GPU included, and `device: auto` would
-# then run on the CPU. Where NVIDIA device nodes exist, a drop-in lets the unit reach exactly those.
-ensure_gpu_access() {
-    local dropin="$DESTDIR$GPU_DROPIN" nodes=() node
-    for node in "$DEV_DIR"/nvidia[0-9]* "$DEV_DIR"/nvidiactl "$DEV_DIR"/nvidia-uvm "$DEV_DIR"/nvidia-uvm-tools \
-                "$DEV_DIR"/nvidia-modeset; do
-        [[ -e "$node" ]] && nodes+=("/dev/${node#"$DEV_DIR"/}")
+# then run on the CPU. Where the machine has an NVIDIA card (on the PCI bus, driver or not) or
+# its device nodes, a drop-in lets the unit reach the NVIDIA device classes, whatever nodes the
+# driver creates later; nvidia-uvm is loaded at boot (the unit may not load kernel modules).
+has_nvidia() {
+    local node dev
+    for node in "$DEV_DIR"/nvidia[0-9]* "$DEV_DIR"/nvidiactl; do
+        [[ -e "$node" ]] && return 0
     done
-    if ((${#nodes[@]} == 0)); then
+    for dev in "$SYS_DIR"/bus/pci/devices/*; do
+        [[ -r "$dev/vendor" && -r "$dev/class" ]] || continue
+        [[ "$(cat "$dev/vendor")" == 0x10de && "$(cat "$dev/class")" == 0x03* ]] && return 0
+    done
+    return 1
+}
+
+ensure_gpu_access() {
+    local dropin="$DESTDIR$GPU_DROPIN" modules="$DESTDIR$MODULES_LOAD"
+    if ! has_nvidia; then
         if [[ -e "$dropin" ]]; then
-            rm -f "$dropin"
-            say "no NVIDIA devices any more: removed $GPU_DROPIN"
+            rm -f "$dropin" "$modules"
+            say "no NVIDIA GPU any more: removed $GPU_DROPIN"
         fi
         return 0
     fi
-    install -d -m 0755 "$(dirname "$dropin")"
-    {
-        echo "# Written by deploy/install.sh: NVIDIA devices found (${nodes[*]})."
-        echo "# Replaces PrivateDevices=yes so CUDA can reach them; no other device is allowed."
-        echo "# nvidia-uvm must be loaded at boot (the unit may not load kernel modules)."
-        echo "[Service]"
-        echo "PrivateDevices=no"
-        echo "DevicePolicy=closed"
-        for node in "${nodes[@]}"; do
-            echo "DeviceAllow=$node rw"
-        done
-    } > "$dropin"
+    install -d -m 0755 "$(dirname "$dropin")" "$(dirname "$modules")"
+    cat > "$dropin" <<'DROPIN'
+# Written by deploy/install.sh: this machine has an NVIDIA GPU.
+# Replaces PrivateDevices=yes so CUDA can reach it: the NVIDIA device classes (by major number,
+# so nodes the driver creates later count too), and no other device.
+[Service]
+PrivateDevices=no
+DevicePolicy=closed
+DeviceAllow=char-nvidia-frontend rw
+DeviceAllow=char-nvidia-uvm rw
+DeviceAllow=char-nvidia-caps rw
+DROPIN
     chmod 0644 "$dropin"
-    say "NVIDIA devices found: wrote $GPU_DROPIN (${#nodes[@]} device nodes)"
+    printf '# Written by deploy/install.sh: CUDA needs nvidia-uvm, which the unit may not load itself.\nnvidia-uvm\n' \
+        > "$modules"
+    chmod 0644 "$modules"
+    say "NVIDIA GPU found: wrote $GPU_DROPIN (device classes) and $MODULES_LOAD (nvidia-uvm at boot)"
 }
 
+# The DICOM port is opened only to the sources given (--allow-from), never to everyone.
 ensure_firewall() {
     real_root || return 0
-    if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q "Status: active"; then
-        ufw allow "$DICOM_PORT/tcp" >/dev/null
-        say "ufw: allowed $DICOM_PORT/tcp"
+    local sources=() source
+    IFS=', ' read -r -a sources <<< "$ALLOW_FROM"
+    if ((${#sources[@]} == 0)); then
+        say "no --allow-from: the DICOM port $DICOM_PORT/tcp is not opened in the host firewall"
+    elif command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q "Status: active"; then
+        for source in "${sources[@]}"; do
+            ufw allow proto tcp from "$source" to any port "$DICOM_PORT" >/dev/null
+        done
+        say "ufw: allowed $DICOM_PORT/tcp from ${sources[*]}"
     elif command -v firewall-cmd >/dev/null 2>&1 && firewall-cmd --state >/dev/null 2>&1; then
-        firewall-cmd --quiet --permanent --add-port="$DICOM_PORT/tcp"
+        local family
+        for source in "${sources[@]}"; do
+            family=ipv4 && [[ "$source" == *:* ]] && family=ipv6
+            firewall-cmd --quiet --permanent --add-rich-rule="rule family=\"$family\" source address=\"$source\" \
+port port=\"$DICOM_PORT\" protocol=\"tcp\" accept"
+        done
         firewall-cmd --quiet --reload
-        say "firewalld: allowed $DICOM_PORT/tcp"
+        say "firewalld: allowed $DICOM_PORT/tcp from ${sources[*]}"
     else
-        say "no host firewall found: allow $DICOM_PORT/tcp from the PACS and TPS only"
+        say "no host firewall found: allow $DICOM_PORT/tcp from ${sources[*]} only"
     fi
     say "also allow $DICOM_PORT/tcp in the VM's network security group, from the PACS/TPS addresses only"
 }
@@ -201,6 +277,7 @@ ensure_dirs
 ensure_venv
 ensure_config
 ensure_models
+ensure_docs
 ensure_gpu_access
 ensure_unit
 ensure_firewall

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from ie_gateway.route import RuleSet
 
 DEFAULT_CONFIG = Path("/etc/ie-gateway/gateway.yaml")
+#: commands that set up logging themselves, at the level they need
+CONFIGURES_LOGGING = ("serve", "demo", "sync")
+#: where deploy/install.sh keeps the secrets the unit loads with LoadCredential=
+DEFAULT_CREDENTIALS = Path("/etc/ie-gateway/credentials")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--config", type=Path, default=argparse.SUPPRESS, help=f"gateway.yaml (default {DEFAULT_CONFIG})"
     )
+    config.add_argument(
+        "--credentials-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"the secrets the service gets as systemd credentials (default {DEFAULT_CREDENTIALS}, "
+        "unless $CREDENTIALS_DIRECTORY is set)",
+    )
     parser = argparse.ArgumentParser(prog="ie-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ie-gateway {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -53,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         help="all: everything on this VM; receiver: DICOM listener and spool; worker: claims jobs "
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
     )
-    command("check-config", "validate gateway.yaml and its routing rules")
+    check = command("check-config", "validate gateway.yaml and its routing rules; exit 0 only when the node may start")
+    check.add_argument("--echo", action="store_true", help="also C-ECHO every destination and report each one")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
     explain = command("explain", "show how the routing rules judge a series (exit 0 when one matches)")
@@ -115,7 +129,21 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
+    _operations_commands(command)
     return parser
+
+
+def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """backup, restore: the node's records (see ie_gateway/backup.py)."""
+    backup = command("backup", "copy the index, models state, pseudonym map, key and config into a new folder")
+    backup.add_argument("folder", type=Path)
+    restore = command(
+        "restore", "put a backup back (same ie-gateway version only): config beside --config, records, key"
+    )
+    restore.add_argument("folder", type=Path)
+    restore.add_argument("--force", action="store_true", help="replace the node's existing files (stop it first)")
+    conformance = command("conformance", "the DICOM Conformance Statement (PS3.2) of this node's config")
+    conformance.add_argument("--html", action="store_true", help="a self-contained HTML page instead of Markdown")
 
 
 def _since(text: str) -> float:
@@ -128,10 +156,33 @@ def _since(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject), as `pip show ie-gateway` says it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ie-gateway")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+def use_credentials(given: Path | None, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Read the same secrets as the service: ``given``, else ``$CREDENTIALS_DIRECTORY`` (set by
+    systemd for the unit), else the installed folder when this user can read it."""
+    if given is not None:
+        environ["CREDENTIALS_DIRECTORY"] = str(given)
+    elif "CREDENTIALS_DIRECTORY" not in environ and os.access(DEFAULT_CREDENTIALS, os.R_OK | os.X_OK):
+        environ["CREDENTIALS_DIRECTORY"] = str(DEFAULT_CREDENTIALS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = DEFAULT_CONFIG
+    use_credentials(getattr(args, "credentials_dir", None))
+    if args.command not in CONFIGURES_LOGGING:
+        # JSON on stderr, patient data dropped: stdout stays the command's own (status --json)
+        logsetup.configure("warning")
     try:
         return int(COMMANDS[args.command](args))
     except ConfigError as exc:
@@ -153,20 +204,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from ie_gateway import tls
+    from ie_gateway import checks, tls
 
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
     problems = _roi_name_problems(cfg, rules)
     tls_problems = tls.config_problems(cfg)
     problems += [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
+    site_errors, site_warnings = checks.split(checks.site_findings(cfg, rules))
+    problems += [f"{cfg.source}: {p}" for p in site_errors]
     if problems:
         raise ConfigError(problems)
-    for warning in tls_problems:
+    for warning in [*tls_problems, *(f"warning: {w}" for w in site_warnings)]:
         print(f"{cfg.source}: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     print(f"{cfg.routing_file}: ok ({len(rules.rules)} rules)")
-    return 0
+    return _echo_destinations(cfg) if args.echo else 0
+
+
+def _echo_destinations(cfg: GatewayConfig) -> int:
+    """C-ECHO each destination; exit 1 when any does not answer."""
+    from ie_gateway import checks
+
+    results = checks.echo(cfg)
+    for result in results:
+        print(f"{result.destination}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+    if not results:
+        print("no destinations to echo")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
@@ -282,11 +347,7 @@ def _models(
                 f"{'verified' if info.verified else 'NOT VERIFIED: ' + (info.problem or '')}"
             )
     elif args.action == "verify":
-        specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
-        for spec in specs:
-            name, version = parse_model_ref(spec)
-            registry.verify(name, version or registry.resolve(name).version)
-            print(f"{spec}: verified")
+        return _verify_models(args, registry, load_manifest)
     elif args.action == "import":
         manifest = args.package / "model.yaml"
         if not manifest.is_file():
@@ -313,10 +374,51 @@ def _models(
     return 0
 
 
+#: the optional extra each package format needs, and a module that extra installs
+FRAMEWORKS = {"nnunetv2": ("nnunet", "nnunetv2"), "monai_bundle": ("monai", "ignite")}
+
+
+def missing_framework(package_format: str) -> str | None:
+    """Why a package of this format cannot run on this node (its extra is not installed), or None."""
+    import importlib.util
+
+    if package_format not in FRAMEWORKS:
+        return None
+    extra, module = FRAMEWORKS[package_format]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"its framework is not installed here ({module}): pip install 'ie-gateway[{extra}]'"
+
+
+def _verify_models(args: argparse.Namespace, registry: Registry, load_manifest: Callable[[Path], Manifest]) -> int:
+    """Verify each version on its own: one that fails, or whose framework is missing, is reported
+    and the others are still verified. Exit 1 only when a version fails (a missing framework is
+    this node's choice, not a broken package)."""
+    specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
+    failed = 0
+    for spec in specs:
+        try:
+            name, version = parse_model_ref(spec)
+            version = version or registry.resolve(name).version
+            manifest = load_manifest(registry.models_dir / name / version)
+            missing = missing_framework(manifest.format.value)
+            if missing is not None:
+                print(f"{spec}: not checked: {missing}")
+                continue
+            registry.verify(name, version)
+        except GatewayError as exc:
+            failed += 1
+            print(f"{spec}: FAILED: {exc}")
+            continue
+        print(f"{spec}: verified")
+    return 1 if failed else 0
+
+
 def _who() -> str:
+    """The person acting, for the audit trail: under sudo the one who ran sudo, not root."""
     import getpass
 
-    return getpass.getuser()
+    return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -505,7 +607,48 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from ie_gateway.backup import KEY, backup
+
+    cfg = load_config(args.config)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    info = backup(cfg, args.folder, package_version(), Path(creds) if creds else None)
+    print(f"{args.folder}: backup of ie-gateway {info.version}: {', '.join(info.files)}")
+    if info.index != "sqlite":
+        print(f"the index is on PostgreSQL: back it up with pg_dump -Fc {cfg.storage.index}")
+    if KEY not in info.files:
+        print(
+            f"no anonymisation key under {creds or '(no credentials folder)'}: back it up yourself "
+            "(--credentials-dir; run as root)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from ie_gateway.backup import restore
+
+    creds = getattr(args, "credentials_dir", None) or Path(os.environ.get("CREDENTIALS_DIRECTORY", DEFAULT_CREDENTIALS))
+    info = restore(args.folder, args.config, package_version(), creds, force=args.force)
+    print(f"{args.folder}: restored {', '.join(info.files)} (ie-gateway {info.version})")
+    if info.models:
+        print("model packages are not in a backup; install these versions again (models import, or sync):")
+        for line in info.models:
+            print(f"  {line}")
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from ie_gateway.conformance import statement
+
+    sys.stdout.write(statement(load_config(args.config), package_version(), as_html=args.html))
+    return 0
+
+
 COMMANDS = {
+    "conformance": cmd_conformance,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "audit": cmd_audit,

@@ -19,7 +19,8 @@ GatewayError
 │   ├── AnonymiseError     a file could not be read or de-identified (names the file)
 │   └── BurnedInAnnotation a series says it has identifying text in its pixels
 ├── AdminError             an admin's action does not apply to the job as it stands
-└── HttpError              the health/metrics HTTP endpoint could not start
+├── HttpError              the health/metrics HTTP endpoint could not start
+└── BackupError            a backup cannot be made, or restored onto this node
 
 Every exception class of the package is defined here. Each module raises the most specific
 class; broad catches (``except Exception``) sit only at the top of a thread or process loop (the
@@ -120,3 +121,7 @@ class AdminError(GatewayError):
 
 class HttpError(GatewayError):
     """The HTTP endpoint (health, metrics, admin page) could not listen."""
+
+
+class BackupError(GatewayError):
+    """A backup cannot be written, or a backup folder cannot be restored here (version, files)."""

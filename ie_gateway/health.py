@@ -57,10 +57,12 @@ class Health:
         self.scheduler_running = scheduler_running
         self.space = space
         self.stuck_after_s = inference_timeout_s + PROGRESS_MARGIN_S
+        #: lines fixed at start-up (e.g. where inference runs), shown after the live checks
+        self.extra: list[Check] = []
 
     def checks(self) -> list[Check]:
         listener = [self._listener()] if self.listening is not None else []
-        return [*listener, self._index(), self._disk(), *self._progress_checks()]
+        return [*listener, self._index(), self._disk(), *self._progress_checks(), *self.extra]
 
     def _restart_checks(self) -> list[Check]:
         return [*([self._listener()] if self.listening is not None else []), *self._progress_checks()]

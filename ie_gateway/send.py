@@ -48,6 +48,9 @@ log = structlog.get_logger(__name__)
 DIMSE_TIMEOUT_S = 60
 # C-STORE warnings (coercion, elements discarded) still mean the peer has the instance.
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+#: The transfer syntaxes proposed for each output's SOP class, one presentation context each (so
+#: the explicit one is accepted when offered); the conformance statement reads them from here.
+PROPOSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: Presentation context result 0x04 (PS3.8 9.3.3.2): the SOP class, but none of our syntaxes.
 NO_TRANSFER_SYNTAX = 0x04
 #: What the SCU may raise for one C-STORE (no accepted context, a file it cannot read or
@@ -139,9 +142,8 @@ class Sender:
         # as good as down: connect_timeout_s bounds both waits
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
         for sop_class in sorted({r.sop_class for r in rows}):
-            # one context per transfer syntax, so the explicit one is accepted when offered
-            ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-            ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+            for syntax in PROPOSED_SYNTAXES:
+                ae.add_requested_context(sop_class, syntax)
         started = time.monotonic()
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # pynetdicom hints str; None (no hostname check) is what ssl takes
         refused = _refused_classes(assoc)

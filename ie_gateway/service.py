@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,7 +29,7 @@ from starlette.routing import BaseRoute
 from ie_gateway import drift, metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
 from ie_gateway.errors import ConfigError
-from ie_gateway.health import Health
+from ie_gateway.health import Check, Health
 from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import runner_for
@@ -67,19 +68,68 @@ def inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def report_inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
-    """Log where inference runs; warn when ``auto`` chose the CPU although GPU device ``nodes``
-    exist (a driver or torch build problem, or a unit that hides the devices). Returns the device."""
+#: PCI vendor of NVIDIA and the display-controller class prefix (VGA 0x0300, 3D 0x0302)
+NVIDIA_VENDOR = "0x10de"
+DISPLAY_CLASS = "0x03"
+
+
+def nvidia_pci_gpus(sys_root: Path = Path("/sys")) -> list[str]:
+    """PCI addresses of NVIDIA GPUs on this machine, driver loaded or not.
+
+    sysfs lists the card even when no driver is installed and when the unit hides ``/dev``, so
+    the node can tell "no GPU" from "a GPU it cannot use".
+    """
+    found = []
+    for device in sorted((sys_root / "bus" / "pci" / "devices").glob("*")):
+        try:
+            vendor = (device / "vendor").read_text().strip()
+            klass = (device / "class").read_text().strip()
+        except OSError:
+            continue
+        if vendor == NVIDIA_VENDOR and klass.startswith(DISPLAY_CLASS):
+            found.append(device.name)
+    return found
+
+
+def gpu_unused(settings: InferenceSettings, device: str, nodes: list[str], pci_gpus: Sequence[str]) -> str | None:
+    """Why inference runs on the CPU although this machine has an NVIDIA GPU; None otherwise."""
+    if device != "cpu" or not (nodes or pci_gpus):
+        return None
+    if settings.device == "cpu":
+        return "inference.device is cpu although this machine has an NVIDIA GPU"
+    if not nodes:
+        return (
+            f"an NVIDIA GPU is on the PCI bus ({', '.join(pci_gpus)}) but no /dev/nvidia* node is visible: "
+            "install the driver and load nvidia-uvm at boot, then re-run deploy/install.sh (it writes the "
+            "unit's gpu.conf)"
+        )
+    return "check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())"
+
+
+def report_inference_device(settings: InferenceSettings, nodes: list[str], pci_gpus: Sequence[str] = ()) -> str:
+    """Log where inference runs; warn when ``auto`` chose the CPU although an NVIDIA GPU is there
+    (device ``nodes`` or a card on the PCI bus: a driver or torch build problem, or a unit that
+    hides the devices). Returns the device."""
     device = inference_device(settings, nodes)
     metrics.INFERENCE_DEVICE.labels(device).set(1)
     log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
-    if device == "cpu" and settings.device == "auto" and nodes:
+    unused = gpu_unused(settings, device, nodes, pci_gpus)
+    if unused is not None and settings.device == "auto":
         log.warning(
-            "inference falls back to the CPU although a GPU device node exists",
+            "inference falls back to the CPU although a GPU is present",
             gpu_device_nodes=nodes,
-            what_to_do="check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())",
+            pci_gpus=list(pci_gpus),
+            what_to_do=unused,
         )
     return device
+
+
+def device_check(settings: InferenceSettings, device: str, nodes: list[str], pci_gpus: Sequence[str]) -> Check:
+    """The `/readyz` line on where inference runs. It never makes the node unready (the CPU
+    works, slowly) but says when a GPU sits unused, for monitoring to pick up."""
+    unused = gpu_unused(settings, device, nodes, pci_gpus)
+    detail = f"{device}" + (f"; GPU present but unused: {unused}" if unused else "")
+    return Check("inference_device", True, detail, False)
 
 
 class Role(StrEnum):
@@ -220,7 +270,9 @@ class Service:
             )
         s.start()
         if self.worker is not None:
-            report_inference_device(self.cfg.inference, gpu_device_nodes())
+            nodes, pci_gpus = gpu_device_nodes(), nvidia_pci_gpus()
+            device = report_inference_device(self.cfg.inference, nodes, pci_gpus)
+            self.health.extra.append(device_check(self.cfg.inference, device, nodes, pci_gpus))
             self.worker.start()
         if self.receiver is not None:
             self.receiver.start()

@@ -126,3 +126,17 @@ def test_example_config_documents_every_section() -> None:
         if not re.search(rf"^\s+(# )?{key}:", text, re.MULTILINE)
     ]
     assert not undocumented
+
+
+def test_beyond_loopback_a_caller_without_host_pin_is_a_check_config_error(folder: Path) -> None:
+    result = check(write_config(folder, GOOD.replace("      host: 10.1.2.3\n", "") + "  # bind: default 0.0.0.0\n"))
+    assert result.returncode != 0
+    assert "node.allowed_callers[0] (PACS): no host, while node.bind 0.0.0.0 is beyond loopback" in result.stderr
+    on_loopback = GOOD.replace("      host: 10.1.2.3\n", "").replace("  port: 11112\n", "  port: 11112\n  bind: 127.0.0.1\n")
+    assert check(write_config(folder, on_loopback)).returncode == 0
+
+
+def test_http_beyond_loopback_is_a_check_config_error(folder: Path) -> None:
+    result = check(write_config(folder, GOOD + "http: {bind: 0.0.0.0, port: 8080}\n"))
+    assert result.returncode != 0
+    assert "http.bind 0.0.0.0 is beyond loopback" in result.stderr and "TLS reverse proxy" in result.stderr

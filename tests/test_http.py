@@ -41,7 +41,9 @@ def test_health_ready_and_metrics_of_a_running_node(node: Node, small_series: li
     assert node.http_get("/healthz") == (200, b"ok\n")
     status, body = node.http_get("/readyz")
     assert status == 200
-    assert set(json.loads(body)["checks"]) == {"listener", "index", "disk", "worker", "inference", "scheduler"}
+    checks = json.loads(body)["checks"]
+    assert set(checks) == {"listener", "index", "disk", "worker", "inference", "scheduler", "inference_device"}
+    assert checks["inference_device"]["detail"].split(";")[0] in ("cpu", "cuda")
 
     socket.create_connection(("127.0.0.1", node.port)).close()  # a load balancer's probe
     assert storescu(node.port, small_series).returncode == 0

@@ -32,3 +32,35 @@ def test_unit_is_notify_type_with_watchdog_and_hardening() -> None:
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "ReadWritePaths": "/var/lib/ie-gateway"}.items():
         assert lines[key] == value
+
+
+def _directives() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_unit_runs_check_config_on_the_served_config_before_starting() -> None:
+    lines = _directives()
+    [serve] = lines["ExecStart"]
+    [check] = lines["ExecStartPre"]
+    config = serve.split("--config", 1)[1].strip()
+    assert check == serve.replace(" serve ", " check-config ")
+    assert check.endswith(f"check-config --config {config}")
+
+
+def test_the_unit_waits_for_the_data_disk_and_has_a_memory_ceiling() -> None:
+    lines = _directives()
+    assert lines["RequiresMountsFor"] == ["/var/lib/ie-gateway"]  # the storage root of the production config
+    assert lines["MemoryMax"][0].endswith("G")
+
+
+def test_systemd_analyze_security_rates_the_unit_at_most_1_5() -> None:
+    # 1.9 before RemoveIPC, PrivateMounts and ProtectProc (issue 25); the figure must not creep back up
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+                            capture_output=True, text=True)
+    [overall] = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert float(overall.split(":")[1].split()[0]) <= 1.5, overall

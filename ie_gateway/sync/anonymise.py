@@ -98,7 +98,8 @@ def load_key(environ: Mapping[str, str] | None = None) -> bytes:
         if path is None or not path.is_file():
             raise SyncError(
                 f"no anonymisation key: set {KEY_ENV} or give the service a systemd credential "
-                f"'{KEY_CREDENTIAL}' (LoadCredential={KEY_CREDENTIAL}:/etc/ie-gateway/anon-key)"
+                f"'{KEY_CREDENTIAL}' (LoadCredential={KEY_CREDENTIAL}:/etc/ie-gateway/credentials/{KEY_CREDENTIAL}; "
+                "from a shell, as root: ie-gateway COMMAND --credentials-dir /etc/ie-gateway/credentials)"
             )
         key = path.read_bytes().strip()
     if len(key) < MIN_KEY_BYTES:

@@ -8,7 +8,11 @@ GatewayError
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
 ├── ModelError             a model package is missing, altered, or fails to load
 │   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
-│   └── VersionImmutable   different bytes offered under an existing version
+│   ├── VersionImmutable   different bytes offered under an existing version
+│   ├── PackageUnsigned    a package has no signature (model.sig)
+│   ├── UntrustedPublisher a package is signed by a key the node does not trust
+│   ├── SignatureInvalid   a signature does not verify, or a file changed after signing
+│   └── CodeNotAllowed     a MONAI config runs code beyond the allow-list, for a key without allow_code
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
@@ -63,6 +67,22 @@ class ChecksumMismatch(ModelError):
 
 class VersionImmutable(ModelError):
     """Different bytes were offered under a model version that already exists."""
+
+
+class PackageUnsigned(ModelError):
+    """A model package carries no signature (``model.sig``)."""
+
+
+class UntrustedPublisher(ModelError):
+    """A model package is signed, but by a key that is not in ``trusted_keys``."""
+
+
+class SignatureInvalid(ModelError):
+    """A package's signature does not verify, or a file was changed, added or removed after signing."""
+
+
+class CodeNotAllowed(ModelError):
+    """A MONAI bundle's config names code outside the allow-list and its key may not run code."""
 
 
 class InferenceError(GatewayError):

@@ -577,6 +577,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = status_rows(store)
     for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
+    _print_model_refusals(cfg)
     try:
         _load_rules(cfg)
     except ConfigError as exc:
@@ -596,6 +597,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r.get('held_by', '-'):<20} {r['reason'] or ''}"
         )
     return 0
+
+
+def _print_model_refusals(cfg: GatewayConfig) -> None:
+    """Published model versions the pull refused (unsigned, untrusted, changed), on stderr."""
+    from ie_gateway.infer.registry import Registry
+
+    registry = Registry(cfg.models_dir, cfg.storage.root / "models-state.json")  # reads state only
+    for spec, refusal in sorted(registry.refusals().items()):
+        print(f"model {spec} refused by the pull at {refusal['at']}: {refusal['reason']}", file=sys.stderr)
 
 
 def _age(seconds: float) -> str:

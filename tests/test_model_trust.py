@@ -136,6 +136,9 @@ def test_unsigned_untrusted_and_changed_packages_are_refused_and_never_run(
         assert registry.versions(name) == []
     status, reason = reasons["hostile-monai@3"]
     assert status is PullStatus.REFUSED and "configs/inference.json" in reason and "changed after signing" in reason
+    assert set(registry.refusals()) == {f"{n}@{v}" for n in ("hostile-monai", "hostile-nnunet") for v in "12"} | {
+        "hostile-monai@3"
+    }  # kept for `status` and the models page
     assert reasons["good@1"][0] is PullStatus.AVAILABLE, reasons["good@1"][1]
     assert registry.versions("good") == ["1"]
     assert registry.imports()[0].signed_by == "demo"
@@ -160,3 +163,25 @@ def test_the_hostile_payloads_do_run_when_loaded_unchecked(tmp_path: Path) -> No
     nnunet = hostile_nnunet(tmp_path / "nnunet" / TRAINED, tmp_path / "nnunet-ran", "1")
     torch.load(nnunet / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert (tmp_path / "monai-ran").is_file() and (tmp_path / "nnunet-ran").is_file()
+
+
+def test_hostile_packages_signed_by_a_trusted_key_are_refused_as_code(
+    container: ContainerClient, tmp_path: Path, runner: InferenceRunner
+) -> None:
+    """A trusted publisher's key is no licence to run code: the bundle's config is outside the
+    allow-list (its key has no allow_code), and the checkpoint is loaded as weights only."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    publish_version(container, hostile_bundle(tmp_path / "monai", markers / "monai", "4"), key=DEMO_KEY)
+    publish_version(container, hostile_nnunet(tmp_path / "nnunet" / TRAINED, markers / "nnunet", "4"), key=DEMO_KEY)
+
+    registry, results = pull(container, tmp_path, runner)
+
+    monai_result, nnunet_result = results["hostile-monai@4"], results["hostile-nnunet@4"]
+    assert monai_result.status is PullStatus.REFUSED
+    assert "runs code beyond the allow-list" in (monai_result.reason or "")
+    assert "__import__" in (monai_result.reason or "")
+    assert nnunet_result.status is PullStatus.REFUSED
+    assert "holds more than weights" in (nnunet_result.reason or "")
+    assert registry.versions("hostile-monai") == [] and registry.versions("hostile-nnunet") == []
+    assert list(markers.iterdir()) == []

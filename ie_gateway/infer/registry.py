@@ -32,7 +32,8 @@ plus ``model.sig``. A version imported with ``allowed_unsigned_by`` (``models im
 The state file records who signed or allowed each version::
 
     {"signed":   {"<name>@<version>": "<trusted key name>"},
-     "unsigned": {"<name>@<version>": {"by": "<who allowed it>", "at": "<UTC ISO time>"}}}
+     "unsigned": {"<name>@<version>": {"by": "<who allowed it>", "at": "<UTC ISO time>"}},
+     "refused":  {"<name>@<version>": {"reason": "<why the pull refused it>", "at": "<UTC ISO time>"}}}
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ import structlog
 
 from ie_gateway.errors import ChecksumMismatch, ModelError, PackageUnsigned, SignatureInvalid, VersionImmutable
 from ie_gateway.files import fsync_dir, sha256_file
-from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
+from ie_gateway.infer.bundle_policy import check_bundle
+from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, ModelFormat, MonaiSettings, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
 from ie_gateway.infer.signing import SIGNATURE_NAME, Statement, TrustedKey, verify_package
 
@@ -79,6 +81,7 @@ class ModelVersion:
     version: str
     path: Path
     manifest: Manifest
+    allow_code: bool = False  # signed by a key with allow_code: true (MONAI configs unrestricted)
 
     @property
     def spec(self) -> str:
@@ -247,6 +250,16 @@ class Registry:
             rows.append(ImportRecord(name, version, at, state["signed"].get(spec), allowed["by"] if allowed else None))
         return rows
 
+    def refusals(self) -> dict[str, dict[str, str]]:
+        """Published versions the last pulls refused: ``{"name@version": {"reason", "at"}}``."""
+        refused: dict[str, dict[str, str]] = self._read_state()["refused"]
+        return refused
+
+    def record_refusal(self, name: str, version: str, reason: str) -> None:
+        """Keep why a pull refused ``name@version`` for ``status`` and the page (until imported)."""
+        with self._state() as state:
+            state["refused"][f"{name}@{version}"] = {"reason": reason, "at": _now()}
+
     def statement(self, name: str, version: str) -> Statement | None:
         """The checked signed statement of an installed version (None: it was allowed unsigned)."""
         return self._publisher(self.models_dir / name / version, name, version)
@@ -408,11 +421,14 @@ class Registry:
             )
         if statement is not None:
             _signed_files_cover(statement, manifest, f"{name}@{version}")
-        return ModelVersion(name, version, stage, manifest)
+        model = ModelVersion(name, version, stage, manifest, statement is not None and statement.key.allow_code)
+        check_code_policy(model)
+        return model
 
     def _record_import(self, spec: str, statement: Statement | None, allowed_unsigned_by: str | None) -> None:
         with self._state() as state:
             state["imported"][spec] = _now()
+            state["refused"].pop(spec, None)
             if statement is not None:
                 state["signed"][spec] = statement.key.name
                 state["unsigned"].pop(spec, None)
@@ -450,7 +466,14 @@ class Registry:
             data = {}
         except (OSError, ValueError) as exc:
             raise ModelError(f"model state file {self.state_file} is unreadable: {exc}") from exc
-        for key, empty in (("active", {}), ("imported", {}), ("log", []), ("signed", {}), ("unsigned", {})):
+        for key, empty in (
+            ("active", {}),
+            ("imported", {}),
+            ("log", []),
+            ("signed", {}),
+            ("unsigned", {}),
+            ("refused", {}),
+        ):
             data.setdefault(key, empty)
         return data
 
@@ -470,6 +493,15 @@ class Registry:
                 os.fsync(fh.fileno())
             tmp.replace(self.state_file)
             fsync_dir(self.state_file.parent)
+
+
+def check_code_policy(model: ModelVersion) -> None:
+    """A MONAI bundle's config within the allow-list (:mod:`ie_gateway.infer.bundle_policy`),
+    unless its publisher's key has ``allow_code``; CodeNotAllowed otherwise."""
+    if model.manifest.format is not ModelFormat.MONAI_BUNDLE or model.allow_code:
+        return
+    settings = model.manifest.monai or MonaiSettings()
+    check_bundle(model.path, [settings.config, settings.meta], model.spec)
 
 
 def _signed_files_cover(statement: Statement, manifest: Manifest, spec: str) -> None:

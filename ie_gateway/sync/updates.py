@@ -88,6 +88,8 @@ class ModelRegistry(Protocol):
 
     def activate(self, name: str, version: str, by: str | None = None) -> Any: ...
 
+    def record_refusal(self, name: str, version: str, reason: str) -> None: ...
+
 
 class _Refused(Exception):
     """A published version failed a check; carries the reason for the PullResult."""
@@ -194,6 +196,7 @@ def _pull_one(
     except (_Refused, ModelError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         log.warning("model_refused", model=spec, reason=str(exc))
+        registry.record_refusal(name, version, str(exc))
         return PullResult(name, version, PullStatus.REFUSED, str(exc), downloaded)
     shutil.rmtree(partial, ignore_errors=True)
     if policy is ActivationPolicy.AUTO:

@@ -137,6 +137,9 @@ class InferenceSettings(StrictModel):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(900, gt=0)
+    memory_gb: float | None = Field(
+        32, gt=0, description="address-space limit (RLIMIT_AS) of the inference child on the CPU; null: none"
+    )
 
 
 class DestinationTLS(StrictModel):

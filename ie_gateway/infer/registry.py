@@ -336,7 +336,7 @@ class Registry:
                 f"{path / MANIFEST_NAME} declares {manifest.name}@{manifest.version} but lies in "
                 f"the folder for {name}@{version}"
             )
-        return ModelVersion(name, version, path, manifest)
+        return ModelVersion(name, version, path, manifest, statement is not None and statement.key.allow_code)
 
     def _publisher(self, path: Path, name: str, version: str) -> Statement | None:
         """The signed statement of the version in ``path``, checked against the trusted keys

@@ -18,10 +18,9 @@ log):
   with MemoryError, which fails the job); not on CUDA, whose driver reserves far more address
   space than it uses (bound a GPU node with systemd's ``MemoryMax=`` instead).
 
-Not enforced here: the child runs as the service user and can read what it can read (the spool,
-the pseudonym map, the models); keep secrets in systemd credentials (not readable once the
-environment is scrubbed, since the child does not know where they are... but the same uid could
-open them), and see README "Model packages and signing" for what the unit's hardening adds.
+Not enforced here: the child runs as the service user, so it can read what that user can (the
+spool of other jobs, the pseudonym map, the models, a credentials file whose path it guesses).
+Signatures and the MONAI allow-list keep hostile code out; this only limits what gets through.
 """
 
 from __future__ import annotations

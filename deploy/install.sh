@@ -77,9 +77,11 @@ ensure_venv() {
 
 # gateway.yaml as shipped runs from the checkout (relative paths, loopback); on the node it
 # listens on the network and keeps its data under /var/lib. Only the DICOM listener's bind
-# changes: the HTTP endpoint (health, metrics) stays on loopback.
+# changes: the HTTP endpoint (health, metrics) stays on loopback. The demo publisher key (its
+# private key is public) is not trusted on a node: the admin adds the real publishers' keys.
 node_config() {
     sed -E \
+        -e "/^  - name: demo /,/^    allow_code:/d" \
         -e "/^storage:/,/^[a-z]/ s|^(  root:).*|\\1 $STATE|" \
         -e "s|^models_dir:.*|models_dir: $STATE/models|" \
         -e "/^node:/,/^[a-z]/ s|^(  bind:).*|\\1 0.0.0.0|" \

@@ -285,6 +285,8 @@ class GatewayConfig(StrictModel):
     @field_validator("trusted_keys", mode="before")
     @classmethod
     def _key_files_relative(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:  # every entry commented out: nobody is trusted
+            return []
         base = (info.context or {}).get("base")
         if base is None or not isinstance(value, list):
             return value

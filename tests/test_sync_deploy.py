@@ -48,6 +48,7 @@ def test_install_lays_out_node_config_key_unit_and_models(source: Path, tmp_path
     assert config["models_dir"] == "/var/lib/ie-gateway/models"
     assert config["node"]["bind"] == "0.0.0.0"
     assert config["http"]["bind"] == "127.0.0.1"  # health and metrics stay on loopback
+    assert config["trusted_keys"] is None  # the demo publisher (its private key is public) is not trusted
     assert (etc / "routing.yaml").read_text() == (source / "config" / "routing.yaml").read_text()
     key_file = etc / "credentials" / "anon-key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600

@@ -36,14 +36,12 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from model_signing import hashing
-from model_signing import manifest as ms_manifest
-from model_signing._signing import sign_ec_key, sign_sigstore_pb
-from model_signing._signing import signing as ms_signing
 
 from ie_gateway.errors import ModelError, PackageUnsigned, SignatureInvalid, UntrustedPublisher
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # model_signing (sigstore and its dependencies) is imported only to sign or verify
+    from model_signing import hashing
+
     from ie_gateway.config import GatewayConfig
 
 SIGNATURE_NAME = "model.sig"
@@ -117,6 +115,10 @@ def generate_key(private_path: Path, public_path: Path) -> str:
 def sign_package(package_dir: Path, private_key: Path, name: str, version: str, files: Sequence[str]) -> Path:
     """Sign ``files`` (paths in ``package_dir``, ``model.yaml`` among them) as ``name@version``;
     write and return ``package_dir/model.sig``. For publishers: it reads the package's own files."""
+    from model_signing import manifest as ms_manifest
+    from model_signing._signing import sign_ec_key
+    from model_signing._signing import signing as ms_signing
+
     hashed = _hashing().hash(package_dir, files_to_hash=[package_dir / f for f in files])
     named = ms_manifest.Manifest(
         f"{name}@{version}",
@@ -149,6 +151,8 @@ def sign_model(package_dir: Path, private_key: Path) -> Path:
 def read_statement(signature_path: Path, keys: Sequence[TrustedKey], where: str) -> Statement:
     """Steps 1-2 of the module doc: the signed statement, checked against the trusted ``keys``;
     no package file is read. ``where`` names the package in errors."""
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
+
     try:
         size = signature_path.stat().st_size
     except FileNotFoundError:
@@ -206,5 +210,7 @@ def verify_package(package_dir: Path, keys: Sequence[TrustedKey], where: str | N
 
 
 def _hashing() -> hashing.Config:
+    from model_signing import hashing
+
     # every file named, nothing skipped silently (git files included), symbolic links refused
     return hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False)  # type: ignore[no-untyped-call]

@@ -105,7 +105,8 @@ ensure_venv() {
 }
 
 # The demo's gateway.yaml runs from the checkout (relative paths); on the node its data lives
-# under /var/lib. It keeps listening on loopback: its callers have no host pins.
+# under /var/lib. It keeps listening on loopback: its callers have no host pins. It trusts the demo
+# publisher key (whose private key ships in the repo): a demo node runs only the demo models.
 demo_config() {
     sed -E \
         -e "/^storage:/,/^[a-z]/ s|^(  root:).*|\\1 $STATE|" \

@@ -68,7 +68,7 @@ def audit_events(
     """Every event, oldest first, from ``since`` on and for ``job`` when given."""
     events = [*_received(store), *_transitions(store), *_delivered(store), *_synced(store)]
     if job is None:
-        events += _activations(registry)
+        events += [*_activations(registry), *_imports(registry)]
     return sorted(
         (e for e in events if (since is None or e.at >= since) and (job is None or e.job == job)),
         key=lambda e: (e.at, e.job or 0),
@@ -119,6 +119,18 @@ def _activations(registry: Registry) -> Iterable[AuditEvent]:
         yield AuditEvent(
             at, None, "admin", f"activated {a.name}@{a.version} (was {a.previous or 'none'})", who=a.by or ""
         )
+
+
+def _imports(registry: Registry) -> Iterable[AuditEvent]:
+    """Who vouched for each imported model version: the key that signed it, or the admin who
+    let it in unsigned."""
+    for r in registry.imports():
+        at = dt.datetime.fromisoformat(r.at).timestamp()
+        if r.allowed_unsigned_by is not None:
+            detail = f"imported {r.name}@{r.version} UNSIGNED (--allow-unsigned)"
+            yield AuditEvent(at, None, "admin", detail, who=r.allowed_unsigned_by)
+        else:
+            yield AuditEvent(at, None, "imported", f"imported {r.name}@{r.version} signed by {r.signed_by or '?'}")
 
 
 def render(events: list[AuditEvent], as_csv: bool) -> str:

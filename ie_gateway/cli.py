@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("package", type=Path)
     imp.add_argument("--name", help="model name (needed when the folder has no model.yaml yet)")
     imp.add_argument("--version", help="model version (needed when the folder has no model.yaml yet)")
+    imp.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="import a package no trusted key signed (recorded with your user name in the audit)",
+    )
     describe = command(
         "describe",
         "write model.yaml for an nnU-Net v2 folder or MONAI bundle, to edit before `models import`",
@@ -97,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     act = command("activate", "make a version the one `model: name` routes to", models_sub)
     act.add_argument("name")
     act.add_argument("version")
+    keygen = command("keygen", "make a publisher's signing key pair (training side; no config needed)", models_sub)
+    keygen.add_argument("--out", type=Path, required=True, help="writes OUT (private, mode 0600) and OUT.pub")
+    sign = command("sign", "sign a package as its model.yaml describes it: writes model.sig", models_sub)
+    sign.add_argument("package", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the publisher's private key (models keygen)")
     demo = command("demo", "run a node and a stand-in TPS on loopback, send a synthetic CT, show the results")
     demo.add_argument("--workdir", type=Path, default=Path("ie-gateway-demo"), help="where the demo keeps its files")
     demo.add_argument("--slices", type=int, default=120, help="slices of the synthetic CT (512x512 each)")
@@ -320,6 +330,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ie_gateway.infer.formats import describe_package
     from ie_gateway.infer.manifest import load_manifest
 
+    if args.action in ("keygen", "sign"):
+        return _models_publisher(args)
     cfg = load_config(args.config)
     if args.action == "describe":
         print(
@@ -349,25 +361,7 @@ def _models(
     elif args.action == "verify":
         return _verify_models(args, registry, load_manifest)
     elif args.action == "import":
-        manifest = args.package / "model.yaml"
-        if not manifest.is_file():
-            if not (args.name and args.version):
-                raise GatewayError(
-                    f"{args.package} has no model.yaml: give --name and --version "
-                    f"(or write one first with `ie-gateway models describe`)"
-                )
-            print(f"{describe(args.package, args.name, args.version)}: written from the package")
-        else:
-            declared = load_manifest(args.package)
-            for option, value in (("--name", declared.name), ("--version", declared.version)):
-                given = getattr(args, option[2:])
-                if given is not None and given != value:
-                    raise GatewayError(f"{manifest} says {option[2:]} {value!r}, not {given!r}")
-        model = registry.import_version(args.package)
-        print(
-            f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
-            f"{model.name} {model.version})"
-        )
+        _import(args, registry, describe, load_manifest)
     elif args.action == "activate":
         activation = registry.activate(args.name, args.version, by=_who())
         print(f"{args.name}@{args.version}: active (was {activation.previous or 'none'})")
@@ -412,6 +406,72 @@ def _verify_models(args: argparse.Namespace, registry: Registry, load_manifest: 
             continue
         print(f"{spec}: verified")
     return 1 if failed else 0
+
+
+def _import(
+    args: argparse.Namespace,
+    registry: Registry,
+    describe: Callable[..., Path],
+    load_manifest: Callable[[Path], Manifest],
+) -> None:
+    """``models import``: nothing of an unsigned package is read unless --allow-unsigned."""
+    from ie_gateway.errors import PackageUnsigned
+    from ie_gateway.infer.signing import SIGNATURE_NAME, read_statement
+
+    manifest = args.package / "model.yaml"
+    if not manifest.is_file():
+        if not (args.name and args.version):
+            raise GatewayError(
+                f"{args.package} has no model.yaml: give --name and --version "
+                f"(or write one first with `ie-gateway models describe`)"
+            )
+        if not args.allow_unsigned:
+            raise PackageUnsigned(
+                f"{args.package} is not signed (no model.yaml, no model.sig): describe it with "
+                f"`ie-gateway models describe`, sign it with `ie-gateway models sign`, or pass --allow-unsigned"
+            )
+        print(f"{describe(args.package, args.name, args.version)}: written from the package")
+    elif (args.package / SIGNATURE_NAME).is_file():
+        statement = read_statement(args.package / SIGNATURE_NAME, registry.keys, str(args.package))
+        _same_name(args, manifest, statement.name, statement.version)
+    elif args.allow_unsigned:
+        declared = load_manifest(args.package)
+        _same_name(args, manifest, declared.name, declared.version)
+    try:
+        model = registry.import_version(args.package, allowed_unsigned_by=_who() if args.allow_unsigned else None)
+    except PackageUnsigned as exc:
+        raise PackageUnsigned(
+            f"{exc}: sign it with `ie-gateway models sign PATH --key KEY` (a key in trusted_keys), "
+            f"or pass --allow-unsigned to import it anyway (recorded)"
+        ) from exc
+    print(
+        f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
+        f"{model.name} {model.version})"
+    )
+
+
+def _same_name(args: argparse.Namespace, manifest: Path, name: str, version: str) -> None:
+    for option, value in (("--name", name), ("--version", version)):
+        given = getattr(args, option[2:])
+        if given is not None and given != value:
+            raise GatewayError(f"{manifest} says {option[2:]} {value!r}, not {given!r}")
+
+
+def _models_publisher(args: argparse.Namespace) -> int:
+    """``models keygen`` and ``models sign``: the training side, without a node's config."""
+    from ie_gateway.infer.signing import generate_key, sign_model
+
+    if args.action == "keygen":
+        public = args.out.with_name(args.out.name + ".pub")
+        try:
+            key = generate_key(args.out, public)
+        except FileExistsError:
+            raise GatewayError(f"{args.out} exists: a key is never overwritten") from None
+        print(f"{args.out}: private key (keep it with the publisher, never on a node)")
+        print(f"{public}: public key, id {key[:16]}… (add it to the nodes' trusted_keys)")
+    else:
+        print(f"{sign_model(args.package, args.key)}: written")
+    return 0
 
 
 def _who() -> str:
@@ -578,6 +638,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = status_rows(store)
     for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
+    _print_model_refusals(cfg)
     try:
         _load_rules(cfg)
     except ConfigError as exc:
@@ -597,6 +658,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r.get('held_by', '-'):<20} {r['reason'] or ''}"
         )
     return 0
+
+
+def _print_model_refusals(cfg: GatewayConfig) -> None:
+    """Published model versions the pull refused (unsigned, untrusted, changed), on stderr."""
+    from ie_gateway.infer.registry import Registry
+
+    registry = Registry(cfg.models_dir, cfg.storage.root / "models-state.json")  # reads state only
+    for spec, refusal in sorted(registry.refusals().items()):
+        print(f"model {spec} refused by the pull at {refusal['at']}: {refusal['reason']}", file=sys.stderr)
 
 
 def _age(seconds: float) -> str:

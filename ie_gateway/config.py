@@ -138,6 +138,9 @@ class InferenceSettings(StrictModel):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(900, gt=0)
+    memory_gb: float | None = Field(
+        32, gt=0, description="address-space limit (RLIMIT_AS) of the inference child on the CPU; null: none"
+    )
 
 
 class DestinationTLS(StrictModel):
@@ -232,6 +235,19 @@ class AgreementSettings(StrictModel):
     margin: float = Field(0.05, ge=0, le=1)
 
 
+class TrustedKeySetting(StrictModel):
+    """A model publisher the node trusts: a package must be signed by one of these keys.
+
+    ``public_key``: a PEM file (relative to this file) or ``credential:NAME`` (a systemd
+    credential). ``allow_code``: this publisher's MONAI bundles may use ``_target_`` and ``$``
+    expressions beyond the documented allow-list (see ie_gateway.infer.bundle_policy).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    public_key: str = Field(min_length=1)
+    allow_code: bool = False
+
+
 class GatewayConfig(StrictModel):
     """The whole of `gateway.yaml`."""
 
@@ -250,6 +266,7 @@ class GatewayConfig(StrictModel):
     http: HttpSettings = HttpSettings()
     agreement: AgreementSettings = AgreementSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    trusted_keys: list[TrustedKeySetting] = []
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 
     @field_validator("storage", "routing_file", "models_dir", "destinations", mode="before")
@@ -264,6 +281,32 @@ class GatewayConfig(StrictModel):
             return _destination_files(value, base)
         if isinstance(value, str):
             return str(base / Path(value))
+        return value
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _key_files_relative(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:  # every entry commented out: nobody is trusted
+            return []
+        base = (info.context or {}).get("base")
+        if base is None or not isinstance(value, list):
+            return value
+        return [
+            {**key, "public_key": str(base / Path(key["public_key"]))}
+            if isinstance(key, dict)
+            and isinstance(key.get("public_key"), str)
+            and not key["public_key"].startswith("credential:")
+            else key
+            for key in value
+        ]
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _key_names_unique(cls, value: list[TrustedKeySetting]) -> list[TrustedKeySetting]:
+        names = [k.name for k in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"trusted key names must be unique; repeated: {', '.join(repeated)}")
         return value
 
     @model_validator(mode="after")

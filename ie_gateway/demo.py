@@ -92,6 +92,7 @@ def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) 
                 "destinations": {DEMO_TPS: {"ae_title": DEMO_TPS, "host": "127.0.0.1", "port": tps_port}},
                 "delivery": {"base_s": 1, "every_s": 0.5},
                 "inference": base.inference.model_dump(),
+                "trusted_keys": [key.model_dump() for key in base.trusted_keys],
                 "log_level": "warning",
             },
             sort_keys=False,

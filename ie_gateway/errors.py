@@ -11,7 +11,11 @@ GatewayError
 │   ├── ManifestInvalid    model.yaml is missing or does not validate (file:line: key: why)
 │   ├── BadModelRef        text that is not name or name@version (also a ValueError)
 │   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
-│   └── VersionImmutable   different bytes offered under an existing version
+│   ├── VersionImmutable   different bytes offered under an existing version
+│   ├── PackageUnsigned    a package has no signature (model.sig)
+│   ├── UntrustedPublisher a package is signed by a key the node does not trust
+│   ├── SignatureInvalid   a signature does not verify, or a file changed after signing
+│   └── CodeNotAllowed     a MONAI config runs code beyond the allow-list, for a key without allow_code
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
@@ -89,6 +93,22 @@ class ChecksumMismatch(ModelError):
 
 class VersionImmutable(ModelError):
     """Different bytes were offered under a model version that already exists."""
+
+
+class PackageUnsigned(ModelError):
+    """A model package carries no signature (``model.sig``)."""
+
+
+class UntrustedPublisher(ModelError):
+    """A model package is signed, but by a key that is not in ``trusted_keys``."""
+
+
+class SignatureInvalid(ModelError):
+    """A package's signature does not verify, or a file was changed, added or removed after signing."""
+
+
+class CodeNotAllowed(ModelError):
+    """A MONAI bundle's config names code outside the allow-list and its key may not run code."""
 
 
 class InferenceError(GatewayError):

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import yaml
 
+from tests.keys import DEMO_KEY, sign
+
 NAMES = ("External", "Lung_L", "Lung_R", "Heart", "SpinalCord")
 
 
@@ -68,8 +70,10 @@ def write_package(
     batch_size: int = 2,
     window: tuple[float, float] = (-1000.0, 1000.0),
     postprocess: dict[str, Any] | None = None,
+    key: Path | None = DEMO_KEY,
 ) -> Path:
-    """Script ``folds`` into ``root/<name>/<version>/`` with a model.yaml; return that folder."""
+    """Script ``folds`` into ``root/<name>/<version>/`` with a model.yaml, signed with ``key``
+    (the demo key the test nodes trust; None: unsigned); return that folder."""
     folder = root / name / version
     folder.mkdir(parents=True)
     fold_entries = []
@@ -104,4 +108,4 @@ def write_package(
         "folds": fold_entries,
     }
     (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
-    return folder
+    return folder if key is None else sign(folder, key)

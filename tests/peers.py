@@ -96,6 +96,7 @@ class Node:
             "series": {"stable_after_s": 1.0, "sweep_every_s": 0.2},
             "routing_file": "routing.yaml",
             "models_dir": str(REPO / "models"),
+            "trusted_keys": [{"name": "demo", "public_key": str(REPO / "keys" / "demo-only-publisher.pub")}],
             "http": {"bind": "127.0.0.1", "port": free_port()},
             "log_level": "info",
         }

@@ -22,6 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import RTStructureSetStorage, SegmentationStorage
 
 from tests.infer_packages import Pointwise, threshold_model, write_package
+from tests.keys import sign
 from tests.peers import Node, free_port, storescu, wait_until
 
 pytestmark = pytest.mark.peer
@@ -123,6 +124,7 @@ def misplaced_heart_model(root: Path) -> Path:
     manifest["structures"][1]["name"] = "Heart"
     manifest["structures"][1]["expect"] = {"inside": "External", "volume_cc": {"min": 100, "max": 1500}}
     (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    sign(folder)
     return root
 
 

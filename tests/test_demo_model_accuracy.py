@@ -21,6 +21,7 @@ from ie_gateway.infer.registry import Registry
 from ie_gateway.synthetic import STRUCTURES, Phantom, make_phantom, write_ct_series
 from ie_gateway.volume import load_volume
 from ie_gateway.write.validate import dice
+from tests.keys import DEMO_TRUSTED
 from tests.peers import free_port, storescu
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -39,7 +40,7 @@ def dice_per_structure(labels: np.ndarray, truth: np.ndarray) -> dict[str, float
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory: pytest.TempPathFactory) -> Ensemble:
     state = tmp_path_factory.mktemp("registry") / "state.json"
-    return Ensemble(Registry(MODELS, state).resolve("demo-thorax"), device="cpu")
+    return Ensemble(Registry(MODELS, state, keys=DEMO_TRUSTED).resolve("demo-thorax"), device="cpu")
 
 
 @pytest.mark.slow

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
-from ie_gateway.errors import ChecksumMismatch, ModelError
+from ie_gateway.errors import ModelError, SignatureInvalid
 from ie_gateway.infer.formats import describe_package, detect_format
 from ie_gateway.infer.manifest import ManifestInvalid, ModelFormat, load_manifest
 from ie_gateway.infer.registry import Registry
+from tests.keys import DEMO_TRUSTED, describe_signed
 
 TRAINED = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
@@ -68,13 +69,12 @@ def test_an_nnunet_folder_is_described_with_its_labels_folds_and_files(tmp_path:
 
 
 def test_a_described_nnunet_folder_installs_with_its_layout(tmp_path: Path) -> None:
-    folder = nnunet_folder(tmp_path)
-    describe_package(folder, "thorax", "3")
-    registry = Registry(tmp_path / "models", tmp_path / "state.json")
+    folder = describe_signed(nnunet_folder(tmp_path), "thorax", "3")
+    registry = Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED)
     model = registry.import_version(folder)
     installed = sorted(p.relative_to(model.path).as_posix() for p in model.path.rglob("*") if p.is_file())
     assert installed == ["dataset.json", "fold_0/checkpoint_final.pth", "fold_1/checkpoint_final.pth",
-                         "model.yaml", "plans.json"]
+                         "model.sig", "model.yaml", "plans.json"]
     assert registry.resolve("thorax").spec == "thorax@3"
 
 
@@ -87,19 +87,17 @@ def test_import_refuses_a_fold_folder_without_its_checkpoint(tmp_path: Path) -> 
 
 
 def test_import_refuses_a_fold_deleted_after_describing(tmp_path: Path) -> None:
-    folder = nnunet_folder(tmp_path)
-    describe_package(folder, "thorax", "3")
+    folder = describe_signed(nnunet_folder(tmp_path), "thorax", "3")
     (folder / "fold_0" / "checkpoint_final.pth").unlink()
-    with pytest.raises(ModelError, match=r"file fold_0/checkpoint_final.pth is missing"):
-        Registry(tmp_path / "models", tmp_path / "state.json").import_version(folder)
+    with pytest.raises(SignatureInvalid, match=r"signed file\(s\) missing: fold_0/checkpoint_final.pth"):
+        Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED).import_version(folder)
 
 
 def test_import_refuses_a_tampered_checkpoint_naming_it(tmp_path: Path) -> None:
-    folder = nnunet_folder(tmp_path)
-    describe_package(folder, "thorax", "3")
+    folder = describe_signed(nnunet_folder(tmp_path), "thorax", "3")
     (folder / "fold_1" / "checkpoint_final.pth").write_bytes(b"checkpoint X")
-    registry = Registry(tmp_path / "models", tmp_path / "state.json")
-    with pytest.raises(ChecksumMismatch, match=r"fold_1/checkpoint_final.pth has sha256"):
+    registry = Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED)
+    with pytest.raises(SignatureInvalid, match=r"changed after signing by 'demo': fold_1/checkpoint_final.pth"):
         registry.import_version(folder)
     assert registry.versions("thorax") == []
 

@@ -92,9 +92,10 @@ def test_nnunet_demo_through_dicom_equals_nnunetv2_predict(node_factory: Any, tm
 
 
 def test_monai_bundle_imported_by_the_cli_equals_monai_bundle_run(node_factory: Any, tmp_path: Path) -> None:
+    from tests.keys import describe_signed
     from tests.monai_bundles import write_bundle
 
-    bundle = write_bundle(tmp_path / "incoming" / "toy_ct_segmentation")
+    bundle = describe_signed(write_bundle(tmp_path / "incoming" / "toy_ct_segmentation"), "toy-monai", "1")
     node = node_for(node_factory, tmp_path / "models", "toy-monai")
     imported = node.cli("models", "import", str(bundle), "--name", "toy-monai", "--version", "1")
     assert "toy-monai@1: imported" in imported.stdout
@@ -121,7 +122,8 @@ def test_a_missing_fold_is_refused_by_the_import_command(node_factory: Any, tmp_
     package = tmp_path / "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
     shutil.copytree(NNUNET_DEMO, package, ignore=shutil.ignore_patterns("model.yaml"))
     (package / "fold_3").mkdir()  # a fold whose checkpoint did not arrive
-    refused = node.cli("models", "import", str(package), "--name", "thorax", "--version", "1", check=False)
+    refused = node.cli("models", "import", str(package), "--name", "thorax", "--version", "1", "--allow-unsigned",
+                       check=False)
     assert refused.returncode != 0
     assert "fold_3/checkpoint_final.pth is missing" in refused.stderr
     assert not (tmp_path / "models" / "thorax").exists()

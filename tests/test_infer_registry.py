@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
+from ie_gateway.errors import ModelError, SignatureInvalid, VersionImmutable
 from ie_gateway.infer.registry import Registry, probe_patch
 from ie_gateway.infer.runner import InferenceRunner
 from tests.infer_packages import Pointwise, Spin, threshold_model, write_package
+from tests.keys import DEMO_TRUSTED, sign
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "models", tmp_path / "state" / "models.json")
+    return Registry(tmp_path / "models", tmp_path / "state" / "models.json", keys=DEMO_TRUSTED)
 
 
 def source(tmp_path: Path, version: str = "1", level: float = 0.5, name: str = "toy") -> Path:
@@ -42,19 +43,19 @@ def corrupt(path: Path) -> None:
 def test_import_installs_a_verified_copy(tmp_path: Path, registry: Registry) -> None:
     model = registry.import_version(source(tmp_path))
     assert model.path == tmp_path / "models" / "toy" / "1"
-    assert sorted(p.name for p in model.path.iterdir()) == ["fold0.pt", "model.yaml"]
+    assert sorted(p.name for p in model.path.iterdir()) == ["fold0.pt", "model.sig", "model.yaml"]
     assert not any(p.name.startswith(".") for p in model.path.parent.iterdir())
     [row] = registry.list()
     assert (row.name, row.version, row.verified, row.active) == ("toy", "1", True, False)
     assert row.imported_at is not None
 
 
-def test_import_of_a_package_with_a_wrong_checksum_is_refused(
+def test_import_of_a_package_changed_after_signing_is_refused(
     tmp_path: Path, registry: Registry
 ) -> None:
     src = source(tmp_path)
     corrupt(src / "fold0.pt")
-    with pytest.raises(ChecksumMismatch, match="fold0.pt has sha256"):
+    with pytest.raises(SignatureInvalid, match="changed after signing by 'demo': fold0.pt"):
         registry.import_version(src)
     assert registry.versions("toy") == []
 
@@ -65,12 +66,12 @@ def test_altered_installed_fold_fails_verify_and_resolve(
     model = registry.import_version(source(tmp_path))
     registry.resolve("toy@1")
     corrupt(model.path / "fold0.pt")
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(SignatureInvalid):
         registry.verify("toy", "1")
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(SignatureInvalid):
         registry.resolve("toy@1")
     [row] = registry.list()
-    assert not row.verified and "sha256" in (row.problem or "")
+    assert not row.verified and "changed after signing" in (row.problem or "")
 
 
 def test_resolve_rechecks_a_fold_rewritten_after_a_successful_check(
@@ -82,7 +83,7 @@ def test_resolve_rechecks_a_fold_rewritten_after_a_successful_check(
     stat = fold.stat()
     corrupt(fold)
     os.utime(fold, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(SignatureInvalid):
         registry.resolve("toy")
 
 
@@ -128,7 +129,7 @@ def test_activation_of_a_version_that_fails_verification_is_refused(
 ) -> None:
     model = registry.import_version(source(tmp_path))
     corrupt(model.path / "fold0.pt")
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(SignatureInvalid):
         registry.activate("toy", "1")
     assert registry.active("toy") is None and registry.history() == []
 
@@ -172,7 +173,7 @@ def runner() -> Iterator[InferenceRunner]:
 @pytest.fixture
 def probing(tmp_path: Path, runner: InferenceRunner) -> Registry:
     """A registry that loads and runs packages in the inference child, as the node's does."""
-    return Registry(tmp_path / "models", tmp_path / "state" / "models.json", runner.verify)
+    return Registry(tmp_path / "models", tmp_path / "state" / "models.json", runner.verify, DEMO_TRUSTED)
 
 
 def test_verify_detects_a_wrong_channel_count(tmp_path: Path, probing: Registry) -> None:
@@ -189,6 +190,7 @@ def test_verify_detects_a_file_that_is_not_torchscript(tmp_path: Path, probing: 
     manifest = yaml.safe_load((src / "model.yaml").read_text())
     manifest["folds"][0]["sha256"] = hashlib.sha256(b"not a model").hexdigest()
     (src / "model.yaml").write_text(yaml.safe_dump(manifest))
+    sign(src)
     with pytest.raises(ModelError, match="fold0.pt does not load as TorchScript"):
         probing.import_version(src)
 
@@ -199,7 +201,7 @@ def test_a_model_that_hangs_in_verification_times_out_and_the_child_is_replaced(
 ) -> None:
     src = write_package(tmp_path / "src", [Spin(3, iterations=10**9)], name="hang")
     with InferenceRunner(3, device="cpu", log_level=None) as runner:
-        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify)
+        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify, DEMO_TRUSTED)
         assert registry.import_version(source(tmp_path)).spec == "toy@1"  # starts the child
         first_child = runner.pid
         with pytest.raises(ModelError, match="verification failed: inference exceeded 3 s"):
@@ -218,6 +220,7 @@ def test_resolve_checks_checksums_without_loading_torch_models(
     manifest = yaml.safe_load((src / "model.yaml").read_text())
     manifest["folds"][0]["sha256"] = hashlib.sha256(b"not a model").hexdigest()
     (src / "model.yaml").write_text(yaml.safe_dump(manifest))
+    sign(src)
     assert registry.import_version(src).spec == "toy@1"
     assert registry.resolve("toy").spec == "toy@1"
 
@@ -226,7 +229,7 @@ def test_package_in_the_wrong_folder_is_refused(tmp_path: Path, registry: Regist
     model = registry.import_version(source(tmp_path))
     moved = model.path.parent / "7"
     model.path.rename(moved)
-    with pytest.raises(ModelError, match="declares toy@1 but lies in the folder for toy@7"):
+    with pytest.raises(SignatureInvalid, match="signed as toy@1, not toy@7"):
         registry.resolve("toy@7")
 
 

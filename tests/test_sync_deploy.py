@@ -60,6 +60,7 @@ def test_install_lays_out_a_node_that_answers_nobody_routes_nothing_and_has_no_m
     assert config["storage"]["root"] == "/var/lib/ie-gateway"
     assert config["models_dir"] == "/var/lib/ie-gateway/models"
     assert config["http"]["bind"] == "127.0.0.1"  # health and metrics stay on loopback
+    assert not config.get("trusted_keys")  # no model publisher, not even the demo key (its private key is public)
     assert yaml.safe_load((etc / "routing.yaml").read_text())["rules"] == []
     assert list((root / "var/lib/ie-gateway/models").iterdir()) == []  # the demo models only with --demo
     assert (etc / "site-names.yaml").is_file()

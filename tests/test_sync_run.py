@@ -29,6 +29,7 @@ from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client
 from ie_gateway.sync.run import SyncReport, scheduled_cases, scheduled_models, sync_now
 from ie_gateway.sync.updates import PullStatus, publish_version
+from tests.keys import DEMO_KEY, DEMO_TRUSTED
 from ie_gateway.sync.upload import CasesReport, sync_cases
 from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
@@ -362,10 +363,10 @@ def test_published_model_version_is_pulled_once_and_activated_by_policy(
     try:
         package = write_package(tmp_path / "publish", [threshold_model(2)], name="toy-pull",
                                 version="7", structures=1)
-        publish_version(container, package)
+        publish_version(container, package, key=DEMO_KEY)
         cfg = site.cfg.model_copy(update={"sync": site.cfg.sync.model_copy(
             update={"container": container.container_name, "activation": {"toy-pull": "auto"}})})
-        registry = Registry(tmp_path / "models", tmp_path / "models-state.json")
+        registry = Registry(tmp_path / "models", tmp_path / "models-state.json", keys=DEMO_TRUSTED)
         first = sync_now(cfg, site.store, registry)
         assert [(r.name, r.version, r.status) for r in first.models] == [
             ("toy-pull", "7", PullStatus.ACTIVE)]

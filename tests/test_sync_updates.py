@@ -1,5 +1,5 @@
 """Model updates pulled from a real blob service (Azurite): verified, imported, listed;
-tampered or half-published versions are refused or left alone."""
+tampered, unsigned or half-published versions are refused."""
 
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ from azure.storage.blob import ContainerClient
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.sync.blob import container_client
-from ie_gateway.sync.updates import (
-    SIDECAR_NAME,
-    PullStatus,
-    publish_version,
-    pull_updates,
-)
+from ie_gateway.infer.signing import SIGNATURE_NAME
+from ie_gateway.sync.updates import PullStatus, pull_updates
+from ie_gateway.sync.updates import publish_version as publish
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
+from tests.keys import DEMO_KEY, DEMO_TRUSTED
 
 pytestmark = pytest.mark.peer
 
@@ -39,6 +37,11 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+def publish_version(container: ContainerClient, package: Path, *args: str) -> int:
+    """Publish as the training side does: signed with the key the test registries trust."""
+    return publish(container, package, *args, key=DEMO_KEY)
 
 
 def _package(root: Path, version: str) -> Path:
@@ -72,7 +75,7 @@ def container(azurite_blob: str) -> Iterator[ContainerClient]:  # noqa: F811
 
 @pytest.fixture()
 def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "models", tmp_path / "state.json")
+    return Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED)
 
 
 def _known(registry: Registry) -> set[tuple[str, str]]:
@@ -115,7 +118,7 @@ def test_tampered_fold_is_refused_reported_and_unstaged(
     assert not (staging / NAME / "3.partial").exists()
 
 
-def test_manifest_not_matching_its_sidecar_is_refused(
+def test_manifest_changed_after_signing_is_refused(
     container: ContainerClient, registry: Registry, tmp_path: Path
 ) -> None:
     package = _package(tmp_path / "publish", "4")
@@ -128,13 +131,15 @@ def test_manifest_not_matching_its_sidecar_is_refused(
     assert registry.list() == []
 
 
-def test_version_without_sidecar_is_left_until_published(
+def test_version_without_signature_is_refused_and_nothing_downloaded(
     container: ContainerClient, registry: Registry, tmp_path: Path
 ) -> None:
     publish_version(container, _package(tmp_path / "publish", "5"))
-    container.delete_blob(f"models/{NAME}/5/{SIDECAR_NAME}")
-    assert pull_updates(container, tmp_path / "staging", registry, set()) == []
-    assert registry.list() == []
+    container.delete_blob(f"models/{NAME}/5/{SIGNATURE_NAME}")
+    (result,) = pull_updates(container, tmp_path / "staging", registry, set())
+    assert result.status is PullStatus.REFUSED and "is not signed" in (result.reason or "")
+    assert result.bytes == 0 and registry.list() == []
+    assert not any((tmp_path / "staging").rglob("*.*"))
 
 
 def test_interrupted_pull_resumes_without_downloading_complete_files(
@@ -149,7 +154,7 @@ def test_interrupted_pull_resumes_without_downloading_complete_files(
     container.delete_blob(f"models/{NAME}/6/fold0.pt")
     (result,) = pull_updates(container, tmp_path / "staging", registry, set())
     assert result.status is PullStatus.AVAILABLE
-    assert result.bytes == (package / "model.yaml").stat().st_size
+    assert result.bytes == (package / "model.yaml").stat().st_size + (package / SIGNATURE_NAME).stat().st_size
     assert [(r.name, r.version, r.verified) for r in registry.list()] == [(NAME, "6", True)]
 
 
@@ -172,14 +177,14 @@ def test_an_nnunet_folder_is_published_pulled_and_verified_in_the_inference_chil
     package = tmp_path / "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
     shutil.copytree(NNUNET_DEMO, package, ignore=shutil.ignore_patterns("model.yaml"))
     sent = publish_version(container, package, "thorax-nnunet", "7")
-    assert sent == len(list(NNUNET_DEMO.glob("fold_*"))) + 2 + 2  # folds, jsons, yaml, sidecar
+    assert sent == len(list(NNUNET_DEMO.glob("fold_*"))) + 2 + 2  # folds, jsons, yaml, signature
     tampered = tmp_path / "tampered" / package.name
     shutil.copytree(package, tampered, ignore=shutil.ignore_patterns("model.yaml"))
     publish_version(container, tampered, "thorax-nnunet", "8")
     container.upload_blob("models/thorax-nnunet/8/fold_0/checkpoint_final.pth", b"not nnU-Net",
                           overwrite=True)
     with InferenceRunner(300, device="cpu", log_level=None) as runner:
-        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify)
+        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify, DEMO_TRUSTED)
         results = {r.version: r for r in pull_updates(container, tmp_path / "staging", registry, set())}
     assert results["7"].status is PullStatus.AVAILABLE, results["7"].reason
     assert (tmp_path / "models" / "thorax-nnunet" / "7" / "fold_0" / "checkpoint_final.pth").is_file()

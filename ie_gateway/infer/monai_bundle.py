@@ -27,7 +27,7 @@ from ie_gateway.errors import InferenceError, ModelError
 from ie_gateway.infer.ensemble import default_device
 from ie_gateway.infer.manifest import MonaiSettings
 from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
-from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.registry import ModelVersion, check_code_policy
 from ie_gateway.infer.types import Segmentation
 
 log = structlog.get_logger(__name__)
@@ -52,6 +52,7 @@ class MonaiBundle:
             raise ModelError(
                 f"{model.spec} is a MONAI bundle; install the extra: pip install 'ie-gateway[monai]' ({_MISSING})"
             )
+        check_code_policy(model)  # again here, in the child, right before MONAI reads the config
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
         self.settings = model.manifest.monai or MonaiSettings()

@@ -23,6 +23,17 @@ inference child loads every fold with the package's own framework and maps a sma
 stall the service process (which never runs torch for verification). Verification results are
 cached per process by each file's (size, mtime, inode), so a job does not re-hash unchanged
 files, but any rewrite is re-checked.
+
+Every version must be signed by one of the node's trusted keys (:mod:`ie_gateway.infer.signing`),
+and the signature is checked before ``model.yaml`` is read as YAML, at import and whenever an
+installed version is loaded: what is installed is exactly the files the signed statement lists,
+plus ``model.sig``. A version imported with ``allowed_unsigned_by`` (``models import
+--allow-unsigned``) is recorded with who allowed it and is exempt while it has no signature.
+The state file records who signed or allowed each version::
+
+    {"signed":   {"<name>@<version>": "<trusted key name>"},
+     "unsigned": {"<name>@<version>": {"by": "<who allowed it>", "at": "<UTC ISO time>"}},
+     "refused":  {"<name>@<version>": {"reason": "<why the pull refused it>", "at": "<UTC ISO time>"}}}
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +55,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ie_gateway.errors import ChecksumMismatch, ModelError, VersionImmutable
+from ie_gateway.errors import ChecksumMismatch, ModelError, PackageUnsigned, SignatureInvalid, VersionImmutable
 from ie_gateway.files import fsync_dir, sha256_file
-from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, load_manifest
+from ie_gateway.infer.bundle_policy import check_bundle
+from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, ModelFormat, MonaiSettings, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
+from ie_gateway.infer.signing import SIGNATURE_NAME, Statement, TrustedKey, verify_package
 
 if TYPE_CHECKING:
     from ie_gateway.config import GatewayConfig
@@ -57,6 +70,7 @@ log = structlog.get_logger(__name__)
 _STAGING_PREFIX = ".staging-"
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
+TreeStamp = tuple[tuple[str, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class ModelVersion:
     version: str
     path: Path
     manifest: Manifest
+    allow_code: bool = False  # signed by a key with allow_code: true (MONAI configs unrestricted)
 
     @property
     def spec(self) -> str:
@@ -98,6 +113,18 @@ class VersionInfo:
     verified: bool
     imported_at: str | None
     problem: str | None
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """Who vouched for an imported version: the trusted key that signed it, or the admin who
+    allowed it unsigned."""
+
+    name: str
+    version: str
+    at: str
+    signed_by: str | None
+    allowed_unsigned_by: str | None
 
 
 @dataclass(frozen=True)
@@ -154,14 +181,19 @@ class Registry:
     """Model versions under ``models_dir`` and their activation state in ``state_file``.
 
     ``probe`` loads and runs a package after its checksums pass (the node passes its inference
-    child's ``verify``); without one only checksums are verified.
+    child's ``verify``); without one only checksums are verified. ``keys``: the publishers whose
+    signatures are accepted (none: only versions allowed unsigned load).
     """
 
-    def __init__(self, models_dir: Path, state_file: Path, probe: Probe | None = None) -> None:
+    def __init__(
+        self, models_dir: Path, state_file: Path, probe: Probe | None = None, keys: Sequence[TrustedKey] = ()
+    ) -> None:
         self.models_dir = models_dir
         self.state_file = state_file
         self.probe = probe
+        self.keys = tuple(keys)
         self._verified: dict[Path, FileSignature] = {}
+        self._signed: dict[Path, tuple[TreeStamp, Statement]] = {}
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -207,6 +239,30 @@ class Registry:
         """The activation log, oldest first, optionally for one model."""
         entries = [Activation(**e) for e in self._read_state()["log"]]
         return [e for e in entries if name is None or e.name == name]
+
+    def imports(self) -> builtins.list[ImportRecord]:
+        """Every imported version with the key that signed it or who allowed it unsigned."""
+        state = self._read_state()
+        rows = []
+        for spec, at in state["imported"].items():
+            name, _, version = spec.partition("@")
+            allowed = state["unsigned"].get(spec)
+            rows.append(ImportRecord(name, version, at, state["signed"].get(spec), allowed["by"] if allowed else None))
+        return rows
+
+    def refusals(self) -> dict[str, dict[str, str]]:
+        """Published versions the last pulls refused: ``{"name@version": {"reason", "at"}}``."""
+        refused: dict[str, dict[str, str]] = self._read_state()["refused"]
+        return refused
+
+    def record_refusal(self, name: str, version: str, reason: str) -> None:
+        """Keep why a pull refused ``name@version`` for ``status`` and the page (until imported)."""
+        with self._state() as state:
+            state["refused"][f"{name}@{version}"] = {"reason": reason, "at": _now()}
+
+    def statement(self, name: str, version: str) -> Statement | None:
+        """The checked signed statement of an installed version (None: it was allowed unsigned)."""
+        return self._publisher(self.models_dir / name / version, name, version)
 
     def active(self, name: str) -> str | None:
         active: dict[str, str] = self._read_state()["active"]
@@ -271,59 +327,125 @@ class Registry:
                 f"model {name}@{version} is not installed in {self.models_dir} "
                 f"(installed versions of {name}: {installed})"
             )
+        statement = self._publisher(path, name, version)
         manifest = load_manifest(path)
+        if statement is not None:
+            _signed_files_cover(statement, manifest, f"{name}@{version}")
         if (manifest.name, manifest.version) != (name, version):
             raise ModelError(
                 f"{path / MANIFEST_NAME} declares {manifest.name}@{manifest.version} but lies in "
                 f"the folder for {name}@{version}"
             )
-        return ModelVersion(name, version, path, manifest)
+        return ModelVersion(name, version, path, manifest, statement is not None and statement.key.allow_code)
+
+    def _publisher(self, path: Path, name: str, version: str) -> Statement | None:
+        """The signed statement of the version in ``path``, checked against the trusted keys
+        before anything in it is parsed (cached by the folder's file stats); None for a version
+        an admin allowed unsigned that still has no signature."""
+        spec = f"{name}@{version}"
+        if not (path / SIGNATURE_NAME).exists() and spec in self._read_state()["unsigned"]:
+            return None
+        stamp = _tree_stamp(path)
+        cached = self._signed.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        self._signed.pop(path, None)
+        statement = verify_package(path, self.keys, spec)
+        if (statement.name, statement.version) != (name, version):
+            raise SignatureInvalid(f"{path} holds a package signed as {statement.spec}, not {spec}")
+        self._signed[path] = (stamp, statement)
+        return statement
 
     # -- changes ------------------------------------------------------------------------------
 
-    def import_version(self, src_dir: Path) -> ModelVersion:
+    def import_version(self, src_dir: Path, *, allowed_unsigned_by: str | None = None) -> ModelVersion:
         """Verify the package in ``src_dir`` and install it as ``<name>/<version>`` atomically.
 
-        Identical bytes already installed: a no-op returning the installed version. Different
-        bytes under an installed version: VersionImmutable.
+        The signature is checked first (PackageUnsigned, UntrustedPublisher, SignatureInvalid),
+        before model.yaml is read; ``allowed_unsigned_by`` names the admin who accepts a package
+        without one (recorded). Only the signed files and the signature are installed. Identical
+        bytes already installed: a no-op returning the installed version. Different bytes under
+        an installed version: VersionImmutable.
         """
-        manifest = load_manifest(src_dir)
-        offered = ModelVersion(manifest.name, manifest.version, src_dir, manifest)
-        check_package(offered, self.probe)
-        dest = self.models_dir / manifest.name / manifest.version
+        try:
+            statement: Statement | None = verify_package(src_dir, self.keys)
+        except PackageUnsigned:
+            if allowed_unsigned_by is None:
+                raise
+            statement = None
+        if statement is None:
+            unsigned = load_manifest(src_dir)
+            name, version = unsigned.name, unsigned.version
+            files = ModelVersion(name, version, src_dir, unsigned).relative_files()
+        else:
+            name, version, files = statement.name, statement.version, [*statement.files, SIGNATURE_NAME]
+        dest = self.models_dir / name / version
         if (dest / MANIFEST_NAME).is_file():
-            return self._same_or_refuse(offered, dest)
-        stage = dest.parent / f"{_STAGING_PREFIX}{manifest.version}-{uuid.uuid4().hex}"
+            return self._same_or_refuse(f"{name}@{version}", src_dir, files, dest)
+        stage = dest.parent / f"{_STAGING_PREFIX}{version}-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)
         try:
-            for name in offered.relative_files():
-                _copy_durably(src_dir / name, stage / name)
-            check_package(ModelVersion(manifest.name, manifest.version, stage, manifest), self.probe)
+            for file in files:
+                _copy_durably(src_dir / file, stage / file)
+            staged = self._staged(stage, name, version, statement)
+            check_package(staged, self.probe)
             try:
                 stage.rename(dest)
             except OSError as exc:  # another import won the race: compare with its bytes
                 if not (dest / MANIFEST_NAME).is_file():
-                    raise ModelError(f"cannot install {offered.spec} into {dest}: {exc}") from exc
-                return self._same_or_refuse(offered, dest)
+                    raise ModelError(f"cannot install {staged.spec} into {dest}: {exc}") from exc
+                return self._same_or_refuse(staged.spec, src_dir, files, dest)
         finally:
             if stage.exists():
                 shutil.rmtree(stage)
         fsync_dir(dest.parent)
-        with self._state() as state:
-            state["imported"][offered.spec] = _now()
-        log.info("model_imported", model=offered.spec, folds=len(manifest.folds))
-        return self._verified_version(manifest.name, manifest.version)
+        self._record_import(staged.spec, statement, allowed_unsigned_by)
+        log.info(
+            "model_imported",
+            model=staged.spec,
+            folds=len(staged.manifest.folds),
+            signed_by=statement.key.name if statement else None,
+            allowed_unsigned_by=allowed_unsigned_by if statement is None else None,
+        )
+        return self._verified_version(name, version)
 
-    def _same_or_refuse(self, offered: ModelVersion, dest: Path) -> ModelVersion:
-        for name in offered.relative_files():
-            there, src = dest / name, offered.path / name
+    def _staged(self, stage: Path, name: str, version: str, statement: Statement | None) -> ModelVersion:
+        """The copy in ``stage``, its signature checked again (the source may have changed while
+        it was copied), then its model.yaml read and held to the signed name, version and files."""
+        if statement is not None:
+            statement = verify_package(stage, self.keys, f"{name}@{version}")
+        manifest = load_manifest(stage)
+        if (manifest.name, manifest.version) != (name, version):
+            raise SignatureInvalid(
+                f"model.yaml declares {manifest.name}@{manifest.version} but the package is signed as {name}@{version}"
+            )
+        if statement is not None:
+            _signed_files_cover(statement, manifest, f"{name}@{version}")
+        model = ModelVersion(name, version, stage, manifest, statement is not None and statement.key.allow_code)
+        check_code_policy(model)
+        return model
+
+    def _record_import(self, spec: str, statement: Statement | None, allowed_unsigned_by: str | None) -> None:
+        with self._state() as state:
+            state["imported"][spec] = _now()
+            state["refused"].pop(spec, None)
+            if statement is not None:
+                state["signed"][spec] = statement.key.name
+                state["unsigned"].pop(spec, None)
+            else:
+                state["unsigned"][spec] = {"by": allowed_unsigned_by, "at": _now()}
+
+    def _same_or_refuse(self, spec: str, src_dir: Path, files: builtins.list[str], dest: Path) -> ModelVersion:
+        for name in files:
+            there, src = dest / name, src_dir / name
             if not there.is_file() or sha256_file(there) != sha256_file(src):
                 raise VersionImmutable(
-                    f"{offered.spec} is already installed with different content ({name} "
+                    f"{spec} is already installed with different content ({name} "
                     f"differs); versions are immutable: publish it under a new version"
                 )
-        log.info("model_import_unchanged", model=offered.spec)
-        return self._verified_version(offered.name, offered.version)
+        log.info("model_import_unchanged", model=spec)
+        name, _, version = spec.partition("@")
+        return self._verified_version(name, version)
 
     def activate(self, name: str, version: str, by: str | None = None) -> Activation:
         """Verify ``name@version`` and make it the active version; the change is logged."""
@@ -344,7 +466,14 @@ class Registry:
             data = {}
         except (OSError, ValueError) as exc:
             raise ModelError(f"model state file {self.state_file} is unreadable: {exc}") from exc
-        for key, empty in (("active", {}), ("imported", {}), ("log", [])):
+        for key, empty in (
+            ("active", {}),
+            ("imported", {}),
+            ("log", []),
+            ("signed", {}),
+            ("unsigned", {}),
+            ("refused", {}),
+        ):
             data.setdefault(key, empty)
         return data
 
@@ -366,6 +495,32 @@ class Registry:
             fsync_dir(self.state_file.parent)
 
 
+def check_code_policy(model: ModelVersion) -> None:
+    """A MONAI bundle's config within the allow-list (:mod:`ie_gateway.infer.bundle_policy`),
+    unless its publisher's key has ``allow_code``; CodeNotAllowed otherwise."""
+    if model.manifest.format is not ModelFormat.MONAI_BUNDLE or model.allow_code:
+        return
+    settings = model.manifest.monai or MonaiSettings()
+    check_bundle(model.path, [settings.config, settings.meta], model.spec)
+
+
+def _signed_files_cover(statement: Statement, manifest: Manifest, spec: str) -> None:
+    """Every file model.yaml names must be one the publisher signed."""
+    unsigned = sorted(f.file for f in (*manifest.folds, *manifest.files) if f.file not in statement.files)
+    if unsigned:
+        raise SignatureInvalid(f"{spec}: model.yaml names files that are not signed: {', '.join(unsigned)}")
+
+
+def _tree_stamp(path: Path) -> TreeStamp:
+    """(relative path, size, mtime, inode) of every file under ``path``: any rewrite changes it."""
+    out = []
+    for folder, _, names in os.walk(path):
+        for file in names:
+            st = os.stat(os.path.join(folder, file), follow_symlinks=False)
+            out.append((os.path.relpath(os.path.join(folder, file), path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(out))
+
+
 def _copy_durably(src: Path, dst: Path) -> None:
     if not dst.parent.is_dir():
         dst.parent.mkdir(parents=True)
@@ -377,6 +532,9 @@ def _copy_durably(src: Path, dst: Path) -> None:
 
 
 def registry_for(cfg: GatewayConfig, probe: Probe | None = None) -> Registry:
-    """The model registry of a node: packages in models_dir, activation state beside the index;
-    ``probe`` (an inference runner's ``verify``) loads and runs a package after its checksums."""
-    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json", probe)
+    """The model registry of a node: packages in models_dir, activation state beside the index,
+    signatures checked against ``trusted_keys``; ``probe`` (an inference runner's ``verify``)
+    loads and runs a package after its checksums."""
+    from ie_gateway.infer.signing import trusted_keys
+
+    return Registry(cfg.models_dir, cfg.storage.root / "models-state.json", probe, trusted_keys(cfg))

@@ -16,6 +16,11 @@ the folds with the package's framework (native TorchScript, nnU-Net v2, a MONAI 
 resident for the jobs that follow. A job for a model the child does not hold runs that probe
 first, so nothing unverified ever contours a CT.
 
+The child is confined before it loads anything (:mod:`ie_gateway.infer.sandbox`): its own empty
+network namespace (or a seccomp socket filter), no secrets in its environment, ``RLIMIT_AS`` of
+``memory_gb`` on the CPU; how is logged once per child as ``inference_child_sandbox``. Whatever a
+model does in there, the worst outcome is a failed job with a reason and a fresh child.
+
 The child reads the CT from a file the caller wrote (any format SimpleITK reads; ``.mha`` is
 simplest) and writes the label map to ``labels_path`` atomically (temp file in the same folder,
 fsync, rename), compressed, so a reader never sees half a file.
@@ -23,6 +28,7 @@ fsync, rename), compressed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import signal
@@ -40,6 +46,7 @@ import structlog
 from ie_gateway.errors import GatewayError, InferenceError, ModelError
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.infer.sandbox import confine, scrubbed_environ
 from ie_gateway.infer.types import (
     Close,
     InferenceFailure,
@@ -94,6 +101,7 @@ class InferenceRunner:
     ``device``: "cuda", "cpu" or None (CUDA when available). ``max_resident``: how many model
     versions the child keeps loaded (least recently used is dropped). ``log_level``: the child
     configures ``ie_gateway.log`` at this level (None leaves logging unconfigured).
+    ``memory_gb``: the child's address-space limit on the CPU (None: none).
     """
 
     def __init__(
@@ -103,20 +111,27 @@ class InferenceRunner:
         device: str | None = None,
         max_resident: int = 2,
         log_level: str | None = "info",
+        memory_gb: float | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
-        self._options = (device, max_resident, log_level)
+        self._options = (device, max_resident, log_level, memory_gb)
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # the worker's jobs and the sync's imports share the child
+        self._sandbox: list[str] | None = None
 
     @property
     def pid(self) -> int | None:
         """The child's process id (for status and logs), None while none runs."""
         return None if self._process is None else int(self._process.pid)
+
+    @property
+    def sandbox(self) -> list[str] | None:
+        """How the last child started was confined, in words (None before the first child)."""
+        return self._sandbox
 
     def run(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> InferenceResult:
         """Segment the CT at ``ct_path`` with ``model``; write the label map to ``labels_path``.
@@ -192,14 +207,19 @@ class InferenceRunner:
         self._process = self._context.Process(
             target=_serve, args=(child, *self._options), name="ie-gateway-infer", daemon=True
         )
-        self._process.start()
+        with scrubbed_environ():  # the child inherits the environment as it is at exec
+            self._process.start()
         child.close()
         self._conn = parent
         # wait until the child has imported torch, so a job's time limit counts only its own work
-        if not _ready(parent):
+        sandbox = _ready(parent)
+        if sandbox is None:
             self._stop()
             raise InferenceError(f"inference process did not start within {_START_TIMEOUT_S:g} s")
         log.info("inference_child_started", pid=self._process.pid)
+        if sandbox != self._sandbox:  # once per node, and again if it ever changes
+            self._sandbox = sandbox
+            log.info("inference_child_sandbox", confinement="; ".join(sandbox))
 
     def _stop(self) -> None:
         if self._process.is_alive():
@@ -232,15 +252,20 @@ class InferenceRunner:
 def runner_for(cfg: GatewayConfig) -> InferenceRunner:
     """The inference child of a node, or of a CLI command that verifies models."""
     device = None if cfg.inference.device == "auto" else cfg.inference.device
-    return InferenceRunner(cfg.inference.timeout_s, device=device, log_level=cfg.log_level)
+    return InferenceRunner(
+        cfg.inference.timeout_s, device=device, log_level=cfg.log_level, memory_gb=cfg.inference.memory_gb
+    )
 
 
-def _ready(conn: Connection) -> bool:
-    """Whether the child said "ready" in time (a child that died while starting did not)."""
+def _ready(conn: Connection) -> list[str] | None:
+    """The child's confinement once it said "ready" in time (None: it did not, or died)."""
     try:
-        return conn.poll(_START_TIMEOUT_S) and isinstance(conn.recv(), Ready)
+        if not conn.poll(_START_TIMEOUT_S):
+            return None
+        message = conn.recv()
     except (EOFError, ConnectionResetError):
-        return False
+        return None
+    return list(message.sandbox) if isinstance(message, Ready) else None
 
 
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
@@ -255,14 +280,18 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _serve(conn: Connection, device: str | None, max_resident: int, log_level: str | None) -> None:
+def _serve(
+    conn: Connection, device: str | None, max_resident: int, log_level: str | None, memory_gb: float | None
+) -> None:
     """The child's loop: one job per message until "close" or the parent goes away."""
+    # first, before any thread starts or any model is loaded: a user namespace needs one thread
+    sandbox = confine(memory_gb, cuda=device == "cuda" or (device is None and _gpu_present()))
     # Ctrl-C at a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:
         configure_logging(log_level)
     _exit_with_parent(os.getppid())
-    conn.send(Ready())
+    conn.send(Ready(tuple(sandbox)))
     resident: OrderedDict[tuple[str, str, str], Segmenter] = OrderedDict()
     while True:
         try:
@@ -286,6 +315,11 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
             first_line = (str(exc).strip().splitlines() or [""])[0][:500]
             reply = InferenceFailure(False, f"{type(exc).__name__}: {first_line}")
         conn.send(reply)
+
+
+def _gpu_present() -> bool:
+    """Whether CUDA may be used (device "auto"), without importing torch: its device nodes."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _resident(

@@ -58,7 +58,10 @@ class Close:
 
 @dataclass(frozen=True)
 class Ready:
-    """The child has imported what it needs: a job's time limit starts counting now."""
+    """The child has imported what it needs: a job's time limit starts counting now.
+    ``sandbox`` says, in words, how the child is confined (network, environment, memory)."""
+
+    sandbox: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

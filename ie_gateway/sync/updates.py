@@ -4,21 +4,25 @@ Published layout, in the same container as the cases::
 
     models/<name>/<version>/model.yaml
     models/<name>/<version>/<every file model.yaml names: folds and files, in their folders>
-    models/<name>/<version>/model.yaml.sha256     # uploaded LAST
+    models/<name>/<version>/model.sig             # the publisher's signature, uploaded LAST
 
 Any format model.yaml describes travels this way: a native package, an nnU-Net v2 trained-model
 folder (``fold_K/checkpoint_final.pth``, ``dataset.json``, ``plans.json``) or a MONAI bundle
-(``configs/...``, ``models/model.pt``). The training workspace publishes an nnU-Net folder as it
-is with :func:`publish_version` (which describes it first when it has no model.yaml).
+(``configs/...``, ``models/model.pt``). The training workspace publishes with
+:func:`publish_version`, which signs the package with the publisher's key (and describes an
+nnU-Net folder first when it has no model.yaml).
 
-``model.yaml.sha256`` is the manifest's own checksum, in ``sha256sum`` format
-(``<64 hex>  model.yaml``); the publisher writes it after every other file (``publish_version``
-does), so a version without it is still being published and is left alone. Each fold's sha256
-(and every other file's) is in ``model.yaml``. A pulled version is refused, with a reason, when the manifest does not
-match its sidecar, a fold does not match the manifest, or the registry refuses it; its staged
-files are then removed. The checksums catch corruption and partial or mixed uploads; they do
-not prove who published (anyone who can write the container can write both a fold and its
-manifest), so write access to ``models/`` must be limited to the model publishers.
+Anyone who can write the container (a node's own credential can, since nodes upload cases there)
+can write ``models/``, so nothing published is trusted for being there: a version is taken only
+when ``model.sig`` verifies with one of the node's ``trusted_keys``
+(:mod:`ie_gateway.infer.signing`). The pull downloads ``model.sig`` first and checks it before
+any other file is fetched: an unsigned version, one signed by an unknown key, or one whose
+signature does not verify is refused with that reason and nothing else is downloaded. Then
+exactly the files the signed statement lists are fetched, each checked against its signed
+sha256 as it arrives, and the registry checks the whole package again before it reads
+``model.yaml``. A refused version's staged files are removed; installed versions are never
+touched. The publisher uploads ``model.sig`` last, so a pull that runs while a version is being
+uploaded refuses it as not signed yet and takes it on the next run.
 
 Downloads go to ``<staging_dir>/<name>/<version>.partial/``; a file already there whose sha256
 matches is not downloaded again, so an interrupted pull resumes.
@@ -27,7 +31,6 @@ matches is not downloaded again, so an interrupted pull resumes.
 from __future__ import annotations
 
 import enum
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,20 +40,19 @@ from typing import Any, Protocol
 
 import structlog
 from azure.core.exceptions import AzureError
-from azure.storage.blob import ContainerClient, ContentSettings
+from azure.storage.blob import ContainerClient
 
-from ie_gateway.errors import ModelError, SyncError
+from ie_gateway.errors import ModelError, PackageUnsigned, SyncError
 from ie_gateway.files import sha256_file
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME
+from ie_gateway.infer.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, TrustedKey, read_statement, sign_model
 
 log = structlog.get_logger(__name__)
 
 MODELS_PREFIX = "models/"
-SIDECAR_NAME = MANIFEST_NAME + ".sha256"
 PARTIAL_SUFFIX = ".partial"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class ActivationPolicy(enum.StrEnum):
@@ -80,9 +82,13 @@ class PullResult:
 class ModelRegistry(Protocol):
     """The part of ``ie_gateway.infer.registry.Registry`` that updates need."""
 
+    keys: tuple[TrustedKey, ...]
+
     def import_version(self, src_dir: Path) -> Any: ...
 
     def activate(self, name: str, version: str, by: str | None = None) -> Any: ...
+
+    def record_refusal(self, name: str, version: str, reason: str) -> None: ...
 
 
 class _Refused(Exception):
@@ -120,9 +126,6 @@ def pull_updates(
     for (name, version), files in sorted(published_versions(container).items()):
         if (name, version) in known:
             continue
-        if SIDECAR_NAME not in files:
-            log.info("model_publication_incomplete", model=f"{name}@{version}")
-            continue
         result = _pull_one(
             container, staging_dir, registry, name, version, files, policies.get(name, ActivationPolicy.MANUAL)
         )
@@ -131,35 +134,38 @@ def pull_updates(
 
 
 def publish_version(
-    container: ContainerClient, package_dir: Path, name: str | None = None, version: str | None = None
+    container: ContainerClient,
+    package_dir: Path,
+    name: str | None = None,
+    version: str | None = None,
+    *,
+    key: Path | None = None,
 ) -> int:
-    """Upload a model package (its files, model.yaml, then the sidecar); return the files sent.
+    """Sign a model package with the publisher's private ``key`` and upload it (its files,
+    model.yaml, then model.sig); return the files sent.
 
-    A folder without model.yaml (an nnU-Net v2 trained-model folder, a MONAI bundle) is
-    described first as ``name@version``. For the people who publish models (and the tests);
-    the node itself only pulls.
+    Without ``key`` the package must be signed already (``ie-gateway models sign``). A folder
+    without model.yaml (an nnU-Net v2 trained-model folder, a MONAI bundle) is described first
+    as ``name@version``. For the people who publish models (and the tests); the node only pulls.
     """
     if not (package_dir / MANIFEST_NAME).is_file():
         if name is None or version is None:
             raise ModelError(f"{package_dir} has no {MANIFEST_NAME}: give a name and a version")
         describe_package(package_dir, name, version)
+    if key is not None:
+        sign_model(package_dir, key)
+    elif not (package_dir / SIGNATURE_NAME).is_file():
+        raise PackageUnsigned(f"{package_dir} is not signed: give the publisher's key")
     manifest = load_manifest(package_dir)
     prefix = f"{MODELS_PREFIX}{manifest.name}/{manifest.version}/"
-    names = [entry.file for entry in (*manifest.folds, *manifest.files)] + [MANIFEST_NAME]
+    names = [entry.file for entry in (*manifest.folds, *manifest.files)] + [MANIFEST_NAME, SIGNATURE_NAME]
     try:
         for file in names:
             with (package_dir / file).open("rb") as fh:
                 container.upload_blob(prefix + file, fh, overwrite=True)
-        digest = sha256_file(package_dir / MANIFEST_NAME)
-        container.upload_blob(
-            prefix + SIDECAR_NAME,
-            f"{digest}  {MANIFEST_NAME}\n".encode(),
-            overwrite=True,
-            content_settings=ContentSettings(content_type="text/plain"),
-        )
     except AzureError as exc:
         raise SyncError(f"cannot publish {manifest.name}@{manifest.version}: {exc}") from exc
-    return len(names) + 1
+    return len(names)
 
 
 def _policy(name: str, value: str) -> ActivationPolicy:
@@ -185,11 +191,12 @@ def _pull_one(
         if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
             raise _Refused("name or version has characters that cannot name a folder")
         partial.mkdir(parents=True, exist_ok=True)
-        downloaded = _download_verified(container, name, version, files, partial)
+        downloaded = _download_verified(container, registry.keys, name, version, files, partial)
         registry.import_version(partial)
     except (_Refused, ModelError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         log.warning("model_refused", model=spec, reason=str(exc))
+        registry.record_refusal(name, version, str(exc))
         return PullResult(name, version, PullStatus.REFUSED, str(exc), downloaded)
     shutil.rmtree(partial, ignore_errors=True)
     if policy is ActivationPolicy.AUTO:
@@ -200,16 +207,24 @@ def _pull_one(
     return PullResult(name, version, PullStatus.AVAILABLE, None, downloaded)
 
 
-def _download_verified(container: ContainerClient, name: str, version: str, files: set[str], partial: Path) -> int:
-    """Fetch and check the manifest, then every fold it names; return the bytes downloaded."""
+def _download_verified(
+    container: ContainerClient, keys: tuple[TrustedKey, ...], name: str, version: str, files: set[str], partial: Path
+) -> int:
+    """Fetch and check the signature, then every file it lists; return the bytes downloaded."""
+    spec = f"{name}@{version}"
+    if SIGNATURE_NAME not in files:
+        raise _Refused(f"{spec} is not signed (no {SIGNATURE_NAME} published): nothing downloaded")
     prefix = f"{MODELS_PREFIX}{name}/{version}/"
-    expected = _sidecar_digest(_download_bytes(container, prefix + SIDECAR_NAME))
-    downloaded = _fetch(container, prefix, MANIFEST_NAME, files, partial, expected)
-    manifest = load_manifest(partial)
-    if (manifest.name, manifest.version) != (name, version):
-        raise _Refused(f"model.yaml says {manifest.name}@{manifest.version} but is published under {name}@{version}")
-    for entry in (*manifest.folds, *manifest.files):
-        downloaded += _fetch(container, prefix, entry.file, files, partial, entry.sha256)
+    signature = _download_bytes(container, prefix + SIGNATURE_NAME, MAX_SIGNATURE_BYTES + 1)
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise _Refused(f"{SIGNATURE_NAME} is larger than a signature can be")
+    (partial / SIGNATURE_NAME).write_bytes(signature)
+    statement = read_statement(partial / SIGNATURE_NAME, keys, spec)
+    if (statement.name, statement.version) != (name, version):
+        raise _Refused(f"signed as {statement.spec} but published under {spec}: replayed or moved")
+    downloaded = len(signature)
+    for file, sha256 in statement.files.items():
+        downloaded += _fetch(container, prefix, file, files, partial, sha256)
     return downloaded
 
 
@@ -219,7 +234,7 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
     if dest.is_file() and sha256_file(dest) == sha256:
         return 0
     if file not in files:
-        raise _Refused(f"{file} is named in model.yaml but not published")
+        raise _Refused(f"{file} is signed but not published")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial / f"{file}.part"
     try:
@@ -229,20 +244,17 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
         raise SyncError(f"download of {prefix}{file} failed: {exc}") from exc
     actual = sha256_file(tmp)
     if actual != sha256:
-        raise _Refused(f"{file} has sha256 {actual}, expected {sha256}: corrupt or tampered")
+        tmp.unlink()
+        raise _Refused(
+            f"{file} has sha256 {actual[:16]}…, the signed statement says {sha256[:16]}…: changed after signing"
+        )
     tmp.replace(dest)
     return int(size)
 
 
-def _download_bytes(container: ContainerClient, blob: str) -> bytes:
+def _download_bytes(container: ContainerClient, blob: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``blob`` (a hostile publisher may upload a huge one)."""
     try:
-        return bytes(container.download_blob(blob).readall())
+        return bytes(container.download_blob(blob, offset=0, length=limit).readall())
     except AzureError as exc:
         raise SyncError(f"download of {blob} failed: {exc}") from exc
-
-
-def _sidecar_digest(content: bytes) -> str:
-    fields = content.decode("ascii", errors="replace").split()
-    if not fields or not _HEX64.fullmatch(fields[0].lower()):
-        raise _Refused(f"{SIDECAR_NAME} is not '<sha256 hex>  {MANIFEST_NAME}'")
-    return fields[0].lower()

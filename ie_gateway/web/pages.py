@@ -184,7 +184,10 @@ class AdminPages:
             {"name": a.name, "version": a.version, "previous": a.previous or "", "at": a.at, "by": a.by or ""}
             for a in reversed(self.registry.history())
         ]
-        return self._render(request, "models.html", title="Model versions", versions=versions, history=history)
+        refused = [{"spec": spec, **r} for spec, r in sorted(self.registry.refusals().items())]
+        return self._render(
+            request, "models.html", title="Model versions", versions=versions, history=history, refused=refused
+        )
 
     async def trends(self, request: Request) -> Response:
         settings = self.cfg.agreement

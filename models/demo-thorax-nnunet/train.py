@@ -37,8 +37,10 @@ import SimpleITK as sitk
 import torch
 
 from ie_gateway.infer.formats import describe_package
+from ie_gateway.infer.signing import sign_model
 from ie_gateway.synthetic import STRUCTURES, make_phantom
 
+DEMO_KEY = Path(__file__).resolve().parents[2] / "keys" / "demo-only-publisher"
 DATASET_ID = 901
 DATASET = f"Dataset{DATASET_ID}_DemoThorax"
 CASES = 12
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         slim_checkpoint(target)
     describe_package(package, args.out.parent.name, args.out.name,
                      "nnU-Net v2 demo on synthetic thorax phantoms; not for clinical use")
+    # signed with the demo key nodes trust in config/gateway.yaml (demo only: see keys/README.md)
+    sign_model(package, DEMO_KEY)
     shutil.copytree(package, args.out)
     print(f"installed {args.out} (nnU-Net folders kept in {work})")
     return 0

@@ -43,8 +43,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ie_gateway.infer.signing import sign_model
 from ie_gateway.synthetic import STRUCTURES, make_phantom
 
+DEMO_KEY = Path(__file__).resolve().parents[2] / "keys" / "demo-only-publisher"
 HELD_OUT_FROM = 10_000  # seeds at or above this are never used for training or validation
 POOL = 30
 FOLDS = 3
@@ -438,6 +440,8 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]], p
         "folds": [{"file": f"fold{i}.pt", "sha256": h} for i, h in enumerate(hashes)],
     }
     (out / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, width=100))
+    # signed with the demo key nodes trust in config/gateway.yaml (demo only: see keys/README.md)
+    sign_model(out, DEMO_KEY)
 
 
 def validate_package(out: Path, cases: list[Case], log: Log) -> None:

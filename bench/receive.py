@@ -1,6 +1,6 @@
 """Benchmark: receive throughput of the node against dcmtk's storescp and Orthanc.
 
-Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4]
+Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4] [--max-pdu-kb N]
 
 The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (TCP_NODELAY) to
 (a) `ie-gateway serve` (durable: fsync + rename + index row before each answer),
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,8 +54,11 @@ def send(port: int, folders: list[Path], called: str) -> float:
     return time.perf_counter() - started
 
 
-def run_node(work: Path, folders: list[Path]) -> float:
-    node = Node(work, settings={"series": {"stable_after_s": 3600}}).start()
+def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None) -> float:
+    settings: dict[str, object] = {"series": {"stable_after_s": 3600}}
+    if max_pdu_kb is not None:
+        settings["node"] = {"max_pdu_kb": max_pdu_kb}
+    node = Node(work, settings=settings).start()
     try:
         return send(node.port, folders, "IE_GATEWAY")
     finally:
@@ -85,7 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--max-pdu-kb", type=int, default=None, help="the node's node.max_pdu_kb")
     args = parser.parse_args()
+    peers = {**PEERS, "ie_gateway": partial(run_node, max_pdu_kb=args.max_pdu_kb)}
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
         root = Path(tmp)
         folders = []
@@ -96,7 +102,7 @@ def main() -> None:
         mib = sum(p.stat().st_size for p in folders[0].iterdir()) / 2**20
         results: dict[tuple[str, int], float] = {}
         for senders in (1, args.senders):
-            for name, runner in PEERS.items():
+            for name, runner in peers.items():
                 times = [runner(root / f"{name}-{senders}-{i}", folders[:senders]) for i in range(args.repeat)]
                 results[(name, senders)] = statistics.median(times)
                 total = mib * senders

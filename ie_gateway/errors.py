@@ -5,6 +5,7 @@ GatewayError
 │   └── TLSConfigError     a TLS certificate, key or CA cannot be read or does not fit
 ├── StoreError             the spool or its index could not take or give data
 │   └── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
+├── InstanceOverLimit      an instance a peer sends passes a configured limit (`limits:`)
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
 ├── ModelError             a model package is missing, altered, or fails to load
 │   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
@@ -47,6 +48,16 @@ class StoreError(GatewayError):
 
 class UnsafeUIDError(StoreError):
     """A UID is not digits and dots of at most 64 characters, so it must not name a file."""
+
+
+class InstanceOverLimit(GatewayError):
+    """An instance (or its series with it) passes one of ``limits:``; the receiver refuses it."""
+
+    def __init__(self, limit: str, value: int, allowed: int) -> None:
+        self.limit = limit
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{value} is over limits.{limit} ({allowed})")
 
 
 class VolumeRefused(GatewayError):

@@ -63,6 +63,7 @@ def _job_row(job: Job) -> dict[str, Any]:
         "state": job.state.value,
         "reason": job.reason or "",
         "instances": job.instances,
+        "replaced": job.detail.replaced_instances,
         "modality": job.header.get("Modality", ""),
         "calling_ae": job.calling_ae,
         "series": uid_hash(job.series_uid),

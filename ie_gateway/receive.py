@@ -104,6 +104,7 @@ REQUEST_HEADROOM = 32
 # An A-ASSOCIATE-RQ (the only PDU a peer may send before association) longer than this is
 # refused unread: real ones are a few hundred bytes to a few KiB, even with 100 presentation contexts.
 MAX_REQUEST_PDU = 64 * 1024
+PDU_HEADER = 6  # every PDU starts with its type (1 byte), a reserved byte and its length (4)
 P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
@@ -249,7 +250,7 @@ class ScreeningServer(ThreadedAssociationServer):
         """The connection once it has sent something (TLS: once the handshake is done)."""
         conn.settimeout(self.acse_timeout_s)
         try:
-            first = conn.recv(1, socket.MSG_PEEK)
+            first = conn.recv(PDU_HEADER, socket.MSG_PEEK)
         except TimeoutError:
             self._drop(conn, "silent")
             return None
@@ -259,8 +260,7 @@ class ScreeningServer(ThreadedAssociationServer):
             self._drop(conn, "probe")
             return None
         if self.ssl_context is None:
-            conn.settimeout(None)
-            return conn
+            return self._unless_oversized(conn, first)
         try:
             secure = self.ssl_context.wrap_socket(conn, server_side=True)
             secure.settimeout(None)
@@ -273,6 +273,26 @@ class ScreeningServer(ThreadedAssociationServer):
             )
             self._drop(conn, "tls_handshake")
             return None
+
+    def _unless_oversized(self, conn: socket.socket, first: bytes) -> socket.socket | None:
+        """The plain connection, unless its first PDU header (when it came whole) announces more
+        than an association request may be: then it is closed here, before pynetdicom starts an
+        association for it that would wait ``acse_timeout_s`` for a request (BoundedSocket
+        refuses the rest: a header in pieces, and TLS, where nothing can be peeked at)."""
+        if len(first) == PDU_HEADER:
+            length = struct.unpack(">L", first[2:6])[0]
+            if length > MAX_REQUEST_PDU:
+                log.warning(
+                    "connection refused",
+                    reason="PDU longer than the node accepts",
+                    pdu_type=f"0x{first[0]:02X}",
+                    pdu_bytes=length,
+                    limit_bytes=MAX_REQUEST_PDU,
+                )
+                self._drop(conn, "pdu_too_large")
+                return None
+        conn.settimeout(None)
+        return conn
 
     def _drop(self, conn: socket.socket, reason: str) -> None:
         metrics.CONNECTIONS_REFUSED.labels(reason).inc()

@@ -5,9 +5,12 @@ re-sent instance with other bytes kept beside the first."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,8 +19,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.flood import big_instance, memory_mb, reset_peak
-from tests.peers import REPO, Node, storescu
+from tests.flood import HUGE_REQUEST, big_instance, memory_mb, reset_peak
+from tests.peers import REPO, Node, storescu, wait_until
 from tests.test_receive import spooled
 
 pytestmark = pytest.mark.peer
@@ -138,8 +141,10 @@ def test_resent_instance_with_other_bytes_is_kept_beside_the_first_and_flagged(
     assert used in copies and used != first  # the job uses the later copy
     assert str(pydicom.dcmread(used, stop_before_pixels=True).PatientName) == "CORRECTED^NAME"
     assert str(pydicom.dcmread(first, stop_before_pixels=True).PatientName) != "CORRECTED^NAME"
-    [row] = node.status()
+    [row] = node.jobs()  # the rows `status --json` prints
     assert row["replaced_instances"] == 1 and row["instances"] == 2
+    code, page = node.http_get(f"/jobs/{row['id']}")  # the admin page, read without signing in
+    assert code == 200 and b"sent again with other bytes" in page
     assert any(e["event"] == "instance sent again with other bytes" for e in node.log_events())
 
 
@@ -173,6 +178,43 @@ def test_20_flooding_peers_leave_memory_bounded_while_a_series_is_received(
     assert report["closed_by_node"] >= 20  # every flooding connection is hung up on, unread
     assert growth <= 100, f"node grew {growth:.0f} MiB under {report}"
     assert any(e["event"] == "connection refused" and e.get("limit_bytes") == 64 * 1024 for e in node.log_events())
+
+
+def refused_pdu(node: Node, pdu_type: str, limit: int) -> bool:
+    return any(
+        e["event"] == "connection refused" and e.get("pdu_type") == pdu_type and e.get("limit_bytes") == limit
+        for e in node.log_events()
+    )
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_oversized_association_request_sent_in_pieces_is_refused_unread(node: Node) -> None:
+    # the header in two pieces passes the listener's first look; pynetdicom's read refuses it
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(HUGE_REQUEST[:2])
+        time.sleep(0.5)  # shaping the traffic (the header split across reads), not synchronisation
+        sock.sendall(HUGE_REQUEST[2:] + bytes(1 << 20))
+        sock.settimeout(20)
+        assert closed_by_peer(sock)
+    assert refused_pdu(node, "0x01", 64 * 1024)
+
+
+def test_p_data_longer_than_max_pdu_aborts_the_association(node_factory: object) -> None:
+    node: Node = node_factory(settings={"node": {"max_pdu_kb": 64}}).start()  # type: ignore[operator]
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    assert assoc.is_established and assoc.acceptor.maximum_length == 64 * 1024
+    raw = assoc.dul.socket.socket  # an allowed caller that ignores the maximum it was told
+    raw.sendall(b"\x04\x00" + struct.pack(">L", 16 * MIB) + bytes(1 << 20))
+    wait_until(lambda: not assoc.is_alive(), 20, what="the association to end")
+    assert refused_pdu(node, "0x04", 64 * 1024)
 
 
 @pytest.mark.slow

@@ -1,12 +1,14 @@
 """Benchmark: receive throughput of the node against dcmtk's storescp and Orthanc.
 
-Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4]
+Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4] [--max-pdu-kb N ...]
 
 The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (TCP_NODELAY) to
 (a) `ie-gateway serve` (durable: fsync + rename + index row before each answer),
 (b) dcmtk storescp (writes files, no fsync), (c) Orthanc (SQLite index), each started fresh on
 loopback for every run so nothing is a duplicate. Then N senders at once, each with its own
-series. Prints the median seconds and MiB/s of each, and the node's ratios to the peers.
+series. The servers take turns within each repetition. Prints the median seconds and MiB/s
+of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
+maximum PDU length, to choose ``node.max_pdu_kb``.
 These machines are noisy (±10-15 %): compare within one run.
 """
 
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,8 +56,11 @@ def send(port: int, folders: list[Path], called: str) -> float:
     return time.perf_counter() - started
 
 
-def run_node(work: Path, folders: list[Path]) -> float:
-    node = Node(work, settings={"series": {"stable_after_s": 3600}}).start()
+def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None) -> float:
+    settings: dict[str, object] = {"series": {"stable_after_s": 3600}}
+    if max_pdu_kb is not None:
+        settings["node"] = {"max_pdu_kb": max_pdu_kb}
+    node = Node(work, settings=settings).start()
     try:
         return send(node.port, folders, "IE_GATEWAY")
     finally:
@@ -77,15 +83,17 @@ def run_orthanc(work: Path, folders: list[Path]) -> float:
         server.stop()
 
 
-PEERS: dict[str, Callable[[Path, list[Path]], float]] = {
-    "ie_gateway": run_node, "storescp": run_storescp, "orthanc": run_orthanc}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--max-pdu-kb", type=int, nargs="*", default=[],
+                        help="run the node once per value of node.max_pdu_kb (default: its configured one)")
     args = parser.parse_args()
+    nodes: dict[str, Callable[[Path, list[Path]], float]] = {
+        f"ie_gateway@{kb}k": partial(run_node, max_pdu_kb=kb) for kb in args.max_pdu_kb} or {"ie_gateway": run_node}
+    peers = {**nodes, "storescp": run_storescp, "orthanc": run_orthanc}
+    counts = sorted({1, args.senders})
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
         root = Path(tmp)
         folders = []
@@ -95,21 +103,25 @@ def main() -> None:
             folders.append(folder)
         mib = sum(p.stat().st_size for p in folders[0].iterdir()) / 2**20
         results: dict[tuple[str, int], float] = {}
-        for senders in (1, args.senders):
-            for name, runner in PEERS.items():
-                times = [runner(root / f"{name}-{senders}-{i}", folders[:senders]) for i in range(args.repeat)]
-                results[(name, senders)] = statistics.median(times)
-                total = mib * senders
-                print(f"{name:<11} {senders} sender(s): {results[(name, senders)]:6.2f} s  "
-                      f"{total / results[(name, senders)]:6.1f} MiB/s  (runs: {', '.join(f'{t:.2f}' for t in times)})",
-                      flush=True)
+        for senders in counts:
+            times: dict[str, list[float]] = {name: [] for name in peers}
+            for i in range(args.repeat):  # the peers take turns: a change of load hits all alike
+                for name, runner in peers.items():
+                    times[name].append(runner(root / f"{name}-{senders}-{i}", folders[:senders]))
+            for name in peers:
+                results[(name, senders)] = statistics.median(times[name])
+                print(f"{name:<18} {senders} sender(s): {results[(name, senders)]:6.2f} s  "
+                      f"{mib * senders / results[(name, senders)]:6.1f} MiB/s  "
+                      f"(runs: {', '.join(f'{t:.2f}' for t in times[name])})", flush=True)
         print(f"\nseries: 200 x 512x512, {mib:.1f} MiB; median of {args.repeat}")
-        for senders in (1, args.senders):
-            node = results[("ie_gateway", senders)]
-            print(f"{senders} sender(s): ie_gateway / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
-                  f"ie_gateway / orthanc speed = {results[('orthanc', senders)] / node:.2f}x")
-        print(f"scaling {args.senders} senders vs 1: ie_gateway "
-              f"{args.senders * results[('ie_gateway', 1)] / results[('ie_gateway', args.senders)]:.2f}x")
+        for name in nodes:
+            for senders in counts:
+                node = results[(name, senders)]
+                print(f"{senders} sender(s): {name} / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
+                      f"{name} / orthanc speed = {results[('orthanc', senders)] / node:.2f}x")
+            if len(counts) > 1:
+                print(f"scaling {args.senders} senders vs 1: {name} "
+                      f"{args.senders * results[(name, 1)] / results[(name, args.senders)]:.2f}x")
 
 
 if __name__ == "__main__":

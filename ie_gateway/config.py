@@ -76,6 +76,9 @@ class Node(StrictModel):
         5, gt=0, description="a connection that has not asked for an association by then is dropped and holds no slot"
     )
     tls: NodeTLS | None = None
+    max_pdu_kb: int = Field(
+        256, ge=4, le=16384, description="largest PDU the node receives: what one read of a peer may hold"
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -131,6 +134,17 @@ class VolumeSettings(StrictModel):
     spacing_tolerance_mm: float = Field(0.05, gt=0)
     min_slices: int = Field(20, ge=1)
     max_tilt_deg: float = Field(0.5, ge=0)
+
+
+class Limits(StrictModel):
+    """What a peer's headers may make the node spend: checked on the headers at receive and
+    again before a volume is allocated. The defaults fit clinical planning CT."""
+
+    max_rows: int = Field(1024, ge=1)
+    max_columns: int = Field(1024, ge=1)
+    max_slices: int = Field(2000, ge=1)
+    max_instance_mb: int = Field(1024, ge=1)
+    max_series_gb: int = Field(8, ge=1)
 
 
 class InferenceSettings(StrictModel):
@@ -258,6 +272,7 @@ class GatewayConfig(StrictModel):
     models_dir: Path
     destinations: dict[str, Destination] = {}
     volume: VolumeSettings = VolumeSettings()
+    limits: Limits = Limits()
     inference: InferenceSettings = InferenceSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()

@@ -107,8 +107,9 @@ def _start_tps(folder: Path, port: int) -> ThreadedAssociationServer:
     def store(event: evt.Event) -> int:
         request = event.request
         assert isinstance(request, C_STORE)  # EVT_C_STORE carries a C-STORE request
-        path = folder / f"{request.AffectedSOPInstanceUID}.dcm"
-        path.write_bytes(event.encoded_dataset())
+        ds = event.dataset  # decoded here whether or not the node in this process receives in chunks
+        ds.file_meta = event.file_meta
+        ds.save_as(folder / f"{request.AffectedSOPInstanceUID}.dcm", enforce_file_format=True)
         return 0x0000
 
     ae = AE(ae_title=DEMO_TPS)

@@ -6,6 +6,7 @@ GatewayError
 ├── StoreError             the spool or its index could not take or give data
 │   ├── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
 │   └── TransitionError    a job asked to move to a state its state does not lead to
+├── InstanceOverLimit      an instance a peer sends passes a configured limit (`limits:`)
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
 ├── ModelError             a model package is missing, altered, or fails to load
 │   ├── ManifestInvalid    model.yaml is missing or does not validate (file:line: key: why)
@@ -64,6 +65,16 @@ class UnsafeUIDError(StoreError):
 
 class TransitionError(StoreError):
     """A job was asked to move to a state its current state does not lead to."""
+
+
+class InstanceOverLimit(GatewayError):
+    """An instance (or its series with it) passes one of ``limits:``; the receiver refuses it."""
+
+    def __init__(self, limit: str, value: int, allowed: int) -> None:
+        self.limit = limit
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{value} is over limits.{limit} ({allowed})")
 
 
 class VolumeRefused(GatewayError):

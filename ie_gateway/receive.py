@@ -4,6 +4,12 @@ The C-STORE handler stores and answers, nothing more: the received bytes are wri
 came (no pixel decoding), made durable, indexed, and only then answered Success. Every failure
 gets a specific status so the sender knows whether to retry (0xA7xx) or not (0xA9xx, 0xCxxx).
 
+Nothing a peer sends is held in memory whole: a PDU whose header announces more than the node
+accepts (64 KiB before association, ``node.max_pdu_kb`` after) is refused before it is read and
+the connection closed, and each C-STORE's data set is written to a file as its PDUs arrive
+(pynetdicom's chunked receive), checked on its header against ``limits:``, then moved into the
+spool.
+
 A connection reaches pynetdicom only once it has sent its first bytes (and, on the TLS port,
 completed its handshake) within ``node.acse_timeout_s``: load-balancer probes and port scanners
 that connect and close, or connect and say nothing, are dropped in their own thread and never
@@ -16,10 +22,12 @@ import ipaddress
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import pydicom
@@ -36,13 +44,15 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ie_gateway import metrics, tls
-from ie_gateway.config import Caller, Node
-from ie_gateway.errors import StoreError, UnsafeUIDError
+from ie_gateway.config import Caller, Limits, Node
+from ie_gateway.errors import InstanceOverLimit, StoreError, UnsafeUIDError
+from ie_gateway.intake import Received, check_limits, read_received, sent_text
 from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
 from ie_gateway.store.space import DiskSpace
 
@@ -74,6 +84,7 @@ TRANSFER_SYNTAXES = [
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # disk full or I/O error writing the instance
 INDEX_UNAVAILABLE = 0xA701  # the instance could not be indexed (database busy or broken)
+OVER_LIMIT = 0xA702  # the instance, or its series with it, passes one of `limits:`
 DATASET_MISMATCH = 0xA900  # the data set's SOP Instance/Class is not the request's
 CANNOT_UNDERSTAND = 0xC210  # the data set cannot be parsed
 INVALID_UID = 0xC211  # a UID that is not digits and dots of at most 64 characters
@@ -89,6 +100,12 @@ REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presenta
 MAX_SCREENING = 256
 # Connections that have sent bytes but not yet a whole A-ASSOCIATE-RQ, beyond max_associations.
 REQUEST_HEADROOM = 32
+
+# An A-ASSOCIATE-RQ (the only PDU a peer may send before association) longer than this is
+# refused unread: real ones are a few hundred bytes to a few KiB, even with 100 presentation contexts.
+MAX_REQUEST_PDU = 64 * 1024
+PDU_HEADER = 6  # every PDU starts with its type (1 byte), a reserved byte and its length (4)
+P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
 DECODE_ERRORS = (
@@ -144,6 +161,63 @@ def over_tls(assoc: Association) -> bool:
     return sock is not None and isinstance(sock.socket, ssl.SSLSocket)
 
 
+class BoundedSocket(AssociationSocket):
+    """pynetdicom's socket, refusing a PDU longer than the node accepts before reading it.
+
+    pynetdicom's DUL reads each PDU with two calls: its 6-byte header (type, length), then as
+    many bytes as the header announces, gathered in memory. A P-DATA-TF longer than the maximum
+    PDU the node announced, or any other PDU (an A-ASSOCIATE-RQ above all: it comes before any
+    AE title is checked) longer than 64 KiB, closes the connection instead and returns nothing,
+    as a peer that hung up would: the DUL then ends the connection.
+    """
+
+    # class defaults: the object is created as an AssociationSocket (see BoundedRequestHandler)
+    _body_next = False
+    _pdu_type = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._body_next:
+            header = super().recv(nr_bytes)
+            self._body_next = len(header) == nr_bytes
+            self._pdu_type = header[0] if header else 0
+            return header
+        self._body_next = False
+        limit = (self.assoc.acceptor.maximum_length or 0) if self._pdu_type == P_DATA_TF else MAX_REQUEST_PDU
+        if 0 < limit < nr_bytes:
+            metrics.CONNECTIONS_REFUSED.labels("pdu_too_large").inc()
+            log.warning(
+                "connection refused",
+                reason="PDU longer than the node accepts",
+                pdu_type=f"0x{self._pdu_type:02X}",
+                pdu_bytes=nr_bytes,
+                limit_bytes=limit,
+            )
+            self._close_now()
+            return bytearray()
+        return super().recv(nr_bytes)
+
+    def _close_now(self) -> None:
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the peer has gone already
+
+
+class BoundedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with a BoundedSocket under each association."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None and type(sock) is AssociationSocket  # set by pynetdicom just now
+        # Same object, one method more: pynetdicom builds the socket inside this call, and a
+        # second AssociationSocket would announce the connection to the state machine twice.
+        sock.__class__ = BoundedSocket
+        return assoc
+
+
 class ScreeningServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, but a connection becomes an Association only after it
     speaks: accepting never blocks on a peer, and a TLS handshake runs in the connection's own
@@ -176,7 +250,7 @@ class ScreeningServer(ThreadedAssociationServer):
         """The connection once it has sent something (TLS: once the handshake is done)."""
         conn.settimeout(self.acse_timeout_s)
         try:
-            first = conn.recv(1, socket.MSG_PEEK)
+            first = conn.recv(PDU_HEADER, socket.MSG_PEEK)
         except TimeoutError:
             self._drop(conn, "silent")
             return None
@@ -186,8 +260,7 @@ class ScreeningServer(ThreadedAssociationServer):
             self._drop(conn, "probe")
             return None
         if self.ssl_context is None:
-            conn.settimeout(None)
-            return conn
+            return self._unless_oversized(conn, first)
         try:
             secure = self.ssl_context.wrap_socket(conn, server_side=True)
             secure.settimeout(None)
@@ -201,6 +274,26 @@ class ScreeningServer(ThreadedAssociationServer):
             self._drop(conn, "tls_handshake")
             return None
 
+    def _unless_oversized(self, conn: socket.socket, first: bytes) -> socket.socket | None:
+        """The plain connection, unless its first PDU header (when it came whole) announces more
+        than an association request may be: then it is closed here, before pynetdicom starts an
+        association for it that would wait ``acse_timeout_s`` for a request (BoundedSocket
+        refuses the rest: a header in pieces, and TLS, where nothing can be peeked at)."""
+        if len(first) == PDU_HEADER:
+            length = struct.unpack(">L", first[2:6])[0]
+            if length > MAX_REQUEST_PDU:
+                log.warning(
+                    "connection refused",
+                    reason="PDU longer than the node accepts",
+                    pdu_type=f"0x{first[0]:02X}",
+                    pdu_bytes=length,
+                    limit_bytes=MAX_REQUEST_PDU,
+                )
+                self._drop(conn, "pdu_too_large")
+                return None
+        conn.settimeout(None)
+        return conn
+
     def _drop(self, conn: socket.socket, reason: str) -> None:
         metrics.CONNECTIONS_REFUSED.labels(reason).inc()
         if reason == "silent":
@@ -211,10 +304,13 @@ class ScreeningServer(ThreadedAssociationServer):
 class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
-    def __init__(self, node: Node, store: Store, space: Callable[[], DiskSpace] | None = None) -> None:
+    def __init__(
+        self, node: Node, store: Store, space: Callable[[], DiskSpace] | None = None, limits: Limits | None = None
+    ) -> None:
         self.node = node
         self.store = store
         self.space = space
+        self.limits = limits or Limits()
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self._sessions: set[Association] = set()
@@ -231,7 +327,8 @@ class Receiver:
         ae.network_timeout = self.node.network_timeout_s  # an established association idle this long is aborted
         ae.dimse_timeout = self.node.network_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs cost less Python per byte
+        # what the node tells peers it receives, and (BoundedSocket) the most it reads at once
+        ae.maximum_pdu_size = self.node.max_pdu_kb * 1024
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -249,14 +346,35 @@ class Receiver:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        # Each C-STORE's data set goes to a file as its PDUs arrive (event.dataset_path) instead
+        # of into memory. The switch is pynetdicom's documented one, and process-wide.
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        self._check_temp_dir()
         self._serve(self.node.port, None, handlers)
         if self.node.tls is not None:
             self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers)
         metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
 
+    def _check_temp_dir(self) -> None:
+        """pynetdicom writes received data sets to the temp folder (TMPDIR): on the spool's file
+        system each is renamed into the spool; elsewhere it is copied, and on a tmpfs it is held
+        in memory until then."""
+        temp = Path(tempfile.gettempdir())
+        if temp.stat().st_dev != self.store.spool.root.stat().st_dev:
+            log.warning(
+                "received instances are copied into the spool",
+                reason="the temp folder is on another file system",
+                temp=str(temp),
+                fix="set TMPDIR to a folder on the spool's file system",
+            )
+
     def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
         server = self.ae.make_server(
-            (self.node.bind, port), ssl_context=context, evt_handlers=handlers, server_class=ScreeningServer
+            (self.node.bind, port),
+            ssl_context=context,
+            evt_handlers=handlers,
+            server_class=ScreeningServer,
+            request_handler=BoundedRequestHandler,
         )
         assert isinstance(server, ScreeningServer)
         server.acse_timeout_s = self.node.acse_timeout_s
@@ -393,53 +511,83 @@ class Receiver:
 
     def _store(self, event: evt.Event, stats: AssociationStats) -> Dataset | int:
         request = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        source = event.dataset_path  # preamble, file meta and the data set as sent
         try:
-            ds = event.dataset
-            absent = [kw for kw in REQUIRED if kw not in ds]
+            received = read_received(source, self.limits)
+            absent = [kw for kw in REQUIRED if kw not in received.header]
             if absent:
                 log.warning("instance refused", reason="data set incomplete", absent=absent)
                 return status(CANNOT_UNDERSTAND, f"data set lacks {absent[0]} (truncated or corrupt)")
-            arrival = Arrival(
-                sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-                sop_class=str(ds.get("SOPClassUID", "")),
-                study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-                series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-                transfer_syntax=str(event.context.transfer_syntax),
-                calling_ae=event.assoc.requestor.ae_title.strip(),
-                called_ae=event.assoc.acceptor.ae_title.strip(),
+            arrival = self._arrival(received.header, event)
+            check_limits(
+                received.header, received.size, self.store.index.series_totals(arrival.series_uid), self.limits
             )
+        except InstanceOverLimit as exc:
+            log.warning(
+                "instance refused",
+                reason="over a limit",
+                limit=f"limits.{exc.limit}",
+                value=exc.value,
+                allowed=exc.allowed,
+                calling_ae=calling_ae,
+            )
+            return status(OVER_LIMIT, f"over limits.{exc.limit}: {exc.value} > {exc.allowed}")
         except UnsafeUIDError as exc:
-            log.warning("instance refused", reason=str(exc), calling_ae=event.assoc.requestor.ae_title.strip())
+            log.warning("instance refused", reason=str(exc), calling_ae=calling_ae)
             return status(INVALID_UID, str(exc))
         except DECODE_ERRORS as exc:
             log.warning("instance refused", reason="data set cannot be decoded", error=type(exc).__name__)
             return status(CANNOT_UNDERSTAND, "data set cannot be decoded")
+        except StoreError as exc:
+            log.error("instance not stored", reason=str(exc))
+            return status(INDEX_UNAVAILABLE, "index unavailable")
         if arrival.sop_uid != str(request.AffectedSOPInstanceUID) or arrival.sop_class != str(
             request.AffectedSOPClassUID
         ):
             log.warning("instance refused", reason="data set does not match the request's SOP instance/class")
             return status(DATASET_MISMATCH, "SOP Instance/Class differs from the C-STORE request")
-        payload = event.encoded_dataset(include_meta=True)  # the bytes as sent, with file meta
+        return self._keep(arrival, source, received, stats)
+
+    def _arrival(self, ds: Dataset, event: evt.Event) -> Arrival:
+        return Arrival(
+            sop_uid=check_uid(sent_text(ds, "SOPInstanceUID"), "SOPInstanceUID"),
+            sop_class=str(ds.get("SOPClassUID", "")),
+            study_uid=check_uid(sent_text(ds, "StudyInstanceUID"), "StudyInstanceUID"),
+            series_uid=check_uid(sent_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
+            transfer_syntax=str(event.context.transfer_syntax),
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            called_ae=event.assoc.acceptor.ae_title.strip(),
+        )
+
+    def _keep(self, arrival: Arrival, source: Path, received: Received, stats: AssociationStats) -> Dataset | int:
+        """Move the received file into the spool durably and index it: Success only then."""
         try:
-            job_id, duplicate, late = self.store.accept(arrival, (payload,), lambda: _header(ds))
+            accepted = self.store.accept_file(arrival, source, lambda: _header(received.header))
         except OSError as exc:
             log.error("instance not stored", reason="storage failure", error=exc.strerror or str(exc), errno=exc.errno)
             return status(OUT_OF_RESOURCES, f"storage failure: {exc.strerror or exc}")
         except StoreError as exc:
             log.error("instance not stored", reason=str(exc))
             return status(INDEX_UNAVAILABLE, "index unavailable")
-        if duplicate:
+        if accepted.duplicate:
             stats.duplicates += 1
             log.info("duplicate instance ignored", sop=arrival.sop_uid)
-        else:
-            stats.instances += 1
-            stats.bytes += len(payload)
-            metrics.INSTANCES_RECEIVED.inc()
-            metrics.BYTES_RECEIVED.inc(len(payload))
-            if late:
-                log.warning(
-                    "late instance opened a new job", job=job_id, policy="the series is processed again as a whole"
-                )
+            return SUCCESS
+        stats.instances += 1
+        stats.bytes += received.size
+        metrics.INSTANCES_RECEIVED.inc()
+        metrics.BYTES_RECEIVED.inc(received.size)
+        if accepted.replaced:
+            log.warning(
+                "instance sent again with other bytes",
+                job=accepted.job_id,
+                policy="both copies kept; the later one is used",
+            )
+        if accepted.late:
+            log.warning(
+                "late instance opened a new job", job=accepted.job_id, policy="the series is processed again as a whole"
+            )
         return SUCCESS
 
 

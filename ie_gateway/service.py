@@ -170,7 +170,7 @@ class Service:
         self.runner = runner_for(cfg) if role.works else None
         self.registry = registry_for(cfg, self.runner.verify if self.runner is not None else None)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
-        self.receiver = Receiver(cfg.node, self.store, space=self.space) if role.receives else None
+        self.receiver = Receiver(cfg.node, self.store, space=self.space, limits=cfg.limits) if role.receives else None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.worker = (
             Worker(

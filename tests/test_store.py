@@ -39,7 +39,7 @@ def accept(store: Store, sop: str, header: dict | None = None, **kw: str) -> tup
     return store.accept(arrival(sop, **kw), (b"DICM-bytes-" + sop.encode(),), lambda: header or {"Modality": "CT"})
 
 
-@pytest.mark.parametrize("bad", ["", "1.2.a", "../1", "1/2", "1." + "9" * 64, "1.2\\3"])
+@pytest.mark.parametrize("bad", ["", "1.2.a", "../1", "1/2", "1." + "9" * 64, "1.2\\3", "1.2.3\n", "1.2.3\r\n"])
 def test_unsafe_uids_are_refused(bad: str) -> None:
     with pytest.raises(UnsafeUIDError):
         check_uid(bad, "SOPInstanceUID")
@@ -55,13 +55,35 @@ def test_accepted_instance_is_on_disk_and_indexed(tmp_path: Path, index_url: str
     assert (job.state, job.instances, job.header) == (JobState.RECEIVING, 1, {"Modality": "CT"})
 
 
-def test_duplicate_is_idempotent(tmp_path: Path, index_url: str) -> None:
+def test_duplicate_with_the_same_bytes_is_idempotent(tmp_path: Path, index_url: str) -> None:
     store = Store(tmp_path, index_url)
     first, _, _ = accept(store, "1.2.3.4.1")
-    _, duplicate, _ = store.accept(arrival("1.2.3.4.1"), (b"other bytes",), dict)
+    _, duplicate, _ = accept(store, "1.2.3.4.1")
     assert duplicate
     assert store.index.job(first).instances == 1
-    assert (store.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.1.dcm").read_bytes() == b"DICM-bytes-1.2.3.4.1"
+    assert [p.name for p in store.spool.iter_instances()] == ["1.2.3.4.1.dcm"]
+    assert list(store.spool.tmp.iterdir()) == []
+
+
+def test_duplicate_with_other_bytes_is_kept_beside_and_the_later_copy_used(tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    first, _, _ = accept(store, "1.2.3.4.1")
+    source = tmp_path / "received.dcm"
+    source.write_bytes(b"corrected bytes")
+    accepted = store.accept_file(arrival("1.2.3.4.1"), source, dict)
+    assert (accepted.job_id, accepted.duplicate, accepted.replaced) == (first, False, True)
+    assert not source.exists()  # moved into the spool, not copied
+    folder = store.spool.root / "1.2.3" / "1.2.3.4"
+    assert (folder / "1.2.3.4.1.dcm").read_bytes() == b"DICM-bytes-1.2.3.4.1"  # the first copy stays
+    job = store.index.job(first)
+    assert (job.instances, job.detail.replaced_instances) == (1, 1)
+    [used] = store.instance_files(job)
+    assert used.read_bytes() == b"corrected bytes" and used.parent == folder
+    assert store.recover()["adopted"] == 0  # the earlier copy is not taken for a new instance
+    store.index.transition(first, JobState.COMPLETE)
+    store.index.transition(first, JobState.UNROUTED, reason="test")
+    assert store.purge_expired(unrouted_days=0, finished_days=0, now=job.updated_at + 86400) == 1
+    assert list(folder.iterdir()) == []  # retention takes every copy
 
 
 def test_failed_write_leaves_no_file_and_no_row(tmp_path: Path, index_url: str) -> None:

@@ -6,8 +6,10 @@ before the next stage may see it: durable hand-offs, so a crash repeats at most 
 
 from __future__ import annotations
 
+import filecmp
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,11 +23,12 @@ from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
 from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SeriesHeader
-from ie_gateway.store.spool import Spool, check_uid
+from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 
 __all__ = [
+    "Accepted",
     "Arrival",
     "Index",
     "Job",
@@ -82,6 +85,24 @@ def _expired(job: Job, unrouted_days: float, finished_days: float, sync_enabled:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """What became of an instance handed to the store."""
+
+    job_id: int
+    duplicate: bool = False  # the same bytes were already stored: nothing new kept
+    late: bool = False  # its series had completed: it opened a new job for the whole series
+    replaced: bool = False  # other bytes under a stored SOP Instance UID: kept beside, used from now
+
+
+def _same_bytes(staged: Path, stored: Path) -> bool:
+    """Whether two files hold the same bytes (compared in blocks; a missing stored file differs)."""
+    try:
+        return filecmp.cmp(staged, stored, shallow=False)
+    except FileNotFoundError:
+        return False
+
+
+@dataclass(frozen=True)
 class Arrival:
     """What the receiver knows of one instance before it is stored."""
 
@@ -117,18 +138,42 @@ class Store:
     def accept(
         self, arrival: Arrival, chunks: Iterable[bytes | memoryview], header: Callable[[], Mapping[str, Any]]
     ) -> tuple[int, bool, bool]:
-        """Store one instance durably, then index it.
+        """Store one instance, given as bytes, durably, then index it (see ``accept_file``).
 
-        Returns (job id, duplicate, late). A duplicate SOP Instance is not written again.
-        ``header`` is called only for the first instance of a series (inside the index write).
-        Raises OSError or StoreError on failure, leaving nothing half-written visible.
+        Returns (job id, duplicate, late).
         """
-        if self.index.has_instance(arrival.sop_uid):
-            return 0, True, False
-        final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
-        size = self.spool.write(final, chunks)
-        job_id, late = self._index(arrival, final, size, header)
-        return job_id, False, late
+        accepted = self._accept_staged(arrival, self.spool.stage(chunks), header)
+        return accepted.job_id, accepted.duplicate, accepted.late
+
+    def accept_file(self, arrival: Arrival, source: Path, header: Callable[[], Mapping[str, Any]]) -> Accepted:
+        """Store the instance file ``source`` (moved, not copied, where it can be) durably, then
+        index it.
+
+        The same SOP Instance with the same bytes is a duplicate and not kept twice; with other
+        bytes (a re-send after a correction) the new copy is kept beside the first and used from
+        then on. ``header`` is called only for the first instance of a series (inside the index
+        write). Raises OSError or StoreError on failure, leaving nothing half-written visible.
+        """
+        return self._accept_staged(arrival, self.spool.take(source), header)
+
+    def _accept_staged(self, arrival: Arrival, staged: Path, header: Callable[[], Mapping[str, Any]]) -> Accepted:
+        try:
+            current = self.index.instance_path(arrival.sop_uid)
+            if current is None:
+                final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
+                size = self.spool.commit(staged, final)
+                job_id, late = self._index(arrival, final, size, header)
+                return Accepted(job_id, late=late)
+            if _same_bytes(staged, self.spool.root / current):
+                return Accepted(0, duplicate=True)
+            copy = uuid.uuid4().hex[:8]
+            final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid, copy)
+            size = self.spool.commit(staged, final)
+            rel = str(final.relative_to(self.spool.root))
+            job_id, late = self.index.replace_instance(arrival.sop_uid, rel, size, arrival.transfer_syntax)
+            return Accepted(job_id, late=late, replaced=True)
+        finally:
+            staged.unlink(missing_ok=True)
 
     def _index(
         self, arrival: Arrival, path: Path, size: int, header: Callable[[], Mapping[str, Any]]
@@ -244,8 +289,12 @@ class Store:
         return purged
 
     def _purge_series(self, series_id: int, jobs: list[Job], why: str) -> None:
-        for path in self.index.instance_paths(series_id):
-            (self.spool.root / path).unlink(missing_ok=True)
+        paths = [self.spool.root / p for p in self.index.instance_paths(series_id)]
+        for path in paths:
+            path.unlink(missing_ok=True)
+        for folder in {p.parent for p in paths}:  # earlier copies of re-sent instances, not indexed
+            for leftover in folder.glob("*" + SUFFIX):
+                leftover.unlink(missing_ok=True)
         self.index.forget_instances(series_id)
         for job in jobs:
             shutil.rmtree(self.results / f"job-{job.id}", ignore_errors=True)
@@ -305,5 +354,7 @@ class Store:
         except (pydicom.errors.InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             log.warning("unreadable file left in spool", file=path.name, error=type(exc).__name__)
             return 0
+        if self.index.instance_path(arrival.sop_uid) is not None:
+            return 0  # an earlier copy of an instance sent again with other bytes: kept, not used
         self._index(arrival, path, path.stat().st_size, lambda: header_values(ds))
         return 1

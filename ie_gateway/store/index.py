@@ -129,25 +129,7 @@ class Index:
         now = at if at is not None else time.time()
         with self.db.tx() as db:
             series_id = self._series_id(db, series_uid, study_uid, header, calling_ae, called_ae, now)
-            # the series row is locked from here (PostgreSQL), so two receivers of one series
-            # cannot both open a job for it
-            db.execute("SELECT id FROM series WHERE id = ?" + self._for_update, (series_id,))
-            row = db.execute(
-                "SELECT id FROM jobs WHERE series_id = ? AND state = ? ORDER BY id DESC LIMIT 1",
-                (series_id, JobState.RECEIVING.value),
-            ).fetchone()
-            late = False
-            if row is None:
-                late = db.execute("SELECT 1 FROM jobs WHERE series_id = ?", (series_id,)).fetchone() is not None
-                if late:
-                    db.execute(
-                        "UPDATE jobs SET late_instances = late_instances + 1 WHERE id = "
-                        "(SELECT MAX(id) FROM jobs WHERE series_id = ?)",
-                        (series_id,),
-                    )
-                job_id = self._new_job(db, series_id, now)
-            else:
-                job_id = int(row[0])
+            job_id, late = self._open_job(db, series_id, now)
             cur = db.execute(
                 "INSERT INTO instances (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, "
                 "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -160,6 +142,66 @@ class Index:
                     (series_id, now, now, job_id),
                 )
                 db.execute("UPDATE series SET last_at = ? WHERE id = ?", (now, series_id))
+        return job_id, late
+
+    def _open_job(self, db: Tx, series_id: int, now: float) -> tuple[int, bool]:
+        """The series' receiving job, or a new one (late: the series had completed before)."""
+        # the series row is locked from here (PostgreSQL), so two receivers of one series
+        # cannot both open a job for it
+        db.execute("SELECT id FROM series WHERE id = ?" + self._for_update, (series_id,))
+        row = db.execute(
+            "SELECT id FROM jobs WHERE series_id = ? AND state = ? ORDER BY id DESC LIMIT 1",
+            (series_id, JobState.RECEIVING.value),
+        ).fetchone()
+        if row is not None:
+            return int(row[0]), False
+        late = db.execute("SELECT 1 FROM jobs WHERE series_id = ?", (series_id,)).fetchone() is not None
+        if late:
+            db.execute(
+                "UPDATE jobs SET late_instances = late_instances + 1 WHERE id = "
+                "(SELECT MAX(id) FROM jobs WHERE series_id = ?)",
+                (series_id,),
+            )
+        return self._new_job(db, series_id, now), late
+
+    def instance_path(self, sop_uid: str) -> str | None:
+        """The spool-relative path of the instance's current copy, or None if it is not indexed."""
+        rows = self.db.query("SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return str(rows[0][0]) if rows else None
+
+    def series_totals(self, series_uid: str) -> tuple[int, int]:
+        """(instances, bytes) stored of a series: what ``limits:`` bounds at receive."""
+        rows = self.db.query(
+            "SELECT COUNT(*), COALESCE(SUM(i.size), 0) FROM instances i JOIN series s ON s.id = i.series_id "
+            "WHERE s.series_uid = ?",
+            (series_uid,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def replace_instance(self, sop_uid: str, path: str, size: int, transfer_syntax: str) -> tuple[int, bool]:
+        """Point an indexed instance at a later copy with other bytes, which the series' open job
+        (a new, late one if it had completed) now uses; the job counts it in
+        ``detail.replaced_instances`` so an admin sees it. Returns (job id, late)."""
+        now = time.time()
+        with self.db.tx() as db:
+            row = db.execute("SELECT series_id FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+            if row is None:
+                raise StoreError("the instance to replace is not indexed")
+            series_id = int(row[0])
+            job_id, late = self._open_job(db, series_id, now)
+            db.execute(
+                "UPDATE instances SET path = ?, size = ?, transfer_syntax = ?, job_id = ?, received_at = ?, "
+                "missing = 0 WHERE sop_uid = ?",
+                (path, size, transfer_syntax, job_id, now, sop_uid),
+            )
+            detail = JobDetail.from_json(db.execute("SELECT detail FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+            detail = replace(detail, replaced_instances=detail.replaced_instances + 1)
+            db.execute(
+                "UPDATE jobs SET instances = (SELECT COUNT(*) FROM instances WHERE series_id = ?), detail = ?, "
+                "last_instance_at = ?, updated_at = ? WHERE id = ?",
+                (series_id, detail.to_json(), now, now, job_id),
+            )
+            db.execute("UPDATE series SET last_at = ? WHERE id = ?", (now, series_id))
         return job_id, late
 
     def _series_id(

@@ -232,6 +232,7 @@ class JobDetail:
     deliveries: int | None = None  # files delivered, once the job is delivered
     purged: bool = False  # retention deleted its files
     missing_instances: bool = False  # some instance files were gone at start-up
+    replaced_instances: int = 0  # instances sent again with other bytes: the later copy is used
     synced: SyncRecord | None = None
     sync_error: str | None = None
     approved: tuple[ApprovedSet, ...] = ()  # on a CT job: the clinicians' sets linked to it

@@ -6,8 +6,10 @@ made durable by fsyncing the folder. A crash leaves at most a temp file, which s
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterable
@@ -16,7 +18,7 @@ from pathlib import Path
 from ie_gateway.errors import StoreError, UnsafeUIDError
 from ie_gateway.files import fsync_dir
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
 
@@ -24,7 +26,7 @@ SUFFIX = ".dcm"
 def check_uid(value: object, what: str) -> str:
     """Return ``value`` as a UID safe to use as a file name, or raise UnsafeUIDError."""
     text = str(value or "").rstrip("\x00 ")
-    if not text or len(text) > 64 or not UID_RE.match(text):
+    if not text or len(text) > 64 or not UID_RE.fullmatch(text):
         raise UnsafeUIDError(f"{what} is not a valid UID (digits and dots, at most 64 characters)")
     return text
 
@@ -40,35 +42,72 @@ class Spool:
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / study_uid / series_uid
 
-    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.series_dir(study_uid, series_uid) / (sop_uid + SUFFIX)
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, copy: str = "") -> Path:
+        """Where an instance is kept; ``copy`` names a later copy with other bytes, kept beside
+        the first (``_`` never occurs in a UID, so no other instance's name can be the same)."""
+        return self.series_dir(study_uid, series_uid) / (sop_uid + (f"_{copy}" if copy else "") + SUFFIX)
 
     def write(self, final: Path, chunks: Iterable[bytes | memoryview]) -> int:
         """Write ``chunks`` durably to ``final``; return the byte count. Raises OSError."""
-        tmp = self.tmp / (uuid.uuid4().hex + ".part")
-        size = 0
+        return self.commit(self.stage(chunks), final)
+
+    def stage(self, chunks: Iterable[bytes | memoryview]) -> Path:
+        """A temp file holding ``chunks`` (not yet durable). Raises OSError, leaving none."""
+        tmp = self._tmp_name()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def take(self, source: Path) -> Path:
+        """Move a file written elsewhere (pynetdicom's temp file of a C-STORE) into the temp area:
+        renamed where it is on the spool's file system, else copied in blocks. Raises OSError."""
+        tmp = self._tmp_name()
+        try:
+            try:
+                os.rename(source, tmp)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(source, tmp)
+            os.chmod(tmp, 0o640)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def commit(self, staged: Path, final: Path) -> int:
+        """Make a staged temp file durable under ``final`` (fsync, rename, fsync the folder);
+        return its size. Raises OSError or StoreError; the temp file is gone either way."""
+        try:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
                 os.fsync(fd)
+                size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
             created = self._ensure_dir(final.parent)
-            os.rename(tmp, final)
+            os.rename(staged, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
         if created:
             _fsync_dir(final.parent.parent)
             _fsync_dir(final.parent.parent.parent)
         return size
+
+    def _tmp_name(self) -> Path:
+        return self.tmp / (uuid.uuid4().hex + ".part")
 
     def _ensure_dir(self, folder: Path) -> bool:
         if folder.is_dir():

@@ -62,6 +62,7 @@ def _job_row(store: Store, job: Job) -> dict[str, Any]:
     return {
         **job_status(store, job, time.time()),
         "reason": job.reason or "",
+        "replaced": job.detail.replaced_instances,
         "modality": job.header.get("Modality", ""),
         "model": f"{job.model}@{job.model_version}" if job.model else "",
         "received": _when(job.created_at),

@@ -132,6 +132,17 @@ class VolumeSettings(StrictModel):
     max_tilt_deg: float = Field(0.5, ge=0)
 
 
+class Limits(StrictModel):
+    """What a peer's headers may make the node spend: checked on the headers at receive and
+    again before a volume is allocated. The defaults fit clinical planning CT."""
+
+    max_rows: int = Field(1024, ge=1)
+    max_columns: int = Field(1024, ge=1)
+    max_slices: int = Field(2000, ge=1)
+    max_instance_mb: int = Field(1024, ge=1)
+    max_series_gb: int = Field(8, ge=1)
+
+
 class InferenceSettings(StrictModel):
     """Where and how long inference may run."""
 
@@ -241,6 +252,7 @@ class GatewayConfig(StrictModel):
     models_dir: Path
     destinations: dict[str, Destination] = {}
     volume: VolumeSettings = VolumeSettings()
+    limits: Limits = Limits()
     inference: InferenceSettings = InferenceSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()

@@ -109,11 +109,7 @@ class Worker:
         self.rules = rules
         self.outbox = Outbox(store.index)
         self.on_queued = on_queued
-        self.checks = VolumeChecks(
-            spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
-            min_slices=cfg.volume.min_slices,
-            max_tilt_deg=cfg.volume.max_tilt_deg,
-        )
+        self.checks = volume_checks(cfg)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
@@ -501,6 +497,20 @@ class Worker:
         except TransitionError:
             return  # the worker and the outbox both settle; the other one got there first
         log.info("job delivered", job=job_id, files=done)
+
+
+def volume_checks(cfg: GatewayConfig) -> VolumeChecks:
+    """gateway.yaml's ``volume:`` checks and ``limits:`` as the volume stage takes them."""
+    return VolumeChecks(
+        spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
+        min_slices=cfg.volume.min_slices,
+        max_tilt_deg=cfg.volume.max_tilt_deg,
+        max_rows=cfg.limits.max_rows,
+        max_columns=cfg.limits.max_columns,
+        max_slices=cfg.limits.max_slices,
+        max_instance_bytes=cfg.limits.max_instance_mb * 2**20,
+        max_volume_bytes=cfg.limits.max_series_gb * 2**30,
+    )
 
 
 def _spec(route: Route) -> str:

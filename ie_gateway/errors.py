@@ -10,9 +10,12 @@ GatewayError
 │   ├── ChecksumMismatch   a fold file's sha256 is not the manifest's
 │   └── VersionImmutable   different bytes offered under an existing version
 ├── InferenceError         inference failed or ran past its time limit
+│   ├── InferenceCrashed   the inference process died (killed, out of memory, a crash)
+│   └── InferenceOutOfMemory  the GPU ran out of memory (retried, once on the CPU if allowed)
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
+├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
 └── HttpError              the health/metrics HTTP endpoint could not start
@@ -69,6 +72,14 @@ class InferenceError(GatewayError):
     """Inference failed or exceeded its time limit."""
 
 
+class InferenceCrashed(InferenceError):
+    """The inference process died under a job; counted as a crash of the job's stage."""
+
+
+class InferenceOutOfMemory(InferenceError):
+    """CUDA ran out of memory: transient (another job's memory, fragmentation), not the job's fault."""
+
+
 class WriteError(GatewayError):
     """An output object could not be written or failed validation."""
 
@@ -83,6 +94,10 @@ class DeliveryError(GatewayError):
 
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
+
+
+class ApprovalRefused(GatewayError):
+    """A clinician's structure set is kept but not linked to the CT job: the reason says why."""
 
 
 class SyncError(GatewayError):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway.errors import GatewayError, InferenceError, ModelError
+from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, InferenceOutOfMemory, ModelError
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.log import configure as configure_logging
@@ -136,22 +136,22 @@ class InferenceRunner:
         try:
             self._conn.send(message)
         except (BrokenPipeError, ConnectionResetError):
-            raise InferenceError(self._crashed(labels_path)) from None
+            raise InferenceCrashed(self._crashed(labels_path)) from None
         ready = wait([self._conn, self._process.sentinel], timeout=self.timeout_s)
         if not ready:
             self._restart("time limit")
             _remove_partial(labels_path)
             raise InferenceError(f"inference exceeded {self.timeout_s:g} s")
         if self._conn not in ready:
-            raise InferenceError(self._crashed(labels_path))
+            raise InferenceCrashed(self._crashed(labels_path))
         try:
             status, payload = self._conn.recv()
         except (EOFError, ConnectionResetError):
-            raise InferenceError(self._crashed(labels_path)) from None
+            raise InferenceCrashed(self._crashed(labels_path)) from None
         if status == "ok":
             return payload
         kind, text = payload
-        raise (ModelError if kind == "model" else InferenceError)(text)
+        raise {"model": ModelError, "oom": InferenceOutOfMemory}.get(kind, InferenceError)(text)
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not within a few seconds."""
@@ -272,9 +272,16 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
             reply = ("error", ("model" if isinstance(exc, ModelError) else "inference", str(exc)))
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
             # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
-            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            reply = ("error", ("inference", f"{type(exc).__name__}: {first_line}"))
+            reply = ("error", error_reply(exc))
         conn.send(reply)
+
+
+def error_reply(exc: Exception) -> tuple[str, str]:
+    """What the child tells the parent about an unexpected error: its kind ("oom" for CUDA out
+    of memory, which the worker retries; "inference" otherwise) and its first line."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in first_line
+    return ("oom" if oom else "inference", f"{type(exc).__name__}: {first_line}")
 
 
 def _resident(

@@ -67,13 +67,14 @@ def _jsonable(value: Any) -> Any:
 
 def _expired(job: Job, unrouted_days: float, finished_days: float, sync_enabled: bool, now: float) -> bool:
     """Whether retention may delete this job's data now (see Store.purge_expired)."""
-    if job.state is JobState.DELIVERED or job.detail.linked_to is not None:
+    if job.state in (JobState.DELIVERED, JobState.EXCLUDED) or job.detail.linked_to is not None:
         days = finished_days
     elif job.state in (JobState.UNROUTED, JobState.REFUSED):
         days = unrouted_days
     else:
         return False
-    if sync_enabled and any(r.sync for r in job.routes) and job.detail.synced is None:
+    waits_for_sync = job.state is not JobState.EXCLUDED and any(r.sync for r in job.routes)
+    if sync_enabled and waits_for_sync and job.detail.synced is None:
         return False
     return now - job.updated_at >= days * 86400
 
@@ -180,7 +181,8 @@ class Store:
     ) -> int:
         """Delete the instances and results of series whose every job ended long enough ago.
 
-        Delivered jobs go after ``finished_days``; unrouted and refused ones after
+        Delivered jobs go after ``finished_days``, and so do excluded ones (delivered, but a
+        case sync can never take: they wait for no upload); unrouted and refused ones after
         ``unrouted_days``, except a clinician's structure set linked to a case, which lives as
         long as a delivered job. Failed jobs are kept until an admin acts on them, and so is a
         case waiting to be synced. Job rows stay (marked purged) so `status` keeps the history.

@@ -43,7 +43,7 @@ class Outbox:
     def enqueue(self, job_id: int, destination: str, path: str, sop_uid: str, sop_class: str) -> bool:
         """Queue a file for a destination, once per SOP Instance UID; False if it was queued before."""
         now = time.time()
-        with self.db.tx() as db:
+        with self.db.tx(durable=True) as db:
             cur = db.execute(
                 "INSERT INTO outbox (job_id, destination, path, sop_uid, sop_class, next_at, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_uid, destination) DO NOTHING",
@@ -91,7 +91,7 @@ class Outbox:
         """Log an attempt; mark delivered, reschedule at ``next_at``, or dead-letter; the lease ends."""
         now = time.time()
         state = OutboxState.DELIVERED if delivered else OutboxState.FAILED if dead else OutboxState.PENDING
-        with self.db.tx() as db:
+        with self.db.tx(durable=state is not OutboxState.PENDING) as db:
             db.execute(
                 "INSERT INTO attempts (outbox_id, at, status, error) VALUES (?, ?, ?, ?)", (row.id, now, status, error)
             )

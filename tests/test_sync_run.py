@@ -123,6 +123,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, azurite_blob: str) -> Iterato
         "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port}},
         "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
         "inference": {"timeout_s": 120},
+        "approvals": {"accept_from": ["TPS"]},
         "sync": {"enabled": True, "container": container.container_name,
                  "cases_cron": "0 0 1 1 *", "models_cron": "0 0 1 1 *"},
     })

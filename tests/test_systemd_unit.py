@@ -32,3 +32,11 @@ def test_unit_is_notify_type_with_watchdog_and_hardening() -> None:
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "ReadWritePaths": "/var/lib/ie-gateway"}.items():
         assert lines[key] == value
+
+
+def test_unit_bounds_memory_and_restarts() -> None:
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+             if "=" in line and not line.startswith("#")}
+    assert lines["MemoryMax"].endswith("%") and 50 <= int(lines["MemoryMax"][:-1]) < 100
+    # a bad job costs at most worker.max_crashes (2) restarts: the burst allows several before giving up
+    assert int(lines["StartLimitBurst"]) >= 2 * 2 and int(lines["StartLimitIntervalSec"]) > 0

@@ -24,13 +24,15 @@ from psycopg.conninfo import conninfo_to_dict
 from pynetdicom.sop_class import RTStructureSetStorage
 
 from ie_gateway import log as logsetup
-from ie_gateway.config import GatewayConfig
+from ie_gateway.config import GatewayConfig, Reserve
+from ie_gateway.health import Health
 from ie_gateway.errors import InferenceOutOfMemory, StoreError
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner, error_reply
 from ie_gateway.pipeline import Worker, transient
 from ie_gateway.route.rules import RuleSet
 from ie_gateway.store import Arrival, JobState, Store
+from ie_gateway.store.space import disk_space
 from ie_gateway.sync.blob import CONNECTION_STRING_ENV
 from ie_gateway.sync.run import scheduled_models
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
@@ -170,6 +172,11 @@ def test_the_worker_survives_the_index_going_away_under_its_claims(tmp_path: Pat
             wait_until(lambda: sum(e["event"] == "index unavailable; the worker waits" for e in logged) >= 2, 30,
                        what="two claims to fail on the missing index")
             assert worker.alive()
+            health = Health(worker.store, listening=None, worker_alive=worker.alive,
+                            worker_last_tick=lambda: worker.last_tick, scheduler_running=lambda: True,
+                            space=lambda: disk_space(tmp_path, Reserve()), inference_timeout_s=60)
+            assert health.watchdog_ok()  # the index is out: not a thing a restart cures, and no exception
+            assert not health.ready()
             set_connections(postgres_url, True)
             index = Store.for_settings(worker.cfg.storage).index  # this thread's connection was ended too
             index.transition(job_id, JobState.COMPLETE)

@@ -358,3 +358,14 @@ def test_retention_purges_an_excluded_case_without_waiting_for_its_sync(tmp_path
     later = index.job(job_id).updated_at + 31 * 86400
     assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later - 2 * 86400) == 0
     assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later) == 1
+
+
+def test_start_up_counts_a_stage_the_node_died_in_as_a_crash_of_its_job(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    store.index.begin_stage(job_id, "infer")
+    store.index.transition(job_id, JobState.INFERRING)  # then the node was killed
+    summary = Store(tmp_path).recover()
+    assert (summary["crashed"], summary["rerun"]) == (1, 1)
+    assert store.index.stage_attempts(job_id) == {"infer": StageAttempts(attempts=1, crashes=1)}
+    assert store.index.begin_stage(job_id, "infer") == StageAttempts(attempts=2, crashes=1)  # counted once

@@ -240,8 +240,9 @@ class Store:
 
         Temp files are removed; a file without a row is indexed (its C-STORE may have been
         answered just before the crash); a row without a file is flagged missing and its job
-        notes it. On an index of its own the node holds no job any more: every lease ends and
-        a job caught mid-inference goes back to `routed` so it runs again at once. On a shared
+        notes it. On an index of its own the node holds no job any more: every lease ends, a
+        stage that was running counts a crash of its job (``Index.count_interrupted``), and a
+        job caught mid-inference goes back to `routed` so it runs again at once. On a shared
         index other nodes' jobs are left alone: a job this node held is taken over (by any
         worker) when its lease lapses.
         """
@@ -257,7 +258,12 @@ class Store:
         for job_id in self.index.mark_missing(missing):
             self.index.update_detail(job_id, lambda d: replace(d, missing_instances=True))
         resumed = 0
+        crashed = []
         if not shared:
+            # the node died in these stages: counted now; the worker fails a job that did it too often
+            crashed = self.index.count_interrupted()
+            for job_id, stage, crashes in crashed:
+                log.warning("stage interrupted by a crash", job=job_id, stage=stage, crashes=crashes)
             self.index.release_all()
             for job in self.index.jobs([JobState.INFERRING]):
                 self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
@@ -268,6 +274,7 @@ class Store:
             "adopted": adopted,
             "missing": len(missing),
             "rerun": resumed,
+            "crashed": len(crashed),
             "unfinished": unfinished,
         }
         log.info("spool recovered", **summary)

@@ -446,6 +446,16 @@ class Index:
                 (int(crashed), job_id, stage),
             )
 
+    def count_interrupted(self) -> list[tuple[int, str, int]]:
+        """Every attempt still marked running ended with the process: count it as a crash now
+        (an index of this node's own, at start-up). Returns (job, stage, crashes so far)."""
+        with self.db.tx() as db:
+            rows = db.execute(
+                "UPDATE stage_attempts SET crashes = crashes + 1, running = 0 WHERE running = 1 "
+                "RETURNING job_id, stage, crashes"
+            ).fetchall()
+        return sorted((int(r[0]), str(r[1]), int(r[2])) for r in rows)
+
     def stage_attempts(self, job_id: int) -> dict[str, StageAttempts]:
         """Attempts and crashes of each stage a job has been through."""
         rows = self.db.query("SELECT stage, attempts, crashes FROM stage_attempts WHERE job_id = ?", (job_id,))

@@ -60,8 +60,11 @@ def inference_children(node: Node) -> list[int]:
 def kill_busy_child(node: Node, attempt: int) -> None:
     """Wait until the slow job's ``attempt``-th run is computing in the inference child, then kill
     the child as the kernel's OOM killer would."""
-    wait_until(lambda: sum(e["event"] == "volume_loaded" for e in node.log_events()) >= attempt, 120,
-               what=f"run {attempt} of the slow job to load its volume")
+    wait_until(
+        lambda: sum(e["event"] == "volume_loaded" for e in node.log_events()) >= attempt,
+        120,
+        what=f"run {attempt} of the slow job to load its volume",
+    )
     pid = inference_children(node)[-1]
     start = cpu_ticks(pid)
     wait_until(lambda: cpu_ticks(pid) > start + 50, 60, every=0.1, what="the inference child to be busy")
@@ -71,11 +74,15 @@ def kill_busy_child(node: Node, attempt: int) -> None:
 @pytest.mark.peer
 @pytest.mark.slow
 def test_a_job_that_kills_its_inference_process_twice_fails_and_the_next_series_is_delivered(
-        node_factory: Any, orthanc: Orthanc, tmp_path: Path) -> None:
-    node: Node = node_factory(settings={
-        "models_dir": str(models(tmp_path / "models", spin_iterations=400000)),
-        "destinations": {"TPS": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
-    }, rules={"rules": [rule("fast", "Fast", "toy-body"), rule("slow", "Slow", "slow-body")]}).start()
+    node_factory: Any, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    node: Node = node_factory(
+        settings={
+            "models_dir": str(models(tmp_path / "models", spin_iterations=400000)),
+            "destinations": {"TPS": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        },
+        rules={"rules": [rule("fast", "Fast", "toy-body"), rule("slow", "Slow", "slow-body")]},
+    ).start()
     assert storescu(node.port, series(tmp_path / "slow", 21, "Slow")).returncode == 0
     [slow] = node.wait_state({"inferring"})
     assert storescu(node.port, series(tmp_path / "fast", 22, "Fast")).returncode == 0
@@ -102,11 +109,18 @@ def tps() -> Iterator[StoreSCP]:
 @pytest.mark.peer
 @pytest.mark.slow
 def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_once_space_is_back(
-        node_factory: Any, tps: StoreSCP, small_fs: Path, small_series: list[Path],  # noqa: F811
-        tmp_path: Path) -> None:
-    node = make_node(node_factory, misplaced_heart_model(tmp_path / "models"),
-                     {"TPS": destination(tps.port, accepts=["rtstruct"])},
-                     {"model": "toy-heart", "outputs": ["rtstruct"], "send_to": ["TPS"]})
+    node_factory: Any,
+    tps: StoreSCP,
+    small_fs: Path,
+    small_series: list[Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    node = make_node(
+        node_factory,
+        misplaced_heart_model(tmp_path / "models"),
+        {"TPS": destination(tps.port, accepts=["rtstruct"])},
+        {"model": "toy-heart", "outputs": ["rtstruct"], "send_to": ["TPS"]},
+    )
     settings = yaml.safe_load(node.config.read_text())
     settings["storage"] = {"root": str(small_fs / "var"), "reserve": {"percent": 0, "gb": 0}}
     settings["worker"] = {"retry_base_s": 1, "retry_cap_s": 2, "lease_s": 5}
@@ -122,7 +136,10 @@ def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_on
     rest = fill(more, leave_free=128 * 1024)  # room for the index, not for the RT-STRUCT
     [first, *_] = wait_until(
         lambda: [e for e in node.log_events() if e["event"] == "transient failure; the job is retried"],
-        120, every=0.5, what="the write stage to fail on the full disk and wait to retry")
+        120,
+        every=0.5,
+        what="the write stage to fail on the full disk and wait to retry",
+    )
     assert first["reason"].startswith("write: ") and "full" in first["reason"], first
     assert node.jobs()[0]["state"] == "inferred"
     assert tps.received == []
@@ -141,8 +158,13 @@ def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_on
 def in_process_worker(root: Path, index: str) -> Worker:
     """A worker with no model and no rules: every job it routes ends `unrouted`."""
     (root / "routing.yaml").write_text("rules: []\n")
-    cfg = GatewayConfig.model_validate({"storage": {"root": str(root / "var"), "index": index},
-                                        "routing_file": str(root / "routing.yaml"), "models_dir": str(root)})
+    cfg = GatewayConfig.model_validate(
+        {
+            "storage": {"root": str(root / "var"), "index": index},
+            "routing_file": str(root / "routing.yaml"),
+            "models_dir": str(root),
+        }
+    )
     store = Store.for_settings(cfg.storage)
     return Worker(cfg, store, registry_for(cfg), InferenceRunner(60), lambda: RuleSet(rules=()))
 
@@ -162,19 +184,37 @@ def test_the_worker_survives_the_index_going_away_under_its_claims(tmp_path: Pat
     worker = in_process_worker(tmp_path, postgres_url)
     store = worker.store
     job_id, _, _ = store.accept(
-        Arrival(sop_uid="1.2.3.4.1", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3", series_uid="1.2.3.4",
-                transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS", called_ae="IE_GATEWAY"),
-        (b"DICM-bytes",), lambda: {"Modality": "CT"})
+        Arrival(
+            sop_uid="1.2.3.4.1",
+            sop_class="1.2.840.10008.5.1.4.1.1.2",
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            calling_ae="PACS",
+            called_ae="IE_GATEWAY",
+        ),
+        (b"DICM-bytes",),
+        lambda: {"Modality": "CT"},
+    )
     with structlog.testing.capture_logs() as logged:
         worker.start()
         try:
             set_connections(postgres_url, False)
-            wait_until(lambda: sum(e["event"] == "index unavailable; the worker waits" for e in logged) >= 2, 30,
-                       what="two claims to fail on the missing index")
+            wait_until(
+                lambda: sum(e["event"] == "index unavailable; the worker waits" for e in logged) >= 2,
+                30,
+                what="two claims to fail on the missing index",
+            )
             assert worker.alive()
-            health = Health(worker.store, listening=None, worker_alive=worker.alive,
-                            worker_last_tick=lambda: worker.last_tick, scheduler_running=lambda: True,
-                            space=lambda: disk_space(tmp_path, Reserve()), inference_timeout_s=60)
+            health = Health(
+                worker.store,
+                listening=None,
+                worker_alive=worker.alive,
+                worker_last_tick=lambda: worker.last_tick,
+                scheduler_running=lambda: True,
+                space=lambda: disk_space(tmp_path, Reserve()),
+                inference_timeout_s=60,
+            )
             assert health.watchdog_ok()  # the index is out: not a thing a restart cures, and no exception
             assert not health.ready()
             set_connections(postgres_url, True)
@@ -277,15 +317,27 @@ def test_secrets_in_an_exception_and_its_traceback_are_redacted(log_stream: io.S
 
 @pytest.mark.peer
 def test_a_sas_never_reaches_the_log_when_a_sync_fails(
-        azurite_blob: str, tmp_path: Path, log_stream: io.StringIO,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    azurite_blob: str,
+    tmp_path: Path,
+    log_stream: io.StringIO,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     endpoint = azurite_blob.split("BlobEndpoint=")[1].rstrip(";")
     # a SAS that Azurite refuses: the pull fails with the token in every request URL
-    monkeypatch.setenv(CONNECTION_STRING_ENV, f"BlobEndpoint={endpoint};SharedAccessSignature=sv=2021-08-06&ss=b"
-                                              f"&srt=sco&sp=rl&se=2030-01-01T00:00:00Z&sig={CANARY}")
+    monkeypatch.setenv(
+        CONNECTION_STRING_ENV,
+        f"BlobEndpoint={endpoint};SharedAccessSignature=sv=2021-08-06&ss=b"
+        f"&srt=sco&sp=rl&se=2030-01-01T00:00:00Z&sig={CANARY}",
+    )
     (tmp_path / "routing.yaml").write_text("rules: []\n")
-    cfg = GatewayConfig.model_validate({"storage": {"root": str(tmp_path / "var")}, "sync": {"enabled": True},
-                                        "routing_file": str(tmp_path / "routing.yaml"), "models_dir": str(tmp_path)})
+    cfg = GatewayConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path / "var")},
+            "sync": {"enabled": True},
+            "routing_file": str(tmp_path / "routing.yaml"),
+            "models_dir": str(tmp_path),
+        }
+    )
     logging.getLogger("urllib3").setLevel(logging.DEBUG)  # request lines carry the URL, query included
     scheduled_models(cfg, registry_for(cfg))
     text = log_stream.getvalue()
@@ -300,7 +352,8 @@ def test_a_sas_never_reaches_the_log_when_a_sync_fails(
 
 @pytest.mark.peer
 def test_a_case_that_cannot_be_anonymised_ends_excluded_with_its_reason_and_is_not_tried_again(
-        azurite_blob: str, tmp_path: Path) -> None:  # noqa: F811
+    azurite_blob: str, tmp_path: Path
+) -> None:  # noqa: F811
     from dataclasses import replace
 
     from ie_gateway.sync.anonymise import Anonymiser
@@ -311,9 +364,18 @@ def test_a_case_that_cannot_be_anonymised_ends_excluded_with_its_reason_and_is_n
 
     store = Store(tmp_path / "var")
     job_id, _, _ = store.accept(
-        Arrival(sop_uid="1.2.3.4.1", sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3", series_uid="1.2.3.4",
-                transfer_syntax="1.2.840.10008.1.2.1", calling_ae="PACS", called_ae="IE_GATEWAY"),
-        (b"DICM-bytes",), lambda: {"Modality": "CT"})
+        Arrival(
+            sop_uid="1.2.3.4.1",
+            sop_class="1.2.840.10008.5.1.4.1.1.2",
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            calling_ae="PACS",
+            called_ae="IE_GATEWAY",
+        ),
+        (b"DICM-bytes",),
+        lambda: {"Modality": "CT"},
+    )
     index = store.index
     index.transition(job_id, JobState.COMPLETE)
     index.transition(job_id, JobState.ROUTED, routes=[job_route(sync=True)])
@@ -327,8 +389,9 @@ def test_a_case_that_cannot_be_anonymised_ends_excluded_with_its_reason_and_is_n
     report = sync_cases(store, container, anonymiser)
     job = index.job(job_id)
     assert job.state is JobState.EXCLUDED
-    assert job.reason == ("excluded from sync: cannot be anonymised: series is flagged BurnedInAnnotation=YES; "
-                          "it is excluded from upload")
+    assert job.reason == (
+        "excluded from sync: cannot be anonymised: series is flagged BurnedInAnnotation=YES; it is excluded from upload"
+    )
     assert report.failed == {job_id: job.reason}
     assert cases_due(store) == []
     assert list(container.list_blobs()) == []

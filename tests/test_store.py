@@ -369,3 +369,15 @@ def test_start_up_counts_a_stage_the_node_died_in_as_a_crash_of_its_job(tmp_path
     assert (summary["crashed"], summary["rerun"]) == (1, 1)
     assert store.index.stage_attempts(job_id) == {"infer": StageAttempts(attempts=1, crashes=1)}
     assert store.index.begin_stage(job_id, "infer") == StageAttempts(attempts=2, crashes=1)  # counted once
+
+
+def test_a_reroute_starts_the_crash_count_afresh(tmp_path: Path, index_url: str) -> None:
+    from ie_gateway.admin import reroute
+
+    store = Store(tmp_path, index_url)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    store.index.begin_stage(job_id, "infer")
+    store.index.end_stage(job_id, "infer", crashed=True)
+    store.index.transition(job_id, JobState.FAILED, reason="crashed the node 2 times at infer")
+    reroute(store, job_id, "admin")
+    assert store.index.stage_attempts(job_id) == {}

@@ -456,6 +456,11 @@ class Index:
             ).fetchall()
         return sorted((int(r[0]), str(r[1]), int(r[2])) for r in rows)
 
+    def forget_stages(self, job_id: int) -> None:
+        """Start a job's attempt and crash counts afresh (an admin sends it through again)."""
+        with self.db.tx() as db:
+            db.execute("DELETE FROM stage_attempts WHERE job_id = ?", (job_id,))
+
     def stage_attempts(self, job_id: int) -> dict[str, StageAttempts]:
         """Attempts and crashes of each stage a job has been through."""
         rows = self.db.query("SELECT stage, attempts, crashes FROM stage_attempts WHERE job_id = ?", (job_id,))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -599,7 +600,7 @@ class Worker:
                 self.store.index.transition(
                     job_id,
                     JobState.FAILED,
-                    reason=f"delivery to {first.destination} failed: {first.last_error}{more}{delivered}",
+                    reason=f"delivery to {first.destination} failed: {scrub(str(first.last_error))}{more}{delivered}",
                 )
                 return
             self.store.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
@@ -683,5 +684,12 @@ def _sop_class(kind: OutputKind) -> str:
 
 def _write_image(image: sitk.Image, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part.mha")
-    sitk.WriteImage(image, str(tmp), useCompression=False)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=False)
+    except RuntimeError as exc:  # ITK says "could not write" without the errno: a full disk is retried
+        tmp.unlink(missing_ok=True)
+        size = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+        if shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, f"no space left for {path.name}") from exc
+        raise
     tmp.replace(path)

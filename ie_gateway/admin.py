@@ -29,7 +29,8 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
     """Route the job again from the start (after a rules fix): it goes back to `complete`.
 
     Its earlier outputs and undelivered deliveries are dropped, so the rules in force now decide
-    the model, the outputs and the destinations, and new results get new UIDs.
+    the model, the outputs and the destinations, and new results get new UIDs. Its attempts and
+    crashes per stage start again from zero: the admin has taken the crash loop in hand.
     """
     job = store.index.job(job_id)
     if job.state not in REROUTABLE:
@@ -38,6 +39,7 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
             f"{', '.join(sorted(s.value for s in REROUTABLE))} jobs can be rerouted"
         )
     cancelled = Outbox(store.index).cancel(job_id)
+    store.index.forget_stages(job_id)
     # what the earlier routing produced goes; what the series is (files, links, sync) stays
     detail = replace(
         job.detail, plan=OutputPlan(), outputs=(), review=None, not_sent={}, deliveries=None, empty_structures=()

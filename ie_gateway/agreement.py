@@ -138,17 +138,46 @@ class ModelContours:
     labels: Path  # the label map on the CT grid
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The most an approved set may hold for its figures to be computed: rasterising is paid per
+    contour and per point, and a peer decides how many there are."""
+
+    max_contours: int = 20000
+    max_points: int = 5_000_000
+
+
+def check_bounds(approved: Dataset, bounds: Bounds) -> None:
+    """AgreementError when the set holds more contours or points than ``bounds`` (counted from
+    Number of Contour Points, before any ContourData is parsed)."""
+    counts = [
+        int(contour.get("NumberOfContourPoints") or 0)
+        for roi in approved.get("ROIContourSequence", [])
+        for contour in roi.get("ContourSequence", [])
+    ]
+    if len(counts) > bounds.max_contours:
+        raise AgreementError(
+            f"the approved set has {len(counts)} contours, more than agreement.max_contours ({bounds.max_contours})"
+        )
+    if sum(counts) > bounds.max_points:
+        raise AgreementError(
+            f"the approved set has {sum(counts)} contour points, more than agreement.max_points ({bounds.max_points})"
+        )
+
+
 def assess(
     approved: Dataset,
     ct_headers: Sequence[pydicom.Dataset],
     contours: Sequence[ModelContours],
     tolerance_mm: float = 2.0,
     aliases: Aliases | None = None,
+    bounds: Bounds = Bounds(),
 ) -> dict[tuple[str, str], list[StructureFigures]]:
     """Figures per (model, version) for every model structure the approved set contains.
 
     ``ct_headers`` are the CT's slices in volume order (the label maps' z order).
     """
+    check_bounds(approved, bounds)
     if not ct_headers:
         raise AgreementError("the contoured CT's slice headers are not recorded")
     try:
@@ -303,11 +332,12 @@ def assess_approval(
     contours: Sequence[ModelContours],
     tolerance_mm: float,
     aliases: Aliases | None = None,
+    bounds: Bounds = Bounds(),
 ) -> int:
     """Compute and store the figures of an approved set linked to ``ct_job`` (whose CT slice
     headers, in volume order, are ``ct_headers``); rows written."""
     started = time.monotonic()
-    figures = assess(approved, ct_headers, contours, tolerance_mm, aliases)
+    figures = assess(approved, ct_headers, contours, tolerance_mm, aliases, bounds)
     written = record(index, ct_job.id, approval_job_id, figures, tolerance_mm)
     for (model, version), items in figures.items():
         log.info(

@@ -7,13 +7,16 @@ set's), so the agreement figures can be computed and the next case sync uploads 
 contours beside the AI ones.
 
 Structure sets the node wrote itself (their SOP Instance UID is in the outbox) are never linked:
-only a clinician's set is ground truth. A revision sent later in the same series arrives as a
+only a clinician's set is ground truth. Nor is a set from a caller that ``approvals.accept_from``
+does not list (a planning system's AE title), or one whose patient, study or frame of reference
+is not the contoured CT's: those are kept, and the reason says why they were not linked. A revision sent later in the same series arrives as a
 new job of that series and is linked on its own, so only the instances whose ApprovalStatus is
 APPROVED are uploaded (``approved_files``), never an earlier draft.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import pydicom
@@ -21,6 +24,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import RTStructureSetStorage
 
+from ie_gateway.errors import ApprovalRefused
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import ApprovedSet
@@ -35,18 +39,26 @@ PRECEDENCE = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED, ApprovalStatus.U
 LINKABLE_STATES = (JobState.SENDING, JobState.DELIVERED)
 
 
-def link_approved(store: Store, job: Job) -> int | None:
+def link_approved(store: Store, job: Job, accept_from: Collection[str] = ()) -> int | None:
     """Link the RT-STRUCT series of ``job`` to the job of the CT series it references.
 
     Call it for a complete series whose Modality is RTSTRUCT. Returns the CT job id, or None
     when no file is a clinician's structure set on a CT series the node contoured (the node's
     own output sent back, an unknown CT, a CT not yet sent). Calling it again for the same job
-    updates the link instead of adding a second one.
+    updates the link instead of adding a second one. Raises ApprovalRefused when a clinician's
+    set references a contoured CT but its caller is not in ``accept_from`` or its patient,
+    study or frame of reference is not the CT's.
     """
     links: list[tuple[int, ApprovalStatus]] = []
     for ds in _clinicians_sets(store, job.id):
         ct_job = _contoured_job(store, _referenced_series(store, ds))
         if ct_job is not None:
+            if job.calling_ae not in accept_from:
+                raise ApprovalRefused(
+                    f"structure set from {job.calling_ae or 'an unknown caller'} not linked to job {ct_job}: "
+                    "approvals.accept_from does not list that caller"
+                )
+            _check_same_case(ds, store.index.job(ct_job))
             links.append((ct_job, _approval(ds)))
     if not links:
         log.info(
@@ -62,6 +74,27 @@ def link_approved(store: Store, job: Job) -> int | None:
     store.index.link_approved(ct_job, job.id, approval, len(approvals))
     log.info("structure set linked", job=job.id, ct_job=ct_job, approval=approval)
     return ct_job
+
+
+def _check_same_case(ds: Dataset, ct_job: Job) -> None:
+    """The set must be drawn on the CT's patient, study and frame of reference (values are not
+    named in the reason: they identify the patient)."""
+    ct = ct_job.header
+    frames = {str(f.get("FrameOfReferenceUID", "")) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
+    differ = [
+        what
+        for what, same in (
+            ("patient", str(ds.get("PatientID", "")).strip() == str(ct.get("PatientID", "")).strip()),
+            ("study", str(ds.get("StudyInstanceUID", "")) == str(ct.get("StudyInstanceUID", ""))),
+            ("frame of reference", str(ct.get("FrameOfReferenceUID", "")) in frames),
+        )
+        if not same
+    ]
+    if differ:
+        raise ApprovalRefused(
+            f"structure set not linked to job {ct_job.id}: its {', '.join(differ)} "
+            f"{'is' if len(differ) == 1 else 'are'} not the contoured CT's"
+        )
 
 
 def approved_entries(job: Job) -> list[ApprovedSet]:

@@ -96,7 +96,7 @@ def _transitions(store: Store) -> Iterable[AuditEvent]:
             j = jobs[job_id]
             rules = ", ".join(r.rule for r in j.routes) or "?"
             yield AuditEvent(at, job_id, "routed", f"rule {rules} -> {j.model}@{j.model_version}")
-        elif new in (JobState.UNROUTED, JobState.REFUSED, JobState.FAILED, JobState.DELIVERED):
+        elif new in (JobState.UNROUTED, JobState.REFUSED, JobState.FAILED, JobState.DELIVERED, JobState.EXCLUDED):
             yield AuditEvent(at, job_id, new, reason or "")
 
 

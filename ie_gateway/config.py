@@ -119,6 +119,12 @@ class WorkerSettings(StrictModel):
     """How a worker holds the jobs it works on (several workers may share one index)."""
 
     lease_s: float = Field(30, ge=5)  # renewed every third of it; a dead worker's job is free after it
+    max_crashes: int = Field(
+        2, ge=1, description="a job whose stage killed the node (or its inference process) this often fails"
+    )
+    retry_base_s: float = Field(10, gt=0, description="first wait after a transient failure (full disk, index)")
+    retry_cap_s: float = Field(900, gt=0, description="longest wait between two retries")
+    max_retries: int = Field(20, ge=1, description="transient failures of one stage before the job fails")
 
 
 class SeriesSettings(StrictModel):
@@ -155,6 +161,7 @@ class InferenceSettings(StrictModel):
     memory_gb: float | None = Field(
         32, gt=0, description="address-space limit (RLIMIT_AS) of the inference child on the CPU; null: none"
     )
+    cpu_on_oom: bool = Field(True, description="a job that runs CUDA out of memory is run once on the CPU")
 
 
 class DestinationTLS(StrictModel):
@@ -247,6 +254,22 @@ class AgreementSettings(StrictModel):
     tolerance_mm: float = Field(2.0, gt=0, description="surface Dice tolerance")
     window: int = Field(10, ge=1)
     margin: float = Field(0.05, ge=0, le=1)
+    max_contours: int = Field(20000, ge=1, description="an approved set with more contours gets no figures")
+    max_points: int = Field(5_000_000, ge=1, description="an approved set with more contour points gets no figures")
+
+
+class ApprovalSettings(StrictModel):
+    """Whose APPROVED structure sets count as the clinicians' truth (linked to the CT job, measured,
+    uploaded for retraining): the calling AE titles of the planning systems. A set from any other
+    caller is stored but not linked, with the reason; none is accepted while the list is empty.
+    The caller's address is pinned by its ``node.allowed_callers`` entry."""
+
+    accept_from: list[str] = []
+
+    @field_validator("accept_from")
+    @classmethod
+    def _titles(cls, values: list[str]) -> list[str]:
+        return [_ae_title(v) for v in values]
 
 
 class TrustedKeySetting(StrictModel):
@@ -280,6 +303,7 @@ class GatewayConfig(StrictModel):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     agreement: AgreementSettings = AgreementSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     trusted_keys: list[TrustedKeySetting] = []
     source: Path = Field(Path("gateway.yaml"), exclude=True)

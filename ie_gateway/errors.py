@@ -18,8 +18,11 @@ GatewayError
 │   ├── SignatureInvalid   a signature does not verify, or a file changed after signing
 │   └── CodeNotAllowed     a MONAI config runs code beyond the allow-list, for a key without allow_code
 ├── InferenceError         inference failed or ran past its time limit
+│   ├── InferenceCrashed   the inference process died (killed, out of memory, a crash)
+│   └── InferenceOutOfMemory  the GPU ran out of memory (retried, once on the CPU if allowed)
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
+├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
 ├── SyncError              anonymisation, upload or model download failed
 │   ├── AnonymiseError     a file could not be read or de-identified (names the file)
 │   └── BurnedInAnnotation a series says it has identifying text in its pixels
@@ -126,12 +129,24 @@ class InferenceError(GatewayError):
     """Inference failed or exceeded its time limit."""
 
 
+class InferenceCrashed(InferenceError):
+    """The inference process died under a job; counted as a crash of the job's stage."""
+
+
+class InferenceOutOfMemory(InferenceError):
+    """CUDA ran out of memory: transient (another job's memory, fragmentation), not the job's fault."""
+
+
 class WriteError(GatewayError):
     """An output object could not be written or failed validation."""
 
 
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
+
+
+class ApprovalRefused(GatewayError):
+    """A clinician's structure set is kept but not linked to the CT job: the reason says why."""
 
 
 class SyncError(GatewayError):

@@ -115,10 +115,13 @@ class Health:
 
     def _inferring(self) -> Check:
         now = time.time()
-        mine = [
-            j for j in self.store.index.jobs([JobState.INFERRING]) if self.node is None or j.claimed_by == self.node
-        ]
-        since = [(j.id, self.store.index.entered_at(j.id, JobState.INFERRING)) for j in mine]
+        try:
+            mine = [
+                j for j in self.store.index.jobs([JobState.INFERRING]) if self.node is None or j.claimed_by == self.node
+            ]
+            since = [(j.id, self.store.index.entered_at(j.id, JobState.INFERRING)) for j in mine]
+        except StoreError:  # the index check says so; a restart would not bring the index back
+            return Check("inference", True, "not checked: the index cannot be read", True)
         stuck = [(job_id, now - at) for job_id, at in since if at is not None and now - at > self.stuck_after_s]
         if stuck:
             job_id, seconds = stuck[0]

@@ -1,8 +1,12 @@
 """Structured JSON logs without patient data.
 
-Every line is one JSON object (journald keeps it as is). A last-line-of-defence processor drops
-values of patient-identifying keys and replaces anything shaped like a DICOM UID with a short
-hash, so a careless `log.info(..., uid=ds.SOPInstanceUID)` cannot leak a UID in clear.
+Every line is one JSON object (journald keeps it as is). A last-line-of-defence processor,
+``redact``, drops values of patient-identifying keys, replaces anything shaped like a DICOM UID
+with a short hash and blanks secrets (a SAS ``sig=``, ``AccountKey=``,
+``SharedAccessSignature=``, a password in a URL, a bearer token), so a careless
+`log.info(..., uid=ds.SOPInstanceUID)` or an Azure error quoting its URL cannot leak either. It
+runs after tracebacks are formatted into text, so an exception's message is redacted too.
+``scrub`` applies the same to one text (a job's reason, which `status` and the page show).
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ IDENTIFYING_KEYS = frozenset(
 )
 
 
+REDACTED = "[redacted]"
+SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # a whole SAS token in a connection string runs to the next ';'
+    (re.compile(r"(?i)\b(SharedAccessSignature|AccountKey|SharedAccessKey)=[^;\s\"']+"), rf"\1={REDACTED}"),
+    (re.compile(r"(?i)([?&;\s]sig)=[^&;\s\"']+"), rf"\1={REDACTED}"),
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+):[^@\s/]+@"), rf"\1:{REDACTED}@"),
+    (re.compile(r"(?i)\b(password|passwd|pwd)=[^;&\s\"']+"), rf"\1={REDACTED}"),
+)
+
+
 def uid_hash(uid: str) -> str:
     """A short, stable, non-reversible tag for a UID, fit for logs."""
     return "uid:" + hashlib.sha256(uid.encode()).hexdigest()[:12]
@@ -48,9 +63,16 @@ def _hash_match(match: re.Match[str]) -> str:
     return uid if uid.startswith(STANDARD_UID_ROOT) else uid_hash(uid)
 
 
+def scrub(text: str) -> str:
+    """``text`` fit for a log line or a job's reason: secrets blanked, UID-shaped text hashed."""
+    for pattern, replacement in SECRETS:
+        text = pattern.sub(replacement, text)
+    return UID_IN_TEXT.sub(_hash_match, text)
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return UID_IN_TEXT.sub(_hash_match, value)
+        return scrub(value)
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     if isinstance(value, dict):
@@ -58,8 +80,8 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def drop_patient_data(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: remove identifying keys, hash UID-shaped values."""
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: remove identifying keys, hash UID-shaped values, blank secrets."""
     for key in list(event):
         if key.lower() in IDENTIFYING_KEYS:
             event[key] = "[removed]"
@@ -76,7 +98,6 @@ def configure(level: str = "info", stream: Any = None) -> None:
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        drop_patient_data,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -91,6 +112,7 @@ def configure(level: str = "info", stream: Any = None) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact,  # after the traceback became text: its messages are redacted too
                 structlog.processors.JSONRenderer(),
             ],
         )

@@ -25,7 +25,10 @@ the planning system receives the same instances, never new ones.
 
 from __future__ import annotations
 
+import errno
 import os
+import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,16 +44,26 @@ from ie_gateway import metrics
 from ie_gateway.approvals import link_approved
 from ie_gateway.assess import assess_structure_set
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
-from ie_gateway.infer.registry import Registry
+from ie_gateway.errors import (
+    ApprovalRefused,
+    GatewayError,
+    InferenceCrashed,
+    InferenceOutOfMemory,
+    StoreError,
+    VolumeRefused,
+    WriteError,
+)
+from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.infer.types import InferenceResult
+from ie_gateway.log import scrub
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
 from ie_gateway.plausibility import check_result
 from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review
+from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review, StageAttempts
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
@@ -88,16 +101,19 @@ class Worker:
         self.node = node
         self.lease_s = cfg.worker.lease_s
         self._held: int | None = None  # the job this worker holds now
+        self._stage = ""  # and the stage it runs
         self.store = store
         self.registry = registry
         self.runner = runner
         self.rules = rules
         self.outbox = Outbox(store.index)
         self.on_queued = on_queued
-        self.checks = VolumeChecks(
-            spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
-            min_slices=cfg.volume.min_slices,
-            max_tilt_deg=cfg.volume.max_tilt_deg,
+        self.checks = volume_checks(cfg)
+        #: a CPU inference process for a job that ran CUDA out of memory (None: not allowed)
+        self.cpu_runner: Callable[[], InferenceRunner] | None = (
+            (lambda: InferenceRunner(cfg.inference.timeout_s, device="cpu", log_level=cfg.log_level))
+            if cfg.inference.cpu_on_oom and cfg.inference.device != "cpu"
+            else None
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -124,15 +140,29 @@ class Worker:
         self._wake.set()
         self._thread.join(timeout=30)
         self._renewer.join(timeout=5)
+        held = self._held
+        if held is not None:  # still at it as the node stops: interrupted, not crashed
+            try:
+                self.store.index.end_stage(held, self._stage)
+            except StoreError as exc:
+                log.warning("stage end not recorded", job=held, error=detail(exc))
 
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self.last_tick = time.monotonic()
-            if not self.run_once():
-                self._wake.wait(1.0)
+            try:
+                busy = self.run_once()
+                failures = 0
+            except StoreError as exc:  # the index went away (a restart, the network): wait for it
+                failures += 1
+                busy = False
+                log.warning("index unavailable; the worker waits", error=detail(exc), failures=failures)
+            if not busy:
+                self._wake.wait(min(1.0 * 2 ** max(failures - 1, 0), 30.0))
                 self._wake.clear()
 
     def _renew_loop(self) -> None:
@@ -164,18 +194,11 @@ class Worker:
             job = self.store.index.claim(states, self.node, self.lease_s)
             if job is None:
                 continue
-            self._held = job.id
+            self._held, self._stage = job.id, stage
             started = time.monotonic()
             structlog.contextvars.bind_contextvars(job=job.id, stage=stage)
             try:
-                self._stage_runs[stage](job)
-            except VolumeRefused as exc:
-                self._park(job, JobState.REFUSED, str(exc))
-            except (GatewayError, OSError) as exc:
-                self._park(job, JobState.FAILED, f"{stage}: {exc}")
-            except Exception as exc:
-                log.exception("stage crashed")
-                self._park(job, JobState.FAILED, f"{stage}: internal error {type(exc).__name__}: {exc}")
+                self._attempt(job, stage)
             finally:
                 self._held = None
                 self._release(job.id)
@@ -185,6 +208,70 @@ class Worker:
             return True
         return False
 
+    def _attempt(self, job: Job, stage: Stage) -> None:
+        """Run one stage of a claimed job, counted in the index so that a job that keeps
+        killing the node (or its inference process) fails instead of looping; a transient
+        failure (full disk, index outage, GPU memory) is retried later, anything else parks it."""
+        tries = self.store.index.begin_stage(job.id, stage)
+        crashed = False
+        try:
+            if tries.crashes >= self.cfg.worker.max_crashes:
+                self._park(job, JobState.FAILED, crashed_reason(tries.crashes, stage))
+                return
+            self._stage_runs[stage](job)
+        except VolumeRefused as exc:
+            self._park(job, JobState.REFUSED, str(exc))
+        except InferenceCrashed as exc:
+            if self._stop.is_set():  # the node stopped its inference process: no fault of the job
+                self._back_to_start(job, f"{stage}: interrupted as the node stopped")
+            else:
+                crashed = True
+                self._after_crash(job, stage, tries, exc)
+        except (StoreError, InferenceOutOfMemory, OSError) as exc:
+            if not transient(exc):
+                self._park(job, JobState.FAILED, f"{stage}: {detail(exc)}")
+            else:
+                self._retry_later(job, stage, tries, exc)
+        except GatewayError as exc:
+            self._park(job, JobState.FAILED, f"{stage}: {detail(exc)}")
+        except Exception as exc:
+            log.exception("stage crashed")
+            self._park(job, JobState.FAILED, f"{stage}: internal error {type(exc).__name__}: {detail(exc)}")
+        finally:
+            self.store.index.end_stage(job.id, stage, crashed=crashed)
+
+    def _after_crash(self, job: Job, stage: str, tries: StageAttempts, exc: InferenceCrashed) -> None:
+        """Our inference process died under this job: the job is run again, until it has done
+        so ``max_crashes`` times."""
+        crashes = tries.crashes + 1
+        if crashes >= self.cfg.worker.max_crashes:
+            self._park(job, JobState.FAILED, f"{crashed_reason(crashes, stage)} (last: {detail(exc)})")
+            return
+        log.warning("stage crashed its process; the job runs again", crashes=crashes, reason=str(exc))
+        self._back_to_start(job, f"{stage}: {detail(exc)}; running it again")
+
+    def _retry_later(self, job: Job, stage: str, tries: StageAttempts, exc: Exception) -> None:
+        """Back off: the job keeps its place and no worker claims it before the wait is over."""
+        settings = self.cfg.worker
+        what = f"{stage}: {transient_reason(exc)}"
+        if tries.attempts >= settings.max_retries:
+            self._park(job, JobState.FAILED, f"{what}; gave up after {tries.attempts} tries")
+            return
+        wait = min(settings.retry_cap_s, settings.retry_base_s * 2 ** (tries.attempts - 1))
+        wait *= random.uniform(0.8, 1.0)  # jitter: workers that failed together do not retry together
+        reason = f"{what}; retry {tries.attempts} of {settings.max_retries - 1} in {wait:.0f} s"
+        log.warning("transient failure; the job is retried", reason=reason)
+        try:
+            self._back_to_start(job, reason)
+            self.store.index.defer(job.id, self.store.index.db.now() + wait, reason)
+        except StoreError as exc2:  # the index is away: the lease lapses and the job is claimed again
+            log.warning("retry not recorded", error=detail(exc2))
+
+    def _back_to_start(self, job: Job, reason: str) -> None:
+        """A stage to be run again starts where it started: a job caught inferring is routed."""
+        if self.store.index.job(job.id).state is JobState.INFERRING:
+            self.store.index.transition(job.id, JobState.ROUTED, reason=reason)
+
     def _release(self, job_id: int) -> None:
         try:
             self.store.index.release(job_id, self.node)
@@ -192,12 +279,11 @@ class Worker:
             log.warning("lease not released", error=str(exc))
 
     def _park(self, job: Job, state: JobState, reason: str) -> None:
-        current = self.store.index.job(job.id).state
-        log.warning("job parked", state=state.value, reason=reason, was=current.value)
+        log.warning("job parked", state=state.value, reason=reason)
         try:
             self.store.index.transition(job.id, state, reason=reason)
-        except TransitionError:
-            log.error("job could not be parked", state=state.value, was=current.value)
+        except TransitionError as exc:
+            log.error("job could not be parked", state=state.value, error=str(exc))
 
     # --- stages -----------------------------------------------------------------------------
 
@@ -205,7 +291,12 @@ class Worker:
         if job.header.modality == "RTSTRUCT":
             # a clinician's structure set for a CT we contoured travels with that case (sync);
             # its agreement figures wait for the assess stage, behind every CT
-            ct_job = link_approved(self.store, job)
+            try:
+                ct_job = link_approved(self.store, job, self.cfg.approvals.accept_from)
+            except ApprovalRefused as exc:
+                log.warning("structure set not linked", reason=str(exc))
+                self.store.index.transition(job.id, JobState.UNROUTED, reason=f"clinician's {exc}")
+                return
             if ct_job is not None:
                 self.store.index.transition(
                     job.id, JobState.ASSESSING, reason=f"clinician's structure set, linked to job {ct_job}"
@@ -259,7 +350,7 @@ class Worker:
         load_s = time.monotonic() - started
         del volume
         results = [
-            self.runner.run(self.registry.resolve(route.spec), ct_path, folder / labels_file(index))
+            self.segment(self.registry.resolve(route.spec), ct_path, folder / labels_file(index))
             for index, route in enumerate(job.routes)
         ]
         # volumes_cc waits for the write stage, which measures the structures as contoured
@@ -276,6 +367,18 @@ class Worker:
             volume_s=round(load_s, 2),
             structures=len(results[0].volumes_cc),
         )
+
+    def segment(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> InferenceResult:
+        """The runner's segmentation; CUDA out of memory is tried once on the CPU where
+        ``inference.cpu_on_oom`` allows (slower, but the case gets its contours)."""
+        try:
+            return self.runner.run(model, ct_path, labels_path)
+        except InferenceOutOfMemory as exc:
+            if self.cpu_runner is None:
+                raise
+            log.warning("CUDA out of memory; running the job on the CPU", error=str(exc))
+            with self.cpu_runner() as cpu:
+                return cpu.run(model, ct_path, labels_path)
 
     def write(self, job: Job) -> None:
         started = time.monotonic()
@@ -409,6 +512,57 @@ class Worker:
         tmp.replace(path)
 
 
+def crashed_reason(crashes: int, stage: str) -> str:
+    return f"crashed the node {crashes} times at {stage}"
+
+
+def detail(exc: BaseException) -> str:
+    """An exception's first line for a job's reason or a log line: secrets blanked, UIDs hashed."""
+    return scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0][:500])
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, also where a library re-raised it with its own message (pydicom's
+    writer wraps an OSError in a new one without the errno: the original is its cause)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a failure may pass by itself: a full disk, an index that went away, GPU memory."""
+    if isinstance(exc, OSError):
+        return _disk_full(exc)
+    if isinstance(exc, TransitionError):
+        return False  # the job moved under us: not a matter of waiting
+    return isinstance(exc, (StoreError, InferenceOutOfMemory))
+
+
+def transient_reason(exc: Exception) -> str:
+    """A transient failure in our words, with its scrubbed detail."""
+    if isinstance(exc, OSError):
+        return "disk full (no space left on device)"
+    if isinstance(exc, InferenceOutOfMemory):
+        return f"GPU out of memory ({detail(exc)})"
+    return f"index unavailable ({detail(exc)})"
+
+
+def volume_checks(cfg: GatewayConfig) -> VolumeChecks:
+    """gateway.yaml's ``volume:`` checks and ``limits:`` as the volume stage takes them."""
+    return VolumeChecks(
+        spacing_tolerance_mm=cfg.volume.spacing_tolerance_mm,
+        min_slices=cfg.volume.min_slices,
+        max_tilt_deg=cfg.volume.max_tilt_deg,
+        max_rows=cfg.limits.max_rows,
+        max_columns=cfg.limits.max_columns,
+        max_slices=cfg.limits.max_slices,
+        max_instance_bytes=cfg.limits.max_instance_mb * 2**20,
+        max_volume_bytes=cfg.limits.max_series_gb * 2**30,
+    )
+
+
 def _spec(route: Route) -> str:
     return f"{route.model}@{route.version}" if route.version else route.model
 
@@ -432,5 +586,12 @@ def _sop_class(kind: OutputKind) -> str:
 
 def _write_image(image: sitk.Image, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part.mha")
-    sitk.WriteImage(image, str(tmp), useCompression=False)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=False)
+    except RuntimeError as exc:  # ITK says "could not write" without the errno: a full disk is retried
+        tmp.unlink(missing_ok=True)
+        size = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+        if shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, f"no space left for {path.name}") from exc
+        raise
     tmp.replace(path)

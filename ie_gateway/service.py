@@ -342,8 +342,13 @@ class Service:
             log.error("routing rules refused; the previous rules stay in force", errors=self.rules.last_error.errors)
 
     def healthy(self) -> bool:
-        """What the watchdog vouches for: the checks of /readyz that a restart would cure."""
-        return self.health.watchdog_ok()
+        """What the watchdog vouches for: the checks of /readyz that a restart would cure. Never
+        raises: the main loop that pings the watchdog must not die of a failing check."""
+        try:
+            return self.health.watchdog_ok()
+        except Exception:  # top of the watchdog loop: no ping, and a line saying why
+            log.exception("health check failed")
+            return False
 
     def run(self) -> None:
         """Start, then block until SIGTERM/SIGINT; SIGHUP reloads the rules."""

@@ -27,6 +27,7 @@ class JobState(StrEnum):
     DELIVERED = "delivered"  # every destination has every result
     FAILED = "failed"  # gave up; see reason (dead-lettered deliveries, inference errors)
     ASSESSING = "assessing"  # a clinician's structure set linked to a CT job, awaiting its figures
+    EXCLUDED = "excluded"  # delivered, but sync can never take it (cannot be anonymised); see reason
 
 
 class Stage(StrEnum):

@@ -22,6 +22,10 @@ Decisions a caller must know:
   JPEG 2000, RLE).
 - ``spacing_tolerance_mm`` is absolute: every step between neighbouring slices must be within
   it of the series' median step; a step of about k steps is reported as k-1 missing slices.
+- Memory is spent only on what the headers promise within ``VolumeChecks``' limits (matrix,
+  slice count, bytes per instance and per volume), and an uncompressed file must be at least
+  as long as the pixels it declares: a series of headers that declare a 4096² matrix, or
+  declare 1024² pixels and carry two bytes, is refused before the image is allocated.
 - Multi-frame objects (Enhanced CT) are refused, not decoded: they are rare from planning
   scanners and their per-frame geometry needs its own checks. Lossy-compressed images are
   refused unless ``allow_lossy``: contours on them are not trustworthy for planning.
@@ -70,6 +74,11 @@ class VolumeChecks:
     allow_non_axial: bool = False
     max_tilt_deg: float = 0.5
     allow_lossy: bool = False
+    max_rows: int = 1024
+    max_columns: int = 1024
+    max_slices: int = 2000
+    max_instance_bytes: int = 2**30
+    max_volume_bytes: int = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class _Slice:
     slope: float
     intercept: float
     transfer_syntax: UID
+    bytes_per_pixel: int
 
 
 def load_volume(paths: Sequence[Path], checks: VolumeChecks = VolumeChecks()) -> Volume:
@@ -108,6 +118,8 @@ def load_volume(paths: Sequence[Path], checks: VolumeChecks = VolumeChecks()) ->
     started = time.perf_counter()
     if not paths:
         raise VolumeRefused("the series has no files")
+    if len(paths) > checks.max_slices:
+        raise VolumeRefused(f"{len(paths)} slices, more than limits.max_slices ({checks.max_slices})")
     headers = [_read_header(path, i, len(paths)) for i, path in enumerate(paths)]
     _check_series(headers, checks)
     slices = [_slice_facts(path, ds) for path, ds in zip(paths, headers, strict=True)]
@@ -117,6 +129,7 @@ def load_volume(paths: Sequence[Path], checks: VolumeChecks = VolumeChecks()) ->
     normal = _normal(slices[0].orientation)
     slices.sort(key=lambda s: float(np.dot(s.position, normal)))
     step = _check_positions(slices, normal, checks)
+    _check_memory(slices, checks)
     image = _decode(slices)
     image.SetOrigin(slices[0].position)
     image.SetSpacing((slices[0].pixel_spacing[1], slices[0].pixel_spacing[0], step))
@@ -174,6 +187,7 @@ def _check_series(headers: list[Dataset], checks: VolumeChecks) -> None:
     ):
         _require(headers, keyword)
     for ds in headers:
+        _check_matrix(ds, checks)
         _check_pixels_encoding(ds, checks)
     tilts = [abs(float(ds.get("GantryDetectorTilt") or 0.0)) for ds in headers]
     if max(tilts) > checks.max_tilt_deg:
@@ -201,6 +215,13 @@ def _require(headers: list[Dataset], keyword: str) -> None:
     lacking = sum(1 for ds in headers if ds.get(keyword) in (None, ""))
     if lacking:
         raise VolumeRefused(f"{keyword} is missing in {lacking} of {len(headers)} files")
+
+
+def _check_matrix(ds: Dataset, checks: VolumeChecks) -> None:
+    for keyword, limit, name in (("Rows", checks.max_rows, "max_rows"), ("Columns", checks.max_columns, "max_columns")):
+        value = int(ds.get(keyword))
+        if not 0 < value <= limit:
+            raise VolumeRefused(f"{keyword} is {value}, outside 1..limits.{name} ({limit})")
 
 
 def _check_pixels_encoding(ds: Dataset, checks: VolumeChecks) -> None:
@@ -240,7 +261,38 @@ def _slice_facts(path: Path, ds: Dataset) -> _Slice:
         slope=float(ds.RescaleSlope),
         intercept=float(ds.RescaleIntercept),
         transfer_syntax=UID(str(ds.file_meta.TransferSyntaxUID)),
+        bytes_per_pixel=max(1, int(ds.get("BitsAllocated") or 16) // 8),
     )
+
+
+def _check_memory(slices: list[_Slice], checks: VolumeChecks) -> None:
+    """What decoding will hold, from the headers alone, within the limits; and every
+    uncompressed file long enough for the pixels it declares (a header that promises a large
+    matrix and carries a few bytes must not cost the memory of the matrix)."""
+    ref, count = slices[0], len(slices)
+    pixels = ref.rows * ref.columns
+    instance = pixels * ref.bytes_per_pixel
+    if instance > checks.max_instance_bytes:
+        raise VolumeRefused(
+            f"each slice declares {instance / 2**20:.0f} MiB of pixels, more than limits.max_instance_mb "
+            f"({checks.max_instance_bytes / 2**20:.0f})"
+        )
+    volume = pixels * count * 4  # float32 at worst, as the image is allocated
+    if volume > checks.max_volume_bytes:
+        raise VolumeRefused(
+            f"the volume would take {volume / 2**30:.1f} GiB ({count} slices of {ref.rows}x{ref.columns}), "
+            f"more than limits.max_series_gb ({checks.max_volume_bytes / 2**30:g})"
+        )
+    for k, s in enumerate(slices):
+        if s.transfer_syntax.is_encapsulated:
+            continue  # compressed: the decoder checks the size of what it decodes
+        declared = s.rows * s.columns * s.bytes_per_pixel
+        size = s.path.stat().st_size
+        if size < declared:
+            raise VolumeRefused(
+                f"slice {k + 1} of {count} (z={s.position[2]:.2f}) declares {s.rows}x{s.columns} pixels "
+                f"({declared} bytes) but its file holds {size} bytes: pixel data missing or truncated"
+            )
 
 
 # --- geometry -----------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def case(tmp_path_factory: pytest.TempPathFactory, small_series: list[Path]) -> 
         "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
         "inference": {"device": "cpu", "timeout_s": 600},
         "agreement": {"window": WINDOW, "margin": 0.05},
+        "approvals": {"accept_from": ["TPS"]},
     })
     try:
         node.start()
@@ -330,3 +331,33 @@ def test_action_buttons_refuse_a_request_without_the_token(case: Case, page: str
 SUBMIT_FORM = ("const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
                "const i = document.createElement('input'); i.name = 'csrf'; i.value = arguments[1];"
                "f.appendChild(i); document.body.appendChild(f); f.submit();")
+
+
+# --- whose approvals count (these send more sets: they run last) -------------------------------------
+
+
+def refused_set(case: Case, name: str, calling: str, reason_part: str) -> dict[str, Any]:
+    assert storescu(case.node.port, [case.workdir / name], calling=calling).returncode == 0
+    return wait_until(lambda: next((r for r in case.node.jobs()
+                                    if r["state"] == "unrouted" and reason_part in (r["reason"] or "")), None),
+                      120, every=0.5, what=f"the set in {name} to be kept unlinked")
+
+
+def test_an_approved_set_from_a_caller_that_is_not_a_planning_system_is_kept_but_not_linked(case: Case) -> None:
+    clinicians_version(case.ai, case.ct_headers, case.workdir / "stranger.dcm")
+    row = refused_set(case, "stranger.dcm", "STORESCU", "accept_from")
+    assert row["reason"] == (f"clinician's structure set from STORESCU not linked to job {case.ct_job['id']}: "
+                             "approvals.accept_from does not list that caller")
+    assert row.get("linked_to") is None and row["instances"] == 1
+    stored = agreement.rows(Store(case.node.root).index, ct_job=case.ct_job["id"])
+    assert {r["approval_job"] for r in stored} == {case.rt_job["id"]}
+
+
+def test_an_approved_set_of_another_patient_is_kept_but_not_linked(case: Case) -> None:
+    ds = clinicians_version(case.ai, case.ct_headers, case.workdir / "other-patient.dcm")
+    ds.PatientID = "SOMEONE-ELSE"
+    ds.save_as(case.workdir / "other-patient.dcm", enforce_file_format=True)
+    row = refused_set(case, "other-patient.dcm", "TPS", "its patient")
+    assert row["reason"] == (f"clinician's structure set not linked to job {case.ct_job['id']}: its patient is "
+                             "not the contoured CT's")
+    assert "SOMEONE-ELSE" not in case.node.log_text()

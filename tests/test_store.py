@@ -26,7 +26,7 @@ from ie_gateway.store import (
     check_uid,
 )
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import AgreementRow, ApprovedSet, Review, SyncRecord
+from ie_gateway.store.records import AgreementRow, ApprovedSet, Review, StageAttempts, SyncRecord
 from tests.jobs import job_route
 
 
@@ -336,6 +336,70 @@ def test_an_index_from_before_numbered_migrations_upgrades_in_place(tmp_path: Pa
     assert job.detail.approved == (ApprovedSet(job=2, approval="APPROVED", instances=1),)
     assert [t.to_state for t in store.index.transitions(1)] == ["complete", "routed", "delivered"]
     versions = store.index.db.query("SELECT version FROM schema_version ORDER BY version")
-    assert [v[0] for v in versions] == [1, 2]
+    assert [v[0] for v in versions] == [1, 2, 3]
     Store(tmp_path)  # opening it again applies nothing twice
-    assert len(store.index.db.query("SELECT version FROM schema_version")) == 2
+    assert len(store.index.db.query("SELECT version FROM schema_version")) == 3
+
+
+def test_a_stage_the_process_died_in_counts_as_a_crash_when_the_job_is_next_claimed(
+        tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    index = store.index
+    assert index.begin_stage(job_id, "infer") == StageAttempts(attempts=1, crashes=0)
+    index.end_stage(job_id, "infer")  # ended: no crash
+    assert index.begin_stage(job_id, "infer") == StageAttempts(attempts=2, crashes=0)
+    # never ended: the node died in it
+    reopened = Store(tmp_path, index_url).index
+    assert reopened.begin_stage(job_id, "infer") == StageAttempts(attempts=3, crashes=1)
+    reopened.end_stage(job_id, "infer", crashed=True)  # the inference process died under it
+    assert reopened.stage_attempts(job_id) == {"infer": StageAttempts(attempts=3, crashes=2)}
+    assert reopened.begin_stage(job_id, "write") == StageAttempts(attempts=1, crashes=0)
+
+
+def test_a_deferred_job_is_claimed_by_nobody_until_its_retry_time(tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    now = store.index.db.now()
+    store.index.defer(job_id, now + 60, "infer: disk full (ENOSPC); retry 1 of 19 in 60 s")
+    assert store.index.claim([JobState.ROUTED], "a:1", lease_s=30, now=now + 59) is None
+    assert store.index.job(job_id).reason == "infer: disk full (ENOSPC); retry 1 of 19 in 60 s"
+    claimed = store.index.claim([JobState.ROUTED], "a:1", lease_s=30, now=now + 61)
+    assert claimed is not None and claimed.id == job_id
+
+
+def test_retention_purges_an_excluded_case_without_waiting_for_its_sync(tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    job_id, _, _ = accept(store, "1.2.3.4.1")
+    index = store.index
+    index.transition(job_id, JobState.COMPLETE)
+    index.transition(job_id, JobState.ROUTED, routes=[job_route(sync=True)])
+    for state in (JobState.INFERRING, JobState.INFERRED, JobState.SENDING, JobState.DELIVERED):
+        index.transition(job_id, state)
+    index.transition(job_id, JobState.EXCLUDED, reason="sync: cannot be anonymised")
+    later = index.job(job_id).updated_at + 31 * 86400
+    assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later - 2 * 86400) == 0
+    assert store.purge_expired(unrouted_days=7, finished_days=30, sync_enabled=True, now=later) == 1
+
+
+def test_start_up_counts_a_stage_the_node_died_in_as_a_crash_of_its_job(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    store.index.begin_stage(job_id, "infer")
+    store.index.transition(job_id, JobState.INFERRING)  # then the node was killed
+    summary = Store(tmp_path).recover()
+    assert (summary["crashed"], summary["rerun"]) == (1, 1)
+    assert store.index.stage_attempts(job_id) == {"infer": StageAttempts(attempts=1, crashes=1)}
+    assert store.index.begin_stage(job_id, "infer") == StageAttempts(attempts=2, crashes=1)  # counted once
+
+
+def test_a_reroute_starts_the_crash_count_afresh(tmp_path: Path, index_url: str) -> None:
+    from ie_gateway.admin import reroute
+
+    store = Store(tmp_path, index_url)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    store.index.begin_stage(job_id, "infer")
+    store.index.end_stage(job_id, "infer", crashed=True)
+    store.index.transition(job_id, JobState.FAILED, reason="crashed the node 2 times at infer")
+    reroute(store, job_id, "admin")
+    assert store.index.stage_attempts(job_id) == {}

@@ -124,6 +124,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, azurite_blob: str) -> Iterato
         "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port}},
         "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
         "inference": {"timeout_s": 120},
+        "approvals": {"accept_from": ["TPS"]},
         "sync": {"enabled": True, "container": container.container_name,
                  "cases_cron": "0 0 1 1 *", "models_cron": "0 0 1 1 *"},
     })
@@ -298,14 +299,14 @@ def test_approved_revision_of_a_draft_is_linked_and_uploaded_under_approved_with
     draft = _clinicians_copy(ai, tmp_path / "draft.dcm", "UNAPPROVED", series_uid)
     draft_job = _sent_job(site, draft)
     # until the worker's route stage calls it for RTSTRUCT series; a second call is a no-op
-    assert link_approved(site.store, draft_job) == site.synced_job.id
+    assert link_approved(site.store, draft_job, ["TPS"]) == site.synced_job.id
     assert site.store.index.job(draft_job.id).detail.approval == "UNAPPROVED"
     assert sync_now(site.cfg, site.store, registry_for(site.cfg)).cases.synced == ()
 
     approved = _clinicians_copy(ai, tmp_path / "approved.dcm", "APPROVED", series_uid)
     rt_job = _sent_job(site, approved)
     assert rt_job.id != draft_job.id  # the revision came after the series completed
-    assert link_approved(site.store, rt_job) == site.synced_job.id
+    assert link_approved(site.store, rt_job, ["TPS"]) == site.synced_job.id
     entries = site.store.index.job(site.synced_job.id).detail.approved
     assert ApprovedSet(job=rt_job.id, approval="APPROVED", instances=1) in entries
     assert ApprovedSet(job=draft_job.id, approval="UNAPPROVED", instances=1) in entries

@@ -364,9 +364,9 @@ def test_missing_pixel_data_is_refused(
         if k == 6:
             del ds.PixelData
 
-    assert refusal(edited(series, tmp_path, no_pixels)) == (
-        f"slice 7 of 40 (z={z_of(phantom, 6):.2f}) has no pixel data"
-    )
+    reason = refusal(edited(series, tmp_path, no_pixels))
+    assert reason.startswith(f"slice 7 of 40 (z={z_of(phantom, 6):.2f}) declares 128x128 pixels (32768 bytes)")
+    assert reason.endswith("pixel data missing or truncated")
 
 
 def test_unsupported_transfer_syntax_is_refused(series: list[Path], tmp_path: Path) -> None:
@@ -414,3 +414,79 @@ def test_reasons_carry_no_uids_or_file_names(series: list[Path], tmp_path: Path)
     for secret in (header.SeriesInstanceUID, header.StudyInstanceUID, series[0].name,
                    str(header.PatientName), header.PatientID):
         assert str(secret) not in reason
+
+
+# --- limits before allocation ---------------------------------------------------------------------
+
+#: Loads a series in a fresh process and prints the reason and how far the peak RSS grew:
+#: the peak of the process that would have allocated, not of the test runner.
+PEAK_PROBE = """
+import json, resource, sys
+from pathlib import Path
+from ie_gateway.errors import VolumeRefused
+from ie_gateway.volume import VolumeChecks, load_volume
+checks = VolumeChecks(**json.loads(sys.argv[1]))
+paths = [Path(p) for p in sys.argv[2:]]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_volume(paths, checks)
+    reason = None
+except VolumeRefused as exc:
+    reason = str(exc)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"reason": reason, "grown_mib": grown / 1024}))
+"""
+
+
+def peak_growth(paths: list[Path], **checks: object) -> tuple[str | None, float]:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, json.dumps(checks), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    out = json.loads(done.stdout)
+    return out["reason"], out["grown_mib"]
+
+
+def big_headers(k: int, ds: Dataset) -> None:
+    """4096 x 4096 pixels declared, two bytes of pixel data carried."""
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = b"\0\0"
+
+
+def test_a_4096_matrix_is_refused_on_its_headers_without_allocating(series: list[Path], tmp_path: Path) -> None:
+    paths = edited(series, tmp_path, big_headers)
+    reason, grown_mib = peak_growth(paths)
+    assert reason == "Rows is 4096, outside 1..limits.max_rows (1024)"
+    assert grown_mib < 100  # the image alone would be 40 x 4096^2 x 2 bytes = 1280 MiB
+
+
+def test_pixel_data_shorter_than_its_header_says_is_refused_before_allocating(
+    series: list[Path], tmp_path: Path
+) -> None:
+    paths = edited(series, tmp_path, big_headers)
+    reason, grown_mib = peak_growth(paths, max_rows=4096, max_columns=4096)
+    assert reason is not None and "declares 4096x4096 pixels (33554432 bytes) but its file holds" in reason
+    assert grown_mib < 100
+
+
+def test_more_slices_than_the_limit_are_refused_before_any_header_is_read(tmp_path: Path) -> None:
+    absent = [tmp_path / f"{k}.dcm" for k in range(2001)]
+    assert refusal(absent) == "2001 slices, more than limits.max_slices (2000)"
+
+
+def test_a_volume_over_the_series_limit_is_refused(series: list[Path]) -> None:
+    reason = refusal(series, VolumeChecks(max_volume_bytes=SIZE * SIZE * SLICES * 4 - 1))
+    assert reason.startswith(f"the volume would take 0.0 GiB ({SLICES} slices of {SIZE}x{SIZE})")
+    assert "limits.max_series_gb" in reason
+
+
+def test_a_slice_over_the_instance_limit_is_refused(series: list[Path]) -> None:
+    reason = refusal(series, VolumeChecks(max_instance_bytes=SIZE * SIZE * 2 - 1))
+    assert "more than limits.max_instance_mb" in reason

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway.errors import GatewayError, InferenceError, ModelError
+from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, InferenceOutOfMemory, ModelError
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.sandbox import confine, scrubbed_environ
@@ -163,19 +163,21 @@ class InferenceRunner:
         try:
             self._conn.send(message)
         except (BrokenPipeError, ConnectionResetError):
-            raise InferenceError(self._crashed(labels_path)) from None
+            raise InferenceCrashed(self._crashed(labels_path)) from None
         ready = wait([self._conn, self._process.sentinel], timeout=self.timeout_s)
         if not ready:
             self._restart("time limit")
             _remove_partial(labels_path)
             raise InferenceError(f"inference exceeded {self.timeout_s:g} s")
         if self._conn not in ready:
-            raise InferenceError(self._crashed(labels_path))
+            raise InferenceCrashed(self._crashed(labels_path))
         try:
             reply: Reply = self._conn.recv()
         except (EOFError, ConnectionResetError):
-            raise InferenceError(self._crashed(labels_path)) from None
+            raise InferenceCrashed(self._crashed(labels_path)) from None
         if isinstance(reply, InferenceFailure):
+            if reply.out_of_memory:
+                raise InferenceOutOfMemory(reply.text)
             raise (ModelError if reply.model_error else InferenceError)(reply.text)
         return reply
 
@@ -312,9 +314,16 @@ def _serve(
             reply = InferenceFailure(isinstance(exc, ModelError), str(exc))
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
             # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
-            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            reply = InferenceFailure(False, f"{type(exc).__name__}: {first_line}")
+            reply = error_reply(exc)
         conn.send(reply)
+
+
+def error_reply(exc: Exception) -> InferenceFailure:
+    """What the child tells the parent about an unexpected error: its first line, and whether it
+    is CUDA out of memory (which the worker retries)."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in first_line
+    return InferenceFailure(False, f"{type(exc).__name__}: {first_line}", out_of_memory=oom)
 
 
 def _gpu_present() -> bool:

@@ -83,10 +83,12 @@ class Verified:
 @dataclass(frozen=True)
 class InferenceFailure:
     """Why a request failed: ``model_error`` for a package that cannot be used (ModelError),
+    ``out_of_memory`` for CUDA out of memory (InferenceOutOfMemory, which the worker retries),
     else an inference failure (InferenceError)."""
 
     model_error: bool
     text: str
+    out_of_memory: bool = False
 
 
 Request = InferenceRequest | VerifyRequest | Close

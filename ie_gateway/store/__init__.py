@@ -73,13 +73,14 @@ def _jsonable(value: Any) -> Any:
 
 def _expired(job: Job, unrouted_days: float, finished_days: float, sync_enabled: bool, now: float) -> bool:
     """Whether retention may delete this job's data now (see Store.purge_expired)."""
-    if job.state is JobState.DELIVERED or job.detail.linked_to is not None:
+    if job.state in (JobState.DELIVERED, JobState.EXCLUDED) or job.detail.linked_to is not None:
         days = finished_days
     elif job.state in (JobState.UNROUTED, JobState.REFUSED):
         days = unrouted_days
     else:
         return False
-    if sync_enabled and any(r.sync for r in job.routes) and job.detail.synced is None:
+    waits_for_sync = job.state is not JobState.EXCLUDED and any(r.sync for r in job.routes)
+    if sync_enabled and waits_for_sync and job.detail.synced is None:
         return False
     return now - job.updated_at >= days * 86400
 
@@ -244,7 +245,8 @@ class Store:
     ) -> int:
         """Delete the instances and results of series whose every job ended long enough ago.
 
-        Delivered jobs go after ``finished_days``; unrouted and refused ones after
+        Delivered jobs go after ``finished_days``, and so do excluded ones (delivered, but a
+        case sync can never take: they wait for no upload); unrouted and refused ones after
         ``unrouted_days``, except a clinician's structure set linked to a case, which lives as
         long as a delivered job. Failed jobs are kept until an admin acts on them, and so is a
         case waiting to be synced. Job rows stay (marked purged) so `status` keeps the history.
@@ -306,8 +308,9 @@ class Store:
 
         Temp files are removed; a file without a row is indexed (its C-STORE may have been
         answered just before the crash); a row without a file is flagged missing and its job
-        notes it. On an index of its own the node holds no job any more: every lease ends and
-        a job caught mid-inference goes back to `routed` so it runs again at once. On a shared
+        notes it. On an index of its own the node holds no job any more: every lease ends, a
+        stage that was running counts a crash of its job (``Index.count_interrupted``), and a
+        job caught mid-inference goes back to `routed` so it runs again at once. On a shared
         index other nodes' jobs are left alone: a job this node held is taken over (by any
         worker) when its lease lapses.
         """
@@ -323,7 +326,12 @@ class Store:
         for job_id in self.index.mark_missing(missing):
             self.index.update_detail(job_id, lambda d: replace(d, missing_instances=True))
         resumed = 0
+        crashed = []
         if not shared:
+            # the node died in these stages: counted now; the worker fails a job that did it too often
+            crashed = self.index.count_interrupted()
+            for job_id, stage, crashes in crashed:
+                log.warning("stage interrupted by a crash", job=job_id, stage=stage, crashes=crashes)
             self.index.release_all()
             for job in self.index.jobs([JobState.INFERRING]):
                 self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
@@ -334,6 +342,7 @@ class Store:
             "adopted": adopted,
             "missing": len(missing),
             "rerun": resumed,
+            "crashed": len(crashed),
             "unfinished": unfinished,
         }
         log.info("spool recovered", **summary)

@@ -7,7 +7,10 @@ scheduled task on one node at a time.
 
 SQLite runs in WAL mode with synchronous=NORMAL: a commit is not fsynced, and need not be,
 because an instance file is made durable before its row is written and start-up indexes any
-file that has no row. Each thread gets its own connection; writers serialise on SQLite's lock
+file that has no row. A transaction that decides what is sent (a job's transitions, the
+output UIDs, outbox rows queued or delivered) asks for ``tx(durable=True)``: synchronous=FULL
+for that commit, so a power cut cannot undo it after its effect left the node (a result
+re-sent under new UIDs, a delivered row sent again). Each thread gets its own connection; writers serialise on SQLite's lock
 (BEGIN IMMEDIATE, busy timeout). An SQLite index belongs to one node.
 
 PostgreSQL is chosen by a ``postgresql://`` URL (``storage.index``); the password never sits
@@ -63,8 +66,9 @@ class Database(ABC):
         self._local = threading.local()
 
     @abstractmethod
-    def tx(self) -> AbstractContextManager[Tx]:
-        """A write transaction, committed when the block ends, rolled back if it raises."""
+    def tx(self, durable: bool = False) -> AbstractContextManager[Tx]:
+        """A write transaction, committed when the block ends, rolled back if it raises;
+        ``durable``: on disk when the block ends, whatever the database's default."""
 
     @abstractmethod
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
@@ -139,9 +143,11 @@ class SQLite(Database):
         return conn
 
     @contextmanager
-    def tx(self) -> Iterator[Tx]:
+    def tx(self, durable: bool = False) -> Iterator[Tx]:
         db = self._conn()
         try:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")  # only between transactions
             db.execute("BEGIN IMMEDIATE")  # the write lock at once: no upgrade deadlocks
         except sqlite3.Error as exc:
             raise StoreError(f"index unavailable: {exc}") from exc
@@ -149,11 +155,14 @@ class SQLite(Database):
             yield db
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise StoreError(f"index write failed: {exc}") from exc
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
@@ -194,6 +203,12 @@ class SQLite(Database):
         return f"sqlite {self.path}"
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what is still open: a COMMIT that failed on a full disk has rolled back already."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 class Postgres(Database):
     """A PostgreSQL index that receivers and workers on several machines share."""
 
@@ -223,8 +238,8 @@ class Postgres(Database):
         return conn
 
     @contextmanager
-    def tx(self) -> Iterator[Tx]:
-        conn = self._conn()
+    def tx(self, durable: bool = False) -> Iterator[Tx]:
+        conn = self._conn()  # a commit is durable here already (synchronous_commit on)
         try:
             with conn.transaction():
                 yield _PgTx(conn)

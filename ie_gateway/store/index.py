@@ -28,6 +28,7 @@ from ie_gateway.store.records import (
     JobDetail,
     JobRoute,
     SeriesHeader,
+    StageAttempts,
     Transition,
 )
 from ie_gateway.store.schema import migrate
@@ -330,7 +331,7 @@ class Index:
             sets["detail"] = detail.to_json()
         if completed_at is not None:
             sets["completed_at"] = completed_at
-        with self.db.tx() as db:
+        with self.db.tx(durable=True) as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id}")
@@ -360,10 +361,12 @@ class Index:
         rows = self.db.query("SELECT MAX(at) FROM transitions WHERE job_id = ? AND to_state = ?", (job_id, state.value))
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def update_detail(self, job_id: int, change: Callable[[JobDetail], JobDetail]) -> JobDetail:
+    def update_detail(
+        self, job_id: int, change: Callable[[JobDetail], JobDetail], *, durable: bool = False
+    ) -> JobDetail:
         """Apply ``change`` to a job's detail in one transaction (``dataclasses.replace`` it);
-        return the new detail."""
-        with self.db.tx() as db:
+        return the new detail. ``durable``: on disk when it returns (output UIDs)."""
+        with self.db.tx(durable) as db:
             row = db.execute("SELECT detail FROM jobs WHERE id = ?" + self._for_update, (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id}")
@@ -446,6 +449,61 @@ class Index:
             db.execute(
                 "UPDATE jobs SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ?", (job_id, node)
             )
+
+    def defer(self, job_id: int, until: float, reason: str) -> None:
+        """Keep a job from every worker until ``until`` (its retry after a transient failure),
+        with the reason `status` shows meanwhile; its state stays as it is."""
+        with self.db.tx() as db:
+            db.execute(
+                "UPDATE jobs SET claimed_by = NULL, lease_until = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (until, reason, time.time(), job_id),
+            )
+
+    # --- attempts per stage ----------------------------------------------------------------
+
+    def begin_stage(self, job_id: int, stage: str) -> StageAttempts:
+        """Count an attempt at ``stage``; an earlier attempt still marked running never ended,
+        so the process died in it (killed, out of memory, a crash) and counts as a crash.
+        Returns the counts including this attempt."""
+        with self.db.tx() as db:
+            db.execute(
+                "INSERT INTO stage_attempts (job_id, stage) VALUES (?, ?) ON CONFLICT DO NOTHING", (job_id, stage)
+            )
+            row = db.execute(
+                "UPDATE stage_attempts SET attempts = attempts + 1, crashes = crashes + running, running = 1 "
+                "WHERE job_id = ? AND stage = ? RETURNING attempts, crashes",
+                (job_id, stage),
+            ).fetchone()
+        return StageAttempts(int(row[0]), int(row[1]))
+
+    def end_stage(self, job_id: int, stage: str, *, crashed: bool = False) -> None:
+        """The attempt at ``stage`` is over; ``crashed``: a process of ours died in it (the
+        inference child), which counts like the node dying."""
+        with self.db.tx() as db:
+            db.execute(
+                "UPDATE stage_attempts SET running = 0, crashes = crashes + ? WHERE job_id = ? AND stage = ?",
+                (int(crashed), job_id, stage),
+            )
+
+    def count_interrupted(self) -> list[tuple[int, str, int]]:
+        """Every attempt still marked running ended with the process: count it as a crash now
+        (an index of this node's own, at start-up). Returns (job, stage, crashes so far)."""
+        with self.db.tx() as db:
+            rows = db.execute(
+                "UPDATE stage_attempts SET crashes = crashes + 1, running = 0 WHERE running = 1 "
+                "RETURNING job_id, stage, crashes"
+            ).fetchall()
+        return sorted((int(r[0]), str(r[1]), int(r[2])) for r in rows)
+
+    def forget_stages(self, job_id: int) -> None:
+        """Start a job's attempt and crash counts afresh (an admin sends it through again)."""
+        with self.db.tx() as db:
+            db.execute("DELETE FROM stage_attempts WHERE job_id = ?", (job_id,))
+
+    def stage_attempts(self, job_id: int) -> dict[str, StageAttempts]:
+        """Attempts and crashes of each stage a job has been through."""
+        rows = self.db.query("SELECT stage, attempts, crashes FROM stage_attempts WHERE job_id = ?", (job_id,))
+        return {str(r[0]): StageAttempts(int(r[1]), int(r[2])) for r in rows}
 
     def release_all(self) -> int:
         """End every lease (an index only this node uses, at its start); return how many."""

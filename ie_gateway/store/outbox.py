@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from ie_gateway.errors import TransitionError
+from ie_gateway.log import scrub
 from ie_gateway.store.index import Index
 from ie_gateway.store.records import DeliveredBatch, OutboxRow, OutboxState
 from ie_gateway.vocab import JobState
@@ -51,7 +52,7 @@ class Outbox:
     def enqueue(self, job_id: int, destination: str, path: str, sop_uid: str, sop_class: str) -> bool:
         """Queue a file for a destination, once per SOP Instance UID; False if it was queued before."""
         now = time.time()
-        with self.db.tx() as db:
+        with self.db.tx(durable=True) as db:
             cur = db.execute(
                 "INSERT INTO outbox (job_id, destination, path, sop_uid, sop_class, next_at, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_uid, destination) DO NOTHING",
@@ -99,7 +100,7 @@ class Outbox:
         """Log an attempt; mark delivered, reschedule at ``next_at``, or dead-letter; the lease ends."""
         now = time.time()
         state = OutboxState.DELIVERED if delivered else OutboxState.FAILED if dead else OutboxState.PENDING
-        with self.db.tx() as db:
+        with self.db.tx(durable=state is not OutboxState.PENDING) as db:
             db.execute(
                 "INSERT INTO attempts (outbox_id, at, status, error) VALUES (?, ?, ?, ?)", (row.id, now, status, error)
             )
@@ -185,7 +186,7 @@ class Outbox:
                 self.index.transition(
                     job_id,
                     JobState.FAILED,
-                    reason=f"delivery to {first.destination} failed: {first.last_error}{more}{delivered}",
+                    reason=f"delivery to {first.destination} failed: {scrub(str(first.last_error))}{more}{delivered}",
                 )
                 return
             self.index.update_detail(job_id, lambda d: replace(d, deliveries=done))

@@ -328,6 +328,14 @@ class Job:
 
 
 @dataclass(frozen=True)
+class StageAttempts:
+    """How often a stage of a job was started, and how often the process died inside it."""
+
+    attempts: int
+    crashes: int
+
+
+@dataclass(frozen=True)
 class Transition:
     """One move of a job, as its history shows it."""
 

@@ -141,6 +141,16 @@ def _leases(db: Database, tx: Tx) -> None:
     tx.execute("CREATE INDEX IF NOT EXISTS instances_job ON instances(job_id)")
 
 
+def _stage_attempts(db: Database, tx: Tx) -> None:
+    """Crash loops cut: how often each stage of a job was started, and how often it died with
+    the process (started, never ended); ``running`` marks an attempt in progress."""
+    tx.execute(
+        f"CREATE TABLE IF NOT EXISTS stage_attempts (job_id {db.types['bigint']} NOT NULL REFERENCES jobs(id), "
+        "stage TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0, "
+        "running INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job_id, stage))"
+    )
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -151,6 +161,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "series, jobs, instances, transitions, outbox, attempts, agreement", _baseline),
     Migration(2, "job and delivery leases for several workers; transition ids", _leases),
+    Migration(3, "attempts and crashes per job and stage", _stage_attempts),
 )
 LATEST = MIGRATIONS[-1].version
 

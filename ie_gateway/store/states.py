@@ -16,7 +16,8 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.INFERRED: frozenset({S.SENDING, S.NEEDS_REVIEW, S.FAILED}),
     S.NEEDS_REVIEW: frozenset({S.INFERRED, S.COMPLETE, S.FAILED}),  # `release`, or `reroute`
     S.SENDING: frozenset({S.DELIVERED, S.FAILED}),
-    S.DELIVERED: frozenset(),
+    S.DELIVERED: frozenset({S.EXCLUDED}),
+    S.EXCLUDED: frozenset(),
     # an admin's replay (`send --retry`) or `reroute` after fixing the rules (ie_gateway.admin)
     S.FAILED: frozenset({S.SENDING, S.ROUTED, S.COMPLETE}),
     S.REFUSED: frozenset({S.COMPLETE}),

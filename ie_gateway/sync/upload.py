@@ -26,9 +26,9 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 
 from ie_gateway.approvals import approved_files
-from ie_gateway.errors import SyncError
-from ie_gateway.log import drop_patient_data
-from ie_gateway.store import Job, JobDetail, JobState, Store
+from ie_gateway.errors import AnonymiseError, BurnedInAnnotation, SyncError
+from ie_gateway.log import scrub
+from ie_gateway.store import Job, JobDetail, JobState, Store, TransitionError
 from ie_gateway.store.records import SyncRecord
 from ie_gateway.sync import blob
 from ie_gateway.sync.anonymise import Anonymiser
@@ -90,6 +90,9 @@ def sync_cases(
             step = functools.partial(progress, what) if progress else None
             try:
                 record = sync_case(store, container, anonymiser, job, scratch / f"job-{job.id}", progress=step)
+            except (BurnedInAnnotation, AnonymiseError) as exc:
+                failed[job.id] = _exclude(store, job, exc)
+                continue
             except (SyncError, AzureError, OSError) as exc:
                 text = blob.remote_error(exc, container.container_name) if isinstance(exc, AzureError) else str(exc)
                 reason = scrubbed(f"{type(exc).__name__}: {text}".splitlines()[0])
@@ -152,8 +155,20 @@ def sync_case(
 
 
 def scrubbed(text: str) -> str:
-    """A reason fit for status and logs: UID-shaped text (file names of the spool) hashed."""
-    return str(drop_patient_data(None, "", {"reason": text})["reason"])
+    """A reason fit for status and logs: secrets blanked, UID-shaped text (file names of the spool) hashed."""
+    return scrub(text)
+
+
+def _exclude(store: Store, job: Job, exc: SyncError) -> str:
+    """A case that can never be anonymised ends ``excluded`` with the reason: it is not tried at
+    every run, and retention purges it like a delivered case. Returns the reason."""
+    reason = scrubbed(f"excluded from sync: cannot be anonymised: {exc}".splitlines()[0])
+    log.warning("case excluded from sync", job=job.id, reason=reason)
+    try:
+        store.index.transition(job.id, JobState.EXCLUDED, reason=reason)
+    except TransitionError as moved:  # an admin acted on it meanwhile
+        log.warning("case not excluded", job=job.id, error=str(moved))
+    return reason
 
 
 def _sync_failed(detail: JobDetail, reason: str) -> JobDetail:

@@ -467,9 +467,16 @@ def _spread(spread: dict[str, Any]) -> str:
     return f"{spread['median']:.3g} [{spread['q1']:.3g}, {spread['q3']:.3g}]"
 
 
-def status_rows(store: Store) -> list[dict[str, Any]]:
-    """One object per series job, without patient data (the series UID only hashed)."""
+def status_rows(store: Store, max_wait_s: float | None = None) -> list[dict[str, Any]]:
+    """One object per series job, without patient data (the series UID only hashed); a job
+    waiting for the worker has its ``queue`` place (1 is taken next, see Index.queue_order;
+    ``max_wait_s``: the worker's aging, ``worker.max_wait_s``)."""
+    from ie_gateway.store.index import MAX_WAIT_S
+    from ie_gateway.store.states import QUEUED
+
     now = time.time()
+    queue = store.index.queue_order(QUEUED, max_wait_s=max_wait_s or MAX_WAIT_S)
+    places = {job.id: place for place, job in enumerate(queue, 1)}
     rows = []
     for job in store.index.jobs():
         rows.append(
@@ -485,6 +492,8 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
                 "model": job.model,
                 "model_version": job.model_version,
                 "reason": job.reason,
+                "priority": job.priority.value,
+                **({"queue": places[job.id]} if job.id in places else {}),
                 **({"late_instances": job.late_instances} if job.late_instances else {}),
                 **(_holder(job, now) if job.claimed_by else {}),
                 **_shown_detail(job),
@@ -514,7 +523,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     store = Store.for_settings(cfg.storage)
-    rows = status_rows(store)
+    rows = status_rows(store, cfg.worker.max_wait_s)
     for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
     try:
@@ -528,11 +537,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'id':>5}  {'state':<12} {'inst':>5} {'age':>8}  {'model':<24} {'held by':<20} reason")
+    print(f"{'id':>5}  {'state':<12} {'inst':>5} {'age':>8}  {'priority':<10} {'model':<24} {'held by':<20} reason")
     for r in rows:
         model = f"{r['model']}@{r['model_version']}" if r["model"] else "-"
+        priority = r["priority"] + (f" #{r['queue']}" if "queue" in r else "")
         print(
-            f"{r['id']:>5}  {r['state']:<12} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} "
+            f"{r['id']:>5}  {r['state']:<12} {r['instances']:>5} {_age(r['age_s']):>8}  {priority:<10} {model:<24} "
             f"{r.get('held_by', '-'):<20} {r['reason'] or ''}"
         )
     return 0

@@ -34,6 +34,9 @@ class Caller(StrictModel):
     ae_title: str
     host: str | None = None
     require_tls: bool = Field(False, description="refuse this caller on the plain (unencrypted) port")
+    # low: a source whose series may wait (a commissioning run, a retrieve of old studies);
+    # each of its jobs is low whatever its rule says
+    priority: Literal["normal", "low"] = "normal"
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -115,6 +118,9 @@ class WorkerSettings(StrictModel):
     """How a worker holds the jobs it works on (several workers may share one index)."""
 
     lease_s: float = Field(30, ge=5)  # renewed every third of it; a dead worker's job is free after it
+    # aging: a job waiting longer than this since its series completed is taken before any
+    # newer job, whatever the priorities, so low-priority work is never starved
+    max_wait_s: float = Field(3600, gt=0)
 
 
 class SeriesSettings(StrictModel):

@@ -39,6 +39,7 @@ class Route:
     send_to: tuple[str, ...]
     sync: bool
     review: str = "hold"  # a result failing its model's plausibility checks: hold | flag
+    priority: str = "normal"  # the claim order of its job: high | normal | low
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
-from ie_gateway.store.records import OutputKind
+from ie_gateway.store.records import OutputKind, Priority
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class _RuleSpec(StrictModel):
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False
     review: Literal["hold", "flag"] = "hold"
+    priority: Priority = Priority.NORMAL
 
 
 class _RoutingSpec(StrictModel):
@@ -115,6 +116,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         send_to=tuple(dict.fromkeys(spec.send_to)),
         sync=spec.sync,
         review=spec.review,
+        priority=spec.priority.value,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

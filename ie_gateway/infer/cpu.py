@@ -18,10 +18,6 @@ import ctypes
 import ctypes.util
 import os
 
-import structlog
-
-log = structlog.get_logger(__name__)
-
 # glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -46,9 +42,7 @@ def keep_freed_memory() -> bool:
         return False
     # no block gets its own mapping; a trim threshold of -1 (SIZE_MAX) never shrinks the heap
     # by itself: release_freed_memory does, once the job is done
-    kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
-    log.debug("heap keeps freed memory", kept=kept)
-    return kept
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def release_freed_memory() -> None:

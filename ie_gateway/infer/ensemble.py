@@ -145,9 +145,10 @@ class Ensemble:
     ) -> None:
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
+        heap_kept = False
         if self.device.type == "cpu":
             torch.set_num_threads(threads or cpu_threads())
-            keep_freed_memory()
+            heap_kept = keep_freed_memory()
         else:
             torch.backends.cudnn.benchmark = True  # every window has the same shape
         self._folds = [_load_fold(model, path, self.device) for path in model.fold_paths()]
@@ -163,6 +164,7 @@ class Ensemble:
             dtype=str(self._amp or torch.float32).removeprefix("torch."),
             threads=torch.get_num_threads(),
             mirrorings=len(self._mirrorings),
+            heap_kept=heap_kept,
         )
 
     def probe(self) -> None:

@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,8 +465,3 @@ def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
 
 def _window(box: Box, patch: tuple[int, int, int]) -> tuple[slice, slice, slice]:
     return slice(box[0], box[0] + patch[0]), slice(box[1], box[1] + patch[1]), slice(box[2], box[2] + patch[2])
-
-
-def _batches(boxes: list[Box], size: int) -> Iterator[list[Box]]:
-    for i in range(0, len(boxes), size):
-        yield boxes[i : i + size]

@@ -92,6 +92,18 @@ def native_package(work: Path, tiny: bool) -> Path:
     return version.path
 
 
+def edit_manifest(folder: Path, nnunet: dict[str, Any] | None = None) -> None:
+    """What an admin edits in a written model.yaml before importing: every structure kept to its
+    largest piece, holes filled (random weights draw noise: one outline per structure, not
+    thousands), and nnU-Net settings."""
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    for structure in manifest["structures"]:
+        structure["postprocess"].update({"largest_component": True, "fill_holes": True})
+    if nnunet:
+        manifest["nnunet"].update(nnunet)
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
 def without_mirroring(package: Path, folder: Path) -> Path:
     """A copy of an nnU-Net package whose model.yaml turns test-time mirroring off."""
     shutil.copytree(package, folder)
@@ -143,10 +155,7 @@ def nnunet_fullres_package(folder: Path, tiny: bool, mirroring: bool, folds: int
         weights = {**checkpoint, "network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer"}
         torch.save(weights, folder / f"fold_{fold}" / "checkpoint_final.pth")
     describe_package(folder, "nnunet-5fold", "1", "nnU-Net 3d_fullres, default architecture, random weights")
-    if not mirroring:
-        manifest = yaml.safe_load((folder / "model.yaml").read_text())
-        manifest["nnunet"]["mirroring"] = False
-        (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    edit_manifest(folder, {"mirroring": mirroring})
     return folder
 
 
@@ -181,6 +190,7 @@ def monai_package(folder: Path, tiny: bool) -> Path:
     torch.manual_seed(0)
     torch.save(UNet(**network).state_dict(), folder / "models" / "model.pt")  # type: ignore[arg-type]
     describe_package(folder, "monai", "1", "zoo-style CT bundle, MONAI UNet, random weights")
+    edit_manifest(folder)
     return folder
 
 

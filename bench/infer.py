@@ -1,8 +1,20 @@
 """Inference benchmark: a synthetic 200 x 512² thorax CT through the production runner.
 
 Prints the time of each stage (resample, sliding windows and the folds' forward passes, resample
-back, post-processing), the total, and the child process's peak RSS, for a cold job (the child
-loads the folds) and a warm one (folds resident), on the CPU and, when torch sees one, on CUDA.
+back, post-processing), the total, and the child process's peak RSS, for a cold job (the child's
+first, just after it loaded the folds: first-call costs such as oneDNN's set-up) and a warm one,
+on the CPU and, when torch sees one, on CUDA.
+
+CPU time: for every job, the inference child's user and system CPU seconds and its minor page
+faults (read from ``/proc/PID/stat`` around the job), and at the end ``resource.getrusage`` of
+the finished child (RUSAGE_CHILDREN). On a machine shared with other work, user + sys CPU seconds
+are steadier than wall time: the figures print both.
+
+``--speed`` runs the model's speed settings against the full setting on the same CT and prints,
+for each, the time, CPU seconds and agreement with the full setting (voxels and Dice per
+structure): for a native model overlap 0.5 (nnU-Net's tile step 0.5) is the full setting, against
+the shipped one, no overlap and mirroring along z; for an nnU-Net package step 0.5 with mirroring
+(nnU-Net's defaults) against no mirroring and step 0.75.
 
 Model: the repository's ``models/demo-thorax`` (its one version) when it is there; otherwise
 (or with ``--stand-in``) a random-weight TorchScript U-Net of the demo model's size and input
@@ -30,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -146,14 +159,50 @@ def dice_line(labels_path: Path, truth: np.ndarray) -> str:
     return ", ".join(scores)
 
 
+def cpu_of(pid: int | None) -> tuple[float, float, int]:
+    """User and system CPU seconds and minor page faults of a running process, all threads."""
+    if pid is None:
+        return 0.0, 0.0, 0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # after the command name: state is field 3; minflt 10, utime 14, stime 15 (proc(5))
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+
+
+def timed_run(
+    runner: InferenceRunner, model: ModelVersion, ct: Path, labels: Path
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One job, with the child's wall, user and sys seconds and minor faults for it (the child
+    must hold the model already: ``runner.verify`` it first, so loading is not counted)."""
+    user0, sys0, faults0 = cpu_of(runner.pid)
+    mark = time.perf_counter()
+    result = runner.run(model, ct, labels)
+    wall = time.perf_counter() - mark
+    user1, sys1, faults1 = cpu_of(runner.pid)
+    return result, {"wall": wall, "user": user1 - user0, "sys": sys1 - sys0, "faults": faults1 - faults0}
+
+
+def cpu_line(label: str, cpu: dict[str, float]) -> str:
+    share = cpu["sys"] / (cpu["user"] + cpu["sys"]) if cpu["user"] + cpu["sys"] else 0.0
+    return (
+        f"{label:<14}wall {cpu['wall']:7.2f} s  user {cpu['user']:7.2f} s  sys {cpu['sys']:6.2f} s "
+        f"(sys {share:.0%})  minor faults {cpu['faults']:>9.0f}"
+    )
+
+
 def bench_device(
     device: str, model: ModelVersion, ct: Path, truth: np.ndarray, out: Path, repeat: int
 ) -> None:
+    cpu = []
     with InferenceRunner(3600, device=device, log_level=None) as runner:
-        results = [
-            runner.run(model, ct, out / f"labels-{device}-{i}.mha") for i in range(repeat + 1)
-        ]
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        runner.verify(model)  # the child starts and loads the folds; "cold" is its first job
+        results = []
+        for i in range(repeat + 1):
+            result, figures = timed_run(runner, model, ct, out / f"labels-{device}-{i}.mha")
+            results.append(result)
+            cpu.append(figures)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mib = usage.ru_maxrss / 1024
     print(f"\n{device}: {model.spec}, {results[0].folds} folds, {results[0].windows} windows")
     print(
         f"{'stage':<14}"
@@ -166,6 +215,13 @@ def bench_device(
             + "".join(f"{c:>9.2f}s" if c is not None else f"{'-':>10}" for c in cells)
         )
     print(f"peak RSS of the inference process (largest so far): {peak_mib:.0f} MiB")
+    print("inference child's CPU, per job (model loaded and verified before):")
+    for i, figures in enumerate(cpu):
+        print("  " + cpu_line("cold" if i == 0 else f"warm{i}", figures))
+    print(
+        f"  finished children in all (getrusage): user {usage.ru_utime:.2f} s, sys {usage.ru_stime:.2f} s, "
+        f"minor faults {usage.ru_minflt}"
+    )
     print("volumes cc: " + ", ".join(f"{k} {v:.0f}" for k, v in results[-1].volumes_cc.items()))
     print(
         "Dice vs the phantom's labels: " + dice_line(out / f"labels-{device}-{repeat}.mha", truth)
@@ -230,6 +286,67 @@ def bench_framework(device: str, model: ModelVersion, ct: Path, out: Path, repea
     print(f"voxel agreement node vs framework: {float((ours == theirs).mean()):.6f}")
 
 
+def variant(model: ModelVersion, tag: str, **changes: Any) -> ModelVersion:
+    """``model`` with other speed settings (``input`` for native, ``nnunet`` for nnU-Net); a
+    version name of its own, so the child holds each variant as a model of its own."""
+    manifest = model.manifest
+    if manifest.format is ModelFormat.NNUNETV2:
+        assert manifest.nnunet is not None
+        manifest = manifest.model_copy(update={"nnunet": manifest.nnunet.model_copy(update=changes)})
+    else:
+        manifest = manifest.model_copy(update={"input": manifest.contract.model_copy(update=changes)})
+    return ModelVersion(model.name, f"{model.version}+{tag}", model.path, manifest)
+
+
+def speed_variants(model: ModelVersion) -> list[tuple[str, ModelVersion]]:
+    """(label, model) pairs; the first is the full setting the others are compared with."""
+    if model.manifest.format is ModelFormat.NNUNETV2:
+        return [
+            ("step 0.5, mirroring (full)", variant(model, "full", step_size=0.5, mirroring=True)),
+            ("step 0.5, no mirroring", variant(model, "nomirror", step_size=0.5, mirroring=False)),
+            ("step 0.75, mirroring", variant(model, "step75", step_size=0.75, mirroring=True)),
+            ("step 0.75, no mirroring", variant(model, "fast", step_size=0.75, mirroring=False)),
+        ]
+    if model.manifest.format is not ModelFormat.NATIVE:
+        raise SystemExit("--speed: a native or nnU-Net v2 package (a MONAI bundle sets its own inferer)")
+    shipped = model.manifest.contract
+    return [
+        ("overlap 0.5 (full)", variant(model, "full", overlap=0.5)),
+        (f"overlap {shipped.overlap:g} (shipped)", variant(model, "shipped")),
+        ("overlap 0", variant(model, "nooverlap", overlap=0.0)),
+        ("overlap 0.5, mirror z", variant(model, "mirrorz", overlap=0.5, mirror_axes=(0,))),
+    ]
+
+
+def bench_speed(device: str, model: ModelVersion, ct: Path, out: Path) -> None:
+    """Each speed setting's time, CPU seconds and agreement with the full setting."""
+    variants = speed_variants(model)
+    rows = []
+    with InferenceRunner(3600, device=device, log_level=None) as runner:
+        for label, version in variants:
+            path = out / f"speed-{device}-{version.version}.mha"
+            runner.verify(version)
+            result, figures = timed_run(runner, version, ct, path)
+            rows.append((label, path, figures, result.get("windows")))
+    full = sitk.GetArrayFromImage(sitk.ReadImage(str(rows[0][1])))
+    names = [s.name for s in model.manifest.structures]
+    print(f"\n{device}: speed settings of {model.spec}, agreement with {rows[0][0]}")
+    for label, path, figures, windows in rows:
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        dice = []
+        for value, name in enumerate(names, start=1):
+            a, b = labels == value, full == value
+            total = int(a.sum()) + int(b.sum())
+            dice.append(f"{name} {2 * int((a & b).sum()) / total if total else 1.0:.4f}")
+        cpu_s = figures["user"] + figures["sys"]
+        print(
+            f"  {label:<28} windows {windows or '-':>4}  wall {figures['wall']:7.2f} s  "
+            f"user+sys {cpu_s:7.2f} s ({cpu_s / (rows[0][2]['user'] + rows[0][2]['sys']):.2f}x full)  "
+            f"voxels agreeing {float((labels == full).mean()):.6f}"
+        )
+        print(f"  {'':<28} Dice vs full: {', '.join(dice)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=10_011, help="phantom (>= 10000: held out)")
@@ -239,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stand-in", action="store_true", help="random U-Net even if demo exists")
     parser.add_argument("--model", help="NAME or NAME@VERSION of a package in --models-dir")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--speed", action="store_true", help="speed settings against the full one")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="only this device")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -255,8 +374,10 @@ def main(argv: list[str] | None = None) -> None:
             f"phantom written in {time.perf_counter() - mark:.1f} s"
         )
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        for device in devices:
-            if model.manifest.format is ModelFormat.NATIVE:
+        for device in [args.device] if args.device else devices:
+            if args.speed:
+                bench_speed(device, model, ct, tmp)
+            elif model.manifest.format is ModelFormat.NATIVE:
                 bench_device(device, model, ct, truth, tmp, args.repeat)
             else:
                 bench_framework(device, model, ct, tmp, args.repeat)

@@ -635,7 +635,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     store = Store.for_settings(cfg.storage)
-    rows = status_rows(store)
+    rows = status_rows(store, cfg.worker.max_wait_s)
     for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
         print(state.message(), file=sys.stderr)
     _print_model_refusals(cfg)
@@ -650,11 +650,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'id':>5}  {'state':<12} {'inst':>5} {'age':>8}  {'model':<24} {'held by':<20} reason")
+    print(f"{'id':>5}  {'state':<12} {'inst':>5} {'age':>8}  {'priority':<10} {'model':<24} {'held by':<20} reason")
     for r in rows:
         model = f"{r['model']}@{r['model_version']}" if r["model"] else "-"
+        priority = r["priority"] + (f" #{r['queue']}" if "queue" in r else "")
         print(
-            f"{r['id']:>5}  {r['state']:<12} {r['instances']:>5} {_age(r['age_s']):>8}  {model:<24} "
+            f"{r['id']:>5}  {r['state']:<12} {r['instances']:>5} {_age(r['age_s']):>8}  {priority:<10} {model:<24} "
             f"{r.get('held_by', '-'):<20} {r['reason'] or ''}"
         )
     return 0

@@ -35,6 +35,9 @@ class Caller(StrictModel):
     ae_title: str
     host: str | None = None
     require_tls: bool = Field(False, description="refuse this caller on the plain (unencrypted) port")
+    # low: a source whose series may wait (a commissioning run, a retrieve of old studies);
+    # each of its jobs is low whatever its rule says
+    priority: Literal["normal", "low"] = "normal"
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -125,6 +128,9 @@ class WorkerSettings(StrictModel):
     retry_base_s: float = Field(10, gt=0, description="first wait after a transient failure (full disk, index)")
     retry_cap_s: float = Field(900, gt=0, description="longest wait between two retries")
     max_retries: int = Field(20, ge=1, description="transient failures of one stage before the job fails")
+    # aging: a job waiting longer than this since its series completed is taken before any
+    # newer job, whatever the priorities, so low-priority work is never starved
+    max_wait_s: float = Field(3600, gt=0)
 
 
 class SeriesSettings(StrictModel):

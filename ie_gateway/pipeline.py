@@ -1,4 +1,4 @@
-"""The worker: claims series jobs in order of arrival and runs the stages after receipt.
+"""The worker: claims series jobs in queue order and runs the stages after receipt.
 
 complete ─route─▶ routed ─volume+infer─▶ inferred ─write─▶ sending ─outbox─▶ delivered
    └▶ unrouted        └▶ refused / failed        │└▶ failed      └▶ failed (dead letter)
@@ -14,6 +14,10 @@ waits behind a comparison that has not started.
 Each stage reads what the previous one stored (index rows, files in the job's folder) and
 stores its own output before moving the job on, so a crash repeats at most one stage. This is
 the one place that catches broadly: whatever a stage raises parks the job with the reason.
+
+The queue order (``Index.queue_order``): a job's priority (high, normal, low; the least urgent
+of its rules' and its caller's, set when it is routed) first, then the order in which the
+series completed; a job waiting longer than ``worker.max_wait_s`` goes before every newer one.
 
 Several workers (on several machines sharing the index and the spool) may run at once: each
 claims a job for one stage under a lease that it renews while the stage runs and gives up when
@@ -63,7 +67,7 @@ from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review, StageAttempts
+from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Priority, Review, StageAttempts
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
@@ -100,6 +104,7 @@ class Worker:
         self.cfg = cfg
         self.node = node
         self.lease_s = cfg.worker.lease_s
+        self.max_wait_s = cfg.worker.max_wait_s
         self._held: int | None = None  # the job this worker holds now
         self._stage = ""  # and the stage it runs
         self.store = store
@@ -191,7 +196,7 @@ class Worker:
     def run_once(self) -> bool:
         """Claim a job and advance it by one stage; False when there was nothing to do."""
         for states, stage in self.STAGES:
-            job = self.store.index.claim(states, self.node, self.lease_s)
+            job = self.store.index.claim(states, self.node, self.lease_s, max_wait_s=self.max_wait_s)
             if job is None:
                 continue
             self._held, self._stage = job.id, stage
@@ -323,8 +328,25 @@ class Worker:
         # the result files and their UIDs are fixed now: whichever worker writes them, the TPS
         # gets these instances
         plan = plan_outputs(routes, self.cfg.destinations)
-        self.store.index.transition(job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, plan=plan))
-        log.info("series routed", rules=[r.rule for r in routes], model=routes[0].model, version=routes[0].version)
+        priority = self._priority(job, routes)
+        self.store.index.transition(
+            job.id, JobState.ROUTED, routes=routes, detail=replace(job.detail, plan=plan), priority=priority
+        )
+        log.info(
+            "series routed",
+            rules=[r.rule for r in routes],
+            model=routes[0].model,
+            version=routes[0].version,
+            priority=priority.value,
+        )
+
+    def _priority(self, job: Job, routes: Sequence[JobRoute]) -> Priority:
+        """The most urgent of the matched rules' priorities, unless the caller is listed as
+        low (a commissioning run, a retrieve): then low, whatever the rules say."""
+        callers = self.cfg.node.allowed_callers
+        if any(c.ae_title == job.calling_ae and Priority(c.priority) is Priority.LOW for c in callers):
+            return Priority.LOW
+        return Priority.highest(*(r.priority for r in routes))
 
     def assess(self, job: Job) -> None:
         """Agreement figures (and the drift check) of a linked clinician's structure set."""
@@ -577,6 +599,7 @@ def _job_route(route: Route, version: str) -> JobRoute:
         send_to=tuple(route.send_to),
         sync=route.sync,
         review=ReviewPolicy(route.review),
+        priority=Priority(route.priority),
     )
 
 

@@ -11,19 +11,23 @@ from typing import Any
 
 from ie_gateway.log import uid_hash
 from ie_gateway.store import Job, Store
+from ie_gateway.store.index import MAX_WAIT_S
+from ie_gateway.store.states import QUEUED
 
 
-def status_rows(store: Store) -> list[dict[str, Any]]:
-    """One object per series job, without patient data (the series UID only hashed)."""
+def status_rows(store: Store, max_wait_s: float | None = None) -> list[dict[str, Any]]:
+    """One object per series job, without patient data (the series UID only hashed); a job
+    waiting for the worker has its ``queue`` place (1 is taken next, see Index.queue_order;
+    ``max_wait_s``: the worker's aging, ``worker.max_wait_s``)."""
     now = time.time()
-    rows = []
-    for job in store.index.jobs():
-        rows.append(job_status(store, job, now))
-    return rows
+    queue = store.index.queue_order(QUEUED, max_wait_s=max_wait_s or MAX_WAIT_S)
+    places = {job.id: place for place, job in enumerate(queue, 1)}
+    return [job_status(store, job, now, places.get(job.id)) for job in store.index.jobs()]
 
 
-def job_status(store: Store, job: Job, now: float) -> dict[str, Any]:
-    """One job as `status` prints it and the admin's page starts from."""
+def job_status(store: Store, job: Job, now: float, queue: int | None = None) -> dict[str, Any]:
+    """One job as `status` prints it and the admin's page starts from (``queue``: its place
+    among the jobs waiting for the worker)."""
     return {
         "id": job.id,
         "state": job.state.value,
@@ -36,6 +40,8 @@ def job_status(store: Store, job: Job, now: float) -> dict[str, Any]:
         "model": job.model,
         "model_version": job.model_version,
         "reason": job.reason,
+        "priority": job.priority.value,
+        **({"queue": queue} if queue is not None else {}),
         **({"late_instances": job.late_instances} if job.late_instances else {}),
         **(_holder(job, now) if job.claimed_by else {}),
         **_shown_detail(store, job),

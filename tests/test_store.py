@@ -27,6 +27,7 @@ from ie_gateway.store import (
 )
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import AgreementRow, ApprovedSet, Review, StageAttempts, SyncRecord
+from ie_gateway.store.schema import LATEST
 from tests.jobs import job_route
 
 
@@ -403,3 +404,4 @@ def test_a_reroute_starts_the_crash_count_afresh(tmp_path: Path, index_url: str)
     store.index.transition(job_id, JobState.FAILED, reason="crashed the node 2 times at infer")
     reroute(store, job_id, "admin")
     assert store.index.stage_attempts(job_id) == {}
+from ie_gateway.store.schema import LATEST

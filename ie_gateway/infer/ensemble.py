@@ -8,14 +8,20 @@ Steps of :meth:`Ensemble.segment`:
    mean of the folds' softmax, weighted by a Gaussian importance map (as nnU-Net does) so patch
    borders count less. The volume and the accumulators live on the device, so windows are cut
    there and a GPU never waits for uploads; on CUDA the folds run under autocast (bf16 where
-   supported, else fp16) and softmax/averaging stay in fp32;
+   the hardware has it, compute capability 8.0 or later, else fp16) and softmax/averaging stay
+   in fp32. ``input.mirror_axes`` adds test-time mirroring (nnU-Net's: every combination of
+   the axes, each pass's softmax flipped back and averaged with the folds'). Windows are copied
+   into one batch buffer made per CT. CUDA out of memory: the batch is halved and the window
+   tried again, down to one window; then the CT is done on the CPU (both said in the log);
 3. resample the averaged probabilities (linear, a slab of CT slices at a time to bound memory)
    onto the CT grid and take the arg-max there, which keeps sub-voxel boundaries of small
    structures; the label map has exactly the CT's size, origin, spacing and direction;
 4. post-process each structure (:mod:`ie_gateway.infer.postprocess`) and measure volumes.
 
 Folds are loaded once per :class:`Ensemble` and stay resident across calls. The model must come
-from ``Registry.resolve`` (verified); the Ensemble does not re-check checksums.
+from ``Registry.resolve`` (verified); the Ensemble does not re-check checksums. On the CPU the
+process keeps freed memory for the next window and gives it back after each CT
+(:mod:`ie_gateway.infer.cpu`), and torch uses as many threads as the process has cores.
 """
 
 from __future__ import annotations
@@ -23,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +40,7 @@ import torch
 from scipy import ndimage
 
 from ie_gateway.errors import InferenceError, ModelError
+from ie_gateway.infer.cpu import cpu_threads, keep_freed_memory, release_freed_memory
 from ie_gateway.infer.postprocess import label_volumes_cc, postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, probe_patch
 from ie_gateway.infer.types import Segmentation
@@ -60,6 +65,23 @@ class ModelGrid:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type on ``device``: bf16 where the GPU computes it natively (Ampere, compute
+    capability 8.0, and later; older ones only emulate it, slowly), else fp16; None on the CPU
+    (float32 there, as the model was exported)."""
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def mirrorings(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The flips of a (batch, channel, z, y, x) tensor for test-time mirroring along ``axes``
+    (0 z, 1 y, 2 x): none, then every combination, as nnU-Net does."""
+    dims = [axis + 2 for axis in axes]
+    return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
 
 
 def model_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> ModelGrid:
@@ -107,14 +129,27 @@ class Ensemble:
     ) -> None:
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
+        heap_kept = False
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(threads or cpu_threads())
+            heap_kept = keep_freed_memory()
         else:
             torch.backends.cudnn.benchmark = True  # every window has the same shape
         self._folds = [_load_fold(model, path, self.device) for path in model.fold_paths()]
-        patch = model.manifest.contract.patch_size
-        self._importance = torch.from_numpy(gaussian_importance(patch)).to(self.device)
-        self._amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        contract = model.manifest.contract
+        self._importance = torch.from_numpy(gaussian_importance(contract.patch_size)).to(self.device)
+        self._mirrorings = mirrorings(contract.mirror_axes)
+        self._amp = amp_dtype(self.device)
+        self._cpu: Ensemble | None = None  # where a CT goes when CUDA runs out of memory
+        log.info(
+            "inference precision",
+            model=model.spec,
+            device=self.device.type,
+            dtype=str(self._amp or torch.float32).removeprefix("torch."),
+            threads=torch.get_num_threads(),
+            mirrorings=len(self._mirrorings),
+            heap_kept=heap_kept,
+        )
 
     def probe(self) -> None:
         """Map a small patch through every fold; ModelError unless each gives the channels the
@@ -173,6 +208,8 @@ class Ensemble:
         out = sitk.GetImageFromArray(labels)
         del labels
         out.CopyInformation(image)
+        if self.device.type == "cpu":
+            release_freed_memory()
         timings["total"] = time.perf_counter() - start
         log.info(
             "segmented",
@@ -212,7 +249,20 @@ class Ensemble:
 
     @torch.inference_mode()
     def _probabilities(self, volume: np.ndarray) -> tuple[torch.Tensor, int, float]:
-        patch = self.model.manifest.contract.patch_size
+        try:
+            return self._sliding_window(volume)
+        except torch.OutOfMemoryError as exc:
+            why = _first_line(exc)
+        # outside the except block: the failed attempt's tensors are free by now
+        _free_cached(self.device)
+        log.warning("cuda out of memory: falling back to the CPU", model=self.model.spec, error=why)
+        if self._cpu is None:
+            self._cpu = Ensemble(self.model, "cpu")
+        return self._cpu._sliding_window(volume)
+
+    def _sliding_window(self, volume: np.ndarray) -> tuple[torch.Tensor, int, float]:
+        contract = self.model.manifest.contract
+        patch = contract.patch_size
         shape = tuple(volume.shape)
         host = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         if self.device.type == "cuda":  # one upload (tens of MiB); windows are then cut on the GPU
@@ -223,42 +273,66 @@ class Ensemble:
         channels = self.model.manifest.channels
         acc = torch.zeros((channels, *full), dtype=torch.float32, device=self.device)
         weight = torch.zeros(full, dtype=torch.float32, device=self.device)
-        overlap = self.model.manifest.contract.overlap
-        starts = [window_starts(s, p, overlap) for s, p in zip(full, patch, strict=True)]
+        starts = [window_starts(s, p, contract.overlap) for s, p in zip(full, patch, strict=True)]
         boxes: list[Box] = list(itertools.product(starts[0], starts[1], starts[2]))
+        batch_size = contract.batch_size
+        windows = torch.empty((batch_size, 1, *patch), dtype=torch.float32, device=self.device)
         forward_s = 0.0
-        for batch in _batches(boxes, self.model.manifest.contract.batch_size):
-            x = torch.stack([padded[_window(b, patch)] for b in batch]).unsqueeze(1)
+        done = 0
+        while done < len(boxes):
+            batch = boxes[done : done + batch_size]
+            for i, box in enumerate(batch):
+                windows[i, 0].copy_(padded[_window(box, patch)])
             mark = time.perf_counter()
-            probs = self._mean_fold_probabilities(x)
+            try:
+                probs = self._mean_fold_probabilities(windows[: len(batch)])
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                _free_cached(self.device)
+                log.warning("cuda out of memory: smaller batch", model=self.model.spec, batch=batch_size)
+                continue
             forward_s += time.perf_counter() - mark
             probs *= self._importance
             for box, p in zip(batch, probs, strict=True):
                 acc[(slice(None), *_window(box, patch))] += p
                 weight[_window(box, patch)] += self._importance
+            done += len(batch)
         acc /= weight
         result = acc[:, : shape[0], : shape[1], : shape[2]].to("cpu").contiguous()
         return result, len(boxes), forward_s
 
     def _mean_fold_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean softmax of every fold (and mirroring) for a batch of windows; the seam where
+        CUDA allocates most, so where tests fake running out of memory."""
         total: torch.Tensor | None = None
         for index, fold in enumerate(self._folds):
-            with self._autocast():
-                logits = fold(x)
-            if logits.shape[1] != self.model.manifest.channels:
-                raise InferenceError(
-                    f"{self.model.spec}: fold {index} returned {logits.shape[1]} channels, "
-                    f"expected {self.model.manifest.channels}"
-                )
-            probs = torch.softmax(logits.float(), dim=1)
-            total = probs if total is None else total.add_(probs)
+            for dims in self._mirrorings:
+                with self._autocast():
+                    logits = fold(x.flip(dims) if dims else x)
+                if logits.shape[1] != self.model.manifest.channels:
+                    raise InferenceError(
+                        f"{self.model.spec}: fold {index} returned {logits.shape[1]} channels, "
+                        f"expected {self.model.manifest.channels}"
+                    )
+                probs = torch.softmax(logits.float(), dim=1)
+                if dims:
+                    probs = probs.flip(dims)
+                total = probs if total is None else total.add_(probs)
         assert total is not None  # a manifest has at least one fold
-        return total.div_(len(self._folds))
+        return total.div_(len(self._folds) * len(self._mirrorings))
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        if self.device.type == "cuda":
+        if self._amp is not None:
             return torch.autocast(device_type="cuda", dtype=self._amp)
         return contextlib.nullcontext()
+
+
+def _free_cached(device: torch.device) -> None:
+    """Return CUDA's cached blocks, so the retry gets what the failed attempt held."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -376,8 +450,3 @@ def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
 
 def _window(box: Box, patch: tuple[int, int, int]) -> tuple[slice, slice, slice]:
     return slice(box[0], box[0] + patch[0]), slice(box[1], box[1] + patch[1]), slice(box[2], box[2] + patch[2])
-
-
-def _batches(boxes: list[Box], size: int) -> Iterator[list[Box]]:
-    for i in range(0, len(boxes), size):
-        yield boxes[i : i + size]

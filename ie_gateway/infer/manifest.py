@@ -123,8 +123,20 @@ class InputContract(StrictModel):
     orientation: Literal["LPS"] = "LPS"
     intensity: Intensity
     patch_size: tuple[PositiveVoxels, PositiveVoxels, PositiveVoxels]  # z, y, x
+    # speed settings, as nnU-Net users know them: overlap is 1 - nnU-Net's tile step (0.5 there:
+    # overlap 0.5); mirror_axes (0 z, 1 y, 2 x) turns on test-time mirroring along them, every
+    # combination (all three: 8 passes per fold). Leave x out for a model that tells left from
+    # right unless it was trained with left-right mirroring.
     overlap: float = Field(default=0.5, ge=0, lt=1)
     batch_size: PositiveVoxels = 1
+    mirror_axes: tuple[Literal[0, 1, 2], ...] = ()
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes_once(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"each axis at most once, got {list(axes)}")
+        return tuple(sorted(axes))
 
 
 class NnUNetSettings(StrictModel):

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ie_gateway.route.matchers import split_values
+from ie_gateway.store.records import Priority
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 
 
@@ -39,6 +40,7 @@ class Route:
     send_to: tuple[str, ...]
     sync: bool
     review: ReviewPolicy = ReviewPolicy.HOLD  # a result failing its model's plausibility checks: hold | flag
+    priority: Priority = Priority.NORMAL  # the claim order of its job: high | normal | low
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
+from ie_gateway.store.records import Priority
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
@@ -73,6 +74,7 @@ class _RuleSpec(StrictModel):
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
+    priority: Priority = Priority.NORMAL
 
 
 class _RoutingSpec(StrictModel):
@@ -115,6 +117,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         send_to=tuple(dict.fromkeys(spec.send_to)),
         sync=spec.sync,
         review=spec.review,
+        priority=spec.priority,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

@@ -2,8 +2,8 @@
 
 Every read and write of these tables goes through here (and the outbox, ``outbox.py``), with
 typed records in and out (``records.py``); the database behind it is SQLite or PostgreSQL
-(``db.py``). A job is worked on by one node at a time: ``claim`` takes the oldest job of a
-stage that no live lease holds, the worker renews its lease while the stage runs and releases
+(``db.py``). A job is worked on by one node at a time: ``claim`` takes the first job of a
+stage in queue order (see ``queue_order``) that no live lease holds, the worker renews its lease while the stage runs and releases
 it when the stage ends; a worker that dies stops renewing, and another claims the job when the
 lease lapses.
 """
@@ -27,6 +27,7 @@ from ie_gateway.store.records import (
     Job,
     JobDetail,
     JobRoute,
+    Priority,
     SeriesHeader,
     StageAttempts,
     Transition,
@@ -38,12 +39,18 @@ from ie_gateway.vocab import ApprovalStatus
 JOB_QUERY = """
 SELECT j.id, j.series_id, j.state, j.reason, j.instances, j.late_instances, j.created_at,
        j.updated_at, j.last_instance_at, j.completed_at, j.routes, j.detail, s.study_uid,
-       s.series_uid, s.header, s.calling_ae, s.called_ae, j.claimed_by, j.lease_until
+       s.series_uid, s.header, s.calling_ae, s.called_ae, j.claimed_by, j.lease_until, j.priority
 FROM jobs j JOIN series s ON s.id = j.series_id
 """
 
-#: keeps a job's place in line: completion order, then arrival
-JOB_ORDER = " ORDER BY j.completed_at, j.id"
+#: A job's place in line (one parameter: the completion time before which a job has waited too
+#: long). Priority first (high, normal, low), then completion order, then arrival; a job that
+#: completed before the parameter counts as high, so it goes before every newer job (aging:
+#: low-priority work waits at most that long behind a stream of more urgent jobs).
+JOB_ORDER = " ORDER BY CASE WHEN j.completed_at < ? THEN 0 ELSE j.priority END, j.completed_at, j.id"
+
+#: how long a job waits before aging lifts it (``worker.max_wait_s`` overrides it)
+MAX_WAIT_S = 3600.0
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -67,6 +74,7 @@ def _job(row: Sequence[Any]) -> Job:
         called_ae=row[16],
         claimed_by=row[17],
         lease_until=row[18],
+        priority=Priority.of_rank(int(row[19])),
     )
 
 
@@ -315,11 +323,12 @@ class Index:
         routes: Sequence[JobRoute] | None = None,
         detail: JobDetail | None = None,
         completed_at: float | None = None,
+        priority: Priority | None = None,
     ) -> JobState:
         """Move a job to ``to`` if its state allows; return the old state.
 
-        ``routes``, ``detail`` and ``completed_at`` replace the job's when given (an empty
-        ``routes`` clears them). ``who``: the admin whose action this is (None: the node).
+        ``routes``, ``detail``, ``completed_at`` and ``priority`` replace the job's when given
+        (an empty ``routes`` clears them). ``who``: the admin whose action this is (None: the node).
         """
         now = time.time()
         sets: dict[str, Any] = {"state": to.value, "reason": reason, "updated_at": now}
@@ -331,6 +340,8 @@ class Index:
             sets["detail"] = detail.to_json()
         if completed_at is not None:
             sets["completed_at"] = completed_at
+        if priority is not None:
+            sets["priority"] = priority.rank
         with self.db.tx(durable=True) as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -414,8 +425,16 @@ class Index:
 
     # --- claims ----------------------------------------------------------------------------
 
-    def claim(self, states: Sequence[JobState], node: str, lease_s: float, now: float | None = None) -> Job | None:
-        """Take the oldest job in one of ``states`` that no live lease holds, for ``lease_s``.
+    def claim(
+        self,
+        states: Sequence[JobState],
+        node: str,
+        lease_s: float,
+        now: float | None = None,
+        max_wait_s: float = MAX_WAIT_S,
+    ) -> Job | None:
+        """Take the first job in queue order (:meth:`queue_order`) among ``states`` that no live
+        lease holds, for ``lease_s``.
 
         On PostgreSQL the row is locked with SKIP LOCKED, so workers claiming at once each get a
         different job and never wait on one another.
@@ -426,12 +445,25 @@ class Index:
             row = db.execute(
                 f"SELECT j.id FROM jobs j WHERE j.state IN ({_marks(wanted)}) "
                 "AND (j.lease_until IS NULL OR j.lease_until < ?)" + JOB_ORDER + " LIMIT 1" + self.db.skip_locked,
-                (*wanted, now),
+                (*wanted, now, now - max_wait_s),
             ).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET claimed_by = ?, lease_until = ? WHERE id = ?", (node, now + lease_s, row[0]))
         return self.job(int(row[0]))
+
+    def queue_order(
+        self, states: Sequence[JobState], now: float | None = None, max_wait_s: float = MAX_WAIT_S
+    ) -> list[Job]:
+        """The jobs in ``states`` in the order claims take them: high before normal before low,
+        each by completion; a job that has waited ``max_wait_s`` since its series completed goes
+        before all newer ones (aging, so low-priority work is never starved)."""
+        now = now if now is not None else self.db.now()
+        wanted = [s.value for s in states]
+        rows = self.db.query(
+            JOB_QUERY + f" WHERE j.state IN ({_marks(wanted)})" + JOB_ORDER, (*wanted, now - max_wait_s)
+        )
+        return [_job(r) for r in rows]
 
     def renew(self, job_id: int, node: str, lease_s: float) -> bool:
         """Extend ``node``'s lease on a job; False when it no longer holds it (it lapsed and

@@ -20,6 +20,35 @@ from pydicom.uid import generate_uid
 from ie_gateway.vocab import ApprovalStatus, JobState, OutputKind, ReviewPolicy
 
 
+class Priority(StrEnum):
+    """How urgently a job is wanted (its routing rule's ``priority``, or low for a caller listed so).
+
+    The index stores the rank, so that claims can order by it: high before normal before low.
+    """
+
+    HIGH = "high"  # e.g. a patient waiting on the couch
+    NORMAL = "normal"  # today's patients from the scanners: the default
+    LOW = "low"  # commissioning runs, retrieves of old studies, research
+
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low: the order in which claims take them."""
+        return _PRIORITY_RANKS[self]
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return _PRIORITY_BY_RANK[rank]
+
+    @staticmethod
+    def highest(*priorities: Priority) -> Priority:
+        """The most urgent of ``priorities`` (a series that several rules match)."""
+        return min(priorities, key=lambda p: p.rank)
+
+
+_PRIORITY_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+_PRIORITY_BY_RANK = {rank: priority for priority, rank in _PRIORITY_RANKS.items()}
+
+
 class OutboxState(StrEnum):
     """Where one (result file, destination) delivery stands."""
 
@@ -71,6 +100,7 @@ class JobRoute:
     send_to: tuple[str, ...]
     sync: bool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
+    priority: Priority = Priority.NORMAL
 
     @property
     def spec(self) -> str:
@@ -87,6 +117,7 @@ class JobRoute:
             send_to=tuple(str(d) for d in raw.get("send_to", ())),
             sync=bool(raw.get("sync", False)),
             review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
+            priority=Priority(raw.get("priority") or Priority.NORMAL),
         )
 
 
@@ -316,6 +347,7 @@ class Job:
     called_ae: str
     claimed_by: str | None = None  # the node working on it now (host:pid), while its lease runs
     lease_until: float | None = None
+    priority: Priority = Priority.NORMAL  # set when routed: its rules' and its caller's
 
     @property
     def model(self) -> str | None:

@@ -151,6 +151,12 @@ def _stage_attempts(db: Database, tx: Tx) -> None:
     )
 
 
+def _priority(db: Database, tx: Tx) -> None:
+    """Today's patient first: a job's priority rank (0 high, 1 normal, 2 low), set when it is
+    routed, orders the claims."""
+    tx.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 1")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -162,6 +168,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "series, jobs, instances, transitions, outbox, attempts, agreement", _baseline),
     Migration(2, "job and delivery leases for several workers; transition ids", _leases),
     Migration(3, "attempts and crashes per job and stage", _stage_attempts),
+    Migration(4, "job priority (high, normal, low) for the claim order", _priority),
 )
 LATEST = MIGRATIONS[-1].version
 

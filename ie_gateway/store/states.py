@@ -24,3 +24,5 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.UNROUTED: frozenset({S.ROUTED, S.COMPLETE}),
 }
 UNFINISHED = frozenset({S.RECEIVING, S.COMPLETE, S.ROUTED, S.INFERRING, S.INFERRED, S.SENDING, S.ASSESSING})
+#: waiting for the worker (routing, then inference): `status` and the page show them in queue order
+QUEUED = (S.COMPLETE, S.ROUTED)

@@ -28,6 +28,7 @@ from ie_gateway.infer.registry import Registry
 from ie_gateway.status import job_status
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.states import QUEUED
 from ie_gateway.web.auth import COOKIE, Guard, admin_token
 from ie_gateway.web.plots import dice_plot
 
@@ -73,6 +74,18 @@ def _job_row(store: Store, job: Job) -> dict[str, Any]:
     }
 
 
+def _queue_row(job: Job) -> dict[str, Any]:
+    """A job waiting for the worker, as the queue table shows it."""
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "priority": job.priority.value,
+        "model": f"{job.model}@{job.model_version}" if job.model else "",
+        "calling_ae": job.calling_ae,
+        "completed": _when(job.completed_at),
+    }
+
+
 class AdminPages:
     """The request handlers, bound to one node's store, registry and settings."""
 
@@ -113,11 +126,14 @@ class AdminPages:
             counts[job.state.value] = counts.get(job.state.value, 0) + 1
         shown = [j for j in all_jobs if wanted is None or j.state.value == wanted]
         rows = [{**_job_row(self.store, j), "buttons": self._buttons(j)} for j in reversed(shown)]
+        queue = self.store.index.queue_order(QUEUED, max_wait_s=self.cfg.worker.max_wait_s)
         return self._render(
             request,
             "jobs.html",
             title="Jobs",
             jobs=rows,
+            queue=[_queue_row(j) for j in queue],
+            max_wait=f"{self.cfg.worker.max_wait_s:g} s",
             counts=counts,
             wanted=wanted,
             states=[s.value for s in JobState],

@@ -115,7 +115,40 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
+    _commission_parser(command)
     return parser
+
+
+def _commission_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    com = command("commission", "run a model version over local cases with approved contours; write a report")
+    com.add_argument("--model", required=True, help="NAME or NAME@VERSION")
+    com.add_argument(
+        "--cases", type=Path, required=True, help="one folder per case: its CT series and one approved RT-STRUCT"
+    )
+    com.add_argument("--out", type=Path, required=True, help="report folder (a rerun continues where it stopped)")
+
+
+def cmd_commission(args: argparse.Namespace) -> int:
+    """Exit 0 when every structure meets its criteria in every case, 1 otherwise."""
+    from ie_gateway.commission import commission
+
+    cfg = load_config(args.config)
+    logsetup.configure("warning")
+
+    def show(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    outcome = commission(cfg, args.model, args.cases, args.out, show)
+    print(f"report: {outcome.html}\nreport: {outcome.pdf}\nfigures: {outcome.figures}")
+    not_run = [r.case for r in outcome.results if not r.done]
+    if outcome.failed_structures or not_run:
+        failed = ", ".join(outcome.failed_structures) or "none"
+        print(
+            f"ie-gateway commission: structures failing their criteria: {failed}; cases not run: {len(not_run)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _since(text: str) -> float:
@@ -437,7 +470,10 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     index = Store.for_settings(cfg.storage).index
     rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
-    states = {(s.model, s.version, s.structure): s for s in drift.current(index, cfg.agreement, cfg.models_dir)}
+    states = {
+        (s.model, s.version, s.structure): s
+        for s in drift.current(index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE)
+    }
     for row in rows:
         state = states.get((row["model"], row["version"], row["structure"]))
         row["drift"] = asdict(state) if state is not None else None
@@ -515,7 +551,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     store = Store.for_settings(cfg.storage)
     rows = status_rows(store)
-    for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
+    for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE):
         print(state.message(), file=sys.stderr)
     try:
         _load_rules(cfg)
@@ -559,6 +595,7 @@ COMMANDS = {
     "agreement": cmd_agreement,
     "demo": cmd_demo,
     "sync": cmd_sync,
+    "commission": cmd_commission,
 }
 
 

@@ -13,6 +13,7 @@ GatewayError
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
+├── CommissionError        a commissioning run cannot start, or one case of it cannot be run
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
 └── HttpError              the health/metrics HTTP endpoint could not start
@@ -83,6 +84,11 @@ class DeliveryError(GatewayError):
 
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
+
+
+class CommissionError(GatewayError):
+    """A commissioning run cannot start (no cases, a report folder of another model), or one
+    of its cases cannot be run (no approved structure set, two CT series); the report says why."""
 
 
 class SyncError(GatewayError):

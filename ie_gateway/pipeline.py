@@ -263,7 +263,9 @@ class Worker:
             log.warning("agreement not computed", ct_job=ct_job.id, reason=str(exc))
             return f"; no agreement figures: {exc}"
         for model in {f"{c.model}@{c.version}" for c in contours}:
-            drift.log_alarms(self.store.index, settings, self.cfg.models_dir, model)
+            drift.log_alarms(
+                self.store.index, settings, self.cfg.models_dir, model, self.cfg.storage.root / drift.COMMISSIONED_FILE
+            )
         return f"; agreement figures of {rows} structures"
 
     def _contours(self, ct_job: Job, index: int, route: JobRoute) -> ModelContours:

@@ -87,9 +87,10 @@ class AdminPages:
         self.guard = guard
         self.actions = dict(actions)
         self.templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+        self._commissioned = cfg.storage.root / drift.COMMISSIONED_FILE
 
     def _render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
-        alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir)
+        alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir, self._commissioned)
         return self.templates.TemplateResponse(
             request,
             name,
@@ -191,7 +192,8 @@ class AdminPages:
         settings = self.cfg.agreement
         rows = agreement.rows(self.store.index)
         states = {
-            (s.model, s.version, s.structure): s for s in drift.current(self.store.index, settings, self.cfg.models_dir)
+            (s.model, s.version, s.structure): s
+            for s in drift.current(self.store.index, settings, self.cfg.models_dir, self._commissioned)
         }
         series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for row in rows:

@@ -123,3 +123,53 @@ def render_qa_png(
     _legend(canvas, structures, model)
     canvas.save(out_path, format="PNG")
     return out_path
+
+
+#: Outline colour of the clinician's contour on a comparison picture (the AI's keeps its own).
+APPROVED_COLOR = (255, 255, 255)
+
+
+def render_comparison_png(
+    ct_volume_hu: np.ndarray,
+    ai: np.ndarray,
+    approved: np.ndarray,
+    spacing: tuple[float, float, float],
+    color: tuple[int, int, int],
+    caption: str,
+    out_path: Path,
+) -> Path:
+    """Write a picture of one structure as the AI drew it (``ai``, in ``color``) and as a
+    clinician approved it (``approved``, white), both (z, y, x) masks over ``ct_volume_hu``, on
+    the same axial, coronal and sagittal slices through the centre of the two together.
+
+    Same grid, orientation and size rules as :func:`render_qa_png`; ``caption`` goes under the
+    panels (no patient identifiers: the caller chooses it).
+    """
+    ai_info = StructureInfo(label=1, name="AI", color=color, interpreted_type="ORGAN")
+    approved_info = StructureInfo(label=1, name="approved", color=APPROVED_COLOR, interpreted_type="ORGAN")
+    either = (ai | approved).astype(np.uint8)
+    centre = _centre(either, [ai_info])
+    canvas = Image.new("RGB", QA_SIZE, _BACKGROUND)
+    views = zip(
+        _views(ct_volume_hu, ai.astype(np.uint8), centre, spacing),
+        _views(ct_volume_hu, approved.astype(np.uint8), centre, spacing),
+        strict=True,
+    )
+    for i, ((hu, ai_view, width, height), (_, approved_view, _, _)) in enumerate(views):
+        panel = _panel(hu, approved_view, (width, height), [approved_info])
+        shown = np.array(panel)
+        outline = _outline(ai_view, ai_info, (panel.width, panel.height))
+        if outline is not None:
+            shown[outline] = color
+        offset = (i * PANEL_PX + (PANEL_PX - panel.width) // 2, (PANEL_PX - panel.height) // 2)
+        canvas.paste(Image.fromarray(shown), offset)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=18)
+    x, y = 16, PANEL_PX + 16
+    for label, swatch in (("AI", color), ("approved", APPROVED_COLOR)):
+        draw.rectangle((x, y + 2, x + 16, y + 18), fill=swatch)
+        draw.text((x + 24, y), label, fill=_TEXT, font=font)
+        x += 48 + int(draw.textlength(label, font=font))
+    draw.text((16, PANEL_PX + 52), caption, fill=_TEXT, font=font)
+    canvas.save(out_path, format="PNG")
+    return out_path

@@ -334,6 +334,13 @@ class Worker:
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
         reasons = [f"{route.model}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons]
+        # the picture comes before the gate decides, so a held result can be judged by looking at it
+        _, _, model, labels, _, structures, _ = results[0]
+        sx, sy, sz = (float(s) for s in ct.GetSpacing())
+        qa_png = render_qa_png(
+            hu, labels, structures, (sx, sy, sz), ModelInfo(model.name, model.version), folder / "qa.png"
+        )
+        self.store.index.update_detail(job.id, lambda d: replace(d, qa_png=str(qa_png)))
         review = job.detail.review
         if reasons and (review is None or review.released_by is None):
             hold = any(route.review is ReviewPolicy.HOLD and f.reasons for _, route, *_, f in results)
@@ -347,7 +354,6 @@ class Worker:
         written: list[OutputKind] = []
         not_sent: dict[str, list[OutputKind]] = {}
         uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
-        qa_png = None
         for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
             for kind in route.outputs:
@@ -363,16 +369,13 @@ class Worker:
                 out_uids = OutputUIDs(**uids[key])
                 path = folder / f"{stem}.dcm"
                 self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
-                for dest in dests:
+                for dest in dests if route.deliver else ():  # a shadow route's files stay here
                     self.outbox.enqueue(
                         job.id, dest, str(path.relative_to(self.store.results)), out_uids.sop_uid, _sop_class(kind)
                     )
                 self.on_queued()
                 written.append(kind)
                 log.info("output queued", kind=kind, destinations=dests, seconds=round(time.monotonic() - started, 3))
-            if qa_png is None:
-                sx, sy, sz = (float(s) for s in ct.GetSpacing())
-                qa_png = render_qa_png(hu, labels, structures, (sx, sy, sz), info, folder / "qa.png")
         if not written:
             raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
         self.store.index.update_detail(
@@ -380,7 +383,6 @@ class Worker:
             lambda d: replace(
                 d,
                 outputs=tuple(written),
-                qa_png=str(qa_png) if qa_png else None,
                 not_sent={dest: tuple(kinds) for dest, kinds in not_sent.items()},
             ),
         )
@@ -499,7 +501,8 @@ class Worker:
                 )
                 return
             self.store.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
-            self.store.index.transition(job_id, JobState.DELIVERED)
+            shadow = "shadow route: results kept on the node, nothing sent" if not counts else None
+            self.store.index.transition(job_id, JobState.DELIVERED, reason=shadow)
         except TransitionError:
             return  # the worker and the outbox both settle; the other one got there first
         log.info("job delivered", job=job_id, files=done)
@@ -519,6 +522,7 @@ def _job_route(route: Route, version: str) -> JobRoute:
         send_to=tuple(route.send_to),
         sync=route.sync,
         review=ReviewPolicy(route.review),
+        deliver=route.deliver,
     )
 
 

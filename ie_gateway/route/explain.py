@@ -39,6 +39,7 @@ class Route:
     send_to: tuple[str, ...]
     sync: bool
     review: str = "hold"  # a result failing its model's plausibility checks: hold | flag
+    deliver: bool = True  # False: shadow mode, results stay on the node (agreement still gathered)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class JobRoute:
     send_to: tuple[str, ...]
     sync: bool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
+    deliver: bool = True  # False: a shadow route, its results are written but never sent
 
     @property
     def spec(self) -> str:
@@ -67,6 +68,7 @@ class JobRoute:
             send_to=tuple(str(d) for d in raw.get("send_to", ())),
             sync=bool(raw.get("sync", False)),
             review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
+            deliver=bool(raw.get("deliver", True)),
         )
 
 

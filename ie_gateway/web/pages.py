@@ -29,18 +29,23 @@ from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.web.auth import COOKIE, Guard, admin_token
 from ie_gateway.web.plots import dice_plot
+from ie_gateway.web.viewer import WINDOWS, SliceViewer
 
 log = structlog.get_logger(__name__)
 
-#: An admin action: (store, job id, who) → what it did; raises GatewayError when it cannot.
-Action = Callable[[Store, int, str], object]
+#: An admin action: (store, job id, who[, comment]) → what it did; raises GatewayError when it
+#: cannot. Those in COMMENTED also take the person's comment.
+Action = Callable[..., object]
 
 #: Which action applies to a job in which state (a button is shown only where it applies).
 ACTION_STATES: dict[str, frozenset[str]] = {
     "retry": frozenset({"failed"}),
     "reroute": frozenset({"failed", "unrouted", "refused", "needs_review"}),
     "release": frozenset({"needs_review"}),
+    "reject": frozenset({"needs_review"}),
 }
+#: Actions that take the person's comment (a reviewer says why they release or reject).
+COMMENTED = frozenset({"release", "reject"})
 #: States the failures page lists: given up on, or held for a person.
 ATTENTION = ("failed", "needs_review")
 
@@ -88,6 +93,7 @@ class AdminPages:
         self.actions = dict(actions)
         self.templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
         self._commissioned = cfg.storage.root / drift.COMMISSIONED_FILE
+        self.viewer = SliceViewer(cfg, store, registry)
 
     def _render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir, self._commissioned)
@@ -156,6 +162,7 @@ class AdminPages:
             for t in self.store.index.transitions(job.id)
         ]
         findings = list(job.detail.review.reasons) if job.detail.review is not None else []
+        viewer = self._viewer_context(job)
         return self._render(
             request,
             "job.html",
@@ -170,7 +177,45 @@ class AdminPages:
             transitions=transitions,
             figures=agreement.rows(self.store.index, ct_job=job.id),
             approvals=[asdict(a) for a in job.detail.approved],
+            viewer=viewer,
+            commented=COMMENTED,
         )
+
+    def _viewer_context(self, job: Job) -> dict[str, Any] | None:
+        """What the slice viewer needs: slice counts per plane, structures, approved or not."""
+        if not self.viewer.available(job):
+            return None
+        try:
+            volumes = self.viewer.volumes(job)
+        except (GatewayError, OSError, RuntimeError) as exc:  # RuntimeError: SimpleITK's unreadable file
+            log.warning("slice viewer unavailable", job=job.id, error=str(exc))
+            return None
+        return {
+            "sizes": volumes.sizes(),
+            "structures": [
+                {"name": s.name, "color": "#" + "".join(f"{c:02x}" for c in s.color)} for s in volumes.structures
+            ],
+            "approved": bool(volumes.approved),
+            "windows": list(WINDOWS),
+        }
+
+    async def slice_png(self, request: Request) -> Response:
+        job = self._job_or_none(request)
+        if job is None or not self.viewer.available(job):
+            return Response("no slices for this job", status_code=404, media_type="text/plain")
+        query = request.query_params
+        hidden = {name for name in query.get("hide", "").split(",") if name}
+        try:
+            png = self.viewer.volumes(job).render(
+                str(request.path_params["plane"]),
+                int(request.path_params["index"]),
+                query.get("window", "soft"),
+                hidden,
+                query.get("approved", "1") == "1",
+            )
+        except ValueError as exc:
+            return Response(str(exc), status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
     async def qa_png(self, request: Request) -> Response:
         job = self._job_or_none(request)
@@ -198,6 +243,7 @@ class AdminPages:
         series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for row in rows:
             series.setdefault((row["model"], row["model_version"], row["structure"]), []).append(row)
+        shadow = self._shadow_versions(rows)
         plots = []
         for key, items in sorted(series.items()):
             state = states.get(key)
@@ -207,6 +253,7 @@ class AdminPages:
                     "model": key[0],
                     "version": key[1],
                     "structure": key[2],
+                    "shadow": key[:2] in shadow,
                     "state": state,
                     "plot": dice_plot(
                         [r["dice"] for r in items],
@@ -221,10 +268,18 @@ class AdminPages:
             "agreement.html",
             title="Agreement with approved contours",
             plots=plots,
-            summary=agreement.summary(rows),
+            summary=[{**r, "shadow": (r["model"], r["version"]) in shadow} for r in agreement.summary(rows)],
             figures=agreement.FIGURES,
             settings=settings,
         )
+
+    def _shadow_versions(self, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        """(model, version) pairs whose figures come from shadow routes (``deliver: false``)."""
+        shadow = set()
+        for ct_job in {r["ct_job"] for r in rows}:
+            job = self._job_by_id(ct_job)
+            shadow |= {(r.model, r.version) for r in (job.routes if job else ()) if not r.deliver}
+        return shadow
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
@@ -263,8 +318,9 @@ class AdminPages:
                 message=f"No action {name!r} for job {request.path_params['job_id']}.",
             )
         who = f"web:{request.client.host if request.client else '?'}"
+        comment = _field(form, "comment")
         try:
-            result = action(self.store, job.id, who)
+            result = action(self.store, job.id, who, comment) if name in COMMENTED else action(self.store, job.id, who)
         except GatewayError as exc:
             return self._render(request, "message.html", 409, title=f"Job {job.id}: {name} not done", message=str(exc))
         log.info("admin action", action=name, job=job.id, who=who)
@@ -278,8 +334,11 @@ class AdminPages:
         )
 
     def _job_or_none(self, request: Request) -> Job | None:
+        return self._job_by_id(int(request.path_params["job_id"]))
+
+    def _job_by_id(self, job_id: int) -> Job | None:
         try:
-            return self.store.index.job(int(request.path_params["job_id"]))
+            return self.store.index.job(job_id)
         except GatewayError:
             return None
 
@@ -319,6 +378,7 @@ def web_routes(
         Route("/jobs", pages.jobs),
         Route("/jobs/{job_id:int}", pages.job),
         Route("/jobs/{job_id:int}/qa.png", pages.qa_png),
+        Route("/jobs/{job_id:int}/slice/{plane:str}/{index:int}.png", pages.slice_png),
         Route("/jobs/{job_id:int}/{action:str}", pages.act, methods=["POST"]),
         Route("/failures", pages.failures),
         Route("/models", pages.models),

@@ -8,7 +8,9 @@ image carries no patient identifiers: none are passed in.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,8 @@ def _views(
     ]
 
 
-def _grey(hu: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    low, high = SOFT_TISSUE_WINDOW
+def _grey(hu: np.ndarray, size: tuple[int, int], window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> Image.Image:
+    low, high = window
     scaled = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
     return Image.fromarray(scaled.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGB")
 
@@ -77,10 +79,11 @@ def _panel(
     labels: np.ndarray,
     extent_mm: tuple[float, float],
     structures: Sequence[StructureInfo],
+    window: tuple[float, float] = SOFT_TISSUE_WINDOW,
 ) -> Image.Image:
     scale = min(PANEL_PX / extent_mm[0], PANEL_PX / extent_mm[1])
     size = (max(1, round(extent_mm[0] * scale)), max(1, round(extent_mm[1] * scale)))
-    pixels = np.array(_grey(hu, size))
+    pixels = np.array(_grey(hu, size, window))
     # the largest first, so organs inside the body outline are drawn over it
     for structure in sorted(structures, key=lambda s: -int((labels == s.label).sum())):
         outline = _outline(labels, structure, size)
@@ -173,3 +176,25 @@ def render_comparison_png(
     draw.text((16, PANEL_PX + 52), caption, fill=_TEXT, font=font)
     canvas.save(out_path, format="PNG")
     return out_path
+
+
+def render_slice_png(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    extent_mm: tuple[float, float],
+    structures: Sequence[StructureInfo],
+    window: tuple[float, float],
+    approved: Sequence[tuple[StructureInfo, np.ndarray]] = (),
+) -> bytes:
+    """One 2D slice (superior or anterior at the top) as a PNG of at most :data:`PANEL_PX`
+    pixels a side, scaled to its physical size: ``labels``' outlines of ``structures`` in their
+    colours, each ``approved`` (structure, 2D mask) outline in white, over ``hu`` in ``window``."""
+    panel = np.array(_panel(hu, labels, extent_mm, structures, window))
+    size = (panel.shape[1], panel.shape[0])
+    for structure, mask in approved:
+        outline = _outline(mask.astype(np.uint8), replace(structure, label=1, fill_holes=False), size)
+        if outline is not None:
+            panel[outline] = APPROVED_COLOR
+    buffer = io.BytesIO()
+    Image.fromarray(panel).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

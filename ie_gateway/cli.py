@@ -116,7 +116,46 @@ def _parser() -> argparse.ArgumentParser:
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
     _commission_parser(command)
+    _users_parser(command)
     return parser
+
+
+def _users_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
+    users = command("users", "named accounts of the admin page: add, remove, list")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    add = command("add", "create an account (asks for its password, or reads it from stdin)", users_sub)
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
+    add.add_argument("--replace", action="store_true", help="give an existing account a new password")
+    command("remove", "delete an account", users_sub).add_argument("name")
+    command("list", "the accounts' names", users_sub)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from ie_gateway.web.accounts import USERS_FILE, Accounts
+
+    cfg = load_config(args.config)
+    accounts = Accounts(cfg.storage.root / USERS_FILE)
+    if args.action == "list":
+        print("\n".join(accounts.names()))
+    elif args.action == "remove":
+        accounts.remove(args.name)
+        print(f"account {args.name} removed")
+    else:
+        accounts.add(args.name, _new_password(args.password_stdin), replace=args.replace)
+        print(f"account {args.name} {'updated' if args.replace else 'created'} in {accounts.path}")
+    return 0
+
+
+def _new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        raise GatewayError("the two passwords differ")
+    return password
 
 
 def _commission_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -596,6 +635,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "sync": cmd_sync,
     "commission": cmd_commission,
+    "users": cmd_users,
 }
 
 

@@ -14,6 +14,7 @@ GatewayError
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── CommissionError        a commissioning run cannot start, or one case of it cannot be run
+├── AuthError              an admin account cannot be made or read (name, password, accounts file)
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
 └── HttpError              the health/metrics HTTP endpoint could not start
@@ -89,6 +90,11 @@ class AgreementError(GatewayError):
 class CommissionError(GatewayError):
     """A commissioning run cannot start (no cases, a report folder of another model), or one
     of its cases cannot be run (no approved structure set, two CT series); the report says why."""
+
+
+class AuthError(GatewayError):
+    """An admin account cannot be created, changed or checked (bad name, short password, a
+    damaged accounts file)."""
 
 
 class SyncError(GatewayError):

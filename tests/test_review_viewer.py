@@ -1,11 +1,14 @@
-"""Review by looking, in a real browser: a result the plausibility gate held has its QA picture
-and a slice viewer on its job page; the viewer scrolls by key and wheel and toggles a structure;
-the reviewer rejects or releases it with a comment that the job's history keeps. Screenshots are
-left beside the test's files."""
+"""Review by looking, in a real browser: a named reviewer (``ie-gateway users add``) must sign in
+even to look; a result the plausibility gate held has its QA picture and a slice viewer on its
+job page; the viewer scrolls by key and wheel and toggles a structure; the reviewer releases it
+with a comment, and the job's history and `ie-gateway audit` name them. Screenshots are left
+beside the test's files."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ie_gateway.web.auth import COOKIE
 from tests.peers import storescu, wait_until
 from tests.test_delivery import StoreSCP, destination, make_node, misplaced_heart_model, rt_only_tps
 from tests.test_qa_loop import signed_in
@@ -22,6 +26,9 @@ from tests.web_server import admin_page, chromium
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 TOKEN = "viewer-test-token-1b7e"
+PASSWORD = "reviewer's long passphrase"
+COMMENT = "heart outside the body is the model's known air artefact; External checked"
+COMMENTED = f"released by alice: {COMMENT}"
 __all__ = ["rt_only_tps"]  # the fixture, shared with test_delivery
 
 
@@ -36,7 +43,9 @@ def shown(browser: Any) -> tuple[str, np.ndarray]:
         what="the slice image",
     )
     src = str(img.get_attribute("src"))
-    with urllib.request.urlopen(src, timeout=10) as rsp:  # the same PNG the browser shows
+    cookie = browser.get_cookie(COOKIE)["value"]  # the page needs the reviewer's session
+    request = urllib.request.Request(src, headers={"Cookie": f"{COOKIE}={cookie}"})
+    with urllib.request.urlopen(request, timeout=10) as rsp:  # the same PNG the browser shows
         return src, np.asarray(Image.open(io.BytesIO(rsp.read())).convert("RGB"))
 
 
@@ -55,12 +64,35 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
     assert storescu(node.port, small_series).returncode == 0
     [job] = node.wait_state({"needs_review", "delivered", "failed"}, timeout=180)
     assert job["state"] == "needs_review", job
+    add_user = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ie_gateway.cli",
+            "users",
+            "add",
+            "alice",
+            "--password-stdin",
+            "--config",
+            str(node.config),
+        ],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert add_user.returncode == 0, add_user.stderr
     with admin_page(node.config, TOKEN) as base, chromium() as browser:
-        browser.get(f"{base}/login")
-        browser.find_element(By.NAME, "token").send_keys(TOKEN)
+        # with named accounts, even the read-only pages need a sign-in
+        browser.get(f"{base}/jobs/{job['id']}")
+        wait_until(lambda: "/login" in browser.current_url, 10, what="the sign-in page")
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
         signed_in(browser)
-        browser.get(f"{base}/jobs/{job['id']}")
+        assert browser.current_url.endswith(f"/jobs/{job['id']}")
+        assert browser.find_element(By.CSS_SELECTOR, "header .user").text == "alice"
         qa = browser.find_element(By.ID, "qa")
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", qa) > 100
         label = browser.find_element(By.ID, "slice-label")

@@ -7,11 +7,12 @@ Read-only views need no sign-in; the buttons need the admin token (see :mod:`.au
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from starlette.datastructures import FormData
@@ -27,7 +28,8 @@ from ie_gateway.infer.registry import Registry
 from ie_gateway.log import uid_hash
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.web.auth import COOKIE, Guard, admin_token
+from ie_gateway.web.accounts import USERS_FILE, Accounts
+from ie_gateway.web.auth import COOKIE, MAX_FAILURES, TOKEN_USER, Guard, admin_token
 from ie_gateway.web.plots import dice_plot
 from ie_gateway.web.viewer import WINDOWS, SliceViewer
 
@@ -36,6 +38,9 @@ log = structlog.get_logger(__name__)
 #: An admin action: (store, job id, who[, comment]) → what it did; raises GatewayError when it
 #: cannot. Those in COMMENTED also take the person's comment.
 Action = Callable[..., object]
+
+#: A page's request handler.
+Handler = Callable[[Request], Awaitable[Response]]
 
 #: Which action applies to a job in which state (a button is shown only where it applies).
 ACTION_STATES: dict[str, frozenset[str]] = {
@@ -102,8 +107,9 @@ class AdminPages:
             name,
             {
                 "alarms": alarms,
-                "signed_in": self.guard.session_nonce(request) is not None,
+                "signed_in": self.guard.user(request),
                 "actions_enabled": self.guard.enabled,
+                "accounts": bool(self.guard.accounts),
                 "csrf": self.guard.csrf_for(request),
                 "node": self.cfg.node.ae_title,
                 **context,
@@ -282,29 +288,53 @@ class AdminPages:
         return shadow
 
     async def login(self, request: Request) -> Response:
+        wanted = _local(request.query_params.get("next", "/failures"))
         if request.method == "GET":
-            return self._render(request, "login.html", title="Sign in")
+            return self._render(request, "login.html", title="Sign in", next=wanted)
         form = await request.form()
-        if not self.guard.same_origin(request) or not self.guard.token_matches(_field(form, "token")):
+        name, address = _field(form, "name").strip(), request.client.host if request.client else "?"
+        keys = (f"address:{address}", f"name:{name}") if name else (f"address:{address}",)
+        if self.guard.throttled(*keys):
+            log.warning("admin sign-in throttled", failures=MAX_FAILURES)
+            why = "Too many failed sign-ins: wait a quarter of an hour and try again."
+            return self._render(request, "login.html", 429, title="Sign in", error=why, next=wanted)
+        if self.guard.accounts:
+            user = name if self.guard.password_matches(name, _field(form, "password")) else None
+        else:
+            user = TOKEN_USER if self.guard.token_matches(_field(form, "token")) else None
+        if not self.guard.same_origin(request) or user is None:
+            self.guard.failed(*keys)
             log.warning("admin sign-in refused")
-            return self._render(request, "login.html", 403, title="Sign in", error="That is not the admin token.")
+            why = "Wrong name or password." if self.guard.accounts else "That is not the admin token."
+            return self._render(request, "login.html", 403, title="Sign in", error=why, next=wanted)
         response = RedirectResponse(_local(_field(form, "next")), status_code=303)
         response.set_cookie(
-            COOKIE, self.guard.new_session(), httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            COOKIE, self.guard.new_session(user), httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
-        log.info("admin signed in")
+        log.info("admin signed in", user=user)
         return response
 
     async def logout(self, request: Request) -> Response:
-        response = RedirectResponse("/jobs", status_code=303)
+        self.guard.end_session(request)
+        response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
+
+    def signed_in_only(self, handler: Handler) -> Handler:
+        """``handler`` for people signed in (when the page needs it): others go to sign in."""
+
+        async def guarded(request: Request) -> Response:
+            if self.guard.pages_need_sign_in and self.guard.user(request) is None:
+                return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+            return await handler(request)
+
+        return guarded
 
     async def act(self, request: Request) -> Response:
         form = await request.form()
         name = str(request.path_params["action"])
-        allowed, why = self.guard.allows(request, _field(form, "csrf") or None)
-        if not allowed:
+        allowed, who, why = self.guard.allows(request, _field(form, "csrf") or None)
+        if not allowed or who is None:
             log.warning("admin action refused", action=name, why=why)
             return self._render(request, "message.html", 403, title="Not allowed", message=why)
         action = self.actions.get(name)
@@ -317,7 +347,6 @@ class AdminPages:
                 title="Not found",
                 message=f"No action {name!r} for job {request.path_params['job_id']}.",
             )
-        who = f"web:{request.client.host if request.client else '?'}"
         comment = _field(form, "comment")
         try:
             result = action(self.store, job.id, who, comment) if name in COMMENTED else action(self.store, job.id, who)
@@ -370,19 +399,20 @@ def web_routes(
         cfg,
         store,
         registry,
-        Guard(token if token is not None else admin_token()),
+        Guard(token if token is not None else admin_token(), Accounts(cfg.storage.root / USERS_FILE), cfg.http),
         default_actions() if actions is None else actions,
     )
+    guarded = pages.signed_in_only
     return [
         Route("/", lambda request: RedirectResponse("/jobs", status_code=307)),
-        Route("/jobs", pages.jobs),
-        Route("/jobs/{job_id:int}", pages.job),
-        Route("/jobs/{job_id:int}/qa.png", pages.qa_png),
-        Route("/jobs/{job_id:int}/slice/{plane:str}/{index:int}.png", pages.slice_png),
+        Route("/jobs", guarded(pages.jobs)),
+        Route("/jobs/{job_id:int}", guarded(pages.job)),
+        Route("/jobs/{job_id:int}/qa.png", guarded(pages.qa_png)),
+        Route("/jobs/{job_id:int}/slice/{plane:str}/{index:int}.png", guarded(pages.slice_png)),
         Route("/jobs/{job_id:int}/{action:str}", pages.act, methods=["POST"]),
-        Route("/failures", pages.failures),
-        Route("/models", pages.models),
-        Route("/agreement", pages.trends),
+        Route("/failures", guarded(pages.failures)),
+        Route("/models", guarded(pages.models)),
+        Route("/agreement", guarded(pages.trends)),
         Route("/login", pages.login, methods=["GET", "POST"]),
         Route("/logout", pages.logout, methods=["POST"]),
     ]

@@ -86,8 +86,10 @@ def main() -> None:
         f"total {total:.1f} s, inference {inference:.1f} s, node's own {node:.2f} s (volume {volume:.2f} s)"
     )
     print(f"cases per hour: {3600 / total:.0f} (whole run with report: {3600 * len(seconds) / wall:.0f})")
-    print(f"node's own time / inference: {node / inference:.2f}; goal {GOAL_NODE_S:g} s: "
-          f"{'met' if node <= GOAL_NODE_S else 'not met'}")
+    print(
+        f"node's own time / inference: {node / inference:.2f}; goal {GOAL_NODE_S:g} s: "
+        f"{'met' if node <= GOAL_NODE_S else 'not met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ PDF_FILE = "report.pdf"
 PICTURES_DIR = "pictures"
 #: Pictures per structure: its failing cases first, then the lowest Dice.
 WORST_PER_STRUCTURE = 3
+PDF_NOTES = 40  # problem and plausibility lines on the PDF's first page
 
 LABELS = {
     "dice": "Dice",
@@ -281,8 +282,14 @@ def _write_pdf(
             )
             if s["failed_cases"]:
                 lines.append(f"    failed: {', '.join(s['failed_cases'])}")
-        lines += ["", *(f"not run: {r.case}: {r.reason}" for r in results if not r.done)]
-        lines += [f"flagged by the plausibility gate: {r.case}: {'; '.join(r.findings)}" for r in results if r.findings]
+        notes = [f"not run: {r.case}: {r.reason}" for r in results if not r.done]
+        notes += [f"flagged by the plausibility gate: {r.case}: {'; '.join(r.findings)}" for r in results if r.findings]
+        shown = notes[:PDF_NOTES]  # one page holds so many; the HTML lists them all
+        lines += [
+            "",
+            *shown,
+            *([f"... and {len(notes) - len(shown)} more in {HTML_FILE}"] if notes[PDF_NOTES:] else []),
+        ]
         page.text(0.06, 0.96, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", wrap=True)
         pdf.savefig(page)
         for title, fig in plots.items():

@@ -85,6 +85,8 @@ def main() -> None:
         f"\n{len(seconds)} cases of {args.slices} x {args.size}^2 on {args.device}, median per case: "
         f"total {total:.1f} s, inference {inference:.1f} s, node's own {node:.2f} s (volume {volume:.2f} s)"
     )
+    phases = {p: statistics.median(s[p] for s in seconds) for p in ("check", "rtstruct", "agreement")}
+    print("of which (median s): " + ", ".join(f"{p} {v:.2f}" for p, v in phases.items()))
     print(f"cases per hour: {3600 / total:.0f} (whole run with report: {3600 * len(seconds) / wall:.0f})")
     print(
         f"node's own time / inference: {node / inference:.2f}; goal {GOAL_NODE_S:g} s: "

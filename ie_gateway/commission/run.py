@@ -67,7 +67,9 @@ class CaseResult:
     findings: list[str] = field(default_factory=list)  # plausibility gate's reasons
     missing: list[str] = field(default_factory=list)  # model structures the approved set lacks
     figures: list[dict[str, Any]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # volume, inference, node, total
+    #: volume, inference, check (masks and plausibility), rtstruct (built and validated),
+    #: agreement; node (all but inference) and total
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def passes(row: Mapping[str, Any], criteria: Commissioning | None) -> bool | None:
@@ -165,12 +167,12 @@ class Run:
             self.runner.run(self.model, ct_path, work / LABELS_FILE)
             inference_s = time.monotonic() - inference_started
             ct_path.unlink()  # the report reads the CT again for its few pictures
-            findings, missing, figures = self._assess(headers, case.approved, work)
+            findings, missing, figures, phases = self._assess(headers, case.approved, work)
         except GatewayError as exc:  # this case cannot be run; the report says why, a rerun retries it
             log.warning("commissioning case not run", error=str(exc))
             return CaseResult(folder.name, False, reason=str(exc))
         total = time.monotonic() - started
-        seconds = {"volume": volume_s, "inference": inference_s, "node": total - inference_s, "total": total}
+        seconds = {"volume": volume_s, "inference": inference_s, **phases, "node": total - inference_s, "total": total}
         return CaseResult(
             folder.name,
             True,
@@ -182,8 +184,10 @@ class Run:
 
     def _assess(
         self, headers: Sequence[pydicom.Dataset], approved_path: Path, work: Path
-    ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-        """Plausibility findings, unmatched structures and figures of one contoured case."""
+    ) -> tuple[list[str], list[str], list[dict[str, Any]], dict[str, float]]:
+        """Plausibility findings, unmatched structures, figures and the phases' seconds of one
+        contoured case."""
+        started = time.monotonic()
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / LABELS_FILE))).astype(np.uint8)
         structures = structures_of(self.model.manifest)
         masks = {s.label: structure_mask(labels, s) for s in structures}
@@ -191,11 +195,13 @@ class Run:
         present = [s for s in structures if s.name not in findings.empty]
         info = ModelInfo(name=self.model.name, version=self.model.version, needs_review=bool(findings.reasons))
         rtstruct = work / RTSTRUCT_FILE
+        checked = time.monotonic()
         if present:
             uids = new_output_uids()
             ds = build_rtstruct(headers, labels, present, info, uids, masks=masks)
             ds.save_as(rtstruct, enforce_file_format=True)
             validate_rtstruct(rtstruct, headers, labels, present, uids, masks=masks)
+        written = time.monotonic()
         approved = pydicom.dcmread(approved_path)
         spec = (self.model.name, self.model.version)
         tolerance = self.cfg.agreement.tolerance_mm
@@ -212,7 +218,8 @@ class Run:
         order = {s.name: s.label for s in structures}
         figures.sort(key=lambda f: order[f["structure"]])
         missing = sorted(set(order) - {f["structure"] for f in figures}, key=order.__getitem__)
-        return list(findings.reasons), missing, figures
+        phases = {"check": checked - started, "rtstruct": written - checked, "agreement": time.monotonic() - written}
+        return list(findings.reasons), missing, figures, phases
 
     def _load_progress(self) -> None:
         path = self.out_dir / PROGRESS_FILE

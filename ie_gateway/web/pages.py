@@ -2,7 +2,9 @@
 
 Server-side rendered from the index and the registry with Jinja2 templates; nothing on them
 identifies a patient (no names, IDs, birth dates or clear UIDs: series are shown hashed).
-Read-only views need no sign-in; the buttons need the admin token (see :mod:`.auth`).
+The buttons need a signed-in person (or the admin token); with named accounts the read-only
+views do too, unless configured open (see :mod:`.auth`). A held job's page has the slice viewer
+(:mod:`.viewer`) and takes the reviewer's comment with release and reject.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What an admin may do to a job: reroute it, release it from review, retry its deliveries.
+"""What an admin may do to a job: reroute it, release it from review or reject it, retry its
+deliveries.
 
 The command line and the admin's web page call these; each is recorded in the job's
 transitions with who did it and when, so `status` and an audit can tell the node's own moves
@@ -57,17 +58,35 @@ def reroute(store: Store, job_id: int, who: str) -> Job:
     return store.index.job(job_id)
 
 
-def release(store: Store, job_id: int, who: str) -> Job:
-    """Let a result held for review go out (marked NEEDS REVIEW, as its checks failed)."""
+def release(store: Store, job_id: int, who: str, comment: str = "") -> Job:
+    """Let a result held for review go out (marked NEEDS REVIEW, as its checks failed);
+    ``comment``, the reviewer's why, is kept in the transition's reason."""
     job = store.index.job(job_id)
     if job.state is not JobState.NEEDS_REVIEW:
         raise AdminError(f"job {job_id} is {job.state.value}, not needs_review: nothing to release")
     review = job.detail.review or Review(reasons=(), policy=ReviewPolicy.HOLD)
     released = replace(review, released_by=who, released_at=time.time())
     store.index.update_detail(job_id, lambda d: replace(d, review=released))
-    store.index.transition(job_id, JobState.INFERRED, reason=f"released by {who}", who=who)
+    store.index.transition(job_id, JobState.INFERRED, reason=_with_comment(f"released by {who}", comment), who=who)
     log.info("job released", job=job_id, who=who)
     return store.index.job(job_id)
+
+
+def reject(store: Store, job_id: int, who: str, comment: str = "") -> Job:
+    """Refuse a result held for review: nothing is written or sent, the job ends failed with
+    who rejected it and why (``reroute`` can still run it again)."""
+    job = store.index.job(job_id)
+    if job.state is not JobState.NEEDS_REVIEW:
+        raise AdminError(f"job {job_id} is {job.state.value}, not needs_review: nothing to reject")
+    store.index.transition(job_id, JobState.FAILED, reason=_with_comment(f"rejected by {who}", comment), who=who)
+    log.info("job rejected", job=job_id, who=who)
+    return store.index.job(job_id)
+
+
+def _with_comment(reason: str, comment: str) -> str:
+    """The reason with the person's comment, on one line and of bounded length."""
+    text = " ".join(comment.split())[:500]
+    return f"{reason}: {text}" if text else reason
 
 
 def retry(store: Store, job_id: int, who: str) -> int:

@@ -48,7 +48,7 @@ def assess_structure_set(cfg: GatewayConfig, store: Store, registry: Registry, r
         log.warning("agreement not computed", ct_job=ct_job.id, reason=scrub(str(exc)))
         return f"; no agreement figures: {scrub(str(exc))}"
     for model in {f"{c.model}@{c.version}" for c in contours}:
-        drift.log_alarms(store.index, settings, cfg.models_dir, model)
+        drift.log_alarms(store.index, settings, cfg.models_dir, model, cfg.storage.root / drift.COMMISSIONED_FILE)
     return f"; agreement figures of {rows} structures"
 
 

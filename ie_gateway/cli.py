@@ -140,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
     _operations_commands(command)
+    _commission_parser(command)
+    _users_parser(command)
     return parser
 
 
@@ -154,6 +156,76 @@ def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser])
     restore.add_argument("--force", action="store_true", help="replace the node's existing files (stop it first)")
     conformance = command("conformance", "the DICOM Conformance Statement (PS3.2) of this node's config")
     conformance.add_argument("--html", action="store_true", help="a self-contained HTML page instead of Markdown")
+
+
+def _users_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
+    users = command("users", "named accounts of the admin page: add, remove, list")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    add = command("add", "create an account (asks for its password, or reads it from stdin)", users_sub)
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
+    add.add_argument("--replace", action="store_true", help="give an existing account a new password")
+    command("remove", "delete an account", users_sub).add_argument("name")
+    command("list", "the accounts' names", users_sub)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from ie_gateway.web.accounts import USERS_FILE, Accounts
+
+    cfg = load_config(args.config)
+    accounts = Accounts(cfg.storage.root / USERS_FILE)
+    if args.action == "list":
+        print("\n".join(accounts.names()))
+    elif args.action == "remove":
+        accounts.remove(args.name)
+        print(f"account {args.name} removed")
+    else:
+        accounts.add(args.name, _new_password(args.password_stdin), replace=args.replace)
+        print(f"account {args.name} {'updated' if args.replace else 'created'} in {accounts.path}")
+    return 0
+
+
+def _new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        raise GatewayError("the two passwords differ")
+    return password
+
+
+def _commission_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    com = command("commission", "run a model version over local cases with approved contours; write a report")
+    com.add_argument("--model", required=True, help="NAME or NAME@VERSION")
+    com.add_argument(
+        "--cases", type=Path, required=True, help="one folder per case: its CT series and one approved RT-STRUCT"
+    )
+    com.add_argument("--out", type=Path, required=True, help="report folder (a rerun continues where it stopped)")
+
+
+def cmd_commission(args: argparse.Namespace) -> int:
+    """Exit 0 when every structure meets its criteria in every case, 1 otherwise."""
+    from ie_gateway.commission import commission
+
+    cfg = load_config(args.config)
+    logsetup.configure("warning")
+
+    def show(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    outcome = commission(cfg, args.model, args.cases, args.out, show)
+    print(f"report: {outcome.html}\nreport: {outcome.pdf}\nfigures: {outcome.figures}")
+    not_run = [r.case for r in outcome.results if not r.done]
+    if outcome.failed_structures or not_run:
+        failed = ", ".join(outcome.failed_structures) or "none"
+        print(
+            f"ie-gateway commission: structures failing their criteria: {failed}; cases not run: {len(not_run)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _since(text: str) -> float:
@@ -598,7 +670,10 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     index = Store.for_settings(cfg.storage).index
     rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
-    states = {(s.model, s.version, s.structure): s for s in drift.current(index, cfg.agreement, cfg.models_dir)}
+    states = {
+        (s.model, s.version, s.structure): s
+        for s in drift.current(index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE)
+    }
     for row in rows:
         state = states.get((row["model"], row["version"], row["structure"]))
         row["drift"] = asdict(state) if state is not None else None
@@ -636,7 +711,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     store = Store.for_settings(cfg.storage)
     rows = status_rows(store, cfg.worker.max_wait_s)
-    for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir):
+    for state in drift.alarms(store.index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE):
         print(state.message(), file=sys.stderr)
     _print_model_refusals(cfg)
     try:
@@ -732,6 +807,8 @@ COMMANDS = {
     "agreement": cmd_agreement,
     "demo": cmd_demo,
     "sync": cmd_sync,
+    "commission": cmd_commission,
+    "users": cmd_users,
 }
 
 

@@ -207,6 +207,13 @@ class HttpSettings(StrictModel):
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
+    # the admin page's sign-in (ie_gateway.web.auth): with named accounts or a proxy's user
+    # header, read-only pages need a sign-in too unless open_pages
+    open_pages: bool = False
+    session_idle_min: float = Field(30, gt=0)  # a session unused this long ends
+    session_max_h: float = Field(12, gt=0)  # and every session ends this long after sign-in
+    user_header: str | None = None  # e.g. X-Remote-User, set by an authenticating reverse proxy
+    trusted_proxies: list[str] = ["127.0.0.1"]  # the only peers whose user_header counts
 
 
 class DeliverySettings(StrictModel):

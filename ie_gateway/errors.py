@@ -23,6 +23,8 @@ GatewayError
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
+├── CommissionError        a commissioning run cannot start, or one case of it cannot be run
+├── AuthError              an admin account cannot be made or read (name, password, accounts file)
 ├── SyncError              anonymisation, upload or model download failed
 │   ├── AnonymiseError     a file could not be read or de-identified (names the file)
 │   └── BurnedInAnnotation a series says it has identifying text in its pixels
@@ -147,6 +149,16 @@ class AgreementError(GatewayError):
 
 class ApprovalRefused(GatewayError):
     """A clinician's structure set is kept but not linked to the CT job: the reason says why."""
+
+
+class CommissionError(GatewayError):
+    """A commissioning run cannot start (no cases, a report folder of another model), or one
+    of its cases cannot be run (no approved structure set, two CT series); the report says why."""
+
+
+class AuthError(GatewayError):
+    """An admin account cannot be created, changed or checked (bad name, short password, a
+    damaged accounts file)."""
 
 
 class SyncError(GatewayError):

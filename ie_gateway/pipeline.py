@@ -427,6 +427,13 @@ class Worker:
         if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
         reasons = [f"{route.model}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons]
+        # the picture comes before the gate decides, so a held result can be judged by looking at it
+        _, _, model, labels, _, structures, _ = results[0]
+        sx, sy, sz = (float(s) for s in ct.GetSpacing())
+        qa_png = render_qa_png(
+            hu, labels, structures, (sx, sy, sz), ModelInfo(model.name, model.version), folder / "qa.png"
+        )
+        self.store.index.update_detail(job.id, lambda d: replace(d, qa_png=str(qa_png.relative_to(self.store.results))))
         review = job.detail.review
         if reasons and (review is None or review.released_by is None):
             hold = any(route.review is ReviewPolicy.HOLD and f.reasons for _, route, *_, f in results)
@@ -439,7 +446,6 @@ class Worker:
             log.warning("result flagged for review", reasons=reasons)
         plan = self._plan(job)
         written: list[PlannedOutput] = []
-        qa_png = None
         for index, route, model, labels, masks, structures, findings in results:
             info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
             present = [s for s in structures if s.name not in findings.empty]
@@ -450,7 +456,7 @@ class Worker:
                     continue
                 path = folder / output.file
                 self._write_output(output.kind, headers, labels, masks, out_structures, info, output.uids, path)
-                for dest in output.destinations:
+                for dest in output.destinations if route.deliver else ():  # a shadow route's files stay here
                     self.outbox.enqueue(
                         job.id,
                         dest,
@@ -466,9 +472,6 @@ class Worker:
                     destinations=output.destinations,
                     seconds=round(time.monotonic() - started, 3),
                 )
-            if qa_png is None:
-                sx, sy, sz = (float(s) for s in ct.GetSpacing())
-                qa_png = render_qa_png(hu, labels, structures, (sx, sy, sz), info, folder / "qa.png")
         if not written:
             raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
         self.store.index.update_detail(
@@ -477,7 +480,6 @@ class Worker:
                 d,
                 plan=OutputPlan(tuple(written)),  # what was written: a file with no structure left is not
                 outputs=tuple(o.kind for o in written),
-                qa_png=str(qa_png.relative_to(self.store.results)) if qa_png else None,
                 not_sent=not_sent(job.routes, self.cfg.destinations),
             ),
         )
@@ -600,6 +602,7 @@ def _job_route(route: Route, version: str) -> JobRoute:
         sync=route.sync,
         review=ReviewPolicy(route.review),
         priority=Priority(route.priority),
+        deliver=route.deliver,
     )
 
 

@@ -213,7 +213,9 @@ class Service:
             self.store,
             self.space,
             self.active_models,
-            drift=lambda: drift.gauge_values(self.store.index, cfg.agreement, cfg.models_dir),
+            drift=lambda: drift.gauge_values(
+                self.store.index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE
+            ),
         )
         routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
         self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None

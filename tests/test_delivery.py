@@ -252,6 +252,7 @@ def test_an_implausible_result_is_held_with_its_reason_and_release_sends_it_mark
     assert job["volumes_cc"]["External"] > 0 and job["volumes_cc"]["Heart"] > 0
     assert rt_only_tps.received == []
     assert not (node.root / "results" / f"job-{job['id']}" / "rtstruct-0.dcm").exists()
+    assert Path(job["qa_png"]).is_file()  # made before the gate held it: the reviewer can look
 
     node.cli("release", str(job["id"]))
     [job] = node.wait_state({"delivered", "failed"}, timeout=60)

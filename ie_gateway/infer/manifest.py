@@ -95,6 +95,15 @@ class Expect(StrictModel):
     slices_covered: Range | None = None
 
 
+class Commissioning(StrictModel):
+    """A structure's acceptance criteria for ``ie-gateway commission``: each case's contour
+    passes when its Dice with the clinician's is at least ``dice_min`` and its 95th-percentile
+    Hausdorff distance at most ``hd95_max_mm`` (either may be left out)."""
+
+    dice_min: float | None = Field(default=None, ge=0, le=1)
+    hd95_max_mm: float | None = Field(default=None, gt=0)
+
+
 class Structure(StrictModel):
     label: int = Field(ge=1, le=255)
     name: str = Field(min_length=1, max_length=64)
@@ -104,6 +113,7 @@ class Structure(StrictModel):
     expect: Expect | None = None
     # the Dice with approved contours this version is expected to keep (drift alarm baseline)
     baseline_dice: float | None = Field(default=None, gt=0, le=1)
+    commissioning: Commissioning | None = None  # acceptance criteria on local cases
     send: bool = True  # false: the model still segments it, RT-STRUCT and SEG leave it out
 
 

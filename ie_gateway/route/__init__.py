@@ -20,6 +20,7 @@
         sync: false                 # true allows uploading the anonymised case for training
         review: hold                # failing plausibility checks: hold (until release) | flag
         priority: normal            # high | normal | low: the order in which queued jobs are taken
+        deliver: true               # false: shadow mode, results stay on the node (agreement only)
 
 Keys of ``match`` are DICOM keywords (pydicom's dictionary), ``calling_ae``, ``called_ae``,
 ``instances`` (the series' instance count), or the groups ``any`` / ``all`` (lists of such

@@ -41,6 +41,7 @@ class Route:
     sync: bool
     review: ReviewPolicy = ReviewPolicy.HOLD  # a result failing its model's plausibility checks: hold | flag
     priority: Priority = Priority.NORMAL  # the claim order of its job: high | normal | low
+    deliver: bool = True  # False: shadow mode, results stay on the node (agreement still gathered)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class _RuleSpec(StrictModel):
     sync: StrictBool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
     priority: Priority = Priority.NORMAL
+    deliver: StrictBool = True
 
 
 class _RoutingSpec(StrictModel):
@@ -118,6 +119,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         sync=spec.sync,
         review=spec.review,
         priority=spec.priority,
+        deliver=spec.deliver,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

@@ -190,7 +190,8 @@ class Outbox:
                 )
                 return
             self.index.update_detail(job_id, lambda d: replace(d, deliveries=done))
-            self.index.transition(job_id, JobState.DELIVERED)
+            shadow = "shadow route: results kept on the node, nothing sent" if not counts else None
+            self.index.transition(job_id, JobState.DELIVERED, reason=shadow)
         except TransitionError:
             return  # the worker and the outbox both settle; the other one got there first
         log.info("job delivered", job=job_id, files=done)

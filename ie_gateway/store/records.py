@@ -101,6 +101,7 @@ class JobRoute:
     sync: bool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
     priority: Priority = Priority.NORMAL
+    deliver: bool = True  # False: a shadow route, its results are written but never sent
 
     @property
     def spec(self) -> str:
@@ -118,6 +119,7 @@ class JobRoute:
             sync=bool(raw.get("sync", False)),
             review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
             priority=Priority(raw.get("priority") or Priority.NORMAL),
+            deliver=bool(raw.get("deliver", True)),
         )
 
 

@@ -1,14 +1,24 @@
-"""Who may press the admin page's buttons: a token, a session cookie, and CSRF protection.
+"""Who may use the admin page: named accounts, a proxy's user header, or the admin token;
+sessions that expire and end on sign-out; sign-in attempts limited; CSRF protection.
 
-The token comes from the environment (``IE_GATEWAY_ADMIN_TOKEN``) or a systemd credential
-(``LoadCredential=admin-token:...`` puts it in ``$CREDENTIALS_DIRECTORY/admin-token``), never
-from YAML. Without one, the page is read-only.
+**Named accounts** (``ie-gateway users add NAME``, :mod:`ie_gateway.web.accounts`): a person signs
+in with name and password and every action is recorded under that name. **A reverse proxy**
+that authenticates people (the hospital's single sign-on) may pass the name in
+``http.user_header``; it counts only from ``http.trusted_proxies``. **The admin token** from the
+environment (``IE_GATEWAY_ADMIN_TOKEN``) or a systemd credential (``admin-token``), never from
+YAML, still works for scripts (``Authorization: Bearer <token>``, recorded as ``token``) and, on
+a node without accounts, for signing in at the page.
 
-An action (a POST) is allowed with ``Authorization: Bearer <token>`` (scripts), or from the
-page: signing in with the token sets a session cookie ``<nonce>.<HMAC(token, nonce)>``
-(HttpOnly, SameSite=Strict) and every form carries ``csrf = HMAC(token, "csrf:" + nonce)``.
-A forged cross-site form has neither the cookie (SameSite) nor the CSRF value, and a request
-whose Origin is another site is refused outright. Changing the token ends every session.
+Once accounts or a user header exist, the read-only pages need a sign-in too, unless
+``http.open_pages``. Without any of the three, the page is read-only and open, as before.
+
+A session is a random id in a cookie (HttpOnly, SameSite=Strict) that maps, in this process, to
+the person and its expiry: unused for ``session_idle_min`` or older than ``session_max_h`` it
+ends; signing out ends it at once; a restart ends every session. Every form carries
+``csrf = HMAC(key, "csrf:" + session id)``, the key random per process. A forged cross-site form
+has neither the cookie (SameSite) nor the CSRF value, and a request whose Origin is another site
+is refused outright. After ``MAX_FAILURES`` failed sign-ins within ``FAILURE_WINDOW_S`` from one
+address or for one name, further attempts are refused until the window has passed.
 """
 
 from __future__ import annotations
@@ -17,13 +27,24 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
 
+from ie_gateway.config import HttpSettings
+from ie_gateway.web.accounts import NAME, Accounts
+
 TOKEN_ENV = "IE_GATEWAY_ADMIN_TOKEN"
 CREDENTIAL = "admin-token"
 COOKIE = "ie_gateway_session"
+TOKEN_USER = "token"  # who an action done with the admin token is recorded as
+MAX_FAILURES = 5
+FAILURE_WINDOW_S = 900.0
 
 
 def admin_token() -> str | None:
@@ -39,38 +60,130 @@ def admin_token() -> str | None:
     return None
 
 
-class Guard:
-    """Checks tokens, issues sessions and CSRF values for one token."""
+@dataclass
+class Session:
+    user: str
+    started: float
+    last_seen: float
 
-    def __init__(self, token: str | None) -> None:
+
+class Guard:
+    """Checks credentials, keeps this process's sessions and issues CSRF values."""
+
+    def __init__(
+        self,
+        token: str | None,
+        accounts: Accounts | None = None,
+        settings: HttpSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.token = token
+        self.accounts = accounts
+        self.settings = settings or HttpSettings()
+        self.clock = clock
+        self._key = secrets.token_bytes(32)
+        self._sessions: dict[str, Session] = {}
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def named(self) -> bool:
+        """Whether people sign in by name (accounts exist or a proxy's header is configured)."""
+        return bool(self.settings.user_header) or bool(self.accounts)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.token)
+        """Whether anyone can act at all."""
+        return bool(self.token) or self.named
+
+    @property
+    def pages_need_sign_in(self) -> bool:
+        return self.named and not self.settings.open_pages
 
     def _mac(self, message: str) -> str:
-        assert self.token is not None
-        return hmac.new(self.token.encode(), message.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._key, message.encode(), hashlib.sha256).hexdigest()
+
+    # --- credentials ------------------------------------------------------------------------
 
     def token_matches(self, offered: str) -> bool:
-        return self.enabled and hmac.compare_digest(offered.encode(), (self.token or "").encode())
+        return bool(self.token) and hmac.compare_digest(offered.encode(), (self.token or "").encode())
 
-    def new_session(self) -> str:
-        nonce = secrets.token_hex(16)
-        return f"{nonce}.{self._mac('session:' + nonce)}"
+    def password_matches(self, name: str, password: str) -> bool:
+        return self.accounts is not None and NAME.fullmatch(name) is not None and self.accounts.verify(name, password)
+
+    def proxy_user(self, request: Request) -> str | None:
+        """The name an authenticating reverse proxy passed, when it comes from a trusted one."""
+        header = self.settings.user_header
+        if not header or request.client is None or request.client.host not in self.settings.trusted_proxies:
+            return None
+        name = request.headers.get(header, "").strip()
+        return name if NAME.fullmatch(name) else None
+
+    def throttled(self, *keys: str) -> bool:
+        """Whether sign-in from these keys (address, name) is refused for too many failures."""
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                recent = self._failures.get(key)
+                while recent and now - recent[0] > FAILURE_WINDOW_S:
+                    recent.popleft()
+                if recent is not None and len(recent) >= MAX_FAILURES:
+                    return True
+        return False
+
+    def failed(self, *keys: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                self._failures.setdefault(key, deque()).append(now)
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def new_session(self, user: str = TOKEN_USER) -> str:
+        """Start a session for ``user``; the cookie's value."""
+        sid = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            self._sessions[sid] = Session(user, now, now)
+        return sid
+
+    def end_session(self, request: Request) -> None:
+        with self._lock:
+            self._sessions.pop(request.cookies.get(COOKIE, ""), None)
+
+    def _session(self, request: Request) -> tuple[str, Session] | None:
+        """The live session of ``request`` (its last use refreshed), None when absent or expired."""
+        sid = request.cookies.get(COOKIE, "")
+        now = self.clock()
+        with self._lock:
+            session = self._sessions.get(sid)
+            if session is None:
+                return None
+            idle, age = now - session.last_seen, now - session.started
+            if idle > self.settings.session_idle_min * 60 or age > self.settings.session_max_h * 3600:
+                del self._sessions[sid]
+                return None
+            session.last_seen = now
+            return sid, session
 
     def session_nonce(self, request: Request) -> str | None:
-        """The nonce of a valid session cookie on ``request``, else None."""
-        if not self.enabled:
-            return None
-        nonce, _, mac = request.cookies.get(COOKIE, "").partition(".")
-        if nonce and hmac.compare_digest(mac, self._mac("session:" + nonce)):
-            return nonce
-        return None
+        """The id of a live session on ``request``, else None."""
+        found = self._session(request)
+        return found[0] if found else None
+
+    def user(self, request: Request) -> str | None:
+        """Who is signed in on ``request``: the proxy's user or the session's, else None."""
+        proxied = self.proxy_user(request)
+        if proxied:
+            return proxied
+        found = self._session(request)
+        return found[1].user if found else None
 
     def csrf_for(self, request: Request) -> str | None:
         """The value every form of this session must send back, None when not signed in."""
+        proxied = self.proxy_user(request)
+        if proxied:
+            return self._mac("csrf:proxy:" + proxied)
         nonce = self.session_nonce(request)
         return self._mac("csrf:" + nonce) if nonce else None
 
@@ -81,18 +194,21 @@ class Guard:
             return True
         return origin == f"{request.url.scheme}://{request.url.netloc}"
 
-    def allows(self, request: Request, csrf: str | None) -> tuple[bool, str]:
-        """Whether an action request may run, and if not, why (for the 403 page)."""
+    def allows(self, request: Request, csrf: str | None) -> tuple[bool, str | None, str]:
+        """Whether an action request may run: (allowed, who, why not) for the 403 page."""
         if not self.enabled:
-            return False, f"actions are off: no admin token is set ({TOKEN_ENV} or the {CREDENTIAL} credential)"
+            return False, None, f"actions are off: no admin token is set ({TOKEN_ENV} or the {CREDENTIAL} credential)"
         if not self.same_origin(request):
-            return False, "the request came from another site"
+            return False, None, "the request came from another site"
         bearer = request.headers.get("authorization", "")
         if bearer.startswith("Bearer "):
-            return (True, "") if self.token_matches(bearer[7:].strip()) else (False, "wrong token")
+            ok = self.token_matches(bearer[7:].strip())
+            return (True, TOKEN_USER, "") if ok else (False, None, "wrong token")
+        who = self.user(request)
+        if who is None:
+            signed_before = bool(request.cookies.get(COOKIE))
+            return False, None, "your session has ended: sign in again" if signed_before else "sign in first"
         expected = self.csrf_for(request)
-        if expected is None:
-            return False, "sign in with the admin token first"
-        if not csrf or not hmac.compare_digest(csrf, expected):
-            return False, "the form's CSRF value is missing or stale; reload the page"
-        return True, ""
+        if not csrf or expected is None or not hmac.compare_digest(csrf, expected):
+            return False, None, "the form's CSRF value is missing or stale; reload the page"
+        return True, who, ""

@@ -2,17 +2,20 @@
 
 Server-side rendered from the index and the registry with Jinja2 templates; nothing on them
 identifies a patient (no names, IDs, birth dates or clear UIDs: series are shown hashed).
-Read-only views need no sign-in; the buttons need the admin token (see :mod:`.auth`).
+The buttons need a signed-in person (or the admin token); with named accounts the read-only
+views do too, unless configured open (see :mod:`.auth`). A held job's page has the slice viewer
+(:mod:`.viewer`) and takes the reviewer's comment with release and reject.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from starlette.datastructures import FormData
@@ -29,20 +32,29 @@ from ie_gateway.status import job_status
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.states import QUEUED
-from ie_gateway.web.auth import COOKIE, Guard, admin_token
+from ie_gateway.web.accounts import USERS_FILE, Accounts
+from ie_gateway.web.auth import COOKIE, MAX_FAILURES, TOKEN_USER, Guard, admin_token
 from ie_gateway.web.plots import dice_plot
+from ie_gateway.web.viewer import WINDOWS, SliceViewer
 
 log = structlog.get_logger(__name__)
 
-#: An admin action: (store, job id, who) → what it did; raises GatewayError when it cannot.
-Action = Callable[[Store, int, str], object]
+#: An admin action: (store, job id, who[, comment]) → what it did; raises GatewayError when it
+#: cannot. Those in COMMENTED also take the person's comment.
+Action = Callable[..., object]
+
+#: A page's request handler.
+Handler = Callable[[Request], Awaitable[Response]]
 
 #: Which action applies to a job in which state (a button is shown only where it applies).
 ACTION_STATES: dict[str, frozenset[JobState]] = {
     "retry": frozenset({JobState.FAILED}),
     "reroute": frozenset({JobState.FAILED, JobState.UNROUTED, JobState.REFUSED, JobState.NEEDS_REVIEW}),
     "release": frozenset({JobState.NEEDS_REVIEW}),
+    "reject": frozenset({JobState.NEEDS_REVIEW}),
 }
+#: Actions that take the person's comment (a reviewer says why they release or reject).
+COMMENTED = frozenset({"release", "reject"})
 #: States the failures page lists: given up on, or held for a person.
 ATTENTION = (JobState.FAILED, JobState.NEEDS_REVIEW)
 
@@ -98,16 +110,19 @@ class AdminPages:
         self.guard = guard
         self.actions = dict(actions)
         self.templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+        self._commissioned = cfg.storage.root / drift.COMMISSIONED_FILE
+        self.viewer = SliceViewer(cfg, store, registry)
 
     def _render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
-        alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir)
+        alarms = drift.alarms(self.store.index, self.cfg.agreement, self.cfg.models_dir, self._commissioned)
         return self.templates.TemplateResponse(
             request,
             name,
             {
                 "alarms": alarms,
-                "signed_in": self.guard.session_nonce(request) is not None,
+                "signed_in": self.guard.user(request),
                 "actions_enabled": self.guard.enabled,
+                "accounts": bool(self.guard.accounts),
                 "csrf": self.guard.csrf_for(request),
                 "node": self.cfg.node.ae_title,
                 **context,
@@ -171,6 +186,7 @@ class AdminPages:
             for t in self.store.index.transitions(job.id)
         ]
         findings = list(job.detail.review.reasons) if job.detail.review is not None else []
+        viewer = self._viewer_context(job)
         return self._render(
             request,
             "job.html",
@@ -185,7 +201,45 @@ class AdminPages:
             transitions=transitions,
             figures=agreement.rows(self.store.index, ct_job=job.id),
             approvals=[asdict(a) for a in job.detail.approved],
+            viewer=viewer,
+            commented=COMMENTED,
         )
+
+    def _viewer_context(self, job: Job) -> dict[str, Any] | None:
+        """What the slice viewer needs: slice counts per plane, structures, approved or not."""
+        if not self.viewer.available(job):
+            return None
+        try:
+            volumes = self.viewer.volumes(job)
+        except (GatewayError, OSError, RuntimeError) as exc:  # RuntimeError: SimpleITK's unreadable file
+            log.warning("slice viewer unavailable", job=job.id, error=str(exc))
+            return None
+        return {
+            "sizes": volumes.sizes(),
+            "structures": [
+                {"name": s.name, "color": "#" + "".join(f"{c:02x}" for c in s.color)} for s in volumes.structures
+            ],
+            "approved": bool(volumes.approved),
+            "windows": list(WINDOWS),
+        }
+
+    async def slice_png(self, request: Request) -> Response:
+        job = self._job_or_none(request)
+        if job is None or not self.viewer.available(job):
+            return Response("no slices for this job", status_code=404, media_type="text/plain")
+        query = request.query_params
+        hidden = {name for name in query.get("hide", "").split(",") if name}
+        try:
+            png = self.viewer.volumes(job).render(
+                str(request.path_params["plane"]),
+                int(request.path_params["index"]),
+                query.get("window", "soft"),
+                hidden,
+                query.get("approved", "1") == "1",
+            )
+        except ValueError as exc:
+            return Response(str(exc), status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
     async def qa_png(self, request: Request) -> Response:
         job = self._job_or_none(request)
@@ -210,11 +264,13 @@ class AdminPages:
         settings = self.cfg.agreement
         rows = agreement.rows(self.store.index)
         states = {
-            (s.model, s.version, s.structure): s for s in drift.current(self.store.index, settings, self.cfg.models_dir)
+            (s.model, s.version, s.structure): s
+            for s in drift.current(self.store.index, settings, self.cfg.models_dir, self._commissioned)
         }
         series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for row in rows:
             series.setdefault((row["model"], row["model_version"], row["structure"]), []).append(row)
+        shadow = self._shadow_versions(rows)
         plots = []
         for key, items in sorted(series.items()):
             state = states.get(key)
@@ -224,6 +280,7 @@ class AdminPages:
                     "model": key[0],
                     "version": key[1],
                     "structure": key[2],
+                    "shadow": key[:2] in shadow,
                     "state": state,
                     "plot": dice_plot(
                         [r["dice"] for r in items],
@@ -238,35 +295,67 @@ class AdminPages:
             "agreement.html",
             title="Agreement with approved contours",
             plots=plots,
-            summary=agreement.summary(rows),
+            summary=[{**r, "shadow": (r["model"], r["version"]) in shadow} for r in agreement.summary(rows)],
             figures=agreement.FIGURES,
             settings=settings,
         )
 
+    def _shadow_versions(self, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        """(model, version) pairs whose figures come from shadow routes (``deliver: false``)."""
+        shadow = set()
+        for ct_job in {r["ct_job"] for r in rows}:
+            job = self._job_by_id(ct_job)
+            shadow |= {(r.model, r.version) for r in (job.routes if job else ()) if not r.deliver}
+        return shadow
+
     async def login(self, request: Request) -> Response:
+        wanted = _local(request.query_params.get("next", "/failures"))
         if request.method == "GET":
-            return self._render(request, "login.html", title="Sign in")
+            return self._render(request, "login.html", title="Sign in", next=wanted)
         form = await request.form()
-        if not self.guard.same_origin(request) or not self.guard.token_matches(_field(form, "token")):
+        name, address = _field(form, "name").strip(), request.client.host if request.client else "?"
+        keys = (f"address:{address}", f"name:{name}") if name else (f"address:{address}",)
+        if self.guard.throttled(*keys):
+            log.warning("admin sign-in throttled", failures=MAX_FAILURES)
+            why = "Too many failed sign-ins: wait a quarter of an hour and try again."
+            return self._render(request, "login.html", 429, title="Sign in", error=why, next=wanted)
+        if self.guard.accounts:
+            user = name if self.guard.password_matches(name, _field(form, "password")) else None
+        else:
+            user = TOKEN_USER if self.guard.token_matches(_field(form, "token")) else None
+        if not self.guard.same_origin(request) or user is None:
+            self.guard.failed(*keys)
             log.warning("admin sign-in refused")
-            return self._render(request, "login.html", 403, title="Sign in", error="That is not the admin token.")
+            why = "Wrong name or password." if self.guard.accounts else "That is not the admin token."
+            return self._render(request, "login.html", 403, title="Sign in", error=why, next=wanted)
         response = RedirectResponse(_local(_field(form, "next")), status_code=303)
         response.set_cookie(
-            COOKIE, self.guard.new_session(), httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            COOKIE, self.guard.new_session(user), httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
-        log.info("admin signed in")
+        log.info("admin signed in", user=user)
         return response
 
     async def logout(self, request: Request) -> Response:
-        response = RedirectResponse("/jobs", status_code=303)
+        self.guard.end_session(request)
+        response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
+
+    def signed_in_only(self, handler: Handler) -> Handler:
+        """``handler`` for people signed in (when the page needs it): others go to sign in."""
+
+        async def guarded(request: Request) -> Response:
+            if self.guard.pages_need_sign_in and self.guard.user(request) is None:
+                return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+            return await handler(request)
+
+        return guarded
 
     async def act(self, request: Request) -> Response:
         form = await request.form()
         name = str(request.path_params["action"])
-        allowed, why = self.guard.allows(request, _field(form, "csrf") or None)
-        if not allowed:
+        allowed, who, why = self.guard.allows(request, _field(form, "csrf") or None)
+        if not allowed or who is None:
             log.warning("admin action refused", action=name, why=why)
             return self._render(request, "message.html", 403, title="Not allowed", message=why)
         action = self.actions.get(name)
@@ -279,9 +368,9 @@ class AdminPages:
                 title="Not found",
                 message=f"No action {name!r} for job {request.path_params['job_id']}.",
             )
-        who = f"web:{request.client.host if request.client else '?'}"
+        comment = _field(form, "comment")
         try:
-            result = action(self.store, job.id, who)
+            result = action(self.store, job.id, who, comment) if name in COMMENTED else action(self.store, job.id, who)
         except GatewayError as exc:
             return self._render(request, "message.html", 409, title=f"Job {job.id}: {name} not done", message=str(exc))
         log.info("admin action", action=name, job=job.id, who=who)
@@ -295,8 +384,11 @@ class AdminPages:
         )
 
     def _job_or_none(self, request: Request) -> Job | None:
+        return self._job_by_id(int(request.path_params["job_id"]))
+
+    def _job_by_id(self, job_id: int) -> Job | None:
         try:
-            return self.store.index.job(int(request.path_params["job_id"]))
+            return self.store.index.job(job_id)
         except GatewayError:
             return None
 
@@ -328,18 +420,20 @@ def web_routes(
         cfg,
         store,
         registry,
-        Guard(token if token is not None else admin_token()),
+        Guard(token if token is not None else admin_token(), Accounts(cfg.storage.root / USERS_FILE), cfg.http),
         default_actions() if actions is None else actions,
     )
+    guarded = pages.signed_in_only
     return [
         Route("/", lambda request: RedirectResponse("/jobs", status_code=307)),
-        Route("/jobs", pages.jobs),
-        Route("/jobs/{job_id:int}", pages.job),
-        Route("/jobs/{job_id:int}/qa.png", pages.qa_png),
+        Route("/jobs", guarded(pages.jobs)),
+        Route("/jobs/{job_id:int}", guarded(pages.job)),
+        Route("/jobs/{job_id:int}/qa.png", guarded(pages.qa_png)),
+        Route("/jobs/{job_id:int}/slice/{plane:str}/{index:int}.png", guarded(pages.slice_png)),
         Route("/jobs/{job_id:int}/{action:str}", pages.act, methods=["POST"]),
-        Route("/failures", pages.failures),
-        Route("/models", pages.models),
-        Route("/agreement", pages.trends),
+        Route("/failures", guarded(pages.failures)),
+        Route("/models", guarded(pages.models)),
+        Route("/agreement", guarded(pages.trends)),
         Route("/login", pages.login, methods=["GET", "POST"]),
         Route("/logout", pages.logout, methods=["POST"]),
     ]

@@ -8,7 +8,9 @@ image carries no patient identifiers: none are passed in.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +57,8 @@ def _views(
     ]
 
 
-def _grey(hu: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    low, high = SOFT_TISSUE_WINDOW
+def _grey(hu: np.ndarray, size: tuple[int, int], window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> Image.Image:
+    low, high = window
     scaled = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
     return Image.fromarray(scaled.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGB")
 
@@ -69,7 +71,15 @@ def _outline(labels: np.ndarray, structure: StructureInfo, size: tuple[int, int]
     if structure.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     shown = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    outline: np.ndarray = shown & ~ndimage.binary_erosion(shown, iterations=2)
+    outline = np.zeros_like(shown)
+    rows, cols = np.flatnonzero(shown.any(axis=1)), np.flatnonzero(shown.any(axis=0))
+    if rows.size == 0:
+        return outline
+    # erode only the structure's box plus a margin: beyond it all is background either way, and
+    # a small organ on a 512-pixel panel then costs a fraction of the whole panel's erosion
+    box = (slice(max(rows[0] - 2, 0), rows[-1] + 3), slice(max(cols[0] - 2, 0), cols[-1] + 3))
+    inner = shown[box]
+    outline[box] = inner & ~ndimage.binary_erosion(inner, iterations=2)
     return outline
 
 
@@ -78,10 +88,11 @@ def _panel(
     labels: np.ndarray,
     extent_mm: tuple[float, float],
     structures: Sequence[StructureInfo],
+    window: tuple[float, float] = SOFT_TISSUE_WINDOW,
 ) -> Image.Image:
     scale = min(PANEL_PX / extent_mm[0], PANEL_PX / extent_mm[1])
     size = (max(1, round(extent_mm[0] * scale)), max(1, round(extent_mm[1] * scale)))
-    pixels = np.array(_grey(hu, size))
+    pixels = np.array(_grey(hu, size, window))
     # the largest first, so organs inside the body outline are drawn over it
     for structure in sorted(structures, key=lambda s: -int((labels == s.label).sum())):
         outline = _outline(labels, structure, size)
@@ -124,3 +135,77 @@ def render_qa_png(
     _legend(canvas, structures, model)
     canvas.save(out_path, format="PNG")
     return out_path
+
+
+#: Outline colour of the clinician's contour on a comparison picture (the AI's keeps its own).
+APPROVED_COLOR = (255, 255, 255)
+
+
+def render_comparison_png(
+    ct_volume_hu: np.ndarray,
+    ai: np.ndarray,
+    approved: np.ndarray,
+    spacing: tuple[float, float, float],
+    color: tuple[int, int, int],
+    caption: str,
+    out_path: Path,
+) -> Path:
+    """Write a picture of one structure as the AI drew it (``ai``, in ``color``) and as a
+    clinician approved it (``approved``, white), both (z, y, x) masks over ``ct_volume_hu``, on
+    the same axial, coronal and sagittal slices through the centre of the two together.
+
+    Same grid, orientation and size rules as :func:`render_qa_png`; ``caption`` goes under the
+    panels (no patient identifiers: the caller chooses it).
+    """
+    ai_info = StructureInfo(label=1, name="AI", color=color, interpreted_type=InterpretedType.ORGAN)
+    approved_info = StructureInfo(
+        label=1, name="approved", color=APPROVED_COLOR, interpreted_type=InterpretedType.ORGAN
+    )
+    either = (ai | approved).astype(np.uint8)
+    centre = _centre(either, [ai_info])
+    canvas = Image.new("RGB", QA_SIZE, _BACKGROUND)
+    views = zip(
+        _views(ct_volume_hu, ai.astype(np.uint8), centre, spacing),
+        _views(ct_volume_hu, approved.astype(np.uint8), centre, spacing),
+        strict=True,
+    )
+    for i, ((hu, ai_view, width, height), (_, approved_view, _, _)) in enumerate(views):
+        panel = _panel(hu, approved_view, (width, height), [approved_info])
+        shown = np.array(panel)
+        outline = _outline(ai_view, ai_info, (panel.width, panel.height))
+        if outline is not None:
+            shown[outline] = color
+        offset = (i * PANEL_PX + (PANEL_PX - panel.width) // 2, (PANEL_PX - panel.height) // 2)
+        canvas.paste(Image.fromarray(shown), offset)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=18)
+    x, y = 16, PANEL_PX + 16
+    for label, swatch in (("AI", color), ("approved", APPROVED_COLOR)):
+        draw.rectangle((x, y + 2, x + 16, y + 18), fill=swatch)
+        draw.text((x + 24, y), label, fill=_TEXT, font=font)
+        x += 48 + int(draw.textlength(label, font=font))
+    draw.text((16, PANEL_PX + 52), caption, fill=_TEXT, font=font)
+    canvas.save(out_path, format="PNG")
+    return out_path
+
+
+def render_slice_png(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    extent_mm: tuple[float, float],
+    structures: Sequence[StructureInfo],
+    window: tuple[float, float],
+    approved: Sequence[tuple[StructureInfo, np.ndarray]] = (),
+) -> bytes:
+    """One 2D slice (superior or anterior at the top) as a PNG of at most :data:`PANEL_PX`
+    pixels a side, scaled to its physical size: ``labels``' outlines of ``structures`` in their
+    colours, each ``approved`` (structure, 2D mask) outline in white, over ``hu`` in ``window``."""
+    panel = np.array(_panel(hu, labels, extent_mm, structures, window))
+    size = (panel.shape[1], panel.shape[0])
+    for structure, mask in approved:
+        outline = _outline(mask.astype(np.uint8), replace(structure, label=1, fill_holes=False), size)
+        if outline is not None:
+            panel[outline] = APPROVED_COLOR
+    buffer = io.BytesIO()
+    Image.fromarray(panel).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -156,6 +156,8 @@ class Destination(StrictModel):
     the wait for the association's answer, so a hanging peer fails its attempt instead of
     holding it. ``names``: a file of the department's ROI names (rename, recolour, leave out);
     ``max_roi_name``: the longest ROI name the peer takes, checked against that file on load.
+    ``labelmap``: the peer takes Label Map Segmentation Storage (Supplement 243) in RLE Lossless;
+    a route's ``seg_encoding: labelmap`` sends it a LABELMAP SEG, every other one a BINARY SEG.
     """
 
     ae_title: str
@@ -166,6 +168,7 @@ class Destination(StrictModel):
     names: Path | None = None
     max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")
     tls: DestinationTLS | None = None
+    labelmap: bool = False
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

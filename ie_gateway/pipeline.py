@@ -42,9 +42,19 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.route import Route, RuleSet, SeriesFacts
-from ie_gateway.store import Job, JobRoute, JobState, OutboxState, OutputKind, ReviewPolicy, Store, TransitionError
+from ie_gateway.store import (
+    Job,
+    JobRoute,
+    JobState,
+    OutboxState,
+    OutputKind,
+    ReviewPolicy,
+    SegEncoding,
+    Store,
+    TransitionError,
+)
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import Review
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, Review
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
     Masks,
@@ -347,7 +357,9 @@ class Worker:
         uids = self._output_uids(job, [key for r in results for key, *_ in self._plan(r[1], r[0], r[5], r[6])])
         qa_png = None
         for index, route, model, labels, masks, structures, findings in results:
-            info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
+            info = ModelInfo(
+                name=model.name, version=model.version, needs_review=bool(reasons), node=self.cfg.node.ae_title
+            )
             for kind in route.outputs:
                 refusing = [
                     d
@@ -357,13 +369,14 @@ class Worker:
                 for dest in refusing:
                     not_sent.setdefault(dest, []).append(kind)
             # RT-STRUCT first: it is what the planner waits for, so it leaves before the SEG is built
-            for key, stem, kind, dests, out_structures in self._plan(route, index, structures, findings):
+            for key, stem, kind, dests, out_structures, encoding in self._plan(route, index, structures, findings):
                 out_uids = OutputUIDs(**uids[key])
                 path = folder / f"{stem}.dcm"
-                self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path)
+                self._write_output(kind, headers, labels, masks, out_structures, info, out_uids, path, encoding)
+                sop_class = _sop_class(kind, encoding)
                 for dest in dests:
                     self.outbox.enqueue(
-                        job.id, dest, str(path.relative_to(self.store.results)), out_uids.sop_uid, _sop_class(kind)
+                        job.id, dest, str(path.relative_to(self.store.results)), out_uids.sop_uid, sop_class
                     )
                 self.on_queued()
                 written.append(kind)
@@ -388,18 +401,19 @@ class Worker:
 
     def _plan(
         self, route: JobRoute, index: int, structures: list[StructureInfo], findings: Findings
-    ) -> list[tuple[str, str, OutputKind, list[str], list[StructureInfo]]]:
-        """The files a route's outputs become: (UID key, file stem, kind, destinations, structures),
-        RT-STRUCT first.
+    ) -> list[tuple[str, str, OutputKind, list[str], list[StructureInfo], SegEncoding]]:
+        """The files a route's outputs become: (UID key, file stem, kind, destinations, structures,
+        SEG encoding), RT-STRUCT first.
 
         Destinations that take the same names share one file; a destination with a `names`
-        file gets its own (its ROIs differ, so it is another instance with its own UIDs).
+        file gets its own (its ROIs differ, so it is another instance with its own UIDs), and so
+        does a LABELMAP SEG (the route asks for it and the destination takes it).
         Empty structures are left out; a file with no structure left is not made.
         """
         plans = []
         present = [s for s in structures if s.name not in findings.empty]
         for kind in sorted(route.outputs, key=lambda k: k is not OutputKind.RTSTRUCT):
-            for names, dests in self._groups(route, kind).items():
+            for (names, encoding), dests in self._groups(route, kind).items():
                 out = (
                     load_roi_names(Path(names), self.cfg.destinations[dests[0]].max_roi_name).apply(present)
                     if names
@@ -416,28 +430,35 @@ class Worker:
                             f"ROI names {', '.join(too_long)} are longer than {dest}'s max_roi_name "
                             f"{limit}: map them in a names file"
                         )
-                suffix = f"-{dests[0]}" if names else ""
-                plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out))
+                suffix = _file_suffix(names, encoding, dests)
+                plans.append((f"{index}-{kind}{suffix}", f"{kind}-{index}{suffix}", kind, dests, out, encoding))
         return plans
 
-    def _groups(self, route: JobRoute, kind: OutputKind) -> dict[str, list[str]]:
+    def _groups(self, route: JobRoute, kind: OutputKind) -> dict[tuple[str, SegEncoding], list[str]]:
         """The route's destinations that take ``kind``, grouped by the names file they apply
-        ("" for none): each group gets one file."""
-        groups: dict[str, list[str]] = {}
+        ("" for none) and the SEG encoding they get: each group gets one file."""
+        groups: dict[tuple[str, SegEncoding], list[str]] = {}
         for dest in route.send_to:
             cfg = self.cfg.destinations.get(dest)
             if cfg is not None and kind not in cfg.accepts:
                 continue
-            groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
+            labelmap = (
+                kind is OutputKind.SEG
+                and route.seg_encoding is SegEncoding.LABELMAP
+                and cfg is not None
+                and cfg.labelmap
+            )
+            encoding = SegEncoding.LABELMAP if labelmap else SegEncoding.BINARY
+            groups.setdefault((str(cfg.names) if cfg is not None and cfg.names else "", encoding), []).append(dest)
         return groups
 
     def _uid_keys(self, routes: Sequence[JobRoute]) -> list[str]:
         """The UID keys of every file the routes may make (``_plan``'s, before the structures are known)."""
         return [
-            f"{index}-{kind}" + (f"-{dests[0]}" if names else "")
+            f"{index}-{kind}" + _file_suffix(names, encoding, dests)
             for index, route in enumerate(routes)
             for kind in route.outputs
-            for names, dests in self._groups(route, kind).items()
+            for (names, encoding), dests in self._groups(route, kind).items()
         ]
 
     def _output_uids(self, job: Job, keys: list[str]) -> dict[str, dict[str, str]]:
@@ -460,6 +481,7 @@ class Worker:
         info: ModelInfo,
         uids: OutputUIDs,
         path: Path,
+        encoding: SegEncoding = SegEncoding.BINARY,
     ) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.part")  # a worker taking over never shares a temp file
         if kind is OutputKind.RTSTRUCT:
@@ -467,7 +489,7 @@ class Worker:
             ds.save_as(tmp, enforce_file_format=True)
             validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
         elif kind is OutputKind.SEG:
-            seg = build_seg(headers, labels, structures, info, uids, masks=masks)
+            seg = build_seg(headers, labels, structures, info, uids, masks=masks, encoding=encoding)
             seg.save_as(tmp)
             validate_seg(tmp, headers, labels, structures, uids, masks=masks)
         else:
@@ -517,11 +539,20 @@ def _job_route(route: Route, version: str) -> JobRoute:
         send_to=tuple(route.send_to),
         sync=route.sync,
         review=ReviewPolicy(route.review),
+        seg_encoding=SegEncoding(route.seg_encoding),
     )
 
 
-def _sop_class(kind: OutputKind) -> str:
-    return str(pydicom.uid.RTStructureSetStorage if kind is OutputKind.RTSTRUCT else pydicom.uid.SegmentationStorage)
+def _sop_class(kind: OutputKind, encoding: SegEncoding = SegEncoding.BINARY) -> str:
+    if kind is OutputKind.RTSTRUCT:
+        return str(pydicom.uid.RTStructureSetStorage)
+    return LABEL_MAP_SEGMENTATION_STORAGE if encoding is SegEncoding.LABELMAP else str(pydicom.uid.SegmentationStorage)
+
+
+def _file_suffix(names: str, encoding: SegEncoding, dests: list[str]) -> str:
+    """What tells a file apart from the route's default one of its kind: the first destination
+    of a names file, ``-labelmap`` for a LABELMAP SEG."""
+    return (f"-{dests[0]}" if names else "") + ("-labelmap" if encoding is SegEncoding.LABELMAP else "")
 
 
 def _write_image(image: sitk.Image, path: Path) -> None:

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import pydicom
 import structlog
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
 from pynetdicom.association import Association
 
 from ie_gateway import tls
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import OutboxRow
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,9 @@ NO_TRANSFER_SYNTAX = 0x04
 #: What the SCU may raise for one C-STORE (no accepted context, a file it cannot read or
 #: encode, a connection dropped mid-PDU): each is one failed attempt of that row.
 SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.InvalidDicomError)
+#: Outputs written in a compressed syntax, sent as written: a LABELMAP SEG is RLE Lossless, and a
+#: peer that cannot take that is told apart at association ("none of the transfer syntaxes").
+FILE_SYNTAXES: dict[str, tuple[str, ...]] = {LABEL_MAP_SEGMENTATION_STORAGE: (RLELossless,)}
 
 
 def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float] = random.random) -> float:
@@ -142,14 +145,14 @@ class Sender:
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
         for sop_class in sorted({r.sop_class for r in rows}):
             # one context per transfer syntax, so the explicit one is accepted when offered
-            ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-            ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+            for syntax in FILE_SYNTAXES.get(sop_class, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
+                ae.add_requested_context(sop_class, syntax)
         started = time.monotonic()
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # pynetdicom hints str; None (no hostname check) is what ssl takes
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:
-                error = f"{name} does not accept {UID(row.sop_class).name} ({refused[row.sop_class]})"
+                error = f"{name} does not accept {_sop_name(row.sop_class)} ({refused[row.sop_class]})"
                 self._record_failed(recorded, row, None, error, dead=True)
                 log.error("output refused by destination", job=row.job_id, destination=name, error=error)
         rows = [r for r in rows if r.id not in recorded]
@@ -223,6 +226,11 @@ class Sender:
                 status=status,
                 error=error,
             )
+
+
+def _sop_name(sop_class: str) -> str:
+    """The SOP class's name for an admin; pydicom 3.0 knows every one we send but the LABELMAP SEG."""
+    return "Label Map Segmentation Storage" if sop_class == LABEL_MAP_SEGMENTATION_STORAGE else UID(sop_class).name
 
 
 def _refused_classes(assoc: Association) -> dict[str, str]:

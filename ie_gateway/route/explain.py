@@ -39,6 +39,7 @@ class Route:
     send_to: tuple[str, ...]
     sync: bool
     review: str = "hold"  # a result failing its model's plausibility checks: hold | flag
+    seg_encoding: str = "binary"  # binary | labelmap: a LABELMAP SEG where a destination takes it
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class _RuleSpec(StrictModel):
     continue_: StrictBool = Field(default=False, alias="continue")
     sync: StrictBool = False
     review: Literal["hold", "flag"] = "hold"
+    seg_encoding: Literal["binary", "labelmap"] = "binary"
 
 
 class _RoutingSpec(StrictModel):
@@ -115,6 +116,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         send_to=tuple(dict.fromkeys(spec.send_to)),
         sync=spec.sync,
         review=spec.review,
+        seg_encoding=spec.seg_encoding,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

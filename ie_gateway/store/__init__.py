@@ -19,7 +19,7 @@ import structlog
 from ie_gateway.config import Storage
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index, TransitionError
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, OutputKind, ReviewPolicy
+from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, OutputKind, ReviewPolicy, SegEncoding
 from ie_gateway.store.spool import Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 
@@ -33,6 +33,7 @@ __all__ = [
     "OutboxState",
     "OutputKind",
     "ReviewPolicy",
+    "SegEncoding",
     "Spool",
     "Store",
     "TransitionError",

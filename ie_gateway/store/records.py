@@ -24,6 +24,17 @@ class OutputKind(StrEnum):
     SEG = "seg"
 
 
+class SegEncoding(StrEnum):
+    """How a SEG stores its segments (the route's ``seg_encoding``)."""
+
+    BINARY = "binary"  # Segmentation Storage: a bit per voxel per segment; masks may overlap
+    LABELMAP = "labelmap"  # Label Map Segmentation Storage (Supplement 243): a segment per voxel
+
+
+#: SOP class of a LABELMAP SEG (Supplement 243), which pydicom 3.0 does not name yet.
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
 class OutboxState(StrEnum):
     """Where one (result file, destination) delivery stands."""
 
@@ -51,6 +62,7 @@ class JobRoute:
     send_to: tuple[str, ...]
     sync: bool = False
     review: ReviewPolicy = ReviewPolicy.HOLD
+    seg_encoding: SegEncoding = SegEncoding.BINARY
 
     @property
     def spec(self) -> str:
@@ -67,6 +79,7 @@ class JobRoute:
             send_to=tuple(str(d) for d in raw.get("send_to", ())),
             sync=bool(raw.get("sync", False)),
             review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
+            seg_encoding=SegEncoding(raw.get("seg_encoding") or SegEncoding.BINARY),
         )
 
 

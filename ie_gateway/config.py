@@ -179,6 +179,13 @@ class HttpSettings(StrictModel):
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
+    public_url: str | None = Field(
+        None, description="the address people open the admin page at (behind a proxy); notifications link to it"
+    )
+
+    def page_url(self) -> str:
+        """Base address of the admin page, for links sent out of the node."""
+        return (self.public_url or f"http://{self.bind}:{self.port}").rstrip("/")
 
 
 class DeliverySettings(StrictModel):
@@ -234,6 +241,30 @@ class AgreementSettings(StrictModel):
     margin: float = Field(0.05, ge=0, le=1)
 
 
+NotifyOn = Literal["needs_review", "failed", "delivered", "drift"]
+
+
+class Webhook(StrictModel):
+    """Where the node POSTs a JSON event (no patient data) when a job needs review, fails or is
+    delivered, or a model version drifts: a department's chat or ticketing system."""
+
+    url: str
+    on: list[NotifyOn] = Field(min_length=1)
+    timeout_s: float = Field(10, gt=0, description="connect and answer, per attempt")
+    max_attempts: int = Field(8, ge=1, description="then the event is logged as not told and skipped")
+    backoff_s: float = Field(2, gt=0, description="first wait between attempts; doubles, capped at 5 min")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if url.password:
+            raise ValueError("holds a password: secrets never go in the YAML")
+        return value
+
+
 class GatewayConfig(StrictModel):
     """The whole of `gateway.yaml`."""
 
@@ -251,6 +282,7 @@ class GatewayConfig(StrictModel):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     agreement: AgreementSettings = AgreementSettings()
+    notify: list[Webhook] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 

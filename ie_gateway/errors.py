@@ -15,6 +15,7 @@ GatewayError
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
+├── NotifyError            a webhook did not take an event (unreachable, or not 2xx)
 └── HttpError              the health/metrics HTTP endpoint could not start
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
@@ -91,6 +92,10 @@ class SyncError(GatewayError):
 
 class AdminError(GatewayError):
     """An admin's action (reroute, release, retry) does not apply to the job in its state."""
+
+
+class NotifyError(GatewayError):
+    """A webhook did not take an event: not reachable, or it answered other than 2xx."""
 
 
 class HttpError(GatewayError):

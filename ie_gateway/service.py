@@ -32,6 +32,7 @@ from ie_gateway.health import Health
 from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import runner_for
+from ie_gateway.notify import Notifier
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
 from ie_gateway.route import RulesWatcher
@@ -168,6 +169,7 @@ class Service:
         )
         routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
         self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None
+        self.notifier = Notifier(cfg, self.store.index) if cfg.notify else None
         self._collecting = False
 
     def space(self) -> DiskSpace:
@@ -220,6 +222,8 @@ class Service:
                 id="sync-models",
             )
         s.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if self.worker is not None:
             report_inference_device(self.cfg.inference, gpu_device_nodes())
             self.worker.start()
@@ -326,4 +330,6 @@ class Service:
             self.worker.stop()
         if self.runner is not None:
             self.runner.close()
+        if self.notifier is not None:  # last: it tells what the worker and the outbox settled
+            self.notifier.stop()
         log.info("stopped")

@@ -24,26 +24,41 @@ pytestmark = pytest.mark.peer
 def labelmap_node(node_factory: Any, tmp_path: Path, port: int) -> Any:
     """A node whose TPS takes LABELMAP SEGs and whose ARCHIVE (the same Orthanc) does not."""
     peer = {"ae_title": "TPS", "host": "127.0.0.1", "port": port}
-    rules = {"rules": [{"name": "thorax", "match": {"Modality": "CT"}, "model": "toy-body",
-                        "outputs": ["rtstruct", "seg"], "send_to": ["TPS", "ARCHIVE"],
-                        "seg_encoding": "labelmap"}]}
-    return node_factory(settings={
-        "models_dir": str(toy_models(tmp_path / "models")),
-        "destinations": {"TPS": {**peer, "labelmap": True}, "ARCHIVE": peer},
-        "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3, "max_attempts": 2},
-        "inference": {"timeout_s": 120},
-    }, rules=rules)
+    rules = {
+        "rules": [
+            {
+                "name": "thorax",
+                "match": {"Modality": "CT"},
+                "model": "toy-body",
+                "outputs": ["rtstruct", "seg"],
+                "send_to": ["TPS", "ARCHIVE"],
+                "seg_encoding": "labelmap",
+            }
+        ]
+    }
+    return node_factory(
+        settings={
+            "models_dir": str(toy_models(tmp_path / "models")),
+            "destinations": {"TPS": {**peer, "labelmap": True}, "ARCHIVE": peer},
+            "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3, "max_attempts": 2},
+            "inference": {"timeout_s": 120},
+        },
+        rules=rules,
+    )
 
 
 @pytest.mark.slow
 def test_labelmap_seg_where_the_destination_takes_it_binary_elsewhere(
-        node_factory: Any, orthanc: Orthanc, small_series: list[Path]) -> None:
+    node_factory: Any, orthanc: Orthanc, small_series: list[Path]
+) -> None:
     node = labelmap_node(node_factory, orthanc.workdir.parent, orthanc.dicom_port).start()
     assert storescu(node.port, small_series).returncode == 0
     [job] = node.wait_state({"delivered", "failed", "refused"}, timeout=180)
     assert job["state"] == "delivered", job
-    segs = [pydicom.dcmread(DicomBytesIO(orthanc.get_bytes(f"/instances/{i['ID']}/file")))
-            for i in orthanc_instances(orthanc, "SEG")]
+    segs = [
+        pydicom.dcmread(DicomBytesIO(orthanc.get_bytes(f"/instances/{i['ID']}/file")))
+        for i in orthanc_instances(orthanc, "SEG")
+    ]
     by_class = {str(ds.SOPClassUID): ds for ds in segs}
     assert set(by_class) == {LABEL_MAP_SEGMENTATION_STORAGE, str(pydicom.uid.SegmentationStorage)}
     labelmap = hd.seg.Segmentation.from_dataset(by_class[LABEL_MAP_SEGMENTATION_STORAGE])
@@ -57,7 +72,8 @@ def test_labelmap_seg_where_the_destination_takes_it_binary_elsewhere(
 
 @pytest.mark.slow
 def test_a_peer_refusing_the_labelmap_sop_class_is_named(
-        node_factory: Any, small_series: list[Path], tmp_path: Path) -> None:
+    node_factory: Any, small_series: list[Path], tmp_path: Path
+) -> None:
     tps = Orthanc(tmp_path / "strict-tps")
     settings = json.loads(tps.config.read_text())
     tps.config.write_text(json.dumps({**settings, "UnknownSopClassAccepted": False}))

@@ -316,6 +316,27 @@ class Index:
         )
         return [Transition(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
 
+    def last_transition_id(self) -> int:
+        """The id of the newest transition (0 when there is none): where a reader of new ones starts."""
+        rows = self.db.query("SELECT MAX(id) FROM transitions")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    def transitions_after(
+        self, after_id: int, states: Iterable[JobState], limit: int = 100
+    ) -> list[tuple[int, Transition]]:
+        """Transitions into ``states`` newer than ``after_id``, oldest first, with their ids:
+        what a notifier has not told yet."""
+        wanted = [s.value for s in states]
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+        rows = self.db.query(
+            "SELECT id, job_id, at, from_state, to_state, reason, who FROM transitions "
+            f"WHERE id > ? AND to_state IN ({marks}) ORDER BY id LIMIT ?",
+            (after_id, *wanted, limit),
+        )
+        return [(int(r[0]), Transition(int(r[1]), float(r[2]), r[3], r[4], r[5], r[6])) for r in rows]
+
     def entered_at(self, job_id: int, state: JobState) -> float | None:
         """When the job last entered ``state``."""
         rows = self.db.query("SELECT MAX(at) FROM transitions WHERE job_id = ? AND to_state = ?", (job_id, state.value))

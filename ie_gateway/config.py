@@ -169,6 +169,9 @@ class Destination(StrictModel):
     max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")
     tls: DestinationTLS | None = None
     labelmap: bool = False
+    commitment: bool = Field(False, description="delivered only once the peer commits each file (N-ACTION)")
+    commitment_wait_s: float = Field(2, ge=0, description="how long a report is awaited on the sending association")
+    commitment_timeout_s: float = Field(600, gt=0, description="no report by then: the file is sent again")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

@@ -12,6 +12,7 @@ GatewayError
 ├── InferenceError         inference failed or ran past its time limit
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
+│   └── CommitmentError    a storage commitment request or report could not be made or read
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
@@ -80,6 +81,10 @@ class DeliveryError(GatewayError):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class CommitmentError(DeliveryError):
+    """A storage commitment request could not be made, or a request or report cannot be read."""
 
 
 class AgreementError(GatewayError):

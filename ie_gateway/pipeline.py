@@ -503,7 +503,7 @@ class Worker:
         if job.state is not JobState.SENDING:
             return
         counts = self.outbox.job_summary(job_id)
-        if counts.get(OutboxState.PENDING):
+        if counts.get(OutboxState.PENDING) or counts.get(OutboxState.COMMITTING):
             return
         failures = self.outbox.failures(job_id)
         done = counts.get(OutboxState.DELIVERED, 0)

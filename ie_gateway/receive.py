@@ -41,6 +41,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ie_gateway import metrics, tls
+from ie_gateway.commitment import PROCESSING_FAILURE, STORAGE_COMMITMENT, Commitments, CommitmentSCP
 from ie_gateway.config import Caller, Node
 from ie_gateway.errors import StoreError, UnsafeUIDError
 from ie_gateway.store import Arrival, Store, check_uid, header_values
@@ -211,10 +212,20 @@ class ScreeningServer(ThreadedAssociationServer):
 class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
-    def __init__(self, node: Node, store: Store, space: Callable[[], DiskSpace] | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        store: Store,
+        space: Callable[[], DiskSpace] | None = None,
+        commitment_reports: Commitments | None = None,
+    ) -> None:
         self.node = node
         self.store = store
         self.space = space
+        # Storage Commitment: callers' requests answered for what is in the spool; reports of
+        # destinations asked by the sender, when they come on a new association
+        self.commitment_scp = CommitmentSCP(store)
+        self.commitment_reports = commitment_reports
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self._sessions: set[Association] = set()
@@ -235,6 +246,8 @@ class Receiver:
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        # both roles: a caller asks us (we are SCP), a destination reports to us (it is SCP)
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
     def start(self) -> None:
@@ -248,6 +261,8 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self.commitment_scp.on_action),
+            (evt.EVT_N_EVENT_REPORT, self._on_commitment_report),
         ]
         self._serve(self.node.port, None, handlers)
         if self.node.tls is not None:
@@ -381,6 +396,11 @@ class Receiver:
             seconds=round(seconds, 3),
             mb_per_s=round(stats.bytes / 2**20 / seconds, 1),
         )
+
+    def _on_commitment_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        if self.commitment_reports is None:  # a node that sends nothing asked nobody
+            return PROCESSING_FAILURE, None
+        return self.commitment_reports.on_event_report(event)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         stats = self._stats.get(id(event.assoc)) or AssociationStats()

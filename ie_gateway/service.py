@@ -121,7 +121,7 @@ class Service:
         self.runner = runner_for(cfg) if role.works else None
         self.registry = registry_for(cfg, self.runner.verify if self.runner is not None else None)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
-        self.receiver = Receiver(cfg.node, self.store, space=self.space) if role.receives else None
+        self.receiver: Receiver | None = None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.worker = (
             Worker(
@@ -148,6 +148,9 @@ class Service:
             if self.worker is not None
             else None
         )
+        if role.receives:
+            reports = self.sender.commitments if self.sender is not None else None
+            self.receiver = Receiver(cfg.node, self.store, space=self.space, commitment_reports=reports)
         self._stop = threading.Event()
         worker = self.worker
         receiver = self.receiver

@@ -143,6 +143,14 @@ class Store:
             header=header,
         )
 
+    def stored_instance(self, sop_uid: str) -> str | None:
+        """The SOP class of an instance safe in the spool (indexed and its file there), else None:
+        what the node may commit to a caller."""
+        found = self.index.present_instance(sop_uid)
+        if found is None or not (self.spool.root / found[0]).is_file():
+            return None
+        return found[1]
+
     def instance_files(self, job: Job) -> list[Path]:
         """Absolute paths of every present instance of the job's series."""
         return [self.spool.root / p for p in self.index.instance_paths(job.series_id)]

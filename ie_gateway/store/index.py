@@ -106,6 +106,11 @@ class Index:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
+    def present_instance(self, sop_uid: str) -> tuple[str, str] | None:
+        """(path under the spool, SOP class) of an indexed instance not flagged missing."""
+        rows = self.db.query("SELECT path, sop_class FROM instances WHERE sop_uid = ? AND missing = 0", (sop_uid,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
     def add_instance(
         self,
         *,

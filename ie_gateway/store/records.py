@@ -39,6 +39,7 @@ class OutboxState(StrEnum):
     """Where one (result file, destination) delivery stands."""
 
     PENDING = "pending"  # due now or after its backoff
+    COMMITTING = "committing"  # the peer took it; its storage commitment report is awaited
     DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
     FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
     CANCELLED = "cancelled"  # the job was routed again before it went

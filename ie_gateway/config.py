@@ -158,11 +158,21 @@ class Destination(StrictModel):
     ``max_roi_name``: the longest ROI name the peer takes, checked against that file on load.
     ``labelmap``: the peer takes Label Map Segmentation Storage (Supplement 243) in RLE Lossless;
     a route's ``seg_encoding: labelmap`` sends it a LABELMAP SEG, every other one a BINARY SEG.
+
+    ``protocol: dicomweb``: the peer is a DICOMweb service (STOW-RS) at ``url`` instead of a
+    DICOM AE (``ae_title``, ``host``, ``port``); ``auth`` is ``none``, ``basic`` (``username``,
+    and the password in the environment variable or systemd credential ``password``) or
+    ``azure`` (a Microsoft Entra token for Azure's DICOM service, from azure-identity).
     """
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
+    url: str | None = None
+    auth: Literal["none", "basic", "azure"] = "none"
+    username: str | None = None
+    password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
     accepts: list[Literal["rtstruct", "seg"]] = Field(["rtstruct", "seg"], min_length=1)
     connect_timeout_s: float = Field(10, gt=0)
     names: Path | None = None
@@ -173,7 +183,29 @@ class Destination(StrictModel):
     commitment_wait_s: float = Field(2, ge=0, description="how long a report is awaited on the sending association")
     commitment_timeout_s: float = Field(600, gt=0, description="no report by then: the file is sent again")
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> Destination:
+        if self.protocol == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(f"a DICOM destination needs {', '.join(missing)}")
+            if self.url is not None:
+                raise ValueError("url is for protocol: dicomweb")
+            return self
+        if self.url is None or urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("protocol: dicomweb needs url: the service's http(s) DICOMweb base URL")
+        if self.commitment:
+            raise ValueError("commitment is a DICOM (DIMSE) service; a DICOMweb destination cannot ask for it")
+        if self.auth == "basic" and (self.username is None or self.password is None):
+            raise ValueError("auth: basic needs username and password (env:NAME or credential:NAME)")
+        if self.password is not None and not self.password.startswith(("env:", "credential:")):
+            raise ValueError("password must name env:VARIABLE or credential:NAME, never hold the password")
+        return self
 
 
 class HttpSettings(StrictModel):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pydicom
 import structlog
+from azure.core.exceptions import ClientAuthenticationError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -40,7 +41,8 @@ from pynetdicom.association import Association
 from ie_gateway import tls
 from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, request_commitment, sop_name
 from ie_gateway.config import DeliverySettings, Destination
-from ie_gateway.errors import CommitmentError
+from ie_gateway.dicomweb import StowClient, StowRefused
+from ie_gateway.errors import CommitmentError, DeliveryError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
 
@@ -178,6 +180,8 @@ class Sender:
             for row in rows:
                 self._record_failed(recorded, row, None, f"destination {name} is not configured any more")
             return 0
+        if dest.protocol == "dicomweb":
+            return self._deliver_stow(name, dest, rows, recorded)
         ae = AE(ae_title=self.settings.calling_ae)
         ae.network_timeout = ae.dimse_timeout = DIMSE_TIMEOUT_S
         # a peer that accepts the TCP connection but never answers the association request is
@@ -231,6 +235,47 @@ class Sender:
             files=len(rows),
             delivered=delivered,
             seconds=round(time.monotonic() - started, 3),
+        )
+        return delivered
+
+    def _deliver_stow(self, name: str, dest: Destination, rows: list[OutboxRow], recorded: set[int]) -> int:
+        """STOW-RS each row's file; the same outcomes, retries and dead-letters as C-STORE."""
+        started = time.monotonic()
+        try:
+            client = StowClient(name, dest, dest.connect_timeout_s + DIMSE_TIMEOUT_S)
+        except (DeliveryError, ClientAuthenticationError) as exc:  # a credential that cannot be had
+            for row in rows:
+                self._record_failed(recorded, row, None, f"{name}: {exc}")
+            return 0
+        delivered = 0
+        try:
+            for row in rows:
+                path = self.results_root / row.path
+                recorded.add(row.id)
+                if not path.is_file():
+                    self._failed(row, None, f"result file {row.path} is missing", dead=True)
+                    continue
+                try:
+                    client.store(path)
+                except StowRefused as exc:
+                    self._failed(row, exc.status, str(exc), dead=True)
+                    log.error("output refused by destination", job=row.job_id, destination=name, error=str(exc))
+                    continue
+                except DeliveryError as exc:
+                    self._failed(row, exc.status, str(exc))
+                    continue
+                self.outbox.record(row, 0, None, delivered=True)
+                log.info("delivered", job=row.job_id, destination=name, attempt=row.attempts + 1, protocol="stow-rs")
+                delivered += 1
+        finally:
+            client.close()
+        log.info(
+            "delivery pass",
+            destination=name,
+            files=len(rows),
+            delivered=delivered,
+            seconds=round(time.monotonic() - started, 3),
+            protocol="stow-rs",
         )
         return delivered
 

@@ -208,6 +208,23 @@ class Destination(StrictModel):
         return self
 
 
+class StowCaller(StrictModel):
+    """Who may upload by STOW-RS: a name (the calling AE its series get, for routing) and a
+    bearer token read from ``env:NAME`` or ``credential:NAME``, never written here."""
+
+    name: str
+    token: str
+
+    _check_name = field_validator("name")(_ae_title)
+
+    @field_validator("token")
+    @classmethod
+    def _token_ref(cls, value: str) -> str:
+        if not value.startswith(("env:", "credential:")):
+            raise ValueError("must name env:VARIABLE or credential:NAME, never hold the token")
+        return value
+
+
 class HttpSettings(StrictModel):
     """The health, metrics and admin HTTP endpoint."""
 
@@ -217,6 +234,9 @@ class HttpSettings(StrictModel):
     public_url: str | None = Field(
         None, description="the address people open the admin page at (behind a proxy); notifications link to it"
     )
+
+    stow_callers: list[StowCaller] = Field([], description="who may POST /dicomweb/studies (STOW-RS)")
+    stow_max_mb: float = Field(2048, gt=0, description="largest STOW-RS request body")
 
     def page_url(self) -> str:
         """Base address of the admin page, for links sent out of the node."""

@@ -42,6 +42,7 @@ from ie_gateway.store import Store
 from ie_gateway.store.db import node_name
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
+from ie_gateway.stow import stow_routes
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
 from ie_gateway.web import web_routes
 
@@ -170,7 +171,8 @@ class Service:
             self.active_models,
             drift=lambda: drift.gauge_values(self.store.index, cfg.agreement, cfg.models_dir),
         )
-        routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
+        stow = stow_routes(cfg, self.store) if role.receives else []
+        routes = [*web_routes(cfg, self.store, self.registry), *stow, *extra_routes]
         self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None
         self.notifier = Notifier(cfg, self.store.index) if cfg.notify else None
         self._collecting = False

@@ -15,8 +15,8 @@ one, and nothing is decoded beyond the header.
 
 from __future__ import annotations
 
+import email.message
 import email.parser
-import email.policy
 import hmac
 from collections.abc import Sequence
 from io import BytesIO
@@ -134,17 +134,25 @@ def _header(ds: Dataset) -> dict[str, Any]:
 
 
 def _parts(content_type: str, body: bytes) -> list[bytes]:
-    """The application/dicom parts of a multipart/related body (the standard library's MIME parser)."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
+    """The application/dicom parts of a multipart/related body (RFC 2046: the boundary never
+    occurs inside a part). Split on the delimiter rather than fed to the standard library's
+    MIME parser, which walks binary data line by line: with it, a 200-slice CT took 4.2x
+    storescu's time to arrive, split like this 1.4x (bench/deliver.py)."""
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
         return []
     found: list[bytes] = []
-    for part in message.iter_parts():
-        payload: Any = part.get_payload(decode=True)
-        if part.get_content_type() == "application/dicom" and isinstance(payload, bytes):
-            found.append(payload)
+    for chunk in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        head, blank, payload = chunk.partition(b"\r\n\r\n")
+        if not blank:
+            continue
+        part = email.parser.BytesHeaderParser().parsebytes(head.strip() + b"\r\n\r\n")
+        if part.get_content_type() == "application/dicom":
+            found.append(payload.removesuffix(b"\r\n"))
     return found
 
 

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
+    fetch = command("fetch", "have a source (sources:) send a study to this node, which routes it")
+    fetch.add_argument("--source", required=True, help="a name under sources: in gateway.yaml")
+    fetch.add_argument("--study", required=True, metavar="UID", help="the StudyInstanceUID")
     return parser
 
 
@@ -408,6 +411,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from ie_gateway.retrieve import fetch_study
+
+    cfg = load_config(args.config)
+    result = fetch_study(cfg, args.source, args.study)
+    failed = f", {result.failed} failed" if result.failed else ""
+    print(f"{result.completed} instances sent by {args.source}{failed}; the node routes the series once it is complete")
+    return 0
+
+
 def cmd_reroute(args: argparse.Namespace) -> int:
     from ie_gateway.admin import reroute
     from ie_gateway.store import Store
@@ -559,6 +572,7 @@ COMMANDS = {
     "agreement": cmd_agreement,
     "demo": cmd_demo,
     "sync": cmd_sync,
+    "fetch": cmd_fetch,
 }
 
 

@@ -296,6 +296,19 @@ class AgreementSettings(StrictModel):
     margin: float = Field(0.05, ge=0, le=1)
 
 
+class Source(StrictModel):
+    """A PACS the node may fetch studies from (``ie-gateway fetch``): C-MOVE to the node itself."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    retrieve: Literal["c-move"] = "c-move"
+    connect_timeout_s: float = Field(10, gt=0)
+    move_timeout_s: float = Field(600, gt=0, description="the longest wait for the source's next answer")
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
 NotifyOn = Literal["needs_review", "failed", "delivered", "drift"]
 
 
@@ -338,6 +351,7 @@ class GatewayConfig(StrictModel):
     http: HttpSettings = HttpSettings()
     agreement: AgreementSettings = AgreementSettings()
     notify: list[Webhook] = []
+    sources: dict[str, Source] = {}
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path = Field(Path("gateway.yaml"), exclude=True)
 

@@ -17,6 +17,7 @@ GatewayError
 ├── SyncError              anonymisation, upload or model download failed
 ├── AdminError             an admin's action does not apply to the job as it stands
 ├── NotifyError            a webhook did not take an event (unreachable, or not 2xx)
+├── FetchError             a source could not be asked for a study, or refused to send it
 └── HttpError              the health/metrics HTTP endpoint could not start
 
 Each module raises the most specific class; only the worker loop catches broadly, and parks the
@@ -101,6 +102,10 @@ class AdminError(GatewayError):
 
 class NotifyError(GatewayError):
     """A webhook did not take an event: not reachable, or it answered other than 2xx."""
+
+
+class FetchError(GatewayError):
+    """A source (query/retrieve) could not be reached, or refused to send the study."""
 
 
 class HttpError(GatewayError):

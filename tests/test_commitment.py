@@ -185,3 +185,33 @@ def test_an_uncommitted_file_is_named_retried_then_failed(
             assert all("did not commit" in e for e in errors[1::2]), errors
     finally:
         tps.stop()
+
+
+def test_a_committing_row_waits_then_is_delivered_failed_or_overdue(tmp_path: Path, index_url: str) -> None:
+    """The outbox side of commitment on both index backends: stored rows wait as committing
+    (the job is not settled), a report settles them, a silent peer's rows fall due again."""
+    from ie_gateway.commitment import Commitments, Reference
+    from ie_gateway.store import OutboxState, Store
+    from ie_gateway.store.outbox import Outbox
+    from tests.test_notify import routed_job
+
+    store = Store(tmp_path, index_url)
+    outbox = Outbox(store.index)
+    job = routed_job(store)
+    for n in range(3):
+        outbox.enqueue(job, "TPS", f"job-{job}/f{n}.dcm", f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.481.3")
+    rows = outbox.claim_due("TPS", "here", 10)
+    failures: list[tuple[str, str]] = []
+    commitments = Commitments(outbox, {}, lambda row, status, error: failures.append((row.sop_uid, error)))
+    outbox.record_stored(rows[0], 0, wait_until=1e12)
+    outbox.record_stored(rows[1], 0, wait_until=1e12)
+    outbox.record_stored(rows[2], 0, wait_until=0)  # its report is overdue at once
+    assert outbox.job_summary(job) == {OutboxState.COMMITTING: 3}
+    assert [r.sop_uid for r in outbox.overdue_commitments()] == ["1.2.3.2"]
+    commitments.settle_report(
+        ["TPS"], "2.25.1", [Reference(rows[0].sop_class, "1.2.3.0")], [Reference(rows[1].sop_class, "1.2.3.1", 0x0112)]
+    )
+    assert outbox.job_summary(job) == {OutboxState.DELIVERED: 1, OutboxState.COMMITTING: 2}  # fail_row is the sender's
+    assert failures == [("1.2.3.1", "TPS did not commit RT Structure Set Storage: no such object instance (0x0112)")]
+    assert commitments.wait_settled([rows[0]], 0.1)
+    assert not commitments.wait_settled([rows[2]], 0.1)

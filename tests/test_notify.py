@@ -140,9 +140,9 @@ def notifier_factory() -> Iterator[Any]:
 
 
 def test_each_job_event_reaches_the_webhook_without_patient_data(
-    tmp_path: Path, receiver: Receiver, notifier_factory: Any
+    tmp_path: Path, receiver: Receiver, notifier_factory: Any, index_url: str
 ) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, index_url)
     cfg = config(tmp_path, [hook(receiver.url, ["needs_review", "failed", "delivered"])])
     notifier_factory(cfg, store)
     held, failing, delivered = routed_job(store, "1"), routed_job(store, "2"), routed_job(store, "3")

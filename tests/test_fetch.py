@@ -55,3 +55,23 @@ def test_fetch_names_what_is_wrong(node_factory: Any, tmp_path: Path) -> None:
     assert down.returncode == 1 and "PACS: association not possible" in down.stderr
     bad = node.cli("fetch", "--source", "PACS", "--study", "1.2/../3", check=False)
     assert bad.returncode == 1 and "StudyInstanceUID" in bad.stderr
+
+
+def test_fetch_finds_a_patients_studies_then_moves_them(
+    node_factory: Any, small_series: list[Path], tmp_path: Path
+) -> None:
+    pacs, node = pacs_and_node(node_factory, tmp_path)
+    try:
+        assert storescu(pacs.dicom_port, small_series, called="PACS").returncode == 0
+        node.start()
+        ct = pydicom.dcmread(small_series[0], stop_before_pixels=True)
+        none = node.cli("fetch", "--source", "PACS", "--patient", ct.PatientID, "--modality", "MR")
+        assert "PACS holds no study that matches" in none.stdout
+        found = node.cli(
+            "fetch", "--source", "PACS", "--patient", ct.PatientID, "--modality", "CT", "--since", "1990-01-01"
+        )
+        assert f"{len(small_series)} instances sent by PACS" in found.stdout
+        [job] = node.wait_state({"unrouted"}, timeout=60)
+        assert job["instances"] == len(small_series)
+    finally:
+        pacs.stop()

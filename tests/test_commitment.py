@@ -215,3 +215,40 @@ def test_a_committing_row_waits_then_is_delivered_failed_or_overdue(tmp_path: Pa
     assert failures == [("1.2.3.1", "TPS did not commit RT Structure Set Storage: no such object instance (0x0112)")]
     assert commitments.wait_settled([rows[0]], 0.1)
     assert not commitments.wait_settled([rows[2]], 0.1)
+
+
+@pytest.mark.slow
+def test_a_report_on_the_sending_association_settles_the_rows_before_release(
+    node_factory: Any, small_series: list[Path], tmp_path: Path
+) -> None:
+    """Node to node: the receiving node reports on the association that asked (its SCP's way),
+    and the sending node reads it there, while it waits before releasing."""
+    callers = [{"ae_title": t} for t in ("STORESCU", "ECHOSCU", "IE_GATEWAY")]
+    receiver = node_factory("receiver", settings={"node": {"allowed_callers": callers}}).start()
+    sender = node_factory(
+        "sender",
+        settings={
+            "models_dir": str(toy_models(tmp_path / "models")),
+            "destinations": {
+                "TPS": {
+                    "ae_title": "IE_GATEWAY",
+                    "host": "127.0.0.1",
+                    "port": receiver.port,
+                    "commitment": True,
+                    "commitment_wait_s": 10,
+                }
+            },
+            "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
+            "inference": {"timeout_s": 120},
+        },
+        rules=RULES,
+    ).start()
+    assert storescu(sender.port, small_series).returncode == 0
+    [job] = sender.wait_state({"delivered", "failed"}, timeout=180)
+    assert job["state"] == "delivered", job
+    # the receiving node never opens an association: every report it answered went back on the
+    # association that asked, and the sender read it there
+    asked = [e["event"] for e in sender.log_events()].count("storage commitment requested")
+    answered = [e["event"] for e in receiver.log_events()]
+    assert asked >= 1 and answered.count("commitment answered") == asked
+    assert "commitment report not sent: the caller left" not in answered

@@ -297,16 +297,39 @@ class AgreementSettings(StrictModel):
 
 
 class Source(StrictModel):
-    """A PACS the node may fetch studies from (``ie-gateway fetch``): C-MOVE to the node itself."""
+    """A PACS the node may fetch studies from (``ie-gateway fetch``): C-MOVE to the node itself,
+    or, with ``protocol: dicomweb``, QIDO-RS and WADO-RS from ``url`` (``auth`` as for a
+    DICOMweb destination)."""
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
     retrieve: Literal["c-move"] = "c-move"
     connect_timeout_s: float = Field(10, gt=0)
     move_timeout_s: float = Field(600, gt=0, description="the longest wait for the source's next answer")
+    url: str | None = None
+    auth: Literal["none", "basic", "azure"] = "none"
+    username: str | None = None
+    password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> Source:
+        if self.protocol == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(f"a DICOM source needs {', '.join(missing)}")
+            return self
+        if self.url is None or urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("protocol: dicomweb needs url: the service's http(s) DICOMweb base URL")
+        if self.password is not None and not self.password.startswith(("env:", "credential:")):
+            raise ValueError("password must name env:VARIABLE or credential:NAME, never hold the password")
+        return self
 
 
 NotifyOn = Literal["needs_review", "failed", "delivered", "drift"]

@@ -22,7 +22,7 @@ import requests
 import structlog
 from dicomweb_client.api import DICOMwebClient
 
-from ie_gateway.config import Destination
+from ie_gateway.config import Destination, Source
 from ie_gateway.errors import DeliveryError
 from ie_gateway.tls import resolve
 
@@ -63,8 +63,8 @@ def secret(ref: str) -> str:
         raise DeliveryError(f"{ref}: cannot be read ({exc.strerror})") from exc
 
 
-def session_for(dest: Destination, timeout_s: float) -> requests.Session:
-    """An HTTP session carrying the destination's credentials."""
+def session_for(dest: Destination | Source, timeout_s: float) -> requests.Session:
+    """An HTTP session carrying the destination's (or source's) credentials."""
     session = _TimedSession(timeout_s)
     if dest.auth == "basic" and dest.username is not None and dest.password is not None:
         session.auth = (dest.username, secret(dest.password))
@@ -111,3 +111,12 @@ class StowClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+def web_client(source: Source, timeout_s: float) -> tuple[DICOMwebClient, requests.Session]:
+    """A DICOMweb client of a source (QIDO-RS, WADO-RS), its own retries off."""
+    assert source.url is not None  # the config requires it for protocol: dicomweb
+    session = session_for(source, timeout_s)
+    client = DICOMwebClient(source.url, session=session)
+    client.set_http_retry_params(retry=False)
+    return client, session

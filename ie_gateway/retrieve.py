@@ -5,6 +5,8 @@ node's own AE title. The source then sends the instances to the node's listener 
 sender, so they land in the spool through the same C-STORE path (durable, deduplicated) and the
 rules route the series once it is complete. The source must know the node as a move
 destination (its AE title, host and port), and its AE title must be in ``allowed_callers``.
+A ``protocol: dicomweb`` source is searched by QIDO-RS and read by WADO-RS instead; this
+process then writes each instance into the spool through ``Store.accept``, as the listener would.
 ``--patient ID`` first finds the patient's studies (C-FIND at study level, optionally from a
 date on and holding a modality), then moves each.
 """
@@ -12,7 +14,11 @@ date on and holding a modality), then moves each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from io import BytesIO
 
+import pydicom
+import requests
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -22,8 +28,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ie_gateway.config import GatewayConfig, Source
+from ie_gateway.dicomweb import web_client
 from ie_gateway.errors import FetchError, UnsafeUIDError
-from ie_gateway.store import check_uid
+from ie_gateway.store import Arrival, Store, check_uid, header_values
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +73,8 @@ def find_studies(
     """StudyInstanceUIDs of the patient's studies at the source (C-FIND, study level), from
     ``since`` (YYYYMMDD) on and with ``modality`` in the study, when given."""
     source = _source(cfg, source_name)
+    if source.protocol == "dicomweb":
+        return _find_web(source_name, source, patient_id, since, modality)
     ae = AE(ae_title=cfg.node.ae_title)
     ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
     ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
@@ -105,6 +114,8 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
         check_uid(study_uid, "StudyInstanceUID")
     except UnsafeUIDError as exc:
         raise FetchError(str(exc)) from exc
+    if source.protocol == "dicomweb":
+        return _fetch_web(cfg, source_name, source, study_uid)
     ae = AE(ae_title=cfg.node.ae_title)
     ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
     ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
@@ -138,3 +149,61 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
         return result
     reason = MOVE_FAILURES.get(code, "failed")
     raise FetchError(f"{source_name} answered 0x{code:04X}: {reason} ({result.completed} instances sent)")
+
+
+def _find_web(source_name: str, source: Source, patient_id: str, since: str | None, modality: str | None) -> list[str]:
+    """QIDO-RS for the patient's studies."""
+    filters = {"PatientID": patient_id}
+    if since:
+        filters["StudyDate"] = f"{since}-"
+    if modality:
+        filters["ModalitiesInStudy"] = modality
+    client, session = web_client(source, source.connect_timeout_s + source.move_timeout_s)
+    try:
+        studies = client.search_for_studies(search_filters=filters)
+    except requests.RequestException as exc:
+        raise FetchError(f"{source_name}: query failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        session.close()
+    found = []
+    for study in studies:
+        try:
+            found.append(check_uid(str(study["0020000D"]["Value"][0]), "StudyInstanceUID"))
+        except (KeyError, IndexError, TypeError, UnsafeUIDError):
+            log.warning("study with an unusable UID skipped", source=source_name)
+    return sorted(set(found))
+
+
+def _fetch_web(cfg: GatewayConfig, source_name: str, source: Source, study_uid: str) -> FetchResult:
+    """WADO-RS of the study, each instance into the spool through ``Store.accept`` (as a
+    C-STORE would store it), with the source's name as the calling AE."""
+    store = Store.for_settings(cfg.storage)
+    client, session = web_client(source, source.connect_timeout_s + source.move_timeout_s)
+    completed = failed = 0
+    try:
+        for ds in client.iter_study(study_uid):
+            buffer = BytesIO()
+            try:
+                arrival = Arrival(
+                    sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+                    sop_class=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+                    study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+                    series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+                    transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                    calling_ae=source_name[:16],
+                    called_ae=cfg.node.ae_title,
+                )
+                pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            except (UnsafeUIDError, AttributeError, ValueError) as exc:
+                log.warning("fetched instance refused", source=source_name, reason=str(exc)[:200])
+                failed += 1
+                continue
+            store.accept(arrival, (buffer.getvalue(),), partial(header_values, ds))
+            completed += 1
+    except requests.RequestException as exc:
+        raise FetchError(f"{source_name}: retrieve failed after {completed} instances ({type(exc).__name__})") from exc
+    finally:
+        session.close()
+        store.index.close()
+    log.info("fetched", source=source_name, protocol="wado-rs", completed=completed, failed=failed)
+    return FetchResult(completed=completed, failed=failed, warnings=0)

@@ -147,3 +147,23 @@ def test_the_node_delivers_its_results_over_stow_rs(
     assert job["state"] == "delivered", job
     assert len(orthanc_instances(archive, "RTSTRUCT")) == len(orthanc_instances(archive, "SEG")) == 1
     assert any(e.get("protocol") == "stow-rs" and e["event"] == "delivered" for e in node.log_events())
+
+
+def test_fetch_finds_and_retrieves_a_study_over_dicomweb(
+    node_factory: Any, archive: Orthanc, small_series: list[Path]
+) -> None:
+    """QIDO-RS finds the patient's CT studies at the archive, WADO-RS brings them into the spool."""
+    assert storescu(archive.dicom_port, small_series, called="ARCHIVE").returncode == 0
+    source = {
+        "protocol": "dicomweb",
+        "url": f"http://127.0.0.1:{archive.http_port}/dicom-web",
+        "auth": "basic",
+        "username": USER,
+        "password": "env:ARCHIVE_PASSWORD",
+    }
+    node = node_factory(settings={"sources": {"ARCHIVE": source}}, env={"ARCHIVE_PASSWORD": PASSWORD}).start()
+    ct = pydicom.dcmread(small_series[0], stop_before_pixels=True)
+    result = node.cli("fetch", "--source", "ARCHIVE", "--patient", ct.PatientID, "--modality", "CT")
+    assert f"{len(small_series)} instances sent by ARCHIVE" in result.stdout
+    [job] = node.wait_state({"unrouted"}, timeout=60)
+    assert job["instances"] == len(small_series)

@@ -282,9 +282,7 @@ class Sender:
     def _request_commitment(self, assoc: Association, name: str, dest: Destination, rows: list[OutboxRow]) -> None:
         """Ask for commitment of the files the peer took, then wait a little for the report
         on this association (a peer may send it later, on a new one)."""
-        if STORAGE_COMMITMENT in _refused_classes(assoc) or not any(
-            str(cx.abstract_syntax) == STORAGE_COMMITMENT for cx in assoc.accepted_contexts
-        ):
+        if not any(str(cx.abstract_syntax) == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
             for row in rows:
                 self._failed(row, None, f"{name} does not offer Storage Commitment (refused at association)", dead=True)
             return

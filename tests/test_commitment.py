@@ -252,3 +252,44 @@ def test_a_report_on_the_sending_association_settles_the_rows_before_release(
     answered = [e["event"] for e in receiver.log_events()]
     assert asked >= 1 and answered.count("commitment answered") == asked
     assert "commitment report not sent: the caller left" not in answered
+
+
+def test_a_peer_without_storage_commitment_fails_those_files_at_once(tmp_path: Path, small_series: list[Path]) -> None:
+    """dcmtk's storescp stores but offers no Storage Commitment: the file is not delivered (it
+    could never be committed) and the reason is named, without retries."""
+    import shutil
+    import subprocess
+
+    from ie_gateway.config import DeliverySettings, Destination
+    from ie_gateway.send import Sender
+    from ie_gateway.store import OutboxState, Store
+    from ie_gateway.store.outbox import Outbox
+    from tests.peers import DCMTK_ENV, port_open
+    from tests.test_notify import routed_job
+
+    port = free_port()
+    (tmp_path / "scp").mkdir()
+    scp = subprocess.Popen(
+        ["/usr/bin/storescp", "-aet", "TPS", "-od", str(tmp_path / "scp"), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), 30, what="storescp")
+        store = Store(tmp_path / "var")
+        job = routed_job(store)
+        shutil.copy(small_series[0], store.results / "ct.dcm")
+        ct = pydicom.dcmread(small_series[0], stop_before_pixels=True)
+        outbox = Outbox(store.index)
+        outbox.enqueue(job, "TPS", "ct.dcm", ct.SOPInstanceUID, ct.SOPClassUID)
+        tps = Destination(ae_title="TPS", host="127.0.0.1", port=port, commitment=True)
+        sender = Sender({"TPS": tps}, DeliverySettings(), outbox, store.results)
+        assert [f.result() for f in sender.deliver_due()] == [1]  # stored by the peer ...
+        sender.close()
+        [row] = outbox.job_rows(job)
+        assert row.state is OutboxState.FAILED  # ... but never committed: dead-lettered at once
+        assert row.last_error == "TPS does not offer Storage Commitment (refused at association)"
+    finally:
+        scp.terminate()
+        scp.wait()

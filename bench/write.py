@@ -6,7 +6,9 @@ The phantom's own label map stands in for the model output; the CT headers are m
 (no pixel data), as the worker reads them with stop_before_pixels. The peer is highdicom's plain
 label-map Segmentation of the same labels (exclusive segments, no hole filling): build_seg's
 ratio to it is the price of overlapping per-structure masks. RT-STRUCT has no peer here
-(highdicom has no RT-STRUCT writer). Times are the median of --repeat runs, wall and CPU seconds;
+(highdicom has no RT-STRUCT writer). The LABELMAP SEG (a route's ``seg_encoding: labelmap``) is
+timed and its file size printed against the BINARY SEG's. Times are the median of --repeat runs,
+wall and CPU seconds;
 these shared machines vary by 10-15 %, so read the ratios.
 
 "RT-STRUCT as the worker makes it" is the planner's path: the structures' masks made once,
@@ -81,9 +83,7 @@ def highdicom_labelmap_seg(headers: list[pydicom.Dataset], labels: np.ndarray) -
         source_images=headers,
         pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
-            segment_description(n, s, algorithm) for n, s in enumerate(STRUCTURES, start=1)
-        ],
+        segment_descriptions=[segment_description(n, s, algorithm) for n, s in enumerate(STRUCTURES, start=1)],
         series_instance_uid=hd.UID(),
         series_number=1,
         sop_instance_uid=hd.UID(),
@@ -125,9 +125,7 @@ def main() -> None:
         rows.append(
             (
                 "build_rtstruct",
-                timed(
-                    args.repeat, lambda: build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids)
-                ),
+                timed(args.repeat, lambda: build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids)),
             )
         )
         rows.append(
@@ -169,6 +167,19 @@ def main() -> None:
             )
         )
 
+        labelmap_path = folder / "seg-labelmap.dcm"
+        labelmap = build_seg(headers, labels, STRUCTURES, MODEL, seg_uids, encoding="labelmap")
+        rows.append(
+            (
+                "build_seg LABELMAP (RLE)",
+                timed(
+                    args.repeat,
+                    lambda: build_seg(headers, labels, STRUCTURES, MODEL, seg_uids, encoding="labelmap"),
+                ),
+            )
+        )
+        rows.append(("save seg LABELMAP", timed(args.repeat, lambda: labelmap.save_as(labelmap_path))))
+
         contours = sum(len(r.get("ContourSequence", [])) for r in rtstruct.ROIContourSequence)
         print(
             f"CT {args.slices} x {args.size}², {len(STRUCTURES)} structures, "
@@ -180,9 +191,16 @@ def main() -> None:
         named = dict(rows)
         seg_wall, peer_wall = named["build_seg"][0], named["peer: highdicom label-map SEG"][0]
         print(f"  build_seg / highdicom label-map SEG: {seg_wall / peer_wall:.2f}x")
+        binary_b, labelmap_b = seg_path.stat().st_size, labelmap_path.stat().st_size
+        print(
+            f"  SEG size: BINARY {binary_b / 2**20:.2f} MiB, LABELMAP (RLE) {labelmap_b / 2**20:.2f} MiB, "
+            f"ratio {labelmap_b / binary_b:.3f}"
+        )
         worker_cpu = named["RT-STRUCT as the worker makes it"][1]
-        print(f"  RT-STRUCT as the worker makes it: {worker_cpu:.2f} s CPU, goal {GOAL_CPU_S:.1f} s, "
-              f"{BEFORE_CPU_S / worker_cpu:.1f}x faster than at 1a01992 ({BEFORE_CPU_S:.2f} s)")
+        print(
+            f"  RT-STRUCT as the worker makes it: {worker_cpu:.2f} s CPU, goal {GOAL_CPU_S:.1f} s, "
+            f"{BEFORE_CPU_S / worker_cpu:.1f}x faster than at 1a01992 ({BEFORE_CPU_S:.2f} s)"
+        )
 
 
 if __name__ == "__main__":

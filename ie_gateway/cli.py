@@ -142,6 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     _operations_commands(command)
     _commission_parser(command)
     _users_parser(command)
+    fetch = command("fetch", "have a source (sources:) send a study to this node, which routes it")
+    fetch.add_argument("--source", required=True, help="a name under sources: in gateway.yaml")
+    which = fetch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="the StudyInstanceUID")
+    which.add_argument(
+        "--patient", metavar="ID", help="every study of this PatientID (C-FIND), see --since, --modality"
+    )
+    fetch.add_argument("--since", type=_dicom_date, help="with --patient: studies from this date on (YYYY-MM-DD)")
+    fetch.add_argument("--modality", help="with --patient: studies holding this modality (e.g. CT)")
     return parser
 
 
@@ -641,6 +650,33 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom_date(text: str) -> str:
+    """YYYY-MM-DD as a DICOM date (YYYYMMDD), for a query."""
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text).strftime("%Y%m%d")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from ie_gateway.retrieve import fetch_study, find_studies
+
+    cfg = load_config(args.config)
+    studies = [args.study] if args.study else find_studies(cfg, args.source, args.patient, args.since, args.modality)
+    if not studies:
+        print(f"{args.source} holds no study that matches")
+        return 0
+    for study in studies:
+        result = fetch_study(cfg, args.source, study)
+        failed = f", {result.failed} failed" if result.failed else ""
+        print(
+            f"{result.completed} instances sent by {args.source}{failed}; the node routes the series once it is complete"
+        )
+    return 0
+
+
 def cmd_reroute(args: argparse.Namespace) -> int:
     from ie_gateway.admin import reroute
     from ie_gateway.store import Store
@@ -809,6 +845,7 @@ COMMANDS = {
     "sync": cmd_sync,
     "commission": cmd_commission,
     "users": cmd_users,
+    "fetch": cmd_fetch,
 }
 
 

@@ -187,18 +187,73 @@ class Destination(StrictModel):
     the wait for the association's answer, so a hanging peer fails its attempt instead of
     holding it. ``names``: a file of the department's ROI names (rename, recolour, leave out);
     ``max_roi_name``: the longest ROI name the peer takes, checked against that file on load.
+    ``labelmap``: the peer takes Label Map Segmentation Storage (Supplement 243) in RLE Lossless;
+    a route's ``seg_encoding: labelmap`` sends it a LABELMAP SEG, every other one a BINARY SEG.
+
+    ``protocol: dicomweb``: the peer is a DICOMweb service (STOW-RS) at ``url`` instead of a
+    DICOM AE (``ae_title``, ``host``, ``port``); ``auth`` is ``none``, ``basic`` (``username``,
+    and the password in the environment variable or systemd credential ``password``) or
+    ``azure`` (a Microsoft Entra token for Azure's DICOM service, from azure-identity).
     """
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
+    url: str | None = None
+    auth: Literal["none", "basic", "azure"] = "none"
+    username: str | None = None
+    password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
     accepts: list[OutputKind] = Field([OutputKind.RTSTRUCT, OutputKind.SEG], min_length=1)
     connect_timeout_s: float = Field(10, gt=0)
     names: Path | None = None
     max_roi_name: int = Field(64, ge=1, le=64, description="ROI Name is a LO: at most 64 characters")
     tls: DestinationTLS | None = None
+    labelmap: bool = False
+    commitment: bool = Field(False, description="delivered only once the peer commits each file (N-ACTION)")
+    commitment_wait_s: float = Field(2, ge=0, description="how long a report is awaited on the sending association")
+    commitment_timeout_s: float = Field(600, gt=0, description="no report by then: the file is sent again")
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> Destination:
+        if self.protocol == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(f"a DICOM destination needs {', '.join(missing)}")
+            if self.url is not None:
+                raise ValueError("url is for protocol: dicomweb")
+            return self
+        if self.url is None or urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("protocol: dicomweb needs url: the service's http(s) DICOMweb base URL")
+        if self.commitment:
+            raise ValueError("commitment is a DICOM (DIMSE) service; a DICOMweb destination cannot ask for it")
+        if self.auth == "basic" and (self.username is None or self.password is None):
+            raise ValueError("auth: basic needs username and password (env:NAME or credential:NAME)")
+        if self.password is not None and not self.password.startswith(("env:", "credential:")):
+            raise ValueError("password must name env:VARIABLE or credential:NAME, never hold the password")
+        return self
+
+
+class StowCaller(StrictModel):
+    """Who may upload by STOW-RS: a name (the calling AE its series get, for routing) and a
+    bearer token read from ``env:NAME`` or ``credential:NAME``, never written here."""
+
+    name: str
+    token: str
+
+    _check_name = field_validator("name")(_ae_title)
+
+    @field_validator("token")
+    @classmethod
+    def _token_ref(cls, value: str) -> str:
+        if not value.startswith(("env:", "credential:")):
+            raise ValueError("must name env:VARIABLE or credential:NAME, never hold the token")
+        return value
 
 
 class HttpSettings(StrictModel):
@@ -214,6 +269,17 @@ class HttpSettings(StrictModel):
     session_max_h: float = Field(12, gt=0)  # and every session ends this long after sign-in
     user_header: str | None = None  # e.g. X-Remote-User, set by an authenticating reverse proxy
     trusted_proxies: list[str] = ["127.0.0.1"]  # the only peers whose user_header counts
+
+    public_url: str | None = Field(
+        None, description="the address people open the admin page at (behind a proxy); notifications link to it"
+    )
+
+    stow_callers: list[StowCaller] = Field([], description="who may POST /dicomweb/studies (STOW-RS)")
+    stow_max_mb: float = Field(2048, gt=0, description="largest STOW-RS request body")
+
+    def page_url(self) -> str:
+        """Base address of the admin page, for links sent out of the node."""
+        return (self.public_url or f"http://{self.bind}:{self.port}").rstrip("/")
 
 
 class DeliverySettings(StrictModel):
@@ -298,6 +364,66 @@ class TrustedKeySetting(StrictModel):
     allow_code: bool = False
 
 
+class Source(StrictModel):
+    """A PACS the node may fetch studies from (``ie-gateway fetch``): C-MOVE to the node itself,
+    or, with ``protocol: dicomweb``, QIDO-RS and WADO-RS from ``url`` (``auth`` as for a
+    DICOMweb destination)."""
+
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
+    retrieve: Literal["c-move"] = "c-move"
+    connect_timeout_s: float = Field(10, gt=0)
+    move_timeout_s: float = Field(600, gt=0, description="the longest wait for the source's next answer")
+    url: str | None = None
+    auth: Literal["none", "basic", "azure"] = "none"
+    username: str | None = None
+    password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> Source:
+        if self.protocol == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(f"a DICOM source needs {', '.join(missing)}")
+            return self
+        if self.url is None or urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("protocol: dicomweb needs url: the service's http(s) DICOMweb base URL")
+        if self.password is not None and not self.password.startswith(("env:", "credential:")):
+            raise ValueError("password must name env:VARIABLE or credential:NAME, never hold the password")
+        return self
+
+
+NotifyOn = Literal["needs_review", "failed", "delivered", "drift"]
+
+
+class Webhook(StrictModel):
+    """Where the node POSTs a JSON event (no patient data) when a job needs review, fails or is
+    delivered, or a model version drifts: a department's chat or ticketing system."""
+
+    url: str
+    on: list[NotifyOn] = Field(min_length=1)
+    timeout_s: float = Field(10, gt=0, description="connect and answer, per attempt")
+    max_attempts: int = Field(8, ge=1, description="then the event is logged as not told and skipped")
+    backoff_s: float = Field(2, gt=0, description="first wait between attempts; doubles, capped at 5 min")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if url.password:
+            raise ValueError("holds a password: secrets never go in the YAML")
+        return value
+
+
 class GatewayConfig(StrictModel):
     """The whole of `gateway.yaml`."""
 
@@ -317,6 +443,8 @@ class GatewayConfig(StrictModel):
     http: HttpSettings = HttpSettings()
     agreement: AgreementSettings = AgreementSettings()
     approvals: ApprovalSettings = ApprovalSettings()
+    notify: list[Webhook] = []
+    sources: dict[str, Source] = {}
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     trusted_keys: list[TrustedKeySetting] = []
     source: Path = Field(Path("gateway.yaml"), exclude=True)

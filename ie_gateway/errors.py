@@ -21,6 +21,8 @@ GatewayError
 │   ├── InferenceCrashed   the inference process died (killed, out of memory, a crash)
 │   └── InferenceOutOfMemory  the GPU ran out of memory (retried, once on the CPU if allowed)
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
+├── DeliveryError          a C-STORE to a destination failed (peer status kept)
+│   └── CommitmentError    a storage commitment request or report could not be made or read
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
 ├── CommissionError        a commissioning run cannot start, or one case of it cannot be run
@@ -29,6 +31,8 @@ GatewayError
 │   ├── AnonymiseError     a file could not be read or de-identified (names the file)
 │   └── BurnedInAnnotation a series says it has identifying text in its pixels
 ├── AdminError             an admin's action does not apply to the job as it stands
+├── NotifyError            a webhook did not take an event (unreachable, or not 2xx)
+├── FetchError             a source could not be asked for a study, or refused to send it
 ├── HttpError              the health/metrics HTTP endpoint could not start
 └── BackupError            a backup cannot be made, or restored onto this node
 
@@ -143,6 +147,18 @@ class WriteError(GatewayError):
     """An output object could not be written or failed validation."""
 
 
+class DeliveryError(GatewayError):
+    """A C-STORE to a destination did not succeed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class CommitmentError(DeliveryError):
+    """A storage commitment request could not be made, or a request or report cannot be read."""
+
+
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
 
@@ -175,6 +191,14 @@ class BurnedInAnnotation(SyncError):
 
 class AdminError(GatewayError):
     """An admin's action (reroute, release, retry) does not apply to the job in its state."""
+
+
+class NotifyError(GatewayError):
+    """A webhook did not take an event: not reachable, or it answered other than 2xx."""
+
+
+class FetchError(GatewayError):
+    """A source (query/retrieve) could not be reached, or refused to send the study."""
 
 
 class HttpError(GatewayError):

@@ -67,7 +67,16 @@ from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Priority, Review, StageAttempts
+from ie_gateway.store.records import (
+    LABEL_MAP_SEGMENTATION_STORAGE,
+    OutputPlan,
+    OutputUIDs,
+    PlannedOutput,
+    Priority,
+    Review,
+    SegEncoding,
+    StageAttempts,
+)
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import (
@@ -447,7 +456,9 @@ class Worker:
         plan = self._plan(job)
         written: list[PlannedOutput] = []
         for index, route, model, labels, masks, structures, findings in results:
-            info = ModelInfo(name=model.name, version=model.version, needs_review=bool(reasons))
+            info = ModelInfo(
+                name=model.name, version=model.version, needs_review=bool(reasons), node=self.cfg.node.ae_title
+            )
             present = [s for s in structures if s.name not in findings.empty]
             for output in plan.of_route(index):
                 out_structures = self._named(output, present)
@@ -455,14 +466,16 @@ class Worker:
                     log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
                     continue
                 path = folder / output.file
-                self._write_output(output.kind, headers, labels, masks, out_structures, info, output.uids, path)
+                self._write_output(
+                    output.kind, headers, labels, masks, out_structures, info, output.uids, path, output.encoding
+                )
                 for dest in output.destinations if route.deliver else ():  # a shadow route's files stay here
                     self.outbox.enqueue(
                         job.id,
                         dest,
                         str(path.relative_to(self.store.results)),
                         output.uids.sop_uid,
-                        _sop_class(output.kind),
+                        _sop_class(output.kind, output.encoding),
                     )
                 self.on_queued()
                 written.append(output)
@@ -521,6 +534,7 @@ class Worker:
         info: ModelInfo,
         uids: OutputUIDs,
         path: Path,
+        encoding: SegEncoding = SegEncoding.BINARY,
     ) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.part")  # a worker taking over never shares a temp file
         if kind is OutputKind.RTSTRUCT:
@@ -528,7 +542,7 @@ class Worker:
             ds.save_as(tmp, enforce_file_format=True)
             validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
         elif kind is OutputKind.SEG:
-            seg = build_seg(headers, labels, structures, info, uids, masks=masks)
+            seg = build_seg(headers, labels, structures, info, uids, masks=masks, encoding=encoding)
             seg.save_as(tmp)
             validate_seg(tmp, headers, labels, structures, uids, masks=masks)
         else:
@@ -603,11 +617,14 @@ def _job_route(route: Route, version: str) -> JobRoute:
         review=ReviewPolicy(route.review),
         priority=Priority(route.priority),
         deliver=route.deliver,
+        seg_encoding=SegEncoding(route.seg_encoding),
     )
 
 
-def _sop_class(kind: OutputKind) -> str:
-    return str(pydicom.uid.RTStructureSetStorage if kind is OutputKind.RTSTRUCT else pydicom.uid.SegmentationStorage)
+def _sop_class(kind: OutputKind, encoding: SegEncoding = SegEncoding.BINARY) -> str:
+    if kind is OutputKind.RTSTRUCT:
+        return str(pydicom.uid.RTStructureSetStorage)
+    return LABEL_MAP_SEGMENTATION_STORAGE if encoding is SegEncoding.LABELMAP else str(pydicom.uid.SegmentationStorage)
 
 
 def _write_image(image: sitk.Image, path: Path) -> None:

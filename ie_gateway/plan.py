@@ -7,7 +7,8 @@ agreement and the case sync read them from the plan, so no other module decides 
 file's name or which destination takes which file.
 
 A destination takes only the kinds its ``accepts`` lists; destinations that take the same
-names share one file; a destination with a names file gets a file of its own.
+names share one file; a destination with a names file gets a file of its own, and so does a
+LABELMAP SEG.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ie_gateway.config import Destination
-from ie_gateway.store.records import JobRoute, OutputPlan, OutputUIDs, PlannedOutput, output_file_name
+from ie_gateway.store.records import JobRoute, OutputPlan, OutputUIDs, PlannedOutput, SegEncoding, output_file_name
 from ie_gateway.vocab import OutputKind
 
 #: The CT as the volume stage checked it, in the job's folder.
@@ -36,10 +37,10 @@ def plan_outputs(
     outputs = []
     for index, route in enumerate(routes):
         for kind in sorted(route.outputs, key=lambda k: k is not OutputKind.RTSTRUCT):
-            for names, dests in _groups(route, kind, destinations).items():
-                file = output_file_name(kind, index, dests[0] if names else None)
+            for (names, encoding), dests in _groups(route, kind, destinations).items():
+                file = output_file_name(kind, index, dests[0] if names else None, encoding)
                 uids = kept.get(file) or OutputUIDs.new()
-                outputs.append(PlannedOutput(kind, index, tuple(dests), names or None, file, uids))
+                outputs.append(PlannedOutput(kind, index, tuple(dests), names or None, file, uids, encoding))
     return OutputPlan(tuple(outputs))
 
 
@@ -54,13 +55,21 @@ def not_sent(routes: Sequence[JobRoute], destinations: Mapping[str, Destination]
     return {dest: tuple(kinds) for dest, kinds in refused.items()}
 
 
-def _groups(route: JobRoute, kind: OutputKind, destinations: Mapping[str, Destination]) -> dict[str, list[str]]:
+def _groups(
+    route: JobRoute, kind: OutputKind, destinations: Mapping[str, Destination]
+) -> dict[tuple[str, SegEncoding], list[str]]:
     """The route's destinations that take ``kind``, grouped by the names file they apply
-    ("" for none): each group gets one file."""
-    groups: dict[str, list[str]] = {}
+    ("" for none) and the SEG encoding they get: each group gets one file. A SEG is a LABELMAP
+    SEG for a destination with ``labelmap: true`` when the route asks for ``seg_encoding:
+    labelmap``; the route's other destinations get the BINARY SEG."""
+    groups: dict[tuple[str, SegEncoding], list[str]] = {}
     for dest in route.send_to:
         cfg = destinations.get(dest)
         if cfg is not None and kind not in cfg.accepts:
             continue
-        groups.setdefault(str(cfg.names) if cfg is not None and cfg.names else "", []).append(dest)
+        labelmap = (
+            kind is OutputKind.SEG and route.seg_encoding is SegEncoding.LABELMAP and cfg is not None and cfg.labelmap
+        )
+        encoding = SegEncoding.LABELMAP if labelmap else SegEncoding.BINARY
+        groups.setdefault((str(cfg.names) if cfg is not None and cfg.names else "", encoding), []).append(dest)
     return groups

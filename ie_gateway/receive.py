@@ -50,6 +50,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ie_gateway import metrics, tls
+from ie_gateway.commitment import PROCESSING_FAILURE, STORAGE_COMMITMENT, Commitments, CommitmentSCP
 from ie_gateway.config import Caller, Limits, Node
 from ie_gateway.errors import InstanceOverLimit, StoreError, UnsafeUIDError
 from ie_gateway.intake import Received, check_limits, read_received, sent_text
@@ -305,12 +306,21 @@ class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
     def __init__(
-        self, node: Node, store: Store, space: Callable[[], DiskSpace] | None = None, limits: Limits | None = None
+        self,
+        node: Node,
+        store: Store,
+        space: Callable[[], DiskSpace] | None = None,
+        limits: Limits | None = None,
+        commitment_reports: Commitments | None = None,
     ) -> None:
         self.node = node
         self.store = store
         self.space = space
         self.limits = limits or Limits()
+        # Storage Commitment: callers' requests answered for what is in the spool; reports of
+        # destinations asked by the sender, when they come on a new association
+        self.commitment_scp = CommitmentSCP(store)
+        self.commitment_reports = commitment_reports
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self._sessions: set[Association] = set()
@@ -332,6 +342,8 @@ class Receiver:
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        # both roles: a caller asks us (we are SCP), a destination reports to us (it is SCP)
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
     def start(self) -> None:
@@ -345,6 +357,8 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self.commitment_scp.on_action),
+            (evt.EVT_N_EVENT_REPORT, self._on_commitment_report),
         ]
         # Each C-STORE's data set goes to a file as its PDUs arrive (event.dataset_path) instead
         # of into memory. The switch is pynetdicom's documented one, and process-wide.
@@ -499,6 +513,11 @@ class Receiver:
             seconds=round(seconds, 3),
             mb_per_s=round(stats.bytes / 2**20 / seconds, 1),
         )
+
+    def _on_commitment_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        if self.commitment_reports is None:  # a node that sends nothing asked nobody
+            return PROCESSING_FAILURE, None
+        return self.commitment_reports.on_event_report(event)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         stats = self._stats.get(id(event.assoc)) or AssociationStats()

@@ -33,14 +33,18 @@ from pathlib import Path
 
 import pydicom
 import structlog
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from azure.core.exceptions import ClientAuthenticationError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from ie_gateway import tls
+from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, request_commitment, sop_name
 from ie_gateway.config import DeliverySettings, Destination
+from ie_gateway.dicomweb import StowClient, StowRefused
+from ie_gateway.errors import CommitmentError, DeliveryError
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.store.records import OutboxRow
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +60,9 @@ NO_TRANSFER_SYNTAX = 0x04
 #: What the SCU may raise for one C-STORE (no accepted context, a file it cannot read or
 #: encode, a connection dropped mid-PDU): each is one failed attempt of that row.
 SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.InvalidDicomError)
+#: Outputs written in a compressed syntax, sent as written: a LABELMAP SEG is RLE Lossless, and a
+#: peer that cannot take that is told apart at association ("none of the transfer syntaxes").
+FILE_SYNTAXES: dict[str, tuple[str, ...]] = {LABEL_MAP_SEGMENTATION_STORAGE: (RLELossless,)}
 
 
 def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float] = random.random) -> float:
@@ -64,8 +71,33 @@ def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float]
     return delay * (0.5 + 0.5 * rng())
 
 
+def record_failure(
+    outbox: Outbox, settings: DeliverySettings, row: OutboxRow, status: int | None, error: str, dead: bool = False
+) -> None:
+    """One failed attempt of ``row``: due again after its backoff, or dead-lettered after
+    ``max_attempts`` or ``max_age_s`` (or at once when ``dead``)."""
+    attempts = row.attempts + 1
+    too_old = time.time() - row.created_at >= settings.max_age_s
+    dead = dead or attempts >= settings.max_attempts or too_old
+    next_at = time.time() + backoff_s(attempts, settings)
+    outbox.record(row, status, error, delivered=False, next_at=next_at, dead=dead)
+    if dead:
+        log.error(
+            "delivery dead-lettered",
+            job=row.job_id,
+            destination=row.destination,
+            attempts=attempts,
+            status=status,
+            error=error,
+        )
+
+
 class Sender:
-    """Drains the outbox: one thread per destination with due rows, at most one pass each."""
+    """Drains the outbox: one thread per destination with due rows, at most one pass each.
+
+    ``commitments`` reads the storage commitment reports of destinations with ``commitment:
+    true``; the listener shares it for reports that come on a new association.
+    """
 
     def __init__(
         self,
@@ -83,6 +115,10 @@ class Sender:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(destinations)), thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._lock = threading.Lock()
+        self.commitments = Commitments(outbox, destinations, self._fail_row, outbox.settle)
+
+    def _fail_row(self, row: OutboxRow, status: int | None, error: str) -> None:
+        self._failed(row, status, error)
 
     def deliver_due(self) -> list[Future[int]]:
         """Start a pass for every destination with due rows that is not in one already.
@@ -90,6 +126,7 @@ class Sender:
         Returns at once with the passes started (each future gives how many files it
         delivered), so the scheduler never waits on a slow peer.
         """
+        self._expire_commitments()
         started = []
         for name in self.outbox.due_destinations():
             with self._lock:
@@ -103,6 +140,14 @@ class Sender:
                 continue
             started.append(self._pool.submit(self._pass, name, rows))
         return started
+
+    def _expire_commitments(self) -> None:
+        """Rows whose commitment report never came count a failed attempt and go again."""
+        for row in self.outbox.overdue_commitments():
+            dest = self.destinations.get(row.destination)
+            waited = f" within {dest.commitment_timeout_s:g} s" if dest is not None else ""
+            self._failed(row, None, f"{row.destination}: no storage commitment report{waited}")
+            self.outbox.settle(row.job_id)
 
     def _claim(self, name: str) -> list[OutboxRow]:
         """The destination's due rows, held for as long as a pass over them can last."""
@@ -136,20 +181,28 @@ class Sender:
             for row in rows:
                 self._record_failed(recorded, row, None, f"destination {name} is not configured any more")
             return 0
+        if dest.protocol == "dicomweb":
+            return self._deliver_stow(name, dest, rows, recorded)
         ae = AE(ae_title=self.settings.calling_ae)
         ae.network_timeout = ae.dimse_timeout = DIMSE_TIMEOUT_S
         # a peer that accepts the TCP connection but never answers the association request is
         # as good as down: connect_timeout_s bounds both waits
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
         for sop_class in sorted({r.sop_class for r in rows}):
-            for syntax in PROPOSED_SYNTAXES:
+            # one context per transfer syntax, so the explicit one is accepted when offered
+            for syntax in FILE_SYNTAXES.get(sop_class, PROPOSED_SYNTAXES):
                 ae.add_requested_context(sop_class, syntax)
+        if dest.commitment:
+            ae.add_requested_context(STORAGE_COMMITMENT)
+        # a peer may report commitment on this association: the rows are this destination's
+        report = (evt.EVT_N_EVENT_REPORT, lambda event: self.commitments.on_event_report(event, name))
         started = time.monotonic()
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # pynetdicom hints str; None (no hostname check) is what ssl takes
+        tls_args = tls.associate_args(dest)  # pynetdicom hints str; None (no hostname check) is what ssl takes
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=[report])  # type: ignore[arg-type]
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:
-                error = f"{name} does not accept {UID(row.sop_class).name} ({refused[row.sop_class]})"
+                error = f"{name} does not accept {sop_name(row.sop_class)} ({refused[row.sop_class]})"
                 self._record_failed(recorded, row, None, error, dead=True)
                 log.error("output refused by destination", job=row.job_id, destination=name, error=error)
         rows = [r for r in rows if r.id not in recorded]
@@ -164,13 +217,16 @@ class Sender:
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         delivered = 0
+        stored: list[OutboxRow] = []
         try:
             for row in rows:
                 if not assoc.is_established:
                     self._record_failed(recorded, row, None, f"{name}: association lost")
                     continue
-                delivered += self._send_one(assoc, name, row)
+                delivered += self._send_one(assoc, name, row, dest, stored)
                 recorded.add(row.id)
+            if stored:
+                self._request_commitment(assoc, name, dest, stored)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -183,7 +239,67 @@ class Sender:
         )
         return delivered
 
-    def _send_one(self, assoc: Association, name: str, row: OutboxRow) -> int:
+    def _deliver_stow(self, name: str, dest: Destination, rows: list[OutboxRow], recorded: set[int]) -> int:
+        """STOW-RS each row's file; the same outcomes, retries and dead-letters as C-STORE."""
+        started = time.monotonic()
+        try:
+            client = StowClient(name, dest, dest.connect_timeout_s + DIMSE_TIMEOUT_S)
+        except (DeliveryError, ClientAuthenticationError) as exc:  # a credential that cannot be had
+            for row in rows:
+                self._record_failed(recorded, row, None, f"{name}: {exc}")
+            return 0
+        delivered = 0
+        try:
+            for row in rows:
+                path = self.results_root / row.path
+                recorded.add(row.id)
+                if not path.is_file():
+                    self._failed(row, None, f"result file {row.path} is missing", dead=True)
+                    continue
+                try:
+                    client.store(path)
+                except StowRefused as exc:
+                    self._failed(row, exc.status, str(exc), dead=True)
+                    log.error("output refused by destination", job=row.job_id, destination=name, error=str(exc))
+                    continue
+                except DeliveryError as exc:
+                    self._failed(row, exc.status, str(exc))
+                    continue
+                self.outbox.record(row, 0, None, delivered=True)
+                log.info("delivered", job=row.job_id, destination=name, attempt=row.attempts + 1, protocol="stow-rs")
+                delivered += 1
+        finally:
+            client.close()
+        log.info(
+            "delivery pass",
+            destination=name,
+            files=len(rows),
+            delivered=delivered,
+            seconds=round(time.monotonic() - started, 3),
+            protocol="stow-rs",
+        )
+        return delivered
+
+    def _request_commitment(self, assoc: Association, name: str, dest: Destination, rows: list[OutboxRow]) -> None:
+        """Ask for commitment of the files the peer took, then wait a little for the report
+        on this association (a peer may send it later, on a new one)."""
+        if not any(str(cx.abstract_syntax) == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
+            for row in rows:
+                self._failed(row, None, f"{name} does not offer Storage Commitment (refused at association)", dead=True)
+            return
+        try:
+            transaction = request_commitment(assoc, rows)
+        except (CommitmentError, *SCU_ERRORS) as exc:
+            for row in rows:
+                self._failed(row, None, f"{name}: {exc}")
+            return
+        log.info("storage commitment requested", destination=name, files=len(rows), transaction=transaction)
+        if dest.commitment_wait_s > 0:
+            self.commitments.wait_settled(rows, dest.commitment_wait_s)
+
+    def _send_one(
+        self, assoc: Association, name: str, row: OutboxRow, dest: Destination, stored: list[OutboxRow]
+    ) -> int:
         path = self.results_root / row.path
         if not path.is_file():
             self._failed(row, None, f"result file {row.path} is missing", dead=True)
@@ -194,6 +310,10 @@ class Sender:
             self._failed(row, None, f"{name}: {type(exc).__name__}: {exc}")
             return 0
         status = int(rsp.Status) if "Status" in rsp else None
+        if status in DELIVERED_STATUSES and dest.commitment:
+            self.outbox.record_stored(row, status, time.time() + dest.commitment_timeout_s)
+            stored.append(row)
+            return 1
         if status in DELIVERED_STATUSES:
             self.outbox.record(row, status, None, delivered=True)
             log.info("delivered", job=row.job_id, destination=name, attempt=row.attempts + 1)
@@ -209,20 +329,7 @@ class Sender:
         recorded.add(row.id)
 
     def _failed(self, row: OutboxRow, status: int | None, error: str, dead: bool = False) -> None:
-        attempts = row.attempts + 1
-        too_old = time.time() - row.created_at >= self.settings.max_age_s
-        dead = dead or attempts >= self.settings.max_attempts or too_old
-        next_at = time.time() + backoff_s(attempts, self.settings)
-        self.outbox.record(row, status, error, delivered=False, next_at=next_at, dead=dead)
-        if dead:
-            log.error(
-                "delivery dead-lettered",
-                job=row.job_id,
-                destination=row.destination,
-                attempts=attempts,
-                status=status,
-                error=error,
-            )
+        record_failure(self.outbox, self.settings, row, status, error, dead)
 
 
 def _refused_classes(assoc: Association) -> dict[str, str]:

@@ -33,6 +33,7 @@ from ie_gateway.health import Check, Health
 from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import runner_for
+from ie_gateway.notify import Notifier
 from ie_gateway.pipeline import Worker
 from ie_gateway.receive import Receiver
 from ie_gateway.route import RulesWatcher
@@ -42,6 +43,7 @@ from ie_gateway.store import Store
 from ie_gateway.store.db import node_name
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
+from ie_gateway.stow import stow_routes
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
 from ie_gateway.web import web_routes
 
@@ -170,7 +172,7 @@ class Service:
         self.runner = runner_for(cfg) if role.works else None
         self.registry = registry_for(cfg, self.runner.verify if self.runner is not None else None)
         self.rules = RulesWatcher(cfg.routing_file, rules_loader(cfg, self.registry))
-        self.receiver = Receiver(cfg.node, self.store, space=self.space, limits=cfg.limits) if role.receives else None
+        self.receiver: Receiver | None = None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.worker = (
             Worker(
@@ -196,6 +198,11 @@ class Service:
             if self.worker is not None
             else None
         )
+        if role.receives:
+            reports = self.sender.commitments if self.sender is not None else None
+            self.receiver = Receiver(
+                cfg.node, self.store, space=self.space, limits=cfg.limits, commitment_reports=reports
+            )
         self._stop = threading.Event()
         worker = self.worker
         receiver = self.receiver
@@ -217,8 +224,10 @@ class Service:
                 self.store.index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE
             ),
         )
-        routes = [*web_routes(cfg, self.store, self.registry), *extra_routes]
+        stow = stow_routes(cfg, self.store) if role.receives else []
+        routes = [*web_routes(cfg, self.store, self.registry), *stow, *extra_routes]
         self.http = HttpServer(cfg.http, build_app(self.health, routes)) if cfg.http.enabled else None
+        self.notifier = Notifier(cfg, self.store.index) if cfg.notify else None
         self._collecting = False
 
     def space(self) -> DiskSpace:
@@ -271,6 +280,8 @@ class Service:
                 id="sync-models",
             )
         s.start()
+        if self.notifier is not None:
+            self.notifier.start()
         if self.worker is not None:
             nodes, pci_gpus = gpu_device_nodes(), nvidia_pci_gpus()
             device = report_inference_device(self.cfg.inference, nodes, pci_gpus)
@@ -384,4 +395,6 @@ class Service:
             self.worker.stop()
         if self.runner is not None:
             self.runner.close()
+        if self.notifier is not None:  # last: it tells what the worker and the outbox settled
+            self.notifier.stop()
         log.info("stopped")

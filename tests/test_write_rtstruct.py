@@ -152,12 +152,12 @@ def test_patient_and_study_are_the_cts_and_the_series_is_new(
 
 def test_model_and_version_are_named_and_approval_is_pending(ds: pydicom.Dataset) -> None:
     assert "demo-thorax" in ds.SeriesDescription and "v1" in ds.SeriesDescription
-    assert "demo-thorax 1" in ds.SoftwareVersions
+    assert "demo-thorax@1" in ds.SoftwareVersions
     assert any(v.startswith("ie_gateway ") for v in ds.SoftwareVersions)
     assert ds.ApprovalStatus == "UNAPPROVED"
     for roi in ds.StructureSetROISequence:
         assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
-        assert roi.ROIGenerationDescription == "demo-thorax 1"
+        assert roi.ROIGenerationDescription == "AI model demo-thorax@1"
 
 
 def test_roi_names_colours_and_types_come_from_the_structures(ds: pydicom.Dataset) -> None:

@@ -111,7 +111,7 @@ def test_patient_study_uids_and_series_are_as_given(
     assert seg.SegmentationType == "BINARY"
     assert "demo-thorax" in seg.SeriesDescription and "v1" in seg.SeriesDescription
     model_version, gateway_version = seg.SoftwareVersions
-    assert model_version == "demo-thorax 1"
+    assert model_version == "demo-thorax@1"
     assert gateway_version.startswith("ie_gateway ")
 
 

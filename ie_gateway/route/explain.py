@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ie_gateway.route.matchers import split_values
-from ie_gateway.store.records import Priority
+from ie_gateway.store.records import Priority, SegEncoding
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 
 
@@ -42,6 +42,7 @@ class Route:
     review: ReviewPolicy = ReviewPolicy.HOLD  # a result failing its model's plausibility checks: hold | flag
     priority: Priority = Priority.NORMAL  # the claim order of its job: high | normal | low
     deliver: bool = True  # False: shadow mode, results stay on the node (agreement still gathered)
+    seg_encoding: SegEncoding = SegEncoding.BINARY  # binary | labelmap: a LABELMAP SEG where a destination takes it
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
-from ie_gateway.store.records import Priority
+from ie_gateway.store.records import Priority, SegEncoding
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
@@ -76,6 +76,7 @@ class _RuleSpec(StrictModel):
     review: ReviewPolicy = ReviewPolicy.HOLD
     priority: Priority = Priority.NORMAL
     deliver: StrictBool = True
+    seg_encoding: SegEncoding = SegEncoding.BINARY
 
 
 class _RoutingSpec(StrictModel):
@@ -120,6 +121,7 @@ def _rule(spec: _RuleSpec, match: Match) -> Rule:
         review=spec.review,
         priority=spec.priority,
         deliver=spec.deliver,
+        seg_encoding=spec.seg_encoding,
     )
     return Rule(match=match, route=route, continue_=spec.continue_)
 

@@ -22,7 +22,7 @@ from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SeriesHeader
+from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SegEncoding, SeriesHeader
 from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
@@ -38,6 +38,7 @@ __all__ = [
     "OutboxState",
     "OutputKind",
     "ReviewPolicy",
+    "SegEncoding",
     "SeriesHeader",
     "Spool",
     "Store",
@@ -192,6 +193,14 @@ class Store:
             called_ae=arrival.called_ae,
             header=header,
         )
+
+    def stored_instance(self, sop_uid: str) -> str | None:
+        """The SOP class of an instance safe in the spool (indexed and its file there), else None:
+        what the node may commit to a caller."""
+        found = self.index.present_instance(sop_uid)
+        if found is None or not (self.spool.root / found[0]).is_file():
+            return None
+        return found[1]
 
     def instance_files(self, job: Job) -> list[Path]:
         """Absolute paths of every present instance of the job's series."""

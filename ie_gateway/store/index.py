@@ -112,6 +112,11 @@ class Index:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
+    def present_instance(self, sop_uid: str) -> tuple[str, str] | None:
+        """(path under the spool, SOP class) of an indexed instance not flagged missing."""
+        rows = self.db.query("SELECT path, sop_class FROM instances WHERE sop_uid = ? AND missing = 0", (sop_uid,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
     def add_instance(
         self,
         *,
@@ -366,6 +371,27 @@ class Index:
             else self.db.query(sql + " ORDER BY at, id")
         )
         return [Transition(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+    def last_transition_id(self) -> int:
+        """The id of the newest transition (0 when there is none): where a reader of new ones starts."""
+        rows = self.db.query("SELECT MAX(id) FROM transitions")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    def transitions_after(
+        self, after_id: int, states: Iterable[JobState], limit: int = 100
+    ) -> list[tuple[int, Transition]]:
+        """Transitions into ``states`` newer than ``after_id``, oldest first, with their ids:
+        what a notifier has not told yet."""
+        wanted = [s.value for s in states]
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+        rows = self.db.query(
+            "SELECT id, job_id, at, from_state, to_state, reason, who FROM transitions "
+            f"WHERE id > ? AND to_state IN ({marks}) ORDER BY id LIMIT ?",
+            (after_id, *wanted, limit),
+        )
+        return [(int(r[0]), Transition(int(r[1]), float(r[2]), r[3], r[4], r[5], r[6])) for r in rows]
 
     def entered_at(self, job_id: int, state: JobState) -> float | None:
         """When the job last entered ``state``."""

@@ -110,6 +110,52 @@ class Outbox:
                 (state.value, next_at if next_at is not None else now, status, error, row.id),
             )
 
+    def record_stored(self, row: OutboxRow, status: int, wait_until: float) -> None:
+        """The peer took the file; its commitment is awaited until ``wait_until``. Logged as an
+        attempt; the attempt is counted when the commitment is settled."""
+        now = time.time()
+        with self.db.tx() as db:
+            db.execute(
+                "INSERT INTO attempts (outbox_id, at, status, error) VALUES (?, ?, ?, ?)",
+                (row.id, now, status, "stored; storage commitment requested"),
+            )
+            db.execute(
+                "UPDATE outbox SET state = ?, next_at = ?, last_status = ?, last_error = NULL, "
+                "claimed_by = NULL, lease_until = NULL WHERE id = ?",
+                (OutboxState.COMMITTING.value, wait_until, status, row.id),
+            )
+
+    def committing(self, destination: str, sop_uids: list[str]) -> list[OutboxRow]:
+        """The destination's rows awaiting commitment among ``sop_uids``."""
+        if not sop_uids:
+            return []
+        marks = ", ".join("?" for _ in sop_uids)
+        rows = self.db.query(
+            f"SELECT {ROW_COLUMNS} FROM outbox WHERE destination = ? AND state = ? AND sop_uid IN ({marks})",
+            (destination, OutboxState.COMMITTING.value, *sop_uids),
+        )
+        return [_row(r) for r in rows]
+
+    def committing_rows(self, ids: set[int]) -> list[OutboxRow]:
+        """Those of the rows ``ids`` that still await commitment."""
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        rows = self.db.query(
+            f"SELECT {ROW_COLUMNS} FROM outbox WHERE state = ? AND id IN ({marks})",
+            (OutboxState.COMMITTING.value, *sorted(ids)),
+        )
+        return [_row(r) for r in rows]
+
+    def overdue_commitments(self, now: float | None = None) -> list[OutboxRow]:
+        """Rows whose commitment report did not come in time."""
+        now = now if now is not None else time.time()
+        rows = self.db.query(
+            f"SELECT {ROW_COLUMNS} FROM outbox WHERE state = ? AND next_at <= ? ORDER BY id",
+            (OutboxState.COMMITTING.value, now),
+        )
+        return [_row(r) for r in rows]
+
     def job_rows(self, job_id: int) -> list[OutboxRow]:
         """Every delivery of a job, in the order queued."""
         return [
@@ -162,8 +208,14 @@ class Outbox:
         """Drop a job's undelivered rows (it is being routed again); return how many."""
         with self.db.tx() as db:
             cur = db.execute(
-                "UPDATE outbox SET state = ? WHERE job_id = ? AND state IN (?, ?)",
-                (OutboxState.CANCELLED.value, job_id, OutboxState.PENDING.value, OutboxState.FAILED.value),
+                "UPDATE outbox SET state = ? WHERE job_id = ? AND state IN (?, ?, ?)",
+                (
+                    OutboxState.CANCELLED.value,
+                    job_id,
+                    OutboxState.PENDING.value,
+                    OutboxState.FAILED.value,
+                    OutboxState.COMMITTING.value,
+                ),
             )
             return int(cur.rowcount)
 
@@ -174,7 +226,7 @@ class Outbox:
         if job.state is not JobState.SENDING:
             return
         counts = self.job_summary(job_id)
-        if counts.get(OutboxState.PENDING):
+        if counts.get(OutboxState.PENDING) or counts.get(OutboxState.COMMITTING):
             return
         failures = self.failures(job_id)
         done = counts.get(OutboxState.DELIVERED, 0)

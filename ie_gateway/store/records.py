@@ -49,10 +49,22 @@ _PRIORITY_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
 _PRIORITY_BY_RANK = {rank: priority for priority, rank in _PRIORITY_RANKS.items()}
 
 
+class SegEncoding(StrEnum):
+    """How a SEG stores its segments (the route's ``seg_encoding``)."""
+
+    BINARY = "binary"  # Segmentation Storage: a bit per voxel per segment; masks may overlap
+    LABELMAP = "labelmap"  # Label Map Segmentation Storage (Supplement 243): a segment per voxel
+
+
+#: SOP class of a LABELMAP SEG (Supplement 243), which pydicom 3.0 does not name yet.
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
 class OutboxState(StrEnum):
     """Where one (result file, destination) delivery stands."""
 
     PENDING = "pending"  # due now or after its backoff
+    COMMITTING = "committing"  # the peer took it; its storage commitment report is awaited
     DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
     FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
     CANCELLED = "cancelled"  # the job was routed again before it went
@@ -102,6 +114,7 @@ class JobRoute:
     review: ReviewPolicy = ReviewPolicy.HOLD
     priority: Priority = Priority.NORMAL
     deliver: bool = True  # False: a shadow route, its results are written but never sent
+    seg_encoding: SegEncoding = SegEncoding.BINARY
 
     @property
     def spec(self) -> str:
@@ -120,6 +133,7 @@ class JobRoute:
             review=ReviewPolicy(raw.get("review") or ReviewPolicy.HOLD),
             priority=Priority(raw.get("priority") or Priority.NORMAL),
             deliver=bool(raw.get("deliver", True)),
+            seg_encoding=SegEncoding(raw.get("seg_encoding") or SegEncoding.BINARY),
         )
 
 
@@ -139,10 +153,15 @@ class OutputUIDs:
         return cls(series_uid=generate_uid(), sop_uid=generate_uid())
 
 
-def output_file_name(kind: OutputKind, route: int, names_destination: str | None) -> str:
-    """The one rule for a result file's name in the job's folder: ``rtstruct-0.dcm``, or
-    ``rtstruct-0-TPS.dcm`` for the copy under a destination's names file."""
-    return f"{kind}-{route}" + (f"-{names_destination}" if names_destination else "") + ".dcm"
+def output_file_name(
+    kind: OutputKind, route: int, names_destination: str | None, encoding: SegEncoding = SegEncoding.BINARY
+) -> str:
+    """The one rule for a result file's name in the job's folder: ``rtstruct-0.dcm``,
+    ``rtstruct-0-TPS.dcm`` for the copy under a destination's names file, ``seg-0-labelmap.dcm``
+    for a LABELMAP SEG."""
+    names = f"-{names_destination}" if names_destination else ""
+    labelmap = "-labelmap" if encoding is SegEncoding.LABELMAP else ""
+    return f"{kind}-{route}{names}{labelmap}.dcm"
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,7 @@ class PlannedOutput:
     names_file: str | None  # the destinations' names file; None: the model's own names
     file: str  # its name in the job's results folder
     uids: OutputUIDs
+    encoding: SegEncoding = SegEncoding.BINARY  # a SEG's: LABELMAP where the route asks and the destinations take it
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PlannedOutput:
@@ -169,6 +189,7 @@ class PlannedOutput:
             names_file=raw.get("names_file"),
             file=str(raw["file"]),
             uids=OutputUIDs(**raw["uids"]),
+            encoding=SegEncoding(raw.get("encoding") or SegEncoding.BINARY),
         )
 
 

@@ -6,15 +6,19 @@ TPS sees the same shapes whichever object it reads.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
+import ie_gateway
 from ie_gateway.errors import WriteError
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import InterpretedType
@@ -62,11 +66,49 @@ class ModelInfo:
     ``needs_review``: the result failed its model's plausibility checks and goes out anyway (the
     route's `review: flag`, or an admin's release); outputs then say NEEDS REVIEW where a
     planner sees it first (StructureSetLabel, SeriesDescription).
+
+    ``node``: the AE title of the node that ran the model, named in the outputs' contributing
+    equipment (IHE AI Results: every AI output says which algorithm, which version, made where).
     """
 
     name: str
     version: str
     needs_review: bool = False
+    node: str = ""
+
+    @property
+    def spec(self) -> str:
+        """``name@version``, as the registry, the logs and the outputs name the model."""
+        return f"{self.name}@{self.version}"
+
+
+def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
+    """The Algorithm Identification macro of the model: an AI algorithm, its name and version.
+
+    The SEG's segments and the RT-STRUCT's ROIs carry the same item, so a reader finds the model
+    the same way in both.
+    """
+    return hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        version=model.version,
+        family=codes.cid7162.ArtificialIntelligence,
+        source=MANUFACTURER,
+    )
+
+
+def contributing_equipment(model: ModelInfo) -> hd.ContributingEquipment:
+    """The ContributingEquipmentSequence item naming the model (name@version) and the node
+    that ran it, as IHE AI Results asks of every AI output (processing equipment)."""
+    station = model.node[:16] or None  # StationName is a SH: at most 16 characters
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.spec[:64],
+        software_versions=[model.spec[:64], f"ie_gateway {ie_gateway.__version__}"],
+        station_name=station,
+        contribution_datetime=dt.datetime.now(dt.UTC),
+        contribution_description=f"AI auto-contouring by {model.spec}"[:1024],
+    )
 
 
 #: The marker of a result that failed its plausibility checks.

@@ -40,8 +40,10 @@ from ie_gateway.write.common import (
     ModelInfo,
     SliceGeometry,
     StructureInfo,
+    algorithm_identification,
     bounding_box,
     check_inputs,
+    contributing_equipment,
     ds_bytes,
     structure_masks,
 )
@@ -128,7 +130,8 @@ def _roi_items(
     roi.ReferencedFrameOfReferenceUID = frame_uid
     roi.ROIName = structure.name
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi.ROIGenerationDescription = f"{model.name} {model.version}"[:64]
+    roi.ROIGenerationDescription = generation_description(model)
+    roi.ROIDerivationAlgorithmIdentificationSequence = algorithm_identification(model)
     roi_contour = Dataset()
     roi_contour.ReferencedROINumber = structure.label
     roi_contour.ROIDisplayColor = list(structure.color)
@@ -143,9 +146,14 @@ def _roi_items(
     return roi, roi_contour, observation
 
 
+def generation_description(model: ModelInfo) -> str:
+    """ROIGenerationDescription of every ROI: the model that drew it, as ``name@version``."""
+    return f"AI model {model.spec}"[:64]
+
+
 def software_versions(model: ModelInfo) -> list[str]:
     """SoftwareVersions values naming the model version and the gateway that made an output."""
-    return [f"{model.name} {model.version}"[:64], f"ie_gateway {ie_gateway.__version__}"]
+    return [model.spec[:64], f"ie_gateway {ie_gateway.__version__}"]
 
 
 def series_description(model: ModelInfo) -> str:
@@ -177,6 +185,7 @@ def _header(ct: pydicom.Dataset, model: ModelInfo, uids: OutputUIDs, series_numb
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = MANUFACTURER
     ds.SoftwareVersions = software_versions(model)
+    ds.ContributingEquipmentSequence = DicomSequence([contributing_equipment(model)])
     ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
     ds.InstanceNumber = 1

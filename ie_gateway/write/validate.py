@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ie_gateway.errors import WriteError
-from ie_gateway.store.records import OutputUIDs
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutputUIDs
 from ie_gateway.write.common import (
     PATIENT_STUDY_KEYWORDS,
     Masks,
@@ -27,7 +27,7 @@ from ie_gateway.write.common import (
     bounding_box,
     structure_masks,
 )
-from ie_gateway.write.seg import seg_mask, segment_color
+from ie_gateway.write.seg import seg_mask, segment_color, segment_numbers
 
 #: Smallest Dice between a structure read back and the mask it was written from.
 MIN_DICE = 0.98
@@ -390,8 +390,9 @@ def _seg_references(seg: hd.seg.Segmentation) -> set[str]:
 
 
 def _check_segments(seg: hd.seg.Segmentation, structures: Sequence[StructureInfo]) -> None:
-    if seg.number_of_segments != len(structures):
-        raise WriteError(f"{seg.number_of_segments} segments written for {len(structures)}")
+    # segment_numbers, not number_of_segments: highdicom 0.28 counts a LABELMAP's one short
+    if len(seg.segment_numbers) != len(structures):
+        raise WriteError(f"{len(seg.segment_numbers)} segments written for {len(structures)}")
     for number, s in enumerate(structures, start=1):
         description = seg.get_segment_description(number)
         if description.segment_label != s.name:
@@ -409,12 +410,14 @@ def validate_seg(
     uids: OutputUIDs,
     masks: Masks | None = None,
 ) -> None:
-    """Check a DICOM SEG (a file or dataset) against the inputs it was built from.
+    """Check a DICOM SEG (a file or dataset), BINARY or LABELMAP, against the inputs it was
+    built from.
 
-    Segment n is ``structures[n-1]``, as :func:`~ie_gateway.write.seg.build_seg` numbers them.
+    Segment n is ``structures[n-1]``, as :func:`~ie_gateway.write.seg.build_seg` numbers them;
+    in a LABELMAP, where the later structure won the voxels their masks share.
     """
     ds = _read(source)
-    if ds.get("SOPClassUID") != pydicom.uid.SegmentationStorage:
+    if ds.get("SOPClassUID") not in (pydicom.uid.SegmentationStorage, LABEL_MAP_SEGMENTATION_STORAGE):
         raise WriteError("output is not a Segmentation")
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     _check_uids(seg, uids)
@@ -422,5 +425,10 @@ def validate_seg(
     _check_ds_lengths(seg)
     _check_all_ct_referenced(_seg_references(seg), ct_headers)
     _check_segments(seg, structures)
+    if ds.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
+        numbers = segment_numbers(labels, structures, masks)
+        for number, s in enumerate(structures, start=1):
+            _check_score(dice(seg_mask(seg, ct_headers, number), numbers == number), s, "SEG")
+        return
     for number, (s, expected) in enumerate(structure_masks(labels, structures, masks), start=1):
         _check_score(dice(seg_mask(seg, ct_headers, number), expected), s, "SEG")

@@ -15,7 +15,7 @@ import yaml
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from ie_gateway.cli import status_rows
+from ie_gateway.status import status_rows
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import ConfigError
 from ie_gateway.infer.registry import Registry

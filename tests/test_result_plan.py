@@ -148,6 +148,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, small_series: list[Path], azu
             },
             "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
             "inference": {"timeout_s": 120},
+            "approvals": {"accept_from": ["TPS"]},
             "sync": {
                 "enabled": True,
                 "container": container.container_name,

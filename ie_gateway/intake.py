@@ -44,16 +44,17 @@ class Received:
     size: int
 
 
-def read_received(path: Path, limits: Limits) -> Received:
-    """The header of the instance file ``path`` (preamble, file meta, data set as sent).
+def read_received(path: Path, transfer_syntax: str, limits: Limits) -> Received:
+    """The header of the instance file ``path`` (preamble, file meta, data set as sent in
+    ``transfer_syntax``).
 
     Raises InstanceOverLimit when a deflated data set inflates past ``limits.max_instance_mb``, and
     pydicom's decoding errors when the file is not DICOM.
     """
-    meta = read_file_meta_info(path)
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
         header = dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES)
         return Received(_without_deferred(header), path.stat().st_size)
+    meta = read_file_meta_info(path)
     start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
     with _inflated(path, start, limits.max_instance_mb * MB) as (inflated, size):
         dataset = read_dataset(inflated, False, True, stop_when=_at_pixel_data, defer_size=DEFER_BYTES)

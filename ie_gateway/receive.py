@@ -533,7 +533,7 @@ class Receiver:
         calling_ae = event.assoc.requestor.ae_title.strip()
         source = event.dataset_path  # preamble, file meta and the data set as sent
         try:
-            received = read_received(source, self.limits)
+            received = read_received(source, str(event.context.transfer_syntax), self.limits)
             absent = [kw for kw in REQUIRED if kw not in received.header]
             if absent:
                 log.warning("instance refused", reason="data set incomplete", absent=absent)

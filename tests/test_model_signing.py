@@ -15,7 +15,7 @@ from ie_gateway.errors import PackageUnsigned, SignatureInvalid, UntrustedPublis
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.signing import SIGNATURE_NAME, TrustedKey, read_statement, verify_package
 from tests.infer_packages import threshold_model, write_package
-from tests.keys import DEMO_PUB, DEMO_TRUSTED, REPO, new_key
+from tests.keys import DEMO_PUB, DEMO_TRUSTED, REPO, new_key, sign
 
 
 def registry_of(tmp_path: Path, keys: tuple[TrustedKey, ...] = DEMO_TRUSTED) -> Registry:
@@ -197,3 +197,13 @@ def test_status_names_a_version_the_pull_refused_and_why(tmp_path: Path) -> None
     shown = cli("status", "--config", config)
     assert shown.returncode == 0, shown.stderr
     assert "model thorax@9 refused by the pull" in shown.stderr and "does not trust" in shown.stderr
+
+
+def test_the_same_files_signed_again_import_as_the_installed_version(tmp_path: Path) -> None:
+    registry = registry_of(tmp_path)
+    package = toy(tmp_path)
+    first = registry.import_version(package)
+    resigned = shutil.copytree(package, tmp_path / "resigned")
+    sign(resigned)
+    assert resigned.joinpath(SIGNATURE_NAME).read_bytes() != package.joinpath(SIGNATURE_NAME).read_bytes()
+    assert registry.import_version(resigned) == first

@@ -15,7 +15,7 @@ from ie_gateway.errors import PackageUnsigned, SignatureInvalid, UntrustedPublis
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.signing import SIGNATURE_NAME, TrustedKey, read_statement, verify_package
 from tests.infer_packages import threshold_model, write_package
-from tests.keys import DEMO_PUB, DEMO_TRUSTED, REPO, new_key
+from tests.keys import DEMO_PUB, DEMO_TRUSTED, REPO, new_key, sign
 
 
 def registry_of(tmp_path: Path, keys: tuple[TrustedKey, ...] = DEMO_TRUSTED) -> Registry:
@@ -183,3 +183,27 @@ def test_cli_keygen_sign_and_import_with_and_without_allow_unsigned(tmp_path: Pa
     audit = cli("audit", "--config", config)
     assert "imported toy@2 signed by physics" in audit.stdout
     assert "imported toy@1 UNSIGNED" in audit.stdout
+
+
+def test_status_names_a_version_the_pull_refused_and_why(tmp_path: Path) -> None:
+    (tmp_path / "routing.yaml").write_text("rules: []\n")
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump({"storage": {"root": "var"}, "routing_file": "routing.yaml", "models_dir": "models"})
+    )
+    registry = Registry(tmp_path / "models", tmp_path / "var" / "models-state.json")
+    registry.record_refusal("thorax", "9", "thorax@9 is signed by a key this node does not trust")
+    shown = cli("status", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert "model thorax@9 refused by the pull" in shown.stderr and "does not trust" in shown.stderr
+
+
+def test_the_same_files_signed_again_import_as_the_installed_version(tmp_path: Path) -> None:
+    registry = registry_of(tmp_path)
+    package = toy(tmp_path)
+    first = registry.import_version(package)
+    resigned = shutil.copytree(package, tmp_path / "resigned")
+    sign(resigned)
+    assert resigned.joinpath(SIGNATURE_NAME).read_bytes() != package.joinpath(SIGNATURE_NAME).read_bytes()
+    assert registry.import_version(resigned) == first

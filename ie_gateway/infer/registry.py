@@ -260,10 +260,6 @@ class Registry:
         with self._state() as state:
             state["refused"][f"{name}@{version}"] = {"reason": reason, "at": _now()}
 
-    def statement(self, name: str, version: str) -> Statement | None:
-        """The checked signed statement of an installed version (None: it was allowed unsigned)."""
-        return self._publisher(self.models_dir / name / version, name, version)
-
     def active(self, name: str) -> str | None:
         active: dict[str, str] = self._read_state()["active"]
         return active.get(name)
@@ -436,7 +432,8 @@ class Registry:
                 state["unsigned"][spec] = {"by": allowed_unsigned_by, "at": _now()}
 
     def _same_or_refuse(self, spec: str, src_dir: Path, files: builtins.list[str], dest: Path) -> ModelVersion:
-        for name in files:
+        # the files, not the signature: a second signature of the same bytes is the same version
+        for name in (f for f in files if f != SIGNATURE_NAME):
             there, src = dest / name, src_dir / name
             if not there.is_file() or sha256_file(there) != sha256_file(src):
                 raise VersionImmutable(

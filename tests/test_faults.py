@@ -317,12 +317,13 @@ def test_cuda_out_of_memory_without_the_cpu_is_transient(tmp_path: Path) -> None
     assert not transient(OSError(13, "Permission denied"))
 
 
-def test_the_inference_child_tells_cuda_out_of_memory_from_other_errors() -> None:
+def test_the_inference_child_tells_cuda_out_of_memory_and_a_full_disk_from_other_errors() -> None:
     import torch
 
     kind, text = error_reply(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert kind == "oom" and text.startswith("OutOfMemoryError: CUDA out of memory")
     assert error_reply(RuntimeError("shape mismatch"))[0] == "inference"
+    assert error_reply(OSError(28, "No space left on device"))[0] == "disk_full"  # the worker waits for space
 
 
 # --- secrets never logged --------------------------------------------------------------------------

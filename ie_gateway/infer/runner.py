@@ -23,6 +23,7 @@ fsync, rename), compressed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -38,6 +39,7 @@ import SimpleITK as sitk
 import structlog
 
 from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, InferenceOutOfMemory, ModelError
+from ie_gateway.files import raise_if_disk_full
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.log import configure as configure_logging
@@ -151,6 +153,8 @@ class InferenceRunner:
         if status == "ok":
             return payload
         kind, text = payload
+        if kind == "disk_full":  # the worker waits for space, as for its own writes
+            raise OSError(errno.ENOSPC, text)
         raise {"model": ModelError, "oom": InferenceOutOfMemory}.get(kind, InferenceError)(text)
 
     def close(self) -> None:
@@ -278,10 +282,13 @@ def _serve(conn: Connection, device: str | None, max_resident: int, log_level: s
 
 def error_reply(exc: Exception) -> tuple[str, str]:
     """What the child tells the parent about an unexpected error: its kind ("oom" for CUDA out
-    of memory, which the worker retries; "inference" otherwise) and its first line."""
+    of memory and "disk_full", which the worker retries; "inference" otherwise) and its first line."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    text = f"{type(exc).__name__}: {first_line}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("disk_full", text)
     oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in first_line
-    return ("oom" if oom else "inference", f"{type(exc).__name__}: {first_line}")
+    return ("oom" if oom else "inference", text)
 
 
 def _resident(
@@ -323,7 +330,13 @@ def _remove_partial(labels_path: Path | None) -> None:
 def _segment(segmenter: Segmenter, ct_path: Path, labels_path: Path) -> dict[str, Any]:
     segmentation = segmenter.segment_file(ct_path)
     tmp = _temp_path(labels_path, os.getpid())
-    sitk.WriteImage(segmentation.labels, str(tmp), useCompression=True)
+    labels = segmentation.labels
+    try:
+        sitk.WriteImage(labels, str(tmp), useCompression=True)
+    except RuntimeError as exc:  # compressed, it takes at most its raw size
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(labels_path.parent, labels.GetNumberOfPixels() * labels.GetSizeOfPixelComponent(), exc)
+        raise
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(labels_path)

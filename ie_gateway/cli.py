@@ -471,6 +471,7 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
     """One object per series job, without patient data (the series UID only hashed)."""
     now = time.time()
     rows = []
+    crashes = store.index.crashes()
     for job in store.index.jobs():
         rows.append(
             {
@@ -487,6 +488,7 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
                 "reason": job.reason,
                 **({"late_instances": job.late_instances} if job.late_instances else {}),
                 **(_holder(job, now) if job.claimed_by else {}),
+                **({"crashes": crashes[job.id]} if job.id in crashes else {}),
                 **_shown_detail(job),
             }
         )

@@ -131,6 +131,7 @@ def test_a_series_that_kills_the_node_twice_fails_at_the_next_start_and_the_next
     [failed] = node.wait_state({"failed"}, timeout=120)
     assert failed["id"] == slow["id"]
     assert failed["reason"] == "crashed the node 2 times at infer"
+    assert failed["crashes"] == {"infer": 2}  # as `status --json` shows it
     [delivered] = node.wait_state({"delivered"}, timeout=180)
     assert delivered["model"] == "toy-body"
     assert any(e["event"] == "stage interrupted by a crash" and e["crashes"] == 2 for e in node.log_events())

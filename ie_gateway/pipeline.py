@@ -32,7 +32,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from ie_gateway.errors import (
     VolumeRefused,
     WriteError,
 )
+from ie_gateway.files import raise_if_disk_full
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.types import InferenceResult
@@ -631,10 +631,8 @@ def _write_image(image: sitk.Image, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part.mha")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=False)
-    except RuntimeError as exc:  # ITK says "could not write" without the errno: a full disk is retried
+    except RuntimeError as exc:  # a full disk is retried, not the job's fault
         tmp.unlink(missing_ok=True)
-        size = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
-        if shutil.disk_usage(path.parent).free < size:
-            raise OSError(errno.ENOSPC, f"no space left for {path.name}") from exc
+        raise_if_disk_full(path.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent(), exc)
         raise
     tmp.replace(path)

@@ -22,7 +22,14 @@ def status_rows(store: Store, max_wait_s: float | None = None) -> list[dict[str,
     now = time.time()
     queue = store.index.queue_order(QUEUED, max_wait_s=max_wait_s or MAX_WAIT_S)
     places = {job.id: place for place, job in enumerate(queue, 1)}
-    return [job_status(store, job, now, places.get(job.id)) for job in store.index.jobs()]
+    crashes = store.index.crashes()
+    return [
+        {
+            **job_status(store, job, now, places.get(job.id)),
+            **({"crashes": crashes[job.id]} if job.id in crashes else {}),
+        }
+        for job in store.index.jobs()
+    ]
 
 
 def job_status(store: Store, job: Job, now: float, queue: int | None = None) -> dict[str, Any]:

@@ -39,7 +39,8 @@ from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.peers import Node, Orthanc, storescu, wait_until
 from tests.test_delivery import StoreSCP, destination, make_node, misplaced_heart_model, transitions
 from tests.test_disk import MIB, fill, small_fs  # noqa: F401  (fixture)
-from tests.test_service import models, rule, series
+from tests.test_service import child_pids, models, rule, running, series
+from tests.test_service import transitions as moves
 
 # --- a job that keeps killing its inference process --------------------------------------------
 
@@ -94,6 +95,46 @@ def test_a_job_that_kills_its_inference_process_twice_fails_and_the_next_series_
     [delivered] = node.wait_state({"delivered"}, timeout=180)
     assert delivered["model"] == "toy-body"
     assert len(orthanc.get("/instances")) == 1
+
+
+def kill_node_mid_inference(node: Node, job_id: int, attempt: int) -> None:
+    """Kill -9 the node (as the kernel's OOM killer would) during the job's ``attempt``-th inference."""
+    index = node.root / "index.sqlite3"
+    wait_until(lambda: moves(index, job_id).count(("routed", "inferring")) >= attempt, 180,
+               what=f"inference attempt {attempt}")  # fmt: skip
+    assert node.proc is not None
+    children = child_pids(node.proc.pid)
+    node.kill9()
+    wait_until(lambda: not any(running(pid) for pid in children), 30, every=0.2,
+               what="the killed node's inference child to stop")  # fmt: skip
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_series_that_kills_the_node_twice_fails_at_the_next_start_and_the_next_series_is_delivered(
+    node_factory: Any, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    node: Node = node_factory(
+        settings={
+            "models_dir": str(models(tmp_path / "models", spin_iterations=400000)),
+            "destinations": {"TPS": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        },
+        rules={"rules": [rule("fast", "Fast", "toy-body"), rule("slow", "Slow", "slow-body")]},
+    ).start()
+    assert storescu(node.port, series(tmp_path / "slow", 23, "Slow")).returncode == 0
+    [slow] = node.wait_state({"inferring"})
+    assert storescu(node.port, series(tmp_path / "fast", 24, "Fast")).returncode == 0
+    kill_node_mid_inference(node, slow["id"], 1)
+    node.start()
+    kill_node_mid_inference(node, slow["id"], 2)
+    node.start()
+    [failed] = node.wait_state({"failed"}, timeout=120)
+    assert failed["id"] == slow["id"]
+    assert failed["reason"] == "crashed the node 2 times at infer"
+    assert failed["crashes"] == {"infer": 2}  # as `status --json` shows it
+    [delivered] = node.wait_state({"delivered"}, timeout=180)
+    assert delivered["model"] == "toy-body"
+    assert any(e["event"] == "stage interrupted by a crash" and e["crashes"] == 2 for e in node.log_events())
 
 
 # --- a full disk while writing ---------------------------------------------------------------------
@@ -277,14 +318,13 @@ def test_cuda_out_of_memory_without_the_cpu_is_transient(tmp_path: Path) -> None
     assert not transient(OSError(13, "Permission denied"))
 
 
-def test_the_inference_child_tells_cuda_out_of_memory_from_other_errors() -> None:
+def test_the_inference_child_tells_cuda_out_of_memory_and_a_full_disk_from_other_errors() -> None:
     import torch
 
     oom = error_reply(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert oom.out_of_memory and not oom.model_error
-    assert oom.text.startswith("OutOfMemoryError: CUDA out of memory")
-    other = error_reply(RuntimeError("shape mismatch"))
-    assert not other.out_of_memory and not other.model_error
+    assert oom.kind == "oom" and oom.text.startswith("OutOfMemoryError: CUDA out of memory")
+    assert error_reply(RuntimeError("shape mismatch")).kind == "inference"
+    assert error_reply(OSError(28, "No space left on device")).kind == "disk_full"  # the worker waits for space
 
 
 # --- secrets never logged --------------------------------------------------------------------------

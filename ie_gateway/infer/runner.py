@@ -28,6 +28,7 @@ fsync, rename), compressed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import glob
 import multiprocessing
 import os
@@ -35,6 +36,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
@@ -44,11 +46,13 @@ import SimpleITK as sitk
 import structlog
 
 from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, InferenceOutOfMemory, ModelError
+from ie_gateway.files import raise_if_disk_full
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.sandbox import confine, scrubbed_environ
 from ie_gateway.infer.types import (
     Close,
+    FailureKind,
     InferenceFailure,
     InferenceRequest,
     InferenceResult,
@@ -176,9 +180,7 @@ class InferenceRunner:
         except (EOFError, ConnectionResetError):
             raise InferenceCrashed(self._crashed(labels_path)) from None
         if isinstance(reply, InferenceFailure):
-            if reply.out_of_memory:
-                raise InferenceOutOfMemory(reply.text)
-            raise (ModelError if reply.model_error else InferenceError)(reply.text)
+            raise _FAILURES[reply.kind](reply.text)
         return reply
 
     def close(self) -> None:
@@ -251,6 +253,20 @@ class InferenceRunner:
         return f"inference process died ({reason})"
 
 
+def _disk_full(text: str) -> OSError:
+    return OSError(errno.ENOSPC, text)
+
+
+#: what the parent raises for each kind of failure the child reports (a full disk as the OSError
+#: the worker waits out, as for its own writes)
+_FAILURES: dict[FailureKind, Callable[[str], Exception]] = {
+    "model": ModelError,
+    "inference": InferenceError,
+    "oom": InferenceOutOfMemory,
+    "disk_full": _disk_full,
+}
+
+
 def runner_for(cfg: GatewayConfig) -> InferenceRunner:
     """The inference child of a node, or of a CLI command that verifies models."""
     device = None if cfg.inference.device == "auto" else cfg.inference.device
@@ -311,7 +327,7 @@ def _serve(
                 segmenter = _resident(resident, message.model, device, max_resident)
                 reply = _segment(segmenter, message.ct_path, message.labels_path)
         except GatewayError as exc:
-            reply = InferenceFailure(isinstance(exc, ModelError), str(exc))
+            reply = InferenceFailure("model" if isinstance(exc, ModelError) else "inference", str(exc))
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
             # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
             reply = error_reply(exc)
@@ -319,11 +335,14 @@ def _serve(
 
 
 def error_reply(exc: Exception) -> InferenceFailure:
-    """What the child tells the parent about an unexpected error: its first line, and whether it
-    is CUDA out of memory (which the worker retries)."""
+    """What the child tells the parent about an unexpected error: its kind ("oom" for CUDA out
+    of memory and "disk_full", which the worker retries; "inference" otherwise) and its first line."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    text = f"{type(exc).__name__}: {first_line}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InferenceFailure("disk_full", text)
     oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in first_line
-    return InferenceFailure(False, f"{type(exc).__name__}: {first_line}", out_of_memory=oom)
+    return InferenceFailure("oom" if oom else "inference", text)
 
 
 def _gpu_present() -> bool:
@@ -370,7 +389,13 @@ def _remove_partial(labels_path: Path | None) -> None:
 def _segment(segmenter: Segmenter, ct_path: Path, labels_path: Path) -> InferenceResult:
     segmentation = segmenter.segment_file(ct_path)
     tmp = _temp_path(labels_path, os.getpid())
-    sitk.WriteImage(segmentation.labels, str(tmp), useCompression=True)
+    labels = segmentation.labels
+    try:
+        sitk.WriteImage(labels, str(tmp), useCompression=True)
+    except RuntimeError as exc:  # compressed, it takes at most its raw size
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(labels_path.parent, labels.GetNumberOfPixels() * labels.GetSizeOfPixelComponent(), exc)
+        raise
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(labels_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import SimpleITK as sitk
 
@@ -80,15 +81,18 @@ class Verified:
     """The model loaded and ran its probe."""
 
 
+#: the kinds of failure the child reports
+FailureKind = Literal["model", "inference", "oom", "disk_full"]
+
+
 @dataclass(frozen=True)
 class InferenceFailure:
-    """Why a request failed: ``model_error`` for a package that cannot be used (ModelError),
-    ``out_of_memory`` for CUDA out of memory (InferenceOutOfMemory, which the worker retries),
-    else an inference failure (InferenceError)."""
+    """Why a request failed: ``model`` for a package that cannot be used (ModelError), ``oom``
+    for CUDA out of memory and ``disk_full`` (both retried by the worker), else ``inference``
+    (InferenceError)."""
 
-    model_error: bool
+    kind: FailureKind
     text: str
-    out_of_memory: bool = False
 
 
 Request = InferenceRequest | VerifyRequest | Close

@@ -553,6 +553,15 @@ class Index:
             ).fetchall()
         return sorted((int(r[0]), str(r[1]), int(r[2])) for r in rows)
 
+    def crashes(self) -> dict[int, dict[str, int]]:
+        """Job → stage → how often the process died in it, for the jobs that crashed at all."""
+        out: dict[int, dict[str, int]] = {}
+        for job_id, stage, count in self.db.query(
+            "SELECT job_id, stage, crashes FROM stage_attempts WHERE crashes > 0"
+        ):
+            out.setdefault(int(job_id), {})[str(stage)] = int(count)
+        return out
+
     def forget_stages(self, job_id: int) -> None:
         """Start a job's attempt and crash counts afresh (an admin sends it through again)."""
         with self.db.tx() as db:

@@ -139,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     reroute.add_argument("job", type=int)
     release = command("release", "send a result held for review (needs_review), marked NEEDS REVIEW")
     release.add_argument("job", type=int)
+    release.add_argument("--comment", default="", help="why: kept in the job's history and the audit")
+    reject = command("reject", "refuse a result held for review: nothing is sent, the job ends failed")
+    reject.add_argument("job", type=int)
+    reject.add_argument("--comment", default="", help="why: kept in the job's history and the audit")
     _operations_commands(command)
     _commission_parser(command)
     _users_parser(command)
@@ -692,8 +696,18 @@ def cmd_release(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    release(Store.for_settings(cfg.storage), args.job, _who())
+    release(Store.for_settings(cfg.storage), args.job, _who(), args.comment)
     print(f"job {args.job}: released; its results are written, marked NEEDS REVIEW, and sent")
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    from ie_gateway.admin import reject
+    from ie_gateway.store import Store
+
+    cfg = load_config(args.config)
+    reject(Store.for_settings(cfg.storage), args.job, _who(), args.comment)
+    print(f"job {args.job}: rejected; nothing was sent (`reroute {args.job}` runs it again)")
     return 0
 
 
@@ -845,6 +859,7 @@ COMMANDS = {
     "sync": cmd_sync,
     "commission": cmd_commission,
     "users": cmd_users,
+    "reject": cmd_reject,
     "fetch": cmd_fetch,
 }
 

@@ -12,6 +12,7 @@ from ie_gateway.errors import AdminError
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.states import JobState
 from tests.jobs import job_route
+from tests.peers import Node
 
 
 def held_job(store: Store) -> int:
@@ -58,3 +59,13 @@ def test_a_comment_is_one_line_of_bounded_length(tmp_path: Path) -> None:
     assert (
         moved.reason is not None and "\n" not in moved.reason and len(moved.reason) <= len("released by alice: ") + 500
     )
+
+
+def test_the_command_line_rejects_with_a_comment(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")  # its configuration and storage; not started
+    store = Store(node.root)
+    job = held_job(store)
+    out = node.cli("reject", str(job), "--comment", "External cut at the table").stdout
+    assert f"job {job}: rejected" in out
+    assert store.index.job(job).reason.endswith(": External cut at the table")
+    assert node.cli("release", str(job), check=False).returncode == 1  # nothing held any more

@@ -20,7 +20,8 @@ plus delivered; the peak GPU memory (the device's memory in use sampled by nvidi
 100 ms, less what was in use before); for the nnU-Net cases ``nnUNetv2_predict_from_modelfolder``
 on the same CT, folds, step and mirroring (its time includes starting Python and importing
 nnU-Net, which the node's inference child did before the job), the node's ratio to it, and the
-voxel agreement of the two label maps. Models are imported and verified (loaded into the
+voxel agreement of the two label maps (the command's post-processed as the package's model.yaml
+says, as the node's is). Models are imported and verified (loaded into the
 inference child) before their CT is sent, as an installed model is on a running node.
 
 ``--tiny``: the same script on the CPU, so CI keeps it working: a 24 x 64² CT, a small stand-in
@@ -60,6 +61,7 @@ from infer import framework_command, stand_in_package
 
 from ie_gateway.config import load_config
 from ie_gateway.infer.formats import describe_package
+from ie_gateway.infer.postprocess import postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, registry_for
 from ie_gateway.receive import VERIFICATION
 from ie_gateway.service import Service
@@ -375,7 +377,10 @@ def compare_nnunet(case: Case, model: ModelVersion, work: Path, device: str) -> 
         return
     [written] = out_dir.rglob("*.nii.gz")
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(case.figures["labels"])))
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    image = sitk.ReadImage(str(written))
+    theirs = sitk.GetArrayFromImage(image).astype(np.uint8)
+    # the node post-processes as model.yaml says; compare the networks' answers, not that
+    postprocess_labels(theirs, model.manifest.structures, float(np.prod(image.GetSpacing())) / 1000.0)
     case.figures.update(
         {
             "cli_s": cli_s,

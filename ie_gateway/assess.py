@@ -18,11 +18,11 @@ from ie_gateway.agreement import ModelContours, assess_approval
 from ie_gateway.approvals import approved_sets
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import AgreementError, ConfigError, ModelError
+from ie_gateway.imaging import structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.plan import labels_file
 from ie_gateway.roinames import site_aliases
 from ie_gateway.store import Job, Store
-from ie_gateway.write.common import structures_of
 
 log = structlog.get_logger(__name__)
 

@@ -42,6 +42,7 @@ from ie_gateway.approvals import link_approved
 from ie_gateway.assess import assess_structure_set
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError, VolumeRefused, WriteError
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, structure_mask, structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
@@ -53,14 +54,7 @@ from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import OutputPlan, OutputUIDs, PlannedOutput, Review
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
-from ie_gateway.write.common import (
-    Masks,
-    ModelInfo,
-    SliceGeometry,
-    StructureInfo,
-    structure_mask,
-    structures_of,
-)
+from ie_gateway.write.common import ModelInfo
 from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg

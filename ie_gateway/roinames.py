@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ie_gateway.imaging import StructureInfo
 from ie_gateway.yamlfile import StrictModel, load_model
 
 if TYPE_CHECKING:
     from ie_gateway.config import Destination
-    from ie_gateway.write.common import StructureInfo
 
 Byte = Annotated[int, Field(ge=0, le=255)]
 

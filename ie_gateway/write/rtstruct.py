@@ -30,20 +30,16 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
 
 import ie_gateway
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, bounding_box, structure_masks
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import ApprovalStatus
 from ie_gateway.write.common import (
     MANUFACTURER,
     NEEDS_REVIEW,
     PATIENT_STUDY_KEYWORDS,
-    Masks,
     ModelInfo,
-    SliceGeometry,
-    StructureInfo,
-    bounding_box,
     check_inputs,
     ds_bytes,
-    structure_masks,
 )
 from ie_gateway.write.contours import mask_rings
 

@@ -19,17 +19,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ie_gateway.errors import WriteError
+from ie_gateway.imaging import Masks, StructureInfo, structure_masks
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import InterpretedType
-from ie_gateway.write.common import (
-    MANUFACTURER,
-    Masks,
-    ModelInfo,
-    StructureInfo,
-    check_inputs,
-    structure_masks,
-    with_patient_study,
-)
+from ie_gateway.write.common import MANUFACTURER, ModelInfo, check_inputs, with_patient_study
 from ie_gateway.write.rtstruct import series_description, software_versions
 
 log = structlog.get_logger(__name__)

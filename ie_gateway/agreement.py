@@ -36,11 +36,10 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from ie_gateway.errors import AgreementError, WriteError
+from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi, structure_mask
 from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.store import Index, Job
 from ie_gateway.store.records import AgreementRow
-from ie_gateway.write.common import SliceGeometry, StructureInfo, structure_mask
-from ie_gateway.write.validate import rasterize_roi
 
 log = structlog.get_logger(__name__)
 

@@ -5,10 +5,13 @@ The worker runs it for jobs in ``assessing`` after every other stage, so a CT ne
 behind a comparison. The AI side is the RT-STRUCT each route's output plan delivered (what the
 clinician edited, under the names the TPS showed), else the route's label map. A draft gets no
 figures; a case that cannot be compared (files purged, model removed) says why in the
-structure set job's reason.
+structure set job's reason. A structure the delivered file's names file left out is not
+compared (the clinician never saw it); one the model found empty is (it scores 0).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pydicom
 import structlog
@@ -18,12 +21,12 @@ from ie_gateway.agreement import Bounds, ModelContours, assess_approval
 from ie_gateway.approvals import approved_sets
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import AgreementError, ConfigError, ModelError
+from ie_gateway.imaging import structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.log import scrub
 from ie_gateway.plan import labels_file
-from ie_gateway.roinames import site_aliases
+from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.store import Job, Store
-from ie_gateway.write.common import structures_of
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +61,8 @@ def _contours(store: Store, registry: Registry, ct_job: Job, index: int) -> Mode
     folder = store.job_dir(ct_job.id)
     delivered = ct_job.detail.plan.delivered_rtstruct(index)
     rtstruct = folder / delivered.file if delivered is not None else None
-    return ModelContours(
-        model.name, model.version, structures_of(model.manifest), rtstruct, folder / labels_file(index)
-    )
+    structures = structures_of(model.manifest)
+    if delivered is not None and delivered.names_file:  # what the names file left out, no one saw
+        names = load_roi_names(Path(delivered.names_file))
+        structures = [s for s in structures if names.local_name(s.name) is not None]
+    return ModelContours(model.name, model.version, structures, rtstruct, folder / labels_file(index))

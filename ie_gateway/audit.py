@@ -90,8 +90,9 @@ def _transitions(store: Store) -> Iterable[AuditEvent]:
     for t in store.index.transitions():
         job_id, at, old, new, reason = t.job_id, t.at, t.from_state, t.to_state, t.reason
         admin = ADMIN_REASON.match(reason or "")
-        if admin:
-            yield AuditEvent(at, job_id, "admin", f"{old} -> {new}: {reason}", who=admin["who"])
+        if t.who or admin:  # the transition's own record of who, else what its reason says
+            who = t.who or (admin["who"] if admin else "")
+            yield AuditEvent(at, job_id, "admin", f"{old} -> {new}: {reason}", who=who)
         elif new == JobState.ROUTED and job_id in jobs:
             j = jobs[job_id]
             rules = ", ".join(r.rule for r in j.routes) or "?"

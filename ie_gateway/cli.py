@@ -300,10 +300,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from ie_gateway import checks, tls
+    from ie_gateway.infer.registry import registry_for
+    from ie_gateway.roinames import rule_roi_name_problems
 
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
-    problems = _roi_name_problems(cfg, rules)
+    problems = rule_roi_name_problems(cfg, rules, registry_for(cfg))
     tls_problems = tls.config_problems(cfg)
     problems += [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
     site_errors, site_warnings = checks.split(checks.site_findings(cfg, rules))
@@ -327,39 +329,6 @@ def _echo_destinations(cfg: GatewayConfig) -> int:
     if not results:
         print("no destinations to echo")
     return 0 if all(r.ok for r in results) else 1
-
-
-def _roi_name_problems(cfg: GatewayConfig, rules: RuleSet) -> list[str]:
-    """ROI names a rule would send that are longer than the destination takes.
-
-    Names a destination's names file sets are checked when the config loads; this covers the
-    model's own names that reach a destination unmapped.
-    """
-    from ie_gateway.infer.registry import registry_for
-    from ie_gateway.roinames import load_roi_names
-
-    registry = registry_for(cfg)
-    problems = []
-    for rule in rules.rules:
-        route = rule.route
-        try:
-            model = registry.resolve(f"{route.model}@{route.version}" if route.version else route.model)
-        except GatewayError:
-            continue  # routing reports an unusable model itself, when a series is routed
-        names = [s.name for s in model.manifest.structures]
-        for dest_name in route.send_to:
-            dest = cfg.destinations[dest_name]
-            mapped = load_roi_names(dest.names, dest.max_roi_name) if dest.names is not None else None
-            for name in (mapped.local_name(n) if mapped else n for n in names):
-                if name is None:
-                    continue
-                if len(name) > dest.max_roi_name:
-                    problems.append(
-                        f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
-                        f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
-                        f"{dest.max_roi_name}: map it in {dest_name}'s names file"
-                    )
-    return problems
 
 
 def _load_rules(cfg: GatewayConfig) -> RuleSet:

@@ -57,6 +57,7 @@ from ie_gateway.errors import (
     WriteError,
 )
 from ie_gateway.files import raise_if_disk_full
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, structure_mask, structures_of
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.types import InferenceResult
@@ -79,14 +80,7 @@ from ie_gateway.store.records import (
 )
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
-from ie_gateway.write.common import (
-    Masks,
-    ModelInfo,
-    SliceGeometry,
-    StructureInfo,
-    structure_mask,
-    structures_of,
-)
+from ie_gateway.write.common import ModelInfo
 from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg

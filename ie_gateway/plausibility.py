@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ie_gateway.imaging import SliceGeometry, bounding_box
 from ie_gateway.infer.manifest import Structure
 from ie_gateway.vocab import InterpretedType
-from ie_gateway.write.common import SliceGeometry, bounding_box
 
 #: Share of a structure's volume that must lie inside the structure named by ``expect.inside``.
 INSIDE_SHARE = 0.95

@@ -26,9 +26,11 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.yamlfile import StrictModel, load_model
 
-if TYPE_CHECKING:
-    from ie_gateway.config import Destination
-    from ie_gateway.write.common import StructureInfo
+if TYPE_CHECKING:  # the config loads names files without the imaging stack
+    from ie_gateway.config import Destination, GatewayConfig
+    from ie_gateway.imaging import StructureInfo
+    from ie_gateway.infer.registry import Registry
+    from ie_gateway.route.rules import RuleSet
 
 Byte = Annotated[int, Field(ge=0, le=255)]
 
@@ -101,3 +103,34 @@ def site_aliases(destinations: Mapping[str, Destination], sent_to: Iterable[str]
             if entry.name is not None and entry.name not in aliases.get(structure, []):
                 aliases.setdefault(structure, []).append(entry.name)
     return aliases
+
+
+def rule_roi_name_problems(cfg: GatewayConfig, rules: RuleSet, registry: Registry) -> list[str]:
+    """ROI names a rule would send that are longer than the destination takes.
+
+    Names a destination's names file sets are checked when the config loads; this covers the
+    model's own names that reach a destination unmapped (`check-config` reports them).
+    """
+    from ie_gateway.errors import GatewayError
+
+    problems = []
+    for rule in rules.rules:
+        route = rule.route
+        try:
+            model = registry.resolve(f"{route.model}@{route.version}" if route.version else route.model)
+        except GatewayError:
+            continue  # routing reports an unusable model itself, when a series is routed
+        names = [s.name for s in model.manifest.structures]
+        for dest_name in route.send_to:
+            dest = cfg.destinations[dest_name]
+            mapped = load_roi_names(dest.names, dest.max_roi_name) if dest.names is not None else None
+            for name in (mapped.local_name(n) if mapped else n for n in names):
+                if name is None:
+                    continue
+                if len(name) > dest.max_roi_name:
+                    problems.append(
+                        f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
+                        f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
+                        f"{dest.max_roi_name}: map it in {dest_name}'s names file"
+                    )
+    return problems

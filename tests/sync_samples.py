@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ie_gateway.write.common import ModelInfo, OutputUIDs, StructureInfo
+from ie_gateway.imaging import StructureInfo
+from ie_gateway.write.common import ModelInfo, OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
 
 PLANTED = {

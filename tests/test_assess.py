@@ -59,3 +59,26 @@ def test_a_ct_is_routed_before_a_structure_set_waiting_for_its_figures(tmp_path:
     assert done.state is JobState.UNROUTED  # no approved file in it: linked, no figures
     assert done.reason == f"clinician's structure set, linked to job {ct_linked}"
     assert not worker.run_once()
+
+
+def test_the_delivered_rtstruct_is_compared_without_what_its_names_file_left_out(tmp_path: Path) -> None:
+    from ie_gateway.assess import _contours
+    from ie_gateway.config import Destination
+    from ie_gateway.infer.registry import Registry
+    from ie_gateway.plan import plan_outputs
+    from ie_gateway.store import JobRoute, OutputKind
+    from tests.infer_packages import threshold_model, write_package
+
+    write_package(tmp_path / "models", [threshold_model(3)], name="toy", version="1", structures=2)
+    names = tmp_path / "names.yaml"
+    names.write_text("rois:\n  Lung_L: {send: false}\n")
+    store = Store(tmp_path / "var")
+    job = _series(store, 1, "CT")
+    route = JobRoute(rule="r", model="toy", version="1", outputs=(OutputKind.RTSTRUCT,), send_to=("TPS",))
+    dest = Destination(ae_title="TPS", host="127.0.0.1", port=104, names=names)
+    plan = plan_outputs([route], {"TPS": dest})
+    store.index.transition(job, JobState.ROUTED, routes=[route], detail=replace(store.index.job(job).detail, plan=plan))
+
+    contours = _contours(store, Registry(tmp_path / "models", tmp_path / "state.json"), store.index.job(job), 0)
+    assert contours.rtstruct is not None and contours.rtstruct.name == "rtstruct-0-TPS.dcm"
+    assert [s.name for s in contours.structures] == ["External"]  # Lung_L never reached the TPS

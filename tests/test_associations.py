@@ -95,3 +95,18 @@ def test_a_sender_that_releases_and_associates_again_at_once_is_not_refused(node
         assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
         assert assoc.is_established
         assoc.release()
+
+
+@pytest.mark.slow
+def test_an_established_association_idle_past_network_timeout_is_aborted_and_frees_its_slot(
+        node_factory: object) -> None:
+    node: Node = node_factory(settings={"node": {"max_associations": 1, "network_timeout_s": 2}}).start()  # type: ignore[operator]
+    ae = AE("ECHOSCU")
+    ae.network_timeout = 60  # the SCU would wait far longer: the node must be the one to end it
+    ae.add_requested_context(Verification)
+    idle = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    assert idle.is_established
+    assert echoscu(node.port).returncode != 0  # the one slot is taken while it is open
+    wait_until(lambda: not idle.is_alive(), 20, what="the node to abort the idle association")
+    assert idle.is_aborted or not idle.is_established
+    assert wait_until(lambda: echoscu(node.port).returncode == 0, 10, what="the slot to free")

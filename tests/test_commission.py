@@ -31,9 +31,9 @@ from ie_gateway.config import AgreementSettings
 from ie_gateway.errors import CommissionError
 from ie_gateway.store import Store
 from ie_gateway.synthetic import HEART, make_phantom, write_ct_series
-from ie_gateway.write.common import OutputUIDs, SliceGeometry
+from ie_gateway.imaging import SliceGeometry, rasterize_roi
+from ie_gateway.write.common import OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
-from ie_gateway.write.validate import rasterize_roi
 from tests.agreement_reference import reference_figures
 from tests.peers import REPO
 from tests.web_server import chromium

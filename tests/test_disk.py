@@ -129,3 +129,35 @@ def test_pressure_purges_delivered_series_oldest_first_and_never_undelivered_or_
 
 def purged_jobs(store: Store) -> list[int]:
     return [j.id for j in store.index.jobs() if j.detail.purged]
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_running_node_below_the_reserve_purges_a_delivered_series_and_accepts_again(
+        node_factory: object, small_fs: Path, small_series: list[Path], tmp_path: Path) -> None:
+    from tests.peers import Orthanc
+    from tests.test_pipeline import RULES, toy_models
+
+    tps = Orthanc(tmp_path / "tps").start()
+    try:
+        node: Node = node_factory(settings={  # type: ignore[operator]
+            "storage": {"root": str(small_fs / "var"), "reserve": {"percent": 0, "gb": 16 / 1024}},
+            "models_dir": str(toy_models(tmp_path / "models")),
+            "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port,
+                                     "accepts": ["rtstruct"]}},
+            "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
+            "inference": {"timeout_s": 120},
+        }, rules=RULES)
+        node.start()
+        assert storescu(node.port, small_series).returncode == 0
+        [job] = node.wait_state({"delivered", "failed", "refused"}, timeout=180)
+        assert job["state"] == "delivered", job
+        fill(small_fs, 15 * MIB)  # 1 MiB below the reserve; the delivered series holds more than that
+        assert echoscu(node.port).returncode != 0  # refused while below the reserve
+
+        # the node's own disk-pressure task (every 10 s) purges the delivered series
+        wait_until(lambda: node.jobs()[0].get("purged") is True, 60, what="the delivered series purged")
+        assert wait_until(lambda: echoscu(node.port).returncode == 0, 30, what="acceptance to resume")
+        assert not list((small_fs / "var" / "spool").rglob("*.dcm"))
+    finally:
+        tps.stop()

@@ -21,10 +21,10 @@ from scipy import ndimage
 
 from ie_gateway import agreement
 from ie_gateway.agreement import StructureFigures
+from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi
 from ie_gateway.store import Store
-from ie_gateway.write.common import ModelInfo, OutputUIDs, SliceGeometry, StructureInfo
+from ie_gateway.write.common import ModelInfo, OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
-from ie_gateway.write.validate import rasterize_roi
 from tests.agreement_reference import reference_figures
 from tests.peers import REPO, Node, Orthanc, storescu, wait_until
 from tests.web_server import admin_page, chromium

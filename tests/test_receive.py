@@ -38,8 +38,12 @@ def dataset_bytes(path: Path) -> bytes:
     return raw[128 + 4 + 12 + meta_len:]
 
 
-def test_echo_is_answered(node: Node) -> None:
-    assert echoscu(node.port).returncode == 0
+def test_echo_is_answered_with_status_success(node: Node) -> None:
+    """The node fixture already waited for an echo to work; this reads the status it answered."""
+    result = subprocess.run(["/usr/bin/echoscu", "-v", "-aet", "ECHOSCU", "-aec", "IE_GATEWAY", "127.0.0.1",
+                             str(node.port)], capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+    assert result.returncode == 0
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr
 
 
 def test_unknown_calling_ae_is_rejected_at_association(node: Node) -> None:

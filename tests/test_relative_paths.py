@@ -15,16 +15,27 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 
 def test_a_worker_with_the_spool_mounted_at_another_path_finishes_a_job_another_worker_started(
-        node_factory: Any, orthanc: Orthanc, small_series: list[Path], tmp_path: Path) -> None:
+    node_factory: Any, orthanc: Orthanc, small_series: list[Path], tmp_path: Path
+) -> None:
     settings: dict[str, Any] = {
         "models_dir": str(misplaced_heart_model(tmp_path / "models")),
-        "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": orthanc.dicom_port,
-                                 "accepts": ["rtstruct"]}},
+        "destinations": {
+            "TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": orthanc.dicom_port, "accepts": ["rtstruct"]}
+        },
         "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
         "inference": {"timeout_s": 120},
     }
-    rules = {"rules": [{"name": "thorax", "match": {"Modality": "CT"}, "model": "toy-heart",
-                        "outputs": ["rtstruct"], "send_to": ["TPS"]}]}
+    rules = {
+        "rules": [
+            {
+                "name": "thorax",
+                "match": {"Modality": "CT"},
+                "model": "toy-heart",
+                "outputs": ["rtstruct"],
+                "send_to": ["TPS"],
+            }
+        ]
+    }
     first = node_factory("first", settings=settings, rules=rules).start()
     assert storescu(first.port, small_series).returncode == 0
     # inferred by the first worker, then held for review: its slice files are in the index

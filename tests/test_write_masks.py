@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ie_gateway.write import StructureInfo, common, structure_mask
-from ie_gateway.write.common import fill_holes_per_slice
+from ie_gateway import imaging
+from ie_gateway.imaging import fill_holes_per_slice
+from ie_gateway.write import StructureInfo, structure_mask
 
 BODY = StructureInfo(
     label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True
@@ -48,7 +49,7 @@ def test_a_structure_without_fill_keeps_its_holes() -> None:
 def test_fill_holes_per_slice_is_binary_fill_holes_of_each_slice(
     chunk_voxels: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(common, "_FILL_CHUNK_VOXELS", chunk_voxels)  # slices labelled together
+    monkeypatch.setattr(imaging, "_FILL_CHUNK_VOXELS", chunk_voxels)  # slices labelled together
     rng = np.random.default_rng(5)
     for _ in range(100):
         shape = (int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 20)))

@@ -44,8 +44,15 @@ def seg(written: Path) -> hd.seg.Segmentation:
     return hd.seg.segread(written)
 
 
-def test_headers_without_pixel_data_are_enough(case: Case) -> None:
-    assert all("PixelData" not in h for h in case.headers)
+def test_headers_without_pixel_data_give_the_seg_the_full_ct_gives(case: Case, uids: OutputUIDs,
+                                                                   seg: hd.seg.Segmentation) -> None:
+    assert all("PixelData" not in h for h in case.headers)  # what the worker reads
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in case.paths)}
+    full = [by_uid[str(h.SOPInstanceUID)] for h in case.headers]
+    assert all("PixelData" in ds for ds in full)
+    from_full = build_seg(full, case.labels, DEMO_STRUCTURES, MODEL, uids)
+    assert from_full.PixelData == seg.PixelData
+    assert from_full.NumberOfFrames == seg.NumberOfFrames
 
 
 def test_round_trip_gives_the_same_mask_per_segment(seg: hd.seg.Segmentation, case: Case) -> None:
@@ -122,9 +129,14 @@ def test_every_ct_instance_is_referenced(seg: hd.seg.Segmentation, case: Case) -
     assert referenced == sorted(h.SOPInstanceUID for h in case.headers)
 
 
-def test_same_uids_give_the_same_instance_on_a_rebuild(case: Case, uids: OutputUIDs) -> None:
+def test_a_rebuild_with_the_stored_uids_is_the_instance_already_written(
+        case: Case, uids: OutputUIDs, seg: hd.seg.Segmentation) -> None:
+    """What a worker taking over a job writes: the same instance, frame for frame."""
     again = build_seg(case.headers, case.labels, DEMO_STRUCTURES, MODEL, uids)
-    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (uids.series_uid, uids.sop_uid)
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (seg.SeriesInstanceUID, seg.SOPInstanceUID)
+    assert again.PixelData == seg.PixelData
+    other = build_seg(case.headers, case.labels, DEMO_STRUCTURES, MODEL, new_output_uids())
+    assert other.SOPInstanceUID != seg.SOPInstanceUID  # the UIDs come from the caller, not the builder
 
 
 @pytest.mark.peer

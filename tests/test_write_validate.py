@@ -14,6 +14,7 @@ from pydicom.dataelem import DataElement
 from skimage import draw
 
 from ie_gateway.errors import WriteError
+from ie_gateway.imaging import RoiContours, SliceGeometry, fill_even_odd
 from ie_gateway.write import (
     OutputUIDs,
     build_rtstruct,
@@ -22,8 +23,7 @@ from ie_gateway.write import (
     validate_rtstruct,
     validate_seg,
 )
-from ie_gateway.write.common import SliceGeometry
-from ie_gateway.write.validate import _roi_dice, _roi_overlap, _RoiContours, dice, fill_even_odd
+from ie_gateway.write.validate import _roi_dice, _roi_overlap, dice
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
 
 CONTOUR_DATA = 0x30060050
@@ -139,7 +139,7 @@ def test_roi_dice_is_the_dice_of_the_rasterised_roi() -> None:
     ]
     for rings in shapes:
         drawn = _drawn(rings, shape)
-        contours = _RoiContours.read(_roi(rings))
+        contours = RoiContours.read(_roi(rings))
         for expected in (
             drawn,
             np.roll(drawn, 2, axis=2),

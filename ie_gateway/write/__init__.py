@@ -4,21 +4,13 @@ The caller makes the output UIDs once (:func:`new_output_uids`) and stores them,
 delivery retry sends the same instance; builders never make UIDs of their own.
 """
 
+from ie_gateway.imaging import StructureInfo, structure_mask
 from ie_gateway.store.records import OutputUIDs
-from ie_gateway.write.common import (
-    ModelInfo,
-    StructureInfo,
-    new_output_uids,
-    structure_mask,
-)
+from ie_gateway.write.common import ModelInfo, new_output_uids
 from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
-from ie_gateway.write.validate import (
-    rasterize_rtstruct,
-    validate_rtstruct,
-    validate_seg,
-)
+from ie_gateway.write.validate import rasterize_rtstruct, validate_rtstruct, validate_seg
 
 __all__ = [
     "ModelInfo",

@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from ie_gateway.imaging import StructureInfo
 from ie_gateway.vocab import InterpretedType
-from ie_gateway.write.common import ModelInfo, StructureInfo
+from ie_gateway.write.common import ModelInfo
 
 PANEL_PX = 512
 LEGEND_PX = 96

@@ -30,22 +30,18 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
 
 import ie_gateway
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, bounding_box, structure_masks
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import ApprovalStatus
 from ie_gateway.write.common import (
     MANUFACTURER,
     NEEDS_REVIEW,
     PATIENT_STUDY_KEYWORDS,
-    Masks,
     ModelInfo,
-    SliceGeometry,
-    StructureInfo,
     algorithm_identification,
-    bounding_box,
     check_inputs,
     contributing_equipment,
     ds_bytes,
-    structure_masks,
 )
 from ie_gateway.write.contours import mask_rings
 

@@ -27,17 +27,15 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ie_gateway.errors import WriteError
+from ie_gateway.imaging import Masks, StructureInfo, structure_masks
 from ie_gateway.store.records import OutputUIDs, SegEncoding
 from ie_gateway.vocab import InterpretedType
 from ie_gateway.write.common import (
     MANUFACTURER,
-    Masks,
     ModelInfo,
-    StructureInfo,
     algorithm_identification,
     check_inputs,
     contributing_equipment,
-    structure_masks,
     with_patient_study,
 )
 from ie_gateway.write.rtstruct import series_description, software_versions

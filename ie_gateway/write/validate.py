@@ -9,7 +9,6 @@ Every failure raises :class:`~ie_gateway.errors.WriteError` naming the rule and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from os import PathLike
 
 import highdicom as hd
@@ -18,20 +17,26 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ie_gateway.errors import WriteError
-from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutputUIDs
-from ie_gateway.write.common import (
-    PATIENT_STUDY_KEYWORDS,
+from ie_gateway.imaging import (
+    CONTOUR_DATA,
     Masks,
+    RoiContours,
     SliceGeometry,
     StructureInfo,
     bounding_box,
+    crossings,
+    elem_keyword,
+    encoded_ds,
+    parse_ds,
+    rasterize_roi,
     structure_masks,
 )
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutputUIDs
+from ie_gateway.write.common import PATIENT_STUDY_KEYWORDS
 from ie_gateway.write.seg import seg_mask, segment_color, segment_numbers
 
 #: Smallest Dice between a structure read back and the mask it was written from.
 MIN_DICE = 0.98
-CONTOUR_DATA = 0x30060050
 
 
 def _read(source: str | PathLike[str] | Dataset) -> Dataset:
@@ -43,142 +48,7 @@ def _read(source: str | PathLike[str] | Dataset) -> Dataset:
         raise WriteError(f"output {source} cannot be read back: {exc}") from exc
 
 
-def _crossings(
-    r0: np.ndarray, c0: np.ndarray, r1: np.ndarray, c1: np.ndarray, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where the edges (r0, c0) → (r1, c1) cross the pixel-centre rows of a ``shape`` plane:
-    (edge index, row, first pixel right of the crossing, 0..cols) of each crossing.
-
-    An edge crosses the centre rows min <= r < max (half-open, so a vertex counts once and a
-    closed ring crosses every row an even number of times).
-    """
-    rows_n, cols_n = shape
-    first = np.clip(np.ceil(np.minimum(r0, r1)), 0, rows_n).astype(np.int64)
-    stop = np.clip(np.ceil(np.maximum(r0, r1)), 0, rows_n).astype(np.int64)
-    counts = np.maximum(stop - first, 0)
-    edge = np.repeat(np.arange(len(r0)), counts)
-    step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    row = np.repeat(first, counts) + step
-    t = (row - r0[edge]) / (r1[edge] - r0[edge])
-    col = c0[edge] + t * (c1[edge] - c0[edge])
-    start = np.clip(np.floor(col).astype(np.int64) + 1, 0, cols_n)
-    return edge, row, start
-
-
-def fill_even_odd(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Pixels (rows, cols) whose centre lies inside an odd number of ``rings``.
-
-    Each ring is (n, 2) fractional (row, col) vertices of a closed polygon. This is a scanline
-    fill: for every pixel-centre row, each edge crossing toggles the pixels right of it. It gives
-    what ``skimage.draw.polygon`` gives per ring (tests check that) XOR-ed over the rings, but in
-    time proportional to the crossings instead of bounding box x vertices: skimage took 21 s to
-    rasterise the RT-STRUCT of a 200 x 512² CT.
-    """
-    rows_n, cols_n = shape
-    toggles = np.zeros((rows_n, cols_n + 1), dtype=np.int32)
-    for ring in rings:
-        r0, c0 = ring[:, 0], ring[:, 1]
-        _, row, start = _crossings(r0, c0, np.roll(r0, -1), np.roll(c0, -1), shape)
-        np.add.at(toggles, (row, start), 1)
-    return (np.cumsum(toggles[:, :cols_n], axis=1) & 1).astype(bool)
-
-
-def _encoded_ds(elem: pydicom.DataElement) -> bytes:
-    """The texts of a DS element joined by backslashes, as a file holds them (no padding)."""
-    if elem.value is None:
-        return b""
-    if elem.is_raw:
-        return bytes(elem.value).rstrip(b" \x00")
-    items = elem.value if isinstance(elem.value, list | tuple) or elem.VM > 1 else [elem.value]
-    return "\\".join(getattr(v, "original_string", None) or str(v) for v in items).encode("ascii", "replace")
-
-
-def _parse_ds(data: bytes, tag: int) -> tuple[np.ndarray, str]:
-    """The numbers of encoded DS texts and the longest text, parsed by numpy in one go: a DS
-    object per value, for the contours of a 200-slice RT-STRUCT, took seconds."""
-    if not data:
-        return np.zeros(0), ""
-    texts = np.array(data.split(b"\\"))
-    try:
-        values = texts.astype(np.float64)
-    except ValueError as exc:
-        raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string") from exc
-    if not np.isfinite(values).all():
-        raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string")
-    return values, texts[int(np.argmax(np.char.str_len(texts)))].decode("ascii", "replace")
-
-
-@dataclass(frozen=True)
-class _RoiContours:
-    """The ContourData of one ROIContourSequence item, parsed once for every rule that reads
-    it: all values in sequence order, how many each contour holds, and the longest text."""
-
-    values: np.ndarray
-    counts: np.ndarray
-    longest: str
-
-    @classmethod
-    def read(cls, roi: Dataset) -> _RoiContours:
-        """Parse every contour of ``roi`` in one numpy call."""
-        encoded = []
-        for contour in roi.get("ContourSequence", []):
-            elem = contour.get_item(CONTOUR_DATA)
-            encoded.append(b"" if elem is None else _encoded_ds(elem))
-        counts = np.array([data.count(b"\\") + 1 if data else 0 for data in encoded], dtype=np.int64)
-        values, longest = _parse_ds(b"\\".join(data for data in encoded if data), CONTOUR_DATA)
-        return cls(values, counts, longest)
-
-    def on_slices(self, geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The contours that have points, placed on the CT: (slice index of each, (n, 2)
-        fractional (row, col) of all their points one contour after another, points of each)."""
-        if np.any(self.counts % 3):
-            raise WriteError("ContourData holds values that are not (x, y, z) triplets")
-        sizes = self.counts[self.counts > 0] // 3
-        if sizes.size == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 2)), sizes
-        slices, points = geometry.to_pixels(self.values.reshape(-1, 3), sizes)
-        return slices, points, sizes
-
-
-def _rings_by_slice(roi: Dataset, geometry: SliceGeometry) -> dict[int, list[np.ndarray]]:
-    """The (row, col) rings of one ROIContourSequence item, by the CT slice each lies on."""
-    slices, points, sizes = _RoiContours.read(roi).on_slices(geometry)
-    rings: dict[int, list[np.ndarray]] = {}
-    for k, ring in zip(slices.tolist(), np.split(points, np.cumsum(sizes)[:-1]), strict=True):
-        rings.setdefault(k, []).append(ring)
-    return rings
-
-
-def _fill_window(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray]:
-    """:func:`fill_even_odd` within the rings' bounding box: (window, filled pixels there).
-
-    Pixels outside the rings' box are outside every ring, so nothing is lost, and a small
-    organ costs its own size instead of a whole slice.
-    """
-    stacked = np.concatenate(rings)
-    lo = np.clip(np.floor(stacked.min(axis=0)).astype(np.int64), 0, shape)
-    hi = np.clip(np.ceil(stacked.max(axis=0)).astype(np.int64) + 1, 0, shape)
-    window = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])))
-    size = (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
-    if min(size) <= 0:
-        return window, np.zeros(size if min(size) >= 0 else (0, 0), dtype=bool)
-    return window, fill_even_odd([ring - lo for ring in rings], size)
-
-
-def rasterize_roi(roi: Dataset, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
-    """Boolean (z, y, x) mask of one ROIContourSequence item on the CT grid.
-
-    A voxel is inside when its centre lies inside an odd number of the ROI's contours on its
-    slice (even-odd rule, so inner contours cut holes).
-    """
-    mask = np.zeros(shape, dtype=bool)
-    for k, slice_rings in _rings_by_slice(roi, geometry).items():
-        window, filled = _fill_window(slice_rings, shape[1:])
-        mask[(k, *window)] = filled
-    return mask
-
-
-def _contour_toggles(contours: _RoiContours, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
+def _contour_toggles(contours: RoiContours, geometry: SliceGeometry, shape: tuple[int, int, int]) -> np.ndarray:
     """Sorted toggle keys of an ROI's contours on the (z, y, x) grid: one per crossing of a
     contour edge with a pixel-centre row, at ``(slice * rows + row) * (cols + 1) + first
     pixel right of it``, the pixels :func:`rasterize_roi` fills are those after an odd number
@@ -188,7 +58,7 @@ def _contour_toggles(contours: _RoiContours, geometry: SliceGeometry, shape: tup
     after = np.arange(len(points)) + 1
     after[ends - 1] = ends - sizes  # a contour's last point closes on its first
     r, c = points[:, 0], points[:, 1]
-    edge, row, start = _crossings(r, c, r[after], c[after], shape[1:])
+    edge, row, start = crossings(r, c, r[after], c[after], shape[1:])
     keys: np.ndarray = (np.repeat(slices, sizes)[edge] * shape[1] + row) * (shape[2] + 1) + start
     keys.sort()
     return keys
@@ -216,7 +86,7 @@ def _toggled(keys: np.ndarray) -> int:
     return int(keys[1::2].sum() - keys[::2].sum())
 
 
-def _roi_overlap(contours: _RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> tuple[int, int, int]:
+def _roi_overlap(contours: RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> tuple[int, int, int]:
     """(voxels of the rasterised ROI, voxels of ``expected``, voxels in both), from toggles
     alone: the XOR of two masks toggles where either does, so |A ^ B| is the toggled count of
     both key lists merged and |A & B| = (|A| + |B| - |A ^ B|) / 2. No voxel volume is filled;
@@ -227,7 +97,7 @@ def _roi_overlap(contours: _RoiContours, geometry: SliceGeometry, expected: np.n
     return a, b, (a + b - either) // 2
 
 
-def _roi_dice(contours: _RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> float:
+def _roi_dice(contours: RoiContours, geometry: SliceGeometry, expected: np.ndarray) -> float:
     """Dice of an ROI's contours, rasterised as :func:`rasterize_roi` does, with ``expected``."""
     drawn, truth, both = _roi_overlap(contours, geometry, expected)
     total = drawn + truth
@@ -271,11 +141,7 @@ def _check_uids(ds: Dataset, uids: OutputUIDs) -> None:
 def ds_values(dataset: Dataset, tag: int) -> tuple[np.ndarray, str]:
     """The numbers of a DS element and its longest text (as written, for the 16-character rule)."""
     elem = dataset.get_item(tag)
-    return (np.zeros(0), "") if elem is None else _parse_ds(_encoded_ds(elem), tag)
-
-
-def elem_keyword(tag: int) -> str:
-    return pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
+    return (np.zeros(0), "") if elem is None else parse_ds(encoded_ds(elem), tag)
 
 
 def _check_ds_lengths(ds: Dataset, parsed_apart: frozenset[int] = frozenset()) -> None:
@@ -294,11 +160,11 @@ def _check_ds_lengths(ds: Dataset, parsed_apart: frozenset[int] = frozenset()) -
                 _check_ds_lengths(item, parsed_apart)
 
 
-def _read_contours(ds: Dataset) -> list[tuple[Dataset, _RoiContours]]:
+def _read_contours(ds: Dataset) -> list[tuple[Dataset, RoiContours]]:
     """Each ROIContourSequence item with its ContourData parsed, their DS texts checked."""
     parsed = []
     for roi in ds.get("ROIContourSequence", []):
-        contours = _RoiContours.read(roi)
+        contours = RoiContours.read(roi)
         if len(contours.longest) > 16:
             raise WriteError(f"DS value {contours.longest!r} of {elem_keyword(CONTOUR_DATA)} exceeds 16 characters")
         parsed.append((roi, contours))
@@ -321,7 +187,7 @@ def _rtstruct_references(ds: Dataset) -> set[str]:
     }
 
 
-def _check_contours(parsed: Sequence[tuple[Dataset, _RoiContours]], ct_uids: set[str]) -> None:
+def _check_contours(parsed: Sequence[tuple[Dataset, RoiContours]], ct_uids: set[str]) -> None:
     for roi, contours in parsed:
         for contour, values in zip(roi.get("ContourSequence", []), contours.counts.tolist(), strict=True):
             where = f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"

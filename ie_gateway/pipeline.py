@@ -35,7 +35,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,7 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.types import InferenceResult
 from ie_gateway.log import scrub
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
-from ie_gateway.plausibility import check_result
+from ie_gateway.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
@@ -87,6 +87,20 @@ from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import validate_rtstruct, validate_seg
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """One route's result as the write stage holds it: the label map, the masks both writers
+    and the checks measure, and what the checks found."""
+
+    index: int
+    route: JobRoute
+    model: ModelVersion
+    labels: np.ndarray
+    masks: Masks
+    structures: list[StructureInfo]
+    findings: Findings
 
 
 class Worker:
@@ -413,33 +427,34 @@ class Worker:
         hu = sitk.GetArrayViewFromImage(ct)
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
         geometry = SliceGeometry.from_headers(headers)
-        results = []
-        for index, route in enumerate(job.routes):
-            model = self.registry.resolve(route.spec)
-            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
-            structures = structures_of(model.manifest)
-            # the masks as the writers encode them: what the checks and volumes_cc must measure
-            masks = {s.label: structure_mask(labels, s) for s in structures}
-            findings = check_result(model.manifest.structures, masks, geometry)
-            results.append((index, route, model, labels, masks, structures, findings))
-        log.info("result checked", reasons=len(results[0][-1].reasons), seconds=round(time.monotonic() - started, 3))
-        first = results[0][-1]
+        results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
+        log.info(
+            "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
+        )
+        first = results[0].findings
         self.store.index.update_detail(
             job.id, lambda d: replace(d, volumes_cc=first.volumes_cc, empty_structures=tuple(first.empty))
         )
-        if all(len(f.empty) == len(f.volumes_cc) for *_, f in results):
+        if all(len(r.findings.empty) == len(r.findings.volumes_cc) for r in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
-        reasons = [f"{route.model}: {r}" if len(results) > 1 else r for _, route, *_, f in results for r in f.reasons]
+        reasons = [
+            f"{r.route.model}: {why}" if len(results) > 1 else why for r in results for why in r.findings.reasons
+        ]
         # the picture comes before the gate decides, so a held result can be judged by looking at it
-        _, _, model, labels, _, structures, _ = results[0]
+        shown = results[0]
         sx, sy, sz = (float(s) for s in ct.GetSpacing())
         qa_png = render_qa_png(
-            hu, labels, structures, (sx, sy, sz), ModelInfo(model.name, model.version), folder / "qa.png"
+            hu,
+            shown.labels,
+            shown.structures,
+            (sx, sy, sz),
+            ModelInfo(shown.model.name, shown.model.version),
+            folder / "qa.png",
         )
         self.store.index.update_detail(job.id, lambda d: replace(d, qa_png=str(qa_png.relative_to(self.store.results))))
         review = job.detail.review
         if reasons and (review is None or review.released_by is None):
-            hold = any(route.review is ReviewPolicy.HOLD and f.reasons for _, route, *_, f in results)
+            hold = any(r.route.review is ReviewPolicy.HOLD and r.findings.reasons for r in results)
             held = Review(reasons=tuple(reasons), policy=ReviewPolicy.HOLD if hold else ReviewPolicy.FLAG)
             self.store.index.update_detail(job.id, lambda d: replace(d, review=held))
             if hold:
@@ -449,12 +464,16 @@ class Worker:
             log.warning("result flagged for review", reasons=reasons)
         plan = self._plan(job)
         written: list[PlannedOutput] = []
-        for index, route, model, labels, masks, structures, findings in results:
+        for result in results:
+            labels, masks, structures, route = result.labels, result.masks, result.structures, result.route
             info = ModelInfo(
-                name=model.name, version=model.version, needs_review=bool(reasons), node=self.cfg.node.ae_title
+                name=result.model.name,
+                version=result.model.version,
+                needs_review=bool(reasons),
+                node=self.cfg.node.ae_title,
             )
-            present = [s for s in structures if s.name not in findings.empty]
-            for output in plan.of_route(index):
+            present = [s for s in structures if s.name not in result.findings.empty]
+            for output in plan.of_route(result.index):
                 out_structures = self._named(output, present)
                 if not out_structures:
                     log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
@@ -493,6 +512,16 @@ class Worker:
         self.store.index.transition(job.id, JobState.SENDING)
         log.info("results written", files=len(written), not_sent=not_sent(job.routes, self.cfg.destinations))
         self.outbox.settle(job.id)  # every file may have been delivered while the later ones were built
+
+    def _checked(self, folder: Path, index: int, route: JobRoute, geometry: SliceGeometry) -> RouteResult:
+        """Route ``index``'s label map, its structures' masks as the writers encode them, and
+        the plausibility findings measured on those masks."""
+        model = self.registry.resolve(route.spec)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
+        structures = structures_of(model.manifest)
+        masks = {s.label: structure_mask(labels, s) for s in structures}
+        findings = check_result(model.manifest.structures, masks, geometry)
+        return RouteResult(index, route, model, labels, masks, structures, findings)
 
     def _plan(self, job: Job) -> OutputPlan:
         """The job's output plan. A job routed by an earlier version of the node kept only its

@@ -149,6 +149,7 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # four CLI runs, each a fresh Python
 def test_cli_keygen_sign_and_import_with_and_without_allow_unsigned(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
@@ -185,6 +186,7 @@ def test_cli_keygen_sign_and_import_with_and_without_allow_unsigned(tmp_path: Pa
     assert "imported toy@1 UNSIGNED" in audit.stdout
 
 
+@pytest.mark.slow  # a CLI run
 def test_status_names_a_version_the_pull_refused_and_why(tmp_path: Path) -> None:
     (tmp_path / "routing.yaml").write_text("rules: []\n")
     (tmp_path / "models").mkdir()

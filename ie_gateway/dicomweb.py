@@ -23,7 +23,7 @@ import structlog
 from dicomweb_client.api import DICOMwebClient
 
 from ie_gateway.config import Destination, Source
-from ie_gateway.errors import DeliveryError
+from ie_gateway.errors import DeliveryError, StowRefused
 from ie_gateway.tls import resolve
 
 log = structlog.get_logger(__name__)
@@ -32,10 +32,6 @@ log = structlog.get_logger(__name__)
 AZURE_DICOM_SCOPE = "https://dicom.healthcareapis.azure.com/.default"
 #: Answers a retry may cure: timeout, too many requests.
 RETRIABLE_4XX = frozenset({408, 409, 429})
-
-
-class StowRefused(DeliveryError):
-    """The service refused an upload in a way a retry will not change (dead-letter at once)."""
 
 
 class _TimedSession(requests.Session):

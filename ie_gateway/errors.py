@@ -22,6 +22,7 @@ GatewayError
 │   └── InferenceOutOfMemory  the GPU ran out of memory (retried, once on the CPU if allowed)
 ├── WriteError             an RT-STRUCT or SEG could not be built or failed our validation
 ├── DeliveryError          a C-STORE to a destination failed (peer status kept)
+│   ├── StowRefused        a DICOMweb service refused an upload for good (4xx other than 408/409/429)
 │   └── CommitmentError    a storage commitment request or report could not be made or read
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
 ├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
@@ -153,6 +154,10 @@ class DeliveryError(GatewayError):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class StowRefused(DeliveryError):
+    """A DICOMweb service refused an upload in a way a retry will not change (dead-letter at once)."""
 
 
 class CommitmentError(DeliveryError):

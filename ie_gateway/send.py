@@ -41,8 +41,8 @@ from pynetdicom.association import Association
 from ie_gateway import tls
 from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, request_commitment, sop_name
 from ie_gateway.config import DeliverySettings, Destination
-from ie_gateway.dicomweb import StowClient, StowRefused
-from ie_gateway.errors import CommitmentError, DeliveryError
+from ie_gateway.dicomweb import StowClient
+from ie_gateway.errors import CommitmentError, DeliveryError, StowRefused
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
 

@@ -68,6 +68,7 @@ def test_the_delivered_rtstruct_is_compared_without_what_its_names_file_left_out
     from ie_gateway.plan import plan_outputs
     from ie_gateway.store import JobRoute, OutputKind
     from tests.infer_packages import threshold_model, write_package
+    from tests.keys import DEMO_TRUSTED
 
     write_package(tmp_path / "models", [threshold_model(3)], name="toy", version="1", structures=2)
     names = tmp_path / "names.yaml"
@@ -79,6 +80,7 @@ def test_the_delivered_rtstruct_is_compared_without_what_its_names_file_left_out
     plan = plan_outputs([route], {"TPS": dest})
     store.index.transition(job, JobState.ROUTED, routes=[route], detail=replace(store.index.job(job).detail, plan=plan))
 
-    contours = _contours(store, Registry(tmp_path / "models", tmp_path / "state.json"), store.index.job(job), 0)
+    registry = Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED)
+    contours = _contours(store, registry, store.index.job(job), 0)
     assert contours.rtstruct is not None and contours.rtstruct.name == "rtstruct-0-TPS.dcm"
     assert [s.name for s in contours.structures] == ["External"]  # Lung_L never reached the TPS

@@ -29,6 +29,7 @@ from ie_gateway.store.states import QUEUED
 from ie_gateway.web import web_routes
 from tests.infer_packages import threshold_model, write_package
 from tests.jobs import job_route
+from tests.keys import DEMO_TRUSTED
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -136,7 +137,7 @@ def node_parts(tmp_path: Path) -> tuple[GatewayConfig, Store, Worker]:
         }
     )
     store = Store.for_settings(cfg.storage)
-    registry = Registry(models, tmp_path / "state.json")
+    registry = Registry(models, tmp_path / "state.json", keys=DEMO_TRUSTED)
     rules = load_rules(routing, set(cfg.destinations), lambda n, v: model_exists(registry, n, v))
     # the inference child starts with the first job only: routing never starts it
     worker = Worker(cfg, store, registry, InferenceRunner(60), lambda: rules)
@@ -185,7 +186,7 @@ def test_status_and_the_page_show_the_queue_in_claim_order(tmp_path: Path) -> No
     assert (rows[normal]["queue"], rows[normal]["priority"]) == (1, "normal")
     assert (rows[low]["queue"], rows[low]["priority"]) == (2, "low")
     assert [j.id for j in store.index.queue_order(QUEUED)] == [normal, low]
-    registry = Registry(cfg.models_dir, tmp_path / "state.json")
+    registry = Registry(cfg.models_dir, tmp_path / "state.json", keys=DEMO_TRUSTED)
     client = TestClient(Starlette(routes=web_routes(cfg, store, registry, token=None)))
     page = client.get("/jobs").text
     queue = page.split("<h2>Queue</h2>", 1)[1].split("</table>", 1)[0]

@@ -213,6 +213,12 @@ class Sender:
             if rows:
                 log.warning("delivery deferred", destination=name, reason=reason, files=len(rows))
             return 0
+        if dest.commitment and not _accepts(assoc, STORAGE_COMMITMENT):  # nothing sent could be committed
+            for row in rows:
+                error = f"{name} does not offer Storage Commitment (refused at association)"
+                self._record_failed(recorded, row, None, error, dead=True)
+            assoc.release()
+            return 0
         sock = assoc.dul.socket
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -283,9 +289,9 @@ class Sender:
     def _request_commitment(self, assoc: Association, name: str, dest: Destination, rows: list[OutboxRow]) -> None:
         """Ask for commitment of the files the peer took, then wait a little for the report
         on this association (a peer may send it later, on a new one)."""
-        if not any(str(cx.abstract_syntax) == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
+        if not assoc.is_established:
             for row in rows:
-                self._failed(row, None, f"{name} does not offer Storage Commitment (refused at association)", dead=True)
+                self._failed(row, None, f"{name}: association lost before the storage commitment request")
             return
         try:
             transaction = request_commitment(assoc, rows)
@@ -330,6 +336,10 @@ class Sender:
 
     def _failed(self, row: OutboxRow, status: int | None, error: str, dead: bool = False) -> None:
         record_failure(self.outbox, self.settings, row, status, error, dead)
+
+
+def _accepts(assoc: Association, sop_class: str) -> bool:
+    return any(str(cx.abstract_syntax) == sop_class for cx in assoc.accepted_contexts)
 
 
 def _refused_classes(assoc: Association) -> dict[str, str]:

@@ -20,7 +20,7 @@ import pynetdicom
 from pydicom.uid import UID
 from pynetdicom.presentation import PresentationContext
 
-from ie_gateway import commitment, receive, retrieve, send, stow
+from ie_gateway import checks, commitment, receive, retrieve, send, stow
 from ie_gateway.config import Destination, GatewayConfig
 from ie_gateway.store.records import SegEncoding, output_sop_class
 from ie_gateway.vocab import OutputKind
@@ -196,7 +196,8 @@ def _associations(cfg: GatewayConfig) -> Section:
     node, tls = cfg.node, cfg.node.tls
     max_pdu = _listener(cfg).maximum_pdu_size
     callers = [("Calling AE title", "Host", "TLS required")] + [
-        (c.ae_title, c.host or "any (loopback only)", "yes" if c.require_tls else "no") for c in node.allowed_callers
+        (c.ae_title, c.host or _any_host(cfg, c.require_tls), "yes" if c.require_tls else "no")
+        for c in node.allowed_callers
     ]
     return Section(
         "3. Association policies",
@@ -225,6 +226,15 @@ def _associations(cfg: GatewayConfig) -> Section:
         ),
         tuple(callers) if node.allowed_callers else (),
     )
+
+
+def _any_host(cfg: GatewayConfig, require_tls: bool) -> str:
+    """Where a caller without a host pin may call from (check-config refuses it beyond loopback
+    unless a client certificate stands in for the pin)."""
+    if checks.is_loopback(cfg.node.bind):
+        return "any (loopback only)"
+    by_certificate = require_tls and cfg.node.tls is not None and cfg.node.tls.require_client_cert
+    return "any, with a certificate the node's CA signed" if by_certificate else "any address (unpinned)"
 
 
 def _accepted(accepted: list[Context]) -> Section:

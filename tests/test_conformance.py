@@ -192,7 +192,8 @@ def test_the_statement_lists_commitment_labelmap_fetch_and_dicomweb_when_configu
         "{TPS: {ae_title: ARIA, host: 10.1.2.9, port: 104, labelmap: true, commitment: true},"
         " CLOUD: {protocol: dicomweb, url: 'https://alice:s3cret@dicom.example.org/v1', auth: azure}}",
         "sources: {PACS: {ae_title: PACS, host: 10.1.2.3, port: 104}}\n"
-        "http: {stow_callers: [{name: RIS, token: 'env:RIS_STOW_TOKEN'}]}\n",
+        "http: {stow_callers: [{name: RIS, token: 'env:RIS_STOW_TOKEN'}]}\n"
+        "node: {bind: 0.0.0.0, allowed_callers: [{ae_title: PACS}]}\n",
     )
     cfg = load_config(config)
     proposed = {c.sop_class: c.syntaxes for c in proposed_contexts(cfg)}
@@ -205,6 +206,7 @@ def test_the_statement_lists_commitment_labelmap_fetch_and_dicomweb_when_configu
     assert "| Storage Commitment Push Model SOP Class | 1.2.840.10008.1.20.1 | yes | yes |" in text
     assert "| Study Root Query/Retrieve Information Model - MOVE | 1.2.840.10008.5.1.4.1.2.2.2 | yes | no |" in text
     assert "| PACS | PACS | 10.1.2.3:104 |" in text
+    assert "| PACS | any address (unpinned) | no |" in text  # bound beyond loopback, no host pin
     assert "| A702 |" in text and "| C211 |" in text and "max_series_gb 8" in text
     dimse, web = text.split("## 6. Destinations (DICOM)")[1].split("## 8. DICOMweb")
     assert "| TPS | ARIA | 10.1.2.9:104 |" in dimse and "CLOUD" not in dimse

@@ -69,7 +69,6 @@ from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import (
-    LABEL_MAP_SEGMENTATION_STORAGE,
     OutputPlan,
     OutputUIDs,
     PlannedOutput,
@@ -77,6 +76,7 @@ from ie_gateway.store.records import (
     Review,
     SegEncoding,
     StageAttempts,
+    output_sop_class,
 )
 from ie_gateway.vocab import Stage
 from ie_gateway.volume import VolumeChecks, load_volume
@@ -488,7 +488,7 @@ class Worker:
                         dest,
                         str(path.relative_to(self.store.results)),
                         output.uids.sop_uid,
-                        _sop_class(output.kind, output.encoding),
+                        output_sop_class(output.kind, output.encoding),
                     )
                 self.on_queued()
                 written.append(output)
@@ -642,12 +642,6 @@ def _job_route(route: Route, version: str) -> JobRoute:
         deliver=route.deliver,
         seg_encoding=SegEncoding(route.seg_encoding),
     )
-
-
-def _sop_class(kind: OutputKind, encoding: SegEncoding = SegEncoding.BINARY) -> str:
-    if kind is OutputKind.RTSTRUCT:
-        return str(pydicom.uid.RTStructureSetStorage)
-    return LABEL_MAP_SEGMENTATION_STORAGE if encoding is SegEncoding.LABELMAP else str(pydicom.uid.SegmentationStorage)
 
 
 def _write_image(image: sitk.Image, path: Path) -> None:

@@ -21,7 +21,7 @@ import pydicom
 import requests
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -34,6 +34,11 @@ from ie_gateway.store import Arrival, Store, check_uid, header_values
 
 log = structlog.get_logger(__name__)
 
+#: What `ie-gateway fetch` proposes to a DICOM source: Study Root C-FIND (study level) and C-MOVE
+#: to the node's own AE title. The conformance statement reads them from here.
+FIND_CONTEXT = build_context(StudyRootQueryRetrieveInformationModelFind)
+MOVE_CONTEXT = build_context(StudyRootQueryRetrieveInformationModelMove)
+QUERY_LEVEL = "STUDY"
 PENDING = frozenset({0xFF00, 0xFF01})
 #: C-MOVE failure statuses an admin can act on (PS3.4 C.4.2.1.5).
 MOVE_FAILURES = {
@@ -78,12 +83,12 @@ def find_studies(
     ae = AE(ae_title=cfg.node.ae_title)
     ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
     ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.requested_contexts = [FIND_CONTEXT]
     assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
     if not assoc.is_established:
         raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
     query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
+    query.QueryRetrieveLevel = QUERY_LEVEL
     query.PatientID = patient_id
     query.StudyInstanceUID = ""
     query.StudyDate = f"{since}-" if since else ""
@@ -119,12 +124,12 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
     ae = AE(ae_title=cfg.node.ae_title)
     ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
     ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.requested_contexts = [MOVE_CONTEXT]
     assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
     if not assoc.is_established:
         raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
     query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
+    query.QueryRetrieveLevel = QUERY_LEVEL
     query.StudyInstanceUID = study_uid
     last: Dataset | None = None
     try:

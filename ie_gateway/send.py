@@ -27,7 +27,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,8 +35,9 @@ import pydicom
 import structlog
 from azure.core.exceptions import ClientAuthenticationError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from ie_gateway import tls
 from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, request_commitment, sop_name
@@ -63,6 +64,20 @@ SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.
 #: Outputs written in a compressed syntax, sent as written: a LABELMAP SEG is RLE Lossless, and a
 #: peer that cannot take that is told apart at association ("none of the transfer syntaxes").
 FILE_SYNTAXES: dict[str, tuple[str, ...]] = {LABEL_MAP_SEGMENTATION_STORAGE: (RLELossless,)}
+
+
+def requested_contexts(sop_classes: Iterable[str], commitment: bool) -> list[PresentationContext]:
+    """What a delivery association proposes for these SOP classes: one context per transfer
+    syntax (so the explicit one is accepted when offered), and Storage Commitment Push Model to
+    a destination that commits. The conformance statement reads them from here."""
+    contexts = [
+        build_context(sop_class, syntax)
+        for sop_class in sorted(set(sop_classes))
+        for syntax in FILE_SYNTAXES.get(sop_class, PROPOSED_SYNTAXES)
+    ]
+    if commitment:
+        contexts.append(build_context(STORAGE_COMMITMENT))
+    return contexts
 
 
 def backoff_s(attempt: int, settings: DeliverySettings, rng: Callable[[], float] = random.random) -> float:
@@ -188,12 +203,7 @@ class Sender:
         # a peer that accepts the TCP connection but never answers the association request is
         # as good as down: connect_timeout_s bounds both waits
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
-        for sop_class in sorted({r.sop_class for r in rows}):
-            # one context per transfer syntax, so the explicit one is accepted when offered
-            for syntax in FILE_SYNTAXES.get(sop_class, PROPOSED_SYNTAXES):
-                ae.add_requested_context(sop_class, syntax)
-        if dest.commitment:
-            ae.add_requested_context(STORAGE_COMMITMENT)
+        ae.requested_contexts = requested_contexts({r.sop_class for r in rows}, dest.commitment)
         # a peer may report commitment on this association: the rows are this destination's
         report = (evt.EVT_N_EVENT_REPORT, lambda event: self.commitments.on_event_report(event, name))
         started = time.monotonic()

@@ -9,10 +9,14 @@ from itertools import product
 from pathlib import Path
 
 import pytest
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless
+from pynetdicom import AE, build_role
 
-from ie_gateway.conformance import accepted_contexts, proposed_contexts
+from ie_gateway import retrieve
+from ie_gateway.commitment import STORAGE_COMMITMENT
 from ie_gateway.config import load_config
+from ie_gateway.conformance import BOTH_ROLES, accepted_contexts, proposed_contexts, statement
+from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE
 from tests.peers import DCMTK_ENV, Node
 
 SOP_CLASSES = [
@@ -92,7 +96,7 @@ def test_storescu_gets_accepted_exactly_the_contexts_the_statement_lists(
     stated = {(c.sop_class, ts) for c in accepted_contexts(load_config(node.config)) for ts in c.syntaxes}
     text = node.cli("conformance").stdout
     for sop, ts in stated:  # the printed statement is made from the same contexts
-        row = next(line for line in text.splitlines() if line.startswith(f"| {sop.name} | SCP |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {sop.name} | SCP"))
         assert f"({ts})" in row
     pairs = list(product(SOP_CLASSES, SYNTAXES))
     got = storescu_negotiation(node.port, pairs, small_series[0], tmp_path)
@@ -146,3 +150,76 @@ def test_the_statement_proposes_what_the_destinations_accept_and_renders_as_html
         check=True,
     ).stdout
     assert page.startswith("<!DOCTYPE html>") and "<td>ARIA</td>" in page and "<td>10.1.2.9:104</td>" in page
+
+
+@pytest.mark.peer
+def test_a_peer_proposing_storage_commitment_gets_what_the_statement_lists(node: Node) -> None:
+    """A caller asking for commitment (node as SCP), and a destination reporting commitment on a
+    new association (it takes the SCP role by role selection), are accepted with exactly the
+    transfer syntaxes and roles the statement states."""
+    stated = next(c for c in accepted_contexts(load_config(node.config)) if c.sop_class == STORAGE_COMMITMENT)
+    assert stated.role == BOTH_ROLES
+    assert f"| Storage Commitment Push Model SOP Class | {BOTH_ROLES} |" in node.cli("conformance").stdout
+    offered = [*SYNTAXES, JPEGBaseline8Bit]
+    for as_reporter in (False, True):
+        ae = AE(ae_title="TPS" if as_reporter else "PACS")
+        for ts in offered:  # one context per syntax, so each is answered on its own
+            ae.add_requested_context(STORAGE_COMMITMENT, ts)
+        roles = [build_role(STORAGE_COMMITMENT, scp_role=True, scu_role=False)] if as_reporter else []
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY", ext_neg=roles)  # type: ignore[arg-type]
+        assert assoc.is_established
+        try:
+            accepted = {UID(str(cx.transfer_syntax[0])): cx for cx in assoc.accepted_contexts}
+        finally:
+            assoc.release()
+        assert set(accepted) == set(offered) & set(stated.syntaxes)
+        assert all(cx.as_scp == as_reporter for cx in accepted.values())
+
+
+def _config(tmp_path: Path, destinations: str, rest: str = "") -> Path:
+    (tmp_path / "routing.yaml").write_text("rules: []\n")
+    (tmp_path / "models").mkdir(exist_ok=True)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"storage: {{root: var}}\nrouting_file: routing.yaml\nmodels_dir: models\ndestinations: {destinations}\n{rest}"
+    )
+    return config
+
+
+def test_the_statement_lists_commitment_labelmap_fetch_and_dicomweb_when_configured(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path,
+        "{TPS: {ae_title: ARIA, host: 10.1.2.9, port: 104, labelmap: true, commitment: true},"
+        " CLOUD: {protocol: dicomweb, url: 'https://alice:s3cret@dicom.example.org/v1', auth: azure}}",
+        "sources: {PACS: {ae_title: PACS, host: 10.1.2.3, port: 104}}\n"
+        "http: {stow_callers: [{name: RIS, token: 'env:RIS_STOW_TOKEN'}]}\n"
+        "node: {bind: 0.0.0.0, allowed_callers: [{ae_title: PACS}]}\n",
+    )
+    cfg = load_config(config)
+    proposed = {c.sop_class: c.syntaxes for c in proposed_contexts(cfg)}
+    assert proposed[UID(LABEL_MAP_SEGMENTATION_STORAGE)] == (RLELossless,)
+    assert STORAGE_COMMITMENT in proposed
+    assert retrieve.FIND_CONTEXT.abstract_syntax in proposed and retrieve.MOVE_CONTEXT.abstract_syntax in proposed
+    text = statement(cfg, "test")
+    assert "It does not query or retrieve" not in text
+    assert "| Label Map Segmentation Storage | 1.2.840.10008.5.1.4.1.1.66.7 | yes | no |" in text
+    assert "| Storage Commitment Push Model SOP Class | 1.2.840.10008.1.20.1 | yes | yes |" in text
+    assert "| Study Root Query/Retrieve Information Model - MOVE | 1.2.840.10008.5.1.4.1.2.2.2 | yes | no |" in text
+    assert "| PACS | PACS | 10.1.2.3:104 |" in text
+    assert "| PACS | any address (unpinned) | no |" in text  # bound beyond loopback, no host pin
+    assert "| A702 |" in text and "| C211 |" in text and "max_series_gb 8" in text
+    dimse, web = text.split("## 6. Destinations (DICOM)")[1].split("## 8. DICOMweb")
+    assert "| TPS | ARIA | 10.1.2.9:104 |" in dimse and "CLOUD" not in dimse
+    assert "| CLOUD | STOW-RS (store) | dicom.example.org | azure |" in web
+    assert "POST /dicomweb/studies" in web and "RIS" in web
+    assert "alice" not in text and "s3cret" not in text and "RIS_STOW_TOKEN" not in text
+
+
+def test_without_labelmap_commitment_or_sources_the_statement_claims_none_of_them(tmp_path: Path) -> None:
+    cfg = load_config(_config(tmp_path, "{TPS: {ae_title: ARIA, host: 10.1.2.9, port: 104}}"))
+    proposed = {c.sop_class for c in proposed_contexts(cfg)}
+    assert UID(LABEL_MAP_SEGMENTATION_STORAGE) not in proposed and STORAGE_COMMITMENT not in proposed
+    assert retrieve.MOVE_CONTEXT.abstract_syntax not in proposed
+    text = statement(cfg, "test")
+    assert "No DICOM source is configured" in text and "STOW-RS receive endpoint" not in text
+    assert "DICOMweb services used" not in text

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from pydicom.uid import generate_uid
+from pydicom.uid import RTStructureSetStorage, SegmentationStorage, generate_uid
 
 from ie_gateway.vocab import ApprovalStatus, JobState, OutputKind, ReviewPolicy
 
@@ -58,6 +58,13 @@ class SegEncoding(StrEnum):
 
 #: SOP class of a LABELMAP SEG (Supplement 243), which pydicom 3.0 does not name yet.
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def output_sop_class(kind: OutputKind, encoding: SegEncoding = SegEncoding.BINARY) -> str:
+    """The SOP class of an output file: what the outbox proposes and the statement lists."""
+    if kind is OutputKind.RTSTRUCT:
+        return str(RTStructureSetStorage)
+    return LABEL_MAP_SEGMENTATION_STORAGE if encoding is SegEncoding.LABELMAP else str(SegmentationStorage)
 
 
 class OutboxState(StrEnum):

@@ -169,7 +169,7 @@ class InferenceSettings(StrictModel):
     )
     cpu_on_oom: bool = Field(True, description="a job that runs CUDA out of memory is run once on the CPU")
     confine_files: bool = Field(
-        False,
+        True,
         description="Landlock: the inference child opens only the system, Python, the models and its exchange folder",
     )
 

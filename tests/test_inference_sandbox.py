@@ -277,3 +277,24 @@ def test_an_allow_code_bundle_in_a_file_confined_child_cannot_read_credentials_o
     with pytest.raises(RuntimeError, match="SEEN") as control:
         runpy.run_path(str(tmp_path / "models" / "snoops" / "1" / "snoop.py"))
     assert json.loads(str(control.value).split("SEEN ", 1)[1]) == {"credentials": "read", "other_job": "read"}
+
+
+def test_exchange_folders_a_killed_node_left_on_this_host_are_removed_and_others_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from ie_gateway.infer.runner import _remove_stale_exchanges
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {
+        "dead": f"ie-gateway-infer-{host}-{int(dead.stdout)}-abc",
+        "alive": f"ie-gateway-infer-{host}-{os.getpid()}-abc",
+        "other_host": f"ie-gateway-infer-{host}x-{int(dead.stdout)}-abc",
+    }
+    for name in names.values():
+        (tmp_path / name / "in").mkdir(parents=True)
+        (tmp_path / name / "in" / "ct.mha").write_bytes(b"ct")
+    _remove_stale_exchanges(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other_host"]])

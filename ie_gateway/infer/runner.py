@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -245,7 +246,9 @@ class InferenceRunner:
             shutil.rmtree(self._exchange, ignore_errors=True)
         if self._exchange_root is not None:
             self._exchange_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._exchange = Path(tempfile.mkdtemp(prefix="ie-gateway-infer-", dir=self._exchange_root))
+            _remove_stale_exchanges(self._exchange_root)
+        prefix = f"ie-gateway-infer-{socket.gethostname()}-{os.getpid()}-"
+        self._exchange = Path(tempfile.mkdtemp(prefix=prefix, dir=self._exchange_root))
         for sub in ("in", "out"):
             (self._exchange / sub).mkdir()
         return self._exchange
@@ -333,6 +336,26 @@ def file_rules(cfg: GatewayConfig) -> FileRules:
     if credentials := os.environ.get("CREDENTIALS_DIRECTORY"):
         hidden.append(Path(credentials))
     return FileRules(read=(cfg.models_dir,), hidden=tuple(hidden))
+
+
+def _remove_stale_exchanges(root: Path) -> None:
+    """Remove exchange folders that a node on this host left when it was killed (its process is
+    gone): they hold a CT and maybe a label map. Other hosts' folders (a shared root) are theirs."""
+    host = socket.gethostname()
+    for folder in root.glob(f"ie-gateway-infer-{glob.escape(host)}-*-*"):
+        pid = folder.name[len(f"ie-gateway-infer-{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

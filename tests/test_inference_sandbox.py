@@ -168,6 +168,8 @@ attempt("ct_write", lambda: (tmp / "exchange" / "in" / "ct.mha").write_bytes(b"x
 attempt("labels", lambda: (tmp / "exchange" / "out" / "labels.mha").write_bytes(b"x"))
 attempt("library", lambda: __import__("email.mime.text"))
 attempt("etc", lambda: Path("/etc/passwd").read_bytes())
+attempt("parent_environ", lambda: Path(f"/proc/{os.getppid()}/environ").read_bytes())
+attempt("parent_cwd", lambda: os.listdir(f"/proc/{os.getppid()}/cwd"))
 print(json.dumps(seen))
 """
 
@@ -199,6 +201,8 @@ def test_a_file_confined_child_reads_the_models_and_its_exchange_folder_and_noth
         "labels": "ok",
         "library": "ok",
         "etc": "ok",
+        "parent_environ": "refused",  # Landlock also denies ptrace-like access to the unconfined parent
+        "parent_cwd": "refused",
     }
     # the control: without the confinement, this process reads them all
     assert (tmp_path / "models" / "credentials" / "key").read_bytes() == b"secret"

@@ -20,9 +20,10 @@ log):
 
 - **files** (``inference.confine_files``, with :class:`FileRules`): a Landlock ruleset (Linux
   5.13 or later) lets the child open only what Python, torch and CUDA need: read and execute on
-  the interpreter, its site-packages and every ``sys.path`` folder, ``/usr``, ``/lib``, ``/lib64``,
-  ``/etc``, ``/proc``, ``/sys``; read, write and device ioctls in ``/dev`` (``/dev/null``,
-  ``/dev/nvidia*``, ``/dev/shm``); read on ``models_dir``; and its own exchange folder, where the
+  the interpreter, its site-packages and every ``sys.path`` folder, ``/usr``, ``/lib``,
+  ``/lib64``, ``/etc``, ``/sys``, ``/proc`` but other processes' folders (the node's
+  ``environ``); read, write and device ioctls in ``/dev`` (``/dev/null``, ``/dev/nvidia*``,
+  ``/dev/shm``); read on ``models_dir``; and its own exchange folder, where the
   node puts the CT (``in/``, read only) and takes the label map from (``out/``). Folders in
   ``FileRules.hidden`` (the node's configuration and credentials folders, the storage root with
   the spool, other jobs' results and the pseudonym map) are never granted by a wider grant: a
@@ -223,8 +224,11 @@ def _grants(files: FileRules, exchange: Path) -> Iterator[tuple[Path, int]]:
     for folder in sorted(python):
         if os.path.realpath(folder) != "/":  # a script started from / puts / on sys.path
             yield Path(folder), _FS_READ
-    for system in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/sys"):
+    for system in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/sys"):
         yield Path(system), _FS_READ
+    for entry in os.scandir("/proc"):  # its own /proc/PID, never another process's (the node's environ)
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            yield Path(entry.path), _FS_READ
     yield Path("/dev"), _FS_READ | _FS_WRITE_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
     yield Path("/dev/shm"), _FS_ALL
     for models in files.read:

@@ -270,6 +270,7 @@ def test_an_allow_code_bundle_in_a_file_confined_child_cannot_read_credentials_o
         snooper = registry.import_version(bundle)
         good_model = registry.import_version(good)
         assert runner.sandbox is not None and runner.sandbox[-1].startswith("files: Landlock ABI")
+        assert "threads" not in runner.sandbox[-1]  # no thread escaped the confinement
         with pytest.raises(InferenceError, match="SEEN") as failed:
             runner.run(snooper, ct, job / "labels-1.mha")
         result = runner.run(good_model, ct, job / "labels.mha")
@@ -302,3 +303,14 @@ def test_exchange_folders_a_killed_node_left_on_this_host_are_removed_and_others
         (tmp_path / name / "in" / "ct.mha").write_bytes(b"ct")
     _remove_stale_exchanges(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other_host"]])
+
+
+def test_without_landlock_the_child_says_its_files_are_not_confined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ie_gateway.infer import sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)  # a kernel without Landlock
+    said = sandbox.confine_files(sandbox.FileRules(), tmp_path)
+    assert said == "files: NOT confined (Landlock unavailable)"
+    assert (tmp_path / "elsewhere").write_bytes(b"x") == 1  # and indeed nothing was restricted

@@ -57,7 +57,7 @@ from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, In
 from ie_gateway.files import raise_if_disk_full
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
-from ie_gateway.infer.sandbox import FileRules, confine, scrubbed_environ
+from ie_gateway.infer.sandbox import SINGLE_THREADED_IMPORTS, FileRules, confine, scrubbed_environ
 from ie_gateway.infer.types import (
     Close,
     FailureKind,
@@ -259,7 +259,9 @@ class InferenceRunner:
         self._process = self._context.Process(
             target=_serve, args=(child, exchange, *self._options), name="ie-gateway-infer", daemon=True
         )
-        with scrubbed_environ():  # the child inherits the environment as it is at exec
+        files = self._options[-1]
+        # the child inherits the environment as it is at exec
+        with scrubbed_environ(SINGLE_THREADED_IMPORTS if files is not None else None):
             self._process.start()
         child.close()
         self._conn = parent

@@ -87,15 +87,28 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+#: for a file-confined child: OpenBLAS (numpy) would start its worker threads at import, before
+#: the child confines itself, and Landlock confines only the calling thread and those it starts
+#: later; torch's own threads start later and are confined
+SINGLE_THREADED_IMPORTS = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 @contextlib.contextmanager
-def scrubbed_environ() -> Iterator[list[str]]:
-    """Remove secret-looking variables from ``os.environ`` while a child is started (it
-    inherits the environment at exec), then put them back; yields the names removed."""
+def scrubbed_environ(extra: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Remove secret-looking variables from ``os.environ`` (and set ``extra``) while a child is
+    started (it inherits the environment at exec), then put them back; yields the names removed."""
     with _environ_lock:
         removed = {name: os.environ.pop(name) for name in list(os.environ) if SECRET_ENV.search(name)}
+        before = {name: os.environ.get(name) for name in extra or {}}
+        os.environ.update(extra or {})
         try:
             yield sorted(removed)
         finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
             os.environ.update(removed)
 
 
@@ -205,6 +218,7 @@ def confine_files(files: FileRules, exchange: Path) -> str:
     ruleset = int(libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8), 0))
     if ruleset < 0:
         return f"files: NOT confined (Landlock refused: {os.strerror(ctypes.get_errno())})"
+    threads = len(os.listdir("/proc/self/task"))  # Landlock confines this thread and its future ones
     try:
         hidden = {Path(os.path.realpath(path)) for path in files.hidden}
         for path, access in _grants(files, exchange):
@@ -215,7 +229,8 @@ def confine_files(files: FileRules, exchange: Path) -> str:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self refused")
     finally:
         os.close(ruleset)
-    return f"files: Landlock ABI {abi} (system, Python, models read-only; own exchange folder)"
+    said = f"files: Landlock ABI {abi} (system, Python, models read-only; own exchange folder)"
+    return said + (f" ({threads - 1} threads started before it are not confined)" if threads > 1 else "")
 
 
 def _grants(files: FileRules, exchange: Path) -> Iterator[tuple[Path, int]]:

@@ -168,6 +168,10 @@ class InferenceSettings(StrictModel):
         32, gt=0, description="address-space limit (RLIMIT_AS) of the inference child on the CPU; null: none"
     )
     cpu_on_oom: bool = Field(True, description="a job that runs CUDA out of memory is run once on the CPU")
+    confine_files: bool = Field(
+        True,
+        description="Landlock: the inference child opens only the system, Python, the models and its exchange folder",
+    )
 
 
 class DestinationTLS(StrictModel):

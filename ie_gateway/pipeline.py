@@ -59,7 +59,7 @@ from ie_gateway.errors import (
 from ie_gateway.files import raise_if_disk_full
 from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, structure_mask, structures_of
 from ie_gateway.infer.registry import ModelVersion, Registry
-from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
 from ie_gateway.log import scrub
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
@@ -133,9 +133,7 @@ class Worker:
         self.checks = volume_checks(cfg)
         #: a CPU inference process for a job that ran CUDA out of memory (None: not allowed)
         self.cpu_runner: Callable[[], InferenceRunner] | None = (
-            (lambda: InferenceRunner(cfg.inference.timeout_s, device="cpu", log_level=cfg.log_level))
-            if cfg.inference.cpu_on_oom and cfg.inference.device != "cpu"
-            else None
+            (lambda: runner_for(cfg, cpu=True)) if cfg.inference.cpu_on_oom and cfg.inference.device != "cpu" else None
         )
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -71,9 +71,7 @@ def test_runner_writes_the_label_map_and_returns_volumes(
     assert runner.pid is not None
 
 
-def test_a_job_past_the_time_limit_fails_and_the_next_job_completes(
-    tmp_path: Path, ct_path: Path
-) -> None:
+def test_a_job_past_the_time_limit_fails_and_the_next_job_completes(tmp_path: Path, ct_path: Path) -> None:
     slow = package(tmp_path / "models", [Spin(2, iterations=10**12)], "slow")
     quick = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
     with InferenceRunner(TIMEOUT_S, device="cpu", log_level=None) as runner:
@@ -91,8 +89,12 @@ def test_a_failing_job_reports_why_and_the_runner_serves_on(
     tmp_path: Path, ct_path: Path, runner: InferenceRunner
 ) -> None:
     model = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
-    with pytest.raises(InferenceError, match="RuntimeError"):
+    with pytest.raises(InferenceError, match="cannot be handed"):
         runner.run(model, tmp_path / "missing.mha", tmp_path / "never.mha")
+    (tmp_path / "garbage.mha").write_bytes(b"not an image")
+    with pytest.raises(InferenceError, match="RuntimeError"):
+        runner.run(model, tmp_path / "garbage.mha", tmp_path / "never.mha")
+    assert not (tmp_path / "never.mha").exists()
     result = runner.run(model, ct_path, tmp_path / "labels.mha")
     check_labels(tmp_path / "labels.mha", ct_path, result)
 
@@ -108,8 +110,12 @@ def wait_for_state(pid: int, state: str, deadline_s: float = TIMEOUT_S) -> None:
 
 def wait_for_exit(pid: int) -> None:
     """Poll until the child can be reaped, leaving the reaping to the runner (WNOWAIT)."""
-    wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None,
-               TIMEOUT_S, every=0.01, what="child exit")
+    wait_until(
+        lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None,
+        TIMEOUT_S,
+        every=0.01,
+        what="child exit",
+    )
 
 
 def test_a_child_killed_during_a_job_fails_that_job_and_the_next_completes(
@@ -134,17 +140,13 @@ def test_a_child_killed_during_a_job_fails_that_job_and_the_next_completes(
     wait_for_state(pid, "R")  # awake again only because it has received the job
     os.kill(pid, signal.SIGKILL)
     worker.join(TIMEOUT_S)
-    assert [str(e) for e in outcome] == [
-        "inference process died (killed by SIGKILL (out of memory?))"
-    ]
+    assert [str(e) for e in outcome] == ["inference process died (killed by SIGKILL (out of memory?))"]
     assert runner.pid not in (None, pid)
     result = runner.run(quick, ct_path, tmp_path / "labels.mha")
     check_labels(tmp_path / "labels.mha", ct_path, result)
 
 
-def test_a_child_that_died_between_jobs_is_replaced(
-    tmp_path: Path, ct_path: Path, runner: InferenceRunner
-) -> None:
+def test_a_child_that_died_between_jobs_is_replaced(tmp_path: Path, ct_path: Path, runner: InferenceRunner) -> None:
     quick = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
     runner.run(quick, ct_path, tmp_path / "warm.mha")
     pid = runner.pid

@@ -128,7 +128,7 @@ def test_an_allow_code_bundle_cannot_reach_the_network_or_the_secrets_and_the_ne
     assert attempt["connected"] is False and "unreachable" in attempt["error"]
     assert attempt["secrets_seen"] == []
     assert connections(listener) == 0
-    assert result["volumes_cc"]["External"] > 0 and not (tmp_path / "job1-labels.mha").exists()
+    assert result.volumes_cc["External"] > 0 and not (tmp_path / "job1-labels.mha").exists()
     # the control: outside the child, the same code connects
     runpy.run_path(str(tmp_path / "models" / "reaches-out" / "1" / "hostile.py"))
     assert json.loads(report.read_text())["connected"] is True and connections(listener) == 1
@@ -144,3 +144,173 @@ def test_the_seccomp_fallback_refuses_internet_sockets_and_keeps_unix_ones() -> 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "True" and not network_isolated()
+
+
+CONFINED = """
+import json, os, sys
+from pathlib import Path
+from ie_gateway.infer.sandbox import FileRules, confine_files
+tmp = Path(sys.argv[1])
+said = confine_files(FileRules(read=(tmp / "models",), hidden=(tmp / "models" / "credentials",)), tmp / "exchange")
+seen = {"said": said}
+def attempt(name, do):
+    try:
+        do()
+        seen[name] = "ok"
+    except PermissionError:
+        seen[name] = "refused"
+attempt("model", lambda: (tmp / "models" / "weights.pt").read_bytes())
+attempt("credentials", lambda: (tmp / "models" / "credentials" / "key").read_bytes())
+attempt("other_job", lambda: (tmp / "results" / "job-7" / "ct.mha").read_bytes())
+attempt("model_write", lambda: (tmp / "models" / "weights.pt").write_bytes(b"x"))
+attempt("ct", lambda: (tmp / "exchange" / "in" / "ct.mha").read_bytes())
+attempt("ct_write", lambda: (tmp / "exchange" / "in" / "ct.mha").write_bytes(b"x"))
+attempt("labels", lambda: (tmp / "exchange" / "out" / "labels.mha").write_bytes(b"x"))
+attempt("library", lambda: __import__("email.mime.text"))
+attempt("etc", lambda: Path("/etc/passwd").read_bytes())
+attempt("parent_environ", lambda: Path(f"/proc/{os.getppid()}/environ").read_bytes())
+attempt("parent_cwd", lambda: os.listdir(f"/proc/{os.getppid()}/cwd"))
+print(json.dumps(seen))
+"""
+
+
+def test_a_file_confined_child_reads_the_models_and_its_exchange_folder_and_nothing_else(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ie_gateway.infer.sandbox import landlock_abi
+
+    if landlock_abi() == 0:
+        pytest.skip("this kernel has no Landlock")
+    for path in ("models/weights.pt", "models/credentials/key", "results/job-7/ct.mha", "exchange/in/ct.mha"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"secret" if "key" in path else b"data")
+    (tmp_path / "exchange" / "out").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", CONFINED, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    seen = json.loads(done.stdout)
+    assert seen.pop("said").startswith("files: Landlock ABI")
+    assert seen == {
+        "model": "ok",
+        "credentials": "refused",
+        "other_job": "refused",
+        "model_write": "refused",
+        "ct": "ok",
+        "ct_write": "refused",
+        "labels": "ok",
+        "library": "ok",
+        "etc": "ok",
+        "parent_environ": "refused",  # Landlock also denies ptrace-like access to the unconfined parent
+        "parent_cwd": "refused",
+    }
+    # the control: without the confinement, this process reads them all
+    assert (tmp_path / "models" / "credentials" / "key").read_bytes() == b"secret"
+
+
+SNOOP = """
+import json
+seen = {}
+for name, path in PATHS.items():
+    try:
+        with open(path, "rb") as fh:
+            fh.read()
+        seen[name] = "read"
+    except OSError as exc:
+        seen[name] = type(exc).__name__
+raise RuntimeError("SEEN " + json.dumps(seen, sort_keys=True))
+"""
+
+
+def snooping_bundle(folder: Path, paths: dict[str, Path], key: Path) -> Path:
+    """The test bundle plus ``snoop.py``, which (on real jobs only) tries to read ``paths`` and
+    fails the job with what it could read in its message."""
+    from tests.monai_bundles import write_bundle
+
+    write_bundle(folder)
+    script = SNOOP.replace("PATHS", repr({name: str(path) for name, path in paths.items()}))
+    (folder / "snoop.py").write_text(script)
+    config_path = folder / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["imports"].append("$import runpy")
+    config["initialize"].append("$runpy.run_path(@bundle_root + '/snoop.py') if 'probe' not in @dataset_dir else None")
+    config_path.write_text(json.dumps(config, indent=2))
+    describe_package(folder, "snoops", "1")
+    return sign(folder, key)
+
+
+def test_an_allow_code_bundle_in_a_file_confined_child_cannot_read_credentials_or_other_jobs(
+    tmp_path: Path,
+) -> None:
+    from ie_gateway.infer.sandbox import FileRules, landlock_abi
+
+    if landlock_abi() == 0:
+        pytest.skip("this kernel has no Landlock")
+    credentials = tmp_path / "etc" / "credentials"
+    other_job = tmp_path / "storage" / "results" / "job-7"
+    for folder in (credentials, other_job):
+        folder.mkdir(parents=True)
+    (credentials / "anonymisation.key").write_bytes(b"secret")
+    (other_job / "ct.mha").write_bytes(b"another patient")
+    private, public = new_key(tmp_path / "keys", "research")
+    keys = (*DEMO_TRUSTED, TrustedKey("research", public, allow_code=True))
+    paths = {"credentials": credentials / "anonymisation.key", "other_job": other_job / "ct.mha"}
+    bundle = snooping_bundle(tmp_path / "incoming" / "bundle", paths, private)
+    good = write_package(
+        tmp_path / "incoming", [threshold_model(2, 0.25)], name="good", structures=1, patch=(16, 32, 32)
+    )
+    job = tmp_path / "storage" / "results" / "job-8"
+    job.mkdir()
+    ct = ct_file(job / "ct.mha")
+    rules = FileRules(read=(tmp_path / "models",), hidden=(tmp_path / "etc", tmp_path / "storage"))
+    with InferenceRunner(
+        300, device="cpu", log_level=None, files=rules, exchange_root=tmp_path / "storage" / "results" / ".x"
+    ) as runner:
+        registry = Registry(tmp_path / "models", tmp_path / "state.json", runner.verify, keys)
+        snooper = registry.import_version(bundle)
+        good_model = registry.import_version(good)
+        assert runner.sandbox is not None and runner.sandbox[-1].startswith("files: Landlock ABI")
+        assert "threads" not in runner.sandbox[-1]  # no thread escaped the confinement
+        with pytest.raises(InferenceError, match="SEEN") as failed:
+            runner.run(snooper, ct, job / "labels-1.mha")
+        result = runner.run(good_model, ct, job / "labels.mha")
+    seen = json.loads(str(failed.value).split("SEEN ", 1)[1])
+    assert seen == {"credentials": "PermissionError", "other_job": "PermissionError"}
+    assert result.volumes_cc["External"] > 0 and (job / "labels.mha").is_file()
+    assert not (job / "labels-1.mha").exists() and list((tmp_path / "storage" / "results" / ".x").iterdir()) == []
+    # the control: the same code in this process, not confined, reads both
+    with pytest.raises(RuntimeError, match="SEEN") as control:
+        runpy.run_path(str(tmp_path / "models" / "snoops" / "1" / "snoop.py"))
+    assert json.loads(str(control.value).split("SEEN ", 1)[1]) == {"credentials": "read", "other_job": "read"}
+
+
+def test_exchange_folders_a_killed_node_left_on_this_host_are_removed_and_others_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from ie_gateway.infer.runner import _remove_stale_exchanges
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {
+        "dead": f"ie-gateway-infer-{host}-{int(dead.stdout)}-abc",
+        "alive": f"ie-gateway-infer-{host}-{os.getpid()}-abc",
+        "other_host": f"ie-gateway-infer-{host}x-{int(dead.stdout)}-abc",
+    }
+    for name in names.values():
+        (tmp_path / name / "in").mkdir(parents=True)
+        (tmp_path / name / "in" / "ct.mha").write_bytes(b"ct")
+    _remove_stale_exchanges(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other_host"]])
+
+
+def test_without_landlock_the_child_says_its_files_are_not_confined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ie_gateway.infer import sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)  # a kernel without Landlock
+    said = sandbox.confine_files(sandbox.FileRules(), tmp_path)
+    assert said == "files: NOT confined (Landlock unavailable)"
+    assert (tmp_path / "elsewhere").write_bytes(b"x") == 1  # and indeed nothing was restricted

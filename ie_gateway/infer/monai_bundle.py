@@ -82,13 +82,15 @@ class MonaiBundle:
         with tempfile.TemporaryDirectory(prefix="ie-gateway-probe-") as tmp:
             ct_path = Path(tmp) / "probe.mha"
             sitk.WriteImage(blank - 1000, str(ct_path))
-            self.segment_file(ct_path)
+            self.segment_file(ct_path, scratch=Path(tmp))
 
-    def segment_file(self, ct_path: Path) -> Segmentation:
-        """Run the bundle on the CT in ``ct_path``; the label map has the CT's exact grid."""
+    def segment_file(self, ct_path: Path, scratch: Path | None = None) -> Segmentation:
+        """Run the bundle on the CT in ``ct_path``; the label map has the CT's exact grid.
+        ``scratch``: where its working folder goes (None: ``TMPDIR``, the child's exchange
+        folder; the CT's own folder may be read-only to the child)."""
         start = time.perf_counter()
         reference = sitk.ReadImage(str(ct_path))
-        work = Path(tempfile.mkdtemp(prefix="ie-gateway-monai-", dir=ct_path.parent))
+        work = Path(tempfile.mkdtemp(prefix="ie-gateway-monai-", dir=scratch))
         try:
             (work / "in").mkdir()
             sitk.WriteImage(reference, str(work / "in" / "ct.nii.gz"))

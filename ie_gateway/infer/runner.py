@@ -21,9 +21,14 @@ network namespace (or a seccomp socket filter), no secrets in its environment, `
 ``memory_gb`` on the CPU; how is logged once per child as ``inference_child_sandbox``. Whatever a
 model does in there, the worst outcome is a failed job with a reason and a fresh child.
 
-The child reads the CT from a file the caller wrote (any format SimpleITK reads; ``.mha`` is
-simplest) and writes the label map to ``labels_path`` atomically (temp file in the same folder,
-fsync, rename), compressed, so a reader never sees half a file.
+The child never opens the job folders: each child has one exchange folder (under
+``exchange_root``, wiped at every start, removed at close). For a job the node hard-links (or,
+across file systems, copies) the caller's CT file (any format SimpleITK reads; ``.mha`` is
+simplest) into its ``in/``; the child writes the label map into ``out/`` atomically (temp file,
+fsync, rename), compressed; the node then moves it to ``labels_path`` (a rename, or a copy to a
+temp file beside it and a rename), so a reader never sees half a file. With ``files``
+(:class:`~ie_gateway.infer.sandbox.FileRules`, ``inference.confine_files``) the child can open
+nothing else but the system's files and the models.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ import errno
 import glob
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -49,7 +57,7 @@ from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, In
 from ie_gateway.files import raise_if_disk_full
 from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
-from ie_gateway.infer.sandbox import confine, scrubbed_environ
+from ie_gateway.infer.sandbox import SINGLE_THREADED_IMPORTS, FileRules, confine, scrubbed_environ
 from ie_gateway.infer.types import (
     Close,
     FailureKind,
@@ -105,7 +113,10 @@ class InferenceRunner:
     ``device``: "cuda", "cpu" or None (CUDA when available). ``max_resident``: how many model
     versions the child keeps loaded (least recently used is dropped). ``log_level``: the child
     configures ``ie_gateway.log`` at this level (None leaves logging unconfigured).
-    ``memory_gb``: the child's address-space limit on the CPU (None: none).
+    ``memory_gb``: the child's address-space limit on the CPU (None: none). ``files``: what
+    the child may open besides the system and its exchange folder (None: not confined).
+    ``exchange_root``: where the exchange folder is made (None: the system's temp folder; on the
+    results' file system a CT is hard-linked rather than copied).
     """
 
     def __init__(
@@ -116,11 +127,15 @@ class InferenceRunner:
         max_resident: int = 2,
         log_level: str | None = "info",
         memory_gb: float | None = None,
+        files: FileRules | None = None,
+        exchange_root: Path | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
-        self._options = (device, max_resident, log_level, memory_gb)
+        self._options = (device, max_resident, log_level, memory_gb, files)
+        self._exchange_root = exchange_root
+        self._exchange: Path | None = None
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
@@ -143,9 +158,23 @@ class InferenceRunner:
         Raises InferenceError (time limit, crash, failure inside the model) or ModelError.
         """
         with self._lock:
-            reply = self._call(InferenceRequest(model, ct_path, labels_path), labels_path)
-        if not isinstance(reply, InferenceResult):
-            raise InferenceError(f"the inference child answered {type(reply).__name__} to a job")
+            self._ensure_child()
+            assert self._exchange is not None
+            ct_in = self._exchange / "in" / f"ct{''.join(ct_path.suffixes)}"
+            labels_out = self._exchange / "out" / f"labels{''.join(labels_path.suffixes)}"
+            try:
+                _link_or_copy(ct_path, ct_in)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # a full disk: the worker waits it out
+                raise InferenceError(f"the CT file cannot be handed to the inference child: {exc}") from exc
+            try:
+                reply = self._call(InferenceRequest(model, ct_in, labels_out), labels_out)
+            finally:
+                ct_in.unlink(missing_ok=True)
+            if not isinstance(reply, InferenceResult):
+                raise InferenceError(f"the inference child answered {type(reply).__name__} to a job")
+            _deliver(labels_out, labels_path)
         return reply
 
     def verify(self, model: ModelVersion) -> None:
@@ -158,11 +187,14 @@ class InferenceRunner:
             except InferenceError as exc:
                 raise ModelError(f"{model.spec}: verification failed: {exc}") from exc
 
-    def _call(self, message: Request, labels_path: Path | None) -> Reply:
+    def _ensure_child(self) -> None:
         if self._process is None:
             self._start()
         elif not self._process.is_alive():
             self._restart("child was not running")
+
+    def _call(self, message: Request, labels_path: Path | None) -> Reply:
+        self._ensure_child()
         assert self._conn is not None
         try:
             self._conn.send(message)
@@ -185,6 +217,8 @@ class InferenceRunner:
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not within a few seconds."""
+        if self._exchange is not None:
+            shutil.rmtree(self._exchange, ignore_errors=True)  # after the child is gone, below
         if self._process is None:
             return
         if self._process.is_alive() and self._conn is not None:
@@ -206,12 +240,28 @@ class InferenceRunner:
     ) -> None:
         self.close()
 
+    def _new_exchange(self) -> Path:
+        """A fresh, private exchange folder for the next child (what the last one left is gone)."""
+        if self._exchange is not None:
+            shutil.rmtree(self._exchange, ignore_errors=True)
+        if self._exchange_root is not None:
+            self._exchange_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _remove_stale_exchanges(self._exchange_root)
+        prefix = f"ie-gateway-infer-{socket.gethostname()}-{os.getpid()}-"
+        self._exchange = Path(tempfile.mkdtemp(prefix=prefix, dir=self._exchange_root))
+        for sub in ("in", "out"):
+            (self._exchange / sub).mkdir()
+        return self._exchange
+
     def _start(self) -> None:
         parent, child = self._context.Pipe()
+        exchange = self._new_exchange()
         self._process = self._context.Process(
-            target=_serve, args=(child, *self._options), name="ie-gateway-infer", daemon=True
+            target=_serve, args=(child, exchange, *self._options), name="ie-gateway-infer", daemon=True
         )
-        with scrubbed_environ():  # the child inherits the environment as it is at exec
+        files = self._options[-1]
+        # the child inherits the environment as it is at exec
+        with scrubbed_environ(SINGLE_THREADED_IMPORTS if files is not None else None):
             self._process.start()
         child.close()
         self._conn = parent
@@ -267,12 +317,76 @@ _FAILURES: dict[FailureKind, Callable[[str], Exception]] = {
 }
 
 
-def runner_for(cfg: GatewayConfig) -> InferenceRunner:
-    """The inference child of a node, or of a CLI command that verifies models."""
-    device = None if cfg.inference.device == "auto" else cfg.inference.device
+def runner_for(cfg: GatewayConfig, *, cpu: bool = False) -> InferenceRunner:
+    """The inference child of a node, or of a CLI command that verifies models; ``cpu``: on
+    the CPU whatever ``inference.device`` says (a job that ran CUDA out of memory)."""
+    device = "cpu" if cpu else None if cfg.inference.device == "auto" else cfg.inference.device
     return InferenceRunner(
-        cfg.inference.timeout_s, device=device, log_level=cfg.log_level, memory_gb=cfg.inference.memory_gb
+        cfg.inference.timeout_s,
+        device=device,
+        log_level=cfg.log_level,
+        memory_gb=cfg.inference.memory_gb,
+        files=file_rules(cfg) if cfg.inference.confine_files else None,
+        exchange_root=cfg.storage.root / "results" / ".inference-exchange",
     )
+
+
+def file_rules(cfg: GatewayConfig) -> FileRules:
+    """What a node's inference child may read (the models) and what it must never see: the
+    configuration's folder, the credentials folder, the storage root (spool, index, results)."""
+    hidden = [cfg.source.resolve().parent, cfg.storage.root]
+    if credentials := os.environ.get("CREDENTIALS_DIRECTORY"):
+        hidden.append(Path(credentials))
+    return FileRules(read=(cfg.models_dir,), hidden=tuple(hidden))
+
+
+def _remove_stale_exchanges(root: Path) -> None:
+    """Remove exchange folders that a node on this host left when it was killed (its process is
+    gone): they hold a CT and maybe a label map. Other hosts' folders (a shared root) are theirs."""
+    host = socket.gethostname()
+    for folder in root.glob(f"ie-gateway-infer-{glob.escape(host)}-*-*"):
+        pid = folder.name[len(f"ie-gateway-infer-{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Put the CT where the child may read it: a hard link, or a copy across file systems."""
+    try:
+        os.link(src, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dest)
+
+
+def _deliver(src: Path, dest: Path) -> None:
+    """Move the child's label map to ``dest`` atomically (a copy and a rename across file systems)."""
+    try:
+        src.replace(dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = _temp_path(dest, os.getpid())
+    try:
+        shutil.copyfile(src, tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
 
 
 def _ready(conn: Connection) -> list[str] | None:
@@ -299,11 +413,21 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
 
 
 def _serve(
-    conn: Connection, device: str | None, max_resident: int, log_level: str | None, memory_gb: float | None
+    conn: Connection,
+    exchange: Path,
+    device: str | None,
+    max_resident: int,
+    log_level: str | None,
+    memory_gb: float | None,
+    files: FileRules | None,
 ) -> None:
     """The child's loop: one job per message until "close" or the parent goes away."""
-    # first, before any thread starts or any model is loaded: a user namespace needs one thread
-    sandbox = confine(memory_gb, cuda=device == "cuda" or (device is None and _gpu_present()))
+    # first, before any thread starts or any model is loaded: a user namespace (and Landlock,
+    # which confines the calling thread and those it starts) need one thread
+    cuda = device == "cuda" or (device is None and _gpu_present())
+    os.environ["TMPDIR"] = str(exchange / "out")  # a framework's scratch files: in the exchange
+    tempfile.tempdir = None
+    sandbox = confine(memory_gb, cuda=cuda, files=files, exchange=exchange)
     # Ctrl-C at a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:

@@ -128,7 +128,7 @@ def test_an_allow_code_bundle_cannot_reach_the_network_or_the_secrets_and_the_ne
     assert attempt["connected"] is False and "unreachable" in attempt["error"]
     assert attempt["secrets_seen"] == []
     assert connections(listener) == 0
-    assert result["volumes_cc"]["External"] > 0 and not (tmp_path / "job1-labels.mha").exists()
+    assert result.volumes_cc["External"] > 0 and not (tmp_path / "job1-labels.mha").exists()
     # the control: outside the child, the same code connects
     runpy.run_path(str(tmp_path / "models" / "reaches-out" / "1" / "hostile.py"))
     assert json.loads(report.read_text())["connected"] is True and connections(listener) == 1

@@ -28,6 +28,7 @@ from ie_gateway.store.records import Priority
 from ie_gateway.store.states import QUEUED
 from ie_gateway.web import web_routes
 from tests.infer_packages import threshold_model, write_package
+from tests.keys import DEMO_TRUSTED
 from tests.jobs import job_route
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -136,7 +137,7 @@ def node_parts(tmp_path: Path) -> tuple[GatewayConfig, Store, Worker]:
         }
     )
     store = Store.for_settings(cfg.storage)
-    registry = Registry(models, tmp_path / "state.json")
+    registry = Registry(models, tmp_path / "state.json", keys=DEMO_TRUSTED)  # write_package signs with it
     rules = load_rules(routing, set(cfg.destinations), lambda n, v: model_exists(registry, n, v))
     # the inference child starts with the first job only: routing never starts it
     worker = Worker(cfg, store, registry, InferenceRunner(60), lambda: rules)

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 
 from ie_gateway.config import Destination
 from ie_gateway.errors import CommitmentError, UnsafeUIDError
@@ -211,6 +212,35 @@ class Commitments:
 
     def _destinations_of(self, ae_title: str) -> list[str]:
         return [name for name, d in self.destinations.items() if d.commitment and d.ae_title == ae_title]
+
+
+class ReportAnswers:
+    """Commitment reports a peer sent on one of the sender's own associations, and how many
+    have had their response. The rows settle inside the handler, before pynetdicom sends the
+    response: the sender must not release in between, or the peer waits for an answer that
+    never comes and its report goes unanswered."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.answered = 0
+        self.changed = threading.Condition()
+
+    def take(self) -> None:
+        """Count a report before its rows settle (the handler calls this first)."""
+        with self.changed:
+            self.taken += 1
+
+    def on_sent(self, event: evt.Event) -> None:
+        """EVT_DIMSE_SENT: count the N-EVENT-REPORT responses that went out."""
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            with self.changed:
+                self.answered += 1
+                self.changed.notify_all()
+
+    def wait_answered(self, timeout_s: float = RESPONSE_SENT_S) -> bool:
+        """Wait until every report taken has had its response; True when none is pending."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.answered >= self.taken, timeout=timeout_s)
 
 
 class CommitmentSCP:

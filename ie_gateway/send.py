@@ -34,13 +34,14 @@ from pathlib import Path
 import pydicom
 import structlog
 from azure.core.exceptions import ClientAuthenticationError
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from ie_gateway import tls
-from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, request_commitment, sop_name
+from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.dicomweb import StowClient
 from ie_gateway.errors import CommitmentError, DeliveryError, StowRefused
@@ -205,10 +206,16 @@ class Sender:
         ae.connection_timeout = ae.acse_timeout = dest.connect_timeout_s
         ae.requested_contexts = requested_contexts({r.sop_class for r in rows}, dest.commitment)
         # a peer may report commitment on this association: the rows are this destination's
-        report = (evt.EVT_N_EVENT_REPORT, lambda event: self.commitments.on_event_report(event, name))
+        answers = ReportAnswers()
+
+        def on_report(event: evt.Event) -> tuple[int, Dataset | None]:
+            answers.take()
+            return self.commitments.on_event_report(event, name)
+
+        handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, answers.on_sent)]
         started = time.monotonic()
         tls_args = tls.associate_args(dest)  # pynetdicom hints str; None (no hostname check) is what ssl takes
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=[report])  # type: ignore[arg-type]
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=handlers)  # type: ignore[arg-type]
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:
@@ -245,6 +252,7 @@ class Sender:
                 self._request_commitment(assoc, name, dest, stored)
         finally:
             if assoc.is_established:
+                answers.wait_answered()  # a report's rows settle before its response is out
                 assoc.release()
         log.info(
             "delivery pass",

@@ -35,6 +35,7 @@ from ie_gateway.imaging import SliceGeometry, rasterize_roi
 from ie_gateway.write.common import OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
 from tests.agreement_reference import reference_figures
+from tests.keys import DEMO_PUB, sign
 from tests.peers import REPO
 from tests.web_server import chromium
 from tests.write_case import DEMO_STRUCTURES, MODEL
@@ -93,6 +94,7 @@ def model_with_criteria(models: Path) -> Path:
         if structure["name"] in CRITERIA:
             structure["commissioning"] = CRITERIA[structure["name"]]
     (package / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    sign(package)  # edited: signed again by the demo publisher the test config trusts
     return models
 
 
@@ -125,6 +127,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Commissioned:
                 "storage": {"root": "var"},
                 "routing_file": "routing.yaml",
                 "models_dir": str(model_with_criteria(workdir / "models")),
+                "trusted_keys": [{"name": "demo", "public_key": str(DEMO_PUB)}],
                 "inference": {"device": "cpu", "timeout_s": 600},
             }
         )

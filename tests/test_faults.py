@@ -29,6 +29,7 @@ from ie_gateway.errors import InferenceOutOfMemory, StoreError
 from ie_gateway.health import Health
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner, error_reply
+from ie_gateway.infer.types import InferenceResult
 from ie_gateway.pipeline import Worker, transient
 from ie_gateway.route.rules import RuleSet
 from ie_gateway.store import Arrival, JobState, Store
@@ -292,9 +293,9 @@ class CpuRunner:
     def __exit__(self, *_: object) -> None:
         pass
 
-    def run(self, *args: Any) -> dict[str, Any]:
+    def run(self, *args: Any) -> InferenceResult:
         self.runs.append(args)
-        return {"volumes_cc": {"Heart": 600.0}, "timings_s": {}}
+        return InferenceResult(volumes_cc={"Heart": 600.0}, timings_s={}, windows=1, folds=1)
 
 
 def test_cuda_out_of_memory_runs_the_job_once_on_the_cpu(tmp_path: Path) -> None:
@@ -302,7 +303,7 @@ def test_cuda_out_of_memory_runs_the_job_once_on_the_cpu(tmp_path: Path) -> None
     worker.runner = OutOfMemoryRunner()  # type: ignore[assignment]
     worker.cpu_runner = CpuRunner  # type: ignore[assignment]
     result = worker.segment("model", tmp_path / "ct.mha", tmp_path / "labels.mha")  # type: ignore[arg-type]
-    assert result["volumes_cc"] == {"Heart": 600.0}
+    assert result.volumes_cc == {"Heart": 600.0}
     assert CpuRunner.runs == [("model", tmp_path / "ct.mha", tmp_path / "labels.mha")]
 
 

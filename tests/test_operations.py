@@ -17,6 +17,7 @@ import yaml
 
 from ie_gateway import cli
 from tests.infer_packages import threshold_model, write_package
+from tests.keys import DEMO_PUB
 from tests.peers import REPO, Node, storescu
 
 
@@ -129,7 +130,14 @@ def test_models_verify_reports_a_missing_framework_and_verifies_the_others(
     (tmp_path / "routing.yaml").write_text("rules: []\n")
     config = tmp_path / "gateway.yaml"
     config.write_text(
-        yaml.safe_dump({"storage": {"root": "var"}, "routing_file": "routing.yaml", "models_dir": "models"})
+        yaml.safe_dump(
+            {
+                "storage": {"root": "var"},
+                "routing_file": "routing.yaml",
+                "models_dir": "models",
+                "trusted_keys": [{"name": "demo", "public_key": str(DEMO_PUB)}],  # signed the toy and the demo
+            }
+        )
     )
     # as on a node installed without the [nnunet] extra
     monkeypatch.setitem(cli.FRAMEWORKS, "nnunetv2", ("nnunet", "nnunetv2_not_installed"))

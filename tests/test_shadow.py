@@ -19,6 +19,7 @@ import yaml
 from ie_gateway import agreement
 from ie_gateway.store import Store
 from ie_gateway.synthetic import make_phantom, write_ct_series
+from tests.keys import sign
 from tests.peers import REPO, Node, Orthanc, storescu, wait_until
 from tests.test_qa_loop import clinicians_version
 from tests.web_server import admin_page
@@ -54,6 +55,7 @@ def models_with_a_shadow_version(models: Path) -> Path:
     manifest = yaml.safe_load((models / "demo-thorax" / "4" / "model.yaml").read_text())
     manifest["version"] = "4"
     (models / "demo-thorax" / "4" / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    sign(models / "demo-thorax" / "4")  # a new version is published signed, as the node requires
     return models
 
 
@@ -69,6 +71,7 @@ def test_a_shadow_route_sends_nothing_and_gathers_agreement_beside_the_live_one(
             "destinations": {"TPS": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.dicom_port}},
             "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
             "inference": {"device": "cpu", "timeout_s": 600},
+            "approvals": {"accept_from": ["TPS"]},
         },
     )
     try:
@@ -85,7 +88,7 @@ def test_a_shadow_route_sends_nothing_and_gathers_agreement_beside_the_live_one(
         ai_path = tmp_path / "ai.dcm"
         ai_path.write_bytes(tps.get_bytes(f"/instances/{instance}/file"))
         ai = pydicom.dcmread(ai_path)
-        assert ai.SoftwareVersions[0] == "demo-thorax 3", ai.SoftwareVersions
+        assert ai.SoftwareVersions[0] == "demo-thorax@3", ai.SoftwareVersions  # h27: name@version
         shadow_file = Store(node.root).results / f"job-{job['id']}" / "rtstruct-1.dcm"
         assert shadow_file.is_file() and pydicom.dcmread(shadow_file).SOPInstanceUID != ai.SOPInstanceUID
 

@@ -1,5 +1,6 @@
 """The admin page's buttons that succeed: each action moves the job, and the audit trail says
-which action it was and who pressed it (the page's requests, in process, with the admin token)."""
+which action it was and who pressed it (the page's requests, in process, with the admin token: an action by the
+shared token is recorded as "token", a named account's under its name)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_retry_replays_the_dead_letters_and_the_trail_names_who(site: tuple[Stor
     assert page.status_code == 200 and "retry done (1 deliveries queued)" in page.text
     assert store.index.job(job).state is JobState.SENDING
     assert outbox.job_summary(job) == {OutboxState.PENDING: 1}
-    assert _admin_events(store, job) == [("failed -> sending: replayed by web:testclient", "web:testclient")]
+    assert _admin_events(store, job) == [("failed -> sending: replayed by token", "token")]
 
 
 def test_release_and_reroute_move_the_job_and_are_audited(site: tuple[Store, TestClient]) -> None:
@@ -82,10 +83,10 @@ def test_release_and_reroute_move_the_job_and_are_audited(site: tuple[Store, Tes
 
     assert client.post(f"/jobs/{held}/release").status_code == 200
     assert store.index.job(held).state is JobState.INFERRED
-    assert store.index.job(held).detail.review.released_by == "web:testclient"  # type: ignore[union-attr]
+    assert store.index.job(held).detail.review.released_by == "token"  # type: ignore[union-attr]
     assert client.post(f"/jobs/{unrouted}/reroute").status_code == 200
     assert store.index.job(unrouted).state is JobState.COMPLETE
-    assert [who for _, who in _admin_events(store, held) + _admin_events(store, unrouted)] == ["web:testclient"] * 2
+    assert [who for _, who in _admin_events(store, held) + _admin_events(store, unrouted)] == ["token"] * 2
 
     refused = client.post(f"/jobs/{unrouted}/release")  # not held: nothing to release
     assert refused.status_code == 409 and store.index.job(unrouted).state is JobState.COMPLETE

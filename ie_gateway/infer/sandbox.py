@@ -49,6 +49,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ie_gateway
+
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 SECRET_ENV = re.compile(
@@ -235,7 +237,9 @@ def confine_files(files: FileRules, exchange: Path) -> str:
 
 def _grants(files: FileRules, exchange: Path) -> Iterator[tuple[Path, int]]:
     """The folders (and what on them) the child may use; the wider ones first."""
-    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, *(entry for entry in sys.path if entry)}
+    # the node's own package too: an editable install reaches it through an import hook, not sys.path
+    own = os.path.dirname(os.path.abspath(ie_gateway.__file__))
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, own, *(entry for entry in sys.path if entry)}
     for folder in sorted(python):
         if os.path.realpath(folder) != "/":  # a script started from / puts / on sys.path
             yield Path(folder), _FS_READ

@@ -63,6 +63,7 @@ from ie_gateway.config import load_config
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.postprocess import postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, registry_for
+from ie_gateway.infer.signing import sign_model
 from ie_gateway.receive import VERIFICATION
 from ie_gateway.service import Service
 from ie_gateway.store import JobState
@@ -71,6 +72,10 @@ from ie_gateway.synthetic import make_phantom, write_ct_series
 CALLER, TPS = "GPU_BENCH", "BENCH_TPS"
 FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED, JobState.NEEDS_REVIEW}
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: the repository's demo publisher (keys/README.md): the bench signs the packages it builds with
+#: it, as the training side publishes them, and its node trusts it, as the demo config does
+DEMO_KEY = REPO / "keys" / "demo-only-publisher"
+DEMO_PUB = REPO / "keys" / "demo-only-publisher.pub"
 
 
 @dataclass
@@ -199,12 +204,16 @@ def monai_package(folder: Path, tiny: bool) -> Path:
 def packages(work: Path, tiny: bool, mirroring: bool) -> dict[str, Path]:
     """Case name -> package folder to import."""
     demo = REPO / "models" / "demo-thorax-nnunet" / "1"
-    return {
+    folders = {
         "native": native_package(work, tiny),
         "nnunet-demo": without_mirroring(demo, work / "nnunet-demo") if tiny else demo,
         "monai": monai_package(work / "monai-bundle", tiny),
         "nnunet-5fold": nnunet_fullres_package(work / "nnUNetTrainer__nnUNetPlans__3d_fullres", tiny, mirroring),
     }
+    for folder in folders.values():
+        if folder.is_relative_to(work):  # built or edited here; the repository's own are signed
+            sign_model(folder, DEMO_KEY)
+    return folders
 
 
 # --- the node and the TPS -------------------------------------------------------------------
@@ -259,6 +268,7 @@ def node_config(work: Path, cases: list[Case], tps_port: int, device: str) -> Pa
         "series": {"stable_after_s": 30, "sweep_every_s": 0.1},  # ImagesInAcquisition completes it
         "routing_file": "routing.yaml",
         "models_dir": str(work / "models"),
+        "trusted_keys": [{"name": "demo", "public_key": str(DEMO_PUB)}],
         "destinations": {TPS: {"ae_title": TPS, "host": "127.0.0.1", "port": tps_port}},
         "delivery": {"base_s": 1, "every_s": 0.2},
         "inference": {"device": device, "timeout_s": 1800},

@@ -22,6 +22,8 @@ import requests
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -72,6 +74,18 @@ def _source(cfg: GatewayConfig, source_name: str) -> Source:
     return source
 
 
+def _associate(cfg: GatewayConfig, source_name: str, source: Source, context: PresentationContext) -> Association:
+    """An association with the source for one query/retrieve context; FetchError when refused."""
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
+    ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
+    ae.requested_contexts = [context]
+    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
+    if not assoc.is_established:
+        raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
+    return assoc
+
+
 def find_studies(
     cfg: GatewayConfig, source_name: str, patient_id: str, since: str | None = None, modality: str | None = None
 ) -> list[str]:
@@ -80,13 +94,7 @@ def find_studies(
     source = _source(cfg, source_name)
     if source.protocol == "dicomweb":
         return _find_web(source_name, source, patient_id, since, modality)
-    ae = AE(ae_title=cfg.node.ae_title)
-    ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
-    ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
-    ae.requested_contexts = [FIND_CONTEXT]
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
+    assoc = _associate(cfg, source_name, source, FIND_CONTEXT)
     query = Dataset()
     query.QueryRetrieveLevel = QUERY_LEVEL
     query.PatientID = patient_id
@@ -121,13 +129,7 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
         raise FetchError(str(exc)) from exc
     if source.protocol == "dicomweb":
         return _fetch_web(cfg, source_name, source, study_uid)
-    ae = AE(ae_title=cfg.node.ae_title)
-    ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
-    ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
-    ae.requested_contexts = [MOVE_CONTEXT]
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
+    assoc = _associate(cfg, source_name, source, MOVE_CONTEXT)
     query = Dataset()
     query.QueryRetrieveLevel = QUERY_LEVEL
     query.StudyInstanceUID = study_uid

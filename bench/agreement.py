@@ -21,8 +21,8 @@ import numpy as np
 import surface_distance  # type: ignore[import-untyped]  # DeepMind's package ships no type hints
 from scipy import ndimage
 
-from ie_gateway.agreement import measure
-from ie_gateway.synthetic import STRUCTURES, make_phantom
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom
+from ie_gateway.qa.agreement import measure
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:

@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 
 from ie_gateway.commission import commission
 from ie_gateway.config import load_config
-from ie_gateway.synthetic import STRUCTURES, make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.write.common import ModelInfo, OutputUIDs, StructureInfo
 from ie_gateway.write.rtstruct import build_rtstruct
 

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dicomweb_client.api import DICOMwebClient
 
 from ie_gateway.config import DeliverySettings, Destination
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.send import Sender
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.outbox import Outbox
-from ie_gateway.synthetic import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.write import ModelInfo, StructureInfo, build_rtstruct, build_seg, new_output_uids
 from tests.peers import DCMTK_ENV, Node, Orthanc, wait_until
 

@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.infer.ensemble import Ensemble
 from ie_gateway.infer.registry import Registry
-from ie_gateway.synthetic import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.volume import load_volume
 from ie_gateway.write.validate import dice
 

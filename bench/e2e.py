@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ie_gateway.synthetic import make_phantom, write_ct_series  # noqa: E402
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series  # noqa: E402
 from tests.peers import DCMTK_ENV, REPO, Node, Orthanc, wait_until  # noqa: E402
 
 

@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from infer import framework_command, stand_in_package
 
 from ie_gateway.config import load_config
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.postprocess import postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, registry_for
@@ -67,7 +68,6 @@ from ie_gateway.infer.signing import sign_model
 from ie_gateway.receive import VERIFICATION
 from ie_gateway.service import Service
 from ie_gateway.store import JobState
-from ie_gateway.synthetic import make_phantom, write_ct_series
 
 CALLER, TPS = "GPU_BENCH", "BENCH_TPS"
 FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED, JobState.NEEDS_REVIEW}

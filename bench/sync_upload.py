@@ -18,9 +18,9 @@ from pathlib import Path
 
 from azure.storage.blob import ContainerClient
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client, upload_case
-from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.azurite import running_azurite
 
 MIB = 1024 * 1024

@@ -28,10 +28,10 @@ from selenium.webdriver.common.keys import Keys
 from starlette.applications import Starlette
 
 from ie_gateway.config import load_config
+from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.store import JobState, OutputKind, Store
 from ie_gateway.store.records import JobRoute
-from ie_gateway.synthetic import make_phantom
 from ie_gateway.web import web_routes
 from ie_gateway.web.viewer import SliceViewer
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 
 _CHILD = r"""
 import json, sys, time

@@ -37,7 +37,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.write import (
     ModelInfo,
     StructureInfo,

@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    """backup, restore: the node's records (see ie_gateway/backup.py)."""
+    """backup, restore: the node's records (see ie_gateway/ops/backup.py)."""
     backup = command("backup", "copy the index, models state, pseudonym map, key and config into a new folder")
     backup.add_argument("folder", type=Path)
     restore = command(
@@ -299,8 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from ie_gateway import checks, tls
     from ie_gateway.infer.registry import registry_for
+    from ie_gateway.ops import checks, tls
     from ie_gateway.roinames import rule_roi_name_problems
 
     cfg = load_config(args.config)
@@ -321,7 +321,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _echo_destinations(cfg: GatewayConfig) -> int:
     """C-ECHO each destination; exit 1 when any does not answer."""
-    from ie_gateway import checks
+    from ie_gateway.ops import checks
 
     results = checks.echo(cfg)
     for result in results:
@@ -536,7 +536,7 @@ def _who() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ie_gateway.demo import run_demo
+    from ie_gateway.demo.run import run_demo
 
     logsetup.configure("warning")
     result = run_demo(args.config, args.workdir.resolve(), args.slices, args.timeout, args.model)
@@ -599,8 +599,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
 
-    from ie_gateway import audit
     from ie_gateway.infer.registry import registry_for
+    from ie_gateway.ops import audit
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -614,7 +614,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ie_gateway.admin import retry
+    from ie_gateway.ops.admin import retry
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -634,7 +634,7 @@ def _dicom_date(text: str) -> str:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from ie_gateway.retrieve import fetch_study, find_studies
+    from ie_gateway.interop.retrieve import fetch_study, find_studies
 
     cfg = load_config(args.config)
     studies = [args.study] if args.study else find_studies(cfg, args.source, args.patient, args.since, args.modality)
@@ -651,7 +651,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_reroute(args: argparse.Namespace) -> int:
-    from ie_gateway.admin import reroute
+    from ie_gateway.ops.admin import reroute
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -661,7 +661,7 @@ def cmd_reroute(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from ie_gateway.admin import release
+    from ie_gateway.ops.admin import release
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -671,7 +671,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    from ie_gateway.admin import reject
+    from ie_gateway.ops.admin import reject
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -683,7 +683,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
 def cmd_agreement(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ie_gateway import agreement, drift
+    from ie_gateway.qa import agreement, drift
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -723,7 +723,7 @@ def _spread(spread: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ie_gateway import drift
+    from ie_gateway.qa import drift
     from ie_gateway.status import status_rows
     from ie_gateway.store import Store
 
@@ -773,7 +773,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from ie_gateway.backup import KEY, backup
+    from ie_gateway.ops.backup import KEY, backup
 
     cfg = load_config(args.config)
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -791,7 +791,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ie_gateway.backup import restore
+    from ie_gateway.ops.backup import restore
 
     creds = getattr(args, "credentials_dir", None) or Path(os.environ.get("CREDENTIALS_DIRECTORY", DEFAULT_CREDENTIALS))
     info = restore(args.folder, args.config, package_version(), creds, force=args.force)
@@ -804,7 +804,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from ie_gateway.conformance import statement
+    from ie_gateway.interop.conformance import statement
 
     sys.stdout.write(statement(load_config(args.config), package_version(), as_html=args.html))
     return 0

@@ -43,9 +43,6 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway import metrics
-from ie_gateway.approvals import link_approved
-from ie_gateway.assess import assess_structure_set
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import (
     ApprovalRefused,
@@ -62,8 +59,11 @@ from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
 from ie_gateway.log import scrub
+from ie_gateway.ops import metrics
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
-from ie_gateway.plausibility import Findings, check_result
+from ie_gateway.qa.approvals import link_approved
+from ie_gateway.qa.assess import assess_structure_set
+from ie_gateway.qa.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import Route, RuleSet, SeriesFacts
 from ie_gateway.store import Job, JobRoute, JobState, OutputKind, ReviewPolicy, Store, TransitionError

@@ -49,11 +49,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from ie_gateway import metrics, tls
-from ie_gateway.commitment import PROCESSING_FAILURE, STORAGE_COMMITMENT, Commitments, CommitmentSCP
 from ie_gateway.config import Caller, Limits, Node
 from ie_gateway.errors import InstanceOverLimit, StoreError, UnsafeUIDError
 from ie_gateway.intake import Received, check_limits, read_received, sent_text
+from ie_gateway.interop.commitment import PROCESSING_FAILURE, STORAGE_COMMITMENT, Commitments, CommitmentSCP
+from ie_gateway.ops import metrics, tls
 from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
 from ie_gateway.store.space import DiskSpace
 

@@ -40,11 +40,11 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
-from ie_gateway import tls
-from ie_gateway.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
 from ie_gateway.config import DeliverySettings, Destination
-from ie_gateway.dicomweb import StowClient
 from ie_gateway.errors import CommitmentError, DeliveryError, StowRefused
+from ie_gateway.interop.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
+from ie_gateway.interop.dicomweb import StowClient
+from ie_gateway.ops import tls
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
 

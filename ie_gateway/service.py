@@ -26,15 +26,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from starlette.routing import BaseRoute
 
-from ie_gateway import drift, metrics, sdnotify
 from ie_gateway.config import GatewayConfig, InferenceSettings
 from ie_gateway.errors import ConfigError
-from ie_gateway.health import Check, Health
-from ie_gateway.httpserver import HttpServer, build_app
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import runner_for
-from ie_gateway.notify import Notifier
+from ie_gateway.interop.stow import stow_routes
+from ie_gateway.ops import metrics, sdnotify
+from ie_gateway.ops.health import Check, Health
+from ie_gateway.ops.httpserver import HttpServer, build_app
+from ie_gateway.ops.notify import Notifier
 from ie_gateway.pipeline import Worker
+from ie_gateway.qa import drift
 from ie_gateway.receive import Receiver
 from ie_gateway.route import RulesWatcher
 from ie_gateway.route.load import rules_loader
@@ -43,7 +45,6 @@ from ie_gateway.store import Store
 from ie_gateway.store.db import node_name
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
-from ie_gateway.stow import stow_routes
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
 from ie_gateway.web import web_routes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from tests.peers import Node, Orthanc
 from tests.postgres import PostgresCluster, PostgresNotFoundError, find_bindir
 

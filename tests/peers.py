@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from ie_gateway.status import status_rows
 from ie_gateway.config import load_config
+from ie_gateway.status import status_rows
 from ie_gateway.store import Store
 
 REPO = Path(__file__).resolve().parent.parent

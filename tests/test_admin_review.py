@@ -1,4 +1,4 @@
-"""A reviewer's verdict on a held result (ie_gateway.admin): release and reject take a comment,
+"""A reviewer's verdict on a held result (ie_gateway.ops.admin): release and reject take a comment,
 kept in the job's history under the person's name and shown by `ie-gateway audit`."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ie_gateway import admin, audit
 from ie_gateway.errors import AdminError
+from ie_gateway.ops import admin, audit
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.states import JobState
 from tests.jobs import job_route

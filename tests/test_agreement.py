@@ -1,4 +1,4 @@
-"""Agreement figures (ie_gateway.agreement) and drift alarms (ie_gateway.drift), on masks and a
+"""Agreement figures (ie_gateway.qa.agreement) and drift alarms (ie_gateway.qa.drift), on masks and a
 real index; the whole loop through the node is in test_qa_loop."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ie_gateway import agreement, drift
-from ie_gateway.agreement import StructureFigures, match_structures, measure
 from ie_gateway.config import AgreementSettings
+from ie_gateway.demo.phantoms import make_phantom
+from ie_gateway.qa import agreement, drift
+from ie_gateway.qa.agreement import StructureFigures, match_structures, measure
 from ie_gateway.store import Store
-from ie_gateway.synthetic import make_phantom
 from tests.agreement_reference import reference_figures
 
 SPACING = (5.0, 1.95, 1.95)

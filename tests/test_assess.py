@@ -62,10 +62,10 @@ def test_a_ct_is_routed_before_a_structure_set_waiting_for_its_figures(tmp_path:
 
 
 def test_the_delivered_rtstruct_is_compared_without_what_its_names_file_left_out(tmp_path: Path) -> None:
-    from ie_gateway.assess import _contours
     from ie_gateway.config import Destination
     from ie_gateway.infer.registry import Registry
     from ie_gateway.plan import plan_outputs
+    from ie_gateway.qa.assess import _contours
     from ie_gateway.store import JobRoute, OutputKind
     from tests.infer_packages import threshold_model, write_package
     from tests.keys import DEMO_TRUSTED

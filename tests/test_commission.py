@@ -23,15 +23,15 @@ import yaml
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from ie_gateway import drift
-from ie_gateway.agreement import StructureFigures, record
 from ie_gateway.commission.cases import read_case
 from ie_gateway.commission.run import RTSTRUCT_FILE, WORK_DIR, work_name
 from ie_gateway.config import AgreementSettings
+from ie_gateway.demo.phantoms import HEART, make_phantom, write_ct_series
 from ie_gateway.errors import CommissionError
-from ie_gateway.store import Store
-from ie_gateway.synthetic import HEART, make_phantom, write_ct_series
 from ie_gateway.imaging import SliceGeometry, rasterize_roi
+from ie_gateway.qa import drift
+from ie_gateway.qa.agreement import StructureFigures, record
+from ie_gateway.store import Store
 from ie_gateway.write.common import OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
 from tests.agreement_reference import reference_figures

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
-from ie_gateway.commitment import COMMITMENT_INSTANCE, STORAGE_COMMITMENT
+from ie_gateway.interop.commitment import COMMITMENT_INSTANCE, STORAGE_COMMITMENT
 from tests.peers import Node, Orthanc, free_port, storescu, wait_until
 from tests.test_pipeline import RULES, orthanc_instances, toy_models
 
@@ -197,7 +197,7 @@ def test_an_uncommitted_file_is_named_retried_then_failed(
 def test_a_committing_row_waits_then_is_delivered_failed_or_overdue(tmp_path: Path, index_url: str) -> None:
     """The outbox side of commitment on both index backends: stored rows wait as committing
     (the job is not settled), a report settles them, a silent peer's rows fall due again."""
-    from ie_gateway.commitment import Commitments, Reference
+    from ie_gateway.interop.commitment import Commitments, Reference
     from ie_gateway.store import OutboxState, Store
     from ie_gateway.store.outbox import Outbox
     from tests.test_notify import routed_job

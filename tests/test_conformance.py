@@ -12,10 +12,10 @@ import pytest
 from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless
 from pynetdicom import AE, build_role
 
-from ie_gateway import retrieve
-from ie_gateway.commitment import STORAGE_COMMITMENT
 from ie_gateway.config import load_config
-from ie_gateway.conformance import BOTH_ROLES, accepted_contexts, proposed_contexts, statement
+from ie_gateway.interop import retrieve
+from ie_gateway.interop.commitment import STORAGE_COMMITMENT
+from ie_gateway.interop.conformance import BOTH_ROLES, accepted_contexts, proposed_contexts, statement
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE
 from tests.peers import DCMTK_ENV, Node
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from ie_gateway.demo.phantoms import STRUCTURES, Phantom, make_phantom, write_ct_series
 from ie_gateway.infer.ensemble import Ensemble
 from ie_gateway.infer.registry import Registry
-from ie_gateway.synthetic import STRUCTURES, Phantom, make_phantom, write_ct_series
 from ie_gateway.volume import load_volume
 from ie_gateway.write.validate import dice
 from tests.keys import DEMO_TRUSTED

@@ -12,9 +12,8 @@ import pydicom
 import pytest
 
 from ie_gateway.config import Destination
-from ie_gateway.dicomweb import StowClient
-from ie_gateway.errors import StowRefused
-from ie_gateway.errors import DeliveryError
+from ie_gateway.errors import DeliveryError, StowRefused
+from ie_gateway.interop.dicomweb import StowClient
 from tests.peers import Orthanc, free_port, storescu
 from tests.test_pipeline import orthanc_instances, toy_models
 

@@ -26,10 +26,10 @@ from pynetdicom.sop_class import RTStructureSetStorage
 from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, Reserve
 from ie_gateway.errors import InferenceOutOfMemory, StoreError
-from ie_gateway.health import Health
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner, error_reply
 from ie_gateway.infer.types import InferenceResult
+from ie_gateway.ops.health import Health
 from ie_gateway.pipeline import Worker, transient
 from ie_gateway.route.rules import RuleSet
 from ie_gateway.store import Arrival, JobState, Store

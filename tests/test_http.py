@@ -15,8 +15,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from ie_gateway.config import HttpSettings, Reserve
-from ie_gateway.health import Health
-from ie_gateway.httpserver import HttpServer, build_app
+from ie_gateway.ops.health import Health
+from ie_gateway.ops.httpserver import HttpServer, build_app
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.space import disk_space
 from ie_gateway.store.states import JobState

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import structlog
 import torch
 
+from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.errors import ModelError
 from ie_gateway.infer.ensemble import (
     Ensemble,
@@ -31,7 +32,6 @@ from ie_gateway.infer.ensemble import (
 )
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion
-from ie_gateway.synthetic import make_phantom
 from tests.infer_packages import write_package
 
 

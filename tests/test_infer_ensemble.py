@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.infer.ensemble import Ensemble, ModelGrid, argmax_on_grid, model_grid, window_starts
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion
-from ie_gateway.synthetic import make_phantom
 from tests.infer_packages import Pointwise, threshold_model, write_package
 
 FOLDS = [

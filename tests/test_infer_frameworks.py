@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.pipeline import CT_FILE, labels_file
 from ie_gateway.store import Store
-from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.peers import REPO, storescu
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.errors import InferenceError
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.runner import InferenceRunner
-from ie_gateway.synthetic import make_phantom
 from tests.infer_packages import Spin, threshold_model, write_package
 from tests.peers import wait_until
 

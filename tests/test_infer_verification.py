@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from tests.infer_packages import Spin, threshold_model, write_package
 from tests.peers import echoscu, storescu
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.errors import InferenceError
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.sandbox import network_isolated
 from ie_gateway.infer.signing import TrustedKey
-from ie_gateway.synthetic import make_phantom
 from tests.infer_packages import threshold_model, write_package
 from tests.keys import DEMO_TRUSTED, new_key, sign
 

@@ -1,4 +1,4 @@
-"""Webhooks (ie_gateway.notify): each event reaches a real HTTP receiver started by the test,
+"""Webhooks (ie_gateway.ops.notify): each event reaches a real HTTP receiver started by the test,
 carries no patient data, is retried with backoff, survives a restart, and never holds up the
 node (a dead webhook delays neither the jobs nor another webhook)."""
 
@@ -16,10 +16,10 @@ import pydicom
 import pytest
 import yaml
 
-from ie_gateway import agreement
-from ie_gateway.agreement import StructureFigures
 from ie_gateway.config import GatewayConfig
-from ie_gateway.notify import Cursor, Notifier, hook_id
+from ie_gateway.ops.notify import Cursor, Notifier, hook_id
+from ie_gateway.qa import agreement
+from ie_gateway.qa.agreement import StructureFigures
 from ie_gateway.store import Arrival, JobState, Store
 from tests.jobs import job_route
 from tests.peers import Orthanc, free_port, storescu, wait_until

@@ -13,15 +13,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from ie_gateway.agreement import match_structures
 from ie_gateway.config import Destination
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import ConfigError
 from ie_gateway.imaging import SliceGeometry, StructureInfo, structure_mask
 from ie_gateway.infer.manifest import Manifest, load_manifest
 from ie_gateway.pipeline import structures_of
-from ie_gateway.plausibility import Findings, check_result
+from ie_gateway.qa.agreement import match_structures
+from ie_gateway.qa.plausibility import Findings, check_result
 from ie_gateway.roinames import load_roi_names, site_aliases
-from ie_gateway.synthetic import make_phantom, write_ct_series
 
 REPO = Path(__file__).resolve().parent.parent
 EXTERNAL, LUNG_L, LUNG_R, HEART, CORD = 1, 2, 3, 4, 5

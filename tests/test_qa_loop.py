@@ -19,9 +19,9 @@ import pytest
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from ie_gateway import agreement
-from ie_gateway.agreement import StructureFigures
 from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi
+from ie_gateway.qa import agreement
+from ie_gateway.qa.agreement import StructureFigures
 from ie_gateway.store import Store
 from ie_gateway.write.common import ModelInfo, OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct

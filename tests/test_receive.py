@@ -262,7 +262,7 @@ def test_restart_reconciles_spool_and_index(node_factory: object, small_series: 
 
 
 def test_logs_carry_no_patient_data(node_factory: object, tmp_path: Path) -> None:
-    from ie_gateway.synthetic import make_phantom, write_ct_series
+    from ie_gateway.demo.phantoms import make_phantom, write_ct_series
     files = write_ct_series(make_phantom(5, slices=22, size=64, pixel_mm=8, slice_mm=5), tmp_path / "ct",
                             seed=5, patient_name="DOE^JANE", patient_id="MRN123456")
     node = node_factory().start()  # type: ignore[operator]

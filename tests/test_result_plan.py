@@ -21,9 +21,9 @@ from azure.storage.blob import ContainerClient
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
-from ie_gateway import agreement
 from ie_gateway.config import Destination
 from ie_gateway.plan import not_sent, plan_outputs
+from ie_gateway.qa import agreement
 from ie_gateway.store import JobDetail, JobRoute, OutputKind, Store
 from ie_gateway.store.records import OutputPlan
 from ie_gateway.sync.blob import container_client

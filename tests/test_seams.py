@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pydicom
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.route import SeriesFacts
 from ie_gateway.store import SeriesHeader, Store, header_values
-from ie_gateway.synthetic import make_phantom, write_ct_series
 
 
 def test_the_header_receive_indexes_is_the_series_header_routing_reads(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from tests.infer_packages import Spin, threshold_model, write_package
 from tests.peers import Node, storescu, wait_until
 

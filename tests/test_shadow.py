@@ -16,9 +16,9 @@ import pydicom
 import pytest
 import yaml
 
-from ie_gateway import agreement
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
+from ie_gateway.qa import agreement
 from ie_gateway.store import Store
-from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.keys import sign
 from tests.peers import REPO, Node, Orthanc, storescu, wait_until
 from tests.test_qa_loop import clinicians_version

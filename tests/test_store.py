@@ -395,7 +395,7 @@ def test_start_up_counts_a_stage_the_node_died_in_as_a_crash_of_its_job(tmp_path
 
 
 def test_a_reroute_starts_the_crash_count_afresh(tmp_path: Path, index_url: str) -> None:
-    from ie_gateway.admin import reroute
+    from ie_gateway.ops.admin import reroute
 
     store = Store(tmp_path, index_url)
     job_id = routed(store, "1.2.3.4.1", "1.2.3.4")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import SyncError
 from ie_gateway.sync.anonymise import (
     AnonymiseOptions,
@@ -18,7 +19,6 @@ from ie_gateway.sync.anonymise import (
     DateMode,
     load_key,
 )
-from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.sync_samples import (
     NESTED_NAME,
     PLANTED,

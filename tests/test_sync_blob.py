@@ -11,13 +11,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from azure.storage.blob import ContainerClient
-from tests.azurite import azurite_blob  # noqa: F401  (fixture)
-from tests.sync_samples import PRIVATE_VALUE, make_rtstruct
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import SyncError
 from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser
 from ie_gateway.sync.blob import container_client, load_connection_string, upload_case
-from ie_gateway.synthetic import make_phantom, write_ct_series
+from tests.azurite import azurite_blob  # noqa: F401  (fixture)
+from tests.sync_samples import PRIVATE_VALUE, make_rtstruct
 
 pytestmark = pytest.mark.peer
 

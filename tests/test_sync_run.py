@@ -18,22 +18,22 @@ from azure.storage.blob import ContainerClient
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
-from ie_gateway.approvals import link_approved
 from ie_gateway.cli import TextProgress
 from ie_gateway.config import GatewayConfig, load_config
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import SyncError
 from ie_gateway.infer.registry import Registry, registry_for
+from ie_gateway.qa.approvals import link_approved
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.records import ApprovedSet, JobDetail
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client
 from ie_gateway.sync.run import SyncReport, scheduled_cases, scheduled_models, sync_now
 from ie_gateway.sync.updates import PullStatus, publish_version
-from tests.keys import DEMO_KEY, DEMO_TRUSTED
 from ie_gateway.sync.upload import CasesReport, sync_cases
-from ie_gateway.synthetic import make_phantom, write_ct_series
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.infer_packages import threshold_model, write_package
+from tests.keys import DEMO_KEY, DEMO_TRUSTED
 from tests.peers import Node, Orthanc, storescu, wait_until
 from tests.test_pipeline import toy_models
 

@@ -16,8 +16,8 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
+from ie_gateway.demo.phantoms import STRUCTURES, Phantom, make_phantom, write_ct_series
 from ie_gateway.infer.manifest import load_manifest
-from ie_gateway.synthetic import STRUCTURES, Phantom, make_phantom, write_ct_series
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, EnhancedCTImageStorage, JPEG2000Lossless
 
+from ie_gateway.demo.phantoms import Phantom, make_phantom, write_ct_series
 from ie_gateway.errors import VolumeRefused
-from ie_gateway.synthetic import Phantom, make_phantom, write_ct_series
 from ie_gateway.volume import VolumeChecks, load_volume
 from tests.conftest import dcm_compress
 

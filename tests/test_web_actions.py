@@ -11,9 +11,9 @@ import yaml
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from ie_gateway.audit import audit_events
 from ie_gateway.config import load_config
 from ie_gateway.infer.registry import registry_for
+from ie_gateway.ops.audit import audit_events
 from ie_gateway.store import JobState, OutboxState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.web import web_routes

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from ie_gateway.synthetic import STRUCTURES, make_phantom, write_ct_series
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.write import ModelInfo, StructureInfo
 
 COLORS = ((0, 200, 0), (0, 128, 255), (255, 128, 0), (255, 0, 0), (255, 255, 0))

@@ -4,7 +4,7 @@
 the clinician's approved RT-STRUCT, see :mod:`.cases`) through the node's own path
 (:mod:`.run`), writes ``figures.json``, ``report.html`` and ``report.pdf`` (:mod:`.report`), and,
 once every case has run, makes the run's median Dice per structure the version's drift baseline
-(:data:`ie_gateway.drift.COMMISSIONED_FILE`, beside the index).
+(:data:`ie_gateway.qa.drift.COMMISSIONED_FILE`, beside the index).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ie_gateway import drift
 from ie_gateway.commission.run import FIGURES_FILE, CaseResult, Progress, Run, figure_rows
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import CommissionError
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.qa import drift
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, RTStructureSetStorage
 
-from ie_gateway.approvals import APPROVED
 from ie_gateway.errors import CommissionError
+from ie_gateway.qa.approvals import APPROVED
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,12 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
 from ie_gateway import __version__
-from ie_gateway.agreement import FIGURES, match_structures
 from ie_gateway.commission.cases import read_case
 from ie_gateway.commission.run import RTSTRUCT_FILE, WORK_DIR, CaseResult, Run, criteria_of, work_name
 from ie_gateway.imaging import SliceGeometry, rasterize_roi
 from ie_gateway.infer.manifest import MANIFEST_NAME, Commissioning
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.qa.agreement import FIGURES, match_structures
 from ie_gateway.volume import load_volume
 from ie_gateway.write.qa import render_comparison_png
 

@@ -30,7 +30,6 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway.agreement import Aliases, ModelContours, assess
 from ie_gateway.commission.cases import case_folders, read_case
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import CommissionError, GatewayError
@@ -38,7 +37,8 @@ from ie_gateway.imaging import SliceGeometry, structure_mask, structures_of
 from ie_gateway.infer.manifest import Commissioning
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.runner import InferenceRunner
-from ie_gateway.plausibility import check_result
+from ie_gateway.qa.agreement import Aliases, ModelContours, assess
+from ie_gateway.qa.plausibility import check_result
 from ie_gateway.roinames import site_aliases
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import ModelInfo, new_output_uids

@@ -78,7 +78,7 @@ class Range(StrictModel):
 
 
 class Expect(StrictModel):
-    """What a sane result of this structure looks like (see ie_gateway.plausibility).
+    """What a sane result of this structure looks like (see ie_gateway.qa.plausibility).
 
     ``volume_cc``: its volume; ``volume_cc_per_cm``: its volume per cm of scan length (long
     organs such as the cord, cut by the scan's ends); ``side``: the patient's side of the

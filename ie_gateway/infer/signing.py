@@ -82,7 +82,7 @@ class Statement:
 def trusted_keys(cfg: GatewayConfig) -> list[TrustedKey]:
     """The node's ``trusted_keys``, each key file read (``credential:NAME`` from the service's
     credentials folder); ModelError names a key that cannot be read."""
-    from ie_gateway.tls import resolve
+    from ie_gateway.ops.tls import resolve
 
     return [TrustedKey(k.name, resolve(k.public_key), k.allow_code) for k in cfg.trusted_keys]
 

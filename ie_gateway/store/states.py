@@ -18,7 +18,7 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.SENDING: frozenset({S.DELIVERED, S.FAILED}),
     S.DELIVERED: frozenset({S.EXCLUDED}),
     S.EXCLUDED: frozenset(),
-    # an admin's replay (`send --retry`) or `reroute` after fixing the rules (ie_gateway.admin)
+    # an admin's replay (`send --retry`) or `reroute` after fixing the rules (ie_gateway.ops.admin)
     S.FAILED: frozenset({S.SENDING, S.ROUTED, S.COMPLETE}),
     S.REFUSED: frozenset({S.COMPLETE}),
     S.UNROUTED: frozenset({S.ROUTED, S.COMPLETE}),

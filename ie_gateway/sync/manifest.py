@@ -13,7 +13,7 @@ from typing import Any
 
 import pydicom
 
-from ie_gateway.approvals import APPROVED
+from ie_gateway.qa.approvals import APPROVED
 from ie_gateway.store import Job, Store
 from ie_gateway.sync import anonymise, blob
 

@@ -25,9 +25,9 @@ import structlog
 from azure.core.exceptions import AzureError
 from azure.storage.blob import ContainerClient
 
-from ie_gateway.approvals import approved_files
 from ie_gateway.errors import AnonymiseError, BurnedInAnnotation, SyncError
 from ie_gateway.log import scrub
+from ie_gateway.qa.approvals import approved_files
 from ie_gateway.store import Job, JobDetail, JobState, Store, TransitionError
 from ie_gateway.store.records import SyncRecord
 from ie_gateway.sync import blob

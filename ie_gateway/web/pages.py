@@ -24,10 +24,11 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from ie_gateway import admin, agreement, drift
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError
 from ie_gateway.infer.registry import Registry
+from ie_gateway.ops import admin
+from ie_gateway.qa import agreement, drift
 from ie_gateway.status import job_status
 from ie_gateway.store import Job, JobState, Store
 from ie_gateway.store.outbox import Outbox
@@ -60,7 +61,7 @@ ATTENTION = (JobState.FAILED, JobState.NEEDS_REVIEW)
 
 
 def default_actions() -> dict[str, Action]:
-    """The actions ``ie_gateway.admin`` offers (retry, and reroute/release where present)."""
+    """The actions ``ie_gateway.ops.admin`` offers (retry, and reroute/release where present)."""
     return {name: getattr(admin, name) for name in ACTION_STATES if callable(getattr(admin, name, None))}
 
 
@@ -414,7 +415,7 @@ def web_routes(
     """The admin page's routes, to mount in the node's HTTP app (beside /metrics).
 
     ``token`` defaults to :func:`~ie_gateway.web.auth.admin_token` (environment or systemd
-    credential); ``actions`` to what :mod:`ie_gateway.admin` offers.
+    credential); ``actions`` to what :mod:`ie_gateway.ops.admin` offers.
     """
     pages = AdminPages(
         cfg,

@@ -20,13 +20,13 @@ import pydicom
 import SimpleITK as sitk
 import structlog
 
-from ie_gateway.agreement import match_structures
-from ie_gateway.approvals import approved_files
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError
 from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi, structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.plan import CT_FILE, labels_file
+from ie_gateway.qa.agreement import match_structures
+from ie_gateway.qa.approvals import approved_files
 from ie_gateway.roinames import site_aliases
 from ie_gateway.store import Job, Store
 from ie_gateway.write.qa import render_slice_png

@@ -5,7 +5,7 @@ time it takes on 2 cores):
 
     .venv/bin/python models/demo-thorax-nnunet/train.py --out models/demo-thorax-nnunet/1
 
-Steps, all nnU-Net's own: phantoms from :mod:`ie_gateway.synthetic` (seeds 0..CASES-1, on a
+Steps, all nnU-Net's own: phantoms from :mod:`ie_gateway.demo.phantoms` (seeds 0..CASES-1, on a
 coarse 6 mm grid so a CPU trains it in minutes) are written as an nnU-Net raw dataset;
 ``nnUNetv2_plan_and_preprocess`` plans and preprocesses it; the plan's network is narrowed to
 FEATURES channels per stage (nnU-Net's documented way of editing a plan) so each fold's
@@ -38,7 +38,7 @@ import torch
 
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.signing import sign_model
-from ie_gateway.synthetic import STRUCTURES, make_phantom
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom
 
 DEMO_KEY = Path(__file__).resolve().parents[2] / "keys" / "demo-only-publisher"
 DATASET_ID = 901
@@ -68,7 +68,7 @@ def write_raw_dataset(raw: Path) -> None:
             sitk.WriteImage(image, str(path))
     dataset = {
         "name": "DemoThorax",
-        "description": "ie_gateway.synthetic thorax phantoms (not for clinical use)",
+        "description": "ie_gateway.demo.phantoms thorax phantoms (not for clinical use)",
         "channel_names": {"0": "CT"},
         "labels": {"background": 0, **{name: i + 1 for i, name in enumerate(STRUCTURES)}},
         "numTraining": CASES,

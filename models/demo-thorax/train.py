@@ -10,7 +10,7 @@ The last fold to finish scores all three on their validation seeds and writes mo
 Everything is seeded, so a rerun on the same torch build reproduces the folds: the same weights
 and code (measured for version 2: every entry of each fold file identical but TorchScript's
 debug source path and its random serialization id, so the sha256 differ). Phantoms come
-from :mod:`ie_gateway.synthetic` on varied native grids (pixel 0.7-1.2 mm, slices 1.5-3 mm,
+from :mod:`ie_gateway.demo.phantoms` on varied native grids (pixel 0.7-1.2 mm, slices 1.5-3 mm,
 field of view and length) and are preprocessed exactly as the inference engine does: linear
 resampling of HU onto the model grid, clip to the window, scale to [0, 1]. Labels are resampled
 as anti-aliased one-hot fractions, so the folds learn partial volumes and the engine's linear
@@ -44,7 +44,7 @@ import yaml
 from torch import nn
 
 from ie_gateway.infer.signing import sign_model
-from ie_gateway.synthetic import STRUCTURES, make_phantom
+from ie_gateway.demo.phantoms import STRUCTURES, make_phantom
 
 DEMO_KEY = Path(__file__).resolve().parents[2] / "keys" / "demo-only-publisher"
 HELD_OUT_FROM = 10_000  # seeds at or above this are never used for training or validation
@@ -425,7 +425,7 @@ def write_manifest(out: Path, hashes: list[str], dice: list[dict[str, float]], p
         "version": out.name,
         "description": (
             "Demo thorax contouring (External, lungs, heart, spinal cord) trained on synthetic "
-            f"phantoms (ie_gateway.synthetic seeds 0..{pool - 1}) by models/demo-thorax/train.py; "
+            f"phantoms (ie_gateway.demo.phantoms seeds 0..{pool - 1}) by models/demo-thorax/train.py; "
             f"{FOLDS}-fold cross-validation Dice at model spacing {mean}. Not for clinical use."
         ),
         "structures": structures,

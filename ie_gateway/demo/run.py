@@ -21,10 +21,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ie_gateway.config import GatewayConfig, load_config
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import GatewayError
 from ie_gateway.receive import VERIFICATION
 from ie_gateway.store import JobState
-from ie_gateway.synthetic import make_phantom, write_ct_series
 
 log = structlog.get_logger(__name__)
 DEMO_CALLER = "IE_DEMO"

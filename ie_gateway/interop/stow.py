@@ -29,10 +29,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ie_gateway import metrics
 from ie_gateway.config import GatewayConfig, StowCaller
-from ie_gateway.dicomweb import secret
 from ie_gateway.errors import DeliveryError, StoreError, UnsafeUIDError
+from ie_gateway.interop.dicomweb import secret
+from ie_gateway.ops import metrics
 from ie_gateway.receive import DECODE_ERRORS, REQUIRED
 from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
 

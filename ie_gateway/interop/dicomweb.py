@@ -24,7 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from ie_gateway.config import Destination, Source
 from ie_gateway.errors import DeliveryError, StowRefused
-from ie_gateway.tls import resolve
+from ie_gateway.ops.tls import resolve
 
 log = structlog.get_logger(__name__)
 

@@ -20,8 +20,10 @@ import pynetdicom
 from pydicom.uid import UID
 from pynetdicom.presentation import PresentationContext
 
-from ie_gateway import checks, commitment, receive, retrieve, send, stow
+from ie_gateway import receive, send
 from ie_gateway.config import Destination, GatewayConfig
+from ie_gateway.interop import commitment, retrieve, stow
+from ie_gateway.ops import checks
 from ie_gateway.store.records import SegEncoding, output_sop_class
 from ie_gateway.vocab import OutputKind
 

@@ -30,8 +30,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ie_gateway.config import GatewayConfig, Source
-from ie_gateway.dicomweb import web_client
 from ie_gateway.errors import FetchError, UnsafeUIDError
+from ie_gateway.interop.dicomweb import web_client
 from ie_gateway.store import Arrival, Store, check_uid, header_values
 
 log = structlog.get_logger(__name__)

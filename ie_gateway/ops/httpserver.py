@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ie_gateway import metrics
 from ie_gateway.config import HttpSettings
 from ie_gateway.errors import HttpError
-from ie_gateway.health import Health
+from ie_gateway.ops import metrics
+from ie_gateway.ops.health import Health
 
 log = structlog.get_logger(__name__)
 

@@ -37,7 +37,7 @@ EXTERNAL, LUNG_L, LUNG_R, HEART, SPINAL_CORD = range(1, 6)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _HU_MIN, _HU_MAX = -1024, 3071  # what a 12-bit stored value with intercept -1024 can carry
-_UID_NAMESPACE = "ie_gateway.synthetic"
+_UID_NAMESPACE = "ie_gateway.synthetic"  # kept from its first name: the phantoms' UIDs stay as they were
 _HEART_FAT_MM = (5.0, 4.0, 6.0)  # epicardial fat beyond the heart: along, across, z
 
 

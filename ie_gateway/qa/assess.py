@@ -16,15 +16,15 @@ from pathlib import Path
 import pydicom
 import structlog
 
-from ie_gateway import drift
-from ie_gateway.agreement import Bounds, ModelContours, assess_approval
-from ie_gateway.approvals import approved_sets
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import AgreementError, ConfigError, ModelError
 from ie_gateway.imaging import structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.log import scrub
 from ie_gateway.plan import labels_file
+from ie_gateway.qa import drift
+from ie_gateway.qa.agreement import Bounds, ModelContours, assess_approval
+from ie_gateway.qa.approvals import approved_sets
 from ie_gateway.roinames import load_roi_names, site_aliases
 from ie_gateway.store import Job, Store
 

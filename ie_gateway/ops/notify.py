@@ -30,11 +30,11 @@ from typing import Any
 import structlog
 
 import ie_gateway
-from ie_gateway import drift
 from ie_gateway.config import GatewayConfig, Webhook
 from ie_gateway.errors import NotifyError
 from ie_gateway.files import fsync_dir
 from ie_gateway.log import redact
+from ie_gateway.qa import drift
 from ie_gateway.store import Index, JobState
 from ie_gateway.store.records import Transition
 

@@ -212,7 +212,7 @@ def echo(cfg: GatewayConfig) -> list[EchoResult]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from ie_gateway import tls
+    from ie_gateway.ops import tls
     from ie_gateway.send import PROPOSED_SYNTAXES
 
     results = []

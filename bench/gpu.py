@@ -61,6 +61,7 @@ from infer import framework_command, stand_in_package
 
 from ie_gateway.config import load_config
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
+from ie_gateway.demo.run import send_series
 from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.postprocess import postprocess_labels
 from ie_gateway.infer.registry import ModelVersion, registry_for
@@ -279,24 +280,6 @@ def node_config(work: Path, cases: list[Case], tps_port: int, device: str) -> Pa
     return path
 
 
-def send(files: list[Path], port: int) -> None:
-    ae = AE(ae_title=CALLER)
-    ae.add_requested_context(CT_STORAGE, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="IE_GATEWAY")
-    if not assoc.is_established:
-        raise SystemExit("the node refused the association")
-    sock = assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        for path in files:
-            status = assoc.send_c_store(path)
-            if int(status.get("Status", 0xFFFF)) != 0:
-                raise SystemExit(f"the node answered 0x{int(status.Status):04X}")
-    finally:
-        assoc.release()
-
-
 class GpuMemory:
     """Peak device memory in use while a block runs, from nvidia-smi's 100 ms samples (None
     without nvidia-smi or on the CPU): the node's child and nnU-Net's command measured alike."""
@@ -339,7 +322,7 @@ def run_case(service: Service, tps: StandInTPS, case: Case, ct: Any, work: Path,
     service.runner.verify(service.registry.resolve(case.model))  # installed and loaded, as on a node
     before = {j.id for j in service.store.index.jobs()}
     with GpuMemory(device) as memory:
-        send(files, service.cfg.node.port)
+        send_series(files, service.cfg.node.port, "IE_GATEWAY", CALLER)
         deadline = time.monotonic() + 1800
         job = None
         while time.monotonic() < deadline:

@@ -121,12 +121,14 @@ def _start_tps(folder: Path, port: int) -> ThreadedAssociationServer:
     return server
 
 
-def _send(files: list[Path], cfg: GatewayConfig) -> None:
-    ae = AE(ae_title=DEMO_CALLER)
+def send_series(files: list[Path], port: int, called_ae: str, calling_ae: str = DEMO_CALLER) -> None:
+    """C-STORE a CT series to a node on loopback in one association, as a scanner would (the
+    demo and the benchmarks send alike); GatewayError on a refusal or a non-Success status."""
+    ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
-        raise GatewayError("the demo node refused the association")
+        raise GatewayError("the node refused the association")
     sock = assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,7 +158,7 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float, mo
         )
         files = write_ct_series(make_phantom(2026, slices=slices), workdir / "ct", seed=2026)
         print(f"sending a synthetic thorax CT: {len(files)} slices of 512x512", file=sys.stderr)
-        _send(files, cfg)
+        send_series(files, cfg.node.port, cfg.node.ae_title)
         job = None
         while time.monotonic() - started < timeout_s:
             jobs = service.store.index.jobs()

@@ -28,7 +28,9 @@ def test_unit_is_notify_type_with_watchdog_and_hardening() -> None:
     assert lines["Restart"] == "on-failure"
     assert int(lines["WatchdogSec"]) > 0
     assert lines["User"] == "ie-gateway"
-    assert lines["StateDirectory"] == "ie-gateway"
+    assert lines["StateDirectory"].split() == ["ie-gateway", "ie-gateway/tmp"]
+    # received data sets are written to TMPDIR, then renamed into the spool: same file system
+    assert lines["Environment"] == "TMPDIR=/var/lib/ie-gateway/tmp"
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "ReadWritePaths": "/var/lib/ie-gateway"}.items():
         assert lines[key] == value

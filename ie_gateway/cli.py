@@ -19,7 +19,7 @@ from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ConfigError, GatewayError
 from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.log import uid_hash
-from ie_gateway.vocab import JobState
+from ie_gateway.vocab import JobState, Role
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the node (DICOM listener, worker, scheduler)")
     serve.add_argument(
         "--role",
-        choices=["all", "receiver", "worker"],
+        choices=[role.value for role in Role],
         default="all",
         help="all: everything on this VM; receiver: DICOM listener and spool; worker: claims jobs "
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level)
-    from ie_gateway.service import Role, Service
+    from ie_gateway.service import Service
 
     Service(cfg, role=Role(args.role)).run()
     return 0

@@ -72,13 +72,11 @@ from ie_gateway.store.records import (
     OutputPlan,
     OutputUIDs,
     PlannedOutput,
-    Priority,
     Review,
-    SegEncoding,
     StageAttempts,
     output_sop_class,
 )
-from ie_gateway.vocab import Stage
+from ie_gateway.vocab import Device, Priority, SegEncoding, Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import ModelInfo
 from ie_gateway.write.qa import render_qa_png
@@ -133,7 +131,9 @@ class Worker:
         self.checks = volume_checks(cfg)
         #: a CPU inference process for a job that ran CUDA out of memory (None: not allowed)
         self.cpu_runner: Callable[[], InferenceRunner] | None = (
-            (lambda: runner_for(cfg, cpu=True)) if cfg.inference.cpu_on_oom and cfg.inference.device != "cpu" else None
+            (lambda: runner_for(cfg, cpu=True))
+            if cfg.inference.cpu_on_oom and cfg.inference.device is not Device.CPU
+            else None
         )
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -33,6 +33,7 @@ from ie_gateway.config import GatewayConfig, Source
 from ie_gateway.dicomweb import web_client
 from ie_gateway.errors import FetchError, UnsafeUIDError
 from ie_gateway.store import Arrival, Store, check_uid, header_values
+from ie_gateway.vocab import PeerProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +93,7 @@ def find_studies(
     """StudyInstanceUIDs of the patient's studies at the source (C-FIND, study level), from
     ``since`` (YYYYMMDD) on and with ``modality`` in the study, when given."""
     source = _source(cfg, source_name)
-    if source.protocol == "dicomweb":
+    if source.protocol is PeerProtocol.DICOMWEB:
         return _find_web(source_name, source, patient_id, since, modality)
     assoc = _associate(cfg, source_name, source, FIND_CONTEXT)
     query = Dataset()
@@ -127,7 +128,7 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
         check_uid(study_uid, "StudyInstanceUID")
     except UnsafeUIDError as exc:
         raise FetchError(str(exc)) from exc
-    if source.protocol == "dicomweb":
+    if source.protocol is PeerProtocol.DICOMWEB:
         return _fetch_web(cfg, source_name, source, study_uid)
     assoc = _associate(cfg, source_name, source, MOVE_CONTEXT)
     query = Dataset()

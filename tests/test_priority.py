@@ -15,7 +15,6 @@ import yaml
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from ie_gateway.status import status_rows
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import ConfigError
 from ie_gateway.infer.registry import Registry
@@ -23,9 +22,10 @@ from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
 from ie_gateway.route import load_rules
 from ie_gateway.route.load import model_exists
+from ie_gateway.status import status_rows
 from ie_gateway.store import Arrival, JobState, Store
-from ie_gateway.store.records import Priority
 from ie_gateway.store.states import QUEUED
+from ie_gateway.vocab import Priority
 from ie_gateway.web import web_routes
 from tests.infer_packages import threshold_model, write_package
 from tests.jobs import job_route

@@ -72,6 +72,7 @@ from ie_gateway.infer.types import (
     VerifyRequest,
 )
 from ie_gateway.log import configure as configure_logging
+from ie_gateway.vocab import Device
 
 if TYPE_CHECKING:  # torch is imported by the child only, not by the node that owns it
     from ie_gateway.config import GatewayConfig
@@ -320,7 +321,7 @@ _FAILURES: dict[FailureKind, Callable[[str], Exception]] = {
 def runner_for(cfg: GatewayConfig, *, cpu: bool = False) -> InferenceRunner:
     """The inference child of a node, or of a CLI command that verifies models; ``cpu``: on
     the CPU whatever ``inference.device`` says (a job that ran CUDA out of memory)."""
-    device = "cpu" if cpu else None if cfg.inference.device == "auto" else cfg.inference.device
+    device = Device.CPU if cpu else None if cfg.inference.device is Device.AUTO else cfg.inference.device
     return InferenceRunner(
         cfg.inference.timeout_s,
         device=device,
@@ -424,7 +425,7 @@ def _serve(
     """The child's loop: one job per message until "close" or the parent goes away."""
     # first, before any thread starts or any model is loaded: a user namespace (and Landlock,
     # which confines the calling thread and those it starts) need one thread
-    cuda = device == "cuda" or (device is None and _gpu_present())
+    cuda = device == Device.CUDA or (device is None and _gpu_present())
     os.environ["TMPDIR"] = str(exchange / "out")  # a framework's scratch files: in the exchange
     tempfile.tempdir = None
     sandbox = confine(memory_gb, cuda=cuda, files=files, exchange=exchange)

@@ -7,8 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ie_gateway.route.matchers import split_values
-from ie_gateway.store.records import Priority, SegEncoding
-from ie_gateway.vocab import OutputKind, ReviewPolicy
+from ie_gateway.vocab import OutputKind, Priority, ReviewPolicy, SegEncoding
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SegEncoding, SeriesHeader
+from ie_gateway.store.records import Job, JobDetail, JobRoute, SeriesHeader
 from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
@@ -35,10 +35,8 @@ __all__ = [
     "JobDetail",
     "JobRoute",
     "JobState",
-    "OutboxState",
     "OutputKind",
     "ReviewPolicy",
-    "SegEncoding",
     "SeriesHeader",
     "Spool",
     "Store",

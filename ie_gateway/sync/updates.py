@@ -48,18 +48,12 @@ from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME
 from ie_gateway.infer.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, TrustedKey, read_statement, sign_model
+from ie_gateway.vocab import ActivationPolicy
 
 log = structlog.get_logger(__name__)
 
 MODELS_PREFIX = "models/"
 PARTIAL_SUFFIX = ".partial"
-
-
-class ActivationPolicy(enum.StrEnum):
-    """What happens after a version is imported: ``manual`` leaves it inactive (default)."""
-
-    MANUAL = "manual"
-    AUTO = "auto"
 
 
 class PullStatus(enum.StrEnum):

@@ -355,6 +355,9 @@ class AgreementSettings(StrictModel):
     margin: float = Field(0.05, ge=0, le=1)
     max_contours: int = Field(20000, ge=1, description="an approved set with more contours gets no figures")
     max_points: int = Field(5_000_000, ge=1, description="an approved set with more contour points gets no figures")
+    timeout_s: float = Field(
+        120, gt=0, description="one approved set's comparison is given up after this (checked between structures)"
+    )
 
 
 class ApprovalSettings(StrictModel):

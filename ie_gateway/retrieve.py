@@ -13,6 +13,7 @@ date on and holding a modality), then moves each.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
@@ -31,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from ie_gateway.config import GatewayConfig, Source
 from ie_gateway.dicomweb import web_client
-from ie_gateway.errors import FetchError, UnsafeUIDError
+from ie_gateway.errors import BadDate, FetchError, UnsafeUIDError
 from ie_gateway.store import Arrival, Store, check_uid, header_values
 from ie_gateway.vocab import PeerProtocol
 
@@ -85,6 +86,14 @@ def _associate(cfg: GatewayConfig, source_name: str, source: Source, context: Pr
     if not assoc.is_established:
         raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
     return assoc
+
+
+def study_date(text: str) -> str:
+    """YYYY-MM-DD as a DICOM date (YYYYMMDD), for a query's ``since``."""
+    try:
+        return dt.date.fromisoformat(text).strftime("%Y%m%d")
+    except ValueError as exc:
+        raise BadDate(f"--since {text!r} is not a date (YYYY-MM-DD)") from exc
 
 
 def find_studies(

@@ -17,6 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, EnhancedCTImageStorage, JPEG2000Lossless
 
 from ie_gateway.errors import VolumeRefused
+from ie_gateway.imaging import SliceGeometry
 from ie_gateway.synthetic import Phantom, make_phantom, write_ct_series
 from ie_gateway.volume import VolumeChecks, load_volume
 from tests.conftest import dcm_compress
@@ -93,6 +94,22 @@ def test_geometry_matches_the_headers(phantom: Phantom, series: list[Path]) -> N
     assert image.GetOrigin() == pytest.approx(phantom.origin, abs=1e-4)
     assert image.GetSpacing() == pytest.approx((PIXEL_MM, PIXEL_MM, SLICE_MM))
     assert image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def test_the_volume_carries_the_slice_geometry_of_its_headers_in_slice_order(
+    series: list[Path], tmp_path: Path
+) -> None:
+    volume = load_volume(shuffled(series))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series]
+    expected = SliceGeometry.from_headers(headers)
+    kept = tmp_path / "geometry.json"
+    volume.geometry.save(kept)
+    for geometry in (volume.geometry, SliceGeometry.load(kept)):
+        assert geometry.shape == (SLICES, SIZE, SIZE) == expected.shape
+        assert np.array_equal(geometry.positions, expected.positions)
+        assert np.array_equal(geometry.row_dir, expected.row_dir)
+        assert np.array_equal(geometry.col_dir, expected.col_dir)
+        assert (geometry.row_spacing, geometry.col_spacing) == (expected.row_spacing, expected.col_spacing)
 
 
 def test_instances_and_uids_follow_slice_order(series: list[Path]) -> None:

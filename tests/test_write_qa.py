@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ie_gateway.pictures import PANEL_PX, QA_SIZE, render_qa_png
 from ie_gateway.synthetic import make_phantom
-from ie_gateway.write.qa import PANEL_PX, QA_SIZE, render_qa_png
 from tests.write_case import DEMO_STRUCTURES, MODEL
 
 

@@ -20,6 +20,7 @@ import structlog
 
 from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
+from ie_gateway.imaging import SliceGeometry
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
 from ie_gateway.store.records import Job, JobDetail, JobRoute, SeriesHeader
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+#: The CT's slice geometry (``SliceGeometry.save``) in a job's folder.
+GEOMETRY_FILE = "geometry.json"
 
 SKIPPED_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"})
 
@@ -209,6 +213,20 @@ class Store:
         the spool, so a worker that mounts the shared spool elsewhere finds them (a row written
         before paths were relative holds absolute ones, which stay as they are)."""
         return [self.spool.root / p for p in job.detail.slice_files]
+
+    def keep_geometry(self, job_id: int, geometry: SliceGeometry) -> None:
+        """Keep the checked volume's slice geometry in the job's folder, for the stages after it."""
+        geometry.save(self.job_dir(job_id) / GEOMETRY_FILE)
+
+    def geometry(self, job: Job) -> SliceGeometry:
+        """The CT's slice geometry as the volume stage kept it; for a job inferred before the
+        node kept it, built from the slice headers. Raises OSError or WriteError when neither
+        can be read."""
+        try:
+            return SliceGeometry.load(self.job_dir(job.id) / GEOMETRY_FILE)
+        except FileNotFoundError:
+            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.slice_paths(job)]
+            return SliceGeometry.from_headers(headers)
 
     def spool_relative(self, paths: Iterable[Path]) -> tuple[str, ...]:
         """What the index keeps for files in the spool: their paths relative to it."""

@@ -203,3 +203,35 @@ class Role(StrEnum):
     @property
     def works(self) -> bool:
         return self is not Role.RECEIVER
+
+
+class ModelFormat(StrEnum):
+    """``format:`` of model.yaml: whose code runs the package."""
+
+    NATIVE = "native"
+    NNUNETV2 = "nnunetv2"
+    MONAI_BUNDLE = "monai_bundle"
+
+
+class Side(StrEnum):
+    """The patient's side a structure lies on (model.yaml ``expect.side``), as plausibility finds it."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+class FailureKind(StrEnum):
+    """Why the inference child says a request failed (its ``InferenceFailure``)."""
+
+    MODEL = "model"  # the package cannot be used (ModelError)
+    INFERENCE = "inference"  # anything else (InferenceError)
+    OOM = "oom"  # CUDA out of memory: the worker may run it once on the CPU
+    DISK_FULL = "disk_full"  # the worker retries later
+
+
+class PullStatus(StrEnum):
+    """What sync's model pull did with one published version."""
+
+    ACTIVE = "active"  # imported and activated (policy auto)
+    AVAILABLE = "available"  # imported, not active (policy manual): `ie-gateway models activate`
+    REFUSED = "refused"  # not imported; ``reason`` says why

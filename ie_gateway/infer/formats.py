@@ -28,8 +28,8 @@ import yaml
 
 from ie_gateway.errors import ModelError
 from ie_gateway.files import sha256_file
-from ie_gateway.infer.manifest import MANIFEST_NAME, ModelFormat, load_manifest
-from ie_gateway.vocab import InterpretedType
+from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
+from ie_gateway.vocab import InterpretedType, ModelFormat
 
 NNUNET_CHECKPOINT = "checkpoint_final.pth"
 MONAI_CONFIG = "configs/inference.json"

@@ -66,9 +66,10 @@ from ie_gateway.errors import (
 )
 from ie_gateway.files import fsync_dir, sha256_file
 from ie_gateway.infer.bundle_policy import check_bundle
-from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, ModelFormat, MonaiSettings, load_manifest
+from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, MonaiSettings, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
 from ie_gateway.infer.signing import SIGNATURE_NAME, Statement, TrustedKey, verify_package
+from ie_gateway.vocab import ModelFormat
 
 if TYPE_CHECKING:
     from ie_gateway.config import GatewayConfig

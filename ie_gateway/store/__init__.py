@@ -223,7 +223,7 @@ class Store:
         node kept it, built from the slice headers. Raises OSError or WriteError when neither
         can be read."""
         try:
-            return SliceGeometry.load(self.job_dir(job.id) / GEOMETRY_FILE)
+            return SliceGeometry.load(self.results / f"job-{job.id}" / GEOMETRY_FILE)  # read: no folder made
         except FileNotFoundError:
             headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.slice_paths(job)]
             return SliceGeometry.from_headers(headers)

@@ -13,20 +13,22 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import structlog
 
 from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
-from ie_gateway.imaging import SliceGeometry
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
 from ie_gateway.store.records import Job, JobDetail, JobRoute, SeriesHeader
 from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
+
+if TYPE_CHECKING:  # the imaging stack (scipy) is loaded by the stages that measure, not by the store
+    from ie_gateway.imaging import SliceGeometry
 
 __all__ = [
     "Accepted",
@@ -222,6 +224,8 @@ class Store:
         """The CT's slice geometry as the volume stage kept it; for a job inferred before the
         node kept it, built from the slice headers. Raises OSError or WriteError when neither
         can be read."""
+        from ie_gateway.imaging import SliceGeometry
+
         try:
             return SliceGeometry.load(self.results / f"job-{job.id}" / GEOMETRY_FILE)  # read: no folder made
         except FileNotFoundError:

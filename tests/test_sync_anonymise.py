@@ -15,10 +15,10 @@ from ie_gateway.sync.anonymise import (
     AnonymiseOptions,
     Anonymiser,
     BurnedInAnnotation,
-    DateMode,
     load_key,
 )
 from ie_gateway.synthetic import make_phantom, write_ct_series
+from ie_gateway.vocab import DateMode
 from tests.sync_samples import (
     NESTED_NAME,
     PLANTED,

@@ -52,9 +52,10 @@ import yaml
 from torch import nn
 
 from ie_gateway.demo.phantoms import STRUCTURES, make_phantom
-from ie_gateway.infer.manifest import ModelFormat, load_manifest
+from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.vocab import ModelFormat
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo-thorax"

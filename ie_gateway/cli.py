@@ -10,16 +10,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, load_config
-from ie_gateway.errors import ConfigError, GatewayError
+from ie_gateway.errors import AuthError, ConfigError, GatewayError
 from ie_gateway.infer.modelref import parse_model_ref
-from ie_gateway.log import uid_hash
-from ie_gateway.vocab import JobState
+from ie_gateway.vocab import JobState, Role
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", "run the node (DICOM listener, worker, scheduler)")
     serve.add_argument(
         "--role",
-        choices=["all", "receiver", "worker"],
+        choices=[role.value for role in Role],
         default="all",
         help="all: everything on this VM; receiver: DICOM listener and spool; worker: claims jobs "
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
@@ -129,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     agree = command("agreement", "how much clinicians changed the AI's contours, per model version and structure")
     agree.add_argument("--model", help="NAME or NAME@VERSION")
     agree.add_argument("--structure", help="a structure name of the model (any case)")
-    agree.add_argument("--since", type=_since, help="only approvals received from this date (YYYY-MM-DD, UTC) on")
+    agree.add_argument("--since", help="only approvals received since: 7d, 12h, 30m, or an ISO date/time (UTC)")
     agree.add_argument("--json", action="store_true", help="a JSON list, one object per version and structure")
     send = command("send", "replay deliveries")
     send.add_argument(
@@ -153,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--patient", metavar="ID", help="every study of this PatientID (C-FIND), see --since, --modality"
     )
-    fetch.add_argument("--since", type=_dicom_date, help="with --patient: studies from this date on (YYYY-MM-DD)")
+    fetch.add_argument("--since", help="with --patient: studies from this date on (YYYY-MM-DD)")
     fetch.add_argument("--modality", help="with --patient: studies holding this modality (e.g. CT)")
     return parser
 
@@ -205,7 +204,7 @@ def _new_password(from_stdin: bool) -> str:
 
     password = getpass.getpass("password: ")
     if getpass.getpass("again: ") != password:
-        raise GatewayError("the two passwords differ")
+        raise AuthError("the two passwords differ")
     return password
 
 
@@ -239,16 +238,6 @@ def cmd_commission(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _since(text: str) -> float:
-    from datetime import UTC, datetime
-
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from exc
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def package_version() -> str:
@@ -292,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level)
-    from ie_gateway.service import Role, Service
+    from ie_gateway.service import Service
 
     Service(cfg, role=Role(args.role)).run()
     return 0
@@ -301,11 +290,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from ie_gateway.infer.registry import registry_for
     from ie_gateway.ops import checks, tls
-    from ie_gateway.roinames import rule_roi_name_problems
 
     cfg = load_config(args.config)
     rules = _load_rules(cfg)
-    problems = rule_roi_name_problems(cfg, rules, registry_for(cfg))
+    problems = checks.rule_roi_name_problems(cfg, rules, registry_for(cfg))
     tls_problems = tls.config_problems(cfg)
     problems += [f"{cfg.source}: {p}" for p in tls_problems if ": warning: " not in p]
     site_errors, site_warnings = checks.split(checks.site_findings(cfg, rules))
@@ -340,6 +328,7 @@ def _load_rules(cfg: GatewayConfig) -> RuleSet:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from ie_gateway.route import SeriesFacts
+    from ie_gateway.route.explain import folder_facts
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
@@ -349,8 +338,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         job = Store.for_settings(cfg.storage).index.job(int(args.path))
         facts.append((f"job {job.id}", SeriesFacts(job.header, job.calling_ae, job.called_ae, job.instances)))
     else:
-        for label, (header, count) in _series_in_folder(Path(args.path)).items():
-            facts.append((label, SeriesFacts(header, args.calling_ae, cfg.node.ae_title, count)))
+        facts = folder_facts(Path(args.path), args.calling_ae, cfg.node.ae_title)
     if not facts:
         raise GatewayError(f"no DICOM series found in {args.path}")
     matched = False
@@ -361,23 +349,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{label}: {series.instances} instances: {routes or 'unrouted'}")
         print(decision.explanation.render())
     return 0 if matched else 1
-
-
-def _series_in_folder(folder: Path) -> dict[str, tuple[Mapping[str, Any], int]]:
-    import pydicom
-
-    from ie_gateway.store import header_values
-
-    found: dict[str, tuple[Mapping[str, Any], int]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError):
-            continue
-        key = f"series {uid_hash(str(ds.get('SeriesInstanceUID', '')))}"
-        header, count = found.get(key, (header_values(ds), 0))
-        found[key] = (header, count + 1)
-    return found
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -397,15 +368,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ie_gateway.infer.runner import runner_for
 
     with runner_for(cfg) as runner:
-        return _models(args, registry_for(cfg, runner.verify), describe_package, load_manifest)
+        return _models(args, registry_for(cfg, runner.verify), load_manifest)
 
 
-def _models(
-    args: argparse.Namespace,
-    registry: Registry,
-    describe: Callable[..., Path],
-    load_manifest: Callable[[Path], Manifest],
-) -> int:
+def _models(args: argparse.Namespace, registry: Registry, load_manifest: Callable[[Path], Manifest]) -> int:
     if args.action == "list":
         for info in registry.list():
             print(
@@ -415,33 +381,19 @@ def _models(
     elif args.action == "verify":
         return _verify_models(args, registry, load_manifest)
     elif args.action == "import":
-        _import(args, registry, describe, load_manifest)
+        _import(args, registry)
     elif args.action == "activate":
         activation = registry.activate(args.name, args.version, by=_who())
         print(f"{args.name}@{args.version}: active (was {activation.previous or 'none'})")
     return 0
 
 
-#: the optional extra each package format needs, and a module that extra installs
-FRAMEWORKS = {"nnunetv2": ("nnunet", "nnunetv2"), "monai_bundle": ("monai", "ignite")}
-
-
-def missing_framework(package_format: str) -> str | None:
-    """Why a package of this format cannot run on this node (its extra is not installed), or None."""
-    import importlib.util
-
-    if package_format not in FRAMEWORKS:
-        return None
-    extra, module = FRAMEWORKS[package_format]
-    if importlib.util.find_spec(module) is not None:
-        return None
-    return f"its framework is not installed here ({module}): pip install 'ie-gateway[{extra}]'"
-
-
 def _verify_models(args: argparse.Namespace, registry: Registry, load_manifest: Callable[[Path], Manifest]) -> int:
     """Verify each version on its own: one that fails, or whose framework is missing, is reported
     and the others are still verified. Exit 1 only when a version fails (a missing framework is
     this node's choice, not a broken package)."""
+    from ie_gateway.infer.formats import missing_framework
+
     specs = [args.spec] if args.spec else [f"{i.name}@{i.version}" for i in registry.list()]
     failed = 0
     for spec in specs:
@@ -462,53 +414,17 @@ def _verify_models(args: argparse.Namespace, registry: Registry, load_manifest: 
     return 1 if failed else 0
 
 
-def _import(
-    args: argparse.Namespace,
-    registry: Registry,
-    describe: Callable[..., Path],
-    load_manifest: Callable[[Path], Manifest],
-) -> None:
-    """``models import``: nothing of an unsigned package is read unless --allow-unsigned."""
-    from ie_gateway.errors import PackageUnsigned
-    from ie_gateway.infer.signing import SIGNATURE_NAME, read_statement
+def _import(args: argparse.Namespace, registry: Registry) -> None:
+    from ie_gateway.infer.registry import import_package
 
-    manifest = args.package / "model.yaml"
-    if not manifest.is_file():
-        if not (args.name and args.version):
-            raise GatewayError(
-                f"{args.package} has no model.yaml: give --name and --version "
-                f"(or write one first with `ie-gateway models describe`)"
-            )
-        if not args.allow_unsigned:
-            raise PackageUnsigned(
-                f"{args.package} is not signed (no model.yaml, no model.sig): describe it with "
-                f"`ie-gateway models describe`, sign it with `ie-gateway models sign`, or pass --allow-unsigned"
-            )
-        print(f"{describe(args.package, args.name, args.version)}: written from the package")
-    elif (args.package / SIGNATURE_NAME).is_file():
-        statement = read_statement(args.package / SIGNATURE_NAME, registry.keys, str(args.package))
-        _same_name(args, manifest, statement.name, statement.version)
-    elif args.allow_unsigned:
-        declared = load_manifest(args.package)
-        _same_name(args, manifest, declared.name, declared.version)
-    try:
-        model = registry.import_version(args.package, allowed_unsigned_by=_who() if args.allow_unsigned else None)
-    except PackageUnsigned as exc:
-        raise PackageUnsigned(
-            f"{exc}: sign it with `ie-gateway models sign PATH --key KEY` (a key in trusted_keys), "
-            f"or pass --allow-unsigned to import it anyway (recorded)"
-        ) from exc
+    by = _who() if args.allow_unsigned else None
+    model, written = import_package(registry, args.package, name=args.name, version=args.version, allow_unsigned_by=by)
+    if written is not None:
+        print(f"{written}: written from the package")
     print(
         f"{model.name}@{model.version}: imported (activate with: ie-gateway models activate "
         f"{model.name} {model.version})"
     )
-
-
-def _same_name(args: argparse.Namespace, manifest: Path, name: str, version: str) -> None:
-    for option, value in (("--name", name), ("--version", version)):
-        given = getattr(args, option[2:])
-        if given is not None and given != value:
-            raise GatewayError(f"{manifest} says {option[2:]} {value!r}, not {given!r}")
 
 
 def _models_publisher(args: argparse.Namespace) -> int:
@@ -517,10 +433,7 @@ def _models_publisher(args: argparse.Namespace) -> int:
 
     if args.action == "keygen":
         public = args.out.with_name(args.out.name + ".pub")
-        try:
-            key = generate_key(args.out, public)
-        except FileExistsError:
-            raise GatewayError(f"{args.out} exists: a key is never overwritten") from None
+        key = generate_key(args.out, public)
         print(f"{args.out}: private key (keep it with the publisher, never on a node)")
         print(f"{public}: public key, id {key[:16]}… (add it to the nodes' trusted_keys)")
     else:
@@ -604,10 +517,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
-    try:
-        since = audit.parse_since(args.since, time.time()) if args.since else None
-    except ValueError as exc:
-        raise GatewayError(str(exc)) from exc
+    since = audit.parse_since(args.since, time.time()) if args.since else None
     events = audit.audit_events(Store.for_settings(cfg.storage), registry_for(cfg), since, args.job)
     sys.stdout.write(audit.render(events, args.csv))
     return 0
@@ -623,21 +533,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dicom_date(text: str) -> str:
-    """YYYY-MM-DD as a DICOM date (YYYYMMDD), for a query."""
-    from datetime import date
-
-    try:
-        return date.fromisoformat(text).strftime("%Y%m%d")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from exc
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from ie_gateway.interop.retrieve import fetch_study, find_studies
+    from ie_gateway.interop.retrieve import fetch_study, find_studies, study_date
 
     cfg = load_config(args.config)
-    studies = [args.study] if args.study else find_studies(cfg, args.source, args.patient, args.since, args.modality)
+    since = study_date(args.since) if args.since else None
+    studies = [args.study] if args.study else find_studies(cfg, args.source, args.patient, since, args.modality)
     if not studies:
         print(f"{args.source} holds no study that matches")
         return 0
@@ -683,12 +584,14 @@ def cmd_reject(args: argparse.Namespace) -> int:
 def cmd_agreement(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from ie_gateway.ops import audit
     from ie_gateway.qa import agreement, drift
     from ie_gateway.store import Store
 
     cfg = load_config(args.config)
+    since = audit.parse_since(args.since, time.time()) if args.since else None
     index = Store.for_settings(cfg.storage).index
-    rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=args.since))
+    rows = agreement.summary(agreement.rows(index, model=args.model, structure=args.structure, since=since))
     states = {
         (s.model, s.version, s.structure): s
         for s in drift.current(index, cfg.agreement, cfg.models_dir, cfg.storage.root / drift.COMMISSIONED_FILE)

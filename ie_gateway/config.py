@@ -17,7 +17,16 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError
 from ie_gateway.roinames import load_roi_names
-from ie_gateway.vocab import OutputKind
+from ie_gateway.vocab import (
+    ActivationPolicy,
+    DateMode,
+    Device,
+    NotifyEvent,
+    OutputKind,
+    PeerAuth,
+    PeerProtocol,
+    Priority,
+)
 from ie_gateway.yamlfile import StrictModel, load_model
 
 AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
@@ -37,9 +46,16 @@ class Caller(StrictModel):
     require_tls: bool = Field(False, description="refuse this caller on the plain (unencrypted) port")
     # low: a source whose series may wait (a commissioning run, a retrieve of old studies);
     # each of its jobs is low whatever its rule says
-    priority: Literal["normal", "low"] = "normal"
+    priority: Priority = Priority.NORMAL
 
     _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("priority")
+    @classmethod
+    def _not_high(cls, value: Priority) -> Priority:
+        if value is Priority.HIGH:
+            raise ValueError("a caller is normal or low; high is for a routing rule")
+        return value
 
     @field_validator("host")
     @classmethod
@@ -162,7 +178,7 @@ class Limits(StrictModel):
 class InferenceSettings(StrictModel):
     """Where and how long inference may run."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = Device.AUTO
     timeout_s: float = Field(900, gt=0)
     memory_gb: float | None = Field(
         32, gt=0, description="address-space limit (RLIMIT_AS) of the inference child on the CPU; null: none"
@@ -200,12 +216,12 @@ class Destination(StrictModel):
     ``azure`` (a Microsoft Entra token for Azure's DICOM service, from azure-identity).
     """
 
-    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    protocol: PeerProtocol = PeerProtocol.DIMSE
     ae_title: str = ""
     host: str = ""
     port: int = Field(104, ge=1, le=65535)
     url: str | None = None
-    auth: Literal["none", "basic", "azure"] = "none"
+    auth: PeerAuth = PeerAuth.NONE
     username: str | None = None
     password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
     accepts: list[OutputKind] = Field([OutputKind.RTSTRUCT, OutputKind.SEG], min_length=1)
@@ -225,7 +241,7 @@ class Destination(StrictModel):
 
     @model_validator(mode="after")
     def _protocol_keys(self) -> Destination:
-        if self.protocol == "dimse":
+        if self.protocol is PeerProtocol.DIMSE:
             missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
             if missing:
                 raise ValueError(f"a DICOM destination needs {', '.join(missing)}")
@@ -236,7 +252,7 @@ class Destination(StrictModel):
             raise ValueError("protocol: dicomweb needs url: the service's http(s) DICOMweb base URL")
         if self.commitment:
             raise ValueError("commitment is a DICOM (DIMSE) service; a DICOMweb destination cannot ask for it")
-        if self.auth == "basic" and (self.username is None or self.password is None):
+        if self.auth is PeerAuth.BASIC and (self.username is None or self.password is None):
             raise ValueError("auth: basic needs username and password (env:NAME or credential:NAME)")
         if self.password is not None and not self.password.startswith(("env:", "credential:")):
             raise ValueError("password must name env:VARIABLE or credential:NAME, never hold the password")
@@ -314,8 +330,8 @@ class SyncSettings(StrictModel):
     container: str = "ie-gateway"
     cases_cron: str = "0 2 * * *"
     models_cron: str = "15 * * * *"
-    date_shift: Literal["shift", "remove"] = "shift"
-    activation: dict[str, Literal["manual", "auto"]] = {}
+    date_shift: DateMode = DateMode.SHIFT
+    activation: dict[str, ActivationPolicy] = {}
 
     @field_validator("cases_cron", "models_cron")
     @classmethod
@@ -339,6 +355,9 @@ class AgreementSettings(StrictModel):
     margin: float = Field(0.05, ge=0, le=1)
     max_contours: int = Field(20000, ge=1, description="an approved set with more contours gets no figures")
     max_points: int = Field(5_000_000, ge=1, description="an approved set with more contour points gets no figures")
+    timeout_s: float = Field(
+        120, gt=0, description="one approved set's comparison is given up after this (checked between structures)"
+    )
 
 
 class ApprovalSettings(StrictModel):
@@ -373,7 +392,7 @@ class Source(StrictModel):
     or, with ``protocol: dicomweb``, QIDO-RS and WADO-RS from ``url`` (``auth`` as for a
     DICOMweb destination)."""
 
-    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    protocol: PeerProtocol = PeerProtocol.DIMSE
     ae_title: str = ""
     host: str = ""
     port: int = Field(104, ge=1, le=65535)
@@ -381,7 +400,7 @@ class Source(StrictModel):
     connect_timeout_s: float = Field(10, gt=0)
     move_timeout_s: float = Field(600, gt=0, description="the longest wait for the source's next answer")
     url: str | None = None
-    auth: Literal["none", "basic", "azure"] = "none"
+    auth: PeerAuth = PeerAuth.NONE
     username: str | None = None
     password: str | None = Field(None, description="env:NAME or credential:NAME, never the password itself")
 
@@ -392,7 +411,7 @@ class Source(StrictModel):
 
     @model_validator(mode="after")
     def _protocol_keys(self) -> Source:
-        if self.protocol == "dimse":
+        if self.protocol is PeerProtocol.DIMSE:
             missing = [k for k in ("ae_title", "host", "port") if k not in self.model_fields_set]
             if missing:
                 raise ValueError(f"a DICOM source needs {', '.join(missing)}")
@@ -404,15 +423,12 @@ class Source(StrictModel):
         return self
 
 
-NotifyOn = Literal["needs_review", "failed", "delivered", "drift"]
-
-
 class Webhook(StrictModel):
     """Where the node POSTs a JSON event (no patient data) when a job needs review, fails or is
     delivered, or a model version drifts: a department's chat or ticketing system."""
 
     url: str
-    on: list[NotifyOn] = Field(min_length=1)
+    on: list[NotifyEvent] = Field(min_length=1)
     timeout_s: float = Field(10, gt=0, description="connect and answer, per attempt")
     max_attempts: int = Field(8, ge=1, description="then the event is logged as not told and skipped")
     backoff_s: float = Field(2, gt=0, description="first wait between attempts; doubles, capped at 5 min")

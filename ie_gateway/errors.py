@@ -16,6 +16,8 @@ GatewayError
 │   ├── PackageUnsigned    a package has no signature (model.sig)
 │   ├── UntrustedPublisher a package is signed by a key the node does not trust
 │   ├── SignatureInvalid   a signature does not verify, or a file changed after signing
+│   ├── PackageMismatch    a package's name or version is not the one the admin gave on import
+│   ├── KeyExists          a publisher key file is there already (a key is never overwritten)
 │   └── CodeNotAllowed     a MONAI config runs code beyond the allow-list, for a key without allow_code
 ├── InferenceError         inference failed or ran past its time limit
 │   ├── InferenceCrashed   the inference process died (killed, out of memory, a crash)
@@ -25,6 +27,7 @@ GatewayError
 │   ├── StowRefused        a DICOMweb service refused an upload for good (4xx other than 408/409/429)
 │   └── CommitmentError    a storage commitment request or report could not be made or read
 ├── AgreementError         an approved structure set cannot be compared with the AI's contours
+│   └── AssessTimedOut     the comparison ran past its time bound (approvals.assess_timeout_s)
 ├── ApprovalRefused        a structure set is not taken as the clinicians' truth (caller, patient, study)
 ├── CommissionError        a commissioning run cannot start, or one case of it cannot be run
 ├── AuthError              an admin account cannot be made or read (name, password, accounts file)
@@ -35,7 +38,8 @@ GatewayError
 ├── NotifyError            a webhook did not take an event (unreachable, or not 2xx)
 ├── FetchError             a source could not be asked for a study, or refused to send it
 ├── HttpError              the health/metrics HTTP endpoint could not start
-└── BackupError            a backup cannot be made, or restored onto this node
+├── BackupError            a backup cannot be made, or restored onto this node
+└── BadDate                text that is not a date, a time or an age such as 7d (also a ValueError)
 
 Every exception class of the package is defined here. Each module raises the most specific
 class; broad catches (``except Exception``) sit only at the top of a thread or process loop (the
@@ -128,6 +132,14 @@ class SignatureInvalid(ModelError):
     """A package's signature does not verify, or a file was changed, added or removed after signing."""
 
 
+class PackageMismatch(ModelError):
+    """A package's signed or declared name or version is not the one given with it on import."""
+
+
+class KeyExists(ModelError):
+    """A publisher key would overwrite a file: a key is never overwritten."""
+
+
 class CodeNotAllowed(ModelError):
     """A MONAI bundle's config names code outside the allow-list and its key may not run code."""
 
@@ -166,6 +178,10 @@ class CommitmentError(DeliveryError):
 
 class AgreementError(GatewayError):
     """An approved structure set cannot be compared with the contours the node delivered."""
+
+
+class AssessTimedOut(AgreementError):
+    """Comparing a structure set with the AI's contours ran past ``approvals.assess_timeout_s``."""
 
 
 class ApprovalRefused(GatewayError):
@@ -212,3 +228,8 @@ class HttpError(GatewayError):
 
 class BackupError(GatewayError):
     """A backup cannot be written, or a backup folder cannot be restored here (version, files)."""
+
+
+class BadDate(GatewayError, ValueError):
+    """Text that is not a date (YYYY-MM-DD), a time (ISO 8601) or an age back from now (7d, 12h,
+    30m): a ``--since``. A ValueError too, as a parser's caller expects."""

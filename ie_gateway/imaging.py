@@ -3,15 +3,19 @@
 The plausibility checks, the writers, their validation and agreement all measure the same
 masks on the same grid: a structure's mask from the label map (:func:`structure_mask`, holes
 filled per axial slice where the structure asks), the slice geometry of the CT in volume order
-(:class:`SliceGeometry`, built once per stage from the headers), and an RT-STRUCT ROI's
+(:class:`SliceGeometry`, built once by the volume stage from the headers it checked, and kept
+beside the CT for the later stages), and an RT-STRUCT ROI's
 contours rasterised back onto that grid (:func:`rasterize_roi`, even-odd rule). None of them
 imports a stage.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -158,10 +162,21 @@ class SliceGeometry:
     col_dir: np.ndarray  # (3,) direction of increasing row index
     row_spacing: float  # mm between rows
     col_spacing: float  # mm between columns
+    rows: int  # pixels in a column of a slice
+    columns: int  # pixels in a row of a slice
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, columns): the grid of the CT and its label maps."""
+        return (len(self.positions), self.rows, self.columns)
 
     @classmethod
     def from_headers(cls, ct_headers: Sequence[pydicom.Dataset]) -> SliceGeometry:
-        """Geometry of the series; refuses slices that do not share orientation and spacing."""
+        """Geometry of slices in volume order, for callers that hold headers and no checked
+        volume (a writer's tests, a job inferred before the node kept its geometry); refuses
+        slices that do not share orientation and spacing."""
+        if not ct_headers:
+            raise WriteError("no CT slices: no geometry to contour on")
         orientations = {tuple(float(v) for v in h.ImageOrientationPatient) for h in ct_headers}
         spacings = {tuple(float(v) for v in h.PixelSpacing) for h in ct_headers}
         if len(orientations) != 1 or len(spacings) != 1:
@@ -169,7 +184,37 @@ class SliceGeometry:
         iop = np.array(orientations.pop())
         row_spacing, col_spacing = spacings.pop()
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in ct_headers])
-        return cls(positions, iop[:3], iop[3:], row_spacing, col_spacing)
+        rows, columns = int(ct_headers[0].Rows), int(ct_headers[0].Columns)
+        return cls(positions, iop[:3], iop[3:], row_spacing, col_spacing, rows, columns)
+
+    def save(self, path: Path) -> None:
+        """Keep the geometry in ``path`` (JSON, replaced whole) for the stages after the volume's."""
+        data = {
+            "positions": self.positions.tolist(),
+            "row_dir": self.row_dir.tolist(),
+            "col_dir": self.col_dir.tolist(),
+            "row_spacing": self.row_spacing,
+            "col_spacing": self.col_spacing,
+            "rows": self.rows,
+            "columns": self.columns,
+        }
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> SliceGeometry:
+        """The geometry :meth:`save` kept; raises OSError when there is none."""
+        data = json.loads(path.read_text())
+        return cls(
+            positions=np.array(data["positions"], dtype=float).reshape(-1, 3),
+            row_dir=np.array(data["row_dir"], dtype=float),
+            col_dir=np.array(data["col_dir"], dtype=float),
+            row_spacing=float(data["row_spacing"]),
+            col_spacing=float(data["col_spacing"]),
+            rows=int(data["rows"]),
+            columns=int(data["columns"]),
+        )
 
     def to_patient(self, k: int, points_rc: np.ndarray) -> np.ndarray:
         """(n, 2) fractional (row, col) pixel positions on slice ``k`` → (n, 3) LPS mm."""

@@ -60,6 +60,7 @@ from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
 from ie_gateway.log import scrub
 from ie_gateway.ops import metrics
+from ie_gateway.pictures import render_qa_png
 from ie_gateway.plan import CT_FILE, labels_file, not_sent, plan_outputs
 from ie_gateway.qa.approvals import link_approved
 from ie_gateway.qa.assess import assess_structure_set
@@ -72,16 +73,13 @@ from ie_gateway.store.records import (
     OutputPlan,
     OutputUIDs,
     PlannedOutput,
-    Priority,
     Review,
-    SegEncoding,
     StageAttempts,
     output_sop_class,
 )
-from ie_gateway.vocab import Stage
+from ie_gateway.vocab import Device, Priority, SegEncoding, Stage
 from ie_gateway.volume import VolumeChecks, load_volume
 from ie_gateway.write.common import ModelInfo
-from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import validate_rtstruct, validate_seg
@@ -133,7 +131,9 @@ class Worker:
         self.checks = volume_checks(cfg)
         #: a CPU inference process for a job that ran CUDA out of memory (None: not allowed)
         self.cpu_runner: Callable[[], InferenceRunner] | None = (
-            (lambda: runner_for(cfg, cpu=True)) if cfg.inference.cpu_on_oom and cfg.inference.device != "cpu" else None
+            (lambda: runner_for(cfg, cpu=True))
+            if cfg.inference.cpu_on_oom and cfg.inference.device is not Device.CPU
+            else None
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -359,7 +359,7 @@ class Worker:
         """The most urgent of the matched rules' priorities, unless the caller is listed as
         low (a commissioning run, a retrieve): then low, whatever the rules say."""
         callers = self.cfg.node.allowed_callers
-        if any(c.ae_title == job.calling_ae and Priority(c.priority) is Priority.LOW for c in callers):
+        if any(c.ae_title == job.calling_ae and c.priority is Priority.LOW for c in callers):
             return Priority.LOW
         return Priority.highest(*(r.priority for r in routes))
 
@@ -384,6 +384,7 @@ class Worker:
         ct_path = folder / CT_FILE
         _write_image(volume.image, ct_path)
         slice_files = self.store.spool_relative(volume.paths)
+        self.store.keep_geometry(job.id, volume.geometry)
         load_s = time.monotonic() - started
         del volume
         results = [
@@ -420,11 +421,12 @@ class Worker:
     def write(self, job: Job) -> None:
         started = time.monotonic()
         folder = self.store.job_dir(job.id)
-        # the CT as the volume stage checked it, and its headers in the same slice order
+        # the CT as the volume stage checked it, its geometry, and its headers in the same slice
+        # order (the writers copy the patient and study from them and reference every slice)
         ct = sitk.ReadImage(str(folder / CT_FILE))
         hu = sitk.GetArrayViewFromImage(ct)
+        geometry = self.store.geometry(job)
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
-        geometry = SliceGeometry.from_headers(headers)
         results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
         log.info(
             "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
@@ -478,7 +480,16 @@ class Worker:
                     continue
                 path = folder / output.file
                 self._write_output(
-                    output.kind, headers, labels, masks, out_structures, info, output.uids, path, output.encoding
+                    output.kind,
+                    headers,
+                    geometry,
+                    labels,
+                    masks,
+                    out_structures,
+                    info,
+                    output.uids,
+                    path,
+                    output.encoding,
                 )
                 for dest in output.destinations if route.deliver else ():  # a shadow route's files stay here
                     self.outbox.enqueue(
@@ -549,6 +560,7 @@ class Worker:
         self,
         kind: OutputKind,
         headers: Sequence[pydicom.Dataset],
+        geometry: SliceGeometry,
         labels: np.ndarray,
         masks: Masks,
         structures: list[StructureInfo],
@@ -559,9 +571,9 @@ class Worker:
     ) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.part")  # a worker taking over never shares a temp file
         if kind is OutputKind.RTSTRUCT:
-            ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks)
+            ds = build_rtstruct(headers, labels, structures, info, uids, masks=masks, geometry=geometry)
             ds.save_as(tmp, enforce_file_format=True)
-            validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks)
+            validate_rtstruct(tmp, headers, labels, structures, uids, masks=masks, geometry=geometry)
         elif kind is OutputKind.SEG:
             seg = build_seg(headers, labels, structures, info, uids, masks=masks, encoding=encoding)
             seg.save_as(tmp)

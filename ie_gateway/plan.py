@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ie_gateway.config import Destination
-from ie_gateway.store.records import JobRoute, OutputPlan, OutputUIDs, PlannedOutput, SegEncoding, output_file_name
-from ie_gateway.vocab import OutputKind
+from ie_gateway.store.records import JobRoute, OutputPlan, OutputUIDs, PlannedOutput, output_file_name
+from ie_gateway.vocab import OutputKind, SegEncoding
 
 #: The CT as the volume stage checked it, in the job's folder.
 CT_FILE = "ct.mha"

@@ -13,6 +13,9 @@ planning system's protocols often expect the department's own names. A destinati
 The file is checked when the config loads (every error as ``file:line: key: why``), including
 each local name against the destination's ``max_roi_name``, so a name the TPS would refuse
 never waits until a result is sent.
+
+A leaf below the config: the config loads names files through it, and it imports nothing of
+the node but the YAML loader (a destination is whatever has ``names`` and ``max_roi_name``).
 """
 
 from __future__ import annotations
@@ -20,17 +23,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ie_gateway.yamlfile import StrictModel, load_model
 
 if TYPE_CHECKING:  # the config loads names files without the imaging stack
-    from ie_gateway.config import Destination, GatewayConfig
     from ie_gateway.imaging import StructureInfo
-    from ie_gateway.infer.registry import Registry
-    from ie_gateway.route.rules import RuleSet
 
 Byte = Annotated[int, Field(ge=0, le=255)]
 
@@ -90,7 +90,17 @@ def load_roi_names(path: Path, max_roi_name: int = 64) -> RoiNames:
     return load_model(path, RoiNames, context={"max_roi_name": max_roi_name})
 
 
-def site_aliases(destinations: Mapping[str, Destination], sent_to: Iterable[str]) -> dict[str, list[str]]:
+class Named(Protocol):
+    """A destination as far as names go (``config.Destination``)."""
+
+    @property
+    def names(self) -> Path | None: ...
+
+    @property
+    def max_roi_name(self) -> int: ...
+
+
+def site_aliases(destinations: Mapping[str, Named], sent_to: Iterable[str]) -> dict[str, list[str]]:
     """Model structure name → the local names the destinations ``sent_to`` give it (their names
     files), so that a clinician's structure set, which comes back under the local names, can be
     matched with the model's structures."""
@@ -103,34 +113,3 @@ def site_aliases(destinations: Mapping[str, Destination], sent_to: Iterable[str]
             if entry.name is not None and entry.name not in aliases.get(structure, []):
                 aliases.setdefault(structure, []).append(entry.name)
     return aliases
-
-
-def rule_roi_name_problems(cfg: GatewayConfig, rules: RuleSet, registry: Registry) -> list[str]:
-    """ROI names a rule would send that are longer than the destination takes.
-
-    Names a destination's names file sets are checked when the config loads; this covers the
-    model's own names that reach a destination unmapped (`check-config` reports them).
-    """
-    from ie_gateway.errors import GatewayError
-
-    problems = []
-    for rule in rules.rules:
-        route = rule.route
-        try:
-            model = registry.resolve(f"{route.model}@{route.version}" if route.version else route.model)
-        except GatewayError:
-            continue  # routing reports an unusable model itself, when a series is routed
-        names = [s.name for s in model.manifest.structures]
-        for dest_name in route.send_to:
-            dest = cfg.destinations[dest_name]
-            mapped = load_roi_names(dest.names, dest.max_roi_name) if dest.names is not None else None
-            for name in (mapped.local_name(n) if mapped else n for n in names):
-                if name is None:
-                    continue
-                if len(name) > dest.max_roi_name:
-                    problems.append(
-                        f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
-                        f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
-                        f"{dest.max_roi_name}: map it in {dest_name}'s names file"
-                    )
-    return problems

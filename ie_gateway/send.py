@@ -47,6 +47,7 @@ from ie_gateway.interop.dicomweb import StowClient
 from ie_gateway.ops import tls
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
+from ie_gateway.vocab import PeerProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -197,7 +198,7 @@ class Sender:
             for row in rows:
                 self._record_failed(recorded, row, None, f"destination {name} is not configured any more")
             return 0
-        if dest.protocol == "dicomweb":
+        if dest.protocol is PeerProtocol.DICOMWEB:
             return self._deliver_stow(name, dest, rows, recorded)
         ae = AE(ae_title=self.settings.calling_ae)
         ae.network_timeout = ae.dimse_timeout = DIMSE_TIMEOUT_S

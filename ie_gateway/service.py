@@ -16,7 +16,6 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,6 +45,7 @@ from ie_gateway.store.db import node_name
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace, disk_space
 from ie_gateway.sync.run import scheduled_cases, scheduled_models
+from ie_gateway.vocab import Device, Role
 from ie_gateway.web import web_routes
 
 log = structlog.get_logger(__name__)
@@ -56,19 +56,19 @@ def gpu_device_nodes() -> list[str]:
     return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def inference_device(settings: InferenceSettings, nodes: list[str]) -> str:
+def inference_device(settings: InferenceSettings, nodes: list[str]) -> Device:
     """The device inference will use: the configured one, or for ``auto`` CUDA when torch sees it.
 
     NVIDIA's driver works through its device ``nodes``: with none, CUDA cannot be available, and
     the node need not import torch (a second or more of start-up) to know it.
     """
-    if settings.device != "auto":
+    if settings.device is not Device.AUTO:
         return settings.device
     if not nodes:
-        return "cpu"
+        return Device.CPU
     import torch  # here, not at the top: the inference itself runs in the child
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return Device.CUDA if torch.cuda.is_available() else Device.CPU
 
 
 #: PCI vendor of NVIDIA and the display-controller class prefix (VGA 0x0300, 3D 0x0302)
@@ -96,9 +96,9 @@ def nvidia_pci_gpus(sys_root: Path = Path("/sys")) -> list[str]:
 
 def gpu_unused(settings: InferenceSettings, device: str, nodes: list[str], pci_gpus: Sequence[str]) -> str | None:
     """Why inference runs on the CPU although this machine has an NVIDIA GPU; None otherwise."""
-    if device != "cpu" or not (nodes or pci_gpus):
+    if device != Device.CPU or not (nodes or pci_gpus):
         return None
-    if settings.device == "cpu":
+    if settings.device is Device.CPU:
         return "inference.device is cpu although this machine has an NVIDIA GPU"
     if not nodes:
         return (
@@ -109,7 +109,7 @@ def gpu_unused(settings: InferenceSettings, device: str, nodes: list[str], pci_g
     return "check the NVIDIA driver and that torch is a CUDA build (torch.cuda.is_available())"
 
 
-def report_inference_device(settings: InferenceSettings, nodes: list[str], pci_gpus: Sequence[str] = ()) -> str:
+def report_inference_device(settings: InferenceSettings, nodes: list[str], pci_gpus: Sequence[str] = ()) -> Device:
     """Log where inference runs; warn when ``auto`` chose the CPU although an NVIDIA GPU is there
     (device ``nodes`` or a card on the PCI bus: a driver or torch build problem, or a unit that
     hides the devices). Returns the device."""
@@ -117,7 +117,7 @@ def report_inference_device(settings: InferenceSettings, nodes: list[str], pci_g
     metrics.INFERENCE_DEVICE.labels(device).set(1)
     log.info("inference device", device=device, setting=settings.device, gpu_device_nodes=nodes)
     unused = gpu_unused(settings, device, nodes, pci_gpus)
-    if unused is not None and settings.device == "auto":
+    if unused is not None and settings.device is Device.AUTO:
         log.warning(
             "inference falls back to the CPU although a GPU is present",
             gpu_device_nodes=nodes,
@@ -133,22 +133,6 @@ def device_check(settings: InferenceSettings, device: str, nodes: list[str], pci
     unused = gpu_unused(settings, device, nodes, pci_gpus)
     detail = f"{device}" + (f"; GPU present but unused: {unused}" if unused else "")
     return Check("inference_device", True, detail, False)
-
-
-class Role(StrEnum):
-    """What a node does (``serve --role``)."""
-
-    ALL = "all"  # one VM: receiver and worker
-    RECEIVER = "receiver"  # the DICOM listener, the spool, series completion
-    WORKER = "worker"  # claims jobs: routing, inference, writing, delivery
-
-    @property
-    def receives(self) -> bool:
-        return self is not Role.WORKER
-
-    @property
-    def works(self) -> bool:
-        return self is not Role.RECEIVER
 
 
 class Service:

@@ -56,6 +56,7 @@ from pydicom.uid import (
 )
 
 from ie_gateway.errors import VolumeRefused
+from ie_gateway.imaging import SliceGeometry
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,11 @@ class VolumeChecks:
 
 @dataclass(frozen=True)
 class Volume:
-    """A checked CT volume and the instances it came from, in slice (z index) order."""
+    """A checked CT volume and the instances it came from, in slice (z index) order.
+
+    ``geometry`` is where each slice's pixels lie, from the headers the checks read: the later
+    stages (plausibility, the writers, agreement) use it instead of reading them again.
+    """
 
     image: sitk.Image
     sop_instance_uids: list[str]
@@ -91,6 +96,7 @@ class Volume:
     frame_of_reference_uid: str
     study_instance_uid: str
     series_instance_uid: str
+    geometry: SliceGeometry
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ def load_volume(paths: Sequence[Path], checks: VolumeChecks = VolumeChecks()) ->
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID),
+        geometry=_geometry(slices),
     )
 
 
@@ -324,6 +331,21 @@ def _check_grid(slices: list[_Slice]) -> None:
         and abs(float(np.dot(row, col))) < 1e-3
     ):
         raise VolumeRefused(f"ImageOrientationPatient {_fmt(ref.orientation)} is not two perpendicular unit vectors")
+
+
+def _geometry(slices: list[_Slice]) -> SliceGeometry:
+    """The checked grid in volume order: the first slice's orientation and spacing (the others
+    agree within the checks' tolerance), every slice's own position."""
+    ref = slices[0]
+    return SliceGeometry(
+        positions=np.array([s.position for s in slices], dtype=float),
+        row_dir=np.array(ref.orientation[:3], dtype=float),
+        col_dir=np.array(ref.orientation[3:], dtype=float),
+        row_spacing=ref.pixel_spacing[0],
+        col_spacing=ref.pixel_spacing[1],
+        rows=ref.rows,
+        columns=ref.columns,
+    )
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:

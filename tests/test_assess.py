@@ -6,12 +6,18 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pydicom
+import SimpleITK as sitk
 import yaml
+from pydicom.uid import RTStructureSetStorage, generate_uid
 
 from ie_gateway.config import load_config
+from ie_gateway.imaging import SliceGeometry
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.pipeline import Worker
+from ie_gateway.qa.assess import assess_structure_set
 from ie_gateway.store import JobState, Store
 from ie_gateway.vocab import Stage
 
@@ -84,3 +90,88 @@ def test_the_delivered_rtstruct_is_compared_without_what_its_names_file_left_out
     contours = _contours(store, registry, store.index.job(job), 0)
     assert contours.rtstruct is not None and contours.rtstruct.name == "rtstruct-0-TPS.dcm"
     assert [s.name for s in contours.structures] == ["External"]  # Lung_L never reached the TPS
+
+
+def _approved_set(path: Path, geometry: SliceGeometry) -> None:
+    """An APPROVED RT-STRUCT with one ROI, External: a 4 x 4 pixel square on every slice."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.ApprovalStatus = "APPROVED"
+    ds.StructureSetROISequence = [pydicom.Dataset()]
+    ds.StructureSetROISequence[0].ROINumber = 1
+    ds.StructureSetROISequence[0].ROIName = "External"
+    contours = []
+    for position in geometry.positions:
+        contour = pydicom.Dataset()
+        square = [(2, 2), (2, 5), (5, 5), (5, 2)]
+        contour.ContourData = [f"{v:.2f}" for r, c in square for v in (c, r, float(position[2]))]
+        contour.NumberOfContourPoints = len(square)
+        contour.ContourGeometricType = "CLOSED_PLANAR"
+        contours.append(contour)
+    roi = pydicom.Dataset()
+    roi.ReferencedROINumber = 1
+    roi.ContourSequence = contours
+    ds.ROIContourSequence = [roi]
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_comparison_past_its_time_bound_leaves_the_set_linked_without_figures_and_says_why(tmp_path: Path) -> None:
+    from ie_gateway.plan import labels_file
+    from ie_gateway.store import JobRoute, OutputKind
+    from tests.infer_packages import threshold_model, write_package
+    from tests.keys import DEMO_PUB
+
+    write_package(tmp_path / "models", [threshold_model(3)], name="toy", version="1", structures=1)
+    (tmp_path / "routing.yaml").write_text("rules: []\n")
+    settings = {
+        "storage": {"root": "var"},
+        "models_dir": "models",
+        "routing_file": "routing.yaml",
+        "trusted_keys": [{"name": "demo", "public_key": str(DEMO_PUB)}],
+        "agreement": {"timeout_s": 1e-9},  # past before the first structure
+    }
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(settings))
+    cfg = load_config(tmp_path / "gateway.yaml")
+    store = Store(cfg.storage.root)
+    ct_job = _series(store, 1, "CT")
+    route = JobRoute(rule="r", model="toy", version="1", outputs=(OutputKind.RTSTRUCT,), send_to=("TPS",))
+    store.index.transition(ct_job, JobState.ROUTED, routes=[route])
+    geometry = SliceGeometry(
+        positions=np.array([[0.0, 0.0, 2.0 * k] for k in range(3)]),
+        row_dir=np.array([1.0, 0.0, 0.0]),
+        col_dir=np.array([0.0, 1.0, 0.0]),
+        row_spacing=1.0,
+        col_spacing=1.0,
+        rows=8,
+        columns=8,
+    )
+    store.keep_geometry(ct_job, geometry)
+    labels = np.zeros(geometry.shape, dtype=np.uint8)
+    labels[:, 2:6, 2:6] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(store.job_dir(ct_job) / labels_file(0)))
+    rt_job = _series(store, 2, "RTSTRUCT")
+    _approved_set(store.spool.root / "2.dcm", geometry)
+    linked = replace(store.index.job(rt_job).detail, linked_to=ct_job)
+    store.index.transition(rt_job, JobState.ASSESSING, reason="linked", detail=linked)
+    runner = InferenceRunner(60, device="cpu", log_level=None)  # never started
+    worker = Worker(cfg, store, registry_for(cfg), runner, rules=lambda: None)
+
+    worker.assess(store.index.job(rt_job))
+    done = store.index.job(rt_job)
+    assert done.state is JobState.UNROUTED
+    assert done.reason == (
+        f"clinician's structure set, linked to job {ct_job}; no agreement figures: comparing the approved set "
+        "ran past agreement.timeout_s (1e-09 s) before External: no figures for this set"
+    )
+    assert store.index.agreement(ct_job=ct_job) == []
+
+    within = cfg.model_copy(update={"agreement": cfg.agreement.model_copy(update={"timeout_s": 600})})
+    assert (
+        assess_structure_set(within, store, registry_for(cfg), rt_job, ct_job) == "; agreement figures of 1 structures"
+    )

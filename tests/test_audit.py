@@ -7,6 +7,11 @@ import csv
 import io
 from dataclasses import replace
 
+import pytest
+
+from ie_gateway.errors import BadDate
+from ie_gateway.interop.retrieve import study_date
+from ie_gateway.ops.audit import parse_since
 from ie_gateway.store import Arrival, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import SyncRecord
@@ -72,3 +77,17 @@ def test_audit_shows_received_routed_delivered_synced_and_admin_actions_after_a_
     assert node.cli("audit", "--since", "1h").stdout == text  # everything happened within the hour (or later)
     bad = node.cli("audit", "--since", "yesterday", check=False)
     assert bad.returncode != 0 and "--since" in bad.stderr
+
+
+def test_since_is_an_age_or_a_date_and_anything_else_is_a_bad_date() -> None:
+    now = 1_000_000.0
+    assert parse_since("12h", now) == now - 12 * 3600
+    assert parse_since("1970-01-02", now) == 86400.0  # UTC unless it says
+    with pytest.raises(BadDate, match="--since 'yesterday'"):
+        parse_since("yesterday", now)
+
+
+def test_a_fetch_date_becomes_a_dicom_date_and_a_bad_one_is_refused() -> None:
+    assert study_date("2026-12-01") == "20261201"
+    with pytest.raises(BadDate, match="not a date"):
+        study_date("2026-13-01")

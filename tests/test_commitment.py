@@ -198,8 +198,9 @@ def test_a_committing_row_waits_then_is_delivered_failed_or_overdue(tmp_path: Pa
     """The outbox side of commitment on both index backends: stored rows wait as committing
     (the job is not settled), a report settles them, a silent peer's rows fall due again."""
     from ie_gateway.interop.commitment import Commitments, Reference
-    from ie_gateway.store import OutboxState, Store
+    from ie_gateway.store import Store
     from ie_gateway.store.outbox import Outbox
+    from ie_gateway.vocab import OutboxState
     from tests.test_notify import routed_job
 
     store = Store(tmp_path, index_url)
@@ -274,8 +275,9 @@ def test_a_peer_without_storage_commitment_fails_those_files_at_once(tmp_path: P
 
     from ie_gateway.config import DeliverySettings, Destination
     from ie_gateway.send import Sender
-    from ie_gateway.store import OutboxState, Store
+    from ie_gateway.store import Store
     from ie_gateway.store.outbox import Outbox
+    from ie_gateway.vocab import OutboxState
     from tests.peers import DCMTK_ENV, port_open
     from tests.test_notify import routed_job
 

@@ -308,8 +308,9 @@ def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
         rt_only_tps: StoreSCP, tmp_path: Path) -> None:
     from ie_gateway.config import DeliverySettings, Destination
     from ie_gateway.send import Sender
-    from ie_gateway.store import OutboxState, Store
+    from ie_gateway.store import Store
     from ie_gateway.store.outbox import Outbox
+    from ie_gateway.vocab import OutboxState
 
     store = Store(tmp_path / "var")
     job, _ = store.index.add_instance(sop_uid="1.2.3.1", sop_class="1.2.840.10008.5.1.4.1.1.2",

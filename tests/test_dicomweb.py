@@ -137,7 +137,7 @@ def test_the_node_delivers_its_results_over_stow_rs(
         env={"ARCHIVE_PASSWORD": PASSWORD},
         settings={
             "models_dir": str(toy_models(tmp_path / "models")),
-            "destinations": {"ARCHIVE": destination(archive.http_port).model_dump(exclude_defaults=True)},
+            "destinations": {"ARCHIVE": destination(archive.http_port).model_dump(mode="json", exclude_defaults=True)},
             "delivery": {"base_s": 0.3, "cap_s": 1.0, "every_s": 0.3},
             "inference": {"timeout_s": 120},
         },

@@ -16,8 +16,9 @@ import yaml
 
 from ie_gateway.errors import ModelError, SignatureInvalid
 from ie_gateway.infer.formats import describe_package, detect_format
-from ie_gateway.infer.manifest import ManifestInvalid, ModelFormat, load_manifest
+from ie_gateway.infer.manifest import ManifestInvalid, load_manifest
 from ie_gateway.infer.registry import Registry
+from ie_gateway.vocab import ModelFormat
 from tests.keys import DEMO_TRUSTED, describe_signed
 
 TRAINED = "nnUNetTrainer__nnUNetPlans__3d_fullres"

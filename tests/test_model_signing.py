@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ie_gateway.errors import PackageUnsigned, SignatureInvalid, UntrustedPublisher
-from ie_gateway.infer.registry import Registry
-from ie_gateway.infer.signing import SIGNATURE_NAME, TrustedKey, read_statement, verify_package
+from ie_gateway.errors import (
+    KeyExists,
+    ManifestInvalid,
+    PackageMismatch,
+    PackageUnsigned,
+    SignatureInvalid,
+    UntrustedPublisher,
+)
+from ie_gateway.infer.registry import Registry, import_package
+from ie_gateway.infer.signing import SIGNATURE_NAME, TrustedKey, generate_key, read_statement, verify_package
 from tests.infer_packages import threshold_model, write_package
 from tests.keys import DEMO_PUB, DEMO_TRUSTED, REPO, new_key, sign
 
@@ -209,3 +216,28 @@ def test_the_same_files_signed_again_import_as_the_installed_version(tmp_path: P
     sign(resigned)
     assert resigned.joinpath(SIGNATURE_NAME).read_bytes() != package.joinpath(SIGNATURE_NAME).read_bytes()
     assert registry.import_version(resigned) == first
+
+
+def test_import_refuses_a_package_whose_signed_name_is_not_the_one_given(tmp_path: Path) -> None:
+    registry = registry_of(tmp_path)
+    package = toy(tmp_path, version="3")
+    with pytest.raises(PackageMismatch, match="says version '3', not '4'"):
+        import_package(registry, package, name="toy", version="4")
+    model, written = import_package(registry, package, name="toy", version="3")
+    assert (model.name, model.version, written) == ("toy", "3", None)
+
+
+def test_import_of_a_folder_without_model_yaml_needs_its_name_and_version(tmp_path: Path) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    with pytest.raises(ManifestInvalid, match="give --name and --version"):
+        import_package(registry_of(tmp_path), folder)
+
+
+def test_keygen_never_overwrites_a_private_key(tmp_path: Path) -> None:
+    private = tmp_path / "physics"
+    generate_key(private, tmp_path / "physics.pub")
+    before = private.read_bytes()
+    with pytest.raises(KeyExists, match="never overwritten"):
+        generate_key(private, tmp_path / "other.pub")
+    assert private.read_bytes() == before

@@ -25,7 +25,8 @@ from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.sync.blob import container_client
-from ie_gateway.sync.updates import MODELS_PREFIX, PullResult, PullStatus, publish_version, pull_updates
+from ie_gateway.sync.updates import MODELS_PREFIX, PullResult, publish_version, pull_updates
+from ie_gateway.vocab import PullStatus
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.infer_packages import threshold_model, write_package
 from tests.keys import DEMO_KEY, DEMO_TRUSTED, REPO, new_key

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ie_gateway import cli
+from ie_gateway.infer import formats
 from tests.infer_packages import threshold_model, write_package
 from tests.keys import DEMO_PUB
 from tests.peers import REPO, Node, storescu
@@ -140,7 +141,7 @@ def test_models_verify_reports_a_missing_framework_and_verifies_the_others(
         )
     )
     # as on a node installed without the [nnunet] extra
-    monkeypatch.setitem(cli.FRAMEWORKS, "nnunetv2", ("nnunet", "nnunetv2_not_installed"))
+    monkeypatch.setitem(formats.FRAMEWORKS, "nnunetv2", ("nnunet", "nnunetv2_not_installed"))
     assert cli.main(["models", "verify", "--config", str(config)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "toy@1: verified" in out

@@ -24,8 +24,8 @@ from ie_gateway.route import load_rules
 from ie_gateway.route.load import model_exists
 from ie_gateway.status import status_rows
 from ie_gateway.store import Arrival, JobState, Store
-from ie_gateway.store.records import Priority
 from ie_gateway.store.states import QUEUED
+from ie_gateway.vocab import Priority
 from ie_gateway.web import web_routes
 from tests.infer_packages import threshold_model, write_package
 from tests.jobs import job_route

@@ -18,7 +18,6 @@ from ie_gateway.store import (
     Arrival,
     JobDetail,
     JobState,
-    OutboxState,
     OutputKind,
     ReviewPolicy,
     Store,
@@ -28,6 +27,7 @@ from ie_gateway.store import (
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import AgreementRow, ApprovedSet, Review, StageAttempts, SyncRecord
 from ie_gateway.store.schema import LATEST
+from ie_gateway.vocab import OutboxState
 from tests.jobs import job_route
 
 

@@ -16,9 +16,9 @@ from ie_gateway.sync.anonymise import (
     AnonymiseOptions,
     Anonymiser,
     BurnedInAnnotation,
-    DateMode,
     load_key,
 )
+from ie_gateway.vocab import DateMode
 from tests.sync_samples import (
     NESTED_NAME,
     PLANTED,

@@ -29,8 +29,9 @@ from ie_gateway.store.records import ApprovedSet, JobDetail
 from ie_gateway.sync.anonymise import Anonymiser
 from ie_gateway.sync.blob import container_client
 from ie_gateway.sync.run import SyncReport, scheduled_cases, scheduled_models, sync_now
-from ie_gateway.sync.updates import PullStatus, publish_version
+from ie_gateway.sync.updates import publish_version
 from ie_gateway.sync.upload import CasesReport, sync_cases
+from ie_gateway.vocab import PullStatus
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.infer_packages import threshold_model, write_package
 from tests.keys import DEMO_KEY, DEMO_TRUSTED

@@ -18,8 +18,9 @@ from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.signing import SIGNATURE_NAME
 from ie_gateway.sync.blob import container_client
-from ie_gateway.sync.updates import PullStatus, pull_updates
 from ie_gateway.sync.updates import publish_version as publish
+from ie_gateway.sync.updates import pull_updates
+from ie_gateway.vocab import PullStatus
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.keys import DEMO_KEY, DEMO_TRUSTED
 

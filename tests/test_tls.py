@@ -11,9 +11,10 @@ import pytest
 
 from ie_gateway.config import DeliverySettings, Destination, DestinationTLS
 from ie_gateway.send import Sender
-from ie_gateway.store import Arrival, OutboxState, Store
+from ie_gateway.store import Arrival, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.states import JobState
+from ie_gateway.vocab import OutboxState
 from tests.certs import Pair, expired_copy, issue, make_ca
 from tests.peers import DCMTK_ENV, Node, free_port, port_open, wait_until
 

@@ -5,9 +5,20 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from ie_gateway.config import Destination
+from ie_gateway.config import Caller, Destination, InferenceSettings, SyncSettings, Webhook
 from ie_gateway.store.records import ApprovedSet, JobDetail
-from ie_gateway.vocab import ApprovalStatus, JobState, OutputKind
+from ie_gateway.vocab import (
+    ActivationPolicy,
+    ApprovalStatus,
+    DateMode,
+    Device,
+    JobState,
+    NotifyEvent,
+    OutputKind,
+    PeerAuth,
+    PeerProtocol,
+    Priority,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,3 +50,18 @@ def test_an_approval_read_back_from_the_index_is_the_enum_not_its_text() -> None
     assert back.approved[0].approval is ApprovalStatus.APPROVED and back.approval is ApprovalStatus.REJECTED
     assert back.approved_jobs() == [3]
     assert f"{JobState.NEEDS_REVIEW}" == "needs_review"  # what logs, status and the page print
+
+
+def test_the_configs_closed_words_are_read_as_the_vocabulary_enums() -> None:
+    web = Destination(protocol="dicomweb", url="https://pacs/dicom-web", auth="basic", username="u", password="env:P")
+    assert web.protocol is PeerProtocol.DICOMWEB and web.auth is PeerAuth.BASIC
+    assert InferenceSettings(device="cpu").device is Device.CPU
+    sync = SyncSettings(date_shift="remove", activation={"organs": "auto"})
+    assert sync.date_shift is DateMode.REMOVE and sync.activation == {"organs": ActivationPolicy.AUTO}
+    assert Webhook(url="https://chat/hook", on=["drift"]).on == [NotifyEvent.DRIFT]
+    assert Caller(ae_title="RESEARCH", priority="low").priority is Priority.LOW
+
+
+def test_a_caller_cannot_be_high_priority_only_a_rule_can() -> None:
+    with pytest.raises(pydantic.ValidationError, match="high is for a routing rule"):
+        Caller(ae_title="CT1", priority="high")

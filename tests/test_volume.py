@@ -6,6 +6,7 @@ import math
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from pydicom.uid import UID, EnhancedCTImageStorage, JPEG2000Lossless
 
 from ie_gateway.demo.phantoms import Phantom, make_phantom, write_ct_series
 from ie_gateway.errors import VolumeRefused
+from ie_gateway.imaging import SliceGeometry
+from ie_gateway.store import Store
 from ie_gateway.volume import VolumeChecks, load_volume
 from tests.conftest import dcm_compress
 
@@ -93,6 +96,48 @@ def test_geometry_matches_the_headers(phantom: Phantom, series: list[Path]) -> N
     assert image.GetOrigin() == pytest.approx(phantom.origin, abs=1e-4)
     assert image.GetSpacing() == pytest.approx((PIXEL_MM, PIXEL_MM, SLICE_MM))
     assert image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def test_the_volume_carries_the_slice_geometry_of_its_headers_in_slice_order(
+    series: list[Path], tmp_path: Path
+) -> None:
+    volume = load_volume(shuffled(series))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series]
+    expected = SliceGeometry.from_headers(headers)
+    kept = tmp_path / "geometry.json"
+    volume.geometry.save(kept)
+    for geometry in (volume.geometry, SliceGeometry.load(kept)):
+        assert geometry.shape == (SLICES, SIZE, SIZE) == expected.shape
+        assert np.array_equal(geometry.positions, expected.positions)
+        assert np.array_equal(geometry.row_dir, expected.row_dir)
+        assert np.array_equal(geometry.col_dir, expected.col_dir)
+        assert (geometry.row_spacing, geometry.col_spacing) == (expected.row_spacing, expected.col_spacing)
+
+
+def test_a_job_inferred_before_its_geometry_was_kept_is_measured_from_its_headers(
+    series: list[Path], tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "var")
+    job_id, _ = store.index.add_instance(
+        sop_uid="1.2.3.1.1",
+        sop_class="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        path="1.dcm",
+        size=1,
+        calling_ae="CT",
+        called_ae="IE_GATEWAY",
+        header=lambda: {"Modality": "CT"},
+    )
+    # absolute, as a row written before paths were relative holds them
+    store.index.update_detail(job_id, lambda d: replace(d, slice_files=tuple(str(p) for p in series)))
+    job = store.index.job(job_id)
+    from_headers = store.geometry(job)
+    store.keep_geometry(job_id, load_volume(shuffled(series)).geometry)
+    kept = store.geometry(job)
+    assert from_headers.shape == kept.shape == (SLICES, SIZE, SIZE)
+    assert np.array_equal(from_headers.positions, kept.positions)
 
 
 def test_instances_and_uids_follow_slice_order(series: list[Path]) -> None:

@@ -14,8 +14,9 @@ from starlette.testclient import TestClient
 from ie_gateway.config import load_config
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.ops.audit import audit_events
-from ie_gateway.store import JobState, OutboxState, Store
+from ie_gateway.store import JobState, Store
 from ie_gateway.store.outbox import Outbox
+from ie_gateway.vocab import OutboxState
 from ie_gateway.web import web_routes
 
 TOKEN = "web-actions-token-1f3a"

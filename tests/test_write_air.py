@@ -17,8 +17,8 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import RLELossless
 
-from ie_gateway.store import SegEncoding
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE
+from ie_gateway.vocab import SegEncoding
 from ie_gateway.write import (
     ModelInfo,
     OutputUIDs,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ie_gateway.demo.phantoms import make_phantom
-from ie_gateway.write.qa import PANEL_PX, QA_SIZE, render_qa_png
+from ie_gateway.pictures import PANEL_PX, QA_SIZE, render_qa_png
 from tests.write_case import DEMO_STRUCTURES, MODEL
 
 

@@ -93,6 +93,8 @@ GRID = SliceGeometry(
     col_dir=np.array([0.0, 1.0, 0.0]),
     row_spacing=1.0,
     col_spacing=1.0,
+    rows=40,
+    columns=37,
 )
 
 

@@ -20,6 +20,7 @@ from ie_gateway.errors import CommissionError
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.qa import drift
+from ie_gateway.vocab import Device
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def commission(
     from ie_gateway.commission.report import structure_summary, write_report
 
     if runner is None:  # the child's own log lines would break up the progress lines
-        device = None if cfg.inference.device == "auto" else cfg.inference.device
+        device = None if cfg.inference.device is Device.AUTO else cfg.inference.device
         with InferenceRunner(cfg.inference.timeout_s, device=device, log_level="warning") as own:
             return commission(cfg, spec, cases_dir, out_dir, progress, own)
     model = registry_for(cfg).resolve(spec)

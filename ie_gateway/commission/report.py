@@ -7,7 +7,7 @@ node version on how many cases; per structure the acceptance criteria of model.y
 plots, failing cases in red); the worst cases of each structure as pictures (the AI's outline in
 the structure's colour, the clinician's in white, on the same slices); and the cases that could
 not be run, with the reason. Plots are drawn with matplotlib (no pyplot, no global state), the
-pictures by ``write.qa``.
+pictures by ``pictures``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from ie_gateway.commission.run import RTSTRUCT_FILE, WORK_DIR, CaseResult, Run, 
 from ie_gateway.imaging import SliceGeometry, rasterize_roi
 from ie_gateway.infer.manifest import MANIFEST_NAME, Commissioning
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.pictures import render_comparison_png
 from ie_gateway.qa.agreement import FIGURES, match_structures
 from ie_gateway.volume import load_volume
-from ie_gateway.write.qa import render_comparison_png
 
 HTML_FILE = "report.html"
 PDF_FILE = "report.pdf"

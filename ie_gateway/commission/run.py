@@ -162,12 +162,13 @@ class Run:
             ct_path = work / "ct.mha"
             sitk.WriteImage(volume.image, str(ct_path), useCompression=False)
             headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in volume.paths]
+            geometry = volume.geometry
             del volume
             inference_started = time.monotonic()
             self.runner.run(self.model, ct_path, work / LABELS_FILE)
             inference_s = time.monotonic() - inference_started
             ct_path.unlink()  # the report reads the CT again for its few pictures
-            findings, missing, figures, phases = self._assess(headers, case.approved, work)
+            findings, missing, figures, phases = self._assess(headers, geometry, case.approved, work)
         except GatewayError as exc:  # this case cannot be run; the report says why, a rerun retries it
             log.warning("commissioning case not run", error=str(exc))
             return CaseResult(folder.name, False, reason=str(exc))
@@ -183,7 +184,7 @@ class Run:
         )
 
     def _assess(
-        self, headers: Sequence[pydicom.Dataset], approved_path: Path, work: Path
+        self, headers: Sequence[pydicom.Dataset], geometry: SliceGeometry, approved_path: Path, work: Path
     ) -> tuple[list[str], list[str], list[dict[str, Any]], dict[str, float]]:
         """Plausibility findings, unmatched structures, figures and the phases' seconds of one
         contoured case."""
@@ -191,28 +192,28 @@ class Run:
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / LABELS_FILE))).astype(np.uint8)
         structures = structures_of(self.model.manifest)
         masks = {s.label: structure_mask(labels, s) for s in structures}
-        findings = check_result(self.model.manifest.structures, masks, SliceGeometry.from_headers(headers))
+        findings = check_result(self.model.manifest.structures, masks, geometry)
         present = [s for s in structures if s.name not in findings.empty]
         info = ModelInfo(name=self.model.name, version=self.model.version, needs_review=bool(findings.reasons))
         rtstruct = work / RTSTRUCT_FILE
         checked = time.monotonic()
         if present:
             uids = new_output_uids()
-            ds = build_rtstruct(headers, labels, present, info, uids, masks=masks)
+            ds = build_rtstruct(headers, labels, present, info, uids, masks=masks, geometry=geometry)
             ds.save_as(rtstruct, enforce_file_format=True)
-            validate_rtstruct(rtstruct, headers, labels, present, uids, masks=masks)
+            validate_rtstruct(rtstruct, headers, labels, present, uids, masks=masks, geometry=geometry)
         written = time.monotonic()
         approved = pydicom.dcmread(approved_path)
         spec = (self.model.name, self.model.version)
         tolerance = self.cfg.agreement.tolerance_mm
         # what was delivered as RT-STRUCT, and what the model left empty (its label map: no voxels)
         measured = assess(
-            approved, headers, [ModelContours(*spec, present, rtstruct, work / LABELS_FILE)], tolerance, self.aliases
+            approved, geometry, [ModelContours(*spec, present, rtstruct, work / LABELS_FILE)], tolerance, self.aliases
         )[spec]
         empty = [s for s in structures if s.name in findings.empty]
         if empty:
             measured += assess(
-                approved, headers, [ModelContours(*spec, empty, None, work / LABELS_FILE)], tolerance, self.aliases
+                approved, geometry, [ModelContours(*spec, empty, None, work / LABELS_FILE)], tolerance, self.aliases
             )[spec]
         figures = [{**asdict(f), "volume_diff_pct": f.volume_diff_pct} for f in measured]
         order = {s.name: s.label for s in structures}

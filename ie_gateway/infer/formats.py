@@ -28,8 +28,8 @@ import yaml
 
 from ie_gateway.errors import ModelError
 from ie_gateway.files import sha256_file
-from ie_gateway.infer.manifest import MANIFEST_NAME, ModelFormat, load_manifest
-from ie_gateway.vocab import InterpretedType
+from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
+from ie_gateway.vocab import InterpretedType, ModelFormat
 
 NNUNET_CHECKPOINT = "checkpoint_final.pth"
 MONAI_CONFIG = "configs/inference.json"
@@ -238,3 +238,19 @@ def _describe_monai(path: Path) -> tuple[list[str], dict[str, Any], str]:
 
 def _entry(root: Path, file: Path) -> dict[str, str]:
     return {"file": file.relative_to(root).as_posix(), "sha256": sha256_file(file)}
+
+
+#: the optional extra each package format needs, and a module that extra installs
+FRAMEWORKS = {"nnunetv2": ("nnunet", "nnunetv2"), "monai_bundle": ("monai", "ignite")}
+
+
+def missing_framework(package_format: str) -> str | None:
+    """Why a package of this format cannot run on this node (its extra is not installed), or None."""
+    import importlib.util
+
+    if package_format not in FRAMEWORKS:
+        return None
+    extra, module = FRAMEWORKS[package_format]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"its framework is not installed here ({module}): pip install 'ie-gateway[{extra}]'"

@@ -17,7 +17,6 @@ errors name the file, line and key.
 
 from __future__ import annotations
 
-import enum
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ie_gateway.errors import ConfigError, ManifestInvalid, ModelError
-from ie_gateway.vocab import InterpretedType
+from ie_gateway.vocab import InterpretedType, ModelFormat, Side
 from ie_gateway.yamlfile import StrictModel, load_model
 
 MANIFEST_NAME = "model.yaml"
@@ -38,14 +37,6 @@ _SAFE_PATH = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}
 Byte = Annotated[int, Field(ge=0, le=255)]
 PositiveMm = Annotated[float, Field(gt=0)]
 PositiveVoxels = Annotated[int, Field(gt=0)]
-
-
-class ModelFormat(enum.StrEnum):
-    """``format:`` of model.yaml: whose code runs the package."""
-
-    NATIVE = "native"
-    NNUNETV2 = "nnunetv2"
-    MONAI_BUNDLE = "monai_bundle"
 
 
 class PostProcess(StrictModel):
@@ -89,7 +80,7 @@ class Expect(StrictModel):
 
     volume_cc: Range | None = None
     volume_cc_per_cm: Range | None = None
-    side: Literal["left", "right"] | None = None
+    side: Side | None = None
     inside: str | None = None
     largest_component: Range | None = None
     slices_covered: Range | None = None

@@ -55,12 +55,21 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ie_gateway.errors import ChecksumMismatch, ModelError, PackageUnsigned, SignatureInvalid, VersionImmutable
+from ie_gateway.errors import (
+    ChecksumMismatch,
+    ManifestInvalid,
+    ModelError,
+    PackageMismatch,
+    PackageUnsigned,
+    SignatureInvalid,
+    VersionImmutable,
+)
 from ie_gateway.files import fsync_dir, sha256_file
 from ie_gateway.infer.bundle_policy import check_bundle
-from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, ModelFormat, MonaiSettings, load_manifest
+from ie_gateway.infer.manifest import MANIFEST_NAME, Manifest, MonaiSettings, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME, parse_model_ref
 from ie_gateway.infer.signing import SIGNATURE_NAME, Statement, TrustedKey, verify_package
+from ie_gateway.vocab import ModelFormat
 
 if TYPE_CHECKING:
     from ie_gateway.config import GatewayConfig
@@ -526,6 +535,55 @@ def _copy_durably(src: Path, dst: Path) -> None:
     with dst.open("rb") as fh:
         os.fsync(fh.fileno())
     dst.chmod(0o444)
+
+
+def import_package(
+    registry: Registry,
+    package: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    allow_unsigned_by: str | None = None,
+) -> tuple[ModelVersion, Path | None]:
+    """``models import``: install ``package``, a native one (with model.yaml) or an nnU-Net or
+    MONAI folder described on the way as ``name@version``; ``name`` and ``version``, where given,
+    must be what the package says. Nothing of an unsigned package is read unless
+    ``allow_unsigned_by`` names the admin who accepts it (recorded). Returns the installed
+    version and the model.yaml written for it (None when the package brought its own)."""
+    from ie_gateway.infer.formats import describe_package
+    from ie_gateway.infer.signing import read_statement
+
+    manifest, written = package / MANIFEST_NAME, None
+    if not manifest.is_file():
+        if not (name and version):
+            why = "give --name and --version (or write one first with `ie-gateway models describe`)"
+            raise ManifestInvalid([f"{package} has no model.yaml: {why}"])
+        if allow_unsigned_by is None:
+            raise PackageUnsigned(
+                f"{package} is not signed (no model.yaml, no model.sig): describe it with "
+                f"`ie-gateway models describe`, sign it with `ie-gateway models sign`, or pass --allow-unsigned"
+            )
+        written = describe_package(package, name, version)
+    elif (package / SIGNATURE_NAME).is_file():
+        statement = read_statement(package / SIGNATURE_NAME, registry.keys, str(package))
+        _same_name(manifest, (name, version), (statement.name, statement.version))
+    elif allow_unsigned_by is not None:
+        declared = load_manifest(package)
+        _same_name(manifest, (name, version), (declared.name, declared.version))
+    try:
+        model = registry.import_version(package, allowed_unsigned_by=allow_unsigned_by)
+    except PackageUnsigned as exc:
+        raise PackageUnsigned(
+            f"{exc}: sign it with `ie-gateway models sign PATH --key KEY` (a key in trusted_keys), "
+            f"or pass --allow-unsigned to import it anyway (recorded)"
+        ) from exc
+    return model, written
+
+
+def _same_name(manifest: Path, given: tuple[str | None, str | None], says: tuple[str, str]) -> None:
+    for what, wanted, value in zip(("name", "version"), given, says, strict=True):
+        if wanted is not None and wanted != value:
+            raise PackageMismatch(f"{manifest} says {what} {value!r}, not {wanted!r}")
 
 
 def registry_for(cfg: GatewayConfig, probe: Probe | None = None) -> Registry:

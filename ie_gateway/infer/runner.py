@@ -55,12 +55,10 @@ import structlog
 
 from ie_gateway.errors import GatewayError, InferenceCrashed, InferenceError, InferenceOutOfMemory, ModelError
 from ie_gateway.files import raise_if_disk_full
-from ie_gateway.infer.manifest import ModelFormat
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.sandbox import SINGLE_THREADED_IMPORTS, FileRules, confine, scrubbed_environ
 from ie_gateway.infer.types import (
     Close,
-    FailureKind,
     InferenceFailure,
     InferenceRequest,
     InferenceResult,
@@ -72,6 +70,7 @@ from ie_gateway.infer.types import (
     VerifyRequest,
 )
 from ie_gateway.log import configure as configure_logging
+from ie_gateway.vocab import Device, FailureKind, ModelFormat
 
 if TYPE_CHECKING:  # torch is imported by the child only, not by the node that owns it
     from ie_gateway.config import GatewayConfig
@@ -310,17 +309,17 @@ def _disk_full(text: str) -> OSError:
 #: what the parent raises for each kind of failure the child reports (a full disk as the OSError
 #: the worker waits out, as for its own writes)
 _FAILURES: dict[FailureKind, Callable[[str], Exception]] = {
-    "model": ModelError,
-    "inference": InferenceError,
-    "oom": InferenceOutOfMemory,
-    "disk_full": _disk_full,
+    FailureKind.MODEL: ModelError,
+    FailureKind.INFERENCE: InferenceError,
+    FailureKind.OOM: InferenceOutOfMemory,
+    FailureKind.DISK_FULL: _disk_full,
 }
 
 
 def runner_for(cfg: GatewayConfig, *, cpu: bool = False) -> InferenceRunner:
     """The inference child of a node, or of a CLI command that verifies models; ``cpu``: on
     the CPU whatever ``inference.device`` says (a job that ran CUDA out of memory)."""
-    device = "cpu" if cpu else None if cfg.inference.device == "auto" else cfg.inference.device
+    device = Device.CPU if cpu else None if cfg.inference.device is Device.AUTO else cfg.inference.device
     return InferenceRunner(
         cfg.inference.timeout_s,
         device=device,
@@ -424,7 +423,7 @@ def _serve(
     """The child's loop: one job per message until "close" or the parent goes away."""
     # first, before any thread starts or any model is loaded: a user namespace (and Landlock,
     # which confines the calling thread and those it starts) need one thread
-    cuda = device == "cuda" or (device is None and _gpu_present())
+    cuda = device == Device.CUDA or (device is None and _gpu_present())
     os.environ["TMPDIR"] = str(exchange / "out")  # a framework's scratch files: in the exchange
     tempfile.tempdir = None
     sandbox = confine(memory_gb, cuda=cuda, files=files, exchange=exchange)
@@ -451,7 +450,9 @@ def _serve(
                 segmenter = _resident(resident, message.model, device, max_resident)
                 reply = _segment(segmenter, message.ct_path, message.labels_path)
         except GatewayError as exc:
-            reply = InferenceFailure("model" if isinstance(exc, ModelError) else "inference", str(exc))
+            reply = InferenceFailure(
+                FailureKind.MODEL if isinstance(exc, ModelError) else FailureKind.INFERENCE, str(exc)
+            )
         except Exception as exc:  # noqa: BLE001 - top of the child's job loop: the job fails with
             # its reason (unreadable CT, torch error, CUDA out of memory) and the child serves on.
             reply = error_reply(exc)
@@ -464,9 +465,9 @@ def error_reply(exc: Exception) -> InferenceFailure:
     first_line = (str(exc).strip().splitlines() or [""])[0][:500]
     text = f"{type(exc).__name__}: {first_line}"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InferenceFailure("disk_full", text)
+        return InferenceFailure(FailureKind.DISK_FULL, text)
     oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in first_line
-    return InferenceFailure("oom" if oom else "inference", text)
+    return InferenceFailure(FailureKind.OOM if oom else FailureKind.INFERENCE, text)
 
 
 def _gpu_present() -> bool:

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ie_gateway.errors import ModelError, PackageUnsigned, SignatureInvalid, UntrustedPublisher
+from ie_gateway.errors import KeyExists, ModelError, PackageUnsigned, SignatureInvalid, UntrustedPublisher
 
 if TYPE_CHECKING:  # model_signing (sigstore and its dependencies) is imported only to sign or verify
     from model_signing import hashing
@@ -100,10 +100,14 @@ def key_id(public_key: Path) -> str:
 
 
 def generate_key(private_path: Path, public_path: Path) -> str:
-    """Write a new P-256 key pair (private key mode 0600, unencrypted PEM); return its key id."""
+    """Write a new P-256 key pair (private key mode 0600, unencrypted PEM); return its key id.
+    Raises KeyExists rather than overwrite a private key."""
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyExists(f"{private_path} exists: a key is never overwritten") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     public_path.write_bytes(

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import SimpleITK as sitk
 
 from ie_gateway.infer.registry import ModelVersion
+from ie_gateway.vocab import FailureKind
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,6 @@ class InferenceResult:
 @dataclass(frozen=True)
 class Verified:
     """The model loaded and ran its probe."""
-
-
-#: the kinds of failure the child reports
-FailureKind = Literal["model", "inference", "oom", "disk_full"]
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from ie_gateway import receive, send
 from ie_gateway.config import Destination, GatewayConfig
 from ie_gateway.interop import commitment, retrieve, stow
 from ie_gateway.ops import checks
-from ie_gateway.store.records import SegEncoding, output_sop_class
-from ie_gateway.vocab import OutputKind
+from ie_gateway.store.records import output_sop_class
+from ie_gateway.vocab import OutputKind, PeerProtocol, SegEncoding
 
 if TYPE_CHECKING:
     from ie_gateway.store import Store
@@ -73,7 +73,7 @@ def accepted_contexts(cfg: GatewayConfig) -> list[Context]:
 
 def dimse_destinations(cfg: GatewayConfig) -> dict[str, Destination]:
     """The destinations reached by DICOM associations (the others are DICOMweb services)."""
-    return {name: d for name, d in cfg.destinations.items() if d.protocol == "dimse"}
+    return {name: d for name, d in cfg.destinations.items() if d.protocol is PeerProtocol.DIMSE}
 
 
 def output_classes(dest: Destination) -> list[str]:
@@ -106,7 +106,7 @@ def proposed_contexts(cfg: GatewayConfig) -> list[Context]:
         classes, commits = [output_sop_class(k) for k in OutputKind], False
     contexts = send.requested_contexts(classes, commits)
     contexts += [pynetdicom.build_context(receive.VERIFICATION, ts) for ts in send.PROPOSED_SYNTAXES]
-    if any(s.protocol == "dimse" for s in cfg.sources.values()):
+    if any(s.protocol is PeerProtocol.DIMSE for s in cfg.sources.values()):
         contexts += [retrieve.FIND_CONTEXT, retrieve.MOVE_CONTEXT]
     return _as_contexts(contexts)
 
@@ -335,7 +335,7 @@ def _destinations(cfg: GatewayConfig) -> Section:
 
 
 def _query_retrieve(cfg: GatewayConfig) -> Section:
-    sources = {name: s for name, s in cfg.sources.items() if s.protocol == "dimse"}
+    sources = {name: s for name, s in cfg.sources.items() if s.protocol is PeerProtocol.DIMSE}
     if not sources:
         return Section("7. Query/Retrieve SCU", ("No DICOM source is configured (sources:): the node queries nobody.",))
     head = ("Source", "Called AE title", "Host:port", "Move timeout")
@@ -362,11 +362,11 @@ def _dicomweb(cfg: GatewayConfig) -> list[Section]:
     web = [
         (name, "STOW-RS (store)", _host(d.url), d.auth, ", ".join(commitment.sop_name(c) for c in output_classes(d)))
         for name, d in cfg.destinations.items()
-        if d.protocol == "dicomweb"
+        if d.protocol is PeerProtocol.DICOMWEB
     ] + [
         (name, "QIDO-RS, WADO-RS (fetch)", _host(s.url), s.auth, "as stored at the source")
         for name, s in cfg.sources.items()
-        if s.protocol == "dicomweb"
+        if s.protocol is PeerProtocol.DICOMWEB
     ]
     parts = []
     if web:

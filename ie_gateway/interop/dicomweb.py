@@ -25,6 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from ie_gateway.config import Destination, Source
 from ie_gateway.errors import DeliveryError, StowRefused
 from ie_gateway.ops.tls import resolve
+from ie_gateway.vocab import PeerAuth
 
 log = structlog.get_logger(__name__)
 
@@ -62,9 +63,9 @@ def secret(ref: str) -> str:
 def session_for(dest: Destination | Source, timeout_s: float) -> requests.Session:
     """An HTTP session carrying the destination's (or source's) credentials."""
     session = _TimedSession(timeout_s)
-    if dest.auth == "basic" and dest.username is not None and dest.password is not None:
+    if dest.auth is PeerAuth.BASIC and dest.username is not None and dest.password is not None:
         session.auth = (dest.username, secret(dest.password))
-    elif dest.auth == "azure":
+    elif dest.auth is PeerAuth.AZURE:
         from azure.identity import DefaultAzureCredential  # imported where it is used: a slow import
 
         token = DefaultAzureCredential().get_token(AZURE_DICOM_SCOPE)

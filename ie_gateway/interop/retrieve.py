@@ -13,6 +13,7 @@ date on and holding a modality), then moves each.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
@@ -30,9 +31,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ie_gateway.config import GatewayConfig, Source
-from ie_gateway.errors import FetchError, UnsafeUIDError
+from ie_gateway.errors import BadDate, FetchError, UnsafeUIDError
 from ie_gateway.interop.dicomweb import web_client
 from ie_gateway.store import Arrival, Store, check_uid, header_values
+from ie_gateway.vocab import PeerProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -86,13 +88,21 @@ def _associate(cfg: GatewayConfig, source_name: str, source: Source, context: Pr
     return assoc
 
 
+def study_date(text: str) -> str:
+    """YYYY-MM-DD as a DICOM date (YYYYMMDD), for a query's ``since``."""
+    try:
+        return dt.date.fromisoformat(text).strftime("%Y%m%d")
+    except ValueError as exc:
+        raise BadDate(f"--since {text!r} is not a date (YYYY-MM-DD)") from exc
+
+
 def find_studies(
     cfg: GatewayConfig, source_name: str, patient_id: str, since: str | None = None, modality: str | None = None
 ) -> list[str]:
     """StudyInstanceUIDs of the patient's studies at the source (C-FIND, study level), from
     ``since`` (YYYYMMDD) on and with ``modality`` in the study, when given."""
     source = _source(cfg, source_name)
-    if source.protocol == "dicomweb":
+    if source.protocol is PeerProtocol.DICOMWEB:
         return _find_web(source_name, source, patient_id, since, modality)
     assoc = _associate(cfg, source_name, source, FIND_CONTEXT)
     query = Dataset()
@@ -127,7 +137,7 @@ def fetch_study(cfg: GatewayConfig, source_name: str, study_uid: str) -> FetchRe
         check_uid(study_uid, "StudyInstanceUID")
     except UnsafeUIDError as exc:
         raise FetchError(str(exc)) from exc
-    if source.protocol == "dicomweb":
+    if source.protocol is PeerProtocol.DICOMWEB:
         return _fetch_web(cfg, source_name, source, study_uid)
     assoc = _associate(cfg, source_name, source, MOVE_CONTEXT)
     query = Dataset()

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ie_gateway.errors import BadDate
 from ie_gateway.infer.registry import Registry
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
@@ -58,7 +59,7 @@ def parse_since(text: str, now: float) -> float:
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValueError(f"--since {text!r}: expected e.g. 7d, 12h, 2026-12-01 or 2026-12-01T08:00") from exc
+        raise BadDate(f"--since {text!r}: expected e.g. 7d, 12h, 2026-12-01 or 2026-12-01T08:00") from exc
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 

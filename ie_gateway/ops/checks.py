@@ -17,11 +17,16 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import StoreError
+from ie_gateway.errors import GatewayError, StoreError
+from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import RuleSet
 from ie_gateway.store.space import disk_space
+
+if TYPE_CHECKING:
+    from ie_gateway.infer.registry import Registry
 
 
 class Level(StrEnum):
@@ -255,3 +260,32 @@ def split(findings: Iterable[Finding]) -> tuple[list[str], list[str]]:
         [f.text for f in found if f.level is Level.ERROR],
         [f.text for f in found if f.level is Level.WARNING],
     )
+
+
+def rule_roi_name_problems(cfg: GatewayConfig, rules: RuleSet, registry: Registry) -> list[str]:
+    """ROI names a rule would send that are longer than the destination takes.
+
+    Names a destination's names file sets are checked when the config loads; this covers the
+    model's own names that reach a destination unmapped (`check-config` reports them).
+    """
+    problems = []
+    for rule in rules.rules:
+        route = rule.route
+        try:
+            model = registry.resolve(f"{route.model}@{route.version}" if route.version else route.model)
+        except GatewayError:
+            continue  # routing reports an unusable model itself, when a series is routed
+        names = [s.name for s in model.manifest.structures]
+        for dest_name in route.send_to:
+            dest = cfg.destinations[dest_name]
+            mapped = load_roi_names(dest.names, dest.max_roi_name) if dest.names is not None else None
+            for name in (mapped.local_name(n) if mapped else n for n in names):
+                if name is None:
+                    continue
+                if len(name) > dest.max_roi_name:
+                    problems.append(
+                        f"{cfg.routing_file}: rules.{rule.name}: {model.spec} sends ROI {name!r} "
+                        f"({len(name)} characters) to {dest_name}, whose max_roi_name is "
+                        f"{dest.max_roi_name}: map it in {dest_name}'s names file"
+                    )
+    return problems

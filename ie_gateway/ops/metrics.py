@@ -23,10 +23,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ie_gateway.store import OutboxState, Store
+from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import DiskSpace
 from ie_gateway.store.states import JobState
+from ie_gateway.vocab import OutboxState
 
 # The *_created series only double what a scraper already knows.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated

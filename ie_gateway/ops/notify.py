@@ -37,11 +37,16 @@ from ie_gateway.log import redact
 from ie_gateway.qa import drift
 from ie_gateway.store import Index, JobState
 from ie_gateway.store.records import Transition
+from ie_gateway.vocab import NotifyEvent
 
 log = structlog.get_logger(__name__)
 
 #: The job states a webhook may listen for, by the name it uses in ``on:``.
-JOB_EVENTS = {"needs_review": JobState.NEEDS_REVIEW, "failed": JobState.FAILED, "delivered": JobState.DELIVERED}
+JOB_EVENTS = {
+    NotifyEvent.NEEDS_REVIEW: JobState.NEEDS_REVIEW,
+    NotifyEvent.FAILED: JobState.FAILED,
+    NotifyEvent.DELIVERED: JobState.DELIVERED,
+}
 BACKOFF_CAP_S = 300.0
 #: Events told per pass, so a backlog does not hold the webhook's lock for long.
 PASS_EVENTS = 50
@@ -117,7 +122,7 @@ def drift_event(state: drift.DriftState, node: str, base_url: str) -> dict[str, 
     """The JSON event of a structure whose agreement has drifted."""
     return _clean(
         {
-            "event": "drift",
+            "event": NotifyEvent.DRIFT.value,
             "model": state.model,
             "model_version": state.version,
             "structure": state.structure,
@@ -210,7 +215,7 @@ class Notifier:
             cursor.last_transition = transition_id
             cursor.save(path)
         newest = self.index.last_transition_id()
-        if "drift" in hook.on and newest > cursor.drift_checked:
+        if NotifyEvent.DRIFT in hook.on and newest > cursor.drift_checked:
             alarms = drift.alarms(self.index, self.cfg.agreement, self.cfg.models_dir)
             keys = {f"{s.model}@{s.version}/{s.structure}": s for s in alarms}
             for key in sorted(set(keys) - set(cursor.drift)):

@@ -35,7 +35,7 @@ import structlog
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from ie_gateway.errors import AgreementError, WriteError
+from ie_gateway.errors import AgreementError, AssessTimedOut
 from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi, structure_mask
 from ie_gateway.infer.modelref import parse_model_ref
 from ie_gateway.store import Index, Job
@@ -140,10 +140,13 @@ class ModelContours:
 @dataclass(frozen=True)
 class Bounds:
     """The most an approved set may hold for its figures to be computed: rasterising is paid per
-    contour and per point, and a peer decides how many there are."""
+    contour and per point, and a peer decides how many there are. ``timeout_s`` bounds the whole
+    comparison, checked before each structure, so no set holds the worker longer than that and
+    one structure (itself bounded by the counts)."""
 
     max_contours: int = 20000
     max_points: int = 5_000_000
+    timeout_s: float | None = None
 
 
 def check_bounds(approved: Dataset, bounds: Bounds) -> None:
@@ -166,7 +169,7 @@ def check_bounds(approved: Dataset, bounds: Bounds) -> None:
 
 def assess(
     approved: Dataset,
-    ct_headers: Sequence[pydicom.Dataset],
+    geometry: SliceGeometry,
     contours: Sequence[ModelContours],
     tolerance_mm: float = 2.0,
     aliases: Aliases | None = None,
@@ -174,16 +177,11 @@ def assess(
 ) -> dict[tuple[str, str], list[StructureFigures]]:
     """Figures per (model, version) for every model structure the approved set contains.
 
-    ``ct_headers`` are the CT's slices in volume order (the label maps' z order).
+    ``geometry`` is the contoured CT's, in volume order (the label maps' z order).
     """
+    started = time.monotonic()
     check_bounds(approved, bounds)
-    if not ct_headers:
-        raise AgreementError("the contoured CT's slice headers are not recorded")
-    try:
-        geometry = SliceGeometry.from_headers(ct_headers)
-    except WriteError as exc:
-        raise AgreementError(str(exc)) from exc
-    shape = (len(ct_headers), int(ct_headers[0].Rows), int(ct_headers[0].Columns))
+    shape = geometry.shape
     spacing = (_slice_spacing(geometry), geometry.row_spacing, geometry.col_spacing)
     rois = {int(item.ROINumber): str(item.get("ROIName", "")) for item in approved.get("StructureSetROISequence", [])}
     approved_contours = {int(item.ReferencedROINumber): item for item in approved.get("ROIContourSequence", [])}
@@ -198,11 +196,20 @@ def assess(
         for s in route.structures:
             if s.name not in matched:
                 continue
+            _check_time(started, bounds, s.name)
             roi = approved_contours.get(matched[s.name])
             mask = rasterize_roi(roi, geometry, shape) if roi is not None else np.zeros(shape, dtype=bool)
             figures.append(measure(ai_masks(s), mask, spacing, s.name, tolerance_mm))
         out[(route.model, route.version)] = figures
     return out
+
+
+def _check_time(started: float, bounds: Bounds, next_structure: str) -> None:
+    if bounds.timeout_s is not None and time.monotonic() - started >= bounds.timeout_s:
+        raise AssessTimedOut(
+            f"comparing the approved set ran past agreement.timeout_s ({bounds.timeout_s:g} s) "
+            f"before {next_structure}: no figures for this set"
+        )
 
 
 def _slice_spacing(geometry: SliceGeometry) -> float:
@@ -325,7 +332,7 @@ def summary(figure_rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def assess_approval(
     index: Index,
     ct_job: Job,
-    ct_headers: Sequence[pydicom.Dataset],
+    geometry: SliceGeometry,
     approval_job_id: int,
     approved: Dataset,
     contours: Sequence[ModelContours],
@@ -333,10 +340,10 @@ def assess_approval(
     aliases: Aliases | None = None,
     bounds: Bounds = Bounds(),
 ) -> int:
-    """Compute and store the figures of an approved set linked to ``ct_job`` (whose CT slice
-    headers, in volume order, are ``ct_headers``); rows written."""
+    """Compute and store the figures of an approved set linked to ``ct_job`` (whose CT lies on
+    ``geometry``); rows written."""
     started = time.monotonic()
-    figures = assess(approved, ct_headers, contours, tolerance_mm, aliases, bounds)
+    figures = assess(approved, geometry, contours, tolerance_mm, aliases, bounds)
     written = record(index, ct_job.id, approval_job_id, figures, tolerance_mm)
     for (model, version), items in figures.items():
         log.info(

@@ -17,7 +17,7 @@ import pydicom
 import structlog
 
 from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import AgreementError, ConfigError, ModelError
+from ie_gateway.errors import AgreementError, ConfigError, ModelError, WriteError
 from ie_gateway.imaging import structures_of
 from ie_gateway.infer.registry import Registry
 from ie_gateway.log import scrub
@@ -42,12 +42,12 @@ def assess_structure_set(cfg: GatewayConfig, store: Store, registry: Registry, r
     try:
         contours = [_contours(store, registry, ct_job, index) for index in range(len(ct_job.routes))]
         aliases = site_aliases(cfg.destinations, [d for r in ct_job.routes for d in r.send_to])
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in store.slice_paths(ct_job)]
-        bounds = Bounds(settings.max_contours, settings.max_points)
+        geometry = store.geometry(ct_job)
+        bounds = Bounds(settings.max_contours, settings.max_points, settings.timeout_s)
         rows = assess_approval(
-            store.index, ct_job, headers, rt_job, approved[-1], contours, settings.tolerance_mm, aliases, bounds
+            store.index, ct_job, geometry, rt_job, approved[-1], contours, settings.tolerance_mm, aliases, bounds
         )
-    except (AgreementError, ModelError, ConfigError, OSError) as exc:
+    except (AgreementError, ModelError, ConfigError, WriteError, OSError, pydicom.errors.InvalidDicomError) as exc:
         log.warning("agreement not computed", ct_job=ct_job.id, reason=scrub(str(exc)))
         return f"; no agreement figures: {scrub(str(exc))}"
     for model in {f"{c.model}@{c.version}" for c in contours}:

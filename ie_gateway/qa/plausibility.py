@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from ie_gateway.imaging import SliceGeometry, bounding_box
 from ie_gateway.infer.manifest import Structure
-from ie_gateway.vocab import InterpretedType
+from ie_gateway.vocab import InterpretedType, Side
 
 #: Share of a structure's volume that must lie inside the structure named by ``expect.inside``.
 INSIDE_SHARE = 0.95
@@ -109,8 +109,8 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
             reasons.append(f"{s.name}: {volume / scan_cm:.2f} cc per cm of scan (expected {expect.volume_cc_per_cm})")
         if expect.side is not None:
             offset = _centre_x(mask, geometry) - midline  # + is the patient's left
-            side = "left" if offset > 0 else "right"
-            if side != expect.side:
+            side = Side.LEFT if offset > 0 else Side.RIGHT
+            if side is not expect.side:
                 reasons.append(f"{s.name}: centre {abs(offset):.0f} mm {side} of the midline (expected {expect.side})")
         if expect.inside is not None:
             box = bounding_box(mask)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ie_gateway.route.matchers import split_values
-from ie_gateway.store.records import Priority, SegEncoding
-from ie_gateway.vocab import OutputKind, ReviewPolicy
+from ie_gateway.vocab import OutputKind, Priority, ReviewPolicy, SegEncoding
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,24 @@ def _show(value: object) -> str:
     if len(values) == 1:
         return repr(values[0])
     return "[" + ", ".join(repr(v) for v in values) + "]"
+
+
+def folder_facts(folder: Path, calling_ae: str, called_ae: str) -> list[tuple[str, SeriesFacts]]:
+    """The facts of each DICOM series in ``folder`` (files that are not DICOM are skipped), as if
+    ``calling_ae`` had sent it to ``called_ae``: what `ie-gateway explain FOLDER` routes. Each is
+    labelled by its series UID hashed, never the UID itself."""
+    import pydicom
+
+    from ie_gateway.log import uid_hash
+    from ie_gateway.store import header_values
+
+    found: dict[str, tuple[Mapping[str, object], int]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        key = f"series {uid_hash(str(ds.get('SeriesInstanceUID', '')))}"
+        header, count = found.get(key, (header_values(ds), 0))
+        found[key] = (header, count + 1)
+    return [(label, SeriesFacts(header, calling_ae, called_ae, count)) for label, (header, count) in found.items()]

@@ -36,8 +36,7 @@ from ie_gateway.route.matchers import (
     parse_value,
 )
 from ie_gateway.route.rules import Check, Group, Match, Rule, RuleSet
-from ie_gateway.store.records import Priority, SegEncoding
-from ie_gateway.vocab import OutputKind, ReviewPolicy
+from ie_gateway.vocab import OutputKind, Priority, ReviewPolicy, SegEncoding
 from ie_gateway.yamlfile import Loc, StrictModel, format_error, line_of, read_yaml
 
 if TYPE_CHECKING:

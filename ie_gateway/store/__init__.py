@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import structlog
@@ -22,10 +22,13 @@ from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
 from ie_gateway.store.index import Index
-from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SegEncoding, SeriesHeader
+from ie_gateway.store.records import Job, JobDetail, JobRoute, SeriesHeader
 from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
+
+if TYPE_CHECKING:  # the imaging stack (scipy) is loaded by the stages that measure, not by the store
+    from ie_gateway.imaging import SliceGeometry
 
 __all__ = [
     "Accepted",
@@ -35,10 +38,8 @@ __all__ = [
     "JobDetail",
     "JobRoute",
     "JobState",
-    "OutboxState",
     "OutputKind",
     "ReviewPolicy",
-    "SegEncoding",
     "SeriesHeader",
     "Spool",
     "Store",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+#: The CT's slice geometry (``SliceGeometry.save``) in a job's folder.
+GEOMETRY_FILE = "geometry.json"
 
 SKIPPED_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"})
 
@@ -211,6 +215,22 @@ class Store:
         the spool, so a worker that mounts the shared spool elsewhere finds them (a row written
         before paths were relative holds absolute ones, which stay as they are)."""
         return [self.spool.root / p for p in job.detail.slice_files]
+
+    def keep_geometry(self, job_id: int, geometry: SliceGeometry) -> None:
+        """Keep the checked volume's slice geometry in the job's folder, for the stages after it."""
+        geometry.save(self.job_dir(job_id) / GEOMETRY_FILE)
+
+    def geometry(self, job: Job) -> SliceGeometry:
+        """The CT's slice geometry as the volume stage kept it; for a job inferred before the
+        node kept it, built from the slice headers. Raises OSError or WriteError when neither
+        can be read."""
+        from ie_gateway.imaging import SliceGeometry
+
+        try:
+            return SliceGeometry.load(self.results / f"job-{job.id}" / GEOMETRY_FILE)  # read: no folder made
+        except FileNotFoundError:
+            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.slice_paths(job)]
+            return SliceGeometry.from_headers(headers)
 
     def spool_relative(self, paths: Iterable[Path]) -> tuple[str, ...]:
         """What the index keeps for files in the spool: their paths relative to it."""

@@ -27,14 +27,13 @@ from ie_gateway.store.records import (
     Job,
     JobDetail,
     JobRoute,
-    Priority,
     SeriesHeader,
     StageAttempts,
     Transition,
 )
 from ie_gateway.store.schema import migrate
 from ie_gateway.store.states import ALLOWED, JobState
-from ie_gateway.vocab import ApprovalStatus
+from ie_gateway.vocab import ApprovalStatus, Priority
 
 JOB_QUERY = """
 SELECT j.id, j.series_id, j.state, j.reason, j.instances, j.late_instances, j.created_at,

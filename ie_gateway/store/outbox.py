@@ -18,8 +18,8 @@ import structlog
 from ie_gateway.errors import TransitionError
 from ie_gateway.log import scrub
 from ie_gateway.store.index import Index
-from ie_gateway.store.records import DeliveredBatch, OutboxRow, OutboxState
-from ie_gateway.vocab import JobState
+from ie_gateway.store.records import DeliveredBatch, OutboxRow
+from ie_gateway.vocab import JobState, OutboxState
 
 log = structlog.get_logger(__name__)
 

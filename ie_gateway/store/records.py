@@ -12,49 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from typing import Any
 
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage, generate_uid
 
-from ie_gateway.vocab import ApprovalStatus, JobState, OutputKind, ReviewPolicy
-
-
-class Priority(StrEnum):
-    """How urgently a job is wanted (its routing rule's ``priority``, or low for a caller listed so).
-
-    The index stores the rank, so that claims can order by it: high before normal before low.
-    """
-
-    HIGH = "high"  # e.g. a patient waiting on the couch
-    NORMAL = "normal"  # today's patients from the scanners: the default
-    LOW = "low"  # commissioning runs, retrieves of old studies, research
-
-    @property
-    def rank(self) -> int:
-        """0 for high, 1 for normal, 2 for low: the order in which claims take them."""
-        return _PRIORITY_RANKS[self]
-
-    @classmethod
-    def of_rank(cls, rank: int) -> Priority:
-        return _PRIORITY_BY_RANK[rank]
-
-    @staticmethod
-    def highest(*priorities: Priority) -> Priority:
-        """The most urgent of ``priorities`` (a series that several rules match)."""
-        return min(priorities, key=lambda p: p.rank)
-
-
-_PRIORITY_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
-_PRIORITY_BY_RANK = {rank: priority for priority, rank in _PRIORITY_RANKS.items()}
-
-
-class SegEncoding(StrEnum):
-    """How a SEG stores its segments (the route's ``seg_encoding``)."""
-
-    BINARY = "binary"  # Segmentation Storage: a bit per voxel per segment; masks may overlap
-    LABELMAP = "labelmap"  # Label Map Segmentation Storage (Supplement 243): a segment per voxel
-
+from ie_gateway.vocab import ApprovalStatus, JobState, OutboxState, OutputKind, Priority, ReviewPolicy, SegEncoding
 
 #: SOP class of a LABELMAP SEG (Supplement 243), which pydicom 3.0 does not name yet.
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -65,16 +27,6 @@ def output_sop_class(kind: OutputKind, encoding: SegEncoding = SegEncoding.BINAR
     if kind is OutputKind.RTSTRUCT:
         return str(RTStructureSetStorage)
     return LABEL_MAP_SEGMENTATION_STORAGE if encoding is SegEncoding.LABELMAP else str(SegmentationStorage)
-
-
-class OutboxState(StrEnum):
-    """Where one (result file, destination) delivery stands."""
-
-    PENDING = "pending"  # due now or after its backoff
-    COMMITTING = "committing"  # the peer took it; its storage commitment report is awaited
-    DELIVERED = "delivered"  # the peer answered success (or a warning that means it has it)
-    FAILED = "failed"  # dead-lettered: refused at association, or the retry limit reached
-    CANCELLED = "cancelled"  # the job was routed again before it went
 
 
 @dataclass(frozen=True, eq=False)  # compared as a mapping

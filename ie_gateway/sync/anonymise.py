@@ -16,7 +16,6 @@ Files are processed one at a time (read, transform, write a temp file, rename).
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import hashlib
 import hmac
 import os
@@ -39,6 +38,7 @@ from ie_gateway.sync.profile import (
     Action,
     action_for,
 )
+from ie_gateway.vocab import DateMode
 
 log = structlog.get_logger(__name__)
 
@@ -52,13 +52,6 @@ _MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified 
 
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
-
-
-class DateMode(enum.StrEnum):
-    """What happens to dates: shifted per patient (113107) or removed per the basic profile."""
-
-    SHIFT = "shift"
-    REMOVE = "remove"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ie_gateway.errors import SyncError
 from ie_gateway.infer.registry import Registry
 from ie_gateway.store import Store
 from ie_gateway.sync import anonymise, blob
-from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser, DateMode
+from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser
 from ie_gateway.sync.lock import exclusive
 from ie_gateway.sync.updates import PullResult, pull_updates
 from ie_gateway.sync.upload import CaseProgress, CasesReport, scrubbed, sync_cases
@@ -85,7 +85,7 @@ def make_anonymiser(cfg: GatewayConfig) -> Anonymiser:
         key = anonymise.load_key()
     except SyncError as exc:
         raise SyncError(f"sync is not configured: {exc}") from exc
-    return Anonymiser(key, cfg.storage.root / PSEUDONYM_MAP, AnonymiseOptions(dates=DateMode(cfg.sync.date_shift)))
+    return Anonymiser(key, cfg.storage.root / PSEUDONYM_MAP, AnonymiseOptions(dates=cfg.sync.date_shift))
 
 
 def sync_cases_now(cfg: GatewayConfig, store: Store, *, progress: CaseProgress | None = None) -> CasesReport:

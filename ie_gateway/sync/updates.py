@@ -30,7 +30,6 @@ matches is not downloaded again, so an interrupted pull resumes.
 
 from __future__ import annotations
 
-import enum
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,24 +47,12 @@ from ie_gateway.infer.formats import describe_package
 from ie_gateway.infer.manifest import MANIFEST_NAME, load_manifest
 from ie_gateway.infer.modelref import SAFE_NAME
 from ie_gateway.infer.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, TrustedKey, read_statement, sign_model
+from ie_gateway.vocab import ActivationPolicy, PullStatus
 
 log = structlog.get_logger(__name__)
 
 MODELS_PREFIX = "models/"
 PARTIAL_SUFFIX = ".partial"
-
-
-class ActivationPolicy(enum.StrEnum):
-    """What happens after a version is imported: ``manual`` leaves it inactive (default)."""
-
-    MANUAL = "manual"
-    AUTO = "auto"
-
-
-class PullStatus(enum.StrEnum):
-    ACTIVE = "active"  # imported and activated (policy auto)
-    AVAILABLE = "available"  # imported, not active (policy manual): `ie-gateway models activate`
-    REFUSED = "refused"  # not imported; ``reason`` says why
 
 
 @dataclass(frozen=True)

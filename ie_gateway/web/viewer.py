@@ -22,14 +22,14 @@ import structlog
 
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import GatewayError
-from ie_gateway.imaging import SliceGeometry, StructureInfo, rasterize_roi, structures_of
+from ie_gateway.imaging import StructureInfo, rasterize_roi, structures_of
 from ie_gateway.infer.registry import Registry
+from ie_gateway.pictures import render_slice_png
 from ie_gateway.plan import CT_FILE, labels_file
 from ie_gateway.qa.agreement import match_structures
 from ie_gateway.qa.approvals import approved_files
 from ie_gateway.roinames import site_aliases
 from ie_gateway.store import Job, Store
-from ie_gateway.write.qa import render_slice_png
 
 log = structlog.get_logger(__name__)
 
@@ -123,8 +123,7 @@ class SliceViewer:
             return {}
         try:
             ds = pydicom.dcmread(files[-1])
-            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
-            geometry = SliceGeometry.from_headers(headers)
+            geometry = self.store.geometry(job)
         except (OSError, pydicom.errors.InvalidDicomError, GatewayError) as exc:
             log.warning("approved outlines not shown", job=job.id, error=type(exc).__name__)
             return {}

@@ -1,4 +1,5 @@
-"""Write stage: label map on the CT grid → RT-STRUCT and DICOM-SEG, their checks, a QA image.
+"""Write stage: label map on the CT grid → RT-STRUCT and DICOM-SEG, and their checks (the QA
+image is drawn by ``ie_gateway.pictures``).
 
 The caller makes the output UIDs once (:func:`new_output_uids`) and stores them, so every
 delivery retry sends the same instance; builders never make UIDs of their own.
@@ -7,7 +8,6 @@ delivery retry sends the same instance; builders never make UIDs of their own.
 from ie_gateway.imaging import StructureInfo, structure_mask
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.write.common import ModelInfo, new_output_uids
-from ie_gateway.write.qa import render_qa_png
 from ie_gateway.write.rtstruct import build_rtstruct
 from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import rasterize_rtstruct, validate_rtstruct, validate_seg
@@ -20,7 +20,6 @@ __all__ = [
     "build_seg",
     "new_output_uids",
     "rasterize_rtstruct",
-    "render_qa_png",
     "structure_mask",
     "validate_rtstruct",
     "validate_seg",

@@ -201,17 +201,19 @@ def build_rtstruct(
     *,
     series_number: int = DEFAULT_SERIES_NUMBER,
     masks: Masks | None = None,
+    geometry: SliceGeometry | None = None,
 ) -> Dataset:
     """RT Structure Set of ``labels`` on the CT ``ct_headers`` (slice k ⇔ ``labels[k]``).
 
     ``masks``: the structures' masks where the caller made them already (structure_mask).
+    ``geometry``: the checked volume's (``Volume.geometry``); built from ``ct_headers`` without it.
 
     Every structure gets an ROI (one with no voxels has no contours), marked UNAPPROVED and
     AUTOMATIC. The dataset carries its file meta; save it with ``ds.save_as(path,
     enforce_file_format=True)``. Raises :class:`WriteError` on inputs it cannot encode.
     """
     check_inputs(ct_headers, labels, structures)
-    geometry = SliceGeometry.from_headers(ct_headers)
+    geometry = geometry if geometry is not None else SliceGeometry.from_headers(ct_headers)
     frame_uid = str(ct_headers[0].FrameOfReferenceUID)
     ds = _header(ct_headers[0], model, uids, series_number)
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame_of_reference(ct_headers)])

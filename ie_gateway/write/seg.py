@@ -28,8 +28,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ie_gateway.errors import WriteError
 from ie_gateway.imaging import Masks, StructureInfo, structure_masks
-from ie_gateway.store.records import OutputUIDs, SegEncoding
-from ie_gateway.vocab import InterpretedType
+from ie_gateway.store.records import OutputUIDs
+from ie_gateway.vocab import InterpretedType, SegEncoding
 from ie_gateway.write.common import (
     MANUFACTURER,
     ModelInfo,

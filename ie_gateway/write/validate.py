@@ -111,7 +111,7 @@ def rasterize_rtstruct(ds: Dataset, ct_headers: Sequence[pydicom.Dataset]) -> np
     hides them: for our own RT-STRUCTs this gives back the label map they were made from.
     """
     geometry = SliceGeometry.from_headers(ct_headers)
-    shape = (len(ct_headers), int(ct_headers[0].Rows), int(ct_headers[0].Columns))
+    shape = geometry.shape
     masks = [
         (int(roi.ReferencedROINumber), rasterize_roi(roi, geometry, shape)) for roi in ds.get("ROIContourSequence", [])
     ]
@@ -226,10 +226,12 @@ def validate_rtstruct(
     structures: Sequence[StructureInfo],
     uids: OutputUIDs,
     masks: Masks | None = None,
+    geometry: SliceGeometry | None = None,
 ) -> None:
     """Check an RT-STRUCT (a file or dataset) against the inputs it was built from.
 
-    ``masks``: the structures' masks where the caller made them already (structure_mask).
+    ``masks``: the structures' masks where the caller made them already (structure_mask);
+    ``geometry``: the checked volume's, as the writer was given it (else from ``ct_headers``).
     """
     ds = _read(source)
     if ds.get("SOPClassUID") != pydicom.uid.RTStructureSetStorage:
@@ -241,7 +243,7 @@ def validate_rtstruct(
     _check_all_ct_referenced(_rtstruct_references(ds), ct_headers)
     _check_contours(parsed, {h.SOPInstanceUID for h in ct_headers})
     _check_rois(ds, structures)
-    geometry = SliceGeometry.from_headers(ct_headers)
+    geometry = geometry if geometry is not None else SliceGeometry.from_headers(ct_headers)
     rois = {int(roi.ReferencedROINumber): contours for roi, contours in parsed}
     for s, expected in structure_masks(labels, structures, masks):
         _check_score(_roi_dice(rois[s.label], geometry, expected), s, "RT-STRUCT")

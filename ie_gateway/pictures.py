@@ -1,4 +1,8 @@
-"""A quick-look PNG of a contoured CT, for a physicist to judge a result at a glance.
+"""Pictures of a contoured CT: the write stage's quick-look QA PNG, for a physicist to judge a
+result at a glance, the admin page's slices and the commissioning report's comparisons.
+
+Below the stages, like ``imaging``: the worker, the page and the report draw with it, and it
+imports none of them.
 
 Three panels (axial, coronal, sagittal) through the centre of the organs, each scaled to its
 physical size so anisotropic voxels show undistorted, in a soft-tissue window with every
@@ -12,6 +16,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -19,7 +24,17 @@ from scipy import ndimage
 
 from ie_gateway.imaging import StructureInfo
 from ie_gateway.vocab import InterpretedType
-from ie_gateway.write.common import ModelInfo
+
+
+class ModelNamed(Protocol):
+    """What the legend names: the model that drew the contours (``write.common.ModelInfo``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
 
 PANEL_PX = 512
 LEGEND_PX = 96
@@ -102,7 +117,7 @@ def _panel(
     return Image.fromarray(pixels)
 
 
-def _legend(canvas: Image.Image, structures: Sequence[StructureInfo], model: ModelInfo) -> None:
+def _legend(canvas: Image.Image, structures: Sequence[StructureInfo], model: ModelNamed) -> None:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=18)
     x, y = 16, PANEL_PX + 16
@@ -119,7 +134,7 @@ def render_qa_png(
     labels: np.ndarray,
     structures: Sequence[StructureInfo],
     spacing: tuple[float, float, float],
-    model: ModelInfo,
+    model: ModelNamed,
     out_path: Path,
 ) -> Path:
     """Write the QA image of ``labels`` over ``ct_volume_hu`` (both (z, y, x)) to ``out_path``.

@@ -19,6 +19,7 @@ hold one of the ``max_associations`` slots, which count only associations that w
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import ssl
 import struct
@@ -105,6 +106,8 @@ REQUEST_HEADROOM = 32
 # An A-ASSOCIATE-RQ (the only PDU a peer may send before association) longer than this is
 # refused unread: real ones are a few hundred bytes to a few KiB, even with 100 presentation contexts.
 MAX_REQUEST_PDU = 64 * 1024
+# How long the DUL thread waits in select for a PDU before it looks for responses to send.
+READY_WAIT_S = 0.001
 PDU_HEADER = 6  # every PDU starts with its type (1 byte), a reserved byte and its length (4)
 P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
@@ -176,9 +179,33 @@ class BoundedSocket(AssociationSocket):
     _body_next = False
     _pdu_type = 0
 
+    @property
+    def ready(self) -> bool:
+        """Whether a PDU has begun to arrive, waiting up to ``READY_WAIT_S`` for it.
+
+        pynetdicom's DUL thread polls with a zero timeout and sleeps a millisecond between polls:
+        every C-STORE request then waits up to that long before it is read, on the critical path
+        of a sender that sends the next instance only after the last one's response. Waiting in
+        select (the GIL released) wakes as soon as bytes come; BoundedRequestHandler sets the
+        DUL's own sleep to zero, so an idle association still wakes about once a millisecond to
+        send what its handler queued.
+        """
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            time.sleep(READY_WAIT_S)  # the DUL loop no longer sleeps: do not spin while it stops
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes select cannot see
+        try:
+            readable, _, _ = select.select([sock], [], [], READY_WAIT_S)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom signals it
+            return False
+        return bool(readable)
+
     def recv(self, nr_bytes: int) -> bytearray:
         if not self._body_next:
-            header = super().recv(nr_bytes)
+            header = _recv_exactly(self, nr_bytes)
             self._body_next = len(header) == nr_bytes
             self._pdu_type = header[0] if header else 0
             return header
@@ -195,7 +222,7 @@ class BoundedSocket(AssociationSocket):
             )
             self._close_now()
             return bytearray()
-        return super().recv(nr_bytes)
+        return _recv_exactly(self, nr_bytes)
 
     def _close_now(self) -> None:
         sock = self.socket
@@ -204,6 +231,23 @@ class BoundedSocket(AssociationSocket):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # the peer has gone already
+
+
+def _recv_exactly(assoc_socket: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``nr_bytes`` from the connection (fewer only when the peer closes it), read straight into
+    one buffer: pynetdicom reads in 4 KiB pieces appended to a growing bytearray, about 60
+    Python-level reads and copies for each 256 KiB PDU."""
+    sock = assoc_socket.socket
+    assert sock is not None  # pynetdicom reads only from a connected socket
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    got = 0
+    while got < nr_bytes:
+        count = sock.recv_into(view[got:], nr_bytes - got)
+        if not count:
+            return buffer[:got]  # the peer closed the connection: what came, as pynetdicom returns it
+        got += count
+    return buffer
 
 
 class BoundedRequestHandler(RequestHandler):
@@ -216,6 +260,7 @@ class BoundedRequestHandler(RequestHandler):
         # Same object, one method more: pynetdicom builds the socket inside this call, and a
         # second AssociationSocket would announce the connection to the state machine twice.
         sock.__class__ = BoundedSocket
+        assoc.dul._run_loop_delay = 0  # BoundedSocket.ready waits in select instead
         return assoc
 
 

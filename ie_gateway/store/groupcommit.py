@@ -1,0 +1,108 @@
+"""Group commit: what several receivers hand in at once is made durable by one committer.
+
+A receiving thread writes and fsyncs its own instance file and renames it into the spool (in
+parallel with the others: an fsync releases the GIL, and the disk serves several together), then
+submits the rest and waits: one committer thread takes everything submitted meanwhile as a batch,
+fsyncs each folder that gained an entry once for the whole batch and writes every row of the
+batch in one index transaction, then wakes each waiter with its own result. A C-STORE is still
+answered Success only after its file, its folder entry and its row are on disk; it shares the
+folder fsync and the commit with the instances that arrived while the previous batch was being
+made durable. With one sender a batch holds one instance, and nothing changes but a thread hop.
+
+A failure of the batch (a folder that cannot be synced, an index write that fails) is raised in
+every waiter of that batch as a BatchCommitError, each its own instance, chained to the cause.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import structlog
+
+from ie_gateway.errors import BatchCommitError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: at most this many items in one batch: bounds one transaction's size and the longest wait
+MAX_BATCH = 64
+
+
+class _Waiter(Generic[T, R]):
+    """One submitted item and, once the committer is done with it, its result or error."""
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = threading.Event()
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit(Generic[T, R]):
+    """Runs ``commit`` on batches of the items that threads submit, in one committer thread.
+
+    ``commit`` takes the batch in submission order and returns one result per item, in that
+    order; if it raises, every item of the batch fails and the committer goes on to the next.
+    """
+
+    def __init__(self, commit: Callable[[Sequence[T]], Sequence[R]], name: str, max_batch: int = MAX_BATCH) -> None:
+        self._commit = commit
+        self._name = name
+        self._max_batch = max_batch
+        self._queue: list[_Waiter[T, R]] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, item: T) -> R:
+        """Hand ``item`` to the committer and wait until its batch is committed; its result.
+        Raises BatchCommitError when the batch failed."""
+        waiter: _Waiter[T, R] = _Waiter(item)
+        with self._ready:
+            self._queue.append(waiter)
+            self._start_if_needed()
+            self._ready.notify()
+        waiter.done.wait()
+        if waiter.error is not None:
+            raise BatchCommitError(f"{self._name} failed: {waiter.error}") from waiter.error
+        return waiter.result  # type: ignore[return-value]  # set together with done, when no error
+
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet taken into a batch."""
+        with self._ready:
+            return len(self._queue)
+
+    def _start_if_needed(self) -> None:
+        # started on first use (a Store that only reads never starts one), and again in a
+        # process forked from one that had it
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[_Waiter[T, R]]) -> None:
+        try:
+            results = self._commit([w.item for w in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 - top of the committer loop: each waiter of the batch fails
+            log.error("group commit failed", what=self._name, batch=len(batch), error=str(exc))
+            for waiter in batch:
+                waiter.error = exc
+                waiter.done.set()
+            return
+        for waiter, result in zip(batch, results, strict=True):
+            waiter.result = result
+            waiter.done.set()

@@ -10,7 +10,7 @@ import filecmp
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ie_gateway.store.db import open_database
 from ie_gateway.store.groupcommit import GroupCommit
 from ie_gateway.store.index import Index, NewInstance
 from ie_gateway.store.records import Job, JobDetail, JobRoute, OutboxState, SegEncoding, SeriesHeader
-from ie_gateway.store.spool import SUFFIX, Spool, check_uid, sync_folders
+from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
 from ie_gateway.vocab import OutputKind, ReviewPolicy
 
@@ -106,14 +106,6 @@ def _same_bytes(staged: Path, stored: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class _Placed:
-    """An instance file renamed into the spool, waiting for its folders' fsync and its row."""
-
-    row: NewInstance
-    folders: list[Path]
-
-
-@dataclass(frozen=True)
 class Arrival:
     """What the receiver knows of one instance before it is stored."""
 
@@ -140,8 +132,8 @@ class Store:
         self.index = Index(open_database(index, root))
         self.results = root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
-        # receivers' instances, made durable and indexed together (see groupcommit.py)
-        self._group: GroupCommit[_Placed, tuple[int, bool]] = GroupCommit(self._commit_placed, "spool-commit")
+        # the rows of instances several receivers made durable at once, in one transaction
+        self._group: GroupCommit[NewInstance, tuple[int, bool]] = GroupCommit(self.index.add_instances, "index-commit")
 
     @classmethod
     def for_settings(cls, storage: Storage) -> Store:
@@ -174,8 +166,8 @@ class Store:
             current = self.index.instance_path(arrival.sop_uid)
             if current is None:
                 final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
-                size, folders = self.spool.place(staged, final)
-                job_id, late = self._group.submit(_Placed(self._new_instance(arrival, final, size, header), folders))
+                size = self.spool.commit(staged, final)
+                job_id, late = self._group.submit(self._new_instance(arrival, final, size, header))
                 return Accepted(job_id, late=late)
             if _same_bytes(staged, self.spool.root / current):
                 return Accepted(0, duplicate=True)
@@ -187,13 +179,6 @@ class Store:
             return Accepted(job_id, late=late, replaced=True)
         finally:
             staged.unlink(missing_ok=True)
-
-    def _commit_placed(self, batch: Sequence[_Placed]) -> list[tuple[int, bool]]:
-        """The group commit of instances placed in the spool by several receivers at once: each
-        changed folder synced once, then every row in one transaction (see ``Spool.place`` for
-        why that is as safe as syncing each on its own)."""
-        sync_folders(folder for placed in batch for folder in placed.folders)
-        return self.index.add_instances([placed.row for placed in batch])
 
     def _new_instance(
         self, arrival: Arrival, path: Path, size: int, header: Callable[[], Mapping[str, Any]]

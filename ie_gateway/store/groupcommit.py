@@ -1,16 +1,19 @@
-"""Group commit: what several receivers hand in at once is made durable by one committer.
+"""Group commit: the index rows of instances that several receivers stored at once, written in
+one transaction by one committer thread.
 
-A receiving thread writes and fsyncs its own instance file and renames it into the spool (in
-parallel with the others: an fsync releases the GIL, and the disk serves several together), then
-submits the rest and waits: one committer thread takes everything submitted meanwhile as a batch,
-fsyncs each folder that gained an entry once for the whole batch and writes every row of the
-batch in one index transaction, then wakes each waiter with its own result. A C-STORE is still
-answered Success only after its file, its folder entry and its row are on disk; it shares the
-folder fsync and the commit with the instances that arrived while the previous batch was being
-made durable. With one sender a batch holds one instance, and nothing changes but a thread hop.
+Each receiving thread makes its own instance durable first (fdatasync of the file, rename,
+fsync of its folder: in parallel with the others, which the kernel serves with shared journal
+commits), then submits its index row and waits: the committer takes every row submitted
+meanwhile as a batch, writes them in one transaction and wakes each waiter with its own result.
+A C-STORE is still answered Success only after its file, its folder entry and its row are
+committed. What the batch saves is the index's write lock: four receivers each committing on
+their own queue for SQLite's lock, whose busy handler sleeps in growing steps, and on
+PostgreSQL each commit is a flush of the server's log. With one sender a batch holds one row.
 
-A failure of the batch (a folder that cannot be synced, an index write that fails) is raised in
-every waiter of that batch as a BatchCommitError, each its own instance, chained to the cause.
+A failure of the batch (an index write that fails) is raised in every waiter of that batch as a
+BatchCommitError, each its own instance, chained to the cause; the transaction's rollback keeps
+none of the batch's rows. Their files stay in the spool, where the sender's retry finds its
+place again (or start-up indexes them, as after a crash between the file and its row).
 """
 
 from __future__ import annotations

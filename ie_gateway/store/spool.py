@@ -86,25 +86,15 @@ class Spool:
         return tmp
 
     def commit(self, staged: Path, final: Path) -> int:
-        """Make a staged temp file durable under ``final`` (fsync, rename, fsync the folder);
-        return its size. Raises OSError or StoreError; the temp file is gone either way."""
-        size, folders = self.place(staged, final)
-        sync_folders(folders)
-        return size
+        """Make a staged temp file durable under ``final`` (fdatasync, rename, fsync the folder);
+        return its size. Raises OSError or StoreError; the temp file is gone either way.
 
-    def place(self, staged: Path, final: Path) -> tuple[int, list[Path]]:
-        """Sync a staged temp file's bytes and rename it to ``final``; return its size and the
-        folders whose entries changed, which the caller must fsync (``sync_folders``) before it
-        calls the file durable. Raises OSError; the temp file is gone either way.
-
-        Crash safety, when the folders are synced later and for several files at once: a file
-        reaches its final name only after its bytes are on disk (fdatasync: the data and the
-        size that reads it), so a crash leaves under a final name either nothing or a whole
-        file, never a torn one. Until its folder is synced the name may be lost in a crash;
-        nobody has been told it is stored by then (Success waits for the folder fsync), so the
-        sender sends it again. A name that did survive without its index row is indexed at
-        start-up (``Store.recover``). One fsync of a folder makes every entry renamed into it
-        before the call durable, so syncing it once after a batch of renames covers them all.
+        fdatasync writes the bytes and what reading them needs (the size, the blocks), not the
+        times: a crash leaves under a final name a whole file or none. Receivers of several
+        associations call this at once, each for its own file and folder: the kernel (ext4's
+        journal) serves concurrent fsyncs with shared commits, so that is cheaper than one
+        thread syncing the folders of a batch one after another (measured here: four folders
+        ~1-1.5 ms together, ~15 ms in turn).
         """
         try:
             fd = os.open(staged, os.O_RDONLY)
@@ -118,9 +108,11 @@ class Spool:
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-        # a new series folder is an entry of its study folder, a new study folder one of the root
-        folders = [final.parent, final.parent.parent, final.parent.parent.parent] if created else [final.parent]
-        return size, folders
+        _fsync_dir(final.parent)
+        if created:
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(final.parent.parent.parent)
+        return size
 
     def _tmp_name(self) -> Path:
         return self.tmp / (uuid.uuid4().hex + ".part")
@@ -165,12 +157,6 @@ def _subdirs(folder: Path) -> list[Path]:
         return [Path(e.path) for e in os.scandir(folder) if e.is_dir()]
     except FileNotFoundError:
         return []
-
-
-def sync_folders(folders: Iterable[Path]) -> None:
-    """fsync each folder once (a folder named twice is synced once). Raises StoreError."""
-    for folder in dict.fromkeys(folders):
-        _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -193,6 +193,16 @@ def test_a_failed_batch_fails_each_of_its_waiters_and_the_committer_goes_on() ->
     assert group.submit("c") == "C"
 
 
+def test_an_idle_committer_ends_and_closes_what_it_holds_and_the_next_submit_starts_another() -> None:
+    closed: list[str] = []
+    group: GroupCommit[str, str] = GroupCommit(
+        lambda items: [i.upper() for i in items], "test-commit", on_idle=lambda: closed.append("closed"), idle_s=0.05)
+    assert group.submit("a") == "A"
+    wait_until(lambda: closed == ["closed"], 30, what="the idle committer to close its connection")
+    assert group.submit("b") == "B"
+    wait_until(lambda: closed == ["closed", "closed"], 30, what="the second committer to end")
+
+
 def test_series_completes_after_quiet_period_or_expected_count(tmp_path: Path, index_url: str) -> None:
     store = Store(tmp_path, index_url)
     quiet_job, _, _ = accept(store, "1.2.3.4.1")

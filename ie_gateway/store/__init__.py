@@ -133,7 +133,9 @@ class Store:
         self.results = root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
         # the rows of instances several receivers made durable at once, in one transaction
-        self._group: GroupCommit[NewInstance, tuple[int, bool]] = GroupCommit(self.index.add_instances, "index-commit")
+        self._group: GroupCommit[NewInstance, tuple[int, bool]] = GroupCommit(
+            self.index.add_instances, "index-commit", on_idle=self.index.close
+        )
 
     @classmethod
     def for_settings(cls, storage: Storage) -> Store:

@@ -33,6 +33,9 @@ R = TypeVar("R")
 
 #: at most this many items in one batch: bounds one transaction's size and the longest wait
 MAX_BATCH = 64
+#: the committer ends after this long without work (and closes its index connection); the next
+#: submit starts another
+IDLE_S = 5.0
 
 
 class _Waiter(Generic[T, R]):
@@ -50,11 +53,24 @@ class GroupCommit(Generic[T, R]):
 
     ``commit`` takes the batch in submission order and returns one result per item, in that
     order; if it raises, every item of the batch fails and the committer goes on to the next.
+    ``on_idle`` runs in the committer thread when it ends after ``idle_s`` without work: it
+    closes what that thread holds (its index connection), so an idle node or a test's store
+    keeps no thread or connection open.
     """
 
-    def __init__(self, commit: Callable[[Sequence[T]], Sequence[R]], name: str, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        commit: Callable[[Sequence[T]], Sequence[R]],
+        name: str,
+        *,
+        on_idle: Callable[[], None] = lambda: None,
+        idle_s: float = IDLE_S,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self._commit = commit
         self._name = name
+        self._on_idle = on_idle
+        self._idle_s = idle_s
         self._max_batch = max_batch
         self._queue: list[_Waiter[T, R]] = []
         self._ready = threading.Condition()
@@ -89,11 +105,13 @@ class GroupCommit(Generic[T, R]):
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
-                    self._ready.wait()
+                if not self._ready.wait_for(lambda: self._queue, self._idle_s):
+                    self._thread = None  # under the lock: the next submit starts another
+                    break
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
             self._commit_batch(batch)
+        self._on_idle()
 
     def _commit_batch(self, batch: list[_Waiter[T, R]]) -> None:
         try:

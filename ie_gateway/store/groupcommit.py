@@ -96,8 +96,8 @@ class GroupCommit(Generic[T, R]):
             return len(self._queue)
 
     def _start_if_needed(self) -> None:
-        # started on first use (a Store that only reads never starts one), and again in a
-        # process forked from one that had it
+        # started on first use (a Store that only reads never starts one), again after it ended
+        # idle, and in a process forked from one that had it
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
@@ -116,7 +116,7 @@ class GroupCommit(Generic[T, R]):
     def _commit_batch(self, batch: list[_Waiter[T, R]]) -> None:
         try:
             results = self._commit([w.item for w in batch])
-            if len(results) != len(batch):
+            if len(results) != len(batch):  # no waiter may be left without an answer
                 raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
         except Exception as exc:  # noqa: BLE001 - top of the committer loop: each waiter of the batch fails
             log.error("group commit failed", what=self._name, batch=len(batch), error=str(exc))

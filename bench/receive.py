@@ -9,12 +9,15 @@ loopback for every run so nothing is a duplicate. Then N senders at once, each w
 series. The servers take turns within each repetition. Prints the median seconds and MiB/s
 of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
 maximum PDU length, to choose ``node.max_pdu_kb``.
-These machines are noisy (±10-15 %): compare within one run.
+These machines are noisy (±10-15 %): compare within one run. The node's CPU seconds per run
+(user + system, from /proc) are printed too: on a machine whose cores other work shares they
+move less than the wall-clock figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -56,13 +59,29 @@ def send(port: int, folders: list[Path], called: str) -> float:
     return time.perf_counter() - started
 
 
-def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None) -> float:
+#: CPU seconds (user, system) the node's process spent in each run, by (node name, senders)
+NODE_CPU: dict[tuple[str, int], list[tuple[float, float]]] = {}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, name: str = "ie_gateway") -> float:
     settings: dict[str, object] = {"series": {"stable_after_s": 3600}}
     if max_pdu_kb is not None:
         settings["node"] = {"max_pdu_kb": max_pdu_kb}
     node = Node(work, settings=settings).start()
     try:
-        return send(node.port, folders, "IE_GATEWAY")
+        assert node.proc is not None
+        user, system = cpu_seconds(node.proc.pid)
+        seconds = send(node.port, folders, "IE_GATEWAY")
+        user_after, system_after = cpu_seconds(node.proc.pid)
+        NODE_CPU.setdefault((name, len(folders)), []).append((user_after - user, system_after - system))
+        return seconds
     finally:
         node.stop()
 
@@ -91,7 +110,8 @@ def main() -> None:
                         help="run the node once per value of node.max_pdu_kb (default: its configured one)")
     args = parser.parse_args()
     nodes: dict[str, Callable[[Path, list[Path]], float]] = {
-        f"ie_gateway@{kb}k": partial(run_node, max_pdu_kb=kb) for kb in args.max_pdu_kb} or {"ie_gateway": run_node}
+        f"ie_gateway@{kb}k": partial(run_node, max_pdu_kb=kb, name=f"ie_gateway@{kb}k") for kb in args.max_pdu_kb
+    } or {"ie_gateway": run_node}
     peers = {**nodes, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
@@ -119,6 +139,9 @@ def main() -> None:
                 node = results[(name, senders)]
                 print(f"{senders} sender(s): {name} / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
                       f"{name} / orthanc speed = {results[('orthanc', senders)] / node:.2f}x")
+                user, system = (statistics.median(c[i] for c in NODE_CPU[(name, senders)]) for i in (0, 1))
+                print(f"{senders} sender(s): {name} CPU per run (median) user {user:.2f} s + system {system:.2f} s "
+                      f"(a measure less shaken by other load than the seconds)")
             if len(counts) > 1:
                 print(f"scaling {args.senders} senders vs 1: {name} "
                       f"{args.senders * results[(name, 1)] / results[(name, args.senders)]:.2f}x")

@@ -5,7 +5,8 @@ GatewayError
 │   └── TLSConfigError     a TLS certificate, key or CA cannot be read or does not fit
 ├── StoreError             the spool or its index could not take or give data
 │   ├── UnsafeUIDError     a UID that cannot name a file (path characters, > 64 chars)
-│   └── TransitionError    a job asked to move to a state its state does not lead to
+│   ├── TransitionError    a job asked to move to a state its state does not lead to
+│   └── BatchCommitError   a group commit of received instances failed: none of its batch is acked
 ├── InstanceOverLimit      an instance a peer sends passes a configured limit (`limits:`)
 ├── VolumeRefused          a series cannot be made into a trustworthy 3D image (reason for admins)
 ├── ModelError             a model package is missing, altered, or fails to load
@@ -79,6 +80,11 @@ class UnsafeUIDError(StoreError):
 
 class TransitionError(StoreError):
     """A job was asked to move to a state its current state does not lead to."""
+
+
+class BatchCommitError(StoreError):
+    """A batch of received instances could not be made durable or indexed together: each
+    instance of the batch is refused (the senders retry) and none of its rows is kept."""
 
 
 class InstanceOverLimit(GatewayError):

@@ -19,6 +19,8 @@ hold one of the ``max_associations`` slots, which count only associations that w
 from __future__ import annotations
 
 import ipaddress
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -105,6 +107,9 @@ REQUEST_HEADROOM = 32
 # An A-ASSOCIATE-RQ (the only PDU a peer may send before association) longer than this is
 # refused unread: real ones are a few hundred bytes to a few KiB, even with 100 presentation contexts.
 MAX_REQUEST_PDU = 64 * 1024
+# How long the DUL thread of an idle association waits in select (for a PDU, or a wake-up when
+# something is queued to send) before it looks at its timers and kill flag again.
+READY_WAIT_S = 0.01
 PDU_HEADER = 6  # every PDU starts with its type (1 byte), a reserved byte and its length (4)
 P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
@@ -175,10 +180,46 @@ class BoundedSocket(AssociationSocket):
     # class defaults: the object is created as an AssociationSocket (see BoundedRequestHandler)
     _body_next = False
     _pdu_type = 0
+    _waker: socket.socket | None = None  # readable when the DUL has something queued to send
+    _wake: socket.socket | None = None  # its other end, written by SendQueue
+
+    @property
+    def ready(self) -> bool:
+        """Whether a PDU has begun to arrive; waits for one, or for something to send.
+
+        pynetdicom's DUL thread polls the socket with a zero timeout and sleeps a millisecond
+        between polls: each C-STORE request of a sender that sends the next instance only after
+        the last one's response sat up to that long before it was read, each response as long
+        before it was sent, and every association woke its thread 1000 times a second. Here the
+        thread waits in select (GIL released) until bytes come or the association queues a PDU
+        to send (``SendQueue`` writes to the waker), at most ``READY_WAIT_S``; the DUL's own
+        sleep is set to zero (BoundedRequestHandler).
+        """
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            time.sleep(READY_WAIT_S)  # the DUL loop no longer sleeps: do not spin while it stops
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes select cannot see
+        waker = self._waker
+        try:
+            readable, _, _ = select.select([sock] if waker is None else [sock, waker], [], [], READY_WAIT_S)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom signals it
+            return False
+        if waker is not None and waker in readable:
+            _drain(waker)
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        for end in (self._waker, self._wake):
+            if end is not None:
+                end.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         if not self._body_next:
-            header = super().recv(nr_bytes)
+            header = _recv_exactly(self, nr_bytes)
             self._body_next = len(header) == nr_bytes
             self._pdu_type = header[0] if header else 0
             return header
@@ -195,7 +236,7 @@ class BoundedSocket(AssociationSocket):
             )
             self._close_now()
             return bytearray()
-        return super().recv(nr_bytes)
+        return _recv_exactly(self, nr_bytes)
 
     def _close_now(self) -> None:
         sock = self.socket
@@ -204,6 +245,47 @@ class BoundedSocket(AssociationSocket):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # the peer has gone already
+
+
+class SendQueue(queue.Queue[Any]):
+    """The DUL's queue of PDUs to send, which wakes the DUL thread from BoundedSocket.ready's
+    select when something is put in it (a C-STORE response, above all)."""
+
+    def __init__(self, waker: socket.socket) -> None:
+        super().__init__()
+        self._waker = waker
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is pending already; closed: the association has ended
+
+
+def _drain(waker: socket.socket) -> None:
+    try:
+        while waker.recv(4096):
+            pass
+    except OSError:
+        pass  # nothing more to read (non-blocking), or closed
+
+
+def _recv_exactly(assoc_socket: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``nr_bytes`` from the connection (fewer only when the peer closes it), read straight into
+    one buffer: pynetdicom reads in 4 KiB pieces appended to a growing bytearray, about 60
+    Python-level reads and copies for each 256 KiB PDU."""
+    sock = assoc_socket.socket
+    assert sock is not None  # pynetdicom reads only from a connected socket
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    got = 0
+    while got < nr_bytes:
+        count = sock.recv_into(view[got:], nr_bytes - got)
+        if not count:
+            return buffer[:got]  # the peer closed the connection: what came, as pynetdicom returns it
+        got += count
+    return buffer
 
 
 class BoundedRequestHandler(RequestHandler):
@@ -216,6 +298,14 @@ class BoundedRequestHandler(RequestHandler):
         # Same object, one method more: pynetdicom builds the socket inside this call, and a
         # second AssociationSocket would announce the connection to the state machine twice.
         sock.__class__ = BoundedSocket
+        # the DUL thread waits in BoundedSocket.ready instead of sleeping, woken by what it must send
+        waker, wake = socket.socketpair()
+        waker.setblocking(False)
+        wake.setblocking(False)
+        bounded = cast(BoundedSocket, sock)
+        bounded._waker, bounded._wake = waker, wake
+        assoc.dul.to_provider_queue = SendQueue(wake)
+        assoc.dul._run_loop_delay = 0
         return assoc
 
 

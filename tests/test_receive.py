@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.log import uid_hash
 from tests.conftest import dcm_compress
 from tests.peers import DCMTK_ENV, Node, echoscu, storescu, wait_until
@@ -77,6 +78,34 @@ def test_200_slice_series_lands_complete_and_byte_identical(node: Node, full_ser
     for src in full_series:
         sop = pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(files[sop]) == dataset_bytes(src)
+
+
+def test_four_senders_at_once_have_each_acknowledged_instance_on_disk_and_indexed(
+        node: Node, tmp_path: Path) -> None:
+    # four scanners at once: their instances are made durable and indexed in shared batches
+    folders = []
+    for seed in range(4):
+        folder = tmp_path / f"series{seed}"
+        write_ct_series(make_phantom(40 + seed, slices=12, size=64, pixel_mm=7.8, slice_mm=5.0), folder, seed=40 + seed)
+        folders.append(folder)
+    senders = [subprocess.Popen(["storescu", "-v", "-aet", "STORESCU", "-aec", "IE_GATEWAY", "-R", "+sd", "+r",
+                                 "127.0.0.1", str(node.port), str(folder)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
+               for folder in folders]
+    acked = []
+    for sender in senders:
+        output, _ = sender.communicate(timeout=120)
+        assert sender.returncode == 0, output
+        acked += _acknowledged_files(output)
+    assert len(acked) == 48
+    files = spooled(node)
+    with sqlite3.connect(node.root / "index.sqlite3", timeout=5) as db:
+        indexed = {row[0]: row[1] for row in db.execute("SELECT sop_uid, path FROM instances")}
+    for path in acked:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert indexed[sop] == str(files[sop].relative_to(node.root / "spool"))
+        assert dataset_bytes(files[sop]) == dataset_bytes(path)
+    assert len(indexed) == 48
 
 
 def test_series_completes_only_after_the_quiet_period(node_factory: object, small_series: list[Path]) -> None:

@@ -8,12 +8,13 @@ PostgreSQL cluster (tests/postgres.py); both backends must behave the same.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from ie_gateway.errors import UnsafeUIDError
+from ie_gateway.errors import BatchCommitError, StoreError, UnsafeUIDError
 from ie_gateway.store import (
     Arrival,
     JobDetail,
@@ -24,11 +25,13 @@ from ie_gateway.store import (
     TransitionError,
     check_uid,
 )
+from ie_gateway.store.groupcommit import GroupCommit
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import AgreementRow, ApprovedSet, Review, StageAttempts, SyncRecord
 from ie_gateway.store.schema import LATEST
 from ie_gateway.vocab import OutboxState
 from tests.jobs import job_route
+from tests.peers import wait_until
 
 
 def arrival(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> Arrival:
@@ -99,6 +102,105 @@ def test_failed_write_leaves_no_file_and_no_row(tmp_path: Path, index_url: str) 
     assert list(store.spool.iter_instances()) == []
     assert list(store.spool.tmp.iterdir()) == []
     assert not store.index.has_instance("1.2.3.4.9")
+
+
+def accept_at_once(store: Store, sops_by_series: dict[str, list[str]]) -> dict[str, object]:
+    """Accept each series' instances in a thread of its own, all at once, as receivers of several
+    associations do; SOP UID → what accept returned or raised."""
+    results: dict[str, object] = {}
+
+    def receive(series: str, sops: list[str]) -> None:
+        for sop in sops:
+            try:
+                results[sop] = accept(store, sop, series=series)
+            except StoreError as exc:
+                results[sop] = exc
+
+    threads = [threading.Thread(target=receive, args=item) for item in sops_by_series.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_instances_accepted_from_several_threads_at_once_are_each_on_disk_and_indexed(
+        tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    series = {f"1.2.3.{s}": [f"1.2.3.{s}.{i}" for i in range(1, 11)] for s in range(5, 9)}
+    results = accept_at_once(store, series)
+    for series_uid, sops in series.items():
+        job_ids = {results[sop][0] for sop in sops}  # type: ignore[index]
+        assert len(job_ids) == 1
+        assert store.index.job(job_ids.pop()).instances == 10
+        for sop in sops:
+            path = store.spool.root / "1.2.3" / series_uid / f"{sop}.dcm"
+            assert path.read_bytes() == b"DICM-bytes-" + sop.encode()
+            assert store.index.instance_path(sop) == str(path.relative_to(store.spool.root))
+
+
+def test_a_failed_group_commit_fails_every_instance_waiting_on_it_and_indexes_none(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:  # the index refuses the rows (as a full disk would)
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    series = {f"1.2.3.{s}": [f"1.2.3.{s}.{i}" for i in range(1, 4)] for s in range(5, 9)}
+    results = accept_at_once(store, series)
+    assert all(isinstance(results[sop], BatchCommitError) for sops in series.values() for sop in sops)
+    # rolled back whole: no series, job or instance row of any batch is left half-written
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        assert [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("series", "jobs", "instances")] == [
+            0, 0, 0]
+        db.execute("DROP TRIGGER refuse")
+    job_id, duplicate, _ = accept(store, "1.2.3.5.1", series="1.2.3.5")  # the sender's retry is taken
+    assert not duplicate and store.index.job(job_id).instances == 1
+
+
+def test_a_failed_batch_fails_each_of_its_waiters_and_the_committer_goes_on() -> None:
+    first_held = threading.Event()
+    batches: list[list[str]] = []
+
+    def commit(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        if items == ["first"]:
+            first_held.wait(30)  # the index is slow: the next instances queue up meanwhile
+        if "bad" in items:
+            raise StoreError("index write failed")
+        return [item.upper() for item in items]
+
+    group: GroupCommit[str, str] = GroupCommit(commit, "test-commit")  # type: ignore[arg-type]
+    results: dict[str, object] = {}
+
+    def submit(item: str) -> None:
+        try:
+            results[item] = group.submit(item)
+        except BatchCommitError as exc:
+            results[item] = exc
+
+    threads = [threading.Thread(target=submit, args=("first",))]
+    threads[0].start()
+    wait_until(lambda: batches == [["first"]], 30, what="the committer to take the first batch")
+    threads += [threading.Thread(target=submit, args=(item,)) for item in ("a", "bad", "b")]
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: group.waiting == 3, 30, what="three instances waiting")
+    first_held.set()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(batches[1]) == ["a", "b", "bad"]  # one batch for all that waited
+    assert results["first"] == "FIRST"
+    for item in ("a", "bad", "b"):
+        assert isinstance(results[item], BatchCommitError) and "index write failed" in str(results[item])
+    assert group.submit("c") == "C"
+
+
+def test_an_idle_committer_ends_and_closes_what_it_holds_and_the_next_submit_starts_another() -> None:
+    closed: list[str] = []
+    group: GroupCommit[str, str] = GroupCommit(
+        lambda items: [i.upper() for i in items], "test-commit", on_idle=lambda: closed.append("closed"), idle_s=0.05)
+    assert group.submit("a") == "A"
+    wait_until(lambda: closed == ["closed"], 30, what="the idle committer to close its connection")
+    assert group.submit("b") == "B"
+    wait_until(lambda: closed == ["closed", "closed"], 30, what="the second committer to end")
 
 
 def test_series_completes_after_quiet_period_or_expected_count(tmp_path: Path, index_url: str) -> None:

@@ -21,7 +21,8 @@ import structlog
 from ie_gateway.config import Storage
 from ie_gateway.errors import TransitionError
 from ie_gateway.store.db import open_database
-from ie_gateway.store.index import Index
+from ie_gateway.store.groupcommit import GroupCommit
+from ie_gateway.store.index import Index, NewInstance
 from ie_gateway.store.records import Job, JobDetail, JobRoute, SeriesHeader
 from ie_gateway.store.spool import SUFFIX, Spool, check_uid
 from ie_gateway.store.states import UNFINISHED, JobState
@@ -135,6 +136,10 @@ class Store:
         self.index = Index(open_database(index, root))
         self.results = root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
+        # the rows of instances several receivers made durable at once, in one transaction
+        self._group: GroupCommit[NewInstance, tuple[int, bool]] = GroupCommit(
+            self.index.add_instances, "index-commit", on_idle=self.index.close
+        )
 
     @classmethod
     def for_settings(cls, storage: Storage) -> Store:
@@ -168,7 +173,7 @@ class Store:
             if current is None:
                 final = self.spool.instance_path(arrival.study_uid, arrival.series_uid, arrival.sop_uid)
                 size = self.spool.commit(staged, final)
-                job_id, late = self._index(arrival, final, size, header)
+                job_id, late = self._group.submit(self._new_instance(arrival, final, size, header))
                 return Accepted(job_id, late=late)
             if _same_bytes(staged, self.spool.root / current):
                 return Accepted(0, duplicate=True)
@@ -181,11 +186,11 @@ class Store:
         finally:
             staged.unlink(missing_ok=True)
 
-    def _index(
+    def _new_instance(
         self, arrival: Arrival, path: Path, size: int, header: Callable[[], Mapping[str, Any]]
-    ) -> tuple[int, bool]:
+    ) -> NewInstance:
         """The index row of a stored instance file (received now, or adopted at start-up)."""
-        return self.index.add_instance(
+        return NewInstance(
             sop_uid=arrival.sop_uid,
             sop_class=arrival.sop_class,
             transfer_syntax=arrival.transfer_syntax,
@@ -394,5 +399,5 @@ class Store:
             return 0
         if self.index.instance_path(arrival.sop_uid) is not None:
             return 0  # an earlier copy of an instance sent again with other bytes: kept, not used
-        self._index(arrival, path, path.stat().st_size, lambda: header_values(ds))
+        self.index.add_instances([self._new_instance(arrival, path, path.stat().st_size, lambda: header_values(ds))])
         return 1

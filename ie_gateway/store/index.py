@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,23 @@ def _job(row: Sequence[Any]) -> Job:
         lease_until=row[18],
         priority=Priority.of_rank(int(row[19])),
     )
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance file in the spool, to be indexed (``Index.add_instances``); ``path`` is
+    relative to the spool, ``header`` is called only for a series' first instance."""
+
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    study_uid: str
+    series_uid: str
+    path: str
+    size: int
+    calling_ae: str
+    called_ae: str
+    header: Callable[[], Mapping[str, Any]]
 
 
 def _marks(values: Sequence[Any]) -> str:
@@ -139,22 +156,33 @@ class Index:
         Returns (job id, late) where late says the series had already completed before this
         instance arrived: the instance then opens a new job for the whole series.
         """
+        row = NewInstance(
+            sop_uid, sop_class, transfer_syntax, study_uid, series_uid, path, size, calling_ae, called_ae, header
+        )
+        return self.add_instances([row], at=at)[0]
+
+    def add_instances(self, rows: Sequence[NewInstance], at: float | None = None) -> list[tuple[int, bool]]:
+        """Index stored instances in one transaction, each as ``add_instance`` does; all or none.
+        Returns (job id, late) for each, in order."""
         now = at if at is not None else time.time()
         with self.db.tx() as db:
-            series_id = self._series_id(db, series_uid, study_uid, header, calling_ae, called_ae, now)
-            job_id, late = self._open_job(db, series_id, now)
-            cur = db.execute(
-                "INSERT INTO instances (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, now),
+            return [self._add_instance(db, row, now) for row in rows]
+
+    def _add_instance(self, db: Tx, row: NewInstance, now: float) -> tuple[int, bool]:
+        series_id = self._series_id(db, row.series_uid, row.study_uid, row.header, row.calling_ae, row.called_ae, now)
+        job_id, late = self._open_job(db, series_id, now)
+        cur = db.execute(
+            "INSERT INTO instances (sop_uid, series_id, job_id, path, sop_class, transfer_syntax, size, "
+            "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (row.sop_uid, series_id, job_id, row.path, row.sop_class, row.transfer_syntax, row.size, now),
+        )
+        if cur.rowcount:
+            db.execute(
+                "UPDATE jobs SET instances = (SELECT COUNT(*) FROM instances WHERE series_id = ?), "
+                "last_instance_at = ?, updated_at = ? WHERE id = ?",
+                (series_id, now, now, job_id),
             )
-            if cur.rowcount:
-                db.execute(
-                    "UPDATE jobs SET instances = (SELECT COUNT(*) FROM instances WHERE series_id = ?), "
-                    "last_instance_at = ?, updated_at = ? WHERE id = ?",
-                    (series_id, now, now, job_id),
-                )
-                db.execute("UPDATE series SET last_at = ? WHERE id = ?", (now, series_id))
+            db.execute("UPDATE series SET last_at = ? WHERE id = ?", (now, series_id))
         return job_id, late
 
     def _open_job(self, db: Tx, series_id: int, now: float) -> tuple[int, bool]:

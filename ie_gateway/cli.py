@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
     )
     check = command("check-config", "validate gateway.yaml and its routing rules; exit 0 only when the node may start")
-    check.add_argument("--echo", action="store_true", help="also C-ECHO every destination and report each one")
+    check.add_argument("--echo", action="store_true", help="also ask every destination (C-ECHO; DICOMweb: QIDO-RS)")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
     explain = command("explain", "show how the routing rules judge a series (exit 0 when one matches)")
@@ -320,7 +320,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _echo_destinations(cfg: GatewayConfig) -> int:
-    """C-ECHO each destination; exit 1 when any does not answer."""
+    """Ask each destination (C-ECHO, QIDO-RS for DICOMweb); exit 1 when any does not answer."""
     from ie_gateway import checks
 
     results = checks.echo(cfg)

@@ -256,6 +256,8 @@ class Orthanc:
         try:
             self.get("/system")
             return True
+        except urllib.error.HTTPError:
+            return True  # it answers: with AuthenticationEnabled, a request without the user gets 401
         except OSError:
             return False
 

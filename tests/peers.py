@@ -69,8 +69,9 @@ def free_port() -> int:
     """A loopback port nobody listens on, never handed out before by this worker: the next one of
     the worker's block that can be bound (a leftover listener or TIME_WAIT is skipped)."""
     first, size = _port_block()
+    start = os.getpid() % size  # two test runs that share one network stack begin apart
     for _ in range(size):
-        port = first + next(_next_port) % size
+        port = first + (start + next(_next_port)) % size
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

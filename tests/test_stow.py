@@ -85,9 +85,11 @@ def test_parts_over_a_limit_are_refused_with_a_reason_and_the_rest_are_stored(
 ) -> None:
     node: Node = node_factory(settings={**CALLERS, "limits": {"max_slices": 3}}, env={"STOW_TOKEN": TOKEN})
     node.start()
-    answer = client(node).store_instances([pydicom.dcmread(f) for f in small_series[:5]])
+    sent = [pydicom.dcmread(f) for f in small_series[:5]]
+    answer = client(node).store_instances(sent)
     assert len(answer.ReferencedSOPSequence) == 3  # the series' count grows part by part
     assert [i.FailureReason for i in answer.FailedSOPSequence] == [0xA702, 0xA702]  # as the C-STORE status
+    assert [i.ReferencedSOPInstanceUID for i in answer.FailedSOPSequence] == [d.SOPInstanceUID for d in sent[3:]]
     refusals = [e for e in node.log_events() if e["event"] == "stow instance refused"]
     assert [(e["limit"], e["value"], e["allowed"]) for e in refusals] == [("limits.max_slices", 4, 3)] * 2
 

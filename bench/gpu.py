@@ -68,6 +68,7 @@ from ie_gateway.receive import VERIFICATION
 from ie_gateway.service import Service
 from ie_gateway.store import JobState
 from ie_gateway.synthetic import make_phantom, write_ct_series
+from tests.peers import free_port  # a port of its own under pytest-xdist (test_gpu_bench)
 
 CALLER, TPS = "GPU_BENCH", "BENCH_TPS"
 FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED, JobState.NEEDS_REVIEW}
@@ -217,12 +218,6 @@ def packages(work: Path, tiny: bool, mirroring: bool) -> dict[str, Path]:
 
 
 # --- the node and the TPS -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StandInTPS:

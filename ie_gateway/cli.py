@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """backup, restore: the node's records (see ie_gateway/backup.py)."""
-    backup = command("backup", "copy the index, models state, pseudonym map, key, config and trusted keys to a new folder")
+    backup = command("backup", "copy the index, models state, pseudonym map, keys and config into a new folder")
     backup.add_argument("folder", type=Path)
     restore = command(
         "restore", "put a backup back (same ie-gateway version only): config beside --config, records, key"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from ie_gateway.infer.signing import sign_model
 from ie_gateway.receive import VERIFICATION
 from ie_gateway.service import Service
 from ie_gateway.store import JobState
+from tests.peers import free_port  # a port of its own under pytest-xdist (test_gpu_bench)
 
 CALLER, TPS = "GPU_BENCH", "BENCH_TPS"
 FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.REFUSED, JobState.UNROUTED, JobState.NEEDS_REVIEW}
@@ -218,12 +218,6 @@ def packages(work: Path, tiny: bool, mirroring: bool) -> dict[str, Path]:
 
 
 # --- the node and the TPS -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StandInTPS:

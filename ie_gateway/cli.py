@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "(receivers and workers share a PostgreSQL index and a mounted storage.root)",
     )
     check = command("check-config", "validate gateway.yaml and its routing rules; exit 0 only when the node may start")
-    check.add_argument("--echo", action="store_true", help="also C-ECHO every destination and report each one")
+    check.add_argument("--echo", action="store_true", help="also ask every destination (C-ECHO; DICOMweb: QIDO-RS)")
     status = command("status", "series jobs, their states and reasons")
     status.add_argument("--json", action="store_true", help="a JSON list, one object per series job")
     explain = command("explain", "show how the routing rules judge a series (exit 0 when one matches)")
@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _operations_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """backup, restore: the node's records (see ie_gateway/ops/backup.py)."""
-    backup = command("backup", "copy the index, models state, pseudonym map, key and config into a new folder")
+    backup = command("backup", "copy the index, models state, pseudonym map, keys and config into a new folder")
     backup.add_argument("folder", type=Path)
     restore = command(
         "restore", "put a backup back (same ie-gateway version only): config beside --config, records, key"
@@ -308,7 +308,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _echo_destinations(cfg: GatewayConfig) -> int:
-    """C-ECHO each destination; exit 1 when any does not answer."""
+    """Ask each destination (C-ECHO, QIDO-RS for DICOMweb); exit 1 when any does not answer."""
     from ie_gateway.ops import checks
 
     results = checks.echo(cfg)

@@ -62,6 +62,16 @@ def read_received(path: Path, transfer_syntax: str, limits: Limits) -> Received:
     return Received(_without_deferred(dataset), size)
 
 
+def read_part(data: bytes, limits: Limits) -> Received:
+    """The header of an instance received whole in memory (a STOW-RS part), read as
+    :func:`read_received` reads a C-STORE's file, from a temp file: a Deflated one is inflated
+    in bounded blocks, never whole in memory."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "part.dcm"
+        path.write_bytes(data)
+        return read_received(path, str(read_file_meta_info(path).TransferSyntaxUID), limits)
+
+
 @contextmanager
 def _inflated(path: Path, start: int, cap: int) -> Iterator[tuple[BinaryIO, int]]:
     """The deflated data set of ``path`` from byte ``start``, inflated into an unnamed temp file."""

@@ -220,7 +220,7 @@ class Service:
         return disk_space(self.cfg.storage.root, self.cfg.storage.reserve)
 
     def active_models(self) -> list[metrics.ModelVersionLevel]:
-        return [metrics.ModelVersionLevel(v.name, v.version) for v in self.registry.list() if v.active]
+        return [metrics.ModelVersionLevel(n, v) for n, v in self.registry.active_versions().items()]
 
     def start(self) -> None:
         """Recover the spool, load the rules, then listen and schedule; returns once ready."""

@@ -18,18 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers import free_port
+
 # The emulator's published development account and key (not a secret).
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 START_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], deadline: float) -> None:
@@ -58,7 +54,7 @@ def running_azurite(location: Path) -> Iterator[str]:
     executable = shutil.which("azurite-blob")
     if executable is None:
         raise RuntimeError("azurite-blob not installed: npm install -g azurite@3.35.0")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
          str(location), "--disableTelemetry", "--silent", "--skipApiVersionCheck"],

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
+from ie_gateway import log as logsetup
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from tests.peers import Node, Orthanc
 from tests.postgres import PostgresCluster, PostgresNotFoundError, find_bindir
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Logging is process-wide. A test that sets up the node's logging in the test process (cli.main
+    does) would leave its level and handler to the tests after it in this worker, and its loggers
+    cached at first use, which structlog's capture_logs() cannot see: which later test missed its log
+    lines would depend on the order. Each test finds logging as the one before found it."""
+    configure = logsetup.configure
+
+    def configure_uncached(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **kwargs)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    monkeypatch.setattr(logsetup, "configure", configure_uncached)
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
+    yield
+    structlog.configure(**config)
+    root.handlers = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

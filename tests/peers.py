@@ -5,6 +5,7 @@ Every listener is on 127.0.0.1. Waiting is always polling with a deadline, never
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -42,10 +43,42 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, every: float
         time.sleep(every)  # poll interval of this deadline loop
 
 
+# Ports for the listeners tests start. A port found by binding port 0 and closing is free only for
+# a moment: until the peer binds it, another xdist worker's bind(0) or any outgoing connection (the
+# kernel takes their local ports from the same ephemeral range) may take it, and the peer fails with
+# "Address already in use". So each xdist worker hands out ports in turn from its own block below
+# the ephemeral range, where no outgoing connection and no other worker ever takes one.
+LOWEST_TEST_PORT = 10000
+_next_port = itertools.count()
+
+
+def _port_block() -> tuple[int, int]:
+    """(first port, size) of this process's block: the span below the ephemeral range split
+    between the xdist workers (one block when not under xdist)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    size = (ephemeral_low - LOWEST_TEST_PORT) // workers
+    if size < 100:
+        raise RuntimeError(f"the ephemeral port range starts at {ephemeral_low}: too low to give "
+                           f"{workers} test workers ports of their own above {LOWEST_TEST_PORT}")
+    return LOWEST_TEST_PORT + worker * size, size
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on, never handed out before by this worker: the next one of
+    the worker's block that can be bound (a leftover listener or TIME_WAIT is skipped)."""
+    first, size = _port_block()
+    start = os.getpid() % size  # two test runs that share one network stack begin apart
+    for _ in range(size):
+        port = first + (start + next(_next_port)) % size
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + size - 1}")
 
 
 def port_open(port: int) -> bool:
@@ -224,6 +257,8 @@ class Orthanc:
         try:
             self.get("/system")
             return True
+        except urllib.error.HTTPError:
+            return True  # it answers: with AuthenticationEnabled, a request without the user gets 401
         except OSError:
             return False
 

@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+
+from tests.peers import free_port
 
 SUPERUSER = "postgres"
 # Speed over durability: the cluster is deleted after the run. 200 connections: the node's pools
@@ -83,12 +84,6 @@ def find_bindir() -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _clean_environment() -> dict[str, str]:
     """This process's environment without PG* variables (PGDATA, PGPORT would redirect pg_ctl)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
@@ -104,7 +99,7 @@ class PostgresCluster:
         self.root = Path(tempfile.mkdtemp(prefix="ie-gateway-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam(UNPRIVILEGED_USER)

@@ -15,6 +15,7 @@ import yaml
 
 from tests.infer_packages import threshold_model, write_package
 from tests.peers import DCMTK_ENV, free_port, port_open, wait_until
+from tests.test_dicomweb import PASSWORD, PLUGIN, USER, dicomweb_orthanc
 
 
 @pytest.fixture
@@ -139,3 +140,26 @@ def test_echo_reports_each_destination_and_fails_when_one_does_not_answer(site: 
     assert f"PACS: FAILED: PACS@127.0.0.1:{down}: not reachable" in result.stdout
     del dests["PACS"]
     assert run_check(site, {"destinations": dests}, None, "--echo").returncode == 0
+
+
+@pytest.mark.peer
+def test_echo_asks_a_dicomweb_destination_by_qido_rs_with_its_credentials(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not PLUGIN.exists():
+        pytest.fail("Orthanc's DICOMweb plugin is missing: apt-get install orthanc-dicomweb")
+    archive = dicomweb_orthanc(tmp_path / "archive").start()
+    try:
+        url = f"http://127.0.0.1:{archive.http_port}/dicom-web"
+        dest = {"protocol": "dicomweb", "url": url, "auth": "basic", "username": USER,  # in place of the DICOM TPS
+                "password": "env:ARCHIVE_PASSWORD", "connect_timeout_s": 3}
+        monkeypatch.setenv("ARCHIVE_PASSWORD", PASSWORD)
+        answered = run_check(site, {"destinations": {"TPS": dest}}, None, "--echo")
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        assert f"TPS: ok: {url}: QIDO-RS ok" in answered.stdout
+        monkeypatch.setenv("ARCHIVE_PASSWORD", "not-the-password")
+        refused = run_check(site, {"destinations": {"TPS": dest}}, None, "--echo")
+        assert refused.returncode == 1
+        assert f"TPS: FAILED: {url}: QIDO-RS answered HTTP 401 Unauthorized" in refused.stdout
+    finally:
+        archive.stop()

@@ -83,6 +83,33 @@ def test_backup_of_a_running_node_then_wipe_then_restore_gives_the_same_status(
     assert "demo-thorax@3  active" in node.cli("models", "list").stdout
 
 
+def test_backup_keeps_the_trusted_publishers_keys_and_restore_puts_them_where_the_config_names_them(
+    tmp_path: Path,
+) -> None:
+    site, creds = tmp_path / "site", tmp_path / "credentials"
+    keys = {"physics": "keys/physics.pub", "vendor": "credential:vendor.pub"}
+    node = Node(site, settings={"trusted_keys": [{"name": n, "public_key": k} for n, k in keys.items()]})
+    (site / "keys").mkdir()
+    shutil.copy(DEMO_PUB, site / "keys" / "physics.pub")
+    creds.mkdir()
+    (creds / "vendor.pub").write_bytes(b"the vendor's PEM")
+    made = node.cli("backup", str(tmp_path / "backup"), "--credentials-dir", str(creds))
+    assert "keys/physics" in made.stdout and "keys/vendor" in made.stdout
+
+    elsewhere = tmp_path / "etc" / "gateway.yaml"  # a new machine: config, keys and credentials gone
+    cli_restore = [sys.executable, "-m", "ie_gateway.cli", "restore", str(tmp_path / "backup"), "--config"]
+    restore_here = [*cli_restore, str(elsewhere), "--credentials-dir", str(tmp_path / "new-credentials")]
+    restored = subprocess.run(restore_here, capture_output=True, text=True, timeout=120)
+    assert restored.returncode == 0, restored.stderr
+    assert (elsewhere.parent / "keys" / "physics.pub").read_bytes() == DEMO_PUB.read_bytes()  # beside the config
+    assert (tmp_path / "new-credentials" / "vendor.pub").read_bytes() == b"the vendor's PEM"
+    (elsewhere.parent / "keys" / "physics.pub").write_text("another key")
+    for name in ("gateway.yaml", "routing.yaml"):
+        (elsewhere.parent / name).unlink()
+    again = subprocess.run(restore_here, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "physics.pub" in again.stderr  # a changed key is not overwritten silently
+
+
 def test_restore_refuses_a_backup_of_another_version_and_existing_records(tmp_path: Path) -> None:
     backup = tmp_path / "backup"
     backup.mkdir()

@@ -101,12 +101,12 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
         browser.save_screenshot(str(tmp_path / "viewer-axial-16.png"))
 
         browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_UP)
-        wait_until(lambda: label.text == "axial 17 / 30", 5, what="the next slice")
+        wait_until(lambda: label.text == "axial 17 / 30", 30, what="the next slice")
         browser.execute_script(
             "arguments[0].dispatchEvent(new WheelEvent('wheel', {deltaY: -100, bubbles: true, cancelable: true}))",
             browser.find_element(By.ID, "slice"),
         )
-        wait_until(lambda: label.text == "axial 18 / 30", 5, what="the wheel's slice")
+        wait_until(lambda: label.text == "axial 18 / 30", 30, what="the wheel's slice")
         src, pixels = shown(browser)
         assert "/axial/17.png" in src and not np.array_equal(pixels, first)
 

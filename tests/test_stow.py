@@ -4,6 +4,7 @@ by part refused with a reason, and routed and delivered like any series."""
 
 from __future__ import annotations
 
+import http.client
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,35 @@ def test_a_part_that_is_not_dicom_is_refused_with_a_reason(node_factory: Any) ->
     assert rsp.status_code == 409  # nothing stored
     failed = rsp.json()["00081198"]["Value"]
     assert failed[0]["00081197"]["Value"] == [0xC000]  # cannot understand
+
+
+def test_parts_over_a_limit_are_refused_with_a_reason_and_the_rest_are_stored(
+    node_factory: Any, small_series: list[Path]
+) -> None:
+    node: Node = node_factory(settings={**CALLERS, "limits": {"max_slices": 3}}, env={"STOW_TOKEN": TOKEN})
+    node.start()
+    sent = [pydicom.dcmread(f) for f in small_series[:5]]
+    answer = client(node).store_instances(sent)
+    assert len(answer.ReferencedSOPSequence) == 3  # the series' count grows part by part
+    assert [i.FailureReason for i in answer.FailedSOPSequence] == [0xA702, 0xA702]  # as the C-STORE status
+    assert [i.ReferencedSOPInstanceUID for i in answer.FailedSOPSequence] == [d.SOPInstanceUID for d in sent[3:]]
+    refusals = [e for e in node.log_events() if e["event"] == "stow instance refused"]
+    assert [(e["limit"], e["value"], e["allowed"]) for e in refusals] == [("limits.max_slices", 4, 3)] * 2
+
+
+def test_a_request_declaring_more_than_stow_max_mb_is_refused_before_its_body_is_read(node_factory: Any) -> None:
+    node: Node = node_factory(settings={"http": {**CALLERS["http"], "stow_max_mb": 1}}, env={"STOW_TOKEN": TOKEN})
+    node.start()
+    conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=30)
+    conn.putrequest("POST", "/dicomweb/studies")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+    conn.putheader("Content-Length", str(2**31))
+    conn.endheaders()  # no byte of the body follows: a server that waited for it would time out
+    rsp = conn.getresponse()
+    assert rsp.status == 413
+    assert b"http.stow_max_mb (1 MB)" in rsp.read()
+    conn.close()
 
 
 @pytest.mark.slow

@@ -78,12 +78,15 @@ class Site:
 
 @dataclass
 class FirstRuns:
-    """A run against a missing container, the detail it left, then the first real run."""
+    """A run against a missing container, the detail it left, then the first real run with the
+    container and the detail as it left them (later tests add to both: the tests run in any order)."""
 
     failed: CasesReport
     detail_after_failure: JobDetail
     report: SyncReport
     progress: str
+    blobs: dict[str, bytes]
+    detail_after_run: JobDetail
 
 
 def _ct(folder: Path, seed: int, **extra: object) -> list[Path]:
@@ -168,7 +171,8 @@ def first_runs(site: Site, env: None, azurite_blob: str) -> FirstRuns:  # noqa: 
     detail = site.store.index.job(site.synced_job.id).detail
     stream = io.StringIO()
     report = sync_now(site.cfg, site.store, registry_for(site.cfg), progress=TextProgress(stream))
-    return FirstRuns(failed, detail, report, stream.getvalue())
+    return FirstRuns(failed, detail, report, stream.getvalue(), _blobs(site.container),
+                     site.store.index.job(site.synced_job.id).detail)
 
 
 def _case_id(job: Job, root: Path) -> str:
@@ -188,14 +192,14 @@ def test_delivered_case_is_uploaded_with_ct_ai_and_a_manifest_naming_the_model(
         site: Site, first_runs: FirstRuns, tmp_path: Path) -> None:
     case = _case_id(site.synced_job, tmp_path)
     assert first_runs.report.cases.synced == (site.synced_job.id,)
-    blobs = _blobs(site.container, f"cases/{case}/")
+    blobs = {n: d for n, d in first_runs.blobs.items() if n.startswith(f"cases/{case}/")}
     kinds = [name.split("/")[2] for name in blobs]
     assert (kinds.count("ct"), kinds.count("ai"), kinds.count("manifest.json")) == (20, 2, 1)
     manifest = json.loads(blobs[f"cases/{case}/manifest.json"])
     assert manifest["models"] == [{"name": "toy-body", "version": "1"}]
     assert manifest["counts"] == {"ct": 20, "ai": 2, "approved": 0}
     assert {s["name"] for entry in manifest["ai"] for s in entry["structures"]} == {"External"}
-    synced = site.store.index.job(site.synced_job.id).detail.synced
+    synced = first_runs.detail_after_run.synced
     assert synced is not None and (synced.case, synced.ct, synced.ai, synced.approved) == (case, 20, 2, 0)
 
 
@@ -211,7 +215,7 @@ def test_no_planted_identifier_or_clear_uid_in_any_uploaded_byte(
 def test_uploaded_rtstruct_references_the_uploaded_ct(site: Site, first_runs: FirstRuns,
                                                       tmp_path: Path) -> None:
     case = _case_id(site.synced_job, tmp_path)
-    blobs = _blobs(site.container, f"cases/{case}/")
+    blobs = {n: d for n, d in first_runs.blobs.items() if n.startswith(f"cases/{case}/")}
     cts = [_dataset(data) for name, data in blobs.items() if "/ct/" in name]
     [rt] = [ds for name, data in blobs.items() if "/ai/" in name
             and (ds := _dataset(data)).Modality == "RTSTRUCT"]

@@ -3,6 +3,7 @@ headers, DS values that fit, and a file dciodvfy accepts."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_roi_names_colours_and_types_come_from_the_structures(ds: pydicom.Datase
 
 
 def _single_slice_headers(case: Case, pixel_spacing: list[float]) -> list[pydicom.Dataset]:
-    headers = [pydicom.Dataset(h) for h in case.headers[:3]]
+    headers = [copy.deepcopy(h) for h in case.headers[:3]]  # Dataset(h) would share h's elements
     for h in headers:
         h.PixelSpacing = pixel_spacing
     return headers
@@ -253,7 +254,7 @@ def test_dciodvfy_accepts_the_rtstruct(written: Path) -> None:
 
 
 def test_a_ct_without_frame_of_reference_is_refused(case: Case) -> None:
-    headers = [pydicom.Dataset(h) for h in case.headers]
+    headers = copy.deepcopy(case.headers)  # the module's case stays whole for the tests after this one
     del headers[7].FrameOfReferenceUID
     with pytest.raises(WriteError, match="no FrameOfReferenceUID"):
         build_rtstruct(headers, case.labels, DEMO_STRUCTURES, MODEL, new_output_uids())

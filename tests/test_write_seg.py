@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_dciodvfy_accepts_the_seg(written: Path) -> None:
 def test_a_ct_without_type_2_study_attributes_still_gives_a_valid_seg(
     case: Case, tmp_path: Path
 ) -> None:
-    headers = [pydicom.Dataset(h) for h in case.headers]
+    headers = copy.deepcopy(case.headers)  # Dataset(h) would share h's elements with the module's case
     for h in headers:
         del h.AccessionNumber, h.ReferringPhysicianName
     uids = new_output_uids()

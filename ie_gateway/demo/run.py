@@ -10,6 +10,8 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +51,24 @@ def page_address(cfg: GatewayConfig) -> str | None:
     return f"http://{http.bind}:{http.port}/jobs" if http.enabled else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def _held_ports(count: int) -> Iterator[list[int]]:
+    """Free loopback ports, held (bound, not listening) until the demo's listeners have bound them:
+    a port only looked up and let go could meanwhile be taken by another program's listener or
+    outgoing connection. The listeners (pynetdicom, uvicorn) set SO_REUSEADDR, as the hold does, so
+    they bind beside it; nobody else can."""
+    with ExitStack() as stack:
+        held = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in held:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+        yield [int(sock.getsockname()[1]) for sock in held]
 
 
-def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) -> Path:
+def _demo_config(base: GatewayConfig, workdir: Path, ports: list[int], model: str) -> Path:
+    """A node config for the demo: the base's models, a rule for ``model``, loopback only.
+    ``ports``: the node's DICOM port, its HTTP port, the demo TPS's port."""
+    node_port, http_port, tps_port = ports
     """A node config for the demo: the base's models, a rule for ``model``, loopback only."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "routing.yaml").write_text(
@@ -81,11 +94,11 @@ def _demo_config(base: GatewayConfig, workdir: Path, tps_port: int, model: str) 
                 "node": {
                     "ae_title": base.node.ae_title,
                     "bind": "127.0.0.1",
-                    "port": _free_port(),
+                    "port": node_port,
                     "allowed_callers": [{"ae_title": DEMO_CALLER}],
                 },
                 "storage": {"root": str(workdir / "var")},
-                "http": {"bind": "127.0.0.1", "port": _free_port()},  # must not clash with a running node
+                "http": {"bind": "127.0.0.1", "port": http_port},  # must not clash with a running node
                 "series": {"stable_after_s": 2, "sweep_every_s": 0.5},
                 "routing_file": "routing.yaml",
                 "models_dir": str(base.models_dir),
@@ -146,11 +159,12 @@ def run_demo(base_config: Path, workdir: Path, slices: int, timeout_s: float, mo
     from ie_gateway.service import Service
 
     base = load_config(base_config)
-    tps_port = _free_port()
-    cfg = load_config(_demo_config(base, workdir, tps_port, model))
-    server = _start_tps(workdir / "tps", tps_port)
-    service = Service(cfg)
-    service.start()
+    with _held_ports(3) as ports:
+        cfg = load_config(_demo_config(base, workdir, ports, model))
+        tps_port = ports[2]
+        server = _start_tps(workdir / "tps", tps_port)
+        service = Service(cfg)
+        service.start()
     started = time.monotonic()
     try:
         print(

@@ -273,6 +273,16 @@ class Registry:
         active: dict[str, str] = self._read_state()["active"]
         return active.get(name)
 
+    def active_versions(self) -> dict[str, str]:
+        """Each model's active version that is installed, from the state alone: nothing is
+        verified, so a metrics scrape never waits for models to load."""
+        active: dict[str, str] = self._read_state()["active"]
+        return {
+            name: version
+            for name, version in sorted(active.items())
+            if (self.models_dir / name / version / MANIFEST_NAME).is_file()
+        }
+
     # -- verification and resolution ----------------------------------------------------------
 
     def verify(self, name: str, version: str) -> ModelVersion:

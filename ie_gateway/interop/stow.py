@@ -8,9 +8,11 @@ before it counts as stored; then series completion and routing take it like any 
 the caller's name as its calling AE. The answer lists each instance as stored or failed with a
 PS3.18 failure reason: 200 when all were stored, 202 when some were, 409 when none.
 
-Every input is hostile: the body is bounded (``stow_max_mb``), parts that are not Part 10
-files, lack a required attribute or carry a UID that could not name a file are refused one by
-one, and nothing is decoded beyond the header.
+Every input is hostile: the body is bounded (``stow_max_mb``; a Content-Length above it is
+refused with 413 before any byte is read), parts that are not Part 10 files, lack a required
+attribute or carry a UID that could not name a file are refused one by one, each part is held to
+``limits:`` exactly as a C-STORE is (:func:`ie_gateway.intake.check_limits`; failure reason
+0xA702, as the C-STORE status), and nothing is decoded beyond the header.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import email.message
 import email.parser
 import hmac
 from collections.abc import Sequence
-from io import BytesIO
 
-import pydicom
 import structlog
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
@@ -30,10 +30,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ie_gateway.config import GatewayConfig, StowCaller
-from ie_gateway.errors import DeliveryError, StoreError, UnsafeUIDError
+from ie_gateway.errors import DeliveryError, InstanceOverLimit, StoreError, UnsafeUIDError
+from ie_gateway.intake import check_limits, read_part
 from ie_gateway.interop.dicomweb import secret
 from ie_gateway.ops import metrics
-from ie_gateway.receive import DECODE_ERRORS, REQUIRED
+from ie_gateway.receive import DECODE_ERRORS, OVER_LIMIT, REQUIRED
 from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
 
 log = structlog.get_logger(__name__)
@@ -72,11 +73,15 @@ class StowReceiver:
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/related"):
             return Response("Content-Type must be multipart/related; type=application/dicom", 415)
+        too_large = Response(f"more than http.stow_max_mb ({self.cfg.http.stow_max_mb:g} MB) in one request", 413)
+        if _declared_length(request) > self.max_bytes:
+            log.warning("stow-rs refused", caller=caller.name, reason="over http.stow_max_mb")
+            return too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.max_bytes:
-                return Response(f"more than {self.cfg.http.stow_max_mb:g} MB in one request", 413)
+                return too_large
         parts = _parts(content_type, bytes(body))
         results = await run_in_threadpool(self.store_parts, parts, caller.name)
         stored = [r for r in results if r.get("FailureReason") is None]
@@ -91,7 +96,8 @@ class StowReceiver:
     def _store_one(self, part: bytes, calling: str) -> Dataset:
         item = Dataset()
         try:
-            ds = pydicom.dcmread(BytesIO(part), stop_before_pixels=True)  # Part 10 only: no force
+            received = read_part(part, self.cfg.limits)  # Part 10 only: no force
+            ds = received.header
             absent = [kw for kw in REQUIRED if kw not in ds]
             if absent:
                 raise ValueError(f"lacks {absent[0]}")
@@ -106,9 +112,29 @@ class StowReceiver:
                 calling_ae=calling,
                 called_ae=self.cfg.node.ae_title,
             )
+            check_limits(ds, received.size, self.store.index.series_totals(arrival.series_uid), self.cfg.limits)
+        except InstanceOverLimit as exc:
+            log.warning(
+                "stow instance refused",
+                reason="over a limit",
+                limit=f"limits.{exc.limit}",
+                value=exc.value,
+                allowed=exc.allowed,
+                calling_ae=calling,
+            )
+            item.FailureReason = OVER_LIMIT
+            return item
         except (UnsafeUIDError, ValueError, AttributeError, *DECODE_ERRORS) as exc:
             log.warning("stow instance refused", reason=str(exc)[:200])
             item.FailureReason = CANNOT_UNDERSTAND
+            return item
+        except OSError as exc:  # the temp copy its header is read from
+            log.error("stow instance not stored", reason="storage failure", error=exc.strerror or str(exc))
+            item.FailureReason = OUT_OF_RESOURCES
+            return item
+        except StoreError as exc:  # the series' totals
+            log.error("stow instance not stored", reason=str(exc))
+            item.FailureReason = PROCESSING_FAILURE
             return item
         try:
             self.store.accept(arrival, (part,), lambda: _header(ds))
@@ -123,6 +149,13 @@ class StowReceiver:
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(len(part))
         return item
+
+
+def _declared_length(request: Request) -> int:
+    """The body size the request's Content-Length announces (0 when absent or not a number: the
+    streamed count still bounds it)."""
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
 
 
 def _header(ds: Dataset) -> SeriesHeader:

@@ -3,8 +3,10 @@ or to roll back an upgrade.
 
 A backup holds what cannot be made again: the index (a consistent copy through SQLite's backup
 API, taken while the node runs; a PostgreSQL index is backed up with ``pg_dump`` by its DBA and
-only named here), the model activation state, the pseudonym map, the anonymisation key and the
-configuration files. It leaves out what can: the spool (received instances and results, purged
+only named here), the model activation state, the pseudonym map, the anonymisation key, the
+configuration files and the public keys of the trusted model publishers (``trusted_keys:``:
+without them no installed model verifies; each goes back where the restored config names it).
+It leaves out what can: the spool (received instances and results, purged
 by retention anyway) and the model packages (immutable versions, re-imported or pulled by sync;
 ``manifest.json`` lists them with their checksums).
 
@@ -33,6 +35,7 @@ PSEUDONYMS = "pseudonyms.sqlite3"
 MODELS_STATE = "models-state.json"
 KEY = "anon-key"
 CONFIG = "config"
+KEYS = "keys"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ def backup(cfg: GatewayConfig, dest: Path, version: str, credentials: Path | Non
         (dest / CONFIG).mkdir(exist_ok=True)
         shutil.copy2(path, dest / CONFIG / path.name)
         files.append(f"{CONFIG}/{path.name}")
+    for name, path in _trusted_key_files(cfg, credentials).items():
+        if path.is_file():
+            (dest / KEYS).mkdir(exist_ok=True)
+            shutil.copy2(path, dest / name)
+            files.append(name)
     info = BackupInfo(
         version=version,
         schema_version=schema,
@@ -125,6 +133,11 @@ def restore(folder: Path, config: Path, version: str, credentials: Path, force: 
         credentials.mkdir(mode=0o700, parents=True, exist_ok=True)
         _refuse_overwrite([credentials / KEY], force, same=folder / KEY)
         _write_private(credentials / KEY, (folder / KEY).read_bytes())
+    for name, target in _trusted_key_files(cfg, credentials).items():
+        if name in info.files:
+            _refuse_overwrite([target], force, same=folder / name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target)
     return info
 
 
@@ -167,6 +180,18 @@ def _config_files(cfg: GatewayConfig) -> list[Path]:
     """gateway.yaml, its routing file and the destinations' names files."""
     files = [cfg.source, cfg.routing_file, *(d.names for d in cfg.destinations.values() if d.names is not None)]
     return list(dict.fromkeys(p for p in files if p.is_file()))
+
+
+def _trusted_key_files(cfg: GatewayConfig, credentials: Path | None) -> dict[str, Path]:
+    """Each trusted publisher's public key by its name in a backup (``keys/NAME``): the file the
+    config names (resolved beside it), or for ``credential:FILE`` that file in ``credentials``."""
+    found = {}
+    for key in cfg.trusted_keys:
+        if not key.public_key.startswith("credential:"):
+            found[f"{KEYS}/{key.name}"] = Path(key.public_key)
+        elif credentials is not None:
+            found[f"{KEYS}/{key.name}"] = credentials / key.public_key.removeprefix("credential:")
+    return found
 
 
 def _model_versions(models_dir: Path) -> list[str]:

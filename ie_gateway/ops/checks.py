@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from ie_gateway.config import GatewayConfig
-from ie_gateway.errors import GatewayError, StoreError
+from ie_gateway.config import Destination, GatewayConfig
+from ie_gateway.errors import DeliveryError, GatewayError, StoreError
 from ie_gateway.roinames import load_roi_names
 from ie_gateway.route import RuleSet
 from ie_gateway.store.space import disk_space
@@ -213,33 +213,58 @@ class EchoResult:
 
 
 def echo(cfg: GatewayConfig) -> list[EchoResult]:
-    """C-ECHO every destination as the node would call it (its calling AE title, TLS, timeouts)."""
+    """Ask every destination as the node would call it: a C-ECHO to a DICOM AE (its calling AE
+    title, TLS, timeouts), a QIDO-RS search to a DICOMweb service (its URL, credentials and
+    timeout), which a service answers only when it is reachable and takes the credentials."""
+    return [
+        _ask_dicomweb(name, dest) if dest.protocol == "dicomweb" else _c_echo(name, dest, cfg.delivery.calling_ae)
+        for name, dest in cfg.destinations.items()
+    ]
+
+
+def _c_echo(name: str, dest: Destination, calling_ae: str) -> EchoResult:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from ie_gateway.ops import tls
     from ie_gateway.send import PROPOSED_SYNTAXES
 
-    results = []
-    for name, dest in cfg.destinations.items():
-        ae = AE(ae_title=cfg.delivery.calling_ae)
-        for syntax in PROPOSED_SYNTAXES:  # as deliveries propose them (the conformance statement says so)
-            ae.add_requested_context(Verification, syntax)
-        ae.connection_timeout = ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = dest.connect_timeout_s
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # as in send.py
-        if not assoc.is_established:
-            why = "association rejected (is our AE title known to it?)" if assoc.is_rejected else "not reachable"
-            results.append(EchoResult(name, False, f"{where}: {why}"))
-            continue
-        try:
-            status = assoc.send_c_echo()
-        finally:
-            assoc.release()
-        code = int(status.Status) if "Status" in status else None
-        ok = code == 0
-        results.append(EchoResult(name, ok, f"{where}: " + ("echo ok" if ok else f"echo answered {code}")))
-    return results
+    ae = AE(ae_title=calling_ae)
+    for syntax in PROPOSED_SYNTAXES:  # as deliveries propose them (the conformance statement says so)
+        ae.add_requested_context(Verification, syntax)
+    ae.connection_timeout = ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = dest.connect_timeout_s
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # as in send.py
+    if not assoc.is_established:
+        why = "association rejected (is our AE title known to it?)" if assoc.is_rejected else "not reachable"
+        return EchoResult(name, False, f"{where}: {why}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    ok = code == 0
+    return EchoResult(name, ok, f"{where}: " + ("echo ok" if ok else f"echo answered {code}"))
+
+
+def _ask_dicomweb(name: str, dest: Destination) -> EchoResult:
+    """GET {url}/studies?limit=1 (QIDO-RS) with the destination's session: 2xx is ok."""
+    import requests
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from ie_gateway.interop.dicomweb import session_for
+
+    url = f"{str(dest.url).rstrip('/')}/studies"
+    try:
+        with session_for(dest, dest.connect_timeout_s) as session:
+            answer = session.get(url, params={"limit": "1"}, headers={"Accept": "application/dicom+json"})
+    except (DeliveryError, ClientAuthenticationError) as exc:
+        return EchoResult(name, False, f"{dest.url}: no credentials: {exc}")
+    except requests.RequestException as exc:
+        return EchoResult(name, False, f"{dest.url}: not reachable ({type(exc).__name__})")
+    ok = 200 <= answer.status_code < 300
+    detail = "QIDO-RS ok" if ok else f"QIDO-RS answered HTTP {answer.status_code} {answer.reason}".rstrip()
+    return EchoResult(name, ok, f"{dest.url}: {detail}")
 
 
 def _user() -> str:

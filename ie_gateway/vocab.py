@@ -20,6 +20,7 @@ class JobState(StrEnum):
     ROUTED = "routed"  # a rule chose a model; waiting for the worker
     REFUSED = "refused"  # the series cannot be processed (geometry, modality); see reason
     UNROUTED = "unrouted"  # no rule matched; kept until retention
+    PREPARED = "prepared"  # volume loaded, checked and stored in the job's folder; waiting for the model
     INFERRING = "inferring"  # the worker is running the model
     INFERRED = "inferred"  # label map stored; outputs being written
     NEEDS_REVIEW = "needs_review"  # failed its model's plausibility checks; held until released
@@ -34,6 +35,7 @@ class Stage(StrEnum):
     """The worker's stages: what a claimed job is advanced by (metrics and logs name them)."""
 
     ROUTE = "route"
+    PREPARE = "prepare"  # the volume loaded, checked and stored as the inference child reads it
     INFER = "infer"
     WRITE = "write"
     ASSESS = "assess"  # a clinician's structure set against the AI's contours

@@ -101,7 +101,7 @@ def test_a_job_that_kills_its_inference_process_twice_fails_and_the_next_series_
 def kill_node_mid_inference(node: Node, job_id: int, attempt: int) -> None:
     """Kill -9 the node (as the kernel's OOM killer would) during the job's ``attempt``-th inference."""
     index = node.root / "index.sqlite3"
-    wait_until(lambda: moves(index, job_id).count(("routed", "inferring")) >= attempt, 180,
+    wait_until(lambda: moves(index, job_id).count(("prepared", "inferring")) >= attempt, 180,
                what=f"inference attempt {attempt}")  # fmt: skip
     assert node.proc is not None
     children = child_pids(node.proc.pid)

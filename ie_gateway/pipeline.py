@@ -600,6 +600,7 @@ class Worker:
             folder / "qa.png",
         )
         self.store.index.update_detail(job.id, lambda d: replace(d, qa_png=str(qa_png.relative_to(self.store.results))))
+        log.info("qa picture made")
 
     def _checked(self, folder: Path, index: int, route: JobRoute, geometry: SliceGeometry) -> RouteResult:
         """Route ``index``'s label map, its structures' masks as the writers encode them, and

@@ -18,8 +18,9 @@ import pytest
 
 from ie_gateway.pipeline import Lane, Worker
 from ie_gateway.store import JobState, Store
-from ie_gateway.store.records import Priority
-from ie_gateway.vocab import Stage
+from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.records import Priority, output_sop_class
+from ie_gateway.vocab import OutputKind, Stage
 from tests.peers import Orthanc, storescu
 from tests.test_priority import node_parts, queued
 from tests.test_service import node_with, rule, series
@@ -135,3 +136,17 @@ def test_the_rtstruct_is_queued_before_the_seg_and_the_qa_picture_are_made(
     said = [e["event"] + (f" {e['kind']}" if "kind" in e else "") for e in events]
     # the planning system's file first, though the rule lists the SEG first; the picture last
     assert said.index("output queued rtstruct") < said.index("output queued seg") < said.index("qa picture made")
+
+
+def test_a_delivery_pass_takes_the_rtstructs_before_the_segs_queued_ahead_of_them(
+    tmp_path: Path, index_url: str
+) -> None:
+    store = Store(tmp_path, index_url)
+    earlier = queued(store, 1, Priority.NORMAL, time.time() - 60)
+    later = queued(store, 2, Priority.NORMAL, time.time() - 30)
+    outbox = Outbox(store.index)
+    outbox.enqueue(earlier, "TPS", "1/seg.dcm", "1.2.9.1.2", output_sop_class(OutputKind.SEG))
+    outbox.enqueue(later, "TPS", "2/rtstruct.dcm", "1.2.9.2.1", output_sop_class(OutputKind.RTSTRUCT))
+    outbox.enqueue(later, "TPS", "2/seg.dcm", "1.2.9.2.2", output_sop_class(OutputKind.SEG))
+    rows = outbox.claim_due("TPS", "n:1", lease_s=30)
+    assert [r.path for r in rows] == ["2/rtstruct.dcm", "1/seg.dcm", "2/seg.dcm"]

@@ -1,9 +1,12 @@
 """The worker: claims series jobs in queue order and runs the stages after receipt.
 
-complete ─route─▶ routed ─prepare─▶ prepared ─infer─▶ inferred ─write─▶ sending ─outbox─▶ delivered
-   └▶ unrouted        └▶ refused / failed      └▶ failed   │└▶ failed      └▶ failed (dead letter)
+complete ─route─▶ routed ─prepare─▶ prepared ─infer─▶ inferred ─write─▶ writing ─finish─▶ sending ─outbox─▶ delivered
+   └▶ unrouted        └▶ refused / failed      └▶ failed   │└▶ failed             └▶ failed    └▶ failed (dead letter)
                                                            └▶ needs_review (plausibility checks failed,
                                                               route `review: hold`; `release` → inferred)
+
+write makes and queues the RT-STRUCTs (what the planning system needs first); finish makes the
+SEGs and the QA picture (a held result gets its picture in write, before it is held).
 complete (a clinician's structure set on a contoured CT) ─route─▶ assessing ─assess─▶ unrouted
 
 The stages are functions of their inputs in their own modules where they have grown (``plan``
@@ -23,7 +26,7 @@ A worker runs its stages in lanes (``worker.pipeline``), threads that each claim
 of the stages, so the stages of different jobs overlap: the inference lane runs the model on
 one job while the prepare lane loads and checks the next one's volume (at most
 ``worker.prepare_ahead`` ahead, so the disk is not spent ahead of the model) and the write lane
-writes and queues the previous one's results, its RT-STRUCTs first. The inference lane prepares
+writes and queues the previous one's RT-STRUCTs; the prepare lane finishes the other results. The inference lane prepares
 a volume itself when none is ready, so the model is never idle while a routed job waits. A
 ready volume is taken before an unprepared job of higher priority: priority decides the order
 in which volumes are prepared, and at most ``prepare_ahead`` wait.
@@ -217,6 +220,7 @@ class Worker:
             Stage.PREPARE: self.prepare,
             Stage.INFER: self.infer,
             Stage.WRITE: self.write,
+            Stage.FINISH: self.finish,
             Stage.ASSESS: self.assess,
         }
         self.serial = Lane(self, "all", [StageClaim(states, stage) for states, stage in self.STAGES])
@@ -227,6 +231,7 @@ class Worker:
     #: `inferring` is one whose worker's lease lapsed mid-inference
     STAGES: tuple[tuple[tuple[JobState, ...], Stage], ...] = (
         ((JobState.INFERRED,), Stage.WRITE),
+        ((JobState.WRITING,), Stage.FINISH),
         ((JobState.COMPLETE,), Stage.ROUTE),
         ((JobState.PREPARED, JobState.INFERRING), Stage.INFER),
         ((JobState.ROUTED,), Stage.PREPARE),
@@ -235,9 +240,10 @@ class Worker:
 
     def _pipelined_lanes(self) -> list[Lane]:
         """The inference lane keeps the model busy (it prepares a volume itself only when none
-        is ready); the write lane takes a label map as soon as it is stored, so nothing else
-        the node does delays the RT-STRUCT; the prepare lane routes and keeps up to
-        ``worker.prepare_ahead`` volumes ready, and assesses last."""
+        is ready); the write lane takes a label map as soon as it is stored and does nothing
+        but the RT-STRUCTs, so nothing else the node does delays them; the prepare lane routes,
+        keeps up to ``worker.prepare_ahead`` volumes ready, finishes the results (SEGs, QA
+        picture) and assesses last."""
         infer = StageClaim((JobState.PREPARED, JobState.INFERRING), Stage.INFER)
         return [
             Lane(self, "infer", [infer, StageClaim((JobState.ROUTED,), Stage.PREPARE)]),
@@ -248,6 +254,7 @@ class Worker:
                 [
                     StageClaim((JobState.COMPLETE,), Stage.ROUTE),
                     StageClaim((JobState.ROUTED,), Stage.PREPARE, ahead_only=True),
+                    StageClaim((JobState.WRITING,), Stage.FINISH),
                     StageClaim((JobState.ASSESSING,), Stage.ASSESS),
                 ],
             ),
@@ -498,51 +505,51 @@ class Worker:
                 return cpu.run(model, ct_path, labels_path)
 
     def write(self, job: Job) -> None:
-        """The results, the RT-STRUCTs first: each is stored and queued (the sender woken)
-        before anything the planning system does not need first, the SEGs and the QA picture,
-        is built; a result held for review gets its picture before it is held."""
+        """The RT-STRUCTs, each stored and queued (the sender woken) as soon as the checks
+        pass; the rest of the results wait for the finish stage, so nothing the planning system
+        does not need first delays them. A result held for review gets its QA picture first."""
         started = time.monotonic()
-        folder = self.store.job_dir(job.id)
-        # the CT's headers in the slice order the volume stage stored
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
-        geometry = SliceGeometry.from_headers(headers)
-        results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
-        log.info(
-            "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
-        )
+        headers, results, reasons = self._results(job, started)
         first = results[0].findings
         self.store.index.update_detail(
             job.id, lambda d: replace(d, volumes_cc=first.volumes_cc, empty_structures=tuple(first.empty))
         )
         if all(len(r.findings.empty) == len(r.findings.volumes_cc) for r in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
-        reasons = [
-            f"{r.route.model}: {why}" if len(results) > 1 else why for r in results for why in r.findings.reasons
-        ]
         review = job.detail.review
         if reasons and (review is None or review.released_by is None):
             hold = any(r.route.review is ReviewPolicy.HOLD and r.findings.reasons for r in results)
             held = Review(reasons=tuple(reasons), policy=ReviewPolicy.HOLD if hold else ReviewPolicy.FLAG)
             self.store.index.update_detail(job.id, lambda d: replace(d, review=held))
             if hold:
-                self._qa_picture(job, folder, results[0])  # a held result is judged by looking at it
+                self._qa_picture(job, results[0])  # a held result is judged by looking at it
                 self.store.index.transition(job.id, JobState.NEEDS_REVIEW, reason="needs review: " + "; ".join(reasons))
                 log.warning("result held for review", reasons=reasons)
                 return
             log.warning("result flagged for review", reasons=reasons)
-        plan = self._plan(job)
-        planned = [(result, output) for result in results for output in plan.of_route(result.index)]
-        # the planning system's RT-STRUCTs first; the SEGs after them
-        first_needed = sorted(planned, key=lambda pair: pair[1].kind is not OutputKind.RTSTRUCT)
+        for result, output in self._planned(job, results):
+            if output.kind is OutputKind.RTSTRUCT:
+                self._write_and_queue(job, headers, result, output, flagged=bool(reasons))
+        self.store.index.transition(job.id, JobState.WRITING)
+        log.info("rtstructs queued", seconds=round(time.monotonic() - started, 3))
+
+    def finish(self, job: Job) -> None:
+        """The rest of the results after the RT-STRUCTs: the SEGs, then the QA picture."""
+        started = time.monotonic()
+        headers, results, reasons = self._results(job, started)
+        planned = self._planned(job, results)
         written = {
             output.file
-            for result, output in first_needed
-            if self._write_and_queue(job, headers, result, output, flagged=bool(reasons))
+            for result, output in planned
+            if self._structures_for(result, output)
+            and (
+                output.kind is OutputKind.RTSTRUCT  # the write stage wrote and queued it
+                or self._write_and_queue(job, headers, result, output, flagged=bool(reasons))
+            )
         }
         if not written:
             raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
-        log.info("outputs queued", files=len(written), seconds=round(time.monotonic() - started, 3))
-        self._qa_picture(job, folder, results[0])
+        self._qa_picture(job, results[0])
         sent = not_sent(job.routes, self.cfg.destinations)
         self.store.index.update_detail(
             job.id,
@@ -558,6 +565,34 @@ class Worker:
         log.info("results written", files=len(written), not_sent=sent, seconds=round(time.monotonic() - started, 3))
         self.outbox.settle(job.id)  # every file may have been delivered while the later ones were built
 
+    def _results(self, job: Job, started: float) -> tuple[list[pydicom.Dataset], list[RouteResult], list[str]]:
+        """The CT's headers (in the slice order the prepare stage stored), each route's label
+        map, masks and findings, and the reasons a reviewer would read."""
+        folder = self.store.job_dir(job.id)
+        headers: list[pydicom.Dataset] = [
+            pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)
+        ]
+        geometry = SliceGeometry.from_headers(headers)
+        results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
+        log.info(
+            "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
+        )
+        reasons = [
+            f"{r.route.model}: {why}" if len(results) > 1 else why for r in results for why in r.findings.reasons
+        ]
+        return headers, results, reasons
+
+    def _planned(self, job: Job, results: Sequence[RouteResult]) -> list[tuple[RouteResult, PlannedOutput]]:
+        """Each planned file with the result of its route, in the plan's order."""
+        plan = self._plan(job)
+        return [(result, output) for result in results for output in plan.of_route(result.index)]
+
+    def _structures_for(self, result: RouteResult, output: PlannedOutput) -> list[StructureInfo]:
+        """The structures a planned file holds, under its destinations' names (none: the model
+        found none of them)."""
+        present = [s for s in result.structures if s.name not in result.findings.empty]
+        return self._named(output, present)
+
     def _write_and_queue(
         self, job: Job, headers: Sequence[pydicom.Dataset], result: RouteResult, output: PlannedOutput, flagged: bool
     ) -> bool:
@@ -566,8 +601,7 @@ class Worker:
         info = ModelInfo(
             name=result.model.name, version=result.model.version, needs_review=flagged, node=self.cfg.node.ae_title
         )
-        present = [s for s in result.structures if s.name not in result.findings.empty]
-        out_structures = self._named(output, present)
+        out_structures = self._structures_for(result, output)
         if not out_structures:
             log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
             return False
@@ -587,8 +621,9 @@ class Worker:
         log.info("output queued", kind=output.kind, destinations=output.destinations)
         return True
 
-    def _qa_picture(self, job: Job, folder: Path, shown: RouteResult) -> None:
-        """The QA picture of a route's contours over the CT as the volume stage stored it."""
+    def _qa_picture(self, job: Job, shown: RouteResult) -> None:
+        """The QA picture of a route's contours over the CT as the prepare stage stored it."""
+        folder = self.store.job_dir(job.id)
         ct = sitk.ReadImage(str(folder / CT_FILE))
         sx, sy, sz = (float(v) for v in ct.GetSpacing())
         qa_png = render_qa_png(

@@ -116,11 +116,12 @@ def test_the_next_volume_is_prepared_and_the_last_results_written_while_the_mode
         assert entered(history, following, "inferring") < entered(history, done, "sending")
         assert entered(history, done, "inferred") < entered(history, following, "inferring")  # one at a time
     lanes = {e["stage"]: e["lane"] for e in node.log_events() if e["event"] == "stage done"}
-    assert lanes["infer"] == "infer" and lanes["write"] == "write" and lanes["route"] == "prepare"
+    assert lanes["infer"] == "infer" and lanes["write"] == "write"
+    assert lanes["route"] == lanes["finish"] == "prepare"
 
 
 @pytest.mark.peer
-def test_the_rtstruct_is_queued_before_the_seg_and_the_qa_picture_are_made(
+def test_the_rtstruct_is_queued_in_a_stage_before_the_seg_and_the_qa_picture_are_made(
     node_factory: Any, orthanc: Orthanc, tmp_path: Path
 ) -> None:
     both = {**rule("fast", "Fast", "toy-body"), "outputs": ["seg", "rtstruct"]}
@@ -132,10 +133,17 @@ def test_the_rtstruct_is_queued_before_the_seg_and_the_qa_picture_are_made(
     ).start()
     assert storescu(node.port, series(tmp_path / "ct", 41, "Fast")).returncode == 0
     [job] = node.wait_state({"delivered"}, timeout=120)
-    events = [e for e in node.log_events() if e.get("job") == job["id"] and e.get("stage") == "write"]
-    said = [e["event"] + (f" {e['kind']}" if "kind" in e else "") for e in events]
-    # the planning system's file first, though the rule lists the SEG first; the picture last
-    assert said.index("output queued rtstruct") < said.index("output queued seg") < said.index("qa picture made")
+    events = [e for e in node.log_events() if e.get("job") == job["id"] and "stage" in e]
+    said = [f"{e['stage']}: {e['event']}" + (f" {e['kind']}" if "kind" in e else "") for e in events]
+    # the planning system's file first, though the rule lists the SEG first, in a stage of its
+    # own; the SEG and the picture after it, in the next
+    assert said.index("write: output queued rtstruct") < said.index("write: stage done")
+    assert (
+        said.index("write: stage done")
+        < said.index("finish: output queued seg")
+        < said.index("finish: qa picture made")
+    )
+    assert "write: output queued seg" not in said
 
 
 def test_a_delivery_pass_takes_the_rtstructs_before_the_segs_queued_ahead_of_them(

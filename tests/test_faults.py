@@ -185,7 +185,7 @@ def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_on
         what="the write stage to find the disk full and wait to retry",
     )
     assert "full" in first.get("reason", first.get("error", "")), first
-    assert node.jobs()[0]["state"] in ("inferred", "sending")
+    assert node.jobs()[0]["state"] in ("inferred", "writing", "sending")
     rest.unlink()
     filler.unlink()
     [job] = node.wait_state({"delivered", "failed"}, timeout=120)

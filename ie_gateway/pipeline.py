@@ -126,14 +126,21 @@ class StageClaim:
     ahead_only: bool = False
 
 
+#: the prepare lane's ``nice``: it runs beside the model, which should keep the CPU it needs
+BACKGROUND_NICENESS = 10
+
+
 class Lane:
     """One claim loop of a worker, over some of its stages, in a thread of its own: the lanes
     of a node share nothing but the store (each holds its own job under a lease)."""
 
-    def __init__(self, worker: Worker, name: str, claims: Sequence[StageClaim]) -> None:
+    def __init__(self, worker: Worker, name: str, claims: Sequence[StageClaim], niceness: int = 0) -> None:
+        """``niceness``: this thread's scheduling priority (Linux ``nice``), for background work
+        that should take only the CPU the model and the RT-STRUCTs leave."""
         self.worker = worker
         self.name = name
         self.claims = tuple(claims)
+        self.niceness = niceness
         self.held: int | None = None  # the job this lane holds now
         self.stage = ""  # and the stage it runs
         self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
@@ -141,6 +148,11 @@ class Lane:
         self.thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
 
     def _loop(self) -> None:
+        if self.niceness:
+            try:  # a thread's own id: on Linux this lowers this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+            except OSError as exc:
+                log.warning("lane priority not lowered", lane=self.name, error=str(exc))
         failures = 0
         stop = self.worker.stopping
         while not stop.is_set():
@@ -243,7 +255,8 @@ class Worker:
         is ready); the write lane takes a label map as soon as it is stored and does nothing
         but the RT-STRUCTs, so nothing else the node does delays them; the prepare lane routes,
         keeps up to ``worker.prepare_ahead`` volumes ready, finishes the results (SEGs, QA
-        picture) and assesses last."""
+        picture) and assesses last, at a lower CPU priority: on a CPU node the model's threads
+        slow down badly when a core is taken from them, so that work fills the gaps instead."""
         infer = StageClaim((JobState.PREPARED, JobState.INFERRING), Stage.INFER)
         return [
             Lane(self, "infer", [infer, StageClaim((JobState.ROUTED,), Stage.PREPARE)]),
@@ -257,6 +270,7 @@ class Worker:
                     StageClaim((JobState.WRITING,), Stage.FINISH),
                     StageClaim((JobState.ASSESSING,), Stage.ASSESS),
                 ],
+                niceness=BACKGROUND_NICENESS,
             ),
         ]
 

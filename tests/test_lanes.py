@@ -9,6 +9,7 @@ from sleeps or wall-clock thresholds.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -16,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ie_gateway.pipeline import Lane, Worker
+from ie_gateway.pipeline import BACKGROUND_NICENESS, Lane, Worker
 from ie_gateway.store import JobState, Store
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import Priority, output_sop_class
 from ie_gateway.vocab import OutputKind, Stage
-from tests.peers import Orthanc, storescu
+from tests.peers import Orthanc, storescu, wait_until
 from tests.test_priority import node_parts, queued
 from tests.test_service import node_with, rule, series
 
@@ -78,6 +79,22 @@ def test_one_lane_does_every_stage_when_the_pipeline_is_off(tmp_path: Path) -> N
     )
     assert [lane.name for lane in serial.lanes] == ["all"]
     assert [claim.stage for claim in serial.lanes[0].claims] == [stage for _, stage in Worker.STAGES]
+
+
+def test_the_prepare_lane_runs_at_a_lower_cpu_priority_than_the_model_and_the_rtstructs(tmp_path: Path) -> None:
+    _, _, worker = node_parts(tmp_path)
+
+    def nice(which: str) -> int:
+        native_id = lane(worker, which).thread.native_id
+        assert native_id is not None
+        return os.getpriority(os.PRIO_PROCESS, native_id)
+
+    worker.start()
+    try:
+        wait_until(lambda: nice("prepare") == BACKGROUND_NICENESS, 10, what="the prepare lane to lower its priority")
+        assert nice("write") == nice("infer") == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        worker.stop()
 
 
 def moves(index: Path) -> list[tuple[int, int, str]]:

@@ -147,6 +147,12 @@ class WorkerSettings(StrictModel):
     # aging: a job waiting longer than this since its series completed is taken before any
     # newer job, whatever the priorities, so low-priority work is never starved
     max_wait_s: float = Field(3600, gt=0)
+    # lanes: the inference child, the volume preparation and the writing of results run side by
+    # side, each on a different job (False: one stage of one job at a time)
+    pipeline: bool = True
+    prepare_ahead: int = Field(
+        1, ge=1, le=8, description="volumes prepared ahead of the inference lane (each a CT on disk)"
+    )
 
 
 class SeriesSettings(StrictModel):

@@ -1,9 +1,12 @@
 """The worker: claims series jobs in queue order and runs the stages after receipt.
 
-complete ─route─▶ routed ─volume+infer─▶ inferred ─write─▶ sending ─outbox─▶ delivered
-   └▶ unrouted        └▶ refused / failed        │└▶ failed      └▶ failed (dead letter)
-                                                 └▶ needs_review (plausibility checks failed,
-                                                    route `review: hold`; `release` → inferred)
+complete ─route─▶ routed ─prepare─▶ prepared ─infer─▶ inferred ─write─▶ writing ─finish─▶ sending ─outbox─▶ delivered
+   └▶ unrouted        └▶ refused / failed      └▶ failed   │└▶ failed             └▶ failed    └▶ failed (dead letter)
+                                                           └▶ needs_review (plausibility checks failed,
+                                                              route `review: hold`; `release` → inferred)
+
+write makes and queues the RT-STRUCTs (what the planning system needs first); finish makes the
+SEGs and the QA picture (a held result gets its picture in write, before it is held).
 complete (a clinician's structure set on a contoured CT) ─route─▶ assessing ─assess─▶ unrouted
 
 The stages are functions of their inputs in their own modules where they have grown (``plan``
@@ -19,10 +22,20 @@ The queue order (``Index.queue_order``): a job's priority (high, normal, low; th
 of its rules' and its caller's, set when it is routed) first, then the order in which the
 series completed; a job waiting longer than ``worker.max_wait_s`` goes before every newer one.
 
+A worker runs its stages in lanes (``worker.pipeline``), threads that each claim jobs for some
+of the stages, so the stages of different jobs overlap: the inference lane runs the model on
+one job while the prepare lane loads and checks the next one's volume (at most
+``worker.prepare_ahead`` ahead, so the disk is not spent ahead of the model) and the write lane
+writes and queues the previous one's RT-STRUCTs; the prepare lane finishes the other results. The inference lane prepares
+a volume itself when none is ready, so the model is never idle while a routed job waits. A
+ready volume is taken before an unprepared job of higher priority: priority decides the order
+in which volumes are prepared, and at most ``prepare_ahead`` wait.
+
 Several workers (on several machines sharing the index and the spool) may run at once: each
 claims a job for one stage under a lease that it renews while the stage runs and gives up when
 the stage ends. A worker that dies stops renewing; once its lease lapses another worker claims
-the job and runs the stage again: a job caught mid-inference starts its inference afresh, and
+the job and runs the stage again: a job caught mid-inference starts its inference afresh on
+its stored volume, and
 one caught mid-write writes its outputs again under the UIDs stored before its first file, so
 the planning system receives the same instances, never new ones.
 """
@@ -101,8 +114,87 @@ class RouteResult:
     findings: Findings
 
 
+@dataclass(frozen=True)
+class StageClaim:
+    """A stage as a lane looks for work: the states it takes a job from, and whether the lane
+    takes it only while fewer than ``worker.prepare_ahead`` volumes wait for the model."""
+
+    states: tuple[JobState, ...]
+    stage: Stage
+    ahead_only: bool = False
+
+
+#: the prepare lane's ``nice``: it runs beside the model, which should keep the CPU it needs
+BACKGROUND_NICENESS = 10
+
+
+class Lane:
+    """One claim loop of a worker, over some of its stages, in a thread of its own: the lanes
+    of a node share nothing but the store (each holds its own job under a lease)."""
+
+    def __init__(self, worker: Worker, name: str, claims: Sequence[StageClaim], niceness: int = 0) -> None:
+        """``niceness``: this thread's scheduling priority (Linux ``nice``), for background work
+        that should take only the CPU the model and the RT-STRUCTs leave."""
+        self.worker = worker
+        self.name = name
+        self.claims = tuple(claims)
+        self.niceness = niceness
+        self.held: int | None = None  # the job this lane holds now
+        self.stage = ""  # and the stage it runs
+        self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
+
+    def _loop(self) -> None:
+        if self.niceness:
+            try:  # a thread's own id: on Linux this lowers this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+            except OSError as exc:
+                log.warning("lane priority not lowered", lane=self.name, error=str(exc))
+        failures = 0
+        stop = self.worker.stopping
+        while not stop.is_set():
+            self.last_tick = time.monotonic()
+            try:
+                busy = self.run_once()
+                failures = 0
+            except StoreError as exc:  # the index went away (a restart, the network): wait for it
+                failures += 1
+                busy = False
+                log.warning("index unavailable; the worker waits", lane=self.name, error=detail(exc), failures=failures)
+            if not busy:
+                self.wake.wait(min(1.0 * 2 ** max(failures - 1, 0), 30.0))
+                self.wake.clear()
+
+    def run_once(self) -> bool:
+        """Claim a job for the first of this lane's stages that has one and advance it by that
+        stage; False when there was nothing to do."""
+        worker = self.worker
+        index = worker.store.index
+        for claim in self.claims:
+            if claim.ahead_only and len(index.jobs([JobState.PREPARED])) >= worker.cfg.worker.prepare_ahead:
+                continue  # enough volumes wait for the model: the disk is not spent ahead of it
+            job = index.claim(claim.states, worker.node, worker.lease_s, max_wait_s=worker.max_wait_s)
+            if job is None:
+                continue
+            self.held, self.stage = job.id, claim.stage
+            started = time.monotonic()
+            structlog.contextvars.bind_contextvars(job=job.id, stage=claim.stage)
+            try:
+                worker._attempt(job, claim.stage)
+            finally:
+                self.held = None
+                worker._release(job.id)
+                metrics.STAGE_SECONDS.labels(claim.stage).observe(time.monotonic() - started)
+                log.info("stage done", lane=self.name, seconds=round(time.monotonic() - started, 3))
+                structlog.contextvars.unbind_contextvars("job", "stage")
+                worker.wake()  # the job moved on: the lane of its next stage may take it now
+            return True
+        return False
+
+
 class Worker:
-    """Runs jobs one at a time in a background thread, each under a lease it renews."""
+    """Runs jobs in background lanes, each job's stage under a lease that is renewed."""
 
     def __init__(
         self,
@@ -115,13 +207,11 @@ class Worker:
         node: str = "local",
     ) -> None:
         """``node``: this worker's name in the index (host:pid), which `status` shows as the
-        holder of the job it works on."""
+        holder of the jobs it works on."""
         self.cfg = cfg
         self.node = node
         self.lease_s = cfg.worker.lease_s
         self.max_wait_s = cfg.worker.max_wait_s
-        self._held: int | None = None  # the job this worker holds now
-        self._stage = ""  # and the stage it runs
         self.store = store
         self.registry = registry
         self.runner = runner
@@ -135,98 +225,106 @@ class Worker:
             if cfg.inference.cpu_on_oom and cfg.inference.device is not Device.CPU
             else None
         )
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self.stopping = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
         self._stage_runs: dict[Stage, Callable[[Job], None]] = {
             Stage.ROUTE: self.route,
+            Stage.PREPARE: self.prepare,
             Stage.INFER: self.infer,
             Stage.WRITE: self.write,
+            Stage.FINISH: self.finish,
             Stage.ASSESS: self.assess,
         }
-        self.last_tick = time.monotonic()  # health: a loop that stops ticking is stuck
+        self.serial = Lane(self, "all", [StageClaim(states, stage) for states, stage in self.STAGES])
+        self.lanes = self._pipelined_lanes() if cfg.worker.pipeline else [self.serial]
 
-    def start(self) -> None:
-        self._thread.start()
-        self._renewer.start()
-
-    def wake(self) -> None:
-        """Look for work now (a series completed, an admin replayed a job)."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self._renewer.join(timeout=5)
-        held = self._held
-        if held is not None:  # still at it as the node stops: interrupted, not crashed
-            try:
-                self.store.index.end_stage(held, self._stage)
-            except StoreError as exc:
-                log.warning("stage end not recorded", job=held, error=detail(exc))
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            self.last_tick = time.monotonic()
-            try:
-                busy = self.run_once()
-                failures = 0
-            except StoreError as exc:  # the index went away (a restart, the network): wait for it
-                failures += 1
-                busy = False
-                log.warning("index unavailable; the worker waits", error=detail(exc), failures=failures)
-            if not busy:
-                self._wake.wait(min(1.0 * 2 ** max(failures - 1, 0), 30.0))
-                self._wake.clear()
-
-    def _renew_loop(self) -> None:
-        """Renew the lease of the job in hand every third of the lease."""
-        while not self._stop.wait(self.lease_s / 3):
-            held = self._held
-            if held is None:
-                continue
-            try:
-                kept = self.store.index.renew(held, self.node, self.lease_s)
-            except GatewayError as exc:
-                log.warning("lease not renewed", job=held, error=str(exc))
-                continue
-            if not kept and self._held == held:
-                log.error("lease lost: another worker has taken the job over", job=held)
-
-    #: (states a stage takes a job from, the stage); a job claimed while `inferring` is one
-    #: whose worker's lease lapsed mid-inference
+    #: (states a stage takes a job from, the stage), in the order one lane doing every stage
+    #: looks for work (``worker.pipeline: false``, and :meth:`run_once`); a job claimed while
+    #: `inferring` is one whose worker's lease lapsed mid-inference
     STAGES: tuple[tuple[tuple[JobState, ...], Stage], ...] = (
         ((JobState.INFERRED,), Stage.WRITE),
+        ((JobState.WRITING,), Stage.FINISH),
         ((JobState.COMPLETE,), Stage.ROUTE),
-        ((JobState.ROUTED, JobState.INFERRING), Stage.INFER),
+        ((JobState.PREPARED, JobState.INFERRING), Stage.INFER),
+        ((JobState.ROUTED,), Stage.PREPARE),
         ((JobState.ASSESSING,), Stage.ASSESS),  # last: a CT never waits behind a comparison
     )
 
+    def _pipelined_lanes(self) -> list[Lane]:
+        """The inference lane keeps the model busy (it prepares a volume itself only when none
+        is ready); the write lane takes a label map as soon as it is stored and does nothing
+        but the RT-STRUCTs, so nothing else the node does delays them; the prepare lane routes,
+        keeps up to ``worker.prepare_ahead`` volumes ready, finishes the results (SEGs, QA
+        picture) and assesses last, at a lower CPU priority: on a CPU node the model's threads
+        slow down badly when a core is taken from them, so that work fills the gaps instead."""
+        infer = StageClaim((JobState.PREPARED, JobState.INFERRING), Stage.INFER)
+        return [
+            Lane(self, "infer", [infer, StageClaim((JobState.ROUTED,), Stage.PREPARE)]),
+            Lane(self, "write", [StageClaim((JobState.INFERRED,), Stage.WRITE)]),
+            Lane(
+                self,
+                "prepare",
+                [
+                    StageClaim((JobState.COMPLETE,), Stage.ROUTE),
+                    StageClaim((JobState.ROUTED,), Stage.PREPARE, ahead_only=True),
+                    StageClaim((JobState.WRITING,), Stage.FINISH),
+                    StageClaim((JobState.ASSESSING,), Stage.ASSESS),
+                ],
+                niceness=BACKGROUND_NICENESS,
+            ),
+        ]
+
+    @property
+    def last_tick(self) -> float:
+        """When the least recently ticking lane last did (health: a stuck loop stops ticking)."""
+        return min(lane.last_tick for lane in self.lanes)
+
+    def start(self) -> None:
+        for lane in self.lanes:
+            lane.thread.start()
+        self._renewer.start()
+
+    def wake(self) -> None:
+        """Look for work now (a series completed, an admin replayed a job, a stage ended)."""
+        for lane in self.lanes:
+            lane.wake.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake()
+        for lane in self.lanes:
+            lane.thread.join(timeout=30)
+        self._renewer.join(timeout=5)
+        for lane in self.lanes:
+            held = lane.held
+            if held is not None:  # still at it as the node stops: interrupted, not crashed
+                try:
+                    self.store.index.end_stage(held, lane.stage)
+                except StoreError as exc:
+                    log.warning("stage end not recorded", job=held, error=detail(exc))
+
+    def alive(self) -> bool:
+        return all(lane.thread.is_alive() for lane in self.lanes)
+
     def run_once(self) -> bool:
-        """Claim a job and advance it by one stage; False when there was nothing to do."""
-        for states, stage in self.STAGES:
-            job = self.store.index.claim(states, self.node, self.lease_s, max_wait_s=self.max_wait_s)
-            if job is None:
-                continue
-            self._held, self._stage = job.id, stage
-            started = time.monotonic()
-            structlog.contextvars.bind_contextvars(job=job.id, stage=stage)
-            try:
-                self._attempt(job, stage)
-            finally:
-                self._held = None
-                self._release(job.id)
-                metrics.STAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
-                log.info("stage done", seconds=round(time.monotonic() - started, 3))
-                structlog.contextvars.unbind_contextvars("job", "stage")
-            return True
-        return False
+        """Claim a job for any stage and advance it by one stage, in this thread; False when
+        there was nothing to do."""
+        return self.serial.run_once()
+
+    def _renew_loop(self) -> None:
+        """Renew the lease of each lane's job in hand every third of the lease."""
+        while not self.stopping.wait(self.lease_s / 3):
+            for lane in self.lanes:
+                held = lane.held
+                if held is None:
+                    continue
+                try:
+                    kept = self.store.index.renew(held, self.node, self.lease_s)
+                except GatewayError as exc:
+                    log.warning("lease not renewed", job=held, error=str(exc))
+                    continue
+                if not kept and lane.held == held:
+                    log.error("lease lost: another worker has taken the job over", job=held)
 
     def _attempt(self, job: Job, stage: Stage) -> None:
         """Run one stage of a claimed job, counted in the index so that a job that keeps
@@ -242,7 +340,7 @@ class Worker:
         except VolumeRefused as exc:
             self._park(job, JobState.REFUSED, str(exc))
         except InferenceCrashed as exc:
-            if self._stop.is_set():  # the node stopped its inference process: no fault of the job
+            if self.stopping.is_set():  # the node stopped its inference process: no fault of the job
                 self._back_to_start(job, f"{stage}: interrupted as the node stopped")
             else:
                 crashed = True
@@ -288,9 +386,10 @@ class Worker:
             log.warning("retry not recorded", error=detail(exc2))
 
     def _back_to_start(self, job: Job, reason: str) -> None:
-        """A stage to be run again starts where it started: a job caught inferring is routed."""
+        """A stage to be run again starts where it started: a job caught inferring goes back to
+        its stored volume."""
         if self.store.index.job(job.id).state is JobState.INFERRING:
-            self.store.index.transition(job.id, JobState.ROUTED, reason=reason)
+            self.store.index.transition(job.id, JobState.PREPARED, reason=reason)
 
     def _release(self, job_id: int) -> None:
         try:
@@ -373,38 +472,40 @@ class Worker:
             job.id, JobState.UNROUTED, reason=f"clinician's structure set, linked to job {ct_job}{outcome}"
         )
 
-    def infer(self, job: Job) -> None:
-        if job.state is JobState.INFERRING:  # its worker died mid-inference: start it afresh
-            self.store.index.transition(job.id, JobState.ROUTED, reason="taken over: its worker's lease lapsed")
-            log.warning("job taken over", was_held_by=job.claimed_by)
-        self.store.index.transition(job.id, JobState.INFERRING)
-        folder = self.store.job_dir(job.id)
+    def prepare(self, job: Job) -> None:
+        """Load and check the series and store it in the job's folder as the volume the
+        inference child reads, so the model never waits for the disk or the checks."""
         started = time.monotonic()
         volume = load_volume(self.store.instance_files(job), self.checks)
-        ct_path = folder / CT_FILE
-        _write_image(volume.image, ct_path)
+        _write_image(volume.image, self.store.job_dir(job.id) / CT_FILE)
         slice_files = self.store.spool_relative(volume.paths)
         self.store.keep_geometry(job.id, volume.geometry)
-        load_s = time.monotonic() - started
-        del volume
+        load_s = round(time.monotonic() - started, 2)
+        self.store.index.update_detail(
+            job.id, lambda d: replace(d, slice_files=slice_files, timings_s={"volume": load_s})
+        )
+        self.store.index.transition(job.id, JobState.PREPARED)
+        log.info("volume prepared", seconds=load_s)
+
+    def infer(self, job: Job) -> None:
+        if job.state is JobState.INFERRING:  # its worker died mid-inference: start it afresh
+            self.store.index.transition(job.id, JobState.PREPARED, reason="taken over: its worker's lease lapsed")
+            log.warning("job taken over", was_held_by=job.claimed_by)
+        folder = self.store.job_dir(job.id)
+        ct_path = folder / CT_FILE
+        if not ct_path.exists() or not job.detail.slice_files:
+            self.store.index.transition(job.id, JobState.ROUTED, reason="its stored volume is missing: prepared again")
+            return
+        self.store.index.transition(job.id, JobState.INFERRING)
+        started = time.monotonic()
         results = [
             self.segment(self.registry.resolve(route.spec), ct_path, folder / labels_file(index))
             for index, route in enumerate(job.routes)
         ]
         # volumes_cc waits for the write stage, which measures the structures as contoured
-        self.store.index.update_detail(
-            job.id,
-            lambda d: replace(
-                d, slice_files=slice_files, timings_s={"volume": round(load_s, 2), **results[0].timings_s}
-            ),
-        )
+        self.store.index.update_detail(job.id, lambda d: replace(d, timings_s={**d.timings_s, **results[0].timings_s}))
         self.store.index.transition(job.id, JobState.INFERRED)
-        log.info(
-            "inferred",
-            seconds=round(time.monotonic() - started, 2),
-            volume_s=round(load_s, 2),
-            structures=len(results[0].volumes_cc),
-        )
+        log.info("inferred", seconds=round(time.monotonic() - started, 2), structures=len(results[0].volumes_cc))
 
     def segment(self, model: ModelVersion, ct_path: Path, labels_path: Path) -> InferenceResult:
         """The runner's segmentation; CUDA out of memory is tried once on the CPU where
@@ -419,32 +520,148 @@ class Worker:
                 return cpu.run(model, ct_path, labels_path)
 
     def write(self, job: Job) -> None:
+        """The RT-STRUCTs, each stored and queued (the sender woken) as soon as the checks
+        pass; the rest of the results wait for the finish stage, so nothing the planning system
+        does not need first delays them. A result held for review gets its QA picture first."""
         started = time.monotonic()
-        folder = self.store.job_dir(job.id)
-        # the CT as the volume stage checked it, its geometry, and its headers in the same slice
-        # order (the writers copy the patient and study from them and reference every slice)
-        ct = sitk.ReadImage(str(folder / CT_FILE))
-        hu = sitk.GetArrayViewFromImage(ct)
-        geometry = self.store.geometry(job)
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)]
-        results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
-        log.info(
-            "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
-        )
+        headers, geometry, results, reasons = self._results(job, started)
         first = results[0].findings
         self.store.index.update_detail(
             job.id, lambda d: replace(d, volumes_cc=first.volumes_cc, empty_structures=tuple(first.empty))
         )
         if all(len(r.findings.empty) == len(r.findings.volumes_cc) for r in results):
             raise WriteError("the model found none of its structures (every one is empty); nothing was sent")
+        review = job.detail.review
+        if reasons and (review is None or review.released_by is None):
+            hold = any(r.route.review is ReviewPolicy.HOLD and r.findings.reasons for r in results)
+            held = Review(reasons=tuple(reasons), policy=ReviewPolicy.HOLD if hold else ReviewPolicy.FLAG)
+            self.store.index.update_detail(job.id, lambda d: replace(d, review=held))
+            if hold:
+                self._qa_picture(job, results[0])  # a held result is judged by looking at it
+                self.store.index.transition(job.id, JobState.NEEDS_REVIEW, reason="needs review: " + "; ".join(reasons))
+                log.warning("result held for review", reasons=reasons)
+                return
+            log.warning("result flagged for review", reasons=reasons)
+        for result, output in self._planned(job, results):
+            if output.kind is OutputKind.RTSTRUCT:
+                self._write_and_queue(job, headers, geometry, result, output, flagged=bool(reasons))
+        self.store.index.transition(job.id, JobState.WRITING)
+        log.info("rtstructs queued", seconds=round(time.monotonic() - started, 3))
+
+    def finish(self, job: Job) -> None:
+        """The rest of the results after the RT-STRUCTs: the SEGs, then the QA picture."""
+        started = time.monotonic()
+        headers, geometry, results, reasons = self._results(job, started)
+        planned = self._planned(job, results)
+        written = {
+            output.file
+            for result, output in planned
+            if self._structures_for(result, output)
+            and (
+                output.kind is OutputKind.RTSTRUCT  # the write stage wrote and queued it
+                or self._write_and_queue(job, headers, geometry, result, output, flagged=bool(reasons))
+            )
+        }
+        if not written:
+            raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
+        self._qa_picture(job, results[0])
+        sent = not_sent(job.routes, self.cfg.destinations)
+        self.store.index.update_detail(
+            job.id,
+            lambda d: replace(
+                d,
+                # what was written, in the plan's order: a file with no structure left is not
+                plan=OutputPlan(tuple(o for _, o in planned if o.file in written)),
+                outputs=tuple(o.kind for _, o in planned if o.file in written),
+                not_sent=sent,
+            ),
+        )
+        self.store.index.transition(job.id, JobState.SENDING)
+        log.info("results written", files=len(written), not_sent=sent, seconds=round(time.monotonic() - started, 3))
+        self.outbox.settle(job.id)  # every file may have been delivered while the later ones were built
+
+    def _results(
+        self, job: Job, started: float
+    ) -> tuple[list[pydicom.Dataset], SliceGeometry, list[RouteResult], list[str]]:
+        """The CT's headers (in the slice order the prepare stage stored: the writers copy the
+        patient and study from them and reference every slice), the geometry the volume was
+        checked with, each route's label map, masks and findings, and the reasons a reviewer
+        would read."""
+        folder = self.store.job_dir(job.id)
+        headers: list[pydicom.Dataset] = [
+            pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)
+        ]
+        geometry = self.store.geometry(job)
+        results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
+        log.info(
+            "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
+        )
         reasons = [
             f"{r.route.model}: {why}" if len(results) > 1 else why for r in results for why in r.findings.reasons
         ]
-        # the picture comes before the gate decides, so a held result can be judged by looking at it
-        shown = results[0]
-        sx, sy, sz = (float(s) for s in ct.GetSpacing())
+        return headers, geometry, results, reasons
+
+    def _planned(self, job: Job, results: Sequence[RouteResult]) -> list[tuple[RouteResult, PlannedOutput]]:
+        """Each planned file with the result of its route, in the plan's order."""
+        plan = self._plan(job)
+        return [(result, output) for result in results for output in plan.of_route(result.index)]
+
+    def _structures_for(self, result: RouteResult, output: PlannedOutput) -> list[StructureInfo]:
+        """The structures a planned file holds, under its destinations' names (none: the model
+        found none of them)."""
+        present = [s for s in result.structures if s.name not in result.findings.empty]
+        return self._named(output, present)
+
+    def _write_and_queue(
+        self,
+        job: Job,
+        headers: Sequence[pydicom.Dataset],
+        geometry: SliceGeometry,
+        result: RouteResult,
+        output: PlannedOutput,
+        flagged: bool,
+    ) -> bool:
+        """Write one planned file and queue it for its destinations, waking the sender at once;
+        False when none of its structures is left to send."""
+        info = ModelInfo(
+            name=result.model.name, version=result.model.version, needs_review=flagged, node=self.cfg.node.ae_title
+        )
+        out_structures = self._structures_for(result, output)
+        if not out_structures:
+            log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
+            return False
+        path = self.store.job_dir(job.id) / output.file
+        self._write_output(
+            output.kind,
+            headers,
+            geometry,
+            result.labels,
+            result.masks,
+            out_structures,
+            info,
+            output.uids,
+            path,
+            output.encoding,
+        )
+        for dest in output.destinations if result.route.deliver else ():  # a shadow route's files stay here
+            self.outbox.enqueue(
+                job.id,
+                dest,
+                str(path.relative_to(self.store.results)),
+                output.uids.sop_uid,
+                output_sop_class(output.kind, output.encoding),
+            )
+        self.on_queued()
+        log.info("output queued", kind=output.kind, destinations=output.destinations)
+        return True
+
+    def _qa_picture(self, job: Job, shown: RouteResult) -> None:
+        """The QA picture of a route's contours over the CT as the prepare stage stored it."""
+        folder = self.store.job_dir(job.id)
+        ct = sitk.ReadImage(str(folder / CT_FILE))
+        sx, sy, sz = (float(v) for v in ct.GetSpacing())
         qa_png = render_qa_png(
-            hu,
+            sitk.GetArrayViewFromImage(ct),
             shown.labels,
             shown.structures,
             (sx, sy, sz),
@@ -452,75 +669,7 @@ class Worker:
             folder / "qa.png",
         )
         self.store.index.update_detail(job.id, lambda d: replace(d, qa_png=str(qa_png.relative_to(self.store.results))))
-        review = job.detail.review
-        if reasons and (review is None or review.released_by is None):
-            hold = any(r.route.review is ReviewPolicy.HOLD and r.findings.reasons for r in results)
-            held = Review(reasons=tuple(reasons), policy=ReviewPolicy.HOLD if hold else ReviewPolicy.FLAG)
-            self.store.index.update_detail(job.id, lambda d: replace(d, review=held))
-            if hold:
-                self.store.index.transition(job.id, JobState.NEEDS_REVIEW, reason="needs review: " + "; ".join(reasons))
-                log.warning("result held for review", reasons=reasons)
-                return
-            log.warning("result flagged for review", reasons=reasons)
-        plan = self._plan(job)
-        written: list[PlannedOutput] = []
-        for result in results:
-            labels, masks, structures, route = result.labels, result.masks, result.structures, result.route
-            info = ModelInfo(
-                name=result.model.name,
-                version=result.model.version,
-                needs_review=bool(reasons),
-                node=self.cfg.node.ae_title,
-            )
-            present = [s for s in structures if s.name not in result.findings.empty]
-            for output in plan.of_route(result.index):
-                out_structures = self._named(output, present)
-                if not out_structures:
-                    log.warning("nothing left to send", kind=output.kind, destinations=output.destinations)
-                    continue
-                path = folder / output.file
-                self._write_output(
-                    output.kind,
-                    headers,
-                    geometry,
-                    labels,
-                    masks,
-                    out_structures,
-                    info,
-                    output.uids,
-                    path,
-                    output.encoding,
-                )
-                for dest in output.destinations if route.deliver else ():  # a shadow route's files stay here
-                    self.outbox.enqueue(
-                        job.id,
-                        dest,
-                        str(path.relative_to(self.store.results)),
-                        output.uids.sop_uid,
-                        output_sop_class(output.kind, output.encoding),
-                    )
-                self.on_queued()
-                written.append(output)
-                log.info(
-                    "output queued",
-                    kind=output.kind,
-                    destinations=output.destinations,
-                    seconds=round(time.monotonic() - started, 3),
-                )
-        if not written:
-            raise WriteError("no destination takes any output of this job (see each destination's accepts and names)")
-        self.store.index.update_detail(
-            job.id,
-            lambda d: replace(
-                d,
-                plan=OutputPlan(tuple(written)),  # what was written: a file with no structure left is not
-                outputs=tuple(o.kind for o in written),
-                not_sent=not_sent(job.routes, self.cfg.destinations),
-            ),
-        )
-        self.store.index.transition(job.id, JobState.SENDING)
-        log.info("results written", files=len(written), not_sent=not_sent(job.routes, self.cfg.destinations))
-        self.outbox.settle(job.id)  # every file may have been delivered while the later ones were built
+        log.info("qa picture made")
 
     def _checked(self, folder: Path, index: int, route: JobRoute, geometry: SliceGeometry) -> RouteResult:
         """Route ``index``'s label map, its structures' masks as the writers encode them, and

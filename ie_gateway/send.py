@@ -41,7 +41,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from ie_gateway.config import DeliverySettings, Destination
-from ie_gateway.errors import CommitmentError, DeliveryError, StowRefused
+from ie_gateway.errors import CommitmentError, DeliveryError, StoreError, StowRefused
 from ie_gateway.interop.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
 from ie_gateway.interop.dicomweb import StowClient
 from ie_gateway.ops import tls
@@ -132,6 +132,7 @@ class Sender:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(destinations)), thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._lock = threading.Lock()
+        self._closing = False
         self.commitments = Commitments(outbox, destinations, self._fail_row, outbox.settle)
 
     def _fail_row(self, row: OutboxRow, status: int | None, error: str) -> None:
@@ -144,19 +145,21 @@ class Sender:
         delivered), so the scheduler never waits on a slow peer.
         """
         self._expire_commitments()
-        started = []
-        for name in self.outbox.due_destinations():
+        started = (self._start(name) for name in self.outbox.due_destinations())
+        return [future for future in started if future is not None]
+
+    def _start(self, name: str) -> Future[int] | None:
+        """A pass over the destination's due rows, unless one runs or another node took them."""
+        with self._lock:
+            if name in self._busy:
+                return None
+            self._busy.add(name)
+        rows = self._claim(name)
+        if not rows:  # another node took them first
             with self._lock:
-                if name in self._busy:
-                    continue
-                self._busy.add(name)
-            rows = self._claim(name)
-            if not rows:  # another node took them first
-                with self._lock:
-                    self._busy.discard(name)
-                continue
-            started.append(self._pool.submit(self._pass, name, rows))
-        return started
+                self._busy.discard(name)
+            return None
+        return self._pool.submit(self._pass, name, rows)
 
     def _expire_commitments(self) -> None:
         """Rows whose commitment report never came count a failed attempt and go again."""
@@ -174,12 +177,26 @@ class Sender:
 
     def close(self) -> None:
         """Let passes in flight finish (each is bounded by its timeouts); start no more."""
+        self._closing = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _next_pass(self, name: str) -> None:
+        """Rows queued while a pass ran (the next job's RT-STRUCT, behind this one's SEG) go
+        now, not at the next interval."""
+        if self._closing:
+            return
+        try:
+            if name in self.outbox.due_destinations():
+                self._start(name)
+        except (StoreError, RuntimeError) as exc:  # the index is away, or the pool shut down: the interval retries
+            log.warning("next delivery pass not started", destination=name, error=str(exc))
 
     def _pass(self, name: str, rows: list[OutboxRow]) -> int:
         recorded: set[int] = set()
+        delivered = 0
         try:
-            return self._deliver(name, rows, recorded)
+            delivered = self._deliver(name, rows, recorded)
+            return delivered
         except Exception as exc:  # the top of a delivery thread: every row gets its attempt recorded
             log.exception("delivery pass crashed", destination=name)
             for row in rows:
@@ -191,6 +208,8 @@ class Sender:
                 self._busy.discard(name)
             for job_id in sorted({r.job_id for r in rows}):
                 self.outbox.settle(job_id)  # delivered, or failed with the peer's status
+            if delivered == len(rows):  # a peer that failed a file waits for the interval
+                self._next_pass(name)
 
     def _deliver(self, name: str, rows: list[OutboxRow], recorded: set[int]) -> int:
         dest = self.destinations.get(name)

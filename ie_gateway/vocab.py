@@ -20,8 +20,10 @@ class JobState(StrEnum):
     ROUTED = "routed"  # a rule chose a model; waiting for the worker
     REFUSED = "refused"  # the series cannot be processed (geometry, modality); see reason
     UNROUTED = "unrouted"  # no rule matched; kept until retention
+    PREPARED = "prepared"  # volume loaded, checked and stored in the job's folder; waiting for the model
     INFERRING = "inferring"  # the worker is running the model
-    INFERRED = "inferred"  # label map stored; outputs being written
+    INFERRED = "inferred"  # label map stored; the RT-STRUCTs being written
+    WRITING = "writing"  # the RT-STRUCTs queued; the SEGs and the QA picture being made
     NEEDS_REVIEW = "needs_review"  # failed its model's plausibility checks; held until released
     SENDING = "sending"  # results in the outbox
     DELIVERED = "delivered"  # every destination has every result
@@ -34,8 +36,10 @@ class Stage(StrEnum):
     """The worker's stages: what a claimed job is advanced by (metrics and logs name them)."""
 
     ROUTE = "route"
+    PREPARE = "prepare"  # the volume loaded, checked and stored as the inference child reads it
     INFER = "infer"
-    WRITE = "write"
+    WRITE = "write"  # the RT-STRUCTs, queued as soon as they are validated
+    FINISH = "finish"  # the rest of the results (SEGs, QA picture), then the job is sending
     ASSESS = "assess"  # a clinician's structure set against the AI's contours
 
 

@@ -101,7 +101,7 @@ def test_a_job_that_kills_its_inference_process_twice_fails_and_the_next_series_
 def kill_node_mid_inference(node: Node, job_id: int, attempt: int) -> None:
     """Kill -9 the node (as the kernel's OOM killer would) during the job's ``attempt``-th inference."""
     index = node.root / "index.sqlite3"
-    wait_until(lambda: moves(index, job_id).count(("routed", "inferring")) >= attempt, 180,
+    wait_until(lambda: moves(index, job_id).count(("prepared", "inferring")) >= attempt, 180,
                what=f"inference attempt {attempt}")  # fmt: skip
     assert node.proc is not None
     children = child_pids(node.proc.pid)
@@ -185,7 +185,7 @@ def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_on
         what="the write stage to find the disk full and wait to retry",
     )
     assert "full" in first.get("reason", first.get("error", "")), first
-    assert node.jobs()[0]["state"] in ("inferred", "sending")
+    assert node.jobs()[0]["state"] in ("inferred", "writing", "sending")
     rest.unlink()
     filler.unlink()
     [job] = node.wait_state({"delivered", "failed"}, timeout=120)

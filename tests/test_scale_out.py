@@ -103,7 +103,7 @@ def test_a_worker_killed_mid_inference_has_its_job_finished_by_another_with_the_
     assert done["id"] == busy["id"]
     job = store.index.job(busy["id"])
     moves = [(t.from_state, t.to_state) for t in store.index.transitions(job.id)]
-    assert ("inferring", "routed") in moves and moves.count(("routed", "inferring")) == 2
+    assert ("inferring", "prepared") in moves and moves.count(("prepared", "inferring")) == 2
     assert tps_rtstructs(orthanc) == planned  # the same instance, one copy
     survivor = next(w for w in workers if w is not victim)
     assert any(e["event"] == "job taken over" for e in survivor.log_events())

@@ -36,7 +36,8 @@ APPROVED = ApprovalStatus.APPROVED
 #: Which status a structure-set series shows when its files disagree: an approved file wins,
 #: then a rejection, then a draft
 PRECEDENCE = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED, ApprovalStatus.UNAPPROVED, ApprovalStatus.UNKNOWN)
-LINKABLE_STATES = (JobState.SENDING, JobState.DELIVERED)
+#: a CT job whose RT-STRUCT may be at the TPS (`writing`: sent while the SEG is made)
+LINKABLE_STATES = (JobState.WRITING, JobState.SENDING, JobState.DELIVERED)
 
 
 def link_approved(store: Store, job: Job, accept_from: Collection[str] = ()) -> int | None:

@@ -368,7 +368,9 @@ class Store:
                 log.warning("stage interrupted by a crash", job=job_id, stage=stage, crashes=crashes)
             self.index.release_all()
             for job in self.index.jobs([JobState.INFERRING]):
-                self.index.transition(job.id, JobState.ROUTED, reason="re-run after restart")
+                # its volume was stored before inference began (an earlier node stored none)
+                back = JobState.PREPARED if job.detail.slice_files else JobState.ROUTED
+                self.index.transition(job.id, back, reason="re-run after restart")
                 resumed += 1
         unfinished = len(self.index.jobs(sorted(UNFINISHED, key=lambda s: s.value)))
         summary = {

@@ -18,8 +18,11 @@ import structlog
 from ie_gateway.errors import TransitionError
 from ie_gateway.log import scrub
 from ie_gateway.store.index import Index
-from ie_gateway.store.records import DeliveredBatch, OutboxRow
-from ie_gateway.vocab import JobState, OutboxState
+from ie_gateway.store.records import DeliveredBatch, OutboxRow, output_sop_class
+from ie_gateway.vocab import JobState, OutboxState, OutputKind
+
+#: a pass sends the planning system's RT-STRUCTs before the SEGs queued ahead of them
+_RTSTRUCT = output_sop_class(OutputKind.RTSTRUCT)
 
 log = structlog.get_logger(__name__)
 
@@ -73,14 +76,15 @@ class Outbox:
     def claim_due(
         self, destination: str, node: str, lease_s: float, *, per_row_s: float = 0.0, now: float | None = None
     ) -> list[OutboxRow]:
-        """Take the destination's due rows that no live lease holds, oldest first, for
-        ``lease_s`` plus ``per_row_s`` for each row taken."""
+        """Take the destination's due rows that no live lease holds, RT-STRUCTs first, each kind
+        oldest first, for ``lease_s`` plus ``per_row_s`` for each row taken."""
         now = now if now is not None else self.db.now()
         with self.db.tx() as db:
             rows = db.execute(
                 f"SELECT {ROW_COLUMNS} FROM outbox WHERE destination = ? AND state = ? AND next_at <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id" + self.db.skip_locked,
-                (destination, OutboxState.PENDING.value, now, now),
+                "AND (lease_until IS NULL OR lease_until < ?) "
+                "ORDER BY CASE WHEN sop_class = ? THEN 0 ELSE 1 END, id" + self.db.skip_locked,
+                (destination, OutboxState.PENDING.value, now, now, _RTSTRUCT),
             ).fetchall()
             until = now + lease_s + per_row_s * len(rows)
             for r in rows:

@@ -201,15 +201,7 @@ def _fetch_web(cfg: GatewayConfig, source_name: str, source: Source, study_uid: 
         for ds in client.iter_study(study_uid):
             buffer = BytesIO()
             try:
-                arrival = Arrival(
-                    sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-                    sop_class=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-                    study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-                    series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-                    transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                    calling_ae=source_name[:16],
-                    called_ae=cfg.node.ae_title,
-                )
+                arrival = Arrival.of(ds, source_name[:16], cfg.node.ae_title)
                 pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
             except (UnsafeUIDError, AttributeError, ValueError) as exc:
                 log.warning("fetched instance refused", source=source_name, reason=str(exc)[:200])

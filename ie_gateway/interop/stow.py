@@ -35,7 +35,7 @@ from ie_gateway.intake import check_limits, read_part
 from ie_gateway.interop.dicomweb import secret
 from ie_gateway.ops import metrics
 from ie_gateway.receive import DECODE_ERRORS, OVER_LIMIT, REQUIRED
-from ie_gateway.store import Arrival, SeriesHeader, Store, check_uid, header_values
+from ie_gateway.store import Arrival, SeriesHeader, Store, header_values
 
 log = structlog.get_logger(__name__)
 
@@ -103,15 +103,7 @@ class StowReceiver:
                 raise ValueError(f"lacks {absent[0]}")
             item.ReferencedSOPClassUID = str(ds.SOPClassUID)
             item.ReferencedSOPInstanceUID = str(ds.SOPInstanceUID)
-            arrival = Arrival(
-                sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-                sop_class=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-                study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-                series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                calling_ae=calling,
-                called_ae=self.cfg.node.ae_title,
-            )
+            arrival = Arrival.of(ds, calling, self.cfg.node.ae_title)
             check_limits(ds, received.size, self.store.index.series_totals(arrival.series_uid), self.cfg.limits)
         except InstanceOverLimit as exc:
             log.warning(

@@ -121,6 +121,20 @@ class Arrival:
     calling_ae: str
     called_ae: str
 
+    @classmethod
+    def of(cls, ds: pydicom.Dataset, calling_ae: str, called_ae: str) -> Arrival:
+        """The arrival of a data set that came with its file meta (STOW-RS, a DICOMweb
+        retrieve), every UID checked as a file name. Raises UnsafeUIDError."""
+        return cls(
+            sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+            sop_class=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+            study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+        )
+
 
 class Store:
     """Accepts instances durably and hands series jobs from stage to stage."""

@@ -1,6 +1,7 @@
 """Benchmark: receive throughput of the node against dcmtk's storescp and Orthanc.
 
 Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4] [--max-pdu-kb N ...]
+       [--listener-processes N ...]
 
 The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (TCP_NODELAY) to
 (a) `ie-gateway serve` (durable: fsync + rename + index row before each answer),
@@ -8,7 +9,8 @@ The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (
 loopback for every run so nothing is a duplicate. Then N senders at once, each with its own
 series. The servers take turns within each repetition. Prints the median seconds and MiB/s
 of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
-maximum PDU length, to choose ``node.max_pdu_kb``.
+maximum PDU length, to choose ``node.max_pdu_kb``; ``--listener-processes 1 4`` runs it with
+each ``node.listener_processes``.
 These machines are noisy (±10-15 %): compare within one run. The node's CPU seconds per run
 (user + system, from /proc) are printed too: on a machine whose cores other work shares they
 move less than the wall-clock figures.
@@ -63,17 +65,39 @@ def send(port: int, folders: list[Path], called: str) -> float:
 NODE_CPU: dict[tuple[str, int], list[tuple[float, float]]] = {}
 
 
+def children(pid: int) -> list[int]:
+    """The process's children (/proc/PID/task/*/children)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process so far (/proc/PID/stat, clock ticks)."""
+    """User and system CPU seconds of a process and its children so far (/proc/PID/stat, clock
+    ticks): the node's listener processes count too."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    for child in children(pid):
+        child_user, child_system = cpu_seconds(child)
+        user, system = user + child_user, system + child_system
+    return user, system
 
 
-def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, name: str = "ie_gateway") -> float:
+def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, processes: int | None = None,
+             name: str = "ie_gateway") -> float:
     settings: dict[str, object] = {"series": {"stable_after_s": 3600}}
+    node_settings: dict[str, int] = {}
     if max_pdu_kb is not None:
-        settings["node"] = {"max_pdu_kb": max_pdu_kb}
+        node_settings["max_pdu_kb"] = max_pdu_kb
+    if processes is not None:
+        node_settings["listener_processes"] = processes
+    if node_settings:
+        settings["node"] = node_settings
     node = Node(work, settings=settings).start()
     try:
         assert node.proc is not None
@@ -108,10 +132,16 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--max-pdu-kb", type=int, nargs="*", default=[],
                         help="run the node once per value of node.max_pdu_kb (default: its configured one)")
+    parser.add_argument("--listener-processes", type=int, nargs="*", default=[],
+                        help="run the node once per value of node.listener_processes (default: its configured one)")
     args = parser.parse_args()
     nodes: dict[str, Callable[[Path, list[Path]], float]] = {
         f"ie_gateway@{kb}k": partial(run_node, max_pdu_kb=kb, name=f"ie_gateway@{kb}k") for kb in args.max_pdu_kb
-    } or {"ie_gateway": run_node}
+    }
+    nodes.update({
+        f"ie_gateway×{n}": partial(run_node, processes=n, name=f"ie_gateway×{n}") for n in args.listener_processes
+    })
+    nodes = nodes or {"ie_gateway": run_node}
     peers = {**nodes, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:

@@ -280,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    logsetup.configure(cfg.log_level)
+    several = cfg.node.listener_processes > 1 and Role(args.role).receives
+    logsetup.configure(cfg.log_level, process="main" if several else None)
     from ie_gateway.service import Service
 
     Service(cfg, role=Role(args.role)).run()

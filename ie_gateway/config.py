@@ -98,6 +98,12 @@ class Node(StrictModel):
     max_pdu_kb: int = Field(
         256, ge=4, le=16384, description="largest PDU the node receives: what one read of a peer may hold"
     )
+    listener_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes that accept associations on the same ports (SO_REUSEPORT); the limits are per process",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

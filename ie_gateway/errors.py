@@ -39,6 +39,7 @@ GatewayError
 ├── NotifyError            a webhook did not take an event (unreachable, or not 2xx)
 ├── FetchError             a source could not be asked for a study, or refused to send it
 ├── HttpError              the health/metrics HTTP endpoint could not start
+├── ListenerProcessError   an extra listener process (node.listener_processes) did not start listening
 ├── BackupError            a backup cannot be made, or restored onto this node
 └── BadDate                text that is not a date, a time or an age such as 7d (also a ValueError)
 
@@ -239,3 +240,7 @@ class BackupError(GatewayError):
 class BadDate(GatewayError, ValueError):
     """Text that is not a date (YYYY-MM-DD), a time (ISO 8601) or an age back from now (7d, 12h,
     30m): a ``--since``. A ValueError too, as a parser's caller expects."""
+
+
+class ListenerProcessError(GatewayError):
+    """An extra listener process (``node.listener_processes``) exited or did not listen in time."""

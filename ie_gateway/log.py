@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -90,8 +91,22 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
-def configure(level: str = "info", stream: Any = None) -> None:
-    """Set up JSON logging for the process (call once, at start); stdlib loggers go through it too."""
+def _named(process: str) -> Any:
+    """structlog processor: the line's ``process`` (its name and pid)."""
+    pid = os.getpid()
+
+    def add(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("process", process)
+        event.setdefault("pid", pid)
+        return event
+
+    return add
+
+
+def configure(level: str = "info", stream: Any = None, process: str | None = None) -> None:
+    """Set up JSON logging for the process (call once, at start); stdlib loggers go through it too.
+    ``process``: a name put on every line as ``process``, where one node runs several
+    (``node.listener_processes``)."""
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -99,6 +114,8 @@ def configure(level: str = "info", stream: Any = None) -> None:
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if process is not None:
+        shared.append(_named(process))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

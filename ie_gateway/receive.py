@@ -392,6 +392,17 @@ class ScreeningServer(ThreadedAssociationServer):
         self.shutdown_request(conn)
 
 
+class ReusePortServer(ScreeningServer):
+    """A ScreeningServer whose socket is bound with SO_REUSEPORT: several processes of the node
+    (``node.listener_processes``) listen on one port and the kernel spreads connections among them."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets SO_REUSEADDR and binds; socketserver's allow_reuse_port
+        # is not looked at there, so the option is set here, before the bind
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
@@ -436,9 +447,10 @@ class Receiver:
         ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
         """Listen in background threads (one per association): the plain port, and the TLS
-        port when ``node.tls`` is set."""
+        port when ``node.tls`` is set; ``reuse_port``: bound with SO_REUSEPORT, beside the
+        node's other listener processes."""
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -454,9 +466,10 @@ class Receiver:
         # of into memory. The switch is pynetdicom's documented one, and process-wide.
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         self._check_temp_dir()
-        self._serve(self.node.port, None, handlers)
+        server_class = ReusePortServer if reuse_port else ScreeningServer
+        self._serve(self.node.port, None, handlers, server_class)
         if self.node.tls is not None:
-            self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers)
+            self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers, server_class)
         metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
 
     def _check_temp_dir(self) -> None:
@@ -472,12 +485,14 @@ class Receiver:
                 fix="set TMPDIR to a folder on the spool's file system",
             )
 
-    def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+    def _serve(
+        self, port: int, context: ssl.SSLContext | None, handlers: list[Any], server_class: type[ScreeningServer]
+    ) -> None:
         server = self.ae.make_server(
             (self.node.bind, port),
             ssl_context=context,
             evt_handlers=handlers,
-            server_class=ScreeningServer,
+            server_class=server_class,
             request_handler=BoundedRequestHandler,
         )
         assert isinstance(server, ScreeningServer)

@@ -30,6 +30,7 @@ from ie_gateway.errors import ConfigError
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import runner_for
 from ie_gateway.interop.stow import stow_routes
+from ie_gateway.listeners import ListenerProcesses
 from ie_gateway.ops import metrics, sdnotify
 from ie_gateway.ops.health import Check, Health
 from ie_gateway.ops.httpserver import HttpServer, build_app
@@ -188,12 +189,20 @@ class Service:
             self.receiver = Receiver(
                 cfg.node, self.store, space=self.space, limits=cfg.limits, commitment_reports=reports
             )
+        # node.listener_processes > 1: more processes accept associations on the same ports
+        several = self.receiver is not None and cfg.node.listener_processes > 1
+        self.listeners = ListenerProcesses(cfg) if several else None
         self._stop = threading.Event()
         worker = self.worker
         receiver = self.receiver
+        listeners = self.listeners
         self.health = Health(
             self.store,
-            listening=(lambda: receiver.listening) if receiver is not None else None,
+            listening=(
+                (lambda: receiver.listening and (listeners is None or listeners.alive()))
+                if receiver is not None
+                else None
+            ),
             worker_alive=worker.alive if worker is not None else None,
             worker_last_tick=(lambda: worker.last_tick) if worker is not None else float,
             scheduler_running=lambda: bool(self.scheduler.running),
@@ -272,8 +281,11 @@ class Service:
             device = report_inference_device(self.cfg.inference, nodes, pci_gpus)
             self.health.extra.append(device_check(self.cfg.inference, device, nodes, pci_gpus))
             self.worker.start()
+        # the extra listener processes first: once the main process answers, every listener does
+        if self.listeners is not None:
+            self.listeners.start()
         if self.receiver is not None:
-            self.receiver.start()
+            self.receiver.start(reuse_port=self.listeners is not None)
         sdnotify.notify("READY=1\nSTATUS=" + ("receiving" if self.receiver is not None else "working"))
         log.info(
             "ready",
@@ -282,6 +294,7 @@ class Service:
             index=self.store.index.db.where,
             ae_title=self.cfg.node.ae_title,
             port=self.receiver.port if self.receiver is not None else None,
+            listener_processes=self.cfg.node.listener_processes if self.receiver is not None else None,
         )
 
     def _once(self, name: str, task: Callable[..., Any]) -> Callable[..., None]:
@@ -373,6 +386,8 @@ class Service:
             self._collecting = False
         if self.receiver is not None:
             self.receiver.stop()
+        if self.listeners is not None:
+            self.listeners.stop()
         self.scheduler.shutdown(wait=True)
         if self.sender is not None:
             self.sender.close()

@@ -56,7 +56,7 @@ def cpu_ticks(pid: int) -> int:
 
 
 def inference_children(node: Node) -> list[int]:
-    return [e["pid"] for e in node.log_events() if e["event"] == "inference_child_started"]
+    return [e["child_pid"] for e in node.log_events() if e["event"] == "inference_child_started"]
 
 
 def kill_busy_child(node: Node, attempt: int) -> None:

@@ -269,7 +269,7 @@ class InferenceRunner:
         if sandbox is None:
             self._stop()
             raise InferenceError(f"inference process did not start within {_START_TIMEOUT_S:g} s")
-        log.info("inference_child_started", pid=self._process.pid)
+        log.info("inference_child_started", child_pid=self._process.pid)
         if sandbox != self._sandbox:  # once per node, and again if it ever changes
             self._sandbox = sandbox
             log.info("inference_child_sandbox", confinement="; ".join(sandbox))

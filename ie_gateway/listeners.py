@@ -1,0 +1,240 @@
+"""Extra listener processes: ``node.listener_processes`` above 1.
+
+One Python process serves its associations one at a time under the GIL, however many threads
+it has: four senders at once take four times as long as one. With ``listener_processes: N``
+the node starts N-1 child processes that run only the DICOM listeners (the plain and the TLS
+port, the same association policy, limits, screening and storage commitment), each its own
+interpreter; every listener socket, the main process's too, is bound with SO_REUSEPORT and the
+kernel spreads new connections across them. A child stores into the same spool and index as
+the main process, with the same durable ack (file, folder entry and index row before Success);
+series completion stays with the main process's stability sweep, which reads the index.
+
+The children are the main process's to keep: it waits until each listens before it says
+ready, restarts one that exits (backing off when one dies young), and stops them on its way
+out. Each child reads EOF on its stdin when the main process ends, however it ends (SIGKILL
+too), and stops. A child's environment holds no secret the listener does not need (only the
+index's PostgreSQL password and the credentials folder for the TLS key stay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from ie_gateway import log as logsetup
+from ie_gateway.config import GatewayConfig, load_config
+from ie_gateway.errors import ListenerProcessError
+from ie_gateway.infer.sandbox import SECRET_ENV
+from ie_gateway.receive import Receiver
+from ie_gateway.send import Sender
+from ie_gateway.store import Store
+from ie_gateway.store.db import node_name
+from ie_gateway.store.outbox import Outbox
+from ie_gateway.store.space import disk_space
+
+log = structlog.get_logger(__name__)
+
+#: how long a child may take to listen after it starts (it imports pynetdicom, opens the index)
+START_TIMEOUT_S = 60.0
+#: how often the main process looks at its children
+WATCH_EVERY_S = 1.0
+#: a child that lived shorter than this before it exited is restarted after a growing pause
+YOUNG_S = 10.0
+MAX_BACKOFF_S = 30.0
+#: a stopping child gets this long after SIGTERM, then SIGKILL
+STOP_GRACE_S = 5.0
+READY = b"ready\n"
+
+
+def child_environment(cfg: GatewayConfig, environ: dict[str, str]) -> dict[str, str]:
+    """The environment a listener child gets: secret-looking variables removed but those the
+    listener needs (PostgreSQL's for the index, the credentials folder for the TLS key), and
+    none of systemd's notify/watchdog variables (only the main process talks to systemd)."""
+    keep_pg = cfg.storage.index != "sqlite"
+    keep_creds = cfg.node.tls is not None
+
+    def kept(name: str) -> bool:
+        if name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            return False
+        if not SECRET_ENV.search(name):
+            return True
+        return (keep_pg and name.startswith("PG")) or (keep_creds and name == "CREDENTIALS_DIRECTORY")
+
+    return {name: value for name, value in environ.items() if kept(name)}
+
+
+class ListenerProcesses:
+    """The node's N-1 extra listener processes, kept running while the node runs."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.count = cfg.node.listener_processes - 1
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, float] = {}
+        self._pause: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Start every child and wait until each listens; ListenerProcessError if one cannot."""
+        for number in range(1, self.count + 1):
+            self._spawn(number)
+        for number in range(1, self.count + 1):
+            self._await_ready(number)
+        self._watcher = threading.Thread(target=self._watch, name="listener-processes", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self, number: int) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "ie_gateway.listeners",
+            "--config",
+            str(self.cfg.source),
+            "--number",
+            str(number),
+        ]
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,  # never written: its EOF tells the child the main process ended
+            stdout=subprocess.PIPE,  # the child's READY line
+            env=child_environment(self.cfg, dict(os.environ)),
+        )
+        with self._lock:
+            self._procs[number] = proc
+            self._started[number] = time.monotonic()
+        log.info("listener process started", listener=number, listener_pid=proc.pid)
+
+    def _await_ready(self, number: int) -> None:
+        proc = self._procs[number]
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+        line = proc.stdout.readline() if readable else b""
+        if line != READY:
+            proc.kill()
+            proc.wait()
+            raise ListenerProcessError(
+                f"listener process {number} did not start listening within {START_TIMEOUT_S:g} s "
+                f"(exit status {proc.returncode}); its log lines say why"
+            )
+
+    def alive(self) -> bool:
+        """Every child is running (one that died is being restarted: not alive until then)."""
+        with self._lock:
+            return len(self._procs) == self.count and all(p.poll() is None for p in self._procs.values())
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs.values()]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_EVERY_S):
+            try:
+                self._restart_dead()
+            except Exception:  # top of the watcher loop: the next round tries again
+                log.exception("listener process restart failed")
+
+    def _restart_dead(self) -> None:
+        now = time.monotonic()
+        for number in range(1, self.count + 1):
+            with self._lock:
+                proc = self._procs.get(number)
+            if proc is None or proc.poll() is None:
+                continue
+            lived = now - self._started[number]
+            pause = min(MAX_BACKOFF_S, self._pause.get(number, 0.5) * 2) if lived < YOUNG_S else 0.0
+            self._pause[number] = pause
+            log.error(
+                "listener process exited; restarting it",
+                listener=number,
+                listener_pid=proc.pid,
+                exit_status=proc.returncode,
+                lived_s=round(lived, 1),
+                pause_s=pause,
+            )
+            if self._stop.wait(pause):
+                return
+            self._spawn(number)
+            self._await_ready(number)
+            self.restarts += 1
+
+    def stop(self) -> None:
+        """SIGTERM every child, wait for them (SIGKILL after a grace period)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=START_TIMEOUT_S)
+        with self._lock:
+            procs = list(self._procs.values())
+            self._procs.clear()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+
+def serve_listener(cfg: GatewayConfig, number: int) -> None:
+    """A child's life: listen until SIGTERM or until the main process ends (EOF on stdin)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the main process, which stops us
+    store = Store.for_settings(cfg.storage)
+    # a destination's storage commitment report on a new association settles its rows in the
+    # index from whichever process the kernel gave the connection to
+    sender = Sender(cfg.destinations, cfg.delivery, Outbox(store.index), store.results, node=node_name())
+    receiver = Receiver(
+        cfg.node,
+        store,
+        space=lambda: disk_space(cfg.storage.root, cfg.storage.reserve),
+        limits=cfg.limits,
+        commitment_reports=sender.commitments,
+    )
+    receiver.start(reuse_port=True)
+    threading.Thread(target=_watch_parent, args=(stop,), name="parent-watch", daemon=True).start()
+    log.info("ready", listener=number, port=receiver.port)
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+    stop.wait()
+    receiver.stop()
+    sender.close()
+    log.info("stopped", listener=number)
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """Set ``stop`` when stdin reaches EOF: the main process closed it or ended."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ie_gateway.listeners", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--number", type=int, required=True)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    logsetup.configure(cfg.log_level, process=f"listener-{args.number}")
+    serve_listener(cfg, args.number)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

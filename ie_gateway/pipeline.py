@@ -58,7 +58,9 @@ import structlog
 
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import (
+    AgreementError,
     ApprovalRefused,
+    ConfigError,
     GatewayError,
     InferenceCrashed,
     InferenceOutOfMemory,
@@ -423,7 +425,7 @@ class Worker:
                 return
         rules = self.rules()
         if rules is None:
-            raise GatewayError("no valid routing rules loaded")
+            raise ConfigError(["no valid routing rules loaded: fix the routing file (check-config says where)"])
         decision = rules.route(
             SeriesFacts(header=job.header, calling_ae=job.calling_ae, called_ae=job.called_ae, instances=job.instances)
         )
@@ -466,7 +468,7 @@ class Worker:
         """Agreement figures (and the drift check) of a linked clinician's structure set."""
         ct_job = job.detail.linked_to
         if ct_job is None:
-            raise GatewayError("structure set job is not linked to a CT job")
+            raise AgreementError("structure set job is not linked to a CT job")
         outcome = assess_structure_set(self.cfg, self.store, self.registry, job.id, ct_job)
         self.store.index.transition(
             job.id, JobState.UNROUTED, reason=f"clinician's structure set, linked to job {ct_job}{outcome}"

@@ -288,6 +288,86 @@ def _recv_exactly(assoc_socket: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
+#: how long an association's reactor waits for its bell before it looks at what nothing rings
+#: for: the network timeout, a DUL thread that died, a kill from another thread
+REACTOR_IDLE_S = 0.05
+
+
+class BellQueue(queue.Queue[Any]):
+    """A queue that rings its association's bell on every put: the DIMSE messages the DUL
+    decoded, and the primitives it hands up (A-RELEASE, A-ABORT)."""
+
+    def __init__(self, bell: threading.Event) -> None:
+        super().__init__()
+        self._bell = bell
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._bell.set()
+
+
+class PromptAssociation(Association):
+    """pynetdicom's acceptor association, whose reactor waits for its bell instead of waking
+    every millisecond.
+
+    pynetdicom's reactor sleeps 1 ms between looks at its queues: each C-STORE waits for the
+    next look, and every association wakes its thread a thousand times a second, each time
+    taking the interpreter lock from the threads that receive. Here it waits until the DUL puts
+    a message or a primitive in a queue (``BellQueue``), or ``REACTOR_IDLE_S`` passes. The loop
+    is pynetdicom 3.0.4's ``Association._run_reactor`` (the version constraints.txt pins) with
+    only that wait changed: the same order of checks, the same events.
+    """
+
+    _bell: threading.Event
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._bell.wait(REACTOR_IDLE_S)
+            self._bell.clear()  # before the looks below: a put from now on rings again
+
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._bell.set()  # another may be queued behind it
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers, as in pynetdicom
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.warning("association aborted", reason="network timeout (node.network_timeout_s)")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
 class BoundedRequestHandler(RequestHandler):
     """pynetdicom's request handler, with a BoundedSocket under each association."""
 
@@ -306,6 +386,12 @@ class BoundedRequestHandler(RequestHandler):
         bounded._waker, bounded._wake = waker, wake
         assoc.dul.to_provider_queue = SendQueue(wake)
         assoc.dul._run_loop_delay = 0
+        # the association's reactor waits for what the DUL hands up instead of polling
+        bell = threading.Event()
+        assoc.dimse.msg_queue = BellQueue(bell)
+        assoc.dul.to_user_queue = BellQueue(bell)
+        assoc.__class__ = PromptAssociation
+        cast(PromptAssociation, assoc)._bell = bell
         return assoc
 
 

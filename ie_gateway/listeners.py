@@ -186,6 +186,7 @@ class ListenerProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            log.info("listener process stopped", listener_pid=proc.pid, exit_status=proc.returncode)
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     pipe.close()
@@ -212,6 +213,9 @@ def serve_listener(cfg: GatewayConfig, number: int) -> None:
     log.info("ready", listener=number, port=receiver.port)
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
+    # nobody reads the pipe after READY: whatever a library prints later goes to the log,
+    # rather than filling the pipe until the printing thread blocks
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     stop.wait()
     receiver.stop()
     sender.close()
@@ -219,8 +223,10 @@ def serve_listener(cfg: GatewayConfig, number: int) -> None:
 
 
 def _watch_parent(stop: threading.Event) -> None:
-    """Set ``stop`` when stdin reaches EOF: the main process closed it or ended."""
-    while sys.stdin.buffer.read(4096):
+    """Set ``stop`` when stdin reaches EOF: the main process closed it or ended. It reads the
+    raw descriptor: a daemon thread blocked in the buffered ``sys.stdin`` holds its lock, and
+    the interpreter aborts on that lock when it finalises."""
+    while os.read(sys.stdin.fileno(), 4096):
         pass
     stop.set()
 

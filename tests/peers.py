@@ -121,6 +121,7 @@ class Node:
         self.env = {**os.environ, **(env or {})}
         self.preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0
         workdir.mkdir(parents=True, exist_ok=True)
         cfg: dict[str, Any] = {
             "node": {"ae_title": "IE_GATEWAY", "bind": "127.0.0.1", "port": self.port,
@@ -143,9 +144,10 @@ class Node:
         self.root = workdir / "var"
 
     def start(self, timeout: float = 60, echo: bool = True) -> Node:
-        """Start and wait until the node answers C-ECHO (or, with ``echo=False``, logs "ready":
-        for configurations that refuse echoscu)."""
+        """Start and wait until the main process logs "ready" and the node answers C-ECHO
+        (``echo=False``: only the former, for configurations that refuse echoscu)."""
         log = self.log_path.open("ab")
+        self._started_at = log.tell()  # a restarted node appends: its earlier "ready" does not count
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ie_gateway.cli", "serve", "--config", str(self.config), "--role", self.role],
             stdout=log, stderr=log, env=self.env, preexec_fn=self.preexec, cwd=self.workdir)
@@ -155,9 +157,12 @@ class Node:
     def _ready(self, echo: bool) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        # the main process's "ready" (it names the role; a listener child's does not): with
+        # listener processes a child answers C-ECHO while the main process is still starting
+        said_ready = any(e["event"] == "ready" and "role" in e for e in self.log_events(self._started_at))
         if not echo:
-            return any(e["event"] == "ready" for e in self.log_events())
-        return port_open(self.port) and echoscu(self.port).returncode == 0
+            return said_ready
+        return said_ready and port_open(self.port) and echoscu(self.port).returncode == 0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -178,9 +183,11 @@ class Node:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def log_events(self) -> list[dict[str, Any]]:
+    def log_events(self, since: int = 0) -> list[dict[str, Any]]:
+        """The JSON log lines, from byte offset ``since`` on."""
         events = []
-        for line in self.log_text().splitlines():
+        text = self.log_path.read_bytes()[since:].decode(errors="replace") if self.log_path.exists() else ""
+        for line in text.splitlines():
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events

@@ -89,6 +89,7 @@ def test_a_listener_process_that_dies_is_restarted(node: Node) -> None:
     os.kill(before["listener-1"], signal.SIGKILL)
 
     def restarted() -> int | None:
+        assert node.proc is not None and node.proc.poll() is None, node.log_text()[-3000:]
         pid = _children(node)["listener-1"]
         return pid if pid != before["listener-1"] else None
 
@@ -109,6 +110,14 @@ def test_listener_processes_end_when_the_node_is_killed(node: Node) -> None:
     assert len(children) == PROCESSES - 1 and all(_alive(pid) for pid in children)
     node.kill9()
     wait_until(lambda: not any(_alive(pid) for pid in children), 30, every=0.1, what="the listeners to end")
+
+
+def test_listener_processes_stop_cleanly_with_the_node(node: Node) -> None:
+    children = set(_children(node).values())
+    node.stop()
+    stopped = {e["listener_pid"]: e["exit_status"] for e in node.log_events() if e["event"] == "listener process stopped"}
+    assert stopped == dict.fromkeys(children, 0)
+    assert "Fatal Python error" not in node.log_text()
 
 
 def test_a_listener_keeps_no_secret_it_does_not_need(node: Node) -> None:

@@ -90,8 +90,12 @@ class ListenerProcesses:
         """Start every child and wait until each listens; ListenerProcessError if one cannot."""
         for number in range(1, self.count + 1):
             self._spawn(number)
-        for number in range(1, self.count + 1):
-            self._await_ready(number)
+        try:
+            for number in range(1, self.count + 1):
+                self._await_ready(number)
+        except ListenerProcessError:
+            self.stop()
+            raise
         self._watcher = threading.Thread(target=self._watch, name="listener-processes", daemon=True)
         self._watcher.start()
 
@@ -122,11 +126,12 @@ class ListenerProcesses:
         readable, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
         line = proc.stdout.readline() if readable else b""
         if line != READY:
+            ended = proc.poll() is not None
             proc.kill()
             proc.wait()
+            why = "ended before it listened" if ended else f"did not listen within {START_TIMEOUT_S:g} s"
             raise ListenerProcessError(
-                f"listener process {number} did not start listening within {START_TIMEOUT_S:g} s "
-                f"(exit status {proc.returncode}); its log lines say why"
+                f"listener process {number} {why} (exit status {proc.returncode}); its log lines say why"
             )
 
     def alive(self) -> bool:

@@ -34,6 +34,7 @@ from ie_gateway import log as logsetup
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ListenerProcessError
 from ie_gateway.infer.sandbox import SECRET_ENV
+from ie_gateway.ops import metrics
 from ie_gateway.receive import Receiver
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
@@ -85,9 +86,13 @@ class ListenerProcesses:
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self.restarts = 0
+        self.counts: metrics.ListenerCounts | None = None
 
     def start(self) -> None:
-        """Start every child and wait until each listens; ListenerProcessError if one cannot."""
+        """Start every child and wait until each listens; ListenerProcessError if one cannot.
+        Their metrics count in `/metrics` from then on."""
+        self.counts = metrics.ListenerCounts()
+        metrics.count_listeners(self.counts)
         for number in range(1, self.count + 1):
             self._spawn(number)
         try:
@@ -109,11 +114,12 @@ class ListenerProcesses:
             "--number",
             str(number),
         ]
+        assert self.counts is not None
         proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,  # never written: its EOF tells the child the main process ended
             stdout=subprocess.PIPE,  # the child's READY line
-            env=child_environment(self.cfg, dict(os.environ)),
+            env={**child_environment(self.cfg, dict(os.environ)), **self.counts.environment()},
         )
         with self._lock:
             self._procs[number] = proc
@@ -157,6 +163,8 @@ class ListenerProcesses:
                 proc = self._procs.get(number)
             if proc is None or proc.poll() is None:
                 continue
+            if self.counts is not None:
+                self.counts.ended(proc.pid)
             lived = now - self._started[number]
             pause = min(MAX_BACKOFF_S, self._pause.get(number, 0.5) * 2) if lived < YOUNG_S else 0.0
             self._pause[number] = pause
@@ -195,6 +203,10 @@ class ListenerProcesses:
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     pipe.close()
+        if self.counts is not None:
+            metrics.count_listeners(None)
+            self.counts.close()
+            self.counts = None
 
 
 def serve_listener(cfg: GatewayConfig, number: int) -> None:

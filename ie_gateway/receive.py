@@ -556,6 +556,8 @@ class Receiver:
         self._serve(self.node.port, None, handlers, server_class)
         if self.node.tls is not None:
             self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers, server_class)
+        # the main process reads the count when scraped; a listener child's value lives in its
+        # multiprocess file, which only set() writes: the session changes above set it too
         metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
 
     def _check_temp_dir(self) -> None:
@@ -659,6 +661,8 @@ class Receiver:
             busy = len(self._sessions) >= self.node.max_associations
             if not busy:
                 self._sessions.add(assoc)
+            open_now = len(self._sessions)
+        metrics.ASSOCIATIONS_OPEN.set(open_now)
         if busy:
             self._reject(
                 assoc,
@@ -690,6 +694,10 @@ class Receiver:
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+            self._sessions.discard(event.assoc)
+            self._sessions = {a for a in self._sessions if _holds_slot(a)}
+            open_now = len(self._sessions)
+        metrics.ASSOCIATIONS_OPEN.set(open_now)
         if stats is None:
             return
         seconds = max(time.monotonic() - stats.opened, 1e-6)

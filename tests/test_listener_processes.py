@@ -18,6 +18,7 @@ from ie_gateway.config import load_config
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.listeners import child_environment
 from tests.peers import DCMTK_ENV, Node, echoscu, have, wait_until
+from tests.test_http import sample
 
 pytestmark = [pytest.mark.peer, pytest.mark.skipif(not have("storescu"), reason="dcmtk not installed")]
 
@@ -82,6 +83,17 @@ def test_every_listener_process_accepts_and_stores_durably(node: Node, tmp_path:
     assert sorted(r["instances"] for r in rows) == [10, 10, 10, 10]
     stored = list((node.root / "spool").rglob("*.dcm"))
     assert len(stored) == 40
+
+    # /metrics, served by the main process, counts what every process received
+    status, body = node.http_get("/metrics")
+    assert status == 200
+    text = body.decode()
+    assert sample(text, "ie_gateway_instances_received_total") == 40
+    assert sample(text, "ie_gateway_received_bytes_total") == sum(p.stat().st_size for p in stored)
+    assert sample(text, 'ie_gateway_cstore_responses_total{status="0x0000"}') == 40
+    accepted = sum(1 for e in node.log_events() if e["event"] == "association opened")
+    assert sample(text, 'ie_gateway_associations_accepted_total{tls="no"}') == accepted
+    assert sample(text, "ie_gateway_associations_open") == 0
 
 
 def test_a_listener_process_that_dies_is_restarted(node: Node) -> None:

@@ -5,12 +5,21 @@ happen, in this module's registry. Levels that live in the index or on disk (job
 outbox depth, dead letters, delivery attempts, free space, active model versions) are read at
 scrape time by :class:`NodeCollector`, so they are right after a restart and cost nothing between
 scrapes.
+
+With ``node.listener_processes`` above 1 the listener children count their associations and
+instances in prometheus_client's multiprocess files (a private folder the main process names
+in their environment, :class:`ListenerCounts`); the main process adds them to its own series
+when it is scraped, so `/metrics` counts what every process received. A child that ended
+keeps its counts (its files stay); its share of the open-associations gauge goes with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,9 +28,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from ie_gateway.store import Store
 from ie_gateway.store.outbox import Outbox
@@ -34,7 +45,13 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client 
 REGISTRY = CollectorRegistry()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-ASSOCIATIONS_OPEN = Gauge("ie_gateway_associations_open", "DICOM associations open now", registry=REGISTRY)
+#: the environment variable that puts a process's metrics in prometheus_client's multiprocess
+#: files; it must be set before prometheus_client is imported, so only children get it
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# livesum: across listener processes, the sum of those running (a child's files say its value)
+ASSOCIATIONS_OPEN = Gauge(
+    "ie_gateway_associations_open", "DICOM associations open now", registry=REGISTRY, multiprocess_mode="livesum"
+)
 ASSOCIATIONS_ACCEPTED = Counter(
     "ie_gateway_associations_accepted_total", "DICOM associations accepted", ["tls"], registry=REGISTRY
 )
@@ -130,6 +147,66 @@ class NodeCollector(Collector):
         yield alarms
 
 
+class ListenerCounts:
+    """The listener children's metrics: a private folder of prometheus_client's multiprocess
+    files, made empty when the node starts and removed when it stops."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ie-gateway-listener-metrics-"))
+
+    def environment(self) -> dict[str, str]:
+        """What a child's environment needs for its metrics to be counted here."""
+        return {MULTIPROCESS_ENV: str(self.folder)}
+
+    def ended(self, pid: int) -> None:
+        """A child ended: its live gauges stop counting (its counters stay)."""
+        multiprocess.mark_process_dead(pid, str(self.folder))  # type: ignore[no-untyped-call]  # unannotated
+
+    def families(self) -> dict[str, Metric]:
+        """The children's metrics, summed over the children, by family name."""
+        files = [str(f) for f in self.folder.glob("*.db")]
+        merged = multiprocess.MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return {m.name: m for m in merged}
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _WithChildren:
+    """The registry's families with the listener children's samples added to them."""
+
+    def __init__(self, registry: CollectorRegistry, children: ListenerCounts) -> None:
+        self.registry = registry
+        self.children = children
+
+    def collect(self) -> Iterator[Metric]:
+        theirs = self.children.families()
+        for family in self.registry.collect():
+            extra = theirs.get(family.name)
+            if extra is not None:
+                family.samples = _summed(family.samples, extra.samples)
+            yield family
+
+
+def _summed(ours: list[Sample], theirs: list[Sample]) -> list[Sample]:
+    """``ours`` with the values of ``theirs`` added, sample by sample (name and labels)."""
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for sample in (*ours, *theirs):
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        values[key] = values.get(key, 0.0) + sample.value
+    return [Sample(name, dict(labels), value) for (name, labels), value in values.items()]
+
+
+_listener_counts: ListenerCounts | None = None
+
+
+def count_listeners(counts: ListenerCounts | None) -> None:
+    """Add the listener children's counts to what `/metrics` shows (None: no longer)."""
+    global _listener_counts
+    _listener_counts = counts
+
+
 def exposition() -> bytes:
-    """The registry in Prometheus text format."""
-    return generate_latest(REGISTRY)
+    """The registry in Prometheus text format, the listener children's counts included."""
+    children = _listener_counts
+    return generate_latest(REGISTRY if children is None else _WithChildren(REGISTRY, children))

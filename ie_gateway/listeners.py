@@ -154,7 +154,8 @@ class ListenerProcesses:
             try:
                 self._restart_dead()
             except Exception:  # top of the watcher loop: the next round tries again
-                log.exception("listener process restart failed")
+                if not self._stop.is_set():  # else stop() ended the child it waited for
+                    log.exception("listener process restart failed")
 
     def _restart_dead(self) -> None:
         now = time.monotonic()
@@ -185,14 +186,13 @@ class ListenerProcesses:
     def stop(self) -> None:
         """SIGTERM every child, wait for them (SIGKILL after a grace period)."""
         self._stop.set()
+        self._terminate()  # first: a restarted child the watcher waits for ends, and its wait
         if self._watcher is not None:
             self._watcher.join(timeout=START_TIMEOUT_S)
         with self._lock:
             procs = list(self._procs.values())
             self._procs.clear()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
+        self._terminate(procs)  # one the watcher started meanwhile
         for proc in procs:
             try:
                 proc.wait(timeout=STOP_GRACE_S)
@@ -207,6 +207,14 @@ class ListenerProcesses:
             metrics.count_listeners(None)
             self.counts.close()
             self.counts = None
+
+    def _terminate(self, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+        if procs is None:
+            with self._lock:
+                procs = list(self._procs.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
 
 
 def serve_listener(cfg: GatewayConfig, number: int) -> None:

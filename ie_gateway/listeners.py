@@ -51,8 +51,9 @@ WATCH_EVERY_S = 1.0
 #: a child that lived shorter than this before it exited is restarted after a growing pause
 YOUNG_S = 10.0
 MAX_BACKOFF_S = 30.0
-#: a stopping child gets this long after SIGTERM, then SIGKILL
-STOP_GRACE_S = 5.0
+#: a stopping child gets this long after SIGTERM, then SIGKILL (well inside the unit's
+#: TimeoutStopSec=60, and long enough for a loaded machine: it usually takes under a second)
+STOP_GRACE_S = 15.0
 READY = b"ready\n"
 
 

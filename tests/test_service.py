@@ -111,8 +111,15 @@ def test_model_commands_import_activate_and_list(node_factory: Any, tmp_path: Pa
 
 
 def child_pids(pid: int) -> set[int]:
-    """Direct children of ``pid``, from every one of its threads."""
-    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+    """Direct children of ``pid``, from every one of its threads (a thread that ends while
+    they are read had none left to list)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except FileNotFoundError:
+            continue
+    return children
 
 
 def running(pid: int) -> bool:

@@ -19,6 +19,7 @@ from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.listeners import child_environment
 from tests.peers import DCMTK_ENV, Node, echoscu, have, wait_until
 from tests.test_http import sample
+from tests.test_service import running
 
 pytestmark = [pytest.mark.peer, pytest.mark.skipif(not have("storescu"), reason="dcmtk not installed")]
 
@@ -45,15 +46,6 @@ def _echo_until_taken_by(node: Node, wanted: set[str]) -> None:
         return wanted <= {name for name, _ in _opened_by(node)}
 
     wait_until(taken, 120, every=0, what=f"associations accepted by {sorted(wanted)}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
 @pytest.fixture
@@ -119,9 +111,9 @@ def test_a_listener_process_that_dies_is_restarted(node: Node) -> None:
 
 def test_listener_processes_end_when_the_node_is_killed(node: Node) -> None:
     children = list(_children(node).values())
-    assert len(children) == PROCESSES - 1 and all(_alive(pid) for pid in children)
+    assert len(children) == PROCESSES - 1 and all(running(pid) for pid in children)
     node.kill9()
-    wait_until(lambda: not any(_alive(pid) for pid in children), 30, every=0.1, what="the listeners to end")
+    wait_until(lambda: not any(running(pid) for pid in children), 30, every=0.1, what="the listeners to end")
 
 
 def test_listener_processes_stop_cleanly_with_the_node(node: Node) -> None:

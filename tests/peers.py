@@ -199,7 +199,7 @@ class Node:
     def http_get(self, path: str) -> tuple[int, bytes]:
         """GET on the node's HTTP endpoint: (status, body), error statuses included."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
                 return int(rsp.status), bytes(rsp.read())
         except urllib.error.HTTPError as exc:
             return int(exc.code), bytes(exc.read())
@@ -270,13 +270,13 @@ class Orthanc:
             return False
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
             return json.loads(rsp.read())
 
     def get_post(self, path: str, body: Any) -> Any:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
                                          data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=10) as rsp:
+        with urllib.request.urlopen(request, timeout=60) as rsp:
             return json.loads(rsp.read())
 
     def get_bytes(self, path: str) -> bytes:

@@ -81,7 +81,7 @@ def test_an_association_beyond_max_associations_is_refused_as_transient(node_fac
     finally:
         first.release()
     # the slot is free again once the first association is released
-    assert wait_until(lambda: echoscu(node.port).returncode == 0, 10, what="the slot to free")
+    assert wait_until(lambda: echoscu(node.port).returncode == 0, 60, what="the slot to free")
     assert any(e["event"] == "association refused" and e["reason"] == "max_associations reached"
                for e in node.log_events())
 
@@ -109,4 +109,4 @@ def test_an_established_association_idle_past_network_timeout_is_aborted_and_fre
     assert echoscu(node.port).returncode != 0  # the one slot is taken while it is open
     wait_until(lambda: not idle.is_alive(), 20, what="the node to abort the idle association")
     assert idle.is_aborted or not idle.is_established
-    assert wait_until(lambda: echoscu(node.port).returncode == 0, 10, what="the slot to free")
+    assert wait_until(lambda: echoscu(node.port).returncode == 0, 60, what="the slot to free")

@@ -58,7 +58,7 @@ class CommitmentSCU:
     def report(self) -> tuple[int, Dataset]:
         return wait_until(
             lambda: self.reports[0] if self.reports else None,
-            10,  # type: ignore[no-any-return]
+            60,  # type: ignore[no-any-return]
             what="the commitment report",
         )
 
@@ -261,7 +261,7 @@ def test_a_report_on_the_sending_association_settles_the_rows_before_release(
     # the receiver logs its answer once the sender has acknowledged the report
     wait_until(
         lambda: [e["event"] for e in receiver.log_events()].count("commitment answered") == asked,
-        10,
+        60,
         what="the receiver's log of its reports",
     )
     assert "commitment report not sent: the caller left" not in [e["event"] for e in receiver.log_events()]

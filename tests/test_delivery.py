@@ -325,7 +325,7 @@ def test_an_scu_error_is_a_failed_attempt_and_dead_letters_after_max_attempts(
                     DeliverySettings(base_s=0.01, cap_s=0.01, max_attempts=2), outbox, store.results)
     try:
         for _ in range(2):
-            wait_until(lambda: outbox.due_destinations(), 5, what="the row due again")
+            wait_until(lambda: outbox.due_destinations(), 60, what="the row due again")
             [future] = sender.deliver_due()
             assert future.result(timeout=30) == 0
     finally:

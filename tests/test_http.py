@@ -60,7 +60,7 @@ def test_health_ready_and_metrics_of_a_running_node(node: Node, small_series: li
     assert sample(text, "ie_gateway_received_bytes_total") == stored
     assert sample(text, 'ie_gateway_jobs{state="unrouted"}') == 1
     wait_until(lambda: sample(node.http_get("/metrics")[1].decode(),
-                              'ie_gateway_connections_refused_total{reason="probe"}') >= 1, 10,
+                              'ie_gateway_connections_refused_total{reason="probe"}') >= 1, 60,
                what="the probe to be counted")
     for name in ("ie_gateway_associations_open", "ie_gateway_outbox_pending", "ie_gateway_dead_letters",
                  "ie_gateway_delivery_attempts_total", "ie_gateway_disk_free_bytes",

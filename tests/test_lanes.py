@@ -91,7 +91,7 @@ def test_the_prepare_lane_runs_at_a_lower_cpu_priority_than_the_model_and_the_rt
 
     worker.start()
     try:
-        wait_until(lambda: nice("prepare") == BACKGROUND_NICENESS, 10, what="the prepare lane to lower its priority")
+        wait_until(lambda: nice("prepare") == BACKGROUND_NICENESS, 60, what="the prepare lane to lower its priority")
         assert nice("write") == nice("infer") == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         worker.stop()

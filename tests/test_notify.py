@@ -150,7 +150,7 @@ def test_each_job_event_reaches_the_webhook_without_patient_data(
     store.index.transition(failing, JobState.FAILED, reason=f"instance {SERIES}.2 could not be read")
     store.index.transition(delivered, JobState.SENDING)
     store.index.transition(delivered, JobState.DELIVERED)
-    events = wait_until(lambda: receiver.events() if len(receiver.events()) >= 3 else None, 10, what="3 events")
+    events = wait_until(lambda: receiver.events() if len(receiver.events()) >= 3 else None, 60, what="3 events")
     assert [(e["event"], e["job"]) for e in events] == [
         ("needs_review", held),
         ("failed", failing),
@@ -176,7 +176,7 @@ def test_a_failing_webhook_is_retried_with_backoff_until_it_takes_the_event(
         notifier_factory(config(tmp_path, [hook(flaky.url, ["failed"])]), store)
         job = routed_job(store)
         store.index.transition(job, JobState.FAILED, reason="inference ran past its time limit")
-        [event] = wait_until(flaky.events, 10, what="the event after two refusals")
+        [event] = wait_until(flaky.events, 60, what="the event after two refusals")
         assert (event["event"], event["job"], flaky.requests) == ("failed", job, 3)
     finally:
         flaky.stop()
@@ -192,7 +192,7 @@ def test_a_dead_webhook_delays_neither_the_node_nor_another_webhook(
     jobs = [routed_job(store, str(n)) for n in range(3)]
     for job in jobs:  # the node's own transitions never wait on a webhook
         store.index.transition(job, JobState.FAILED, reason="model error")
-    told = wait_until(lambda: receiver.events() if len(receiver.events()) == 3 else None, 5, what="3 events")
+    told = wait_until(lambda: receiver.events() if len(receiver.events()) == 3 else None, 60, what="3 events")
     assert [e["job"] for e in told] == jobs
     # the dead webhook gives each event up after its attempts and moves on to the next
     cursor_file = tmp_path / "notify" / f"{hook_id(cfg.notify[0])}.json"
@@ -211,7 +211,7 @@ def test_events_while_the_node_was_down_are_told_after_the_restart(
     store.index.transition(job, JobState.DELIVERED)
     assert receiver.events() == []
     notifier_factory(cfg, store)
-    [event] = wait_until(receiver.events, 10, what="the missed event")
+    [event] = wait_until(receiver.events, 60, what="the missed event")
     assert (event["event"], event["job"]) == ("delivered", job)
 
 

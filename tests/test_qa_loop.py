@@ -224,7 +224,7 @@ def test_jobs_list_shows_every_job_and_filters_by_state(case: Case, page: str, b
     assert "DRIFT: old-thorax@1 Heart" in browser.find_element(By.CSS_SELECTOR, ".banner").text
     screenshot(browser, case.workdir, "jobs")
     browser.find_element(By.LINK_TEXT, "delivered (1)").click()
-    wait_until(lambda: "state=delivered" in browser.current_url and loaded(browser), 10, what="the filtered list")
+    wait_until(lambda: "state=delivered" in browser.current_url and loaded(browser), 60, what="the filtered list")
     states = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "table .state")]
     assert states == ["delivered"]
 
@@ -286,7 +286,7 @@ def signed_in(browser: Any) -> None:
         except StaleElementReferenceException:
             return False  # the login page's header, replaced while it was read
 
-    wait_until(says_sign_out, 15, what="the signed-in page")
+    wait_until(says_sign_out, 60, what="the signed-in page")
 
 
 def _post(url: str, data: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -324,7 +324,7 @@ def test_action_buttons_refuse_a_request_without_the_token(case: Case, page: str
     valid = browser.find_element(By.CSS_SELECTOR, "meta[name=csrf]").get_attribute("content")
     for value, expected in (("stale", "CSRF value is missing or stale"), (valid, "no dead-lettered deliveries")):
         browser.execute_script(SUBMIT_FORM, retry, value)
-        wait_until(lambda: "/retry" in browser.current_url and browser.find_elements(By.TAG_NAME, "main"), 10,
+        wait_until(lambda: "/retry" in browser.current_url and browser.find_elements(By.TAG_NAME, "main"), 60,
                    what="the action's answer")
         assert expected in browser.find_element(By.TAG_NAME, "main").text
         browser.get(f"{page}/jobs")

@@ -113,7 +113,7 @@ def test_series_completes_only_after_the_quiet_period(node_factory: object, smal
     assert storescu(node.port, small_series).returncode == 0
     receiving = node.status()
     assert [r["state"] for r in receiving] == ["receiving"]
-    [job] = node.wait_state({"complete", "unrouted"}, timeout=30)
+    [job] = node.wait_state({"complete", "unrouted"}, timeout=120)
     assert job["instances"] == len(small_series)
     assert any(e["event"] == "series complete" for e in node.log_events())
 

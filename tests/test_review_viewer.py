@@ -39,7 +39,7 @@ def shown(browser: Any) -> tuple[str, np.ndarray]:
     img = browser.find_element(By.ID, "slice")
     wait_until(
         lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img),
-        10,
+        60,
         what="the slice image",
     )
     src = str(img.get_attribute("src"))
@@ -86,7 +86,7 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
     with admin_page(node.config, TOKEN) as base, chromium() as browser:
         # with named accounts, even the read-only pages need a sign-in
         browser.get(f"{base}/jobs/{job['id']}")
-        wait_until(lambda: "/login" in browser.current_url, 10, what="the sign-in page")
+        wait_until(lambda: "/login" in browser.current_url, 60, what="the sign-in page")
         browser.find_element(By.NAME, "name").send_keys("alice")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
@@ -115,7 +115,7 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
         browser.find_element(By.CSS_SELECTOR, "input.structure[value=Heart]").click()
         wait_until(
             lambda: "hide=Heart" in str(browser.find_element(By.ID, "slice").get_attribute("src")),
-            5,
+            60,
             what="the Heart hidden",
         )
         _, hidden = shown(browser)
@@ -123,13 +123,13 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
         browser.save_screenshot(str(tmp_path / "viewer-heart-hidden.png"))
 
         browser.find_element(By.CSS_SELECTOR, "button.plane[data-plane=coronal]").click()
-        wait_until(lambda: label.text.startswith("coronal "), 5, what="the coronal plane")
+        wait_until(lambda: label.text.startswith("coronal "), 60, what="the coronal plane")
 
         browser.find_element(By.CSS_SELECTOR, "form.review input[name=comment]").send_keys(
             "heart outside the body is the model's known air artefact; External checked"
         )
         browser.find_element(By.CSS_SELECTOR, "form.review button[value=release]").click()
-        wait_until(lambda: "release done" in browser.find_element(By.TAG_NAME, "main").text, 15, what="the release")
+        wait_until(lambda: "release done" in browser.find_element(By.TAG_NAME, "main").text, 60, what="the release")
     [job] = node.wait_state({"delivered", "failed"}, timeout=60)
     released = [t for t in node_transitions(node, job["id"]) if t["to_state"] == "inferred" and t["who"]]
     assert released[0]["reason"].endswith(

@@ -64,7 +64,7 @@ def test_a_caller_without_a_valid_client_certificate_is_refused(node_factory: ob
     result = dcmtk_tls("echoscu", node.tls_port, pki[client] if client else None, pki["ca"])  # type: ignore[attr-defined]
     assert result.returncode != 0
     assert wait_until(lambda: any(e["event"] == "connection refused" and e["reason"] == "TLS handshake failed"
-                                  for e in node.log_events()), 10, what="the refusal in the log")
+                                  for e in node.log_events()), 60, what="the refusal in the log")
     assert echoscu_plain_ok(node)  # the node serves on
 
 

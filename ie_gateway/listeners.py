@@ -19,9 +19,11 @@ index's PostgreSQL password and the credentials folder for the TLS key stay).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -219,9 +221,15 @@ class ListenerProcesses:
 
 
 def serve_listener(cfg: GatewayConfig, number: int) -> None:
-    """A child's life: listen until SIGTERM or until the main process ends (EOF on stdin)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    """A child's life: listen until SIGTERM or until the main process ends (EOF on stdin).
+
+    SIGTERM reaches this thread as a byte on a socket (the interpreter's wakeup fd) and its
+    handler does nothing: a handler that set an Event could run while this thread held that
+    Event's own lock, and wait for it forever (the stop then needed SIGKILL)."""
+    woken, wake = socket.socketpair()
+    wake.setblocking(False)
+    signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the main process, which stops us
     store = Store.for_settings(cfg.storage)
     # a destination's storage commitment report on a new association settles its rows in the
@@ -235,26 +243,29 @@ def serve_listener(cfg: GatewayConfig, number: int) -> None:
         commitment_reports=sender.commitments,
     )
     receiver.start(reuse_port=True)
-    threading.Thread(target=_watch_parent, args=(stop,), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
     log.info("ready", listener=number, port=receiver.port)
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
     # nobody reads the pipe after READY: whatever a library prints later goes to the log,
     # rather than filling the pipe until the printing thread blocks
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    stop.wait()
+    woken.recv(1)  # SIGTERM: from the main process, or from _watch_parent when it has ended
+    # should stopping hang, every thread's stack goes to the log before the main process's SIGKILL
+    faulthandler.dump_traceback_later(STOP_GRACE_S / 2)
     receiver.stop()
     sender.close()
+    faulthandler.cancel_dump_traceback_later()
     log.info("stopped", listener=number)
 
 
-def _watch_parent(stop: threading.Event) -> None:
-    """Set ``stop`` when stdin reaches EOF: the main process closed it or ended. It reads the
-    raw descriptor: a daemon thread blocked in the buffered ``sys.stdin`` holds its lock, and
-    the interpreter aborts on that lock when it finalises."""
+def _watch_parent() -> None:
+    """Stop this child (SIGTERM to itself) when stdin reaches EOF: the main process closed it
+    or ended. It reads the raw descriptor: a daemon thread blocked in the buffered
+    ``sys.stdin`` holds its lock, and the interpreter aborts on that lock when it finalises."""
     while os.read(sys.stdin.fileno(), 4096):
         pass
-    stop.set()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

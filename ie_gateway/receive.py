@@ -694,10 +694,8 @@ class Receiver:
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
-            self._sessions.discard(event.assoc)
-            self._sessions = {a for a in self._sessions if _holds_slot(a)}
-            open_now = len(self._sessions)
-        metrics.ASSOCIATIONS_OPEN.set(open_now)
+            self._sessions.discard(event.assoc)  # a local abort is not yet flagged aborted here
+        metrics.ASSOCIATIONS_OPEN.set(self.open_associations())
         if stats is None:
             return
         seconds = max(time.monotonic() - stats.opened, 1e-6)

@@ -51,6 +51,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from ie_gateway import reactor
 from ie_gateway.config import Caller, Limits, Node
 from ie_gateway.errors import InstanceOverLimit, StoreError, UnsafeUIDError
 from ie_gateway.intake import Received, check_limits, read_received, sent_text
@@ -392,7 +393,8 @@ class BoundedRequestHandler(RequestHandler):
         assoc.dul.to_user_queue = BellQueue(bell)
         assoc.__class__ = PromptAssociation
         cast(PromptAssociation, assoc)._bell = bell
-        return assoc
+        # a send on this association (a commitment report) pauses the reactor for sure, at once
+        return reactor.guard(assoc, wake=bell.set)
 
 
 class ScreeningServer(ThreadedAssociationServer):

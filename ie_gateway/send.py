@@ -40,6 +40,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from ie_gateway import reactor
 from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.errors import CommitmentError, DeliveryError, StoreError, StowRefused
 from ie_gateway.interop.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
@@ -235,7 +236,9 @@ class Sender:
         handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, answers.on_sent)]
         started = time.monotonic()
         tls_args = tls.associate_args(dest)  # pynetdicom hints str; None (no hostname check) is what ssl takes
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=handlers)  # type: ignore[arg-type]
+        assoc = reactor.associate(
+            ae, dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args, evt_handlers=handlers
+        )
         refused = _refused_classes(assoc)
         for row in rows:
             if row.sop_class in refused:

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
+from ie_gateway import reactor
 from ie_gateway.interop.commitment import COMMITMENT_INSTANCE, STORAGE_COMMITMENT
 from tests.peers import Node, Orthanc, free_port, storescu, wait_until
 from tests.test_pipeline import RULES, orthanc_instances, toy_models
@@ -41,8 +42,9 @@ class CommitmentSCU:
         self.lock = threading.Lock()
         ae = AE(ae_title="PACS")
         ae.add_requested_context(STORAGE_COMMITMENT)
-        self.assoc = ae.associate(
-            "127.0.0.1", port, ae_title="IE_GATEWAY", evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)]
+        # guarded as the node's own associations are: pynetdicom's pause can lose a fast response
+        self.assoc = reactor.associate(
+            ae, "127.0.0.1", port, ae_title="IE_GATEWAY", evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)]
         )
         assert self.assoc.is_established
 

@@ -22,6 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ie_gateway import reactor
 from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.errors import GatewayError
@@ -139,7 +140,7 @@ def send_series(files: list[Path], port: int, called_ae: str, calling_ae: str = 
     demo and the benchmarks send alike); GatewayError on a refusal or a non-Success status."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assoc = reactor.associate(ae, "127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise GatewayError("the node refused the association")
     sock = assoc.dul.socket

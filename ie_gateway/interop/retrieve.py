@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from ie_gateway import reactor
 from ie_gateway.config import GatewayConfig, Source
 from ie_gateway.errors import BadDate, FetchError, UnsafeUIDError
 from ie_gateway.interop.dicomweb import web_client
@@ -82,7 +83,7 @@ def _associate(cfg: GatewayConfig, source_name: str, source: Source, context: Pr
     ae.connection_timeout = ae.acse_timeout = source.connect_timeout_s
     ae.dimse_timeout = ae.network_timeout = source.move_timeout_s
     ae.requested_contexts = [context]
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
+    assoc = reactor.associate(ae, source.host, source.port, ae_title=source.ae_title)
     if not assoc.is_established:
         raise FetchError(f"{source_name}: association {'rejected' if assoc.is_rejected else 'not possible'}")
     return assoc

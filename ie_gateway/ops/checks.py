@@ -226,6 +226,7 @@ def _c_echo(name: str, dest: Destination, calling_ae: str) -> EchoResult:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from ie_gateway import reactor
     from ie_gateway.ops import tls
     from ie_gateway.send import PROPOSED_SYNTAXES
 
@@ -234,7 +235,7 @@ def _c_echo(name: str, dest: Destination, calling_ae: str) -> EchoResult:
         ae.add_requested_context(Verification, syntax)
     ae.connection_timeout = ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = dest.connect_timeout_s
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))  # type: ignore[arg-type]  # as in send.py
+    assoc = reactor.associate(ae, dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls.associate_args(dest))
     if not assoc.is_established:
         why = "association rejected (is our AE title known to it?)" if assoc.is_rejected else "not reachable"
         return EchoResult(name, False, f"{where}: {why}")

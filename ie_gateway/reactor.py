@@ -1,0 +1,77 @@
+"""A pause of a pynetdicom association's reactor that holds.
+
+An association runs a reactor thread that takes each decoded DIMSE message off the queue and
+serves it as a request. When the node itself sends on the association (C-STORE, N-ACTION,
+N-EVENT-REPORT, C-ECHO, C-FIND, C-MOVE), pynetdicom pauses the reactor first, so that the
+peer's *response* is left for the sender: the sender clears the reactor's checkpoint (a
+``threading.Event``) and waits until the reactor says ``_is_paused``. But the reactor says it
+before it waits at the checkpoint and unsays it only after passing, so a sender that pauses it
+just as it passes reads a stale "paused", sends, and the reactor then takes the response off
+the queue ("Received unexpected N-ACTION service message" in pynetdicom's log): the sender
+waits its whole DIMSE timeout and reports no response from a peer that answered. Seen in CI
+with Orthanc answering a storage commitment request within a millisecond, on a loaded machine.
+
+``ReactorCheckpoint`` replaces that Event: a sender's ``clear()`` also withdraws a "paused"
+that the reactor has not earned (it is not stopped at the checkpoint), so the sender waits
+until the reactor really stops. ``guard`` installs it on an association, acceptor or
+requestor; nothing else in pynetdicom changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+
+class ReactorCheckpoint:
+    """The Event interface pynetdicom uses (set, clear, is_set, wait), keeping the association's
+    ``_is_paused`` true only while its reactor is stopped here (or itself the sender)."""
+
+    def __init__(self, assoc: Association, wake: Callable[[], None] | None = None) -> None:
+        self._assoc = assoc
+        self._wake = wake or (lambda: None)  # a reactor that sleeps on a bell comes to the checkpoint now
+        self._cond = threading.Condition()
+        self._open = True
+        self._stopped = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            # the reactor's own thread may pause itself (a release on its network timeout, a send
+            # from inside a handler): it is where it says it is
+            if not self._stopped and threading.current_thread() is not self._assoc:
+                self._assoc._is_paused = False
+        self._wake()
+
+    def is_set(self) -> bool:
+        with self._cond:
+            return self._open
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            self._stopped = True
+            try:
+                return self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._stopped = False
+
+
+def guard(assoc: Association, wake: Callable[[], None] | None = None) -> Association:
+    """Give ``assoc`` a ReactorCheckpoint. On a requestor the reactor already runs: it passes the
+    old Event, which nobody clears any more, and stops at the new one from its next turn."""
+    assoc._reactor_checkpoint = ReactorCheckpoint(assoc, wake)  # type: ignore[assignment]
+    return assoc
+
+
+def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
+    """``ae.associate`` with a guarded reactor: what the node uses for every association it requests."""
+    return guard(ae.associate(host, port, **kwargs))

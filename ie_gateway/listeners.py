@@ -23,7 +23,6 @@ import faulthandler
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from ie_gateway.config import GatewayConfig, load_config
 from ie_gateway.errors import ListenerProcessError
 from ie_gateway.infer.sandbox import SECRET_ENV
 from ie_gateway.ops import metrics
+from ie_gateway.ops.signals import SignalInbox
 from ie_gateway.receive import Receiver
 from ie_gateway.send import Sender
 from ie_gateway.store import Store
@@ -222,15 +222,9 @@ class ListenerProcesses:
 
 def serve_listener(cfg: GatewayConfig, number: int) -> None:
     """A child's life: listen until SIGTERM or until the main process ends (EOF on stdin).
-
-    SIGTERM reaches this thread as a byte on a socket (the interpreter's wakeup fd) and its
-    handler does nothing: a handler that set an Event could run while this thread held that
-    Event's own lock, and wait for it forever (the stop then needed SIGKILL)."""
-    woken, wake = socket.socketpair()
-    wake.setblocking(False)
-    signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the main process, which stops us
+    SIGTERM reaches this thread through a SignalInbox (see ops/signals.py for why)."""
+    # a terminal's ^C goes to the main process, which stops us
+    inbox = SignalInbox([signal.SIGTERM], ignored=[signal.SIGINT])
     store = Store.for_settings(cfg.storage)
     # a destination's storage commitment report on a new association settles its rows in the
     # index from whichever process the kernel gave the connection to
@@ -250,7 +244,8 @@ def serve_listener(cfg: GatewayConfig, number: int) -> None:
     # nobody reads the pipe after READY: whatever a library prints later goes to the log,
     # rather than filling the pipe until the printing thread blocks
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    woken.recv(1)  # SIGTERM: from the main process, or from _watch_parent when it has ended
+    while not inbox.wait():  # SIGTERM: from the main process, or from _watch_parent when it has ended
+        pass
     # should stopping hang, every thread's stack goes to the log before the main process's SIGKILL
     faulthandler.dump_traceback_later(STOP_GRACE_S / 2)
     receiver.stop()

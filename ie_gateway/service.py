@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import glob
 import signal
-import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -35,6 +34,7 @@ from ie_gateway.ops import metrics, sdnotify
 from ie_gateway.ops.health import Check, Health
 from ie_gateway.ops.httpserver import HttpServer, build_app
 from ie_gateway.ops.notify import Notifier
+from ie_gateway.ops.signals import SignalInbox
 from ie_gateway.pipeline import Worker
 from ie_gateway.qa import drift
 from ie_gateway.receive import Receiver
@@ -192,7 +192,6 @@ class Service:
         # node.listener_processes > 1: more processes accept associations on the same ports
         several = self.receiver is not None and cfg.node.listener_processes > 1
         self.listeners = ListenerProcesses(cfg) if several else None
-        self._stop = threading.Event()
         worker = self.worker
         receiver = self.receiver
         listeners = self.listeners
@@ -362,20 +361,26 @@ class Service:
             return False
 
     def run(self) -> None:
-        """Start, then block until SIGTERM/SIGINT; SIGHUP reloads the rules."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_rules(force=True))
+        """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads the rules. The signals are
+        read here, in the main loop, from a SignalInbox (see ops/signals.py for why), between
+        the watchdog's pings."""
+        inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
         self.start()
         interval = sdnotify.watchdog_interval_s() or 5.0
-        while not self._stop.wait(interval):
-            if self.healthy():
-                sdnotify.notify("WATCHDOG=1")
+        next_ping = time.monotonic()
+        while True:
+            if time.monotonic() >= next_ping:
+                if self.healthy():
+                    sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + interval
+            received = inbox.wait(max(0.0, next_ping - time.monotonic()))
+            if signal.SIGHUP in received:
+                self.reload_rules(force=True)
+            stops = [s for s in received if s is not signal.SIGHUP]
+            if stops:
+                log.info("stopping", signal=stops[0].name)
+                break
         self.stop()
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        self._stop.set()
 
     def stop(self) -> None:
         sdnotify.notify("STOPPING=1")

@@ -3,6 +3,7 @@ worker's behaviour when inference is interrupted or runs too long."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,25 @@ def transitions(index: Path, job_id: int) -> list[tuple[str, str]]:
     with sqlite3.connect(index, timeout=5) as db:
         return list(db.execute("SELECT from_state, to_state FROM transitions WHERE job_id = ? ORDER BY rowid",
                                (job_id,)))
+
+
+def test_sighup_reloads_the_rules_and_sigterm_stops_the_node_cleanly(node_factory: Any, tmp_path: Path) -> None:
+    node = node_with(node_factory, tmp_path, [rule("thorax", "Thorax", "toy-body")]).start()
+    proc = node.proc
+    assert proc is not None
+
+    def loads() -> int:
+        return sum(e["event"] == "routing rules loaded" for e in node.log_events())
+
+    assert loads() == 1  # at start; the file is unchanged, so only the signal loads it again
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: loads() == 2, 60, what="the rules to reload on SIGHUP")
+    assert proc.poll() is None
+    node.stop()
+    assert proc.returncode == 0
+    events = node.log_events()
+    assert [e.get("signal") for e in events if e["event"] == "stopping"] == ["SIGTERM"]
+    assert events[-1]["event"] == "stopped"
 
 
 @pytest.mark.slow

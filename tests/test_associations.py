@@ -12,6 +12,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from ie_gateway import reactor
 from tests.peers import REPO, Node, echoscu, storescu, wait_until
 
 pytestmark = pytest.mark.peer
@@ -71,10 +72,10 @@ def test_an_association_beyond_max_associations_is_refused_as_transient(node_fac
     node: Node = node_factory(settings={"node": {"max_associations": 1}}).start()  # type: ignore[operator]
     ae = AE("ECHOSCU")
     ae.add_requested_context(Verification)
-    first = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    first = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
     try:
         assert first.is_established
-        second = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+        second = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
         assert second.is_rejected
         rj = second.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
@@ -92,7 +93,7 @@ def test_a_sender_that_releases_and_associates_again_at_once_is_not_refused(node
     ae = AE("ECHOSCU")
     ae.add_requested_context(Verification)
     for _ in range(20):
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+        assoc = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
         assert assoc.is_established
         assoc.release()
 
@@ -104,7 +105,7 @@ def test_an_established_association_idle_past_network_timeout_is_aborted_and_fre
     ae = AE("ECHOSCU")
     ae.network_timeout = 60  # the SCU would wait far longer: the node must be the one to end it
     ae.add_requested_context(Verification)
-    idle = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    idle = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
     assert idle.is_established
     assert echoscu(node.port).returncode != 0  # the one slot is taken while it is open
     wait_until(lambda: not idle.is_alive(), 20, what="the node to abort the idle association")

@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless
 from pynetdicom import AE, build_role
 
+from ie_gateway import reactor
 from ie_gateway.config import load_config
 from ie_gateway.interop import retrieve
 from ie_gateway.interop.commitment import STORAGE_COMMITMENT
@@ -166,7 +167,7 @@ def test_a_peer_proposing_storage_commitment_gets_what_the_statement_lists(node:
         for ts in offered:  # one context per syntax, so each is answered on its own
             ae.add_requested_context(STORAGE_COMMITMENT, ts)
         roles = [build_role(STORAGE_COMMITMENT, scp_role=True, scu_role=False)] if as_reporter else []
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY", ext_neg=roles)  # type: ignore[arg-type]
+        assoc = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY", ext_neg=roles)
         assert assoc.is_established
         try:
             accepted = {UID(str(cx.transfer_syntax[0])): cx for cx in assoc.accepted_contexts}

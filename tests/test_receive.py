@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from ie_gateway import reactor
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.log import uid_hash
 from tests.conftest import dcm_compress
@@ -139,7 +140,7 @@ def send_one(port: int, ds: pydicom.Dataset) -> pydicom.Dataset:
     """C-STORE one data set with pynetdicom (a peer that, unlike storescu, sends anything)."""
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, str(ds.file_meta.TransferSyntaxUID))
-    assoc = ae.associate("127.0.0.1", port, ae_title="IE_GATEWAY")
+    assoc = reactor.associate(ae, "127.0.0.1", port, ae_title="IE_GATEWAY")
     assert assoc.is_established
     try:
         return assoc.send_c_store(ds)
@@ -181,7 +182,7 @@ def test_truncated_data_set_is_refused_with_cannot_understand(node: Node, small_
     broken.write_bytes(raw[:end])
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    assoc = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
     assert assoc.is_established
     rsp = assoc.send_c_store(broken)
     assoc.release()

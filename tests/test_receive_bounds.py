@@ -19,6 +19,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
+from ie_gateway import reactor
 from tests.flood import HUGE_REQUEST, big_instance, memory_mb, reset_peak
 from tests.peers import REPO, Node, storescu, wait_until
 from tests.test_receive import spooled
@@ -43,7 +44,7 @@ def send_raw(port: int, path: Path, sop_class: str, syntax: str) -> pydicom.Data
     or a decoded pydicom data set, nothing tidies its values on the way)."""
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="IE_GATEWAY")
+    assoc = reactor.associate(ae, "127.0.0.1", port, ae_title="IE_GATEWAY")
     assert assoc.is_established
     try:
         return assoc.send_c_store(path)
@@ -209,7 +210,7 @@ def test_p_data_longer_than_max_pdu_aborts_the_association(node_factory: object)
     node: Node = node_factory(settings={"node": {"max_pdu_kb": 64}}).start()  # type: ignore[operator]
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    assoc = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
     assert assoc.is_established and assoc.acceptor.maximum_length == 64 * 1024
     raw = assoc.dul.socket.socket  # an allowed caller that ignores the maximum it was told
     raw.sendall(b"\x04\x00" + struct.pack(">L", 16 * MIB) + bytes(1 << 20))

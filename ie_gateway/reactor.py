@@ -12,9 +12,10 @@ waits its whole DIMSE timeout and reports no response from a peer that answered.
 with Orthanc answering a storage commitment request within a millisecond, on a loaded machine.
 
 ``ReactorCheckpoint`` replaces that Event: a sender's ``clear()`` also withdraws a "paused"
-that the reactor has not earned (it is not stopped at the checkpoint), so the sender waits
-until the reactor really stops. ``guard`` installs it on an association, acceptor or
-requestor; nothing else in pynetdicom changes.
+that the reactor has not earned (it is not stopped at the checkpoint), and the reactor says
+"paused" again as it stops there, so the sender waits until the reactor really stops, and no
+longer. ``guard`` installs it on an association, acceptor or requestor; nothing else in
+pynetdicom changes.
 """
 
 from __future__ import annotations
@@ -46,11 +47,17 @@ class ReactorCheckpoint:
     def clear(self) -> None:
         with self._cond:
             self._open = False
-            # the reactor's own thread may pause itself (a release on its network timeout, a send
-            # from inside a handler): it is where it says it is
-            if not self._stopped and threading.current_thread() is not self._assoc:
+            if not self._stopped and self._reactor_comes():
                 self._assoc._is_paused = False
         self._wake()
+
+    def _reactor_comes(self) -> bool:
+        """Whether the reactor runs in another thread and will come to this checkpoint. Not when
+        the caller is the reactor's own thread (a release on its network timeout, a send from a
+        handler: it is where it says it is), nor when the reactor has ended or been killed
+        (pynetdicom says "paused" for it, and the send then fails on the closed association)."""
+        reactor = self._assoc
+        return reactor.is_alive() and not reactor._kill and threading.current_thread() is not reactor
 
     def is_set(self) -> bool:
         with self._cond:
@@ -59,6 +66,10 @@ class ReactorCheckpoint:
     def wait(self, timeout: float | None = None) -> bool:
         with self._cond:
             self._stopped = True
+            if not self._open:
+                # stopping here now: say so again, since a clear() may have withdrawn the
+                # "paused" the reactor said just before it came (else both would wait forever)
+                self._assoc._is_paused = True
             try:
                 return self._cond.wait_for(lambda: self._open, timeout)
             finally:

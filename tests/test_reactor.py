@@ -19,7 +19,8 @@ from tests.peers import FailingStoreSCP, free_port, wait_until
 
 
 def _association() -> Any:
-    return SimpleNamespace(_is_paused=False)
+    """What the checkpoint reads of an association whose reactor runs in another thread."""
+    return SimpleNamespace(_is_paused=False, _kill=False, is_alive=lambda: True)
 
 
 def test_a_pause_as_the_reactor_passes_the_checkpoint_waits_until_it_stops() -> None:
@@ -42,6 +43,24 @@ def test_a_pause_as_the_reactor_passes_the_checkpoint_waits_until_it_stops() -> 
     assert not stopped.is_alive()
 
 
+def test_a_pause_between_the_reactor_saying_paused_and_stopping_lets_the_sender_go_on() -> None:
+    """The other interleaving: the reactor says "paused" on its way to the checkpoint, the sender's
+    pause withdraws it, then the reactor stops: it must say "paused" again, or the sender waits
+    for a reactor that waits for the sender (a delivery hung so in CI)."""
+    assoc = _association()
+    checkpoint = ReactorCheckpoint(assoc)
+    assoc._is_paused = True  # the reactor, on its way
+    checkpoint.clear()  # the sender
+    assert assoc._is_paused is False
+    stopped = threading.Thread(target=checkpoint.wait)  # the reactor arrives
+    stopped.start()
+    wait_until(lambda: assoc._is_paused, 60, what="the reactor to say it is paused")
+    assert checkpoint._stopped and stopped.is_alive()
+    checkpoint.set()
+    stopped.join(60)
+    assert not stopped.is_alive()
+
+
 def test_a_second_pause_of_a_stopped_reactor_keeps_it_paused() -> None:
     assoc = _association()
     checkpoint = ReactorCheckpoint(assoc)
@@ -56,6 +75,20 @@ def test_a_second_pause_of_a_stopped_reactor_keeps_it_paused() -> None:
     assert not stopped.is_alive() and checkpoint.is_set()
 
 
+@pytest.mark.parametrize("how", ["killed", "ended"])
+def test_a_pause_of_a_reactor_that_is_gone_is_not_withdrawn(how: str) -> None:
+    """pynetdicom's kill() leaves "paused" set for a reactor that will never come back to the
+    checkpoint: the sender goes on (and fails on the closed association) instead of waiting."""
+    assoc = _association()
+    if how == "killed":
+        assoc._kill = True
+    else:
+        assoc.is_alive = lambda: False
+    assoc._is_paused = True
+    ReactorCheckpoint(assoc).clear()
+    assert assoc._is_paused is True
+
+
 def test_the_reactor_thread_pausing_itself_stays_paused() -> None:
     """pynetdicom releases from the reactor's own thread on a network timeout (and a handler may
     send from it): that thread is not stopped at the checkpoint, and must not wait for itself."""
@@ -63,6 +96,7 @@ def test_the_reactor_thread_pausing_itself_stays_paused() -> None:
 
     class Reactor(threading.Thread):
         _is_paused = True
+        _kill = False
 
         def run(self) -> None:
             checkpoint.clear()

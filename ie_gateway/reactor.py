@@ -35,7 +35,7 @@ class ReactorCheckpoint:
     def __init__(self, assoc: Association, wake: Callable[[], None] | None = None) -> None:
         self._assoc = assoc
         self._wake = wake or (lambda: None)  # a reactor that sleeps on a bell comes to the checkpoint now
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # as threading.Event's
         self._open = True
         self._stopped = False
 
@@ -65,11 +65,12 @@ class ReactorCheckpoint:
 
     def wait(self, timeout: float | None = None) -> bool:
         with self._cond:
+            if self._open:  # the reactor's every turn: it passes
+                return True
             self._stopped = True
-            if not self._open:
-                # stopping here now: say so again, since a clear() may have withdrawn the
-                # "paused" the reactor said just before it came (else both would wait forever)
-                self._assoc._is_paused = True
+            # stopping here now: say so again, since a clear() may have withdrawn the "paused"
+            # the reactor said just before it came (else both would wait forever)
+            self._assoc._is_paused = True
             try:
                 return self._cond.wait_for(lambda: self._open, timeout)
             finally:

@@ -27,7 +27,7 @@ from ie_gateway.write.common import ModelInfo, OutputUIDs
 from ie_gateway.write.rtstruct import build_rtstruct
 from tests.agreement_reference import reference_figures
 from tests.peers import REPO, Node, Orthanc, storescu, wait_until
-from tests.web_server import admin_page, chromium
+from tests.web_server import admin_page, chromium, loaded, page_text, signed_in
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -270,25 +270,6 @@ def test_no_patient_name_id_or_birth_date_on_any_page(case: Case, page: str, bro
     screenshot(browser, case.workdir, "login")
 
 
-def loaded(browser: Any) -> bool:
-    """Whether the browser's current page has finished loading (a click does not wait for it)."""
-    return bool(browser.execute_script("return document.readyState") == "complete")
-
-
-def signed_in(browser: Any) -> None:
-    """Wait for the page after signing in to say so; the old page's header may be read as it goes."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    def says_sign_out() -> bool:
-        try:
-            return loaded(browser) and "Sign out" in browser.find_element(By.TAG_NAME, "header").text
-        except StaleElementReferenceException:
-            return False  # the login page's header, replaced while it was read
-
-    wait_until(says_sign_out, 60, what="the signed-in page")
-
-
 def _post(url: str, data: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.parse
@@ -324,9 +305,8 @@ def test_action_buttons_refuse_a_request_without_the_token(case: Case, page: str
     valid = browser.find_element(By.CSS_SELECTOR, "meta[name=csrf]").get_attribute("content")
     for value, expected in (("stale", "CSRF value is missing or stale"), (valid, "no dead-lettered deliveries")):
         browser.execute_script(SUBMIT_FORM, retry, value)
-        wait_until(lambda: "/retry" in browser.current_url and browser.find_elements(By.TAG_NAME, "main"), 60,
-                   what="the action's answer")
-        assert expected in browser.find_element(By.TAG_NAME, "main").text
+        wait_until(lambda: "/retry" in browser.current_url and expected in page_text(browser, "main"), 60,
+                   what=f"the action's answer {expected!r}")
         browser.get(f"{page}/jobs")
 
 

@@ -20,8 +20,7 @@ from PIL import Image
 from ie_gateway.web.auth import COOKIE
 from tests.peers import storescu, wait_until
 from tests.test_delivery import StoreSCP, destination, make_node, misplaced_heart_model, rt_only_tps
-from tests.test_qa_loop import signed_in
-from tests.web_server import admin_page, chromium
+from tests.web_server import admin_page, chromium, page_text, signed_in
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -129,7 +128,7 @@ def test_a_held_result_is_reviewed_by_looking_and_released_with_a_comment(
             "heart outside the body is the model's known air artefact; External checked"
         )
         browser.find_element(By.CSS_SELECTOR, "form.review button[value=release]").click()
-        wait_until(lambda: "release done" in browser.find_element(By.TAG_NAME, "main").text, 60, what="the release")
+        wait_until(lambda: "release done" in page_text(browser, "main"), 60, what="the release")
     [job] = node.wait_state({"delivered", "failed"}, timeout=60)
     released = [t for t in node_transitions(node, job["id"]) if t["to_state"] == "inferred" and t["who"]]
     assert released[0]["reason"].endswith(

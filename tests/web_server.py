@@ -7,10 +7,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from starlette.applications import Starlette
 
 from ie_gateway.config import load_config
@@ -50,3 +53,22 @@ def chromium(width: int = 1366, height: int = 900) -> Iterator[webdriver.Chrome]
         yield driver
     finally:
         driver.quit()
+
+
+def loaded(browser: Any) -> bool:
+    """Whether the browser's current page has finished loading (a click does not wait for it)."""
+    return bool(browser.execute_script("return document.readyState") == "complete")
+
+
+def page_text(browser: Any, tag: str) -> str:
+    """The text of the loaded page's first ``tag`` element, or "" while a click's page replaces it
+    (an element found on the old page goes stale as it is read)."""
+    try:
+        return str(browser.find_element(By.TAG_NAME, tag).text) if loaded(browser) else ""
+    except StaleElementReferenceException:
+        return ""
+
+
+def signed_in(browser: Any) -> None:
+    """Wait for the page after signing in to say so."""
+    wait_until(lambda: "Sign out" in page_text(browser, "header"), 60, what="the signed-in page")

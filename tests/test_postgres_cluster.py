@@ -35,11 +35,13 @@ def test_server_listens_on_loopback_only_and_not_as_root(postgres_url: str) -> N
         server_address = conn.execute("SELECT host(inet_server_addr())").fetchone()
         data_directory = conn.execute("SELECT current_setting('data_directory')").fetchone()
         backend_pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert backend_pid is not None
+        # while the connection is open: its backend process ends with it
+        process_owner = Path(f"/proc/{backend_pid[0]}").stat().st_uid
     assert listen == ("127.0.0.1",)
     assert server_address == ("127.0.0.1",)
-    assert data_directory is not None and backend_pid is not None
+    assert data_directory is not None
     owner = Path(data_directory[0]).stat().st_uid
-    process_owner = Path(f"/proc/{backend_pid[0]}").stat().st_uid
     assert owner != 0
     assert process_owner == owner
     assert os.geteuid() == 0 or owner == os.geteuid()

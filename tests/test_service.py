@@ -18,9 +18,15 @@ from tests.peers import Node, storescu, wait_until
 pytestmark = pytest.mark.peer
 
 
-def series(folder: Path, seed: int, description: str) -> list[Path]:
+def series(folder: Path, seed: int, description: str, counted: bool = False) -> list[Path]:
+    """A 24-slice CT. ``counted``: its header says how many images the acquisition has, so a node
+    with a long quiet period completes it at its last instance; on a loaded machine a pause in
+    storescu's sending can outlast the tests' 1 s quiet period and split a series into jobs."""
     phantom = make_phantom(seed, slices=24, size=128, pixel_mm=3.9, slice_mm=5.0)
-    return write_ct_series(phantom, folder, seed=seed, extra={"SeriesDescription": description})
+    extra: dict[str, object] = {"SeriesDescription": description}
+    if counted:
+        extra["ImagesInAcquisition"] = 24
+    return write_ct_series(phantom, folder, seed=seed, extra=extra)
 
 
 def models(root: Path, spin_iterations: int = 0) -> Path:

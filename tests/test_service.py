@@ -22,10 +22,11 @@ def series(folder: Path, seed: int, description: str, counted: bool = False) -> 
     """A 24-slice CT. ``counted``: its header says how many images the acquisition has, so a node
     with a long quiet period completes it at its last instance; on a loaded machine a pause in
     storescu's sending can outlast the tests' 1 s quiet period and split a series into jobs."""
-    phantom = make_phantom(seed, slices=24, size=128, pixel_mm=3.9, slice_mm=5.0)
+    slices = 24
+    phantom = make_phantom(seed, slices=slices, size=128, pixel_mm=3.9, slice_mm=5.0)
     extra: dict[str, object] = {"SeriesDescription": description}
     if counted:
-        extra["ImagesInAcquisition"] = 24
+        extra["ImagesInAcquisition"] = slices
     return write_ct_series(phantom, folder, seed=seed, extra=extra)
 
 

@@ -43,8 +43,8 @@ from ie_gateway.write import (
     StructureInfo,
     build_rtstruct,
     build_seg,
+    make_masks,
     new_output_uids,
-    structure_mask,
     validate_rtstruct,
     validate_seg,
 )
@@ -116,7 +116,7 @@ def main() -> None:
         rtstruct = build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids)  # warm imports
 
         def worker_rtstruct() -> None:
-            masks = {s.label: structure_mask(labels, s) for s in STRUCTURES}
+            masks = make_masks(labels, STRUCTURES)
             ds = build_rtstruct(headers, labels, STRUCTURES, MODEL, rt_uids, masks=masks)
             ds.save_as(rt_path, enforce_file_format=True)
             validate_rtstruct(rt_path, headers, labels, STRUCTURES, rt_uids, masks=masks)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pydicom
@@ -137,6 +138,46 @@ def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
     # within the bounding box, background on the box edge is outside on the full slice too
     mask[box] = fill_holes_per_slice(mask[box])
     return mask
+
+
+#: Threads for the work done once per structure (its mask, contours, checks): numpy and scipy
+#: release the GIL in the whole-volume passes that are most of it, so structures go in parallel on
+#: as many cores as the process may use (at most 8: a label map has a handful of big structures).
+_STRUCTURE_THREADS = ThreadPoolExecutor(
+    max_workers=max(1, min(8, len(os.sched_getaffinity(0)))), thread_name_prefix="structure"
+)
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def in_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
+    """``work`` of every item, in their order, on the structure threads. ``work`` must not wait
+    for other work on them; its first exception (in the items' order) is raised here."""
+    return list(_STRUCTURE_THREADS.map(work, items))
+
+
+def for_each_structure(
+    work: Callable[[StructureInfo, np.ndarray], _Result],
+    labels: np.ndarray,
+    structures: Sequence[StructureInfo],
+    masks: Masks | None = None,
+) -> list[_Result]:
+    """``work(structure, mask)`` for every structure, in their order, in parallel
+    (:func:`in_parallel`). A mask not in ``masks`` is made by the thread that needs it and
+    dropped after, so no more masks are held at once than threads run."""
+
+    def one(structure: StructureInfo) -> _Result:
+        made = masks.get(structure.label) if masks is not None else None
+        return work(structure, made if made is not None else structure_mask(labels, structure))
+
+    return in_parallel(one, structures)
+
+
+def make_masks(labels: np.ndarray, structures: Sequence[StructureInfo]) -> dict[int, np.ndarray]:
+    """Every structure's mask (:func:`structure_mask`) by label, made in parallel: the stages
+    make them once for the plausibility checks, both writers and their validation."""
+    made = for_each_structure(lambda _, mask: mask, labels, structures)
+    return {structure.label: mask for structure, mask in zip(structures, made, strict=True)}
 
 
 def structure_masks(

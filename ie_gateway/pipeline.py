@@ -48,6 +48,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,7 +70,7 @@ from ie_gateway.errors import (
     WriteError,
 )
 from ie_gateway.files import raise_if_disk_full
-from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, structure_mask, structures_of
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, make_masks, structures_of
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
@@ -100,6 +101,9 @@ from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import validate_rtstruct, validate_seg
 
 log = structlog.get_logger(__name__)
+#: Reads a job's CT headers while the same stage reads its label maps and makes their masks:
+#: parsing headers is Python, the masks are mostly numpy outside the GIL, so the two overlap.
+_HEADER_READER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="headers")
 
 
 @dataclass(frozen=True)
@@ -590,11 +594,11 @@ class Worker:
         checked with, each route's label map, masks and findings, and the reasons a reviewer
         would read."""
         folder = self.store.job_dir(job.id)
-        headers: list[pydicom.Dataset] = [
-            pydicom.dcmread(p, stop_before_pixels=True) for p in self.store.slice_paths(job)
-        ]
+        paths = self.store.slice_paths(job)
+        reading = _HEADER_READER.submit(read_headers, paths)
         geometry = self.store.geometry(job)
         results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
+        headers = reading.result()
         log.info(
             "result checked", reasons=len(results[0].findings.reasons), seconds=round(time.monotonic() - started, 3)
         )
@@ -679,7 +683,7 @@ class Worker:
         model = self.registry.resolve(route.spec)
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
         structures = structures_of(model.manifest)
-        masks = {s.label: structure_mask(labels, s) for s in structures}
+        masks = make_masks(labels, structures)
         findings = check_result(model.manifest.structures, masks, geometry)
         return RouteResult(index, route, model, labels, masks, structures, findings)
 
@@ -732,6 +736,11 @@ class Worker:
         else:
             raise WriteError(f"unknown output kind {kind}")
         tmp.replace(path)
+
+
+def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    """The CT instances' headers (no pixel data), in the order of ``paths``."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 def crashed_reason(crashes: int, stage: str) -> str:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from ie_gateway import imaging
-from ie_gateway.imaging import fill_holes_per_slice
+from ie_gateway.imaging import fill_holes_per_slice, for_each_structure, make_masks
 from ie_gateway.write import StructureInfo, structure_mask
 
-BODY = StructureInfo(
-    label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True
-)
+BODY = StructureInfo(label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True)
 
 
 def _per_slice_reference(mask: np.ndarray) -> np.ndarray:
@@ -55,3 +55,49 @@ def test_fill_holes_per_slice_is_binary_fill_holes_of_each_slice(
         shape = (int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 20)))
         mask = rng.random(shape) < rng.uniform(0.3, 0.9)
         assert np.array_equal(fill_holes_per_slice(mask), _per_slice_reference(mask))
+
+
+def _structures(count: int) -> list[StructureInfo]:
+    return [
+        StructureInfo(**{**BODY.__dict__, "label": n, "name": f"S{n}", "fill_holes": n % 2 == 1})
+        for n in range(1, count + 1)
+    ]
+
+
+def test_masks_made_in_parallel_are_each_structures_mask_in_order() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, size=(5, 16, 16)).astype(np.uint8)
+    structures = _structures(6)
+    masks = make_masks(labels, structures)
+    assert list(masks) == [s.label for s in structures]
+    for s in structures:
+        assert np.array_equal(masks[s.label], structure_mask(labels, s))
+
+
+def test_structure_work_runs_on_the_structure_threads_and_makes_missing_masks_itself() -> None:
+    labels = np.zeros((2, 8, 8), dtype=np.uint8)
+    labels[:, 2:6, 2:6] = 1
+    labels[:, 3:5, 3:5] = 2
+    structures = _structures(2)
+    given = {2: np.ones_like(labels, dtype=bool)}  # the caller's mask is used as it is
+
+    def work(structure: StructureInfo, mask: np.ndarray) -> tuple[int, str, int]:
+        return structure.label, threading.current_thread().name, int(mask.sum())
+
+    done = for_each_structure(work, labels, structures, given)
+    assert [label for label, _, _ in done] == [1, 2]
+    assert all(name.startswith("structure") for _, name, _ in done)
+    assert [voxels for _, _, voxels in done] == [int((labels >= 1).sum()), labels.size]  # 1: its hole filled
+
+
+def test_the_first_failing_structure_s_error_is_raised_to_the_caller() -> None:
+    class Refused(Exception):
+        pass
+
+    def work(structure: StructureInfo, mask: np.ndarray) -> int:
+        if structure.label >= 2:
+            raise Refused(structure.name)
+        return structure.label
+
+    with pytest.raises(Refused, match="S2"):
+        for_each_structure(work, np.ones((1, 4, 4), dtype=np.uint8), _structures(4))

@@ -33,7 +33,7 @@ import structlog
 from ie_gateway.commission.cases import case_folders, read_case
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import CommissionError, GatewayError
-from ie_gateway.imaging import SliceGeometry, structure_mask, structures_of
+from ie_gateway.imaging import SliceGeometry, make_masks, structures_of
 from ie_gateway.infer.manifest import Commissioning
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.runner import InferenceRunner
@@ -191,7 +191,7 @@ class Run:
         started = time.monotonic()
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / LABELS_FILE))).astype(np.uint8)
         structures = structures_of(self.model.manifest)
-        masks = {s.label: structure_mask(labels, s) for s in structures}
+        masks = make_masks(labels, structures)
         findings = check_result(self.model.manifest.structures, masks, geometry)
         present = [s for s in structures if s.name not in findings.empty]
         info = ModelInfo(name=self.model.name, version=self.model.version, needs_review=bool(findings.reasons))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ie_gateway.imaging import SliceGeometry, bounding_box
+from ie_gateway.imaging import SliceGeometry, bounding_box, in_parallel
 from ie_gateway.infer.manifest import Structure
 from ie_gateway.vocab import InterpretedType, Side
 
@@ -82,7 +82,8 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
     voxel_cc = geometry.row_spacing * geometry.col_spacing * slice_mm / 1000.0
     scan_cm = slices * slice_mm / 10.0
     by_name = {s.name: s for s in structures}
-    counts = {s.name: int(np.count_nonzero(masks[s.label])) for s in structures}
+    voxels = in_parallel(lambda s: int(np.count_nonzero(masks[s.label])), structures)
+    counts = {s.name: n for s, n in zip(structures, voxels, strict=True)}
     volumes = {name: round(n * voxel_cc, 1) for name, n in counts.items()}
     empty = [name for name, n in counts.items() if n == 0]
     external = next((s for s in structures if s.interpreted_type is InterpretedType.EXTERNAL and counts[s.name]), None)
@@ -93,14 +94,16 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
             geometry.to_patient(slices // 2, np.array([[0.0, (masks[structures[0].label].shape[2] - 1) / 2]]))[0, 0]
         )
     )
-    reasons: list[str] = []
-    for s in structures:
+
+    def unmet(s: Structure) -> list[str]:
+        """The reasons ``s`` misses its expectations, if any."""
+        reasons: list[str] = []
         expect = s.expect
         if expect is None:
-            continue
+            return reasons
         if counts[s.name] == 0:
             reasons.append(f"{s.name}: empty")
-            continue
+            return reasons
         mask = masks[s.label]
         volume = counts[s.name] * voxel_cc
         if expect.volume_cc is not None and volume not in expect.volume_cc:
@@ -126,4 +129,8 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
             covered = int(np.count_nonzero(mask.any(axis=(1, 2)))) / slices
             if covered not in expect.slices_covered:
                 reasons.append(f"{s.name}: on {covered:.0%} of the slices (expected {expect.slices_covered})")
+        return reasons
+
+    # one structure per thread: the whole-mask passes release the GIL
+    reasons = [reason for found in in_parallel(unmet, structures) for reason in found]
     return Findings(volumes_cc=volumes, empty=empty, reasons=reasons)

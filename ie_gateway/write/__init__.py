@@ -5,7 +5,7 @@ The caller makes the output UIDs once (:func:`new_output_uids`) and stores them,
 delivery retry sends the same instance; builders never make UIDs of their own.
 """
 
-from ie_gateway.imaging import StructureInfo, structure_mask
+from ie_gateway.imaging import StructureInfo, make_masks, structure_mask
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.write.common import ModelInfo, new_output_uids
 from ie_gateway.write.rtstruct import build_rtstruct
@@ -18,6 +18,7 @@ __all__ = [
     "StructureInfo",
     "build_rtstruct",
     "build_seg",
+    "make_masks",
     "new_output_uids",
     "rasterize_rtstruct",
     "structure_mask",

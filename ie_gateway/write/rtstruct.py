@@ -30,7 +30,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTStructureSetStorage
 
 import ie_gateway
-from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, bounding_box, structure_masks
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, bounding_box, for_each_structure
 from ie_gateway.store.records import OutputUIDs
 from ie_gateway.vocab import ApprovalStatus
 from ie_gateway.write.common import (
@@ -218,8 +218,10 @@ def build_rtstruct(
     ds = _header(ct_headers[0], model, uids, series_number)
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame_of_reference(ct_headers)])
     rois, roi_contours, observations = [], [], []
-    for structure, mask in structure_masks(labels, structures, masks):
-        contours = structure_contours(mask, geometry, ct_headers)
+    traced = for_each_structure(
+        lambda _, mask: structure_contours(mask, geometry, ct_headers), labels, structures, masks
+    )
+    for structure, contours in zip(structures, traced, strict=True):
         log.info("rtstruct.structure", label=structure.label, contours=len(contours))
         roi, roi_contour, observation = _roi_items(structure, frame_uid, model, contours)
         rois.append(roi)

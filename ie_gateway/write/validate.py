@@ -27,6 +27,7 @@ from ie_gateway.imaging import (
     crossings,
     elem_keyword,
     encoded_ds,
+    for_each_structure,
     parse_ds,
     rasterize_roi,
     structure_masks,
@@ -245,8 +246,11 @@ def validate_rtstruct(
     _check_rois(ds, structures)
     geometry = geometry if geometry is not None else SliceGeometry.from_headers(ct_headers)
     rois = {int(roi.ReferencedROINumber): contours for roi, contours in parsed}
-    for s, expected in structure_masks(labels, structures, masks):
-        _check_score(_roi_dice(rois[s.label], geometry, expected), s, "RT-STRUCT")
+    scores = for_each_structure(
+        lambda s, expected: _roi_dice(rois[s.label], geometry, expected), labels, structures, masks
+    )
+    for s, score in zip(structures, scores, strict=True):
+        _check_score(score, s, "RT-STRUCT")
 
 
 def _seg_references(seg: hd.seg.Segmentation) -> set[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,17 +144,29 @@ def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
 #: Threads for the work done once per structure (its mask, contours, checks): numpy and scipy
 #: release the GIL in the whole-volume passes that are most of it, so structures go in parallel on
 #: as many cores as the process may use (at most 8: a label map has a handful of big structures).
-_STRUCTURE_THREADS = ThreadPoolExecutor(
-    max_workers=max(1, min(8, len(os.sched_getaffinity(0)))), thread_name_prefix="structure"
-)
+_HELPERS = max(1, min(8, len(os.sched_getaffinity(0))))
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
+def helper_threads() -> ThreadPoolExecutor:
+    """The helper threads at the calling thread's own ``nice``: work that a background lane
+    hands over keeps that lane's lower CPU priority. (A Linux thread starts at its creator's
+    nice, and a pool's threads are started by the threads that submit to it.)"""
+    nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with _POOLS_LOCK:
+        pool = _POOLS.get(nice)
+        if pool is None:
+            pool = _POOLS[nice] = ThreadPoolExecutor(max_workers=_HELPERS, thread_name_prefix=f"helper-nice{nice}")
+        return pool
+
+
 def in_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
-    """``work`` of every item, in their order, on the structure threads. ``work`` must not wait
-    for other work on them; its first exception (in the items' order) is raised here."""
-    return list(_STRUCTURE_THREADS.map(work, items))
+    """``work`` of every item, in their order, on the :func:`helper_threads`. ``work`` must not
+    wait for other work on them; its first exception (in the items' order) is raised here."""
+    return list(helper_threads().map(work, items))
 
 
 def for_each_structure(

@@ -48,7 +48,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,7 +69,7 @@ from ie_gateway.errors import (
     WriteError,
 )
 from ie_gateway.files import raise_if_disk_full
-from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, make_masks, structures_of
+from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, helper_threads, make_masks, structures_of
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
@@ -101,9 +100,6 @@ from ie_gateway.write.seg import build_seg
 from ie_gateway.write.validate import validate_rtstruct, validate_seg
 
 log = structlog.get_logger(__name__)
-#: Reads a job's CT headers while the same stage reads its label maps and makes their masks:
-#: parsing headers is Python, the masks are mostly numpy outside the GIL, so the two overlap.
-_HEADER_READER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="headers")
 
 
 @dataclass(frozen=True)
@@ -595,7 +591,8 @@ class Worker:
         would read."""
         folder = self.store.job_dir(job.id)
         paths = self.store.slice_paths(job)
-        reading = _HEADER_READER.submit(read_headers, paths)
+        # read while the label maps are checked: header parsing is Python, the masks mostly numpy
+        reading = helper_threads().submit(read_headers, paths)
         geometry = self.store.geometry(job)
         results = [self._checked(folder, index, route, geometry) for index, route in enumerate(job.routes)]
         headers = reading.result()

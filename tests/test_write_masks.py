@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from ie_gateway import imaging
-from ie_gateway.imaging import fill_holes_per_slice, for_each_structure, make_masks
+from ie_gateway.imaging import fill_holes_per_slice, for_each_structure, in_parallel, make_masks
 from ie_gateway.write import StructureInfo, structure_mask
 
 BODY = StructureInfo(label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True)
@@ -74,7 +75,7 @@ def test_masks_made_in_parallel_are_each_structures_mask_in_order() -> None:
         assert np.array_equal(masks[s.label], structure_mask(labels, s))
 
 
-def test_structure_work_runs_on_the_structure_threads_and_makes_missing_masks_itself() -> None:
+def test_structure_work_runs_on_the_helper_threads_and_makes_missing_masks_itself() -> None:
     labels = np.zeros((2, 8, 8), dtype=np.uint8)
     labels[:, 2:6, 2:6] = 1
     labels[:, 3:5, 3:5] = 2
@@ -86,7 +87,7 @@ def test_structure_work_runs_on_the_structure_threads_and_makes_missing_masks_it
 
     done = for_each_structure(work, labels, structures, given)
     assert [label for label, _, _ in done] == [1, 2]
-    assert all(name.startswith("structure") for _, name, _ in done)
+    assert all(name.startswith("helper") for _, name, _ in done)
     assert [voxels for _, _, voxels in done] == [int((labels >= 1).sum()), labels.size]  # 1: its hole filled
 
 
@@ -101,3 +102,22 @@ def test_the_first_failing_structure_s_error_is_raised_to_the_caller() -> None:
 
     with pytest.raises(Refused, match="S2"):
         for_each_structure(work, np.ones((1, 4, 4), dtype=np.uint8), _structures(4))
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_work_handed_over_by_a_background_thread_keeps_its_lower_cpu_priority() -> None:
+    main_nice = _nice()
+    seen: dict[str, list[int]] = {}
+
+    def background() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), main_nice + 5)  # as the prepare lane
+        seen["background"] = in_parallel(lambda _: _nice(), range(6))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    seen["main"] = in_parallel(lambda _: _nice(), range(6))
+    assert seen == {"background": [main_nice + 5] * 6, "main": [main_nice] * 6}

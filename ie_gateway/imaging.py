@@ -141,6 +141,11 @@ def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
     return mask
 
 
+def read_headers(paths: Sequence[str | os.PathLike[str]]) -> list[pydicom.Dataset]:
+    """The CT instances' headers (no pixel data), in the order of ``paths``."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
 #: Threads for the work done once per structure (its mask, contours, checks): numpy and scipy
 #: release the GIL in the whole-volume passes that are most of it, so structures go in parallel on
 #: as many cores as the process may use (at most 8: a label map has a handful of big structures).
@@ -180,8 +185,7 @@ def for_each_structure(
     dropped after, so no more masks are held at once than threads run."""
 
     def one(structure: StructureInfo) -> _Result:
-        made = masks.get(structure.label) if masks is not None else None
-        return work(structure, made if made is not None else structure_mask(labels, structure))
+        return work(structure, _mask_of(labels, structure, masks))
 
     return in_parallel(one, structures)
 
@@ -199,8 +203,13 @@ def structure_masks(
     """Yield (structure, mask) one at a time, so at most one extra mask is held; from
     ``masks`` where the caller made them already."""
     for structure in structures:
-        made = masks.get(structure.label) if masks is not None else None
-        yield structure, made if made is not None else structure_mask(labels, structure)
+        yield structure, _mask_of(labels, structure, masks)
+
+
+def _mask_of(labels: np.ndarray, structure: StructureInfo, masks: Masks | None) -> np.ndarray:
+    """``structure``'s mask from ``masks`` where the caller made it, else made now."""
+    made = masks.get(structure.label) if masks is not None else None
+    return made if made is not None else structure_mask(labels, structure)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,15 @@ from ie_gateway.errors import (
     WriteError,
 )
 from ie_gateway.files import raise_if_disk_full
-from ie_gateway.imaging import Masks, SliceGeometry, StructureInfo, helper_threads, make_masks, structures_of
+from ie_gateway.imaging import (
+    Masks,
+    SliceGeometry,
+    StructureInfo,
+    helper_threads,
+    make_masks,
+    read_headers,
+    structures_of,
+)
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner, runner_for
 from ie_gateway.infer.types import InferenceResult
@@ -733,11 +741,6 @@ class Worker:
         else:
             raise WriteError(f"unknown output kind {kind}")
         tmp.replace(path)
-
-
-def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
-    """The CT instances' headers (no pixel data), in the order of ``paths``."""
-    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 def crashed_reason(crashes: int, stage: str) -> str:

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from ie_gateway import __version__
 from ie_gateway.commission.cases import read_case
 from ie_gateway.commission.run import RTSTRUCT_FILE, WORK_DIR, CaseResult, Run, criteria_of, work_name
-from ie_gateway.imaging import SliceGeometry, rasterize_roi
+from ie_gateway.imaging import SliceGeometry, rasterize_roi, read_headers
 from ie_gateway.infer.manifest import MANIFEST_NAME, Commissioning
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.pictures import render_comparison_png
@@ -168,7 +168,7 @@ def draw_pictures(run: Run, rows: Sequence[dict[str, Any]]) -> list[Picture]:
         volume = load_volume(case.ct_files, run.checks)
         hu = sitk.GetArrayViewFromImage(volume.image)
         spacing = tuple(float(s) for s in volume.image.GetSpacing())
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in volume.paths]
+        headers = read_headers(volume.paths)
         geometry = SliceGeometry.from_headers(headers)
         shape = hu.shape
         ai = _rois(run.out_dir / WORK_DIR / work_name(case_name) / RTSTRUCT_FILE)

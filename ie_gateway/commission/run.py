@@ -33,7 +33,7 @@ import structlog
 from ie_gateway.commission.cases import case_folders, read_case
 from ie_gateway.config import GatewayConfig
 from ie_gateway.errors import CommissionError, GatewayError
-from ie_gateway.imaging import SliceGeometry, make_masks, structures_of
+from ie_gateway.imaging import SliceGeometry, make_masks, read_headers, structures_of
 from ie_gateway.infer.manifest import Commissioning
 from ie_gateway.infer.registry import ModelVersion
 from ie_gateway.infer.runner import InferenceRunner
@@ -161,7 +161,7 @@ class Run:
             volume_s = time.monotonic() - started
             ct_path = work / "ct.mha"
             sitk.WriteImage(volume.image, str(ct_path), useCompression=False)
-            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in volume.paths]
+            headers = read_headers(volume.paths)
             geometry = volume.geometry
             del volume
             inference_started = time.monotonic()

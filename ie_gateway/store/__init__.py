@@ -243,12 +243,12 @@ class Store:
         """The CT's slice geometry as the volume stage kept it; for a job inferred before the
         node kept it, built from the slice headers. Raises OSError or WriteError when neither
         can be read."""
-        from ie_gateway.imaging import SliceGeometry
+        from ie_gateway.imaging import SliceGeometry, read_headers
 
         try:
             return SliceGeometry.load(self.results / f"job-{job.id}" / GEOMETRY_FILE)  # read: no folder made
         except FileNotFoundError:
-            headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.slice_paths(job)]
+            headers = read_headers(self.slice_paths(job))
             return SliceGeometry.from_headers(headers)
 
     def spool_relative(self, paths: Iterable[Path]) -> tuple[str, ...]:

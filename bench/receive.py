@@ -5,7 +5,9 @@ Usage: .venv/bin/python bench/receive.py [--repeat 5] [--senders 4] [--max-pdu-k
 
 The same 200-slice 512² synthetic CT (≈100 MiB) is sent by dcmtk's storescu (TCP_NODELAY) to
 (a) `ie-gateway serve` (durable: fsync + rename + index row before each answer),
-(b) dcmtk storescp (writes files, no fsync), (c) Orthanc (SQLite index), each started fresh on
+(b) dcmtk storescp (writes files, no fsync), (c) Orthanc (SQLite index), (d) a bare pynetdicom
+SCP (``bench/bare_scp.py``: the library's storage example, writes files, no fsync, no checks:
+the node's ratio to it is the price of what the node adds), each started fresh on
 loopback for every run so nothing is a duplicate. Then N senders at once, each with its own
 series. The servers take turns within each repetition. Prints the median seconds and MiB/s
 of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
@@ -110,6 +112,19 @@ def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, pro
         node.stop()
 
 
+def run_bare_pynetdicom(work: Path, folders: list[Path]) -> float:
+    """pynetdicom's storage example in its own process (bench/bare_scp.py): the library's floor."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 30, what="bare pynetdicom SCP")
+        return send(port, folders, "IE_GATEWAY")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def run_storescp(work: Path, folders: list[Path]) -> float:
     scp = StoreSCP(work)
     try:
@@ -142,7 +157,7 @@ def main() -> None:
         f"ie_gateway×{n}": partial(run_node, processes=n, name=f"ie_gateway×{n}") for n in args.listener_processes
     })
     nodes = nodes or {"ie_gateway": run_node}
-    peers = {**nodes, "storescp": run_storescp, "orthanc": run_orthanc}
+    peers = {**nodes, "pynetdicom": run_bare_pynetdicom, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
         root = Path(tmp)
@@ -164,11 +179,16 @@ def main() -> None:
                       f"{mib * senders / results[(name, senders)]:6.1f} MiB/s  "
                       f"(runs: {', '.join(f'{t:.2f}' for t in times[name])})", flush=True)
         print(f"\nseries: 200 x 512x512, {mib:.1f} MiB; median of {args.repeat}")
+        for senders in counts:
+            bare = results[("pynetdicom", senders)]
+            print(f"{senders} sender(s): bare pynetdicom / orthanc speed = {results[('orthanc', senders)] / bare:.2f}x "
+                  f"(the library's own floor on this machine)")
         for name in nodes:
             for senders in counts:
                 node = results[(name, senders)]
                 print(f"{senders} sender(s): {name} / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
-                      f"{name} / orthanc speed = {results[('orthanc', senders)] / node:.2f}x")
+                      f"{name} / orthanc speed = {results[('orthanc', senders)] / node:.2f}x, "
+                      f"{name} / bare pynetdicom speed = {results[('pynetdicom', senders)] / node:.2f}x")
                 user, system = (statistics.median(c[i] for c in NODE_CPU[(name, senders)]) for i in (0, 1))
                 print(f"{senders} sender(s): {name} CPU per run (median) user {user:.2f} s + system {system:.2f} s "
                       f"(a measure less shaken by other load than the seconds)")

@@ -1,0 +1,41 @@
+"""A bare pynetdicom Storage SCP: the peer that shows what the library itself costs.
+
+Usage: .venv/bin/python bench/bare_scp.py PORT FOLDER [MAX_PDU_KB]
+
+What pynetdicom's own storage example does, no more: every storage SOP class, each
+instance written as a file by the handler (preamble, file meta, the data set as received), no
+fsync, no index, no checks. ``bench/receive.py`` runs it beside the node, storescp and Orthanc,
+so the node's ratio to it is the price of what the node adds to the library (durable writes,
+the header read and checks, the index, the screening of associations), and its ratio to
+Orthanc is what pynetdicom's per-message Python costs on the machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+
+def main() -> None:
+    port, folder = int(sys.argv[1]), Path(sys.argv[2])
+    folder.mkdir(parents=True, exist_ok=True)
+    count = iter(range(1 << 62))
+
+    def on_store(event: evt.Event) -> int:
+        with (folder / f"{next(count)}.dcm").open("wb") as out:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(out, event.file_meta)
+            out.write(event.request.DataSet.getvalue())
+        return 0x0000
+
+    ae = AE(ae_title="IE_GATEWAY")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_pdu_size = (int(sys.argv[3]) if len(sys.argv) > 3 else 256) * 1024
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+if __name__ == "__main__":
+    main()

@@ -252,6 +252,9 @@ class Service:
                 seconds=self.cfg.series.sweep_every_s,
                 id="stability-sweep",
             )
+        if self.worker is not None:
+            # each worker's own inference child: not one node at a time
+            s.add_job(self.worker.warm_up, "interval", seconds=self.cfg.series.sweep_every_s, id="warm-up")
         if self.sender is not None:
             s.add_job(self.sender.deliver_due, "interval", seconds=self.cfg.delivery.every_s, id="outbox")
             s.add_job(self.reload_rules, "interval", seconds=2, id="rules-watch")

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from ie_gateway.infer.registry import Registry, probe_patch
 from ie_gateway.infer.runner import InferenceRunner
 from tests.infer_packages import Pointwise, Spin, threshold_model, write_package
 from tests.keys import DEMO_TRUSTED, sign
-
+from tests.peers import wait_until
 
 HEALTHY_LIMIT_S = 120.0  # a child's model load and probe on a loaded machine, far above its usual second
 
@@ -139,6 +141,56 @@ def test_active_versions_come_from_the_state_without_loading_a_model(tmp_path: P
     assert probes == []  # what a metrics scrape asks never starts the inference child
     shutil.rmtree(tmp_path / "models" / "toy" / "2")
     assert fresh.active_versions() == {}  # activated but no longer installed
+
+
+def waiting_for_a_check(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is waiting for the outcome of another thread's check (Future.result)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "result" and "concurrent" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_caller_of_a_version_being_checked_waits_for_that_check_and_shares_its_outcome(
+    tmp_path: Path, refused: bool
+) -> None:
+    """The route lane and the warm-up of an arriving series may ask for one version at once:
+    one probe in the inference child, not two."""
+    Registry(tmp_path / "models", tmp_path / "state.json", keys=DEMO_TRUSTED).import_version(source(tmp_path))
+    probing, release = threading.Event(), threading.Event()
+    probes: list[str] = []
+
+    def probe(model: object) -> None:
+        probes.append(str(getattr(model, "spec")))
+        probing.set()
+        release.wait(60)
+        if refused:
+            raise ModelError("the probe refused it")
+
+    fresh = Registry(tmp_path / "models", tmp_path / "state.json", probe, DEMO_TRUSTED)
+    outcomes: dict[str, str] = {}
+
+    def resolve(caller: str) -> None:
+        try:
+            outcomes[caller] = fresh.resolve("toy@1").spec
+        except ModelError as exc:
+            outcomes[caller] = str(exc)
+
+    first = threading.Thread(target=resolve, args=("first",))
+    first.start()
+    assert probing.wait(60)
+    second = threading.Thread(target=resolve, args=("second",))
+    second.start()
+    wait_until(lambda: waiting_for_a_check(second), 60, every=0.01, what="the second caller to wait for the check")
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert probes == ["toy@1"]
+    outcome = "the probe refused it" if refused else "toy@1"
+    assert outcomes == {"first": outcome, "second": outcome}
 
 
 def test_activation_of_a_version_that_fails_verification_is_refused(

@@ -121,6 +121,21 @@ def test_explain_shows_every_rule_with_the_values_seen(node_factory: Any, tmp_pa
     assert "unrouted" in unmatched.stdout
 
 
+def test_the_model_of_a_series_still_arriving_is_loaded_before_the_series_completes(
+        node_factory: Any, tmp_path: Path) -> None:
+    """The inference child's start, torch's import and the model's probe happen while the series
+    arrives, not on the path after its quiet period (a series no rule routes asks for none)."""
+    node = node_with(node_factory, tmp_path, [rule("thorax", "Thorax", "toy-body")],
+                     series={"stable_after_s": 600}).start()  # the series stay `receiving` throughout
+    assert storescu(node.port, series(tmp_path / "other", 5, "Pelvis")).returncode == 0
+    assert storescu(node.port, series(tmp_path / "thorax", 6, "Thorax")).returncode == 0
+    verified = wait_until(lambda: [e for e in node.log_events() if e["event"] == "model_verified"], 120,
+                          what="the routed model to be verified")
+    assert [e["model"] for e in verified] == ["toy-body@1"]
+    assert sorted(r["state"] for r in node.jobs()) == ["receiving", "receiving"]
+    assert sum(e["event"] == "inference_child_started" for e in node.log_events()) == 1
+
+
 @pytest.mark.slow
 def test_model_commands_import_activate_and_list(node_factory: Any, tmp_path: Path) -> None:
     node = node_with(node_factory, tmp_path, [rule("thorax", "Thorax", "toy-body")])

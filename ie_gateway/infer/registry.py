@@ -46,8 +46,11 @@ import math
 import os
 import re
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,6 +205,9 @@ class Registry:
         self.probe = probe
         self.keys = tuple(keys)
         self._verified: dict[Path, FileSignature] = {}
+        #: the checks in progress, by package folder: a second caller waits for the first's
+        self._checking: dict[Path, Future[None]] = {}
+        self._checking_lock = threading.Lock()
         self._signed: dict[Path, tuple[TreeStamp, Statement]] = {}
 
     # -- queries ------------------------------------------------------------------------------
@@ -319,19 +325,50 @@ class Registry:
         return self._verify_cached(self._load(name, version))
 
     def _verify_cached(self, model: ModelVersion) -> ModelVersion:
-        try:
-            signature = _signature(model.package_files())
-        except FileNotFoundError as exc:
-            raise ModelError(f"{model.spec}: file {exc.filename} is missing") from exc
-        if self._verified.get(model.path) != signature:
+        """``model`` once its files are verified: from the cache when they are unchanged, else
+        checked now. Threads that ask for a version being checked wait for that one check and
+        share its outcome (the route lane and the warm-up of an arriving series ask at once)."""
+        while True:
             try:
-                check_package(model, self.probe)
-            except ModelError as exc:
-                self._verified.pop(model.path, None)
-                log.warning("model_verification_failed", model=model.spec, reason=str(exc))
+                signature = _signature(model.package_files())
+            except FileNotFoundError as exc:
+                raise ModelError(f"{model.spec}: file {exc.filename} is missing") from exc
+            if self._verified.get(model.path) == signature:
+                return model
+            with self._checking_lock:
+                check = self._checking.get(model.path)
+                mine = check is None
+                if check is None:
+                    check = self._checking[model.path] = Future()
+            if not mine:
+                check.result()  # its ModelError is this caller's too
+                continue  # checked: see whether it was these files
+            try:
+                self._check(model, signature)
+            except BaseException as exc:
+                self._end_check(model.path, check, exc)
                 raise
-            self._verified[model.path] = signature
-        return model
+            self._end_check(model.path, check, None)
+            return model
+
+    def _check(self, model: ModelVersion, signature: FileSignature) -> None:
+        started = time.monotonic()
+        try:
+            check_package(model, self.probe)
+        except ModelError as exc:
+            self._verified.pop(model.path, None)
+            log.warning("model_verification_failed", model=model.spec, reason=str(exc))
+            raise
+        self._verified[model.path] = signature
+        log.info("model_verified", model=model.spec, seconds=round(time.monotonic() - started, 3))
+
+    def _end_check(self, path: Path, check: Future[None], error: BaseException | None) -> None:
+        with self._checking_lock:
+            self._checking.pop(path, None)
+        if error is None:
+            check.set_result(None)
+        else:
+            check.set_exception(error)
 
     def _load(self, name: str, version: str) -> ModelVersion:
         parse_model_ref(f"{name}@{version}")

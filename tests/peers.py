@@ -118,7 +118,10 @@ class Node:
         self.port = port or free_port()
         self.config = workdir / "gateway.yaml"
         self.log_path = workdir / "node.log"
-        self.env = {**os.environ, **(env or {})}
+        # the node runs this checkout's package, not whichever one the venv installed: a
+        # benchmark of an older commit's worktree (sharing the venv) measures that commit
+        python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
         self.preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0

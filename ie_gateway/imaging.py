@@ -360,14 +360,18 @@ def parse_ds(data: bytes, tag: int) -> tuple[np.ndarray, str]:
     object per value, for the contours of a 200-slice RT-STRUCT, took seconds."""
     if not data:
         return np.zeros(0), ""
-    texts = np.array(data.split(b"\\"))
+    texts = data.split(b"\\")
     try:
-        values = texts.astype(np.float64)
+        # the texts straight to numbers: the parser of a bytes array's astype, in half its time
+        values = np.array(texts, dtype=np.float64)
     except ValueError as exc:
         raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string") from exc
     if not np.isfinite(values).all():
         raise WriteError(f"{elem_keyword(tag)} holds a value that is not a decimal string")
-    return values, texts[int(np.argmax(np.char.str_len(texts)))].decode("ascii", "replace")
+    # each text's length from where the backslashes are, without a string per text
+    backslashes = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\\"))
+    lengths = np.diff(backslashes, prepend=-1, append=len(data)) - 1
+    return values, texts[int(np.argmax(lengths))].decode("ascii", "replace")
 
 
 @dataclass(frozen=True)

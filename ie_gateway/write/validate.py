@@ -189,15 +189,17 @@ def _rtstruct_references(ds: Dataset) -> set[str]:
 
 
 def _check_contours(parsed: Sequence[tuple[Dataset, RoiContours]], ct_uids: set[str]) -> None:
+    def where(roi: Dataset, contour: Dataset) -> str:
+        return f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"
+
     for roi, contours in parsed:
         for contour, values in zip(roi.get("ContourSequence", []), contours.counts.tolist(), strict=True):
-            where = f"ROI {roi.ReferencedROINumber} contour {contour.get('ContourNumber', '?')}"
             n = int(contour.NumberOfContourPoints)
             if n < 3 or values != 3 * n:
-                raise WriteError(f"{where}: {n} points; a closed contour needs >= 3 (x, y, z)")
+                raise WriteError(f"{where(roi, contour)}: {n} points; a closed contour needs >= 3 (x, y, z)")
             images = contour.get("ContourImageSequence", [])
             if len(images) != 1 or images[0].ReferencedSOPInstanceUID not in ct_uids:
-                raise WriteError(f"{where} does not reference one of the CT's instances")
+                raise WriteError(f"{where(roi, contour)} does not reference one of the CT's instances")
 
 
 def _check_rois(ds: Dataset, structures: Sequence[StructureInfo]) -> None:

@@ -382,6 +382,19 @@ def test_start_up_on_an_index_of_its_own_reruns_a_job_caught_mid_inference(tmp_p
     assert (job.state, job.claimed_by) == (JobState.ROUTED, None)
 
 
+def test_start_up_on_an_index_of_its_own_sends_at_once_what_a_crash_cut_off_mid_delivery(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    outbox = Outbox(store.index)
+    outbox.enqueue(job_id, "TPS", "job-1/rtstruct-0.dcm", "1.2.9.1", "1.2.840.10008.5.1.4.1.1.481.3")
+    [held] = outbox.claim_due("TPS", "crashed:1", lease_s=600)  # the pass the crash cut off
+    assert outbox.due_destinations() == []
+    Store(tmp_path).recover()
+    assert outbox.due_destinations() == ["TPS"]
+    [row] = outbox.claim_due("TPS", "restarted:2", lease_s=60)
+    assert row.sop_uid == held.sop_uid
+
+
 @pytest.mark.postgres
 def test_start_up_on_a_shared_index_leaves_other_nodes_jobs_alone(tmp_path: Path, postgres_url: str) -> None:
     store = Store(tmp_path, postgres_url)

@@ -356,7 +356,8 @@ class Store:
 
         Temp files are removed; a file without a row is indexed (its C-STORE may have been
         answered just before the crash); a row without a file is flagged missing and its job
-        notes it. On an index of its own the node holds no job any more: every lease ends, a
+        notes it. On an index of its own the node holds no job nor outbox row any more: every
+        lease ends (a delivery pass the crash cut off goes again at once), a
         stage that was running counts a crash of its job (``Index.count_interrupted``), and a
         job caught mid-inference goes back to `routed` so it runs again at once. On a shared
         index other nodes' jobs are left alone: a job this node held is taken over (by any

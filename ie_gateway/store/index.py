@@ -600,10 +600,14 @@ class Index:
         return {str(r[0]): StageAttempts(int(r[1]), int(r[2])) for r in rows}
 
     def release_all(self) -> int:
-        """End every lease (an index only this node uses, at its start); return how many."""
+        """End every lease, on jobs and on outbox rows (an index only this node uses, at its
+        start: the holder was this node before a crash); return how many. A row whose pass the
+        crash cut off is due again at once, not when its lease (a minute per file) lapses; it
+        goes with the same UIDs, so a TPS that stored it already gets the same instance."""
         with self.db.tx() as db:
-            cur = db.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL")
-            return cur.rowcount
+            jobs = db.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL")
+            rows = db.execute("UPDATE outbox SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL")
+            return int(jobs.rowcount) + int(rows.rowcount)
 
     # --- agreement -------------------------------------------------------------------------
 

@@ -323,10 +323,7 @@ class Worker:
         ids = {job.id for job in receiving}
         self._warmed = {key for key in self._warmed if key[0] in ids}
         for job in receiving:
-            facts = SeriesFacts(
-                header=job.header, calling_ae=job.calling_ae, called_ae=job.called_ae, instances=job.instances
-            )
-            for route in rules.route(facts).routes:
+            for route in rules.route(_facts(job)).routes:
                 key = (job.id, _spec(route))
                 if key not in self._warmed:
                     self._warmed.add(key)
@@ -481,9 +478,7 @@ class Worker:
         rules = self.rules()
         if rules is None:
             raise ConfigError(["no valid routing rules loaded: fix the routing file (check-config says where)"])
-        decision = rules.route(
-            SeriesFacts(header=job.header, calling_ae=job.calling_ae, called_ae=job.called_ae, instances=job.instances)
-        )
+        decision = rules.route(_facts(job))
         if not decision.routed:
             why = "; ".join(
                 f"{r['rule']}: {', '.join(map(str, r['failed'])) or 'shadowed'}"  # type: ignore[call-overload]  # for_log's values are plain JSON; 'failed' is a list
@@ -839,6 +834,12 @@ def volume_checks(cfg: GatewayConfig) -> VolumeChecks:
         max_instance_bytes=cfg.limits.max_instance_mb * 2**20,
         max_volume_bytes=cfg.limits.max_series_gb * 2**30,
     )
+
+
+def _facts(job: Job) -> SeriesFacts:
+    """What the rules see of a job's series (the warm-up asks them while it arrives, the route
+    stage when it is complete)."""
+    return SeriesFacts(header=job.header, calling_ae=job.calling_ae, called_ae=job.called_ae, instances=job.instances)
 
 
 def _spec(route: Route) -> str:

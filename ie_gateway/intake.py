@@ -100,9 +100,15 @@ def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 def _without_deferred(header: Dataset) -> Dataset:
     """Drop the values left unread, so no later look at the header reads them after all."""
-    for elem in list(header.elements()):
-        if isinstance(elem, RawDataElement) and elem.value is None and elem.length > DEFER_BYTES:
-            del header[elem.tag]
+    # values() as stored: elements() and get_item() read a deferred value from the file to
+    # return it, so looking through them would load the very values this leaves out
+    deferred = [
+        elem.tag
+        for elem in header.values()
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length > DEFER_BYTES
+    ]
+    for tag in deferred:
+        del header[tag]
     return header
 
 

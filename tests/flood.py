@@ -67,14 +67,16 @@ def flood(port: int, peers: int, mib: int, seconds: float) -> dict[str, float]:
     }
 
 
-def big_instance(folder: Path, mib: int) -> Path:
+def big_instance(folder: Path, mib: int, in_header: bool = False) -> Path:
     """An Enhanced CT file of ``mib`` MiB (1024 x 1024 frames of 16 bits), within the default
-    limits: one large instance, as a whole-body or 4D acquisition sends."""
+    limits: one large instance, as a whole-body or 4D acquisition sends. ``in_header``: the
+    bulk is a private OB value before a one-frame pixel data instead, as a hostile peer or a
+    vendor's private blob puts it where the receiver reads the header."""
     import numpy as np
     import pydicom
     from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    frames = mib // 2
+    frames = 1 if in_header else mib // 2
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -86,8 +88,11 @@ def big_instance(folder: Path, mib: int) -> Path:
     ds.NumberOfFrames = frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if in_header:
+        ds.add_new(0x00090010, "LO", "HOSTILE")
+        ds.add_new(0x00091010, "OB", bytes(mib * 2**20))
     ds.PixelData = np.zeros((frames, 1024, 1024), np.uint16).tobytes()
-    path = folder / f"big-{mib}.dcm"
+    path = folder / f"big-{mib}{'-header' if in_header else ''}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
 

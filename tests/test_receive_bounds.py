@@ -219,8 +219,9 @@ def test_p_data_longer_than_max_pdu_aborts_the_association(node_factory: object)
 
 
 @pytest.mark.slow
-def test_a_256_mib_instance_is_received_with_bounded_memory(node: Node, tmp_path: Path) -> None:
-    path = big_instance(tmp_path, 256)
+@pytest.mark.parametrize("in_header", [False, True], ids=["in its pixel data", "in a header value"])
+def test_a_256_mib_instance_is_received_with_bounded_memory(node: Node, tmp_path: Path, in_header: bool) -> None:
+    path = big_instance(tmp_path, 256, in_header)
     assert node.proc is not None
     idle = memory_mb(node.proc.pid)["VmRSS"]
     reset_peak(node.proc.pid)

@@ -1,6 +1,6 @@
 """A bare pynetdicom Storage SCP: the peer that shows what the library itself costs.
 
-Usage: .venv/bin/python bench/bare_scp.py PORT FOLDER [MAX_PDU_KB]
+Usage: .venv/bin/python bench/bare_scp.py PORT FOLDER [MAX_PDU_KB [PROCESSES]]
 
 What pynetdicom's own storage example does, no more: every storage SOP class, each
 instance written as a file by the handler (preamble, file meta, the data set as received), no
@@ -12,15 +12,29 @@ Orthanc is what pynetdicom's per-message Python costs on the machine.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from pathlib import Path
 
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def main() -> None:
     port, folder = int(sys.argv[1]), Path(sys.argv[2])
+    processes = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    for copy in range(1, processes):
+        if os.fork() == 0:
+            folder = folder / f"p{copy}"  # each copy numbers its own files
+            break
     folder.mkdir(parents=True, exist_ok=True)
     count = iter(range(1 << 62))
 
@@ -34,7 +48,14 @@ def main() -> None:
     ae = AE(ae_title="IE_GATEWAY")
     ae.supported_contexts = AllStoragePresentationContexts
     ae.maximum_pdu_size = (int(sys.argv[3]) if len(sys.argv) > 3 else 256) * 1024
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.make_server(
+        ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)], server_class=ReusePortServer
+    )
+    (folder / LISTENING).touch()  # the bench waits for every copy's, so none is left out of the spread
+    server.serve_forever()
+
+
+LISTENING = ".listening"
 
 
 if __name__ == "__main__":

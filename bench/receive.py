@@ -12,7 +12,7 @@ loopback for every run so nothing is a duplicate. Then N senders at once, each w
 series. The servers take turns within each repetition. Prints the median seconds and MiB/s
 of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
 maximum PDU length, to choose ``node.max_pdu_kb``; ``--listener-processes 1 4`` runs it with
-each ``node.listener_processes``.
+each ``node.listener_processes``, and the bare pynetdicom SCP in as many processes as well.
 These machines are noisy (±10-15 %): compare within one run. The node's CPU seconds per run
 (user + system, from /proc) are printed too: on a machine whose cores other work shares they
 move less than the wall-clock figures.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bare_scp import LISTENING  # noqa: E402
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series  # noqa: E402
 from tests.peers import DCMTK_ENV, Node, Orthanc, free_port, port_open, wait_until  # noqa: E402
 
@@ -112,16 +114,19 @@ def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, pro
         node.stop()
 
 
-def run_bare_pynetdicom(work: Path, folders: list[Path]) -> float:
-    """pynetdicom's storage example in its own process (bench/bare_scp.py): the library's floor."""
+def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1) -> float:
+    """pynetdicom's storage example (bench/bare_scp.py), in ``processes`` processes on one port:
+    the library's floor."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_scp.py")), str(port), str(work)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = Path(__file__).with_name("bare_scp.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(work), "256", str(processes)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    copies = [work] + [work / f"p{n}" for n in range(1, processes)]
     try:
-        wait_until(lambda: port_open(port), 30, what="bare pynetdicom SCP")
+        wait_until(lambda: all((c / LISTENING).exists() for c in copies), 30, what="bare pynetdicom SCP")
         return send(port, folders, "IE_GATEWAY")
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
 
 
@@ -157,7 +162,11 @@ def main() -> None:
         f"ie_gateway×{n}": partial(run_node, processes=n, name=f"ie_gateway×{n}") for n in args.listener_processes
     })
     nodes = nodes or {"ie_gateway": run_node}
-    peers = {**nodes, "pynetdicom": run_bare_pynetdicom, "storescp": run_storescp, "orthanc": run_orthanc}
+    bares: dict[str, Callable[[Path, list[Path]], float]] = {
+        "pynetdicom" if n == 1 else f"pynetdicom×{n}": partial(run_bare_pynetdicom, processes=n)
+        for n in sorted({1, *args.listener_processes})
+    }
+    peers = {**nodes, **bares, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
     with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
         root = Path(tmp)
@@ -189,6 +198,10 @@ def main() -> None:
                 print(f"{senders} sender(s): {name} / storescp speed = {results[('storescp', senders)] / node:.2f}x, "
                       f"{name} / orthanc speed = {results[('orthanc', senders)] / node:.2f}x, "
                       f"{name} / bare pynetdicom speed = {results[('pynetdicom', senders)] / node:.2f}x")
+                same = f"pynetdicom×{name.rpartition('×')[2]}"
+                if (same, senders) in results:  # the library in as many processes as the node (> 1)
+                    print(f"{senders} sender(s): {name} / {same} speed = {results[(same, senders)] / node:.2f}x, "
+                          f"{same} / orthanc speed = {results[('orthanc', senders)] / results[(same, senders)]:.2f}x")
                 user, system = (statistics.median(c[i] for c in NODE_CPU[(name, senders)]) for i in (0, 1))
                 print(f"{senders} sender(s): {name} CPU per run (median) user {user:.2f} s + system {system:.2f} s "
                       f"(a measure less shaken by other load than the seconds)")

@@ -344,6 +344,12 @@ class SyncSettings(StrictModel):
     models_cron: str = "15 * * * *"
     date_shift: DateMode = DateMode.SHIFT
     activation: dict[str, ActivationPolicy] = {}
+    max_model_mb: int = Field(
+        4096,
+        ge=1,
+        description="most a pulled model version's files may hold together: a blob swapped for a huge one is "
+        "refused before it fills the spool's disk",
+    )
 
     @field_validator("cases_cron", "models_cron")
     @classmethod

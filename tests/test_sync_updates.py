@@ -18,8 +18,8 @@ from ie_gateway.infer.registry import Registry
 from ie_gateway.infer.runner import InferenceRunner
 from ie_gateway.infer.signing import SIGNATURE_NAME
 from ie_gateway.sync.blob import container_client
+from ie_gateway.sync.updates import _download_within, pull_updates
 from ie_gateway.sync.updates import publish_version as publish
-from ie_gateway.sync.updates import pull_updates
 from ie_gateway.vocab import PullStatus
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.keys import DEMO_KEY, DEMO_TRUSTED
@@ -192,3 +192,37 @@ def test_an_nnunet_folder_is_published_pulled_and_verified_in_the_inference_chil
     assert results["8"].status is PullStatus.REFUSED
     assert "fold_0/checkpoint_final.pth has sha256" in (results["8"].reason or "")
     assert registry.versions("thorax-nnunet") == ["7"]
+
+
+def test_a_signed_file_swapped_for_one_past_max_model_mb_is_refused_before_it_is_downloaded(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    publish_version(container, _package(tmp_path / "publish", "8"))
+    container.upload_blob(f"models/{NAME}/8/fold0.pt", bytes(3 * 2**20), overwrite=True)
+    staging = tmp_path / "staging"
+    (result,) = pull_updates(container, staging, registry, set(), max_bytes=2 * 2**20)
+    assert result.status is PullStatus.REFUSED
+    assert "fold0.pt is 3.0 MB, more than sync.max_model_mb leaves" in (result.reason or "")
+    assert registry.list() == []
+    assert not (staging / NAME / "8.partial").exists()
+
+
+def test_a_version_within_max_model_mb_is_pulled(
+    container: ContainerClient, registry: Registry, tmp_path: Path
+) -> None:
+    package = _package(tmp_path / "publish", "9")
+    publish_version(container, package)
+    total = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    (result,) = pull_updates(container, tmp_path / "staging", registry, set(), max_bytes=total)
+    assert result.status is PullStatus.AVAILABLE, result.reason
+
+
+def test_an_empty_blob_and_one_exactly_at_the_bound_are_downloaded_whole(
+    container: ContainerClient, tmp_path: Path
+) -> None:
+    container.upload_blob("empty", b"")
+    container.upload_blob("three", b"abc")
+    assert _download_within(container, "empty", tmp_path / "empty", 10) == 0  # no range of nothing asked for
+    assert (tmp_path / "empty").read_bytes() == b""
+    assert _download_within(container, "three", tmp_path / "three", 3) == 3
+    assert (tmp_path / "three").read_bytes() == b"abc"

@@ -20,7 +20,7 @@ from ie_gateway.store import Store
 from ie_gateway.sync import anonymise, blob
 from ie_gateway.sync.anonymise import AnonymiseOptions, Anonymiser
 from ie_gateway.sync.lock import exclusive
-from ie_gateway.sync.updates import PullResult, pull_updates
+from ie_gateway.sync.updates import DEFAULT_MAX_MODEL_BYTES, MB, PullResult, pull_updates
 from ie_gateway.sync.upload import CaseProgress, CasesReport, scrubbed, sync_cases
 
 log = structlog.get_logger(__name__)
@@ -50,11 +50,15 @@ class SyncReport:
 
 
 def sync_models(
-    container: ContainerClient, staging_dir: Path, registry: Registry, policy: dict[str, str]
+    container: ContainerClient,
+    staging_dir: Path,
+    registry: Registry,
+    policy: dict[str, str],
+    max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
 ) -> list[PullResult]:
     """Pull every published model version the registry does not have (see ``updates``)."""
     with exclusive(staging_dir.parent / "sync-models.lock", "model pull"):
-        return pull_updates(container, staging_dir, registry, installed_versions(registry), policy)
+        return pull_updates(container, staging_dir, registry, installed_versions(registry), policy, max_bytes)
 
 
 def installed_versions(registry: Registry) -> set[tuple[str, str]]:
@@ -96,7 +100,13 @@ def sync_cases_now(cfg: GatewayConfig, store: Store, *, progress: CaseProgress |
 
 def sync_models_now(cfg: GatewayConfig, registry: Registry) -> list[PullResult]:
     """Model pull with the node's configuration."""
-    return sync_models(open_container(cfg), cfg.storage.root / MODEL_STAGING_DIR, registry, dict(cfg.sync.activation))
+    return sync_models(
+        open_container(cfg),
+        cfg.storage.root / MODEL_STAGING_DIR,
+        registry,
+        dict(cfg.sync.activation),
+        cfg.sync.max_model_mb * MB,
+    )
 
 
 def sync_now(

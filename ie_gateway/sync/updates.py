@@ -25,7 +25,11 @@ touched. The publisher uploads ``model.sig`` last, so a pull that runs while a v
 uploaded refuses it as not signed yet and takes it on the next run.
 
 Downloads go to ``<staging_dir>/<name>/<version>.partial/``; a file already there whose sha256
-matches is not downloaded again, so an interrupted pull resumes.
+matches is not downloaded again, so an interrupted pull resumes. The signed statement holds each
+file's sha256 but not its size, so a blob swapped for a huge one would be fetched whole before
+its hash could refuse it; the staging folder is on the spool's disk, so that would stop the node
+receiving. A version's files together may hold at most ``max_bytes`` (``sync.max_model_mb``):
+no more of a blob than would fit is asked for, and one whose size passes it is refused.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ log = structlog.get_logger(__name__)
 
 MODELS_PREFIX = "models/"
 PARTIAL_SUFFIX = ".partial"
+MB = 2**20
+#: sync.max_model_mb's default, in bytes: a 5-fold nnU-Net 3d_fullres package is ~1-2 GB
+DEFAULT_MAX_MODEL_BYTES = 4096 * MB
 
 
 @dataclass(frozen=True)
@@ -101,10 +108,12 @@ def pull_updates(
     registry: ModelRegistry,
     known: set[tuple[str, str]],
     policy: Mapping[str, str] = MappingProxyType({}),
+    max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
 ) -> list[PullResult]:
     """Download, verify and import every completely published version not in ``known``.
 
-    ``policy`` maps a model name to ``manual`` (default) or ``auto``. Refused versions are
+    ``policy`` maps a model name to ``manual`` (default) or ``auto``; ``max_bytes`` bounds the
+    files of one version together. Refused versions are
     reported in the result (and logged) rather than raised; a storage error raises SyncError
     and keeps the staged files so the next run resumes.
     """
@@ -114,7 +123,14 @@ def pull_updates(
         if (name, version) in known:
             continue
         result = _pull_one(
-            container, staging_dir, registry, name, version, files, policies.get(name, ActivationPolicy.MANUAL)
+            container,
+            staging_dir,
+            registry,
+            name,
+            version,
+            files,
+            policies.get(name, ActivationPolicy.MANUAL),
+            max_bytes,
         )
         results.append(result)
     return results
@@ -170,6 +186,7 @@ def _pull_one(
     version: str,
     files: set[str],
     policy: ActivationPolicy,
+    max_bytes: int,
 ) -> PullResult:
     spec = f"{name}@{version}"
     partial = staging_dir / name / f"{version}{PARTIAL_SUFFIX}"
@@ -178,7 +195,7 @@ def _pull_one(
         if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
             raise _Refused("name or version has characters that cannot name a folder")
         partial.mkdir(parents=True, exist_ok=True)
-        downloaded = _download_verified(container, registry.keys, name, version, files, partial)
+        downloaded = _download_verified(container, registry.keys, name, version, files, partial, max_bytes)
         registry.import_version(partial)
     except (_Refused, ModelError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
@@ -195,9 +212,16 @@ def _pull_one(
 
 
 def _download_verified(
-    container: ContainerClient, keys: tuple[TrustedKey, ...], name: str, version: str, files: set[str], partial: Path
+    container: ContainerClient,
+    keys: tuple[TrustedKey, ...],
+    name: str,
+    version: str,
+    files: set[str],
+    partial: Path,
+    max_bytes: int,
 ) -> int:
-    """Fetch and check the signature, then every file it lists; return the bytes downloaded."""
+    """Fetch and check the signature, then every file it lists, all of them within
+    ``max_bytes``; return the bytes downloaded."""
     spec = f"{name}@{version}"
     if SIGNATURE_NAME not in files:
         raise _Refused(f"{spec} is not signed (no {SIGNATURE_NAME} published): nothing downloaded")
@@ -209,14 +233,19 @@ def _download_verified(
     statement = read_statement(partial / SIGNATURE_NAME, keys, spec)
     if (statement.name, statement.version) != (name, version):
         raise _Refused(f"signed as {statement.spec} but published under {spec}: replayed or moved")
-    downloaded = len(signature)
+    downloaded = held = len(signature)
     for file, sha256 in statement.files.items():
-        downloaded += _fetch(container, prefix, file, files, partial, sha256)
+        got = _fetch(container, prefix, file, files, partial, sha256, max_bytes - held)
+        downloaded += got
+        held += (partial / file).stat().st_size
     return downloaded
 
 
-def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], partial: Path, sha256: str) -> int:
-    """Make ``partial/file`` hold the blob with ``sha256``; skip a complete earlier download."""
+def _fetch(
+    container: ContainerClient, prefix: str, file: str, files: set[str], partial: Path, sha256: str, room: int
+) -> int:
+    """Make ``partial/file`` hold the blob with ``sha256``, in at most ``room`` bytes; skip a
+    complete earlier download. Return the bytes downloaded."""
     dest = partial / file
     if dest.is_file() and sha256_file(dest) == sha256:
         return 0
@@ -225,10 +254,12 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial / f"{file}.part"
     try:
-        with tmp.open("wb") as fh:
-            size = container.download_blob(prefix + file).readinto(fh)
+        size = _download_within(container, prefix + file, tmp, room)
     except AzureError as exc:
         raise SyncError(f"download of {prefix}{file} failed: {exc}") from exc
+    except _Refused:
+        tmp.unlink(missing_ok=True)
+        raise
     actual = sha256_file(tmp)
     if actual != sha256:
         tmp.unlink()
@@ -236,7 +267,28 @@ def _fetch(container: ContainerClient, prefix: str, file: str, files: set[str], 
             f"{file} has sha256 {actual[:16]}…, the signed statement says {sha256[:16]}…: changed after signing"
         )
     tmp.replace(dest)
-    return int(size)
+    return size
+
+
+def _download_within(container: ContainerClient, blob: str, dest: Path, room: int) -> int:
+    """Write ``blob`` to ``dest`` chunk by chunk; _Refused when it is longer than ``room`` bytes.
+
+    A blob whose size is already too large is not downloaded at all; of any other, only the
+    first ``room + 1`` bytes are asked for, so nothing past the bound arrives whatever it holds.
+    """
+    total = container.get_blob_client(blob).get_blob_properties().size
+    if total > room:
+        raise _Refused(f"{blob} is {total / MB:.1f} MB, more than sync.max_model_mb leaves for it ({room / MB:.1f} MB)")
+    written = 0
+    with dest.open("wb") as fh:
+        if total == 0:
+            return 0  # a range of an empty blob is refused by the service (416)
+        for chunk in container.download_blob(blob, offset=0, length=room + 1).chunks():
+            written += len(chunk)
+            if written > room:  # replaced by a larger blob since its size was read
+                raise _Refused(f"{blob} is more than sync.max_model_mb leaves for it ({room / MB:.1f} MB)")
+            fh.write(chunk)
+    return written
 
 
 def _download_bytes(container: ContainerClient, blob: str, limit: int) -> bytes:

@@ -23,6 +23,7 @@ import queue
 import select
 import socket
 import ssl
+import stat
 import struct
 import tempfile
 import threading
@@ -575,6 +576,26 @@ class Receiver:
                 fix="set TMPDIR to a folder on the spool's file system",
             )
 
+    def remove_abandoned_receipts(self) -> None:
+        """Remove the temp files of C-STOREs that ended before their last byte.
+
+        pynetdicom writes each data set being received to its own temp file, and the handler
+        moves it into the spool; a transfer cut off first (the sender killed or aborting, the
+        network gone) leaves its file behind, up to ``limits.max_instance_mb`` each, on the
+        spool's disk. A transfer still under way writes its file at least every
+        ``node.network_timeout_s`` (else the association times out), so a file untouched for
+        ``ABANDONED_AFTER`` network timeouts (at least ``MIN_ABANDONED_S``) is no one's.
+        """
+        older_than = max(MIN_ABANDONED_S, ABANDONED_AFTER * self.node.network_timeout_s)
+        removed = remove_stale_receipts(Path(tempfile.gettempdir()), time.time() - older_than)
+        if removed:
+            log.warning(
+                "abandoned receipts removed",
+                reason="a C-STORE ended before its last byte",
+                files=len(removed),
+                mbytes=round(sum(removed) / 2**20, 1),
+            )
+
     def _serve(
         self, port: int, context: ssl.SSLContext | None, handlers: list[Any], server_class: type[ScreeningServer]
     ) -> None:
@@ -807,6 +828,27 @@ class Receiver:
                 "late instance opened a new job", job=accepted.job_id, policy="the series is processed again as a whole"
             )
         return SUCCESS
+
+
+#: pynetdicom's temp file of a data set being received: NamedTemporaryFile(suffix=".dcm") in TMPDIR
+RECEIPT_GLOB = "tmp*.dcm"
+ABANDONED_AFTER = 2  # network timeouts without a write
+MIN_ABANDONED_S = 60.0  # nor a file whose handler is slow to take it (a busy index)
+
+
+def remove_stale_receipts(folder: Path, before: float) -> list[int]:
+    """Delete the receipt files in ``folder`` last written before ``before`` (epoch seconds);
+    return the sizes of those removed. One that goes meanwhile (its handler took it) is skipped."""
+    removed = []
+    for path in folder.glob(RECEIPT_GLOB):
+        try:
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < before:
+                path.unlink()
+                removed.append(info.st_size)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _header(ds: Dataset) -> SeriesHeader:

@@ -252,6 +252,14 @@ class Service:
                 seconds=self.cfg.series.sweep_every_s,
                 id="stability-sweep",
             )
+        if self.receiver is not None:  # this host's temp folder: every receiving node its own
+            s.add_job(
+                self.receiver.remove_abandoned_receipts,
+                "interval",
+                seconds=min(60.0, self.cfg.node.network_timeout_s),
+                id="abandoned-receipts",
+                next_run_time=datetime.now(),
+            )
         if self.worker is not None:
             # each worker's own inference child: not one node at a time
             s.add_job(self.worker.warm_up, "interval", seconds=self.cfg.series.sweep_every_s, id="warm-up")

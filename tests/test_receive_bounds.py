@@ -5,6 +5,7 @@ re-sent instance with other bytes kept beside the first."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import struct
@@ -21,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ie_gateway import reactor
 from tests.flood import HUGE_REQUEST, big_instance, memory_mb, reset_peak
-from tests.peers import REPO, Node, storescu, wait_until
+from tests.peers import DCMTK_ENV, REPO, Node, storescu, wait_until
 from tests.test_receive import spooled
 
 pytestmark = pytest.mark.peer
@@ -231,3 +232,28 @@ def test_a_256_mib_instance_is_received_with_bounded_memory(node: Node, tmp_path
     [stored] = spooled(node).values()
     assert data_set_size(stored) == data_set_size(path)  # the whole data set, as sent
     assert growth <= 100, f"node grew {growth:.0f} MiB receiving {path.stat().st_size / MIB:.0f} MiB"
+
+
+def test_a_c_store_cut_off_mid_transfer_leaves_no_temp_file_behind(node_factory: object, tmp_path: Path) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    node = node_factory(settings={"node": {"network_timeout_s": 2}}, env={"TMPDIR": str(temp)}).start()  # type: ignore[operator]
+    path = big_instance(tmp_path, 256)
+    sender = subprocess.Popen(["storescu", "-aec", "IE_GATEWAY", "127.0.0.1", str(node.port), str(path)],
+                              env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def receiving() -> list[Path]:
+        return [f for f in temp.glob("*.dcm") if f.stat().st_size > 16 * MIB]
+
+    [partial] = wait_until(receiving, 60, every=0.01, what="the data set arriving in a temp file")
+    sender.kill()
+    sender.wait()
+    wait_until(lambda: any(e["event"] == "association closed" and e["how"] == "aborted" for e in node.log_events()),
+               30, what="the node ending the cut-off association")
+    assert partial.exists()  # the handler never ran: nothing took the file
+    hour_ago = time.time() - 3600
+    os.utime(partial, (hour_ago, hour_ago))  # as it stands once no write has come for an hour
+    wait_until(lambda: not partial.exists(), 30, what="the abandoned temp file removed")
+    [removed] = [e for e in node.log_events() if e["event"] == "abandoned receipts removed"]
+    assert removed["files"] == 1 and removed["mbytes"] >= 16
+    assert spooled(node) == {}  # nothing of it was stored either

@@ -49,7 +49,9 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ie_gateway import reactor
@@ -113,6 +115,12 @@ MAX_REQUEST_PDU = 64 * 1024
 # something is queued to send) before it looks at its timers and kill flag again.
 READY_WAIT_S = 0.01
 PDU_HEADER = 6  # every PDU starts with its type (1 byte), a reserved byte and its length (4)
+PDV_COMMAND = 0x01  # a fragment's message control header: a command set's (else a data set's)
+PDV_LAST = 0x02  # ... and the last fragment of it
+#: the most pynetdicom may gather in memory for one command set, or for the data set of a
+#: message other than a C-STORE request (a storage commitment request for 10,000 instances
+#: is ~2 MB)
+MAX_MESSAGE_IN_MEMORY = 16 * 2**20
 P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
@@ -146,6 +154,8 @@ class AssociationStats:
     failures: int = 0
     bytes: int = 0
     calling_ae: str = ""
+    command_bytes: int = 0  # of the DIMSE message being received: its command set so far
+    dataset_bytes: int = 0  # and its data set so far
 
 
 def find_caller(callers: list[Caller], calling_ae: str, address: str) -> Caller | None:
@@ -182,6 +192,7 @@ class BoundedSocket(AssociationSocket):
     # class defaults: the object is created as an AssociationSocket (see BoundedRequestHandler)
     _body_next = False
     _pdu_type = 0
+    _cut = False  # cut off: nothing more is read
     _waker: socket.socket | None = None  # readable when the DUL has something queued to send
     _wake: socket.socket | None = None  # its other end, written by SendQueue
 
@@ -220,6 +231,8 @@ class BoundedSocket(AssociationSocket):
                 end.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._cut:
+            return bytearray()  # what the peer sent before the cut stays unread
         if not self._body_next:
             header = _recv_exactly(self, nr_bytes)
             self._body_next = len(header) == nr_bytes
@@ -236,11 +249,13 @@ class BoundedSocket(AssociationSocket):
                 pdu_bytes=nr_bytes,
                 limit_bytes=limit,
             )
-            self._close_now()
+            self.cut_off()
             return bytearray()
         return _recv_exactly(self, nr_bytes)
 
-    def _close_now(self) -> None:
+    def cut_off(self) -> None:
+        """End the connection now, as a peer that hung up: the DUL then ends the association."""
+        self._cut = True
         sock = self.socket
         if sock is not None:
             try:
@@ -546,6 +561,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_ACTION, self.commitment_scp.on_action),
@@ -738,6 +754,54 @@ class Receiver:
         if self.commitment_reports is None:  # a node that sends nothing asked nobody
             return PROCESSING_FAILURE, None
         return self.commitment_reports.on_event_report(event)
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        """Count the DIMSE message each P-DATA-TF adds to and cut the association off once it
+        passes what the node holds for it: a C-STORE's data set goes to a temp file on the
+        spool's disk, up to ``limits.max_instance_mb``; any other data set, and every command
+        set, pynetdicom gathers in memory, up to ``MAX_MESSAGE_IN_MEMORY``. Without this a peer
+        could send one data set without end, filling the disk or the memory before any handler
+        saw it. Runs in the DUL thread as each PDU is decoded, before its fragments are added."""
+        pdu = event.pdu
+        stats = self._stats.get(id(event.assoc))
+        if not isinstance(pdu, P_DATA_TF_PDU) or stats is None:
+            return
+        for item in pdu.presentation_data_value_items:
+            value = cast(bytes, item.presentation_data_value)
+            control = value[0]
+            if control & PDV_COMMAND:
+                stats.command_bytes += len(value) - 1
+                over = stats.command_bytes > MAX_MESSAGE_IN_MEMORY
+                limit, allowed = "a command set", MAX_MESSAGE_IN_MEMORY
+            else:
+                stats.dataset_bytes += len(value) - 1
+                # the command set before it has been decoded by now (a C-STORE's first data
+                # fragment in the same PDU as its command's last is counted against the smaller)
+                on_disk = isinstance(event.assoc.dimse.message, C_STORE_RQ)
+                allowed = self.limits.max_instance_mb * 2**20 if on_disk else MAX_MESSAGE_IN_MEMORY
+                limit = "limits.max_instance_mb" if on_disk else "a data set other than a C-STORE's"
+                over = stats.dataset_bytes > allowed
+            if over:
+                self._cut_off(event.assoc, limit, allowed)
+                return
+            if control & PDV_LAST:
+                if control & PDV_COMMAND:
+                    stats.command_bytes = 0
+                else:
+                    stats.dataset_bytes = 0
+
+    def _cut_off(self, assoc: Association, limit: str, allowed: int) -> None:
+        metrics.CONNECTIONS_REFUSED.labels("message_too_large").inc()
+        log.warning(
+            "association cut off",
+            reason="a DIMSE message longer than the node holds",
+            limit=limit,
+            limit_mb=round(allowed / 2**20, 1),
+            calling_ae=assoc.requestor.ae_title.strip(),
+        )
+        sock = assoc.dul.socket
+        if isinstance(sock, BoundedSocket):
+            sock.cut_off()
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         stats = self._stats.get(id(event.assoc)) or AssociationStats()

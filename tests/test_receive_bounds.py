@@ -21,6 +21,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
 from ie_gateway import reactor
+from ie_gateway.interop.commitment import COMMITMENT_INSTANCE, STORAGE_COMMITMENT
+from ie_gateway.receive import MAX_MESSAGE_IN_MEMORY
 from tests.flood import HUGE_REQUEST, big_instance, memory_mb, reset_peak
 from tests.peers import DCMTK_ENV, REPO, Node, storescu, wait_until
 from tests.test_receive import spooled
@@ -257,3 +259,41 @@ def test_a_c_store_cut_off_mid_transfer_leaves_no_temp_file_behind(node_factory:
     [removed] = [e for e in node.log_events() if e["event"] == "abandoned receipts removed"]
     assert removed["files"] == 1 and removed["mbytes"] >= 16
     assert spooled(node) == {}  # nothing of it was stored either
+
+
+def _cut_off(node: Node) -> list[dict[str, object]]:
+    return [e for e in node.log_events() if e["event"] == "association cut off"]
+
+
+def test_a_data_set_longer_than_max_instance_mb_is_cut_off_as_it_passes_the_limit(
+    node_factory: object, tmp_path: Path
+) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    node: Node = node_factory(  # type: ignore[operator]
+        settings={"limits": {"max_instance_mb": 2}}, env={"TMPDIR": str(temp)}
+    ).start()
+    path = big_instance(tmp_path, 16)
+    storescu(node.port, [path])
+    [event] = wait_until(lambda: _cut_off(node), 30, what="the association cut off")
+    assert event["limit"] == "limits.max_instance_mb"
+    [partial] = temp.glob("*.dcm")  # what had come when it was cut off: the limit and a PDU at most
+    assert partial.stat().st_size <= 2 * MIB + 256 * 1024 + 4096
+    assert spooled(node) == {}
+
+
+def test_a_storage_commitment_request_longer_than_the_node_holds_in_memory_is_cut_off(node: Node) -> None:
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    assoc = reactor.associate(ae, "127.0.0.1", node.port, ae_title="IE_GATEWAY")
+    assert assoc.is_established
+    info = pydicom.Dataset()
+    info.TransactionUID = pydicom.uid.generate_uid()
+    info.add_new(0x00091010, "OB", bytes(MAX_MESSAGE_IN_MEMORY + MIB))  # pynetdicom gathers this in memory
+    try:
+        status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
+    finally:
+        assoc.release()
+    assert not status  # no answer: the connection was closed
+    [event] = wait_until(lambda: _cut_off(node), 30, what="the association cut off")
+    assert event["limit"] == "a data set other than a C-STORE's"

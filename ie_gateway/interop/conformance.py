@@ -207,8 +207,10 @@ def _associations(cfg: GatewayConfig) -> Section:
             f"Application context {APPLICATION_CONTEXT} (DICOM). Maximum PDU size received: "
             + (f"{max_pdu} bytes" if max_pdu else "unlimited")
             + f" (node.max_pdu_kb); an A-ASSOCIATE-RQ longer than {receive.MAX_REQUEST_PDU} bytes, or a PDU "
-            "announcing more than the maximum, is refused unread and the connection closed. Asynchronous "
-            "operations are not supported (one operation at a time).",
+            "announcing more than the maximum, is refused unread and the connection closed. A C-STORE data set "
+            f"that passes limits.max_instance_mb ({cfg.limits.max_instance_mb} MB) while arriving, or any other "
+            f"DIMSE command or data set past {receive.MAX_MESSAGE_IN_MEMORY // 2**20} MiB, closes the connection "
+            "as it passes. Asynchronous operations are not supported (one operation at a time).",
             f"Listening on {node.bind}:{node.port}"
             + (f" and, over TLS, on port {tls.port}" if tls else "")
             + f". At most {node.max_associations} associations at once; beyond that, or while free space "

@@ -154,8 +154,8 @@ class AssociationStats:
     failures: int = 0
     bytes: int = 0
     calling_ae: str = ""
-    command_bytes: int = 0  # of the DIMSE message being received: its command set so far
-    dataset_bytes: int = 0  # and its data set so far
+    # of the DIMSE message being received, so far: [its data set, its command set] (by PDV_COMMAND)
+    message_bytes: list[int] = field(default_factory=lambda: [0, 0])
 
 
 def find_caller(callers: list[Caller], calling_ae: str, address: str) -> Caller | None:
@@ -768,27 +768,21 @@ class Receiver:
             return
         for item in pdu.presentation_data_value_items:
             value = cast(bytes, item.presentation_data_value)
-            control = value[0]
-            if control & PDV_COMMAND:
-                stats.command_bytes += len(value) - 1
-                over = stats.command_bytes > MAX_MESSAGE_IN_MEMORY
-                limit, allowed = "a command set", MAX_MESSAGE_IN_MEMORY
-            else:
-                stats.dataset_bytes += len(value) - 1
-                # the command set before it has been decoded by now (a C-STORE's first data
-                # fragment in the same PDU as its command's last is counted against the smaller)
-                on_disk = isinstance(event.assoc.dimse.message, C_STORE_RQ)
-                allowed = self.limits.max_instance_mb * 2**20 if on_disk else MAX_MESSAGE_IN_MEMORY
-                limit = "limits.max_instance_mb" if on_disk else "a data set other than a C-STORE's"
-                over = stats.dataset_bytes > allowed
-            if over:
+            command = value[0] & PDV_COMMAND
+            size = stats.message_bytes[command] + len(value) - 1
+            limit, allowed = self._bound(event.assoc, command)
+            if size > allowed:
                 self._cut_off(event.assoc, limit, allowed)
                 return
-            if control & PDV_LAST:
-                if control & PDV_COMMAND:
-                    stats.command_bytes = 0
-                else:
-                    stats.dataset_bytes = 0
+            stats.message_bytes[command] = 0 if value[0] & PDV_LAST else size
+
+    def _bound(self, assoc: Association, command: int) -> tuple[str, int]:
+        """What the node holds for a command set (``command``) or a data set on ``assoc``: the
+        command set before a data set has been decoded by now (a C-STORE's first data fragment
+        in the same PDU as its command's last is held to the smaller bound)."""
+        if not command and isinstance(assoc.dimse.message, C_STORE_RQ):
+            return "limits.max_instance_mb", self.limits.max_instance_mb * 2**20
+        return ("a command set" if command else "a data set other than a C-STORE's"), MAX_MESSAGE_IN_MEMORY
 
     def _cut_off(self, assoc: Association, limit: str, allowed: int) -> None:
         metrics.CONNECTIONS_REFUSED.labels("message_too_large").inc()

@@ -235,8 +235,7 @@ def _download_verified(
         raise _Refused(f"signed as {statement.spec} but published under {spec}: replayed or moved")
     downloaded = held = len(signature)
     for file, sha256 in statement.files.items():
-        got = _fetch(container, prefix, file, files, partial, sha256, max_bytes - held)
-        downloaded += got
+        downloaded += _fetch(container, prefix, file, files, partial, sha256, max_bytes - held)
         held += (partial / file).stat().st_size
     return downloaded
 

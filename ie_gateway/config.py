@@ -102,7 +102,8 @@ class Node(StrictModel):
         1,
         ge=1,
         le=64,
-        description="processes that accept associations on the same ports (SO_REUSEPORT); the limits are per process",
+        description="processes that accept associations from the same ports (the least busy takes each); "
+        "the limits are per process",
     )
 
     _check_ae = field_validator("ae_title")(_ae_title)

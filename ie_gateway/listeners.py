@@ -4,10 +4,13 @@ One Python process serves its associations one at a time under the GIL, however 
 it has: four senders at once take four times as long as one. With ``listener_processes: N``
 the node starts N-1 child processes that run only the DICOM listeners (the plain and the TLS
 port, the same association policy, limits, screening and storage commitment), each its own
-interpreter; every listener socket, the main process's too, is bound with SO_REUSEPORT and the
-kernel spreads new connections across them. A child stores into the same spool and index as
-the main process, with the same durable ack (file, folder entry and index row before Success);
-series completion stays with the main process's stability sweep, which reads the index.
+interpreter. The main process binds and listens on each port once and every child inherits
+those sockets and accepts from them, as the main process does: an idle process takes a new
+connection, a busy one lets a less busy one take it first (see ``receive.listen_sockets``), and
+a connection never waits in the queue of a process that has died. A child stores into the same
+spool and index as the main process, with the same durable ack (file, folder entry and index
+row before Success); series completion stays with the main process's stability sweep, which
+reads the index.
 
 The children are the main process's to keep: it waits until each listens before it says
 ready, restarts one that exits (backing off when one dies young), and stops them on its way
@@ -23,6 +26,7 @@ import faulthandler
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -90,10 +94,15 @@ class ListenerProcesses:
         self._watcher: threading.Thread | None = None
         self.restarts = 0
         self.counts: metrics.ListenerCounts | None = None
+        self._sockets: list[socket.socket] = []
 
-    def start(self) -> None:
-        """Start every child and wait until each listens; ListenerProcessError if one cannot.
-        Their metrics count in `/metrics` from then on."""
+    def start(self, shared: list[socket.socket]) -> None:
+        """Start every child, accepting on the listening sockets ``shared``
+        (``receive.listen_sockets``), and wait until each listens; ListenerProcessError if one
+        cannot. Their metrics count in `/metrics` from then on."""
+        # our own descriptors of the sockets, for the children started later too: the main
+        # process's listener closes its own when it stops
+        self._sockets = [sock.dup() for sock in shared]
         self.counts = metrics.ListenerCounts()
         metrics.count_listeners(self.counts)
         for number in range(1, self.count + 1):
@@ -116,12 +125,15 @@ class ListenerProcesses:
             str(self.cfg.source),
             "--number",
             str(number),
+            "--listen-fds",
+            ",".join(str(sock.fileno()) for sock in self._sockets),
         ]
         assert self.counts is not None
         proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,  # never written: its EOF tells the child the main process ended
             stdout=subprocess.PIPE,  # the child's READY line
+            pass_fds=[sock.fileno() for sock in self._sockets],  # the same numbers in the child
             env={**child_environment(self.cfg, dict(os.environ)), **self.counts.environment()},
         )
         with self._lock:
@@ -206,6 +218,9 @@ class ListenerProcesses:
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     pipe.close()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
         if self.counts is not None:
             metrics.count_listeners(None)
             self.counts.close()
@@ -220,8 +235,9 @@ class ListenerProcesses:
                 proc.terminate()
 
 
-def serve_listener(cfg: GatewayConfig, number: int) -> None:
-    """A child's life: listen until SIGTERM or until the main process ends (EOF on stdin).
+def serve_listener(cfg: GatewayConfig, number: int, listen_fds: list[int]) -> None:
+    """A child's life: accept on the inherited listening sockets ``listen_fds`` (plain port,
+    then TLS port) until SIGTERM or until the main process ends (EOF on stdin).
     SIGTERM reaches this thread through a SignalInbox (see ops/signals.py for why)."""
     # a terminal's ^C goes to the main process, which stops us
     inbox = SignalInbox([signal.SIGTERM], ignored=[signal.SIGINT])
@@ -236,7 +252,10 @@ def serve_listener(cfg: GatewayConfig, number: int) -> None:
         limits=cfg.limits,
         commitment_reports=sender.commitments,
     )
-    receiver.start(reuse_port=True)
+    shared = [socket.socket(fileno=fd) for fd in listen_fds]
+    for sock in shared:
+        sock.setblocking(False)  # as the main process made it (the flag is the socket's, not ours)
+    receiver.start(shared)
     threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
     log.info("ready", listener=number, port=receiver.port)
     sys.stdout.buffer.write(READY)
@@ -267,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ie_gateway.listeners", description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--listen-fds", required=True, help="the inherited listening sockets, comma-separated")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     logsetup.configure(cfg.log_level, process=f"listener-{args.number}")
-    serve_listener(cfg, args.number)
+    serve_listener(cfg, args.number, [int(fd) for fd in args.listen_fds.split(",")])
     return 0
 
 

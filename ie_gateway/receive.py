@@ -52,7 +52,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ie_gateway import reactor
 from ie_gateway.config import Caller, Limits, Node
@@ -121,6 +121,11 @@ PDV_LAST = 0x02  # ... and the last fragment of it
 #: message other than a C-STORE request (a storage commitment request for 10,000 instances
 #: is ~2 MB)
 MAX_MESSAGE_IN_MEMORY = 16 * 2**20
+#: listener processes sharing a port (node.listener_processes): one that serves connections
+#: waits this long for each before it takes a new one, so that a process with fewer takes it
+#: first; at most MAX_ACCEPT_WAIT_S, a pause a sender does not notice in an association's set-up
+ACCEPT_STEP_S = 0.02
+MAX_ACCEPT_WAIT_S = 0.1
 P_DATA_TF = 0x04  # the PDU type that carries DIMSE messages, bounded by node.max_pdu_kb
 
 # Exceptions pydicom raises on truncated or corrupt encodings.
@@ -413,24 +418,99 @@ class BoundedRequestHandler(RequestHandler):
         return reactor.guard(assoc, wake=bell.set)
 
 
+def listen_sockets(node: Node) -> list[socket.socket]:
+    """Listening sockets for the plain port and, with ``node.tls``, the TLS port, for the node's
+    listener processes to share (``Receiver.start(shared=...)``).
+
+    One socket that every process accepts from, rather than one socket each bound with
+    SO_REUSEPORT: the kernel hashes each connection to one of SO_REUSEPORT's sockets whatever
+    their load, so four senders at once often met three in one process and none in another,
+    and a connection queued to a process that dies is reset. On a shared socket every idle
+    process may take a connection, and a busy one lets them go first (``ACCEPT_STEP_S``).
+    """
+    ports = [node.port] + ([node.tls.port] if node.tls is not None else [])
+    return [_listen((node.bind, port)) for port in ports]
+
+
+def _listen(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(AddressInformation.from_tuple(address).address_family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom binds its own
+        sock.bind(address)
+        sock.listen(ScreeningServer.request_queue_size)
+    except OSError:
+        sock.close()
+        raise
+    # accept() answers at once: a connection another process took meanwhile is no wait
+    sock.setblocking(False)
+    return sock
+
+
 class ScreeningServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, but a connection becomes an Association only after it
     speaks: accepting never blocks on a peer, and a TLS handshake runs in the connection's own
-    thread under the ACSE timeout instead of in the accept loop."""
+    thread under the ACSE timeout instead of in the accept loop.
+
+    Given a ``shared`` listening socket (``listen_sockets``), it accepts from that socket
+    beside the node's other listener processes instead of binding its own, and takes a new
+    connection only after waiting ``ACCEPT_STEP_S`` for each connection it already serves
+    (``busy``), so that a process with fewer takes it first.
+    """
 
     acse_timeout_s: float = 5.0
     request_queue_size = 256  # listen backlog: socketserver's 5 drops SYNs under probe bursts
     _screening = threading.BoundedSemaphore(MAX_SCREENING)
 
+    def __init__(
+        self, *args: Any, shared: socket.socket | None = None, busy: Callable[[], int] = lambda: 0, **kwargs: Any
+    ) -> None:
+        self._shared = shared
+        self._busy = busy
+        self.pending = 0  # connections accepted and not yet handed to pynetdicom
+        self._pending_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._shared is None:
+            super().server_bind()
+            return
+        cast(socket.socket, self.socket).close()  # the one socketserver made: the shared one serves
+        self.socket = self._shared
+        self.server_address = self._shared.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared is None:  # a shared socket listens already
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._shared is None:
+            super().server_close()
+        else:  # close this process's descriptor only: a shutdown() would stop every process listening
+            self._shared.close()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listener = cast(socket.socket, self.socket)
+        if self._shared is not None:
+            # every process wakes for a new connection: the least busy takes it (the others'
+            # accept then raises BlockingIOError, which socketserver ignores)
+            time.sleep(min(MAX_ACCEPT_WAIT_S, ACCEPT_STEP_S * self._busy()))
         conn, address = listener.accept()
+        self._count_pending(1)
         return conn, address
 
     def process_request_thread(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: tuple[str, int] | str
     ) -> None:
-        conn = cast(socket.socket, request)
+        try:
+            self._screen_and_serve(cast(socket.socket, request), client_address)
+        finally:
+            self._count_pending(-1)
+
+    def _count_pending(self, change: int) -> None:
+        with self._pending_lock:
+            self.pending += change
+
+    def _screen_and_serve(self, conn: socket.socket, client_address: tuple[str, int] | str) -> None:
         if not self._screening.acquire(blocking=False):
             self._drop(conn, "too_many_connections")
             return
@@ -496,17 +576,6 @@ class ScreeningServer(ThreadedAssociationServer):
         self.shutdown_request(conn)
 
 
-class ReusePortServer(ScreeningServer):
-    """A ScreeningServer whose socket is bound with SO_REUSEPORT: several processes of the node
-    (``node.listener_processes``) listen on one port and the kernel spreads connections among them."""
-
-    def server_bind(self) -> None:
-        # pynetdicom's server_bind sets SO_REUSEADDR and binds; socketserver's allow_reuse_port
-        # is not looked at there, so the option is set here, before the bind
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class Receiver:
     """A pynetdicom SCP that writes into a Store."""
 
@@ -551,10 +620,10 @@ class Receiver:
         ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
-    def start(self, reuse_port: bool = False) -> None:
+    def start(self, shared: list[socket.socket] | None = None) -> None:
         """Listen in background threads (one per association): the plain port, and the TLS
-        port when ``node.tls`` is set; ``reuse_port``: bound with SO_REUSEPORT, beside the
-        node's other listener processes."""
+        port when ``node.tls`` is set; ``shared``: on these listening sockets
+        (``listen_sockets``, in that order), beside the node's other listener processes."""
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -571,10 +640,10 @@ class Receiver:
         # of into memory. The switch is pynetdicom's documented one, and process-wide.
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         self._check_temp_dir()
-        server_class = ReusePortServer if reuse_port else ScreeningServer
-        self._serve(self.node.port, None, handlers, server_class)
+        sockets: list[socket.socket | None] = [*shared] if shared else [None, None]
+        self._serve(self.node.port, None, handlers, sockets[0])
         if self.node.tls is not None:
-            self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers, server_class)
+            self._serve(self.node.tls.port, tls.server_context(self.node.tls), handlers, sockets[1])
         # the main process reads the count when scraped; a listener child's value lives in its
         # multiprocess file, which only set() writes: the session changes above set it too
         metrics.ASSOCIATIONS_OPEN.set_function(self.open_associations)
@@ -613,14 +682,16 @@ class Receiver:
             )
 
     def _serve(
-        self, port: int, context: ssl.SSLContext | None, handlers: list[Any], server_class: type[ScreeningServer]
+        self, port: int, context: ssl.SSLContext | None, handlers: list[Any], shared: socket.socket | None
     ) -> None:
         server = self.ae.make_server(
             (self.node.bind, port),
             ssl_context=context,
             evt_handlers=handlers,
-            server_class=server_class,
+            server_class=ScreeningServer,
             request_handler=BoundedRequestHandler,
+            shared=shared,
+            busy=self.busy,
         )
         assert isinstance(server, ScreeningServer)
         server.acse_timeout_s = self.node.acse_timeout_s
@@ -646,6 +717,13 @@ class Receiver:
     def port(self) -> int:
         """The bound plain port."""
         return int(self._servers[0].server_address[1])
+
+    def busy(self) -> int:
+        """Connections this receiver serves: its associations, counted from the moment
+        pynetdicom starts one (before the peer's request is read: connections arriving together
+        must see each other), and connections accepted that are not one yet (being screened)."""
+        serving = sum(1 for t in threading.enumerate() if isinstance(t, Association) and t.ae is self.ae)
+        return serving + sum(server.pending for server in self._servers)
 
     def open_associations(self) -> int:
         """Associations requested and not yet ended (the ones max_associations counts)."""

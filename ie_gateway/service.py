@@ -37,7 +37,7 @@ from ie_gateway.ops.notify import Notifier
 from ie_gateway.ops.signals import SignalInbox
 from ie_gateway.pipeline import Worker
 from ie_gateway.qa import drift
-from ie_gateway.receive import Receiver
+from ie_gateway.receive import Receiver, listen_sockets
 from ie_gateway.route import RulesWatcher
 from ie_gateway.route.load import rules_loader
 from ie_gateway.send import Sender
@@ -292,10 +292,12 @@ class Service:
             self.health.extra.append(device_check(self.cfg.inference, device, nodes, pci_gpus))
             self.worker.start()
         # the extra listener processes first: once the main process answers, every listener does
-        if self.listeners is not None:
-            self.listeners.start()
+        shared = None
+        if self.listeners is not None:  # one socket per port, which every listener process accepts from
+            shared = listen_sockets(self.cfg.node)
+            self.listeners.start(shared)
         if self.receiver is not None:
-            self.receiver.start(reuse_port=self.listeners is not None)
+            self.receiver.start(shared)
         sdnotify.notify("READY=1\nSTATUS=" + ("receiving" if self.receiver is not None else "working"))
         log.info(
             "ready",

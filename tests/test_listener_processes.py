@@ -1,4 +1,4 @@
-"""node.listener_processes: several processes accept associations on one port (SO_REUSEPORT).
+"""node.listener_processes: several processes accept associations on one shared listening socket.
 
 Real peers: dcmtk's echoscu and storescu against `ie-gateway serve`. Each process's log lines
 carry its name (``main``, ``listener-N``), which is how the tests see who took an association.
@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom import AE
 
-from ie_gateway.config import load_config
+from ie_gateway.config import Caller, load_config
+from ie_gateway.config import Node as NodeSettings
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.listeners import child_environment
-from tests.peers import DCMTK_ENV, Node, echoscu, have, wait_until
+from ie_gateway.receive import VERIFICATION, Receiver, listen_sockets
+from ie_gateway.store import Store
+from tests.peers import DCMTK_ENV, Node, echoscu, free_port, have, wait_until
 from tests.test_http import sample
 from tests.test_service import running
 
@@ -38,8 +42,8 @@ def _children(node: Node) -> dict[str, int]:
 
 
 def _echo_until_taken_by(node: Node, wanted: set[str]) -> None:
-    """C-ECHO until every process in ``wanted`` has accepted one (the kernel hashes each new
-    connection to one of the sockets: forty echoes miss one of three with odds of 1e-7)."""
+    """C-ECHO until every process in ``wanted`` has accepted one (idle processes race for each
+    new connection: any of them may take it)."""
 
     def taken() -> bool:
         assert echoscu(node.port).returncode == 0
@@ -129,3 +133,43 @@ def test_a_listener_keeps_no_secret_it_does_not_need(node: Node) -> None:
     environ = {"PATH": "/usr/bin", "AZURE_STORAGE_KEY": "k", "IE_GATEWAY_WEBHOOK_TOKEN": "t", "PGPASSWORD": "p",
                "NOTIFY_SOCKET": "/run/systemd/notify", "CREDENTIALS_DIRECTORY": "/run/credentials/x"}
     assert child_environment(cfg, environ) == {"PATH": "/usr/bin"}  # SQLite index, no TLS
+
+
+def test_a_new_connection_goes_to_the_listener_serving_fewer_associations(tmp_path: Path) -> None:
+    """Two receivers accept from one shared socket, as the node's listener processes do: each
+    association held open goes to the one that serves fewer (a kernel spreading them by hash, as
+    SO_REUSEPORT did, ends two and two only three times in eight)."""
+    settings = NodeSettings(bind="127.0.0.1", port=free_port(), allowed_callers=[Caller(ae_title="SCU")])
+    store = Store(tmp_path / "spool")
+    shared = listen_sockets(settings)
+    receivers = [Receiver(settings, store), Receiver(settings, store)]
+    for receiver in receivers:
+        receiver.start(shared)
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(VERIFICATION)
+    held = []
+    try:
+        for count in range(1, 5):
+            assoc = scu.associate("127.0.0.1", settings.port, ae_title="IE_GATEWAY")
+            assert assoc.is_established
+            held.append(assoc)
+            wait_until(lambda: sum(r.open_associations() for r in receivers) == count, 10, every=0.01,
+                       what=f"{count} associations open")
+            assert sorted(r.open_associations() for r in receivers) == [count // 2, count - count // 2]
+    finally:
+        for assoc in held:
+            assoc.release()
+        for receiver in receivers:
+            receiver.stop()
+        store.index.close()
+
+
+def test_the_port_stays_open_when_a_listener_process_stops(node: Node) -> None:
+    """A child that stops closes only its own descriptor of the shared socket: a shutdown() of
+    it would end listening for every process."""
+    before = _children(node)
+    os.kill(before["listener-1"], signal.SIGTERM)
+    wait_until(lambda: any(e["event"] == "listener process exited; restarting it" for e in node.log_events()), 60,
+               every=0.1, what="listener-1 to stop")
+    for _ in range(10):
+        assert echoscu(node.port).returncode == 0

@@ -32,12 +32,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
             "tps": issue(ca, folder, "tps"), "stranger": issue(stranger_ca, folder, "stranger")}
 
 
-def tls_node(node_factory: object, pki: dict[str, Pair], callers: list[dict[str, object]] | None = None) -> Node:
+def tls_node(node_factory: object, pki: dict[str, Pair], callers: list[dict[str, object]] | None = None,
+             **node_settings: object) -> Node:
     tls_port = free_port()
     node: Node = node_factory(settings={"node": {  # type: ignore[operator]
         "tls": {"port": tls_port, "cert": str(pki["node"].cert), "key": str(pki["node"].key),
                 "ca": str(pki["ca"].cert), "require_client_cert": True},
-        **({"allowed_callers": callers} if callers else {})}})
+        **({"allowed_callers": callers} if callers else {}), **node_settings}})
     node.tls_port = tls_port  # type: ignore[attr-defined]
     return node.start(echo=not callers)  # plain echoscu cannot prove readiness where TLS is required
 
@@ -55,6 +56,20 @@ def test_echo_over_tls_with_a_client_certificate_signed_by_the_ca(node_factory: 
     result = dcmtk_tls("echoscu", node.tls_port, pki["pacs"], pki["ca"])  # type: ignore[attr-defined]
     assert result.returncode == 0, result.stderr
     assert any(e["event"] == "association opened" and e["tls"] for e in node.log_events())
+
+
+def test_every_listener_process_answers_on_the_tls_port(node_factory: object, pki: dict[str, Pair]) -> None:
+    """The TLS port's listening socket is shared with the listener processes too (the second
+    socket each child inherits): echoes over TLS until every process has taken one."""
+    node = tls_node(node_factory, pki, listener_processes=3)
+
+    def every_process_answered() -> bool:
+        result = dcmtk_tls("echoscu", node.tls_port, pki["pacs"], pki["ca"])  # type: ignore[attr-defined]
+        assert result.returncode == 0, result.stderr
+        took = {e["process"] for e in node.log_events() if e["event"] == "association opened" and e["tls"]}
+        return took == {"main", "listener-1", "listener-2"}
+
+    wait_until(every_process_answered, 120, every=0, what="a TLS association in every listener process")
 
 
 @pytest.mark.parametrize("client", ["stranger", None], ids=["certificate-from-another-ca", "no-certificate"])

@@ -1,5 +1,5 @@
 """Small file operations several stages share: a folder's entries made durable, a file's sha256,
-a full disk told apart where a library hides it."""
+a full disk told apart where a library hides it, leftover temp files removed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -31,3 +33,20 @@ def sha256_file(path: Path) -> str:
     """The file's sha256 as lowercase hex (``sha256sum``'s output), read in blocks."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def remove_leftovers(paths: Iterable[Path], before: float | None = None) -> list[int]:
+    """Delete the regular files among ``paths`` last written before ``before`` (epoch seconds;
+    None: whatever their age) and return their sizes. Temp files a crash or a cut-off transfer
+    left behind; one that goes meanwhile (its writer took it) is skipped, and a link is never
+    followed."""
+    removed = []
+    for path in paths:
+        try:
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and (before is None or info.st_mtime < before):
+                path.unlink()
+                removed.append(info.st_size)
+        except FileNotFoundError:
+            continue
+    return removed

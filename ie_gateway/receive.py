@@ -23,7 +23,6 @@ import queue
 import select
 import socket
 import ssl
-import stat
 import struct
 import tempfile
 import threading
@@ -57,6 +56,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket, RequestH
 from ie_gateway import reactor
 from ie_gateway.config import Caller, Limits, Node
 from ie_gateway.errors import InstanceOverLimit, StoreError, UnsafeUIDError
+from ie_gateway.files import remove_leftovers
 from ie_gateway.intake import Received, check_limits, read_received, sent_text
 from ie_gateway.interop.commitment import PROCESSING_FAILURE, STORAGE_COMMITMENT, Commitments, CommitmentSCP
 from ie_gateway.ops import metrics, tls
@@ -672,7 +672,7 @@ class Receiver:
         ``ABANDONED_AFTER`` network timeouts (at least ``MIN_ABANDONED_S``) is no one's.
         """
         older_than = max(MIN_ABANDONED_S, ABANDONED_AFTER * self.node.network_timeout_s)
-        removed = remove_stale_receipts(Path(tempfile.gettempdir()), time.time() - older_than)
+        removed = remove_leftovers(Path(tempfile.gettempdir()).glob(RECEIPT_GLOB), time.time() - older_than)
         if removed:
             log.warning(
                 "abandoned receipts removed",
@@ -970,21 +970,6 @@ class Receiver:
 RECEIPT_GLOB = "tmp*.dcm"
 ABANDONED_AFTER = 2  # network timeouts without a write
 MIN_ABANDONED_S = 60.0  # nor a file whose handler is slow to take it (a busy index)
-
-
-def remove_stale_receipts(folder: Path, before: float) -> list[int]:
-    """Delete the receipt files in ``folder`` last written before ``before`` (epoch seconds);
-    return the sizes of those removed. One that goes meanwhile (its handler took it) is skipped."""
-    removed = []
-    for path in folder.glob(RECEIPT_GLOB):
-        try:
-            info = path.lstat()
-            if stat.S_ISREG(info.st_mode) and info.st_mtime < before:
-                path.unlink()
-                removed.append(info.st_size)
-        except FileNotFoundError:
-            continue
-    return removed
 
 
 def _header(ds: Dataset) -> SeriesHeader:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ie_gateway.errors import StoreError, UnsafeUIDError
-from ie_gateway.files import fsync_dir
+from ie_gateway.files import fsync_dir, remove_leftovers
 
 UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 TMP_DIR = ".tmp"
@@ -129,17 +129,8 @@ class Spool:
         On a spool that other receivers write to at the same time, only files older than
         ``older_than_s`` go (a C-STORE in flight on another node is never that old).
         """
-        count = 0
-        cutoff = time.time() - older_than_s
-        for leftover in self.tmp.iterdir():
-            try:
-                if older_than_s and leftover.stat().st_mtime > cutoff:
-                    continue
-            except FileNotFoundError:
-                continue
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+        before = time.time() - older_than_s if older_than_s else None
+        return len(remove_leftovers(self.tmp.iterdir(), before))
 
     def iter_instances(self) -> Iterable[Path]:
         """Every instance file in the spool (used to reconcile with the index at start-up)."""

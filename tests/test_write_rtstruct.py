@@ -21,7 +21,7 @@ from ie_gateway.write import (
     rasterize_rtstruct,
     structure_mask,
 )
-from ie_gateway.write.common import ds_strings
+from ie_gateway.write.common import contour_data_bytes, ds_strings
 from ie_gateway.write.contours import mask_rings
 from ie_gateway.write.validate import dice
 from tests.write_case import DEMO_STRUCTURES, MODEL, Case, make_case
@@ -95,6 +95,23 @@ def test_ds_strings_keeps_huge_and_long_values_within_16_characters() -> None:
     assert np.allclose([float(t) for t in texts], values, rtol=1e-9, atol=1e-3)
 
 
+def test_an_axial_contour_is_written_to_the_micrometre_with_its_slice_z_to_six_decimals() -> None:
+    points = np.array([[-249.51171875, 10.0, -123.4567891], [0.00049, -0.25, -123.4567891], [1.5, 2.0, -123.4567891]])
+    data = contour_data_bytes(points)
+    assert len(data) % 2 == 0
+    texts = data.rstrip(b" ").decode().split("\\")
+    assert texts[:3] == ["-249.512", "10.000", "-123.456789"]
+    assert texts[3:5] == ["0.000", "-0.250"]
+    assert np.allclose(np.array(texts, dtype=float).reshape(-1, 3), points, rtol=0, atol=5e-4)
+    assert contour_data_bytes(np.c_[points[:, :2], [-120.5] * 3]).rstrip(b" ").endswith(b"\\-120.5")  # zeros dropped
+
+
+def test_a_contour_off_the_axial_plane_keeps_six_decimals_throughout() -> None:
+    points = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.1234567], [4.0, 5.0, 6.0]])
+    texts = contour_data_bytes(points).rstrip(b" ").decode().split("\\")
+    assert texts == [f"{v:.6f}" for v in points.ravel()]
+
+
 def test_every_contour_is_closed_planar_with_at_least_3_points(ds: pydicom.Dataset) -> None:
     contours = _contours(ds)
     assert contours
@@ -112,7 +129,7 @@ def test_every_contour_references_the_ct_slice_it_lies_on(ds: pydicom.Dataset, c
         (image,) = contour.ContourImageSequence
         assert image.ReferencedSOPClassUID == case.headers[0].SOPClassUID
         assert float(contour.ContourData[2]) == pytest.approx(
-            z_of[image.ReferencedSOPInstanceUID], abs=1e-3
+            z_of[image.ReferencedSOPInstanceUID], abs=1e-6
         )
 
 

@@ -40,8 +40,8 @@ from ie_gateway.write.common import (
     ModelInfo,
     algorithm_identification,
     check_inputs,
+    contour_data_bytes,
     contributing_equipment,
-    ds_bytes,
 )
 from ie_gateway.write.contours import mask_rings
 
@@ -67,7 +67,7 @@ def _contour_item(number: int, points_xyz: np.ndarray, ct_header: pydicom.Datase
     item.ContourNumber = number
     # stored encoded, as a file read back holds it: pydicom writes a raw element's bytes as
     # they are, and never makes a DS object per coordinate (that took 5 of 6 s per RT-STRUCT)
-    data = ds_bytes(points_xyz)
+    data = contour_data_bytes(points_xyz)
     item[CONTOUR_DATA] = RawDataElement(Tag(CONTOUR_DATA), "DS", len(data), data, 0, False, True, True, False)
     # the encoding the raw value is in; without it pydicom decodes the element to write it
     item.set_original_encoding(False, True, default_encoding)

@@ -728,7 +728,7 @@ class Worker:
         """Route ``index``'s label map, its structures' masks as the writers encode them, and
         the plausibility findings measured on those masks."""
         model = self.registry.resolve(route.spec)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / labels_file(index)))).astype(np.uint8, copy=False)
         structures = structures_of(model.manifest)
         masks = make_masks(labels, structures)
         findings = check_result(model.manifest.structures, masks, geometry)

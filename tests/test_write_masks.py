@@ -10,7 +10,14 @@ import pytest
 from scipy import ndimage
 
 from ie_gateway import imaging
-from ie_gateway.imaging import fill_holes_per_slice, for_each_structure, in_parallel, make_masks
+from ie_gateway.imaging import (
+    bounding_box,
+    fill_holes_per_slice,
+    for_each_structure,
+    in_parallel,
+    label_box,
+    make_masks,
+)
 from ie_gateway.write import StructureInfo, structure_mask
 
 BODY = StructureInfo(label=1, name="Body", color=(0, 200, 0), interpreted_type="EXTERNAL", fill_holes=True)
@@ -121,3 +128,22 @@ def test_work_handed_over_by_a_background_thread_keeps_its_lower_cpu_priority() 
     thread.join()
     seen["main"] = in_parallel(lambda _: _nice(), range(6))
     assert seen == {"background": [main_nice + 5] * 6, "main": [main_nice] * 6}
+
+
+def test_a_labels_box_is_the_bounding_box_of_its_voxels_across_chunks() -> None:
+    rng = np.random.default_rng(7)
+    labels = np.zeros((21, 9, 11), dtype=np.uint8)  # 21 slices: chunks of 8, 8 and 5
+    labels[3, 2, 4] = labels[17, 6, 1] = labels[20, 8, 10] = 2
+    labels[8:10] = rng.integers(3, 5, size=(2, 9, 11))
+    for label in (2, 3, 4):
+        assert label_box(labels, label) == bounding_box(labels == label)
+    assert label_box(labels, 1) is None
+
+
+def test_a_structures_mask_is_the_same_written_within_its_box() -> None:
+    labels = np.zeros((12, 16, 16), dtype=np.uint8)
+    labels[2:11, 3:13, 4:14] = 1
+    labels[5, 6:9, 6:9] = 0  # a hole filled for the body
+    labels[9, 0, 0] = 1  # a stray voxel far from the rest widens the box
+    mask = structure_mask(labels, BODY)
+    assert np.array_equal(mask, _per_slice_reference(labels == 1))

@@ -37,22 +37,19 @@ class Findings:
     reasons: list[str] = field(default_factory=list)
 
 
-def _centre_x(mask: np.ndarray, geometry: SliceGeometry) -> float:
-    """Patient x (LPS mm) of the mask's centre of mass."""
-    box = bounding_box(mask)
-    if box is None:
-        return 0.0
+Box = tuple[slice, ...]
+
+
+def _centre_x(mask: np.ndarray, box: Box, geometry: SliceGeometry) -> float:
+    """Patient x (LPS mm) of the centre of mass of a mask with voxels in ``box``."""
     crop = mask[box]
-    total = float(np.count_nonzero(crop))
+    # two projections, summed along the contiguous axes: count_nonzero per axis took 2.5x as long
+    plane = crop.sum(axis=0, dtype=np.int32)  # voxels behind each (row, col), at most one per slice
+    per_slice = crop.reshape(len(crop), -1).sum(axis=1, dtype=np.int64)
+    total = float(per_slice.sum())
     k, r, c = (
-        float(
-            (
-                np.count_nonzero(crop, axis=tuple(a for a in range(3) if a != axis))
-                * np.arange(box[axis].start, box[axis].stop)
-            ).sum()
-        )
-        / total
-        for axis in range(3)
+        float(counts @ np.arange(span.start, span.stop)) / total
+        for counts, span in zip((per_slice, plane.sum(axis=1), plane.sum(axis=0)), box, strict=True)
     )
     lo = int(np.floor(k))
     hi = min(lo + 1, mask.shape[0] - 1)
@@ -62,10 +59,7 @@ def _centre_x(mask: np.ndarray, geometry: SliceGeometry) -> float:
     return x_lo + (k - lo) * (x_hi - x_lo)
 
 
-def _largest_share(mask: np.ndarray) -> float:
-    box = bounding_box(mask)
-    if box is None:
-        return 0.0
+def _largest_share(mask: np.ndarray, box: Box) -> float:
     labelled, count = ndimage.label(mask[box])
     if count <= 1:
         return 1.0
@@ -82,14 +76,18 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
     voxel_cc = geometry.row_spacing * geometry.col_spacing * slice_mm / 1000.0
     scan_cm = slices * slice_mm / 10.0
     by_name = {s.name: s for s in structures}
-    voxels = in_parallel(lambda s: int(np.count_nonzero(masks[s.label])), structures)
-    counts = {s.name: n for s, n in zip(structures, voxels, strict=True)}
+    # each mask's box once, for every rule below; its voxels counted within it
+    boxes = dict(zip((s.name for s in structures), in_parallel(lambda s: bounding_box(masks[s.label]), structures)))
+    counts = {
+        s.name: 0 if (box := boxes[s.name]) is None else int(np.count_nonzero(masks[s.label][box])) for s in structures
+    }
     volumes = {name: round(n * voxel_cc, 1) for name, n in counts.items()}
     empty = [name for name, n in counts.items() if n == 0]
-    external = next((s for s in structures if s.interpreted_type is InterpretedType.EXTERNAL and counts[s.name]), None)
+    externals = [(s, boxes[s.name]) for s in structures if s.interpreted_type is InterpretedType.EXTERNAL]
+    body = next(((s, box) for s, box in externals if box is not None), None)
     midline = (
-        _centre_x(masks[external.label], geometry)
-        if external is not None
+        _centre_x(masks[body[0].label], body[1], geometry)
+        if body is not None
         else float(
             geometry.to_patient(slices // 2, np.array([[0.0, (masks[structures[0].label].shape[2] - 1) / 2]]))[0, 0]
         )
@@ -101,32 +99,31 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
         expect = s.expect
         if expect is None:
             return reasons
-        if counts[s.name] == 0:
+        mask, box = masks[s.label], boxes[s.name]
+        if box is None:
             reasons.append(f"{s.name}: empty")
             return reasons
-        mask = masks[s.label]
         volume = counts[s.name] * voxel_cc
         if expect.volume_cc is not None and volume not in expect.volume_cc:
             reasons.append(f"{s.name}: volume {volume:.0f} cc (expected {expect.volume_cc} cc)")
         if expect.volume_cc_per_cm is not None and volume / scan_cm not in expect.volume_cc_per_cm:
             reasons.append(f"{s.name}: {volume / scan_cm:.2f} cc per cm of scan (expected {expect.volume_cc_per_cm})")
         if expect.side is not None:
-            offset = _centre_x(mask, geometry) - midline  # + is the patient's left
+            offset = _centre_x(mask, box, geometry) - midline  # + is the patient's left
             side = Side.LEFT if offset > 0 else Side.RIGHT
             if side is not expect.side:
                 reasons.append(f"{s.name}: centre {abs(offset):.0f} mm {side} of the midline (expected {expect.side})")
         if expect.inside is not None:
-            box = bounding_box(mask)
             host = masks[by_name[expect.inside].label]
             share = float(np.count_nonzero(mask[box] & host[box])) / counts[s.name]
             if share < INSIDE_SHARE:
                 reasons.append(f"{s.name}: {share:.0%} inside {expect.inside} (expected >= {INSIDE_SHARE:.0%})")
         if expect.largest_component is not None:
-            share = _largest_share(mask)
+            share = _largest_share(mask, box)
             if share not in expect.largest_component:
                 reasons.append(f"{s.name}: largest piece holds {share:.0%} of it (expected {expect.largest_component})")
         if expect.slices_covered is not None:
-            covered = int(np.count_nonzero(mask.any(axis=(1, 2)))) / slices
+            covered = int(np.count_nonzero(mask[box].any(axis=(1, 2)))) / slices
             if covered not in expect.slices_covered:
                 reasons.append(f"{s.name}: on {covered:.0%} of the slices (expected {expect.slices_covered})")
         return reasons

@@ -21,11 +21,15 @@ pynetdicom changes.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE
 from pynetdicom.association import Association
+
+#: How often a reactor stopped at its checkpoint says again that it is paused.
+RESAY_S = 0.05
 
 
 class ReactorCheckpoint:
@@ -68,11 +72,19 @@ class ReactorCheckpoint:
             if self._open:  # the reactor's every turn: it passes
                 return True
             self._stopped = True
-            # stopping here now: say so again, since a clear() may have withdrawn the "paused"
-            # the reactor said just before it came (else both would wait forever)
-            self._assoc._is_paused = True
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                return self._cond.wait_for(lambda: self._open, timeout)
+                while not self._open:
+                    # stopped here: say so, and again every RESAY_S while stopped. A clear() may
+                    # have withdrawn the "paused" the reactor said just before it came, and once
+                    # in CI a sender's release() spun forever on a "paused" that was false while
+                    # the reactor waited here: both then wait for good, so the truth is said again.
+                    self._assoc._is_paused = True
+                    left = RESAY_S if deadline is None else min(RESAY_S, deadline - time.monotonic())
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return True
             finally:
                 self._stopped = False
 

@@ -43,6 +43,30 @@ def test_a_pause_as_the_reactor_passes_the_checkpoint_waits_until_it_stops() -> 
     assert not stopped.is_alive()
 
 
+def test_a_paused_withdrawn_while_the_reactor_is_stopped_is_said_again() -> None:
+    """A sender's release() once spun forever in CI on a "paused" that was false while the
+    reactor waited at the checkpoint: a reactor stopped there says it again."""
+    assoc = _association()
+    checkpoint = ReactorCheckpoint(assoc)
+    checkpoint.clear()
+    stopped = threading.Thread(target=checkpoint.wait)
+    stopped.start()
+    wait_until(lambda: checkpoint._stopped and assoc._is_paused, 60, what="the reactor to stop")
+    assoc._is_paused = False  # withdrawn behind the checkpoint's back
+    wait_until(lambda: assoc._is_paused, 60, what="the stopped reactor to say it is paused again")
+    assert stopped.is_alive()
+    checkpoint.set()
+    stopped.join(60)
+    assert not stopped.is_alive()
+
+
+def test_a_stopped_reactor_waits_no_longer_than_its_timeout() -> None:
+    checkpoint = ReactorCheckpoint(_association())
+    checkpoint.clear()
+    assert checkpoint.wait(timeout=0.2) is False
+    assert not checkpoint._stopped
+
+
 def test_a_pause_between_the_reactor_saying_paused_and_stopping_lets_the_sender_go_on() -> None:
     """The other interleaving: the reactor says "paused" on its way to the checkpoint, the sender's
     pause withdraws it, then the reactor stops: it must say "paused" again, or the sender waits

@@ -16,7 +16,7 @@ from ie_gateway.demo.phantoms import make_phantom
 from ie_gateway.errors import InferenceError
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion
-from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.infer.runner import CHILD_NICENESS, InferenceRunner
 from tests.infer_packages import Spin, threshold_model, write_package
 from tests.peers import wait_until
 
@@ -69,6 +69,19 @@ def test_runner_writes_the_label_map_and_returns_volumes(
     check_labels(labels_path, ct_path, result)
     assert result.folds == 1 and "total" in result.timings_s
     assert runner.pid is not None
+
+
+def test_the_model_runs_at_a_lower_cpu_priority_than_the_node(
+    tmp_path: Path, ct_path: Path, runner: InferenceRunner
+) -> None:
+    model = package(tmp_path / "models", [threshold_model(2, 0.25)], "body")
+    runner.run(model, ct_path, tmp_path / "labels.mha")
+    assert runner.pid is not None
+    node = os.getpriority(os.PRIO_PROCESS, 0)
+    child_threads = os.listdir(f"/proc/{runner.pid}/task")
+    assert len(child_threads) > 1  # torch's and the child's own threads, all of them lowered
+    for thread in child_threads:
+        assert os.getpriority(os.PRIO_PROCESS, int(thread)) == min(node + CHILD_NICENESS, 19)
 
 
 def test_a_job_past_the_time_limit_fails_and_the_next_job_completes(tmp_path: Path, ct_path: Path) -> None:

@@ -33,6 +33,7 @@ nothing else but the system's files and the models.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import multiprocessing
@@ -78,6 +79,11 @@ if TYPE_CHECKING:  # torch is imported by the child only, not by the node that o
 log = structlog.get_logger(__name__)
 
 _CLOSE_GRACE_S = 5.0
+#: How much lower the child's CPU priority (Linux ``nice``) is than the node's. On a CPU node the
+#: model takes every core it is given; what people wait for meanwhile, the previous job's
+#: RT-STRUCT (the write lane) and the next series arriving (the listeners), should not queue
+#: behind it. The worker's background lane (nice 10) still yields to the model.
+CHILD_NICENESS = 5
 _START_TIMEOUT_S = 120.0  # importing torch in a fresh child, on a loaded machine
 
 
@@ -411,6 +417,16 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _lower_priority(by: int) -> None:
+    """Lower the CPU priority of every thread of this process by ``by``. Linux keeps a ``nice``
+    per thread: a library's thread started at import has its own, and a thread started later
+    takes its creator's."""
+    for task in os.listdir("/proc/self/task"):
+        tid = int(task)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + by, 19))
+
+
 def _serve(
     conn: Connection,
     exchange: Path,
@@ -427,6 +443,7 @@ def _serve(
     os.environ["TMPDIR"] = str(exchange / "out")  # a framework's scratch files: in the exchange
     tempfile.tempdir = None
     sandbox = confine(memory_gb, cuda=cuda, files=files, exchange=exchange)
+    _lower_priority(CHILD_NICENESS)
     # Ctrl-C at a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:

@@ -77,7 +77,11 @@ def structures_of(manifest: Manifest) -> list[StructureInfo]:
 Masks = Mapping[int, np.ndarray]
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+#: A bounding box: one slice per axis of the volume.
+Box = tuple[slice, ...]
+
+
+def bounding_box(mask: np.ndarray) -> Box | None:
     """Bounding box of a boolean mask's voxels (None when empty).
 
     From projections, the first axis first and the others within its span: several times
@@ -149,11 +153,11 @@ def structure_mask(labels: np.ndarray, structure: StructureInfo) -> np.ndarray:
     return mask
 
 
-#: Slices of the label map compared at a time by :func:`label_box`: a buffer the cache holds.
+#: Slices of the label map compared at a time by :func:`label_box`: a buffer the CPU's cache holds.
 _BOX_CHUNK_SLICES = 8
 
 
-def label_box(labels: np.ndarray, label: int) -> tuple[slice, ...] | None:
+def label_box(labels: np.ndarray, label: int) -> Box | None:
     """Bounding box of the voxels of ``label`` in a (z, y, x) label map (None: there are none).
 
     A few slices at a time through one small buffer: a structure's mask is then written only

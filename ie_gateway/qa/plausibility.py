@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ie_gateway.imaging import SliceGeometry, bounding_box, in_parallel
+from ie_gateway.imaging import Box, SliceGeometry, bounding_box, in_parallel
 from ie_gateway.infer.manifest import Structure
 from ie_gateway.vocab import InterpretedType, Side
 
@@ -35,9 +35,6 @@ class Findings:
     volumes_cc: dict[str, float]
     empty: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
-
-
-Box = tuple[slice, ...]
 
 
 def _centre_x(mask: np.ndarray, box: Box, geometry: SliceGeometry) -> float:
@@ -76,11 +73,15 @@ def check_result(structures: Sequence[Structure], masks: Mapping[int, np.ndarray
     voxel_cc = geometry.row_spacing * geometry.col_spacing * slice_mm / 1000.0
     scan_cm = slices * slice_mm / 10.0
     by_name = {s.name: s for s in structures}
-    # each mask's box once, for every rule below; its voxels counted within it
-    boxes = dict(zip((s.name for s in structures), in_parallel(lambda s: bounding_box(masks[s.label]), structures)))
-    counts = {
-        s.name: 0 if (box := boxes[s.name]) is None else int(np.count_nonzero(masks[s.label][box])) for s in structures
-    }
+
+    def measured(s: Structure) -> tuple[Box | None, int]:
+        """The mask's box, found once for every rule below, and its voxels counted within it."""
+        box = bounding_box(masks[s.label])
+        return box, 0 if box is None else int(np.count_nonzero(masks[s.label][box]))
+
+    boxes, counts = {}, {}
+    for s, (box, count) in zip(structures, in_parallel(measured, structures), strict=True):
+        boxes[s.name], counts[s.name] = box, count
     volumes = {name: round(n * voxel_cc, 1) for name, n in counts.items()}
     empty = [name for name, n in counts.items() if n == 0]
     externals = [(s, boxes[s.name]) for s in structures if s.interpreted_type is InterpretedType.EXTERNAL]

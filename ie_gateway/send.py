@@ -16,6 +16,11 @@ random factor in [0.5, 1] so that a recovering TPS is not hit by every node at o
 `max_attempts` or `max_age_s` the row is dead-lettered and the job fails with the peer's status.
 The same SOP Instance UID is sent on every attempt: the files are written once.
 
+That a peer took a file is recorded in the index: a write that finds the index full or away is
+retried for as long as the pass holds the row's lease, so a peer is not sent a file twice because
+the disk was full for a moment. A node that cannot record it within the lease sends the file again
+once the lease lapses, with the same SOP Instance UID.
+
 Several nodes may drain one outbox: a pass takes its destination's due rows under a lease as
 long as the pass can last (the connection timeout plus the DIMSE timeout per file), so no two
 nodes send a row at once, and a node that dies mid-pass leaves rows that go again afterwards.
@@ -29,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -45,6 +51,7 @@ from ie_gateway.config import DeliverySettings, Destination
 from ie_gateway.errors import CommitmentError, DeliveryError, StoreError, StowRefused
 from ie_gateway.interop.commitment import STORAGE_COMMITMENT, Commitments, ReportAnswers, request_commitment, sop_name
 from ie_gateway.interop.dicomweb import StowClient
+from ie_gateway.log import scrub
 from ie_gateway.ops import tls
 from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.records import LABEL_MAP_SEGMENTATION_STORAGE, OutboxRow
@@ -67,6 +74,9 @@ SCU_ERRORS = (ValueError, RuntimeError, OSError, AttributeError, pydicom.errors.
 #: Outputs written in a compressed syntax, sent as written: a LABELMAP SEG is RLE Lossless, and a
 #: peer that cannot take that is told apart at association ("none of the transfer syntaxes").
 FILE_SYNTAXES: dict[str, tuple[str, ...]] = {LABEL_MAP_SEGMENTATION_STORAGE: (RLELossless,)}
+#: Seconds between tries to record that a peer took a file while the index is full or away,
+#: doubling from the first to the last.
+RECORD_RETRY_S = (0.5, 8.0)
 
 
 def requested_contexts(sop_classes: Iterable[str], commitment: bool) -> list[PresentationContext]:
@@ -132,6 +142,7 @@ class Sender:
         self.results_root = results_root
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(destinations)), thread_name_prefix="deliver")
         self._busy: set[str] = set()
+        self._lease_ends: dict[str, float] = {}  # monotonic end of each running pass's lease
         self._lock = threading.Lock()
         self._closing = False
         self.commitments = Commitments(outbox, destinations, self._fail_row, outbox.settle)
@@ -146,6 +157,7 @@ class Sender:
         delivered), so the scheduler never waits on a slow peer.
         """
         self._expire_commitments()
+        self.outbox.settle_sending()
         started = (self._start(name) for name in self.outbox.due_destinations())
         return [future for future in started if future is not None]
 
@@ -155,11 +167,13 @@ class Sender:
             if name in self._busy:
                 return None
             self._busy.add(name)
+        claimed_at = time.monotonic()
         rows = self._claim(name)
         if not rows:  # another node took them first
             with self._lock:
                 self._busy.discard(name)
             return None
+        self._lease_ends[name] = claimed_at + self._lease_s(name, len(rows))
         return self._pool.submit(self._pass, name, rows)
 
     def _expire_commitments(self) -> None:
@@ -172,9 +186,39 @@ class Sender:
 
     def _claim(self, name: str) -> list[OutboxRow]:
         """The destination's due rows, held for as long as a pass over them can last."""
+        return self.outbox.claim_due(name, self.node, self._lease_s(name, 0), per_row_s=DIMSE_TIMEOUT_S)
+
+    def _lease_s(self, name: str, rows: int) -> float:
+        """How long a pass holds ``rows`` rows: the connection timeout plus the DIMSE timeout
+        for each file."""
         dest = self.destinations.get(name)
         connect_s = dest.connect_timeout_s if dest is not None else 0.0
-        return self.outbox.claim_due(name, self.node, connect_s, per_row_s=DIMSE_TIMEOUT_S)
+        return connect_s + DIMSE_TIMEOUT_S * rows
+
+    def _record_taken(self, row: OutboxRow, write: Callable[[], None]) -> None:
+        """Record that the peer took ``row``'s file (``write``). An index that is full or away
+        for a moment must not make the peer get the file twice: the write is retried while
+        this pass holds the row's lease, so that no other pass sends it meanwhile. Past the
+        lease the error stands and the row goes again when the lease lapses."""
+        wait, cap = RECORD_RETRY_S
+        until = self._lease_ends.get(row.destination, 0.0)
+        while True:
+            try:
+                write()
+                return
+            except StoreError as exc:
+                if self._closing or time.monotonic() + wait >= until:
+                    raise
+                error = scrub(str(exc))
+                log.warning(
+                    "delivery not recorded yet; retrying",
+                    job=row.job_id,
+                    destination=row.destination,
+                    error=error,
+                    retry_in_s=wait,
+                )
+            time.sleep(wait)  # the destination's own thread: nothing else waits on it
+            wait = min(2 * wait, cap)
 
     def close(self) -> None:
         """Let passes in flight finish (each is bounded by its timeouts); start no more."""
@@ -202,15 +246,27 @@ class Sender:
             log.exception("delivery pass crashed", destination=name)
             for row in rows:
                 if row.id not in recorded:
-                    self._failed(row, None, f"{name}: internal error {type(exc).__name__}: {exc}")
+                    self._failed_unless_index_away(row, f"{name}: internal error {type(exc).__name__}: {exc}")
             return 0
         finally:
             with self._lock:
                 self._busy.discard(name)
-            for job_id in sorted({r.job_id for r in rows}):
-                self.outbox.settle(job_id)  # delivered, or failed with the peer's status
+                self._lease_ends.pop(name, None)
+            try:
+                for job_id in sorted({r.job_id for r in rows}):
+                    self.outbox.settle(job_id)  # delivered, or failed with the peer's status
+            except StoreError as exc:  # deliver_due settles them at the next interval
+                log.warning("jobs not settled", destination=name, error=scrub(str(exc)))
             if delivered == len(rows):  # a peer that failed a file waits for the interval
                 self._next_pass(name)
+
+    def _failed_unless_index_away(self, row: OutboxRow, error: str) -> None:
+        """A failed attempt, where the index can take it; where it cannot, the row's lease
+        lapses and the row goes again."""
+        try:
+            self._failed(row, None, error)
+        except StoreError as exc:
+            log.warning("attempt not recorded; the row goes again", job=row.job_id, error=scrub(str(exc)))
 
     def _deliver(self, name: str, rows: list[OutboxRow], recorded: set[int]) -> int:
         dest = self.destinations.get(name)
@@ -312,7 +368,7 @@ class Sender:
                 except DeliveryError as exc:
                     self._failed(row, exc.status, str(exc))
                     continue
-                self.outbox.record(row, 0, None, delivered=True)
+                self._record_taken(row, partial(self.outbox.record, row, 0, None, delivered=True))
                 log.info("delivered", job=row.job_id, destination=name, attempt=row.attempts + 1, protocol="stow-rs")
                 delivered += 1
         finally:
@@ -358,11 +414,12 @@ class Sender:
             return 0
         status = int(rsp.Status) if "Status" in rsp else None
         if status in DELIVERED_STATUSES and dest.commitment:
-            self.outbox.record_stored(row, status, time.time() + dest.commitment_timeout_s)
+            until = time.time() + dest.commitment_timeout_s
+            self._record_taken(row, lambda: self.outbox.record_stored(row, status, until))
             stored.append(row)
             return 1
         if status in DELIVERED_STATUSES:
-            self.outbox.record(row, status, None, delivered=True)
+            self._record_taken(row, lambda: self.outbox.record(row, status, None, delivered=True))
             log.info("delivered", job=row.job_id, destination=name, attempt=row.attempts + 1)
             return 1
         error = f"{name} answered 0x{status:04X}" if status is not None else f"{name}: no response"

@@ -21,10 +21,12 @@ import pytest
 import structlog
 import yaml
 from psycopg.conninfo import conninfo_to_dict
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import RTStructureSetStorage
 
 from ie_gateway import log as logsetup
-from ie_gateway.config import GatewayConfig, Reserve
+from ie_gateway.config import DeliverySettings, Destination, GatewayConfig, Reserve
 from ie_gateway.errors import InferenceOutOfMemory, StoreError
 from ie_gateway.infer.registry import registry_for
 from ie_gateway.infer.runner import InferenceRunner, error_reply
@@ -32,10 +34,13 @@ from ie_gateway.infer.types import InferenceResult
 from ie_gateway.ops.health import Health
 from ie_gateway.pipeline import Worker, transient
 from ie_gateway.route.rules import RuleSet
+from ie_gateway.send import Sender
 from ie_gateway.store import Arrival, JobState, Store
+from ie_gateway.store.outbox import Outbox
 from ie_gateway.store.space import disk_space
 from ie_gateway.sync.blob import CONNECTION_STRING_ENV
 from ie_gateway.sync.run import scheduled_models
+from ie_gateway.vocab import OutboxState
 from tests.azurite import azurite_blob  # noqa: F401  (fixture)
 from tests.peers import Node, Orthanc, storescu, wait_until
 from tests.test_delivery import StoreSCP, destination, make_node, misplaced_heart_model, transitions
@@ -198,6 +203,64 @@ def test_a_disk_that_fills_while_results_are_written_is_retried_and_delivered_on
     assert len(tps.received) == 1
     reasons = [reason or "" for _, reason, _, _ in transitions(node, job["id"])]
     assert not any("failed" in r for r in reasons)
+
+
+class TPSThatFillsTheDisk(StoreSCP):
+    """A planning system that takes a file and, before it answers, fills the node's disk: the
+    node's record that the file was delivered finds no room."""
+
+    def __init__(self, disk: Path) -> None:
+        super().__init__("TPS", [RTStructureSetStorage])
+        self.disk = disk
+        self.filler: Path | None = None
+
+    def _store(self, event: Any) -> int:
+        if self.filler is None:
+            self.filler = fill(self.disk, leave_free=0)
+        return super()._store(event)
+
+
+def rtstruct_file(path: Path, sop_uid: str) -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTStructureSetStorage, sop_uid, "RTSTRUCT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = RTStructureSetStorage, sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.peer
+def test_a_file_the_tps_took_as_the_disk_filled_is_recorded_when_there_is_room_and_not_sent_again(
+    small_fs: Path,  # noqa: F811
+) -> None:
+    store = Store(small_fs / "var")
+    job, _ = store.index.add_instance(
+        sop_uid="1.2.3.1", sop_class="1.2.840.10008.5.1.4.1.1.2", transfer_syntax=ExplicitVRLittleEndian,
+        study_uid="1.2.3", series_uid="1.2.3.0", path="ct.dcm", size=1, calling_ae="PACS",
+        called_ae="IE_GATEWAY", header=dict,
+    )
+    path = store.job_dir(job) / "rtstruct-0.dcm"
+    rtstruct_file(path, "1.2.3.4")
+    outbox = Outbox(store.index)
+    outbox.enqueue(job, "TPS", str(path.relative_to(store.results)), "1.2.3.4", str(RTStructureSetStorage))
+    tps = TPSThatFillsTheDisk(small_fs).start()
+    sender = Sender({"TPS": Destination(ae_title="TPS", host="127.0.0.1", port=tps.port)}, DeliverySettings(),
+                    outbox, store.results)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            [future] = sender.deliver_due()
+            [retry, *_] = wait_until(
+                lambda: [e for e in logs if e["event"] == "delivery not recorded yet; retrying"], 30,
+                every=0.1, what="the record of the delivery to find the disk full")
+            assert tps.filler is not None
+            tps.filler.unlink()
+            assert future.result(timeout=60) == 1
+    finally:
+        sender.close()
+        tps.stop()
+    assert "full" in retry["error"], retry
+    assert [ds.SOPInstanceUID for ds in tps.received] == ["1.2.3.4"]
+    assert outbox.job_summary(job) == {OutboxState.DELIVERED: 1}
 
 
 # --- the index going away under the worker -------------------------------------------------------

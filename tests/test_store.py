@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from ie_gateway.config import DeliverySettings
 from ie_gateway.errors import BatchCommitError, StoreError, UnsafeUIDError
+from ie_gateway.send import Sender
 from ie_gateway.store import (
     Arrival,
     JobDetail,
@@ -316,6 +318,23 @@ def test_the_outbox_queues_a_sop_instance_once_and_leases_it_to_one_sender(tmp_p
     outbox.record(row, 0x0000, None, delivered=True)
     assert outbox.job_summary(job_id) == {OutboxState.DELIVERED: 1}
     assert [b.files for b in outbox.delivered_batches()] == [1]
+
+
+def test_a_job_whose_rows_were_delivered_but_not_settled_is_settled_at_the_next_interval(
+        tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    job_id = routed(store, "1.2.3.4.1", "1.2.3.4")
+    for state in (JobState.INFERRING, JobState.INFERRED, JobState.SENDING):
+        store.index.transition(job_id, state)
+    outbox = Outbox(store.index)
+    outbox.enqueue(job_id, "TPS", "job-1/rtstruct-0.dcm", "1.2.9.1", "1.2.840.10008.5.1.4.1.1.481.3")
+    [row] = outbox.claim_due("TPS", "a:1", lease_s=30)
+    outbox.record(row, 0x0000, None, delivered=True)  # the pass's settle after this found the index away
+    assert store.index.job(job_id).state is JobState.SENDING
+    sender = Sender({}, DeliverySettings(), outbox, store.results)
+    assert sender.deliver_due() == []  # the outbox's interval: nothing due to send
+    sender.close()
+    assert store.index.job(job_id).state is JobState.DELIVERED
 
 
 def test_a_job_detail_round_trips_typed(tmp_path: Path, index_url: str) -> None:

@@ -223,6 +223,12 @@ class Outbox:
             )
             return int(cur.rowcount)
 
+    def settle_sending(self) -> None:
+        """Settle every job in ``sending`` whose rows are all final: a settle that found the
+        index full or away at the end of a pass is made at the next interval instead."""
+        for job in self.index.jobs([JobState.SENDING]):
+            self.settle(job.id)
+
     def settle(self, job_id: int) -> None:
         """After a delivery pass, or once the write stage has queued every file: a job whose every row is delivered is done; one with a
         dead-lettered row has failed, with the peer's status as the reason."""

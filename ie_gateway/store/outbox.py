@@ -226,8 +226,13 @@ class Outbox:
     def settle_sending(self) -> None:
         """Settle every job in ``sending`` whose rows are all final: a settle that found the
         index full or away at the end of a pass is made at the next interval instead."""
-        for job in self.index.jobs([JobState.SENDING]):
-            self.settle(job.id)
+        rows = self.db.query(
+            "SELECT j.id FROM jobs j WHERE j.state = ? AND NOT EXISTS "
+            "(SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state IN (?, ?)) ORDER BY j.id",
+            (JobState.SENDING.value, OutboxState.PENDING.value, OutboxState.COMMITTING.value),
+        )
+        for (job_id,) in rows:  # only jobs with nothing left to send: one query per interval
+            self.settle(int(job_id))
 
     def settle(self, job_id: int) -> None:
         """After a delivery pass, or once the write stage has queued every file: a job whose every row is delivered is done; one with a

@@ -9,6 +9,7 @@ bit, and so the same label map.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,17 @@ print(default, faults())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path.cwd())
     default, kept = map(int, out.stdout.splitlines()[-1].split())
     assert default > 60_000 and kept < 1_000
+
+
+@pytest.mark.parametrize(("admin_sets", "asks_for_huge_pages"), [(None, False), ("1", True)])
+def test_the_node_keeps_numpy_from_asking_for_huge_pages_unless_the_admin_says(
+    admin_sets: str | None, asks_for_huge_pages: bool
+) -> None:
+    """Every node process imports the package before numpy: numpy then leaves its large arrays
+    to the kernel's default pages (their first touch stalled on memory compaction otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if admin_sets is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = admin_sets
+    probe = "import ie_gateway, numpy; print(numpy._core.multiarray._set_madvise_hugepage(False))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(asks_for_huge_pages)

@@ -140,6 +140,30 @@ def test_a_labels_box_is_the_bounding_box_of_its_voxels_across_chunks() -> None:
     assert label_box(labels, 1) is None
 
 
+def _box_of_voxels(mask: np.ndarray) -> tuple[slice, ...] | None:
+    found = np.argwhere(mask)
+    if found.size == 0:
+        return None
+    return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(found.min(axis=0), found.max(axis=0), strict=True))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 16, 24), (5, 9, 11), (6, 8), (13,)],  # eight voxels a word, rows of odd length, 2-D, 1-D
+)
+def test_a_masks_box_spans_exactly_its_voxels(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    for _ in range(20):
+        mask = rng.random(shape) > 0.97
+        assert bounding_box(mask) == _box_of_voxels(mask)
+        view = mask[..., ::2]  # not contiguous: read as it is, not eight at a time
+        assert bounding_box(view) == _box_of_voxels(view)
+    assert bounding_box(np.zeros(shape, dtype=bool)) is None
+    lone = np.zeros(shape, dtype=bool)
+    lone[tuple(n - 1 for n in shape)] = True  # the last voxel, in the last word of the last slice
+    assert bounding_box(lone) == tuple(slice(n - 1, n) for n in shape)
+
+
 def test_a_structures_mask_is_the_same_written_within_its_box() -> None:
     labels = np.zeros((12, 16, 16), dtype=np.uint8)
     labels[2:11, 3:13, 4:14] = 1

@@ -18,9 +18,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ie_gateway.config import load_config
 from ie_gateway.demo.phantoms import STRUCTURES, make_phantom, write_ct_series
 from ie_gateway.infer.ensemble import Ensemble
 from ie_gateway.infer.registry import Registry
+from ie_gateway.infer.signing import trusted_keys
 from ie_gateway.volume import load_volume
 from ie_gateway.write.validate import dice
 
@@ -40,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pixel-mm", type=float, default=1.4)
     parser.add_argument("--slice-mm", type=float, default=2.5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", type=Path, default=REPO / "config" / "gateway.yaml",
+                        help="the node config whose trusted_keys a package must be signed by")
     args = parser.parse_args(argv)
+    keys = trusted_keys(load_config(args.config))
     if min(args.seeds) < 10_000:
         parser.error("seeds below 10000 were used in training; use held-out seeds")
     with tempfile.TemporaryDirectory() as tmp:
-        model = Registry(REPO / "models", Path(tmp) / "state.json").resolve(args.model)
+        model = Registry(REPO / "models", Path(tmp) / "state.json", keys=keys).resolve(args.model)
         ensemble = Ensemble(model, device="cpu", threads=args.threads)
         print(
             f"{model.spec}, threads {torch.get_num_threads()}, "

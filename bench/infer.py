@@ -51,10 +51,12 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ie_gateway.config import load_config
 from ie_gateway.demo.phantoms import STRUCTURES, make_phantom
 from ie_gateway.infer.manifest import load_manifest
 from ie_gateway.infer.registry import ModelVersion, Registry
 from ie_gateway.infer.runner import InferenceRunner
+from ie_gateway.infer.signing import trusted_keys
 from ie_gateway.vocab import ModelFormat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,13 +361,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--speed", action="store_true", help="speed settings against the full one")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="only this device")
+    parser.add_argument("--config", type=Path, default=REPO / "config" / "gateway.yaml",
+                        help="the node config whose trusted_keys a package must be signed by")
     args = parser.parse_args(argv)
+    keys = trusted_keys(load_config(args.config))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.model:
-            model = Registry(args.models_dir, tmp / "state.json").resolve(args.model)
+            model = Registry(args.models_dir, tmp / "state.json", keys=keys).resolve(args.model)
         elif any(DEMO.glob("*/model.yaml")) and not args.stand_in:
-            model = Registry(REPO / "models", tmp / "state.json").resolve("demo-thorax")
+            model = Registry(REPO / "models", tmp / "state.json", keys=keys).resolve("demo-thorax")
         else:
             model = stand_in_package(tmp / "stand-in" / "1")
         mark = time.perf_counter()

@@ -460,9 +460,12 @@ class RoiContours:
 
 
 def rings_by_slice(roi: Dataset, geometry: SliceGeometry) -> dict[int, list[np.ndarray]]:
-    """The (row, col) rings of one ROIContourSequence item, by the CT slice each lies on."""
+    """The (row, col) rings of one ROIContourSequence item, by the CT slice each lies on (none
+    for an ROI without contours: a planning system sends an emptied structure so)."""
     slices, points, sizes = RoiContours.read(roi).on_slices(geometry)
     rings: dict[int, list[np.ndarray]] = {}
+    if sizes.size == 0:
+        return rings  # np.split would give the empty point array as one ring
     for k, ring in zip(slices.tolist(), np.split(points, np.cumsum(sizes)[:-1]), strict=True):
         rings.setdefault(k, []).append(ring)
     return rings

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from scipy import ndimage
 
 from ie_gateway.config import AgreementSettings
 from ie_gateway.demo.phantoms import make_phantom
+from ie_gateway.imaging import SliceGeometry
 from ie_gateway.qa import agreement, drift
 from ie_gateway.qa.agreement import StructureFigures, match_structures, measure
 from ie_gateway.store import Store
+from ie_gateway.write import build_rtstruct, new_output_uids
 from tests.agreement_reference import reference_figures
+from tests.write_case import DEMO_STRUCTURES, MODEL, make_case
 
 SPACING = (5.0, 1.95, 1.95)
 
@@ -125,3 +129,22 @@ def test_baseline_from_model_yaml_needs_only_one_window(tmp_path: Path) -> None:
     store = _series(tmp_path, [0.90, 0.91, 0.89, 0.90, 0.92])
     heart = drift.states(store.index, SETTINGS, baselines={("demo", "2", "Heart"): 0.97})[0]
     assert (heart.alarm, heart.baseline, heart.baseline_from, heart.recent) == (True, 0.97, "model.yaml", 0.90)
+
+
+def test_an_approved_structure_left_without_contours_scores_zero(tmp_path: Path) -> None:
+    """A clinician who rejects a structure often empties it rather than deleting it: the
+    planning system then sends its ROI with no ContourSequence. It is compared as an empty
+    structure, not refused (rasterising it used to raise ValueError and stop the assessment)."""
+    case = make_case(tmp_path / "ct")
+    heart = next(s for s in DEMO_STRUCTURES if s.name == "Heart")
+    emptied = np.where(case.labels == heart.label, 0, case.labels).astype(np.uint8)
+    approved = build_rtstruct(case.headers, emptied, DEMO_STRUCTURES, MODEL, new_output_uids())
+    roi = next(r for r in approved.ROIContourSequence if int(r.ReferencedROINumber) == heart.label)
+    assert "ContourSequence" not in roi  # the emptied structure, as a planning system sends it
+    ai = tmp_path / "labels.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(case.labels.astype(np.uint8)), str(ai))
+    route = agreement.ModelContours("demo-thorax", "1", list(DEMO_STRUCTURES), None, ai)
+    figures = {f.structure: f for f in agreement.assess(approved, SliceGeometry.from_headers(case.headers), [route])[
+        ("demo-thorax", "1")]}
+    assert (figures["Heart"].dice, figures["Heart"].hd95_mm, figures["Heart"].volume_diff_pct) == (0.0, None, -100.0)
+    assert figures["Lung_L"].dice > 0.98  # the rest compared as before

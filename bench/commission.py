@@ -69,6 +69,8 @@ def main() -> None:
                     "routing_file": "routing.yaml",
                     "models_dir": str(REPO / "models"),
                     "inference": {"device": args.device, "timeout_s": 3600},
+                    # the demo package's publisher, as the example config trusts it
+                    "trusted_keys": [{"name": "demo", "public_key": str(REPO / "keys" / "demo-only-publisher.pub")}],
                 }
             )
         )

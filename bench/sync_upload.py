@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from azure.storage.blob import ContainerClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.azurite, run from anywhere
 
 from ie_gateway.demo.phantoms import make_phantom, write_ct_series
 from ie_gateway.sync.anonymise import Anonymiser

@@ -84,14 +84,20 @@ def main() -> None:
         (root / "routing.yaml").write_text("rules: []\n")
         (root / "gateway.yaml").write_text(
             f"storage: {{root: var}}\nrouting_file: routing.yaml\nmodels_dir: {REPO / 'models'}\n"
+            # the demo package's publisher, as the example config trusts it
+            f"trusted_keys: [{{name: demo, public_key: {REPO / 'keys' / 'demo-only-publisher.pub'}}}]\n"
         )
         job_id = held_job(root / "var", args.slices, args.size)
         cfg = load_config(root / "gateway.yaml")
         app = Starlette(routes=web_routes(cfg, Store(cfg.storage.root), registry_for(cfg), token="bench"))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18765, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))  # a free port
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        while not server.started and serving.is_alive():
             time.sleep(0.05)  # uvicorn's own start flag: the bench waits for its server
+        if not server.started:
+            raise SystemExit("the admin page's server did not start (see its log above)")
+        port = server.servers[0].sockets[0].getsockname()[1]
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1366,900"):
@@ -99,7 +105,7 @@ def main() -> None:
         driver = webdriver.Chrome(options=options, service=Service(executable_path="/usr/bin/chromedriver"))
         try:
             started = time.monotonic()
-            driver.get(f"http://127.0.0.1:18765/jobs/{job_id}")
+            driver.get(f"http://127.0.0.1:{port}/jobs/{job_id}")
             page_s = time.monotonic() - started
             driver.execute_script(TIMER)
             body = driver.find_element(By.TAG_NAME, "body")

@@ -42,12 +42,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ie_gateway.demo.phantoms import make_phantom, write_ct_series  # noqa: E402
-from tests.peers import DCMTK_ENV, REPO, Node, Orthanc, wait_until  # noqa: E402
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
+from tests.peers import DCMTK_ENV, REPO, Node, Orthanc, wait_until
 
 
 def _ts(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
 def _send_all(port: int, folders: list[Path]) -> tuple[float, float]:

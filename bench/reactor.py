@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pynetdicom import AE  # noqa: E402
-from pynetdicom.association import Association  # noqa: E402
-from pynetdicom.sop_class import Verification  # noqa: E402
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
 
-from ie_gateway import reactor  # noqa: E402
-from tests.peers import DCMTK_ENV, free_port, port_open, wait_until  # noqa: E402
+from ie_gateway import reactor
+from tests.peers import DCMTK_ENV, free_port, port_open, wait_until
 
 DIMSE_TIMEOUT_S = 2
 

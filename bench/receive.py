@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bare_scp import LISTENING  # noqa: E402
-from ie_gateway.demo.phantoms import make_phantom, write_ct_series  # noqa: E402
-from tests.peers import DCMTK_ENV, Node, Orthanc, free_port, port_open, wait_until  # noqa: E402
+from bench.bare_scp import LISTENING
+from ie_gateway.demo.phantoms import make_phantom, write_ct_series
+from tests.peers import DCMTK_ENV, Node, Orthanc, free_port, port_open, wait_until
 
 
 class StoreSCP:

@@ -90,10 +90,7 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     CT's five structures), several times cheaper than ``ndimage.find_objects``; the checks, the
     RT-STRUCT and its validation each find every mask's box.
     """
-    if mask.ndim < 2:
-        hit = np.flatnonzero(mask)
-        return None if hit.size == 0 else (slice(int(hit[0]), int(hit[-1]) + 1),)
-    per_slice = mask.reshape(mask.shape[0], -1)
+    per_slice = mask.reshape(mask.shape[0], -1)  # a 1-D mask: one voxel per "slice", no plane
     if per_slice.flags.c_contiguous and per_slice.shape[1] % 8 == 0:
         per_slice = per_slice.view(np.uint64)  # a bool is one byte: eight voxels a word
     hit = np.flatnonzero(per_slice.any(axis=1))

@@ -134,8 +134,12 @@ class Sender:
         outbox: Outbox,
         results_root: Path,
         node: str = "local",
+        after_pass: Callable[[], None] = lambda: None,
     ) -> None:
+        """``after_pass``: called when a pass over a destination ends (the worker's finish
+        stage waits for the first attempt at a job's RT-STRUCTs)."""
         self.node = node
+        self.after_pass = after_pass
         self.destinations = destinations
         self.settings = settings
         self.outbox = outbox
@@ -259,6 +263,7 @@ class Sender:
                 log.warning("jobs not settled", destination=name, error=scrub(str(exc)))
             if delivered == len(rows):  # a peer that failed a file waits for the interval
                 self._next_pass(name)
+            self.after_pass()
 
     def _failed_unless_index_away(self, row: OutboxRow, error: str) -> None:
         """A failed attempt, where the index can take it; where it cannot, the row's lease

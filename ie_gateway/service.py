@@ -180,6 +180,7 @@ class Service:
                 Outbox(self.store.index),
                 self.store.results,
                 node=self.node,
+                after_pass=self.worker.wake,
             )
             if self.worker is not None
             else None

@@ -161,6 +161,35 @@ def test_the_rtstruct_is_queued_in_a_stage_before_the_seg_and_the_qa_picture_are
         < said.index("finish: qa picture made")
     )
     assert "write: output queued seg" not in said
+    # and the next stage began only once the RT-STRUCT's C-STORE had ended
+    told = [f"{e.get('stage', '')}: {e['event']}" for e in node.log_events() if e.get("job") == job["id"]]
+    assert told.index(": delivered") < told.index("finish: stage begun")
+
+
+def test_the_finish_stage_lets_the_jobs_rtstruct_have_its_first_c_store_first(tmp_path: Path, index_url: str) -> None:
+    store = Store(tmp_path, index_url)
+    job_id = queued(store, 1, Priority.NORMAL, time.time() - 60)
+    for state in (JobState.PREPARED, JobState.INFERRING, JobState.INFERRED, JobState.WRITING):
+        store.index.transition(job_id, state)
+    outbox = Outbox(store.index)
+    outbox.enqueue(job_id, "TPS", "1/rtstruct.dcm", "1.2.9.1.2", output_sop_class(OutputKind.RTSTRUCT))
+
+    def finish(now: float | None = None) -> int | None:
+        job = store.index.claim([JobState.WRITING], "w:1", lease_s=30, now=now, behind_first_delivery_s=10)
+        if job is not None:
+            store.index.release(job.id, "w:1")
+        return None if job is None else job.id
+
+    assert store.index.claim([JobState.WRITING], "w:1", lease_s=30) is not None  # no other claim waits
+    store.index.release(job_id, "w:1")
+    assert finish() is None  # queued, not yet tried
+    [row] = outbox.claim_due("TPS", "n:1", lease_s=30)
+    assert finish() is None  # being sent
+    # a destination that hangs holds the rest up no longer than the head start
+    assert finish(now=time.time() + 11) == job_id
+    # the attempt ended (here refused, to go again later): the rest follows at once
+    outbox.record(row, 0xA700, "out of resources", delivered=False, next_at=time.time() + 60)
+    assert finish() == job_id
 
 
 def test_a_delivery_pass_takes_the_rtstructs_before_the_segs_queued_ahead_of_them(

@@ -33,7 +33,7 @@ from ie_gateway.store.records import (
 )
 from ie_gateway.store.schema import migrate
 from ie_gateway.store.states import ALLOWED, JobState
-from ie_gateway.vocab import ApprovalStatus, Priority
+from ie_gateway.vocab import ApprovalStatus, OutboxState, Priority
 
 JOB_QUERY = """
 SELECT j.id, j.series_id, j.state, j.reason, j.instances, j.late_instances, j.created_at,
@@ -485,20 +485,38 @@ class Index:
         lease_s: float,
         now: float | None = None,
         max_wait_s: float = MAX_WAIT_S,
+        behind_first_delivery_s: float | None = None,
     ) -> Job | None:
         """Take the first job in queue order (:meth:`queue_order`) among ``states`` that no live
         lease holds, for ``lease_s``.
+
+        ``behind_first_delivery_s``: pass over a job with a queued file whose first delivery
+        attempt has not ended, for at most that long after it was queued. The work that follows
+        the RT-STRUCT (the SEG, the QA picture) then never competes with its C-STORE for the
+        CPU, and a destination that hangs holds it up no longer than that.
 
         On PostgreSQL the row is locked with SKIP LOCKED, so workers claiming at once each get a
         different job and never wait on one another.
         """
         now = now if now is not None else self.db.now()
         wanted = [s.value for s in states]
+        behind = ""
+        behind_args: tuple[object, ...] = ()
+        if behind_first_delivery_s is not None:
+            behind = (
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = ? "
+                "AND o.attempts = 0 AND o.created_at > ?)"
+            )
+            behind_args = (OutboxState.PENDING.value, now - behind_first_delivery_s)
         with self.db.tx() as db:
             row = db.execute(
                 f"SELECT j.id FROM jobs j WHERE j.state IN ({_marks(wanted)}) "
-                "AND (j.lease_until IS NULL OR j.lease_until < ?)" + JOB_ORDER + " LIMIT 1" + self.db.skip_locked,
-                (*wanted, now, now - max_wait_s),
+                "AND (j.lease_until IS NULL OR j.lease_until < ?)"
+                + behind
+                + JOB_ORDER
+                + " LIMIT 1"
+                + self.db.skip_locked,
+                (*wanted, now, *behind_args, now - max_wait_s),
             ).fetchone()
             if row is None:
                 return None

@@ -288,8 +288,8 @@ class Worker:
         but the RT-STRUCTs, so nothing else the node does delays them; the prepare lane routes,
         keeps up to ``worker.prepare_ahead`` volumes ready, finishes the results (SEGs, QA
         picture) once the RT-STRUCTs' first C-STORE has ended, and assesses last, at a lower CPU
-        priority: on a CPU node the model's threads
-        slow down badly when a core is taken from them, so that work fills the gaps instead."""
+        priority: on a CPU node the model's threads slow down badly when a core is taken from
+        them, so that work fills the gaps instead."""
         infer = StageClaim((JobState.PREPARED, JobState.INFERRING), Stage.INFER)
         return [
             Lane(self, "infer", [infer, StageClaim((JobState.ROUTED,), Stage.PREPARE)]),

@@ -128,14 +128,18 @@ class RouteResult:
 
 @dataclass(frozen=True)
 class StageClaim:
-    """A stage as a lane looks for work: the states it takes a job from, whether the lane
-    takes it only while fewer than ``worker.prepare_ahead`` volumes wait for the model, and
-    whether it lets the job's queued RT-STRUCTs have their first C-STORE first."""
+    """A stage as a lane looks for work: the states it takes a job from, and whether the lane
+    takes it only while fewer than ``worker.prepare_ahead`` volumes wait for the model."""
 
     states: tuple[JobState, ...]
     stage: Stage
     ahead_only: bool = False
-    after_first_delivery: bool = False
+
+    @property
+    def after_first_delivery(self) -> bool:
+        """Whether the job's queued RT-STRUCTs have their first C-STORE first: the finish
+        stage's (the SEG, the QA picture), in whichever lane runs it."""
+        return self.stage is Stage.FINISH
 
 
 #: the prepare lane's ``nice``: it runs beside the model, which should keep the CPU it needs
@@ -259,11 +263,7 @@ class Worker:
             Stage.FINISH: self.finish,
             Stage.ASSESS: self.assess,
         }
-        self.serial = Lane(
-            self,
-            "all",
-            [StageClaim(states, stage, after_first_delivery=stage is Stage.FINISH) for states, stage in self.STAGES],
-        )
+        self.serial = Lane(self, "all", [StageClaim(states, stage) for states, stage in self.STAGES])
         self.lanes = self._pipelined_lanes() if cfg.worker.pipeline else [self.serial]
         #: (job, model) pairs whose warm-up was asked for, kept while the job is receiving
         self._warmed: set[tuple[int, str]] = set()
@@ -300,7 +300,7 @@ class Worker:
                 [
                     StageClaim((JobState.COMPLETE,), Stage.ROUTE),
                     StageClaim((JobState.ROUTED,), Stage.PREPARE, ahead_only=True),
-                    StageClaim((JobState.WRITING,), Stage.FINISH, after_first_delivery=True),
+                    StageClaim((JobState.WRITING,), Stage.FINISH),
                     StageClaim((JobState.ASSESSING,), Stage.ASSESS),
                 ],
                 niceness=BACKGROUND_NICENESS,

@@ -13,15 +13,19 @@ series. The servers take turns within each repetition. Prints the median seconds
 of each, and the node's ratios to the peers; ``--max-pdu-kb 16 256`` runs the node with each
 maximum PDU length, to choose ``node.max_pdu_kb``; ``--listener-processes 1 4`` runs it with
 each ``node.listener_processes``, and the bare pynetdicom SCP in as many processes as well.
-These machines are noisy (±10-15 %): compare within one run. The node's CPU seconds per run
-(user + system, from /proc) are printed too: on a machine whose cores other work shares they
-move less than the wall-clock figures.
+These machines are noisy (±10-15 %): compare within one run. Every receiver's CPU per instance
+(user + system, from /proc) is printed too, with the senders' own, since on a machine whose
+cores other work shares it moves less than the wall-clock figures; and the most CPU per
+instance Orthanc's pace leaves a receiver (every core busy for Orthanc's seconds, less the
+senders' CPU): a receiver that needs more cannot keep that pace on this machine, however many
+processes it spreads over.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -52,8 +57,12 @@ class StoreSCP:
         self.proc.wait()
 
 
-def send(port: int, folders: list[Path], called: str) -> float:
-    """Send each folder with its own storescu, all at once; seconds until the last finishes."""
+def send(port: int, folders: list[Path], called: str, receiver: int | None = None, name: str = "") -> float:
+    """Send each folder with its own storescu, all at once; seconds until the last finishes.
+    With ``receiver`` (its pid) and ``name``, the CPU seconds of the receiver and of the senders
+    during the send are kept in ``CPU`` under (name, number of senders)."""
+    before = cpu_seconds(receiver) if receiver else (0.0, 0.0)
+    senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only storescu is reaped meanwhile
     started = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called, "+sd", "+r", "-R",
                                "127.0.0.1", str(port), str(f)], env=DCMTK_ENV,
@@ -62,11 +71,28 @@ def send(port: int, folders: list[Path], called: str) -> float:
         _, err = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if receiver:
+        after = cpu_seconds(receiver)
+        senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        CPU.setdefault((name, len(folders)), []).append(Cpu(
+            user=after[0] - before[0], system=after[1] - before[1],
+            senders=(senders_after.ru_utime + senders_after.ru_stime)
+            - (senders_before.ru_utime + senders_before.ru_stime)))
+    return seconds
 
 
-#: CPU seconds (user, system) the node's process spent in each run, by (node name, senders)
-NODE_CPU: dict[tuple[str, int], list[tuple[float, float]]] = {}
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds of one run: the receiver's (user, system) and its senders' (storescu, all)."""
+
+    user: float
+    system: float
+    senders: float
+
+
+#: CPU seconds of each run, by (receiver name, senders)
+CPU: dict[tuple[str, int], list[Cpu]] = {}
 
 
 def children(pid: int) -> list[int]:
@@ -82,12 +108,17 @@ def children(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of a process and its children so far (/proc/PID/stat, clock
-    ticks): the node's listener processes count too."""
+    ticks): the node's listener processes count too, and the children it has reaped (storescp
+    forks one per association)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    user = (int(fields[11]) + int(fields[13])) / tick
+    system = (int(fields[12]) + int(fields[14])) / tick
     for child in children(pid):
-        child_user, child_system = cpu_seconds(child)
+        try:
+            child_user, child_system = cpu_seconds(child)
+        except FileNotFoundError:  # it ended and was reaped just now: its CPU is its parent's now
+            continue
         user, system = user + child_user, system + child_system
     return user, system
 
@@ -105,16 +136,12 @@ def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, pro
     node = Node(work, settings=settings).start()
     try:
         assert node.proc is not None
-        user, system = cpu_seconds(node.proc.pid)
-        seconds = send(node.port, folders, "IE_GATEWAY")
-        user_after, system_after = cpu_seconds(node.proc.pid)
-        NODE_CPU.setdefault((name, len(folders)), []).append((user_after - user, system_after - system))
-        return seconds
+        return send(node.port, folders, "IE_GATEWAY", node.proc.pid, name)
     finally:
         node.stop()
 
 
-def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1) -> float:
+def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1, name: str = "pynetdicom") -> float:
     """pynetdicom's storage example (bench/bare_scp.py), in ``processes`` processes on one port:
     the library's floor."""
     port = free_port()
@@ -124,7 +151,7 @@ def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1) -> 
     copies = [work] + [work / f"p{n}" for n in range(1, processes)]
     try:
         wait_until(lambda: all((c / LISTENING).exists() for c in copies), 30, what="bare pynetdicom SCP")
-        return send(port, folders, "IE_GATEWAY")
+        return send(port, folders, "IE_GATEWAY", proc.pid, name)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
@@ -133,7 +160,7 @@ def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1) -> 
 def run_storescp(work: Path, folders: list[Path]) -> float:
     scp = StoreSCP(work)
     try:
-        return send(scp.port, folders, "IE_GATEWAY")
+        return send(scp.port, folders, "IE_GATEWAY", scp.proc.pid, "storescp")
     finally:
         scp.stop()
 
@@ -141,7 +168,8 @@ def run_storescp(work: Path, folders: list[Path]) -> float:
 def run_orthanc(work: Path, folders: list[Path]) -> float:
     server = Orthanc(work, ae_title="IE_GATEWAY").start()
     try:
-        return send(server.dicom_port, folders, "IE_GATEWAY")
+        assert server.proc is not None
+        return send(server.dicom_port, folders, "IE_GATEWAY", server.proc.pid, "orthanc")
     finally:
         server.stop()
 
@@ -163,8 +191,9 @@ def main() -> None:
     })
     nodes = nodes or {"ie_gateway": run_node}
     bares: dict[str, Callable[[Path, list[Path]], float]] = {
-        "pynetdicom" if n == 1 else f"pynetdicom×{n}": partial(run_bare_pynetdicom, processes=n)
+        bare: partial(run_bare_pynetdicom, processes=n, name=bare)
         for n in sorted({1, *args.listener_processes})
+        for bare in ["pynetdicom" if n == 1 else f"pynetdicom×{n}"]
     }
     peers = {**nodes, **bares, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
@@ -202,12 +231,36 @@ def main() -> None:
                 if (same, senders) in results:  # the library in as many processes as the node (> 1)
                     print(f"{senders} sender(s): {name} / {same} speed = {results[(same, senders)] / node:.2f}x, "
                           f"{same} / orthanc speed = {results[('orthanc', senders)] / results[(same, senders)]:.2f}x")
-                user, system = (statistics.median(c[i] for c in NODE_CPU[(name, senders)]) for i in (0, 1))
-                print(f"{senders} sender(s): {name} CPU per run (median) user {user:.2f} s + system {system:.2f} s "
-                      f"(a measure less shaken by other load than the seconds)")
             if len(counts) > 1:
                 print(f"scaling {args.senders} senders vs 1: {name} "
                       f"{args.senders * results[(name, 1)] / results[(name, args.senders)]:.2f}x")
+
+        print_cpu(peers, counts, len(list(folders[0].iterdir())), results)
+
+
+def print_cpu(peers: dict[str, Callable[[Path, list[Path]], float]], counts: list[int], per_sender: int,
+              results: dict[tuple[str, int], float]) -> None:
+    """Each receiver's CPU per instance (user + system, medians), and what Orthanc's pace leaves
+    for it: every core busy for Orthanc's seconds, less what the senders themselves spent, over
+    the instances received. A receiver that needs more CPU per instance than that cannot keep
+    Orthanc's pace on this machine, however it spreads the work over its cores."""
+    cores = os.cpu_count() or 1
+    print(f"\nCPU per instance (user + system, ms, medians; {per_sender} instances per sender, {cores} cores)")
+    for senders in counts:
+        instances = per_sender * senders
+        for name in peers:
+            runs = CPU.get((name, senders), [])
+            if not runs:
+                continue
+            user = statistics.median(c.user for c in runs)
+            system = statistics.median(c.system for c in runs)
+            print(f"{senders} sender(s): {name:<18} {1000 * (user + system) / instances:5.2f} ms "
+                  f"(user {1000 * user / instances:.2f} + system {1000 * system / instances:.2f}); "
+                  f"senders {1000 * statistics.median(c.senders for c in runs) / instances:.2f} ms")
+        senders_cpu = statistics.median(c.senders for c in CPU[("orthanc", senders)])
+        budget = (cores * results[("orthanc", senders)] - senders_cpu) / instances
+        print(f"{senders} sender(s): Orthanc's pace leaves a receiver at most {1000 * budget:.2f} ms of CPU per "
+              f"instance ({cores} cores × {results[('orthanc', senders)]:.2f} s, less the senders' CPU)")
 
 
 if __name__ == "__main__":

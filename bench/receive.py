@@ -57,11 +57,11 @@ class StoreSCP:
         self.proc.wait()
 
 
-def send(port: int, folders: list[Path], called: str, receiver: int | None = None, name: str = "") -> float:
+def send(port: int, folders: list[Path], called: str, receiver: int, name: str) -> float:
     """Send each folder with its own storescu, all at once; seconds until the last finishes.
-    With ``receiver`` (its pid) and ``name``, the CPU seconds of the receiver and of the senders
-    during the send are kept in ``CPU`` under (name, number of senders)."""
-    before = cpu_seconds(receiver) if receiver else (0.0, 0.0)
+    The CPU seconds of the receiver (``receiver``: its pid) and of the senders during the send
+    are kept in ``CPU`` under (``name``, number of senders)."""
+    before = cpu_seconds(receiver)
     senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only storescu is reaped meanwhile
     started = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called, "+sd", "+r", "-R",
@@ -72,13 +72,12 @@ def send(port: int, folders: list[Path], called: str, receiver: int | None = Non
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
     seconds = time.perf_counter() - started
-    if receiver:
-        after = cpu_seconds(receiver)
-        senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        CPU.setdefault((name, len(folders)), []).append(Cpu(
-            user=after[0] - before[0], system=after[1] - before[1],
-            senders=(senders_after.ru_utime + senders_after.ru_stime)
-            - (senders_before.ru_utime + senders_before.ru_stime)))
+    after = cpu_seconds(receiver)
+    senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault((name, len(folders)), []).append(Cpu(
+        user=after[0] - before[0], system=after[1] - before[1],
+        senders=(senders_after.ru_utime + senders_after.ru_stime)
+        - (senders_before.ru_utime + senders_before.ru_stime)))
     return seconds
 
 
@@ -141,7 +140,12 @@ def run_node(work: Path, folders: list[Path], max_pdu_kb: int | None = None, pro
         node.stop()
 
 
-def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1, name: str = "pynetdicom") -> float:
+def bare_name(processes: int) -> str:
+    """The bare pynetdicom SCP's name in the figures: ``pynetdicom``, ``pynetdicom×2``, ..."""
+    return "pynetdicom" if processes == 1 else f"pynetdicom×{processes}"
+
+
+def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1) -> float:
     """pynetdicom's storage example (bench/bare_scp.py), in ``processes`` processes on one port:
     the library's floor."""
     port = free_port()
@@ -151,7 +155,7 @@ def run_bare_pynetdicom(work: Path, folders: list[Path], processes: int = 1, nam
     copies = [work] + [work / f"p{n}" for n in range(1, processes)]
     try:
         wait_until(lambda: all((c / LISTENING).exists() for c in copies), 30, what="bare pynetdicom SCP")
-        return send(port, folders, "IE_GATEWAY", proc.pid, name)
+        return send(port, folders, "IE_GATEWAY", proc.pid, bare_name(processes))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
@@ -191,9 +195,7 @@ def main() -> None:
     })
     nodes = nodes or {"ie_gateway": run_node}
     bares: dict[str, Callable[[Path, list[Path]], float]] = {
-        bare: partial(run_bare_pynetdicom, processes=n, name=bare)
-        for n in sorted({1, *args.listener_processes})
-        for bare in ["pynetdicom" if n == 1 else f"pynetdicom×{n}"]
+        bare_name(n): partial(run_bare_pynetdicom, processes=n) for n in sorted({1, *args.listener_processes})
     }
     peers = {**nodes, **bares, "storescp": run_storescp, "orthanc": run_orthanc}
     counts = sorted({1, args.senders})
@@ -235,11 +237,10 @@ def main() -> None:
                 print(f"scaling {args.senders} senders vs 1: {name} "
                       f"{args.senders * results[(name, 1)] / results[(name, args.senders)]:.2f}x")
 
-        print_cpu(peers, counts, len(list(folders[0].iterdir())), results)
+        print_cpu(list(peers), counts, len(list(folders[0].iterdir())), results)
 
 
-def print_cpu(peers: dict[str, Callable[[Path, list[Path]], float]], counts: list[int], per_sender: int,
-              results: dict[tuple[str, int], float]) -> None:
+def print_cpu(names: list[str], counts: list[int], per_sender: int, results: dict[tuple[str, int], float]) -> None:
     """Each receiver's CPU per instance (user + system, medians), and what Orthanc's pace leaves
     for it: every core busy for Orthanc's seconds, less what the senders themselves spent, over
     the instances received. A receiver that needs more CPU per instance than that cannot keep
@@ -248,10 +249,8 @@ def print_cpu(peers: dict[str, Callable[[Path, list[Path]], float]], counts: lis
     print(f"\nCPU per instance (user + system, ms, medians; {per_sender} instances per sender, {cores} cores)")
     for senders in counts:
         instances = per_sender * senders
-        for name in peers:
-            runs = CPU.get((name, senders), [])
-            if not runs:
-                continue
+        for name in names:
+            runs = CPU[(name, senders)]
             user = statistics.median(c.user for c in runs)
             system = statistics.median(c.system for c in runs)
             print(f"{senders} sender(s): {name:<18} {1000 * (user + system) / instances:5.2f} ms "
